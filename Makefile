@@ -1,0 +1,37 @@
+# Quick start: `make demo`, then `make test`. Both create .venv when it is absent.
+PYTHON ?= python3
+VENV ?= .venv
+# torch first, pinned: a CPU build of this version is available to pip here, and a
+# looser spec would pull several GB of CUDA packages. Override: make TORCH='torch==2.5.1'
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: demo test install dev fixtures bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.installed
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+fixtures: $(VENV)/.dev
+	$(PY) fixtures/make.py
+
+clean:
+	rm -rf demo-out .pytest_cache .hypothesis

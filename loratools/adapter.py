@@ -1,0 +1,233 @@
+"""The in-memory adapter: low-rank factors per module, and what they mean.
+
+LoRA (Hu et al. 2021) adds ``ΔW = s · B A`` to a frozen weight ``W0`` with
+``A`` r×in, ``B`` out×r and ``s = alpha/r`` (rsLoRA: ``alpha/√r``).
+AdaLoRA (Zhang et al. 2023) parametrises ``ΔW = P Λ Q`` and PEFT stores it as
+``lora_B`` = P (out×r), ``lora_E`` = Λ (r×1), ``lora_A`` = Q (r×in), with
+``ΔW = B (A ⊙ E) · alpha / (init_r + 1e-5)``.
+
+Objects here are immutable values; every operation returns a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .config import AdapterConfig
+from .errors import NonFiniteError, ShapeMismatchError
+from .linalg import lowrank_svd
+
+__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of"]
+
+Kind = Literal["linear", "conv", "embedding"]
+
+
+@dataclass(frozen=True, eq=False)
+class Module:
+    """One adapted module.
+
+    Shapes by ``kind``:
+
+    - ``linear``: ``A`` (r, in), ``B`` (out, r); the base weight is (out, in),
+      or (in, out) when ``fan_in_fan_out`` (GPT-2's Conv1D).
+    - ``conv``: ``A`` (r, in, kh, kw), ``B`` (out, r, 1, 1); weight (out, in, kh, kw).
+    - ``embedding``: ``A`` (r, vocab), ``B`` (dim, r); weight (vocab, dim).
+
+    ``E`` (r, 1) is AdaLoRA's Λ, None for LoRA. ``scale`` multiplies the
+    product; ``alpha`` is what the file says (kept to rewrite it faithfully).
+    """
+
+    A: Tensor
+    B: Tensor
+    alpha: float
+    scale: float
+    E: Tensor | None = None
+    kind: Kind = "linear"
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(m, n) of ΔW as a matrix: (out, in·kh·kw), or (dim, vocab) for embeddings."""
+        return int(self.B.shape[0]), _prod(self.A.shape[1:])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this module adapts, in its stored layout."""
+        out = int(self.B.shape[0])
+        if self.kind == "conv":
+            return (out, *map(int, self.A.shape[1:]))
+        n = int(self.A.shape[1])
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            return (n, out)
+        return (out, n)
+
+    @property
+    def parameters(self) -> int:
+        return self.A.numel() + self.B.numel() + (self.E.numel() if self.E is not None else 0)
+
+    def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``."""
+        A = self.A.to(device=device, dtype=dtype).reshape(self.rank, self.matrix_shape[1])
+        if self.E is not None:
+            A = A * self.E.to(device=device, dtype=dtype)
+        B = self.B.to(device=device, dtype=dtype).reshape(self.B.shape[0], self.rank)
+        return B, A * self.scale
+
+    def delta(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+        """The dense ΔW, shaped and laid out like the base weight it is added to."""
+        B, A = self.factors(dtype=dtype, device=device)
+        d = B @ A
+        if self.kind == "conv":
+            return d.reshape(self.weight_shape)
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            return d.T.contiguous()
+        return d
+
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Thin SVD (float64) of ΔW as an (m, n) matrix, from the factors alone."""
+        B, A = self.factors(dtype=torch.float64)
+        return lowrank_svd(B, A)
+
+    def singular_values(self) -> Tensor:
+        """Singular values of the scaled ΔW, descending, length ``rank`` (float64)."""
+        s = self.svd()[1]
+        if s.numel() < self.rank:  # rank larger than min(m, n): pad with exact zeros
+            s = torch.cat([s, s.new_zeros(self.rank - s.numel())])
+        return s
+
+    def with_factors(self, **changes: object) -> "Module":
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _prod(xs: tuple[int, ...] | torch.Size) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def check_module(name: str, m: Module, *, finite: bool = True) -> None:
+    """Raise a :class:`ShapeMismatchError`/:class:`NonFiniteError` naming ``name`` if ``m`` is malformed."""
+    want_ndim = 4 if m.kind == "conv" else 2
+    if m.A.ndim != want_ndim or m.B.ndim != want_ndim:
+        raise ShapeMismatchError(name, f"{want_ndim}-D lora_A and lora_B", f"{tuple(m.A.shape)} and {tuple(m.B.shape)}")
+    if m.B.shape[1] != m.A.shape[0]:
+        raise ShapeMismatchError(
+            name, f"lora_B with {m.A.shape[0]} columns (the rank of lora_A {tuple(m.A.shape)})", tuple(m.B.shape)
+        )
+    if m.kind == "conv" and tuple(m.B.shape[2:]) != (1, 1):
+        raise ShapeMismatchError(name, "a 1×1 lora_B convolution", tuple(m.B.shape))
+    if m.E is not None and tuple(m.E.shape) != (m.rank, 1):
+        raise ShapeMismatchError(name, f"lora_E of shape ({m.rank}, 1)", tuple(m.E.shape))
+    if finite:
+        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E)):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(name, label)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What an adapter needs of its base: each adapted weight's name and shape, and a hash of both."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"shapes": {k: list(v) for k, v in self.shapes.items()}, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> "Fingerprint":
+        shapes = {str(k): tuple(int(x) for x in v) for k, v in dict(data["shapes"]).items()}  # type: ignore[arg-type]
+        return cls(MappingProxyType(shapes), str(data["sha256"]))
+
+
+def fingerprint_of(shapes: Mapping[str, tuple[int, ...]]) -> Fingerprint:
+    """Fingerprint of base weights ``{"<module>.weight": shape}``; the hash is over sorted canonical JSON."""
+    canon = json.dumps({k: list(shapes[k]) for k in sorted(shapes)}, separators=(",", ":"))
+    return Fingerprint(MappingProxyType(dict(shapes)), hashlib.sha256(canon.encode()).hexdigest())
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """An adapter: its config, its modules by name (``model.layers.0.self_attn.q_proj``),
+    and any full tensors it replaces (PEFT's ``modules_to_save``), by their file keys.
+
+    >>> A, B = torch.randn(4, 16), torch.zeros(8, 4)
+    >>> ad = Adapter({"q": Module(A=A, B=B, alpha=8, scale=2.0)})
+    >>> ad.delta("q").shape, ad.parameters
+    (torch.Size([8, 16]), 96)
+    """
+
+    modules: Mapping[str, Module]
+    config: AdapterConfig = field(default_factory=AdapterConfig)
+    saved: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", MappingProxyType(dict(self.modules)))
+        object.__setattr__(self, "saved", MappingProxyType(dict(self.saved)))
+        for name, m in self.modules.items():
+            check_module(name, m, finite=False)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def parameters(self) -> int:
+        return sum(m.parameters for m in self.modules.values())
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return fingerprint_of({f"{name}.weight": m.weight_shape for name, m in self.modules.items()})
+
+    def delta(self, name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+        return self.modules[name].delta(dtype=dtype, device=device)
+
+    def items(self) -> Iterator[tuple[str, Module]]:
+        return iter(self.modules.items())
+
+    def check_finite(self) -> None:
+        for name, m in self.modules.items():
+            check_module(name, m, finite=True)
+        for key, t in self.saved.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(key)
+
+    def with_modules(self, modules: Mapping[str, Module], **config_changes: object) -> "Adapter":
+        config = replace(self.config, **config_changes) if config_changes else self.config  # type: ignore[arg-type]
+        return Adapter(modules, config, self.saved)
+
+
+def as_lora(adapter: Adapter) -> Adapter:
+    """The same ΔW as plain LoRA factors (AdaLoRA → LoRA; LoRA is returned as is).
+
+    For each AdaLoRA module the rows whose Λ is non-zero are kept:
+    ``A' = (A ⊙ E)[kept]``, ``B' = B[:, kept]``, and the scale is carried by
+    ``alpha' = scale · r'`` so that ``alpha'/r'`` is the AdaLoRA scale.
+    Modules left with rank 0 add nothing and are dropped.
+    """
+    if adapter.method == "lora":
+        return adapter
+    modules: dict[str, Module] = {}
+    for name, m in adapter.items():
+        assert m.E is not None
+        kept = (m.E.reshape(-1) != 0).nonzero().reshape(-1)
+        if kept.numel() == 0:
+            continue
+        A = (m.A * m.E.to(m.A.dtype))[kept]
+        B = m.B[:, kept]
+        r = int(kept.numel())
+        modules[name] = Module(A=A, B=B, alpha=m.scale * r, scale=m.scale, kind=m.kind, fan_in_fan_out=m.fan_in_fan_out)
+    return adapter.with_modules(modules, method="lora", use_rslora=False, init_r=None, target_r=None)

@@ -1,0 +1,91 @@
+"""Adapter-level configuration and the scaling rules.
+
+The per-module facts (rank, alpha, scale) live on :class:`loratools.adapter.Module`;
+this is what holds for the whole adapter. ``extra`` keeps every field of a PEFT
+``adapter_config.json`` that loratools does not interpret, so rewriting a file
+never loses them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+from .errors import InvalidOptionError
+
+__all__ = ["AdapterConfig", "Method", "lora_scale", "adalora_scale", "pattern_value", "ADALORA_EPS"]
+
+Method = Literal["lora", "adalora"]
+
+#: PEFT divides AdaLoRA's update by ``ranknum + 1e-5``; we do the same so that
+#: our ΔW equals peft's to the last bit that float32 keeps.
+ADALORA_EPS = 1e-5
+
+T = TypeVar("T")
+
+
+def lora_scale(alpha: float, r: int, *, rslora: bool = False) -> float:
+    """LoRA's multiplier of ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+
+    >>> lora_scale(16, 8), lora_scale(16, 4, rslora=True)
+    (2.0, 8.0)
+    """
+    if r <= 0:
+        raise InvalidOptionError(f"a LoRA rank must be positive, got {r}")
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def adalora_scale(alpha: float, init_r: int) -> float:
+    """AdaLoRA's multiplier of ``B @ (A * E)``: ``alpha / (init_r + 1e-5)``.
+
+    PEFT keeps ``ranknum = init_r`` even after pruning and after loading a
+    truncated file, so the scale does not depend on the rank a module kept.
+    """
+    return alpha / (init_r + ADALORA_EPS)
+
+
+def pattern_value(name: str, patterns: Mapping[str, T], default: T) -> T:
+    """PEFT's lookup of ``rank_pattern``/``alpha_pattern``: the first key ``K``
+    (in dict order) for which ``(.*\\.)?K$`` matches the module name wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What holds for the whole adapter.
+
+    ``method`` is ``"lora"`` or ``"adalora"``; ``use_rslora`` selects LoRA's
+    ``alpha/sqrt(r)`` rule; ``init_r``/``target_r`` are AdaLoRA's budget;
+    ``base_model`` is the base model's name or path when known; ``extra`` holds
+    the remaining PEFT config fields, kept verbatim.
+    """
+
+    method: Method = "lora"
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    base_model: str | None = None
+    task_type: str | None = None
+    init_r: int | None = None
+    target_r: int | None = None
+    target_modules: tuple[str, ...] | str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "adalora"):
+            raise InvalidOptionError(f"method must be 'lora' or 'adalora', got {self.method!r}")
+        if self.method == "adalora" and (self.init_r is None or self.init_r <= 0):
+            raise InvalidOptionError("an AdaLoRA config needs a positive init_r")
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "extra", _frozen(self.extra))

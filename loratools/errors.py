@@ -1,0 +1,119 @@
+"""The one error tree of loratools.
+
+Every error a user can cause is a :class:`LoraToolsError`. Each subclass also
+inherits the matching builtin (``FileNotFoundError``, ``ValueError`` …) so that
+callers who do not know loratools can still catch it the usual way. ``str(err)``
+is always one line that names the offending value and says what to do; the CLI
+prints exactly that line and exits with code 2. Anything that is *not* a
+``LoraToolsError`` is a bug and stays loud.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LoraToolsError",
+    "InputNotFoundError",
+    "NotAnAdapterError",
+    "UnknownFormatError",
+    "CorruptFileError",
+    "ShapeMismatchError",
+    "MissingModuleError",
+    "NonFiniteError",
+    "WrongBaseError",
+    "OutputExistsError",
+    "UnsupportedModuleError",
+    "MissingDependencyError",
+    "InvalidOptionError",
+    "HubError",
+]
+
+
+class LoraToolsError(Exception):
+    """Base of every error a user can cause; its message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+class InputNotFoundError(LoraToolsError, FileNotFoundError):
+    def __init__(self, path: object, what: str = "input") -> None:
+        self.path = str(path)
+        super().__init__(f"{what} not found: {self.path} (check the path)")
+
+
+class NotAnAdapterError(LoraToolsError, ValueError):
+    def __init__(self, path: object, why: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path} is not a LoRA/AdaLoRA adapter: {why}")
+
+
+class UnknownFormatError(LoraToolsError, ValueError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        super().__init__(f"unknown format {name!r}; choose one of: {', '.join(known)}")
+
+
+class CorruptFileError(LoraToolsError, ValueError):
+    def __init__(self, path: object, why: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path} is damaged or not a valid file: {why}")
+
+
+class ShapeMismatchError(LoraToolsError, ValueError):
+    def __init__(self, module: str, expected: object, got: object, hint: str = "") -> None:
+        self.module, self.expected, self.got = module, expected, got
+        tail = f" ({hint})" if hint else ""
+        super().__init__(f"shape mismatch in {module}: expected {expected}, got {got}{tail}")
+
+
+class MissingModuleError(LoraToolsError, KeyError):
+    def __init__(self, module: str, where: str, hint: str = "") -> None:
+        self.module, self.where = module, where
+        tail = f" ({hint})" if hint else ""
+        super().__init__(f"{module} is missing from {where}{tail}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class NonFiniteError(LoraToolsError, ValueError):
+    def __init__(self, module: str, where: str = "") -> None:
+        self.module = module
+        loc = f" in {where}" if where else ""
+        super().__init__(f"{module}{loc} holds NaN or Inf values; the file is unusable as it is")
+
+
+class WrongBaseError(LoraToolsError, ValueError):
+    def __init__(self, why: str) -> None:
+        super().__init__(f"this adapter was not made for this base model: {why}")
+
+
+class OutputExistsError(LoraToolsError, FileExistsError):
+    def __init__(self, path: object) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path} already exists; pass --force to replace it")
+
+
+class UnsupportedModuleError(LoraToolsError, ValueError):
+    def __init__(self, fmt: str, modules: list[str], why: str) -> None:
+        self.format, self.modules = fmt, list(modules)
+        shown = ", ".join(self.modules[:3]) + (f" and {len(self.modules) - 3} more" if len(self.modules) > 3 else "")
+        super().__init__(
+            f"{fmt} cannot hold {shown}: {why}; pass --drop-unsupported to leave them out"
+        )
+
+
+class MissingDependencyError(LoraToolsError, ImportError):
+    def __init__(self, package: str, extra: str) -> None:
+        self.package, self.extra = package, extra
+        super().__init__(f"this needs the {package!r} package: pip install 'loratools[{extra}]'")
+
+
+class InvalidOptionError(LoraToolsError, ValueError):
+    """A value given by the user (an option, a budget, a weight) that cannot work."""
+
+
+class HubError(LoraToolsError, OSError):
+    def __init__(self, repo_id: str, why: str) -> None:
+        self.repo_id = repo_id
+        super().__init__(f"Hub repository {repo_id}: {why}")

@@ -1,0 +1,256 @@
+"""PEFT's adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Key grammar (``<m>`` is the module path, e.g. ``model.layers.0.self_attn.q_proj``):
+
+======================  ==============================================
+LoRA linear / conv      ``base_model.model.<m>.lora_A.weight``, ``.lora_B.weight``
+LoRA embedding          ``base_model.model.<m>.lora_embedding_A``, ``.lora_embedding_B``
+AdaLoRA                 ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
+modules_to_save, other  kept verbatim in :attr:`Adapter.saved`
+======================  ==============================================
+
+AdaLoRA files pruned by PEFT hold truncated tensors (possibly rank 0) and a
+``rank_pattern`` of boolean masks keyed ``<m>.lora_E``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..adapter import Adapter, Kind, Module
+from ..config import AdapterConfig, adalora_scale, lora_scale, pattern_value
+from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
+from ..io import load_safetensors, save_safetensors
+from . import Format, register
+
+__all__ = ["read_peft", "write_peft", "peft_config", "peft_tensors", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# (suffix, factor, kind-hint) — longest suffixes first so ".lora_A.weight" wins over ".lora_A"
+_SUFFIXES: list[tuple[str, str, Kind | None]] = [
+    (".lora_embedding_A", "A", "embedding"),
+    (".lora_embedding_B", "B", "embedding"),
+    (".lora_A.weight", "A", None),
+    (".lora_B.weight", "B", None),
+    (".lora_A", "A", None),
+    (".lora_B", "B", None),
+    (".lora_E", "E", None),
+]
+_ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
+
+
+def _dir_of(path: Path) -> Path:
+    # a path to adapter_model.safetensors or adapter_config.json inside a PEFT directory means the directory
+    if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME) and (path.parent / CONFIG_NAME).is_file():
+        return path.parent
+    return path
+
+
+def detect(path: Path) -> bool:
+    d = _dir_of(path)
+    return d.is_dir() and (d / CONFIG_NAME).is_file()
+
+
+def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
+    for suffix, factor, kind in _SUFFIXES:
+        if key.endswith(suffix):
+            name = key[: -len(suffix)]
+            return (name[len(PREFIX):] if name.startswith(PREFIX) else name), factor, kind
+    return None
+
+
+def read_peft(path: Path) -> Adapter:
+    """Read a PEFT LoRA / rsLoRA / AdaLoRA adapter directory."""
+    d = _dir_of(Path(path))
+    try:
+        raw: dict[str, Any] = json.loads((d / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(d / CONFIG_NAME, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise CorruptFileError(d / CONFIG_NAME, "not a JSON object")
+    peft_type = str(raw.get("peft_type", "")).upper()
+    if peft_type not in ("LORA", "ADALORA"):
+        raise NotAnAdapterError(d, f"peft_type {raw.get('peft_type')!r} is not LORA or ADALORA")
+    if raw.get("use_dora"):
+        raise NotAnAdapterError(d, "DoRA adapters are not supported (their magnitude vector is not a low-rank update)")
+    weights = d / WEIGHTS_NAME
+    if not weights.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise NotAnAdapterError(d, "only a pickled adapter_model.bin is present; loratools loads safetensors only "
+                                       "(re-save it with safe_serialization=True)")
+        raise MissingModuleError(WEIGHTS_NAME, str(d), "the weights file is missing")
+    tensors, _ = load_safetensors(weights)
+
+    parts: dict[str, dict[str, Tensor]] = {}
+    kinds: dict[str, Kind] = {}
+    saved: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise NotAnAdapterError(d, "DoRA adapters are not supported")
+        split = _split_key(key)
+        if split is None:
+            saved[key] = t
+            continue
+        name, factor, kind = split
+        parts.setdefault(name, {})[factor] = t
+        if kind:
+            kinds[name] = kind
+
+    method = "adalora" if peft_type == "ADALORA" else "lora"
+    rslora = bool(raw.get("use_rslora", False))
+    fifo = bool(raw.get("fan_in_fan_out", False))
+    r_default = int(raw.get("r", 8))
+    alpha_default = float(raw.get("lora_alpha", r_default))
+    rank_pattern = raw.get("rank_pattern") or {}
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    init_r = int(raw["init_r"]) if method == "adalora" else None
+
+    modules: dict[str, Module] = {}
+    for name, fs in parts.items():
+        needed = ("A", "B", "E") if method == "adalora" else ("A", "B")
+        for f in needed:
+            if f not in fs:
+                raise MissingModuleError(f"{name}.lora_{f}", str(weights), "the adapter file is incomplete")
+        A, B = fs["A"], fs["B"]
+        kind: Kind = kinds.get(name) or ("conv" if A.ndim == 4 else "linear")
+        if method == "adalora":
+            assert init_r is not None
+            alpha = alpha_default
+            scale = adalora_scale(alpha, init_r)
+        else:
+            r_cfg = int(pattern_value(name, rank_pattern, r_default))
+            if A.shape[0] != r_cfg:
+                raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})", f"lora_A of shape {tuple(A.shape)}")
+            alpha = float(pattern_value(name, alpha_pattern, alpha_default))
+            scale = lora_scale(alpha, r_cfg, rslora=rslora)
+        modules[name] = Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind,
+                               fan_in_fan_out=fifo and kind == "linear")
+    if not modules:
+        raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")
+    target = raw.get("target_modules")
+    config = AdapterConfig(
+        method=method,
+        use_rslora=rslora,
+        fan_in_fan_out=fifo,
+        base_model=raw.get("base_model_name_or_path"),
+        task_type=raw.get("task_type"),
+        init_r=init_r,
+        target_r=int(raw["target_r"]) if method == "adalora" and raw.get("target_r") is not None else None,
+        target_modules=tuple(target) if isinstance(target, list) else target,
+        extra=raw,
+    )
+    adapter = Adapter(modules, config, saved)
+    adapter.check_finite()
+    return adapter
+
+
+def _mode(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _matches_target(name: str, target: tuple[str, ...] | str | None) -> bool:
+    import re
+
+    if target is None:
+        return False
+    if isinstance(target, str):
+        return target == "all-linear" or re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def peft_config(adapter: Adapter) -> dict[str, Any]:
+    """The ``adapter_config.json`` that makes PEFT rebuild exactly this adapter."""
+    cfg = adapter.config
+    raw = dict(cfg.extra)
+    names = list(adapter.modules)
+    target: Any = cfg.target_modules
+    if not (target is not None and all(_matches_target(n, target) for n in names)):
+        target = sorted(names)
+    elif isinstance(target, tuple):
+        target = list(target)
+    raw.update(
+        base_model_name_or_path=cfg.base_model,
+        task_type=cfg.task_type,
+        fan_in_fan_out=cfg.fan_in_fan_out,
+        target_modules=target,
+        inference_mode=True,
+    )
+    raw.setdefault("lora_dropout", 0.0)
+    raw.setdefault("bias", "none")
+    if adapter.method == "adalora":
+        scales = {m.scale for m in adapter.modules.values()}
+        alphas = {m.alpha for m in adapter.modules.values()}
+        if len(alphas) > 1 or len(scales) > 1:
+            raise InvalidOptionError("AdaLoRA in PEFT has one alpha for all modules; write it as LoRA instead (--to lora)")
+        init_r = cfg.init_r or max(m.rank for m in adapter.modules.values())
+        old_masks = raw.get("rank_pattern") or {}
+        masks: dict[str, list[bool]] = {}
+        for name, m in adapter.items():
+            if m.rank > init_r:
+                raise ShapeMismatchError(name, f"rank ≤ init_r = {init_r}", m.rank)
+            if m.rank < init_r:
+                old = old_masks.get(f"{name}.lora_E")
+                masks[f"{name}.lora_E"] = (
+                    list(old) if old is not None and len(old) == init_r and sum(map(bool, old)) == m.rank
+                    else [True] * m.rank + [False] * (init_r - m.rank)
+                )
+        raw.update(peft_type="ADALORA", init_r=init_r, target_r=cfg.target_r or init_r, lora_alpha=next(iter(alphas)),
+                   rank_pattern=masks or None, r=raw.get("r", 8))
+        raw.setdefault("total_step", 1)
+        raw.pop("alpha_pattern", None)
+        return raw
+    for key in _ADALORA_ONLY:
+        raw.pop(key, None)
+    # alpha is chosen per module so that the scaling rule gives each module's exact scale
+    rule = (lambda r: r**0.5) if cfg.use_rslora else (lambda r: float(r))
+    alphas = {n: (m.alpha if lora_scale(m.alpha, m.rank, rslora=cfg.use_rslora) == m.scale else m.scale * rule(m.rank))
+              for n, m in adapter.items()}
+    ranks = {n: m.rank for n, m in adapter.items()}
+    r0, a0 = _mode(list(ranks.values())), _mode(list(alphas.values()))
+    raw.update(
+        peft_type="LORA",
+        r=r0,
+        lora_alpha=a0,
+        use_rslora=cfg.use_rslora,
+        use_dora=False,
+        rank_pattern={n: r for n, r in ranks.items() if r != r0},
+        alpha_pattern={n: a for n, a in alphas.items() if a != a0},
+    )
+    return raw
+
+
+def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, m in adapter.items():
+        base = PREFIX + name
+        if m.kind == "embedding":
+            out[f"{base}.lora_embedding_A"], out[f"{base}.lora_embedding_B"] = m.A, m.B
+        elif adapter.method == "adalora":
+            assert m.E is not None
+            out[f"{base}.lora_A"], out[f"{base}.lora_B"], out[f"{base}.lora_E"] = m.A, m.B, m.E
+        else:
+            out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.A, m.B
+    out.update(adapter.saved)
+    return out
+
+
+def write_peft(adapter: Adapter, path: Path) -> None:
+    """Write a PEFT adapter directory at ``path`` (which must not exist yet)."""
+    if any(m.rank == 0 for m in adapter.modules.values()) and adapter.method == "lora":
+        adapter = adapter.with_modules({n: m for n, m in adapter.items() if m.rank > 0})
+    config = peft_config(adapter)
+    path.mkdir(parents=True)
+    save_safetensors(peft_tensors(adapter), path / WEIGHTS_NAME, {"format": "pt"})
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+register(Format("peft", "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
+                detect, read_peft, write_peft, "dir"))

@@ -1,0 +1,100 @@
+"""loratools' own single-file format: one self-describing ``.safetensors``.
+
+Tensors: ``<module>.lora_A``, ``<module>.lora_B`` and, for AdaLoRA,
+``<module>.lora_E``; full replacement tensors as ``saved::<key>``.
+``__metadata__`` (all strings, as safetensors requires):
+
+- ``format`` = ``"loratools"``, ``format_version`` = ``"1"``;
+- ``config``: the :class:`~loratools.config.AdapterConfig` as JSON;
+- ``modules``: ``{module: {alpha, scale, kind, fan_in_fan_out}}`` as JSON;
+- ``fingerprint``: the base fingerprint ``{shapes, sha256}`` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from torch import Tensor
+
+from ..adapter import Adapter, Fingerprint, Module
+from ..config import AdapterConfig
+from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, WrongBaseError
+from ..io import load_safetensors, read_safetensors_header, save_safetensors
+from . import Format, register
+
+__all__ = ["read_single", "write_single", "FORMAT_VERSION"]
+
+FORMAT_VERSION = "1"
+_SAVED = "saved::"
+
+
+def detect(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        _, meta = read_safetensors_header(path)
+    except Exception:
+        return False
+    return meta.get("format") == "loratools"
+
+
+def read_single(path: Path) -> Adapter:
+    tensors, meta = load_safetensors(path)
+    if meta.get("format") != "loratools":
+        raise NotAnAdapterError(path, "no loratools metadata in the safetensors header")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise NotAnAdapterError(path, f"format version {meta.get('format_version')!r} is newer than this loratools "
+                                      f"reads ({FORMAT_VERSION}); upgrade loratools")
+    try:
+        cfg = json.loads(meta["config"])
+        info = json.loads(meta["modules"])
+        fp = Fingerprint.from_json(json.loads(meta["fingerprint"])) if "fingerprint" in meta else None
+        config = AdapterConfig(**cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(path, f"loratools metadata is damaged ({e.__class__.__name__}: {e})") from None
+    modules: dict[str, Module] = {}
+    for name, m in info.items():
+        try:
+            A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        except KeyError as e:
+            raise MissingModuleError(str(e.args[0]), str(path), "the adapter file is incomplete") from None
+        E = tensors.get(f"{name}.lora_E")
+        if config.method == "adalora" and E is None:
+            raise MissingModuleError(f"{name}.lora_E", str(path), "the adapter file is incomplete")
+        modules[name] = Module(A=A, B=B, E=E, alpha=float(m["alpha"]), scale=float(m["scale"]),
+                               kind=m.get("kind", "linear"), fan_in_fan_out=bool(m.get("fan_in_fan_out", False)))
+    saved = {k[len(_SAVED):]: t for k, t in tensors.items() if k.startswith(_SAVED)}
+    adapter = Adapter(modules, config, saved)
+    if fp is not None and fp.sha256 != adapter.fingerprint.sha256:
+        raise WrongBaseError(f"{path} records base fingerprint {fp.sha256[:12]} but its factors imply "
+                             f"{adapter.fingerprint.sha256[:12]}; the file was altered")
+    adapter.check_finite()
+    return adapter
+
+
+def write_single(adapter: Adapter, path: Path) -> None:
+    tensors: dict[str, Tensor] = {}
+    info: dict[str, dict[str, object]] = {}
+    for name, m in adapter.items():
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = m.A, m.B
+        if m.E is not None:
+            tensors[f"{name}.lora_E"] = m.E
+        info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out}
+    for key, t in adapter.saved.items():
+        tensors[_SAVED + key] = t
+    cfg = {f.name: getattr(adapter.config, f.name) for f in fields(adapter.config)}
+    cfg["extra"] = dict(adapter.config.extra)
+    meta = {
+        "format": "loratools",
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(cfg, sort_keys=True),
+        "modules": json.dumps(info),
+        "fingerprint": json.dumps(adapter.fingerprint.to_json()),
+    }
+    save_safetensors(tensors, path, meta)
+
+
+register(Format("loratools", "loratools single self-describing .safetensors file", detect, read_single, write_single,
+                ".safetensors"))
