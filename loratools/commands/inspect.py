@@ -7,10 +7,11 @@ import click
 from .. import render
 from ..formats import detect_format, read_adapter
 from ..inspection import inspect_adapter
+from ._common import ADAPTER, quiet
 
 
 @click.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=ADAPTER)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.pass_obj
 def inspect(obj: object, adapter: str, as_json: bool) -> None:
@@ -32,12 +33,11 @@ def inspect(obj: object, adapter: str, as_json: bool) -> None:
     if as_json:
         render.print_json(report)
         return
-    quiet = getattr(obj, "quiet", False)
-    if not quiet:
+    if not quiet(obj):
         render.out.print(f"[bold]{adapter}[/]  {fmt} · {report['method']} · base {report['base_model'] or 'unknown'}"
                          f" · fingerprint {report['fingerprint'][:12]}")
     render.out.print(render.inspect_table(report))
-    if not quiet:
+    if not quiet(obj):
         render.out.print(f"{report['modules']} modules · {report['parameters']:,} parameters · rank "
                          f"{report['rank_min']}–{report['rank_max']} (total {report['rank_total']})"
                          + (f" · {len(report['saved_tensors'])} full tensors saved" if report["saved_tensors"] else ""))

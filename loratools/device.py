@@ -1,0 +1,39 @@
+"""Choosing where tensor products run. ``auto`` means CUDA when present, else CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InvalidOptionError
+
+__all__ = ["resolve_device", "resolve_dtype", "DTYPES"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` if available else ``cpu``; ``"cuda"`` without a GPU is an error."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidOptionError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InvalidOptionError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+def resolve_dtype(name: str | None, *, default: torch.dtype | None = None) -> torch.dtype | None:
+    """``"auto"``/None → ``default``; otherwise one of :data:`DTYPES`."""
+    if name in (None, "auto"):
+        return default
+    if name not in DTYPES:
+        raise InvalidOptionError(f"unknown dtype {name!r}; use one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
