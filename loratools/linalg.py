@@ -45,7 +45,7 @@ def lowrank_svd(B: Tensor, A: Tensor, *, dtype: torch.dtype = torch.float64) -> 
         return B.new_zeros((m, 0), dtype=dtype), empty, A.new_zeros((0, n), dtype=dtype)
     Qb, Rb = torch.linalg.qr(B.to(dtype))
     Qa, Ra = torch.linalg.qr(A.to(dtype).T)
-    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
     return Qb @ Uc, S, Vch @ Qa.T
 
 

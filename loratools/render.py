@@ -14,7 +14,8 @@ from rich.table import Table
 
 __all__ = ["out", "err", "sparkline", "progress", "print_json", "inspect_table", "fmt_float"]
 
-out = Console(soft_wrap=False)
+# off a terminal (pipes, CI logs) use a wide fixed width so tables are not squeezed into 80 columns
+out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 _BARS = "▁▂▃▄▅▆▇█"

@@ -1,0 +1,58 @@
+"""Builders shared by tests: tiny models and peft adapters made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def randomize_lora(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """peft starts B (LoRA) or E (AdaLoRA) at zero; give every adapter factor a non-zero value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def tiny_gpt2(path: Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 (Conv1D layers, so adapters use fan_in_fan_out) saved as safetensors."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def peft_adapter(base: Path, out: Path, config, seed: int = 0) -> Path:
+    """Save a peft adapter of ``config`` on ``base`` with random non-zero factors."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    randomize_lora(model, seed)
+    model.save_pretrained(out)
+    return out
+
+
+def peft_deltas(base: Path, adapter_dir: Path) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """peft's own ΔW (``get_delta_weight``) for every adapted module, and the PeftModel."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir).eval()
+    out = {}
+    for name, mod in model.base_model.model.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            out[name] = mod.get_delta_weight("default").detach()
+        elif hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_embedding_A", {}):
+            out[name] = mod.get_delta_weight("default").detach()
+    return out, model
+
+
+def logits(model: torch.nn.Module, seed: int = 0, vocab: int = 100) -> torch.Tensor:
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
