@@ -95,3 +95,18 @@ def test_unknown_config_fields_survive_a_rewrite(adapters, tmp_path):
     after = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
     for key in ("eva_config", "layers_to_transform", "megatron_core", "peft_version", "task_type"):
         assert after[key] == before[key]
+
+
+def test_embedding_and_modules_to_save(tiny_llama, tmp_path):
+    """lora_embedding_A/B (no .weight) and modules_to_save tensors survive a round trip."""
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"])
+    peft_adapter(tiny_llama, tmp_path / "a", config, seed=5)
+    adapter = read_adapter(tmp_path / "a")
+    emb = adapter.modules["model.embed_tokens"]
+    assert emb.kind == "embedding" and emb.weight_shape == (259, 128)
+    assert adapter.saved, "modules_to_save tensors are kept"
+    reference, theirs = peft_deltas(tiny_llama, tmp_path / "a")
+    assert_deltas_match(adapter, reference)
+    write_adapter(adapter, tmp_path / "b")
+    _, ours = peft_deltas(tiny_llama, tmp_path / "b")
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-6)
