@@ -39,8 +39,14 @@ def hub_model_id(name: str | None) -> str | None:
     return name if _HUB_ID.match(name) and not name.endswith(".") else None
 
 
+_PLAIN = re.compile(r"^[A-Za-z_][\w.\-/:]*$")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}
+
+
 def _yaml_str(s: str) -> str:
-    # JSON strings are valid YAML scalars: safe for any id, tag or title
+    """``s`` as a YAML scalar: plain when it cannot be misread, else JSON-quoted (JSON strings are YAML)."""
+    if _PLAIN.match(s) and s.lower() not in _YAML_WORDS and not s.endswith(":"):
+        return s
     return json.dumps(s)
 
 
@@ -75,15 +81,15 @@ def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None =
         "",
         f"# {name}",
         "",
-        f"A {kind} adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, in PEFT layout "
+        f"{'An' if kind[0] in 'AEIOU' else 'A'} {kind} adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, in PEFT layout "
         "(`adapter_config.json` + `adapter_model.safetensors`), uploaded with loratools.",
         "",
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({_yaml_str(base or '<base model>')})",
-        f"model = PeftModel.from_pretrained(base, {_yaml_str(repo_id)})",
+        f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base or '<base model>')})",
+        f"model = PeftModel.from_pretrained(base, {json.dumps(repo_id)})",
         "```",
         "",
         "## Adapter",

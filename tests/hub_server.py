@@ -527,3 +527,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a fake hub until killed or ``--lifetime`` seconds pass (used by scripts/demo.sh)."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description="A loopback stand-in for the Hugging Face Hub (tests and demo only).")
+    p.add_argument("--token", required=True, help="the one valid token")
+    p.add_argument("--user", default="demo", help="the user that token belongs to")
+    p.add_argument("--url-file", required=True, help="write the base URL here once serving")
+    p.add_argument("--lifetime", type=float, default=600.0, help="stop after this many seconds")
+    args = p.parse_args(argv)
+    with FakeHub(tokens={args.token: args.user}) as hub:
+        with open(args.url_file + ".tmp", "w") as f:
+            f.write(hub.url)
+        import os
+
+        os.replace(args.url_file + ".tmp", args.url_file)
+        time.sleep(args.lifetime)
+
+
+if __name__ == "__main__":
+    main()
