@@ -260,7 +260,8 @@ def _why(e: BaseException, *, revision: str | None, endpoint: str, action: str, 
         server = _first_line(e.server_message or "")
         tail = f": {server}" if server else ""
         if status == 401:
-            return f"the Hub refused the {action} (401 unauthorized{tail}); set HF_TOKEN to a token with write access"
+            need = "a token with write access" if action == "upload" else "a valid token"
+            return f"the Hub refused the {action} (401 unauthorized{tail}); set HF_TOKEN to {need}"
         if status == 403:
             return f"the token may not do this (403 forbidden{tail}); use a token with write access to the namespace"
         if status >= 500:

@@ -304,3 +304,31 @@ def test_stage_upload_converts_and_checks(adapters: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == ["README.md", *PEFT_FILES]
     assert report["method"] == "adalora"
     same_factors(read_adapter(adapters / "adalora"), read_adapter(tmp_path / "staged"))
+
+
+# ---- layering and help ------------------------------------------------------------------------------
+
+def test_only_hub_module_imports_huggingface_hub() -> None:
+    import ast
+
+    package = Path(lthub.__file__).resolve().parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("huggingface_hub", "httpx2", "requests") for n in names):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"hub.py"}
+
+
+@pytest.mark.parametrize("command", ["pull", "push"])
+def test_help_and_readme(command: str) -> None:
+    from click.testing import CliRunner
+
+    from loratools.cli import cli as group
+
+    result = CliRunner().invoke(group, [command, "--help"])
+    assert result.exit_code == 0 and "Examples:" in result.output
+    readme = (Path(lthub.__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"### `loratools {command} " in readme
