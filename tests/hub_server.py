@@ -275,6 +275,9 @@ class _Handler(BaseHTTPRequestHandler):
                             headers={"X-Error-Code": e.code} if e.code else None, head=method == "HEAD")
         except ConnectionError:
             pass
+        except Exception as e:  # a request this stand-in does not understand: say so (400, never retried)
+            self._send_json({"error": f"the test hub could not handle this request: {e!r}"}, status=400,
+                            head=method == "HEAD")
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

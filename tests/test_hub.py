@@ -98,6 +98,12 @@ def test_push_then_pull_round_trip_inline(hub: FakeHub, adapters: Path, tmp_path
     assert not any("gitattributes" in p for _, p in hub.calls("GET", "/resolve/"))
 
 
+def test_pushing_the_same_adapter_twice_makes_no_new_commit(hub: FakeHub, adapters: Path) -> None:
+    first = lthub.push(adapters / "lora", "tester/twice", endpoint=hub.url, token=TOKEN)
+    again = lthub.push(adapters / "lora", "tester/twice", endpoint=hub.url, token=TOKEN)
+    assert again.commit_oid == first.commit_oid and len(hub.repos["tester/twice"].history()) == 2
+
+
 def test_push_then_pull_round_trip_lfs_cli(lfs_hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     env = env_for(lfs_hub, tmp_path / "hf")
     pushed = cli("push", adapters / "adalora", "tester/tiny-adalora", env=env)
@@ -218,6 +224,19 @@ def test_server_error_on_commit_leaves_no_commit(hub: FakeHub, adapters: Path, t
     assert_one_line_error(proc, "500", "no commit was made")
     assert hub.calls("POST", "/commit/main")  # it did get as far as the commit
     assert [c.oid for c in hub.repos["tester/stable"].history()] == before
+
+
+def test_failed_lfs_upload_makes_no_commit(lfs_hub: FakeHub, adapters: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights' PUT fails (the client wraps that in a RuntimeError): one line, and the commit is never sent."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # what HF_HUB_DISABLE_XET=1 sets at import
+    lfs_hub.faults["lfs_put"] = 400
+    with pytest.raises(HubError, match="400 during the upload") as e:
+        lthub.push(adapters / "lora", "tester/half", endpoint=lfs_hub.url, token=TOKEN)
+    assert "\n" not in str(e.value) and TOKEN not in str(e.value)
+    assert lfs_hub.calls("PUT", "/lfs-objects/") and not lfs_hub.calls("POST", "/commit/")
+    assert len(lfs_hub.repos["tester/half"].history()) == 1  # just the repo's initial commit
 
 
 def test_missing_repo_and_revision(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
