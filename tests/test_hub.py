@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import FakeHub  # noqa: E402
 
 from loratools import hub as lthub  # noqa: E402
-from loratools.errors import HubError, InvalidOptionError, OutputExistsError  # noqa: E402
+from loratools.errors import HubError, InvalidOptionError, LoraToolsError, OutputExistsError  # noqa: E402
 from loratools.formats import read_adapter, write_adapter  # noqa: E402
 from loratools.inspection import inspect_adapter  # noqa: E402
 from loratools.modelcard import hub_model_id, model_card  # noqa: E402
@@ -255,6 +255,17 @@ def test_repo_without_adapter_is_refused(hub: FakeHub, tmp_path: Path) -> None:
     assert not hub.calls("GET", "model.safetensors")  # a full model's weights are never fetched
 
 
+def test_pulled_files_must_parse(hub: FakeHub, adapters: Path, tmp_path: Path) -> None:
+    hub.create("tester/broken")
+    weights = (adapters / "lora" / "adapter_model.safetensors").read_bytes()
+    hub.commit("tester/broken", {"adapter_config.json": (adapters / "lora" / "adapter_config.json").read_bytes(),
+                                 "adapter_model.safetensors": weights[: len(weights) // 2]})  # truncated
+    with pytest.raises(LoraToolsError) as e:
+        lthub.pull("tester/broken", endpoint=hub.url, cache_dir=tmp_path / "cache", local_dir=tmp_path / "out")
+    assert "adapter_model.safetensors" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_connection_dropped_mid_download(hub: FakeHub, adapters: Path, tmp_path: Path) -> None:
     """Half of the weights arrive, then the server drops the connection (and every resumed request)."""
     seed(hub, "tester/flaky", adapters / "lora")
@@ -270,12 +281,11 @@ def test_connection_dropped_mid_download(hub: FakeHub, adapters: Path, tmp_path:
 def test_offline_mode_serves_from_cache(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     seed(hub, "tester/cached", adapters / "lora")
     env = env_for(hub, tmp_path / "hf")
-    online = cli("-q", "pull", "tester/cached", env=env)
-    assert online.returncode == 0, online.stderr
+    online = lthub.pull("tester/cached", endpoint=hub.url, cache_dir=tmp_path / "hf" / "hub")  # = $HF_HOME/hub
     n = len(hub.log)
     offline = cli("-q", "pull", "tester/cached", env=env | {"HF_HUB_OFFLINE": "1"})
     assert offline.returncode == 0, offline.stderr
-    assert offline.stdout == online.stdout and len(hub.log) == n  # same snapshot, no request at all
+    assert offline.stdout.strip() == str(online) and len(hub.log) == n  # same snapshot, no request at all
     missing = cli("pull", "tester/never-pulled", env=env | {"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(missing, "not in the local cache", "HF_HUB_OFFLINE")
     # in process, offline=True does the same
