@@ -239,7 +239,10 @@ def _why(e: BaseException, *, revision: str | None, endpoint: str, action: str, 
             return (f"revision {rev} is not in the local cache ({constants.HF_HUB_CACHE}) and offline mode is on "
                     "(HF_HUB_OFFLINE=1); pull it once online, or unset HF_HUB_OFFLINE")
         cause = e.__cause__
-        what = _first_line(cause.__class__.__name__) if cause is not None else "no answer"
+        if isinstance(cause, hf_errors.HfHubHTTPError):  # the Hub answered, with an error
+            inner = _why(cause, revision=revision, endpoint=endpoint, action=action, offline=offline)
+            return f"{inner} (and revision {rev} is not cached)"
+        what = cause.__class__.__name__ if cause is not None else "no answer"
         return f"cannot reach the Hub at {endpoint} ({what}) and revision {rev} is not cached; check the network or HF_ENDPOINT"
     if isinstance(e, hf_errors.GatedRepoError):
         return "is gated: accept its conditions on the Hub, then set HF_TOKEN to a token of that account"

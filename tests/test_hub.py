@@ -247,6 +247,13 @@ def test_missing_repo_and_revision(hub: FakeHub, adapters: Path, tmp_path: Path,
         lthub.pull("tester/there", revision="v9", endpoint=hub.url, cache_dir=tmp_path)
 
 
+def test_server_error_on_pull(hub: FakeHub, adapters: Path, tmp_path: Path) -> None:
+    seed(hub, "tester/down", adapters / "lora")
+    hub.faults["info"] = 503
+    with pytest.raises(HubError, match="503.*not cached"):
+        lthub.pull("tester/down", endpoint=hub.url, cache_dir=tmp_path)
+
+
 def test_repo_without_adapter_is_refused(hub: FakeHub, tmp_path: Path) -> None:
     hub.create("tester/model")
     hub.commit("tester/model", {"config.json": b"{}", "model.safetensors": b"not here"})
