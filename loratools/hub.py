@@ -13,7 +13,7 @@
 Every failure of the client becomes a one-line :class:`~loratools.errors.HubError`;
 messages never contain the token (it is scrubbed from them as a last guard). The
 endpoint is ``endpoint=`` or ``HF_ENDPOINT``, the token ``token=`` or ``HF_TOKEN`` / the
-stored login, exactly as huggingface_hub resolves them.
+stored login, exactly as huggingface_hub resolves them (``token=False`` sends none).
 
 >>> path = pull("me/my-adapter", revision="v1")                  # doctest: +SKIP
 >>> push("out/adapter.safetensors", "me/my-adapter", private=True)  # doctest: +SKIP
@@ -83,7 +83,7 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None]:
 # ---- pull ------------------------------------------------------------------------------------
 
 def pull(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathLike[str] | None = None,
-         force: bool = False, endpoint: str | None = None, token: str | None = None,
+         force: bool = False, endpoint: str | None = None, token: str | bool | None = None,
          cache_dir: str | os.PathLike[str] | None = None, offline: bool = False, progress: bool = False) -> Path:
     """Download the adapter files of ``repo_id`` at ``revision``; return the folder holding them.
 
@@ -148,7 +148,7 @@ def stage_upload(adapter_path: str | os.PathLike[str], folder: str | os.PathLike
 
 def push(adapter_path: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,
          message: str | None = None, create_pr: bool = False, base_model: str | None = None,
-         endpoint: str | None = None, token: str | None = None, progress: bool = False) -> PushResult:
+         endpoint: str | None = None, token: str | bool | None = None, progress: bool = False) -> PushResult:
     """Upload the adapter at ``adapter_path`` to ``repo_id`` in PEFT layout with a model card, in one commit.
 
     Creates the repo (``private`` if asked) and the branch ``revision`` when missing. With
@@ -212,8 +212,9 @@ def _client(progress: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _secrets(token: str | None) -> list[str]:
-    found = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+def _secrets(token: str | bool | None) -> list[str]:
+    found: list[str | None] = [token if isinstance(token, str) else None, os.environ.get("HF_TOKEN"),
+             os.environ.get("HUGGING_FACE_HUB_TOKEN")]
     with contextlib.suppress(Exception):
         from huggingface_hub import get_token
         found.append(get_token())
@@ -284,7 +285,7 @@ def _why(e: BaseException, *, revision: str | None, endpoint: str, action: str, 
 
 
 @contextlib.contextmanager
-def _hub_errors(repo_id: str, *, revision: str | None, token: str | None, endpoint: str | None, action: str,
+def _hub_errors(repo_id: str, *, revision: str | None, token: str | bool | None, endpoint: str | None, action: str,
                 offline: bool = False) -> Iterator[None]:
     try:
         yield

@@ -188,9 +188,9 @@ def test_push_to_branch_and_pull_request(hub: FakeHub, adapters: Path, tmp_path:
     assert repo.resolve("dev").title == "rslora on dev"
     pr = lthub.push(adapters / "adalora", "tester/branchy", create_pr=True, endpoint=hub.url, token=TOKEN)
     assert pr.pr_url and pr.pr_url.endswith("/discussions/1") and repo.refs["main"] == first.commit_oid
-    path = lthub.pull("tester/branchy", revision="refs/pr/1", endpoint=hub.url, cache_dir=tmp_path)
+    path = lthub.pull("tester/branchy", revision="refs/pr/1", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path)
     assert read_adapter(path).method == "adalora"
-    path = lthub.pull("tester/branchy", revision="dev", endpoint=hub.url, cache_dir=tmp_path)
+    path = lthub.pull("tester/branchy", revision="dev", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path)
     assert read_adapter(path).config.use_rslora
 
 
@@ -199,7 +199,8 @@ def test_push_to_branch_and_pull_request(hub: FakeHub, adapters: Path, tmp_path:
 def test_private_repo_needs_a_token(hub: FakeHub, adapters: Path, tmp_path: Path, no_token, cli) -> None:
     seed(hub, "tester/secret", adapters / "lora", private=True)
     with pytest.raises(HubError, match="private.*HF_TOKEN") as e:
-        lthub.pull("tester/secret", endpoint=hub.url, cache_dir=tmp_path / "c1", local_dir=tmp_path / "out")
+        lthub.pull("tester/secret", endpoint=hub.url, token=False, cache_dir=tmp_path / "c1",
+                   local_dir=tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     assert lthub.pull("tester/secret", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "c2").is_dir()
     # the CLI without HF_TOKEN: refused, one line; pushing without a token is refused too
@@ -244,21 +245,21 @@ def test_missing_repo_and_revision(hub: FakeHub, adapters: Path, tmp_path: Path,
     assert_one_line_error(proc, "tester/nope", "does not exist")
     seed(hub, "tester/there", adapters / "lora")
     with pytest.raises(HubError, match="no revision 'v9'"):
-        lthub.pull("tester/there", revision="v9", endpoint=hub.url, cache_dir=tmp_path)
+        lthub.pull("tester/there", revision="v9", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path)
 
 
 def test_server_error_on_pull(hub: FakeHub, adapters: Path, tmp_path: Path) -> None:
     seed(hub, "tester/down", adapters / "lora")
     hub.faults["info"] = 503
     with pytest.raises(HubError, match="503.*not cached"):
-        lthub.pull("tester/down", endpoint=hub.url, cache_dir=tmp_path)
+        lthub.pull("tester/down", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path)
 
 
 def test_repo_without_adapter_is_refused(hub: FakeHub, tmp_path: Path) -> None:
     hub.create("tester/model")
     hub.commit("tester/model", {"config.json": b"{}", "model.safetensors": b"not here"})
     with pytest.raises(HubError, match="no adapter_config.json"):
-        lthub.pull("tester/model", endpoint=hub.url, cache_dir=tmp_path)
+        lthub.pull("tester/model", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path)
     assert not hub.calls("GET", "model.safetensors")  # a full model's weights are never fetched
 
 
@@ -268,7 +269,7 @@ def test_pulled_files_must_parse(hub: FakeHub, adapters: Path, tmp_path: Path) -
     hub.commit("tester/broken", {"adapter_config.json": (adapters / "lora" / "adapter_config.json").read_bytes(),
                                  "adapter_model.safetensors": weights[: len(weights) // 2]})  # truncated
     with pytest.raises(LoraToolsError) as e:
-        lthub.pull("tester/broken", endpoint=hub.url, cache_dir=tmp_path / "cache", local_dir=tmp_path / "out")
+        lthub.pull("tester/broken", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path / "cache", local_dir=tmp_path / "out")
     assert "adapter_model.safetensors" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
@@ -279,16 +280,16 @@ def test_connection_dropped_mid_download(hub: FakeHub, adapters: Path, tmp_path:
     hub.faults["resolve"] = "drop"
     out = tmp_path / "out"
     with pytest.raises(HubError, match="network error") as e:
-        lthub.pull("tester/flaky", endpoint=hub.url, cache_dir=tmp_path / "cache", local_dir=out)
+        lthub.pull("tester/flaky", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path / "cache", local_dir=out)
     assert "\n" not in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # no partial output
-    assert len(hub.calls("GET", "/resolve/")) > 1  # the client did try to resume
+    assert len(hub.calls("GET", "/adapter_model.safetensors")) > 1  # the client did try to resume
 
 
 def test_offline_mode_serves_from_cache(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     seed(hub, "tester/cached", adapters / "lora")
     env = env_for(hub, tmp_path / "hf")
-    online = lthub.pull("tester/cached", endpoint=hub.url, cache_dir=tmp_path / "hf" / "hub")  # = $HF_HOME/hub
+    online = lthub.pull("tester/cached", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path / "hf" / "hub")  # = $HF_HOME/hub
     n = len(hub.log)
     offline = cli("-q", "pull", "tester/cached", env=env | {"HF_HUB_OFFLINE": "1"})
     assert offline.returncode == 0, offline.stderr
@@ -297,16 +298,16 @@ def test_offline_mode_serves_from_cache(hub: FakeHub, adapters: Path, tmp_path: 
     assert_one_line_error(missing, "not in the local cache", "HF_HUB_OFFLINE")
     # in process, offline=True does the same
     with pytest.raises(HubError, match="not in the local cache"):
-        lthub.pull("tester/cached", endpoint=hub.url, cache_dir=tmp_path / "empty", offline=True)
+        lthub.pull("tester/cached", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path / "empty", offline=True)
 
 
 def test_pull_output_exists(hub: FakeHub, adapters: Path, tmp_path: Path) -> None:
     seed(hub, "tester/o", adapters / "lora")
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError):
-        lthub.pull("tester/o", endpoint=hub.url, cache_dir=tmp_path, local_dir=tmp_path / "out")
+        lthub.pull("tester/o", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path, local_dir=tmp_path / "out")
     assert not hub.calls("GET")  # refused before any download
-    lthub.pull("tester/o", endpoint=hub.url, cache_dir=tmp_path, local_dir=tmp_path / "out", force=True)
+    lthub.pull("tester/o", token=TOKEN, endpoint=hub.url, cache_dir=tmp_path, local_dir=tmp_path / "out", force=True)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
