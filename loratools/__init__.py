@@ -5,6 +5,7 @@ from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
 from .formats import FORMATS, detect_format, read_adapter, write_adapter
 from .io import ModelReader
+from .modelcard import model_card
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,18 @@ __all__ = [
     "as_lora",
     "detect_format",
     "lora_scale",
+    "model_card",
+    "pull",
+    "push",
     "read_adapter",
     "write_adapter",
     "__version__",
 ]
+
+
+def __getattr__(name: str):  # the Hub functions load huggingface_hub only when first used
+    if name in ("pull", "push"):
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module 'loratools' has no attribute {name!r}")

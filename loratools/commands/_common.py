@@ -19,7 +19,10 @@ class AdapterPath(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         value = str(value)
         if value.startswith("hf://"):
-            raise InvalidOptionError("hf:// adapters need the Hub support, which is not available yet")
+            from .. import hub  # imported only when used: huggingface_hub is slow to load
+
+            repo_id, revision = hub.parse_hf_uri(value)
+            return str(hub.pull(repo_id, revision=revision))
         return value
 
 

@@ -1,0 +1,308 @@
+"""The Hugging Face Hub: pull and push adapters. The only module of loratools that imports ``huggingface_hub``.
+
+- :func:`pull` downloads only an adapter's files (``adapter_config.json``,
+  ``adapter_model.safetensors``, ``README.md``) into the Hub cache (``HF_HOME`` /
+  ``HF_HUB_CACHE``), checks that they parse, and returns the snapshot folder (or a
+  copy made atomically in ``local_dir``). ``HF_HUB_OFFLINE=1`` (or ``offline=True``)
+  serves from the cache only.
+- :func:`push` stages the adapter in PEFT layout in a temporary folder (any readable
+  format is converted; a PEFT folder is uploaded byte for byte), checks that the staged
+  files parse back to the same adapter, writes a model card (:mod:`loratools.modelcard`),
+  and uploads all of it in ONE commit (``create_commit``), creating the repo if needed.
+
+Every failure of the client becomes a one-line :class:`~loratools.errors.HubError`;
+messages never contain the token (it is scrubbed from them as a last guard). The
+endpoint is ``endpoint=`` or ``HF_ENDPOINT``, the token ``token=`` or ``HF_TOKEN`` / the
+stored login, exactly as huggingface_hub resolves them (``token=False`` sends none).
+
+>>> path = pull("me/my-adapter", revision="v1")                  # doctest: +SKIP
+>>> push("out/adapter.safetensors", "me/my-adapter", private=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, constants, snapshot_download
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+from .adapter import Adapter
+from .errors import CorruptFileError, HubError, InvalidOptionError, OutputExistsError
+from .formats import detect_format, read_adapter, write_adapter
+from .formats.peft import CONFIG_NAME, WEIGHTS_NAME
+from .inspection import inspect_adapter
+from .io import atomic_output
+from .modelcard import model_card
+
+__all__ = ["ADAPTER_FILES", "PushResult", "parse_hf_uri", "pull", "push", "stage_upload"]
+
+CARD_NAME = "README.md"
+#: What :func:`pull` downloads; nothing else of a repo (no full models, no pickles).
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+HF_SCHEME = "hf://"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push` committed."""
+
+    repo_id: str
+    commit_oid: str
+    commit_url: str
+    pr_url: str | None
+    revision: str
+    files: tuple[str, ...]
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str | None]:
+    """``hf://REPO_ID[@REV]`` → ``(repo_id, rev or None)``; repo ids cannot hold ``@``, revisions may hold ``/``.
+
+    >>> parse_hf_uri("hf://me/adapter@refs/pr/1")
+    ('me/adapter', 'refs/pr/1')
+    """
+    rest = uri[len(HF_SCHEME):] if uri.startswith(HF_SCHEME) else uri
+    repo_id, _, rev = rest.partition("@")
+    repo_id = repo_id.strip("/")
+    if not repo_id or repo_id.count("/") > 1 or (_ and not rev):
+        raise InvalidOptionError(f"{uri!r} is not an hf:// adapter; write hf://NAMESPACE/NAME or hf://NAMESPACE/NAME@REVISION")
+    return repo_id, rev or None
+
+
+# ---- pull ------------------------------------------------------------------------------------
+
+def pull(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathLike[str] | None = None,
+         force: bool = False, endpoint: str | None = None, token: str | bool | None = None,
+         cache_dir: str | os.PathLike[str] | None = None, offline: bool = False, progress: bool = False) -> Path:
+    """Download the adapter files of ``repo_id`` at ``revision``; return the folder holding them.
+
+    The files go to the Hub cache (``cache_dir``, default ``HF_HUB_CACHE`` under ``HF_HOME``)
+    and the snapshot folder is returned; with ``local_dir`` they are also copied there
+    (written under a temporary name and renamed when complete, so a failed pull leaves no
+    ``local_dir``). The adapter is read once to check it parses before anything is returned.
+    """
+    if local_dir is not None and Path(local_dir).exists() and not force:
+        raise OutputExistsError(local_dir)  # before any download
+    with _client(progress), _hub_errors(repo_id, revision=revision, token=token, endpoint=endpoint,
+                                        action="download", offline=offline):
+        snapshot = Path(snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, endpoint=endpoint, token=token,
+            allow_patterns=list(ADAPTER_FILES), local_files_only=offline,
+            library_name="loratools", library_version=_version(),
+        ))
+    at = f" at {revision}" if revision else ""
+    if not (snapshot / CONFIG_NAME).is_file():
+        raise HubError(repo_id, f"no {CONFIG_NAME}{at}: loratools pulls PEFT-layout adapters "
+                                f"({CONFIG_NAME} + {WEIGHTS_NAME}) from the top of the repo")
+    if not (snapshot / WEIGHTS_NAME).is_file():
+        raise HubError(repo_id, f"{CONFIG_NAME} but no {WEIGHTS_NAME}{at} (loratools never loads pickled "
+                                "adapter_model.bin files)")
+    read_adapter(snapshot, format="peft")  # refuse what does not parse
+    if local_dir is None:
+        return snapshot
+    with atomic_output(local_dir, force=force) as tmp:
+        tmp.mkdir()
+        for name in ADAPTER_FILES:
+            if (snapshot / name).is_file():
+                shutil.copyfile(snapshot / name, tmp / name)  # follows the cache's symlinks
+    return Path(local_dir)
+
+
+# ---- push ------------------------------------------------------------------------------------
+
+def stage_upload(adapter_path: str | os.PathLike[str], folder: str | os.PathLike[str], *, repo_id: str,
+                 base_model: str | None = None) -> dict[str, Any]:
+    """Write what :func:`push` uploads into the new folder ``folder``; return the inspect report.
+
+    A PEFT folder's config and weights are copied as they are; any other readable format is
+    converted with ``write_adapter(read_adapter(x), folder, format="peft")``. The staged
+    files must read back to the same modules, ranks and factors, or nothing is uploaded.
+    """
+    src, dest = Path(adapter_path), Path(folder)
+    fmt = detect_format(src)
+    adapter = read_adapter(src, format=fmt)
+    if fmt == "peft":
+        d = src if src.is_dir() else src.parent
+        dest.mkdir(parents=True)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copyfile(d / name, dest / name)
+    else:
+        write_adapter(adapter, dest, format="peft")
+    staged = read_adapter(dest, format="peft")
+    _check_same(adapter, staged, src)
+    report = inspect_adapter(staged, format="peft")
+    (dest / CARD_NAME).write_text(model_card(report, repo_id=repo_id, base_model=base_model), encoding="utf-8")
+    return report
+
+
+def push(adapter_path: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,
+         message: str | None = None, create_pr: bool = False, base_model: str | None = None,
+         endpoint: str | None = None, token: str | bool | None = None, progress: bool = False) -> PushResult:
+    """Upload the adapter at ``adapter_path`` to ``repo_id`` in PEFT layout with a model card, in one commit.
+
+    Creates the repo (``private`` if asked) and the branch ``revision`` when missing. With
+    ``create_pr`` the commit opens a pull request instead of landing on the branch. The Hub
+    applies a commit atomically: if the commit request fails, the repo is as it was.
+    """
+    with tempfile.TemporaryDirectory(prefix="loratools-push-") as tmp:
+        folder = Path(tmp) / "adapter"
+        report = stage_upload(adapter_path, folder, repo_id=repo_id, base_model=base_model)
+        files = tuple(sorted(p.name for p in folder.iterdir()))
+        title = message or f"Upload {report['method']} adapter ({report['modules']} modules, rank "\
+                           f"{report['rank_min']}–{report['rank_max']}) with loratools"
+        with _client(progress), _hub_errors(repo_id, revision=revision, token=token, endpoint=endpoint,
+                                            action="upload"):
+            api = HfApi(endpoint=endpoint, token=token, library_name="loratools", library_version=_version())
+            api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+            if revision not in (None, constants.DEFAULT_REVISION):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+            info = api.create_commit(repo_id, ops, commit_message=title, revision=revision, create_pr=create_pr)
+    return PushResult(repo_id=repo_id, commit_oid=info.oid, commit_url=str(info.commit_url), pr_url=info.pr_url,
+                      revision=revision or constants.DEFAULT_REVISION, files=files)
+
+
+def _check_same(a: Adapter, b: Adapter, src: Path) -> None:
+    """The staged PEFT files must hold the adapter that was read: same modules, ranks, factors."""
+    if sorted(a.modules) != sorted(b.modules) or sorted(a.saved) != sorted(b.saved):
+        raise CorruptFileError(src, "its PEFT conversion lost or renamed modules; nothing was uploaded")
+    for name, m in a.modules.items():
+        n = b.modules[name]
+        same = m.rank == n.rank and all(
+            x.shape == y.shape and torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-8)
+            for x, y in zip(m.factors(), n.factors()))
+        if not same:
+            raise CorruptFileError(src, f"its PEFT conversion changed {name}; nothing was uploaded")
+
+
+# ---- the client's errors → one line ---------------------------------------------------------
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+@contextlib.contextmanager
+def _client(progress: bool) -> Iterator[None]:
+    """Keep the client's own logging and (unless ``progress``) its progress bars off the terminal."""
+    hf_logger = logging.getLogger("huggingface_hub")
+    level = hf_logger.level
+    bars_were_off = are_progress_bars_disabled()
+    hf_logger.setLevel(logging.ERROR)  # retries are reported as warnings; our error says what failed
+    if not progress and not bars_were_off:
+        disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logger.setLevel(level)
+        if not progress and not bars_were_off:
+            enable_progress_bars()
+
+
+def _secrets(token: str | bool | None) -> list[str]:
+    found: list[str | None] = [token if isinstance(token, str) else None, os.environ.get("HF_TOKEN"),
+             os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    with contextlib.suppress(Exception):
+        from huggingface_hub import get_token
+        found.append(get_token())
+    return [s for s in found if s and len(s) >= 4]
+
+
+def _first_line(text: object) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _why(e: BaseException, *, revision: str | None, endpoint: str, action: str, offline: bool) -> str | None:
+    """One line for a known client failure, or None."""
+    rev = revision or constants.DEFAULT_REVISION
+    offline = offline or constants.is_offline_mode()
+    if isinstance(e, hf_errors.OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE=1), so nothing can be downloaded or uploaded"
+    if isinstance(e, hf_errors.IncompleteSnapshotError):
+        return (f"the cached copy of revision {rev} is incomplete and the Hub at {endpoint} cannot be reached; "
+                "pull it again online")
+    if isinstance(e, hf_errors.LocalEntryNotFoundError):
+        if offline:
+            return (f"revision {rev} is not in the local cache ({constants.HF_HUB_CACHE}) and offline mode is on "
+                    "(HF_HUB_OFFLINE=1); pull it once online, or unset HF_HUB_OFFLINE")
+        cause = e.__cause__
+        if isinstance(cause, hf_errors.HfHubHTTPError):  # the Hub answered, with an error
+            inner = _why(cause, revision=revision, endpoint=endpoint, action=action, offline=offline)
+            return f"{inner} (and revision {rev} is not cached)"
+        what = cause.__class__.__name__ if cause is not None else "no answer"
+        return f"cannot reach the Hub at {endpoint} ({what}) and revision {rev} is not cached; check the network or HF_ENDPOINT"
+    if isinstance(e, hf_errors.GatedRepoError):
+        return "is gated: accept its conditions on the Hub, then set HF_TOKEN to a token of that account"
+    if isinstance(e, hf_errors.RepositoryNotFoundError):
+        status = e.response.status_code if e.response is not None else 404
+        if status == 401:
+            if "Invalid credentials" in str(e):
+                return "the token was rejected (401 invalid credentials); set HF_TOKEN to a valid token"
+            return ("not found, or private and no valid token was sent (401); set HF_TOKEN to a token "
+                    "that can read it")
+        return f"does not exist ({status}); check the name (NAMESPACE/NAME)"
+    if isinstance(e, hf_errors.RevisionNotFoundError):
+        return f"has no revision {rev!r}; check --revision (a branch, tag or commit id)"
+    if isinstance(e, hf_errors.RemoteEntryNotFoundError):
+        return f"a file is missing at revision {rev}: {_first_line(e.server_message or e)}"
+    if isinstance(e, hf_errors.HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else 0
+        server = _first_line(e.server_message or "")
+        tail = f": {server}" if server else ""
+        if status == 401:
+            need = "a token with write access" if action == "upload" else "a valid token"
+            return f"the Hub refused the {action} (401 unauthorized{tail}); set HF_TOKEN to {need}"
+        if status == 403:
+            return f"the token may not do this (403 forbidden{tail}); use a token with write access to the namespace"
+        if status >= 500:
+            after = "; no commit was made, try again later" if action == "upload" else "; try again later"
+            return f"the Hub answered {status} (server error{tail}) during the {action}{after}"
+        return f"the Hub answered {status} during the {action}{tail}"
+    if isinstance(e, hf_errors.HFValidationError):
+        return f"not a valid repo id ({_first_line(e)})"
+    if isinstance(e, httpx2.HTTPError):
+        return (f"network error during the {action} from {endpoint} ({e.__class__.__name__}); nothing was written, "
+                "check the connection and try again")
+    if isinstance(e, OSError) and "Consistency check failed" in str(e):
+        return f"the download from {endpoint} was cut short (size mismatch); nothing was written, try again"
+    if isinstance(e, ValueError) and "Invalid metadata in README.md" in str(e):
+        return f"the Hub rejected the model card's metadata: {_first_line(str(e).split('README.md.', 1)[-1])}"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, *, revision: str | None, token: str | bool | None, endpoint: str | None, action: str,
+                offline: bool = False) -> Iterator[None]:
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as e:
+        # the LFS uploader wraps failures in RuntimeError; look down the cause chain for the real one
+        chain: list[BaseException] = []
+        cur: BaseException | None = e
+        while cur is not None and len(chain) < 8:
+            chain.append(cur)
+            cur = cur.__cause__ or cur.__context__
+        where = (endpoint or constants.ENDPOINT).rstrip("/")
+        for err in chain:
+            why = _why(err, revision=revision, endpoint=where, action=action, offline=offline)
+            if why is not None:
+                for secret in _secrets(token):
+                    why = why.replace(secret, "***")
+                raise HubError(repo_id, why) from None
+        raise

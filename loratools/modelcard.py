@@ -1,0 +1,115 @@
+"""The model card ``loratools push`` uploads: pure text from an :func:`~loratools.inspection.inspect_adapter` report.
+
+The YAML header says what the Hub needs to list the repo as an adapter, the way
+PEFT's ``save_pretrained`` card does (``PeftModel.push_to_hub`` would replace it with
+a generic ``library_name: transformers`` card, so loratools writes its own)::
+
+    ---
+    library_name: peft
+    base_model: meta-llama/Llama-3.2-1B
+    tags:
+    - lora                                   # or adalora
+    - base_model:adapter:meta-llama/Llama-3.2-1B
+    - loratools
+    ---
+
+followed by a table of each module's rank, alpha, scale and parameter count.
+
+>>> card = model_card(report, repo_id="me/my-adapter")          # doctest: +SKIP
+>>> card.splitlines()[1]                                          # doctest: +SKIP
+'library_name: peft'
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+__all__ = ["model_card", "hub_model_id"]
+
+# A Hub model id: "name" or "namespace/name" of letters, digits, "-", "_", "." (no "--", no "..").
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id, else None (a local path such as ``/data/llama`` or ``./base``)."""
+    if not name or name.startswith((".", "/", "~")) or "\\" in name or "--" in name or ".." in name:
+        return None
+    return name if _HUB_ID.match(name) and not name.endswith(".") else None
+
+
+_PLAIN = re.compile(r"^[A-Za-z_][\w.\-/:]*$")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}
+
+
+def _yaml_str(s: str) -> str:
+    """``s`` as a YAML scalar: plain when it cannot be misread, else JSON-quoted (JSON strings are YAML)."""
+    if _PLAIN.match(s) and s.lower() not in _YAML_WORDS and not s.endswith(":"):
+        return s
+    return json.dumps(s)
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None = None) -> str:
+    """README.md text (YAML metadata + Markdown) for the adapter described by ``report``.
+
+    ``base_model`` overrides the report's; either is used only when it is a Hub model id
+    (a local path would leak a file name and fail the Hub's metadata check).
+    """
+    method = str(report.get("method") or "lora").lower()
+    base = hub_model_id(base_model or report.get("base_model"))
+    tags = ["adalora" if method == "adalora" else "lora"]
+    if base:
+        tags.append(f"base_model:adapter:{base}")
+    tags.append("loratools")
+
+    meta = ["---", "library_name: peft"]
+    if base:
+        meta.append(f"base_model: {_yaml_str(base)}")
+    meta.append("tags:")
+    meta += [f"- {_yaml_str(t)}" for t in tags]
+    meta.append("---")
+
+    name = repo_id.split("/")[-1]
+    kind = "AdaLoRA" if method == "adalora" else ("rsLoRA" if report.get("use_rslora") else "LoRA")
+    lines = [
+        *meta,
+        "",
+        f"# {name}",
+        "",
+        f"{'An' if kind[0] in 'AEIOU' else 'A'} {kind} adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, in PEFT layout "
+        "(`adapter_config.json` + `adapter_model.safetensors`), uploaded with loratools.",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base or '<base model>')})",
+        f"model = PeftModel.from_pretrained(base, {json.dumps(repo_id)})",
+        "```",
+        "",
+        "## Adapter",
+        "",
+        f"- method: {kind}" + (f" (init_r = {report['init_r']})" if method == "adalora" and report.get("init_r") else ""),
+        f"- modules: {report.get('modules', 0)}",
+        f"- parameters: {int(report.get('parameters', 0)):,}",
+        f"- rank: {report.get('rank_min', 0)}–{report.get('rank_max', 0)} (total {report.get('rank_total', 0)})",
+        f"- fingerprint of the base weights it needs: `{str(report.get('fingerprint', ''))[:16]}`",
+        "",
+        "| module | shape | rank | alpha | scale | parameters | ‖ΔW‖F | stable rank |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for layer in report.get("layers", []):
+        lines.append(
+            f"| `{layer['name']}` | {'×'.join(map(str, layer['shape']))} | {layer['rank']} | {_num(layer['alpha'])} "
+            f"| {_num(layer['scale'])} | {int(layer['parameters']):,} | {_num(layer['fro_norm'])} "
+            f"| {layer['stable_rank']:.2f} |"
+        )
+    if report.get("saved_tensors"):
+        lines += ["", f"Also saves {len(report['saved_tensors'])} full tensors (`modules_to_save`)."]
+    lines += ["", "Figures from `loratools inspect` (scaled ΔW; stable rank = Σσ²/σ₁²).", ""]
+    return "\n".join(lines)
