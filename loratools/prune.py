@@ -62,7 +62,7 @@ def svd_form(adapter: Adapter) -> dict[str, Triplets]:
         r = m.rank
         if m.E is not None:
             P = m.B.float().reshape(m.B.shape[0], r)
-            Q = m.A.float().reshape(r, -1)
+            Q = m.A.float().reshape(r, m.matrix_shape[1])
             out[name] = Triplets(P, m.E.float().reshape(r), Q, m.scale)
         else:
             U, S, Vh = m.svd()

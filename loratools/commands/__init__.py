@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from .extract import extract
 from .inspect import inspect
+from .prune import prune
+from .resize import resize
 
-COMMANDS: list[click.Command] = [inspect]
+COMMANDS: list[click.Command] = [inspect, extract, resize, prune]
