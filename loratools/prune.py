@@ -232,6 +232,9 @@ def prune(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | N
             out = as_lora(out)
     else:
         out = adapter.with_modules(modules)
+    if set(out.modules) != set(adapter.modules):
+        # name the modules one by one: a suffix list would make PEFT create layers for the dropped ones
+        out = out.with_modules(out.modules, target_modules=None)
     return PruneResult(out, layers, "magnitude" if importance is None else "gradient")
 
 

@@ -100,6 +100,9 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
             modules[name] = module_from_svd(plain, U[:, :k], S[:k], Vh[:k])
         if progress:
             progress(1)
-    out = lora.with_modules(modules, use_rslora=lora.config.use_rslora)
+    # when a module is dropped (rank 0), name the modules one by one: a target_modules suffix list would make
+    # PEFT create (zero) layers for the dropped ones and warn about missing keys
+    dropped = set(adapter.modules) - set(modules)
+    out = lora.with_modules(modules, **({"target_modules": None} if dropped else {}))
     return ResizeResult(out, layers, adapter.parameters)
 
