@@ -3,8 +3,11 @@
 from .adapter import Adapter, Fingerprint, Module, as_lora
 from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
+from .extract import extract
 from .formats import FORMATS, detect_format, read_adapter, write_adapter
 from .io import ModelReader
+from .prune import prune
+from .resize import resize
 
 __version__ = "0.1.0"
 
@@ -19,8 +22,11 @@ __all__ = [
     "adalora_scale",
     "as_lora",
     "detect_format",
+    "extract",
     "lora_scale",
+    "prune",
     "read_adapter",
+    "resize",
     "write_adapter",
     "__version__",
 ]

@@ -55,6 +55,8 @@ def size(n: int) -> str:
 
 
 def _pct(x: float) -> str:
+    if x == 0:
+        return "0%"
     return f"{100 * x:.2f}%" if x >= 1e-4 else f"{100 * x:.1e}%"
 
 
