@@ -225,7 +225,7 @@ def extract(base: TensorSource, tuned: TensorSource, *, rank: int | None = None,
         kind = _kind(name, shape)
         fifo = bool(fan_in_fan_out) and kind == "linear"
         M = D.reshape(shape[0], -1) if kind == "conv" else (D.T if kind == "embedding" or fifo else D)
-        norm = float(M.double().norm())
+        norm = float(torch.linalg.vector_norm(M))
         if norm == 0.0:
             skipped.append(Skipped(key, shape, "unchanged (ΔW = 0)"))
             if progress:
@@ -243,7 +243,7 @@ def extract(base: TensorSource, tuned: TensorSource, *, rank: int | None = None,
         scale = mod_alpha / r
         B, A = (B / math.sqrt(scale)).to(out_dtype), (A / math.sqrt(scale)).to(out_dtype)
         # the error of the factors as they will be stored, not an estimate
-        resid = float((M - scale * (B.float() @ A.float())).double().norm())
+        resid = float(torch.linalg.vector_norm(M - scale * (B.float() @ A.float())))
         energy_kept = float((S.double() ** 2).sum()) / norm**2
         delta_params += M.numel()
         if kind == "conv":

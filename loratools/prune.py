@@ -274,7 +274,8 @@ def load_causal_lm(path: str | Path, *, device: torch.device) -> tuple[Any, Any]
     p = Path(path)
     if not (p / "config.json").is_file():
         raise InputNotFoundError(p / "config.json", "base model config")
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).to(device).eval()
+    # importance is computed in float32 whatever dtype the checkpoint holds
+    model = AutoModelForCausalLM.from_pretrained(str(p)).float().to(device).eval()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(str(p))
 

@@ -175,3 +175,13 @@ def test_cli_prune_errors(tiny_llama, adapters, tmp_path, cli):
     bad = cli("prune", adapters / "lora", "-o", tmp_path / "x", "--budget", "4", "--base", tiny_llama,
               "--data", tmp_path / "bad.jsonl")
     assert bad.returncode == 2 and "line 1" in bad.stderr
+
+
+def test_missing_transformers_says_how_to_install(tiny_llama, monkeypatch):
+    import sys
+
+    from loratools.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(MissingDependencyError, match=r"loratools\[train\]"):
+        load_causal_lm(tiny_llama, device=torch.device("cpu"))
