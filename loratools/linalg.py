@@ -9,6 +9,7 @@ Everything here is a pure function over tensors. The key trick: the SVD of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ __all__ = [
     "choose_rank",
     "truncated_svd",
     "sqrt_split",
+    "lowrank_svd_gram",
 ]
 
 
@@ -243,3 +245,47 @@ def sqrt_split(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     and both factors carry the same scale."""
     root = S.clamp_min(0).sqrt()
     return U * root, root[:, None] * Vh
+
+
+def lowrank_svd_gram(B: Tensor, A: Tensor, *, dtype: torch.dtype = torch.float64, max_cond: float = 1e5,
+                     top: int | Callable[[Tensor], int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lowrank_svd` through Cholesky factors of the r×r Gram matrices — same result, faster.
+
+    ``BᵀB = R_bᵀR_b`` and ``AAᵀ = R_aᵀR_a`` (Cholesky) give ``B = Q_b R_b``,
+    ``Aᵀ = Q_a R_a`` with ``Q_b = B R_b⁻¹`` never formed: the SVD of the core
+    ``R_b R_aᵀ = U_c S V_cᵀ`` yields ``U = B (R_b⁻¹ U_c)`` and
+    ``Vᵀ = (V_cᵀ R_a⁻ᵀ) A``. Everything on the m×r and r×n factors is a
+    matrix product (BLAS3), where Householder QR is not — several times faster
+    for r ≪ m, n. Gram matrices square the condition number, so when either
+    factor has ``cond > max_cond`` (error ≳ cond²·ε) or is rank-deficient,
+    this falls back to the QR route. With ``top`` (a number, or a function of
+    the singular values that returns one, like a rank rule), only the first
+    ``top`` columns of U and rows of Vᵀ are computed (S is always complete).
+
+    >>> B, A = torch.randn(50, 4, dtype=torch.float64), torch.randn(4, 40, dtype=torch.float64)
+    >>> U, S, Vh = lowrank_svd_gram(B, A)
+    >>> bool(torch.allclose(U @ torch.diag(S) @ Vh, B @ A))
+    True
+    """
+    def qr_route() -> tuple[Tensor, Tensor, Tensor]:
+        U, S, Vh = lowrank_svd(B, A, dtype=dtype)
+        k = top(S) if callable(top) else top
+        return (U, S, Vh) if k is None else (U[:, :k], S, Vh[:k])
+
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or B.shape[1] == 0:
+        return qr_route()
+    Bd, Ad = B.to(dtype), A.to(dtype)
+    Lb, info_b = torch.linalg.cholesky_ex(Bd.T @ Bd)
+    La, info_a = torch.linalg.cholesky_ex(Ad @ Ad.T)
+    if int(info_b) or int(info_a):
+        return qr_route()
+    Rb, Ra = Lb.mH, La.mH
+    if float(torch.linalg.cond(Rb)) > max_cond or float(torch.linalg.cond(Ra)) > max_cond:
+        return qr_route()
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T)
+    k = top(S) if callable(top) else top
+    if k is not None:
+        Uc, Vch = Uc[:, :k], Vch[:k]
+    U = Bd @ torch.linalg.solve_triangular(Rb, Uc, upper=True)
+    Vh = torch.linalg.solve_triangular(Ra, Vch.T, upper=True).T @ Ad
+    return U, S, Vh

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .adapter import Adapter, Module, as_lora
 from .extract import check_rule
-from .linalg import choose_rank, sqrt_split
+from .linalg import choose_rank, lowrank_svd_gram, sqrt_split
 
 __all__ = ["resize", "ResizeResult", "ResizeLayer", "module_from_svd"]
 
@@ -75,6 +75,10 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
     (2, 4)
     """
     check_rule(rank, energy, error, max_rank)
+
+    def rule(s: torch.Tensor) -> int:
+        return min(choose_rank(s, rank=rank, energy=energy, error=error, max_rank=max_rank), s.numel())
+
     lora = as_lora(adapter)
     modules: dict[str, Module] = {}
     layers: list[ResizeLayer] = []
@@ -85,11 +89,12 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
             if progress:
                 progress(1)
             continue
-        U, S, Vh = plain.svd()
+        # Module.svd()'s QR route, through Gram-matrix Cholesky factors when they are well conditioned (faster);
+        # singular vectors are computed for the kept triplets only
+        U, S, Vh = lowrank_svd_gram(*plain.factors(dtype=torch.float64), top=rule)
+        k = int(U.shape[1])
         e = S**2
         total = float(e.sum())
-        k = choose_rank(S, rank=rank, energy=energy, error=error, max_rank=max_rank)
-        k = min(k, S.numel())
         kept = float(e[:k].sum())
         rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
         layers.append(ResizeLayer(name, m.rank, k if k < plain.rank else plain.rank, rel,
@@ -97,7 +102,7 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         if k >= plain.rank:
             modules[name] = plain  # nothing to cut: keep the factors as they were
         elif k > 0:
-            modules[name] = module_from_svd(plain, U[:, :k], S[:k], Vh[:k])
+            modules[name] = module_from_svd(plain, U, S[:k], Vh)
         if progress:
             progress(1)
     # when a module is dropped (rank 0), name the modules one by one: a target_modules suffix list would make
