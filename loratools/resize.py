@@ -91,7 +91,14 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
             continue
         # Module.svd()'s QR route, through Gram-matrix Cholesky factors when they are well conditioned (faster);
         # singular vectors are computed for the kept triplets only
-        U, S, Vh = lowrank_svd_gram(*plain.factors(dtype=torch.float64), top=rule)
+        # the scale is applied to S afterwards (the rank rules do not depend on it): one pass less over the factors
+        r = plain.rank
+        B64 = plain.B.reshape(plain.B.shape[0], r).to(torch.float64)
+        A64 = plain.A.reshape(r, plain.matrix_shape[1]).to(torch.float64)
+        U, S, Vh = lowrank_svd_gram(B64, A64, top=rule)
+        S = S * abs(plain.scale)
+        if plain.scale < 0:
+            U = -U
         k = int(U.shape[1])
         e = S**2
         total = float(e.sum())
