@@ -3,9 +3,12 @@
 from .adapter import Adapter, Fingerprint, Module, as_lora
 from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
+from .extract import extract
 from .formats import FORMATS, detect_format, read_adapter, write_adapter
 from .io import ModelReader
 from .modelcard import model_card
+from .prune import prune
+from .resize import resize
 
 __version__ = "0.1.0"
 
@@ -20,11 +23,14 @@ __all__ = [
     "adalora_scale",
     "as_lora",
     "detect_format",
+    "extract",
     "lora_scale",
     "model_card",
     "pull",
     "push",
+    "prune",
     "read_adapter",
+    "resize",
     "write_adapter",
     "__version__",
 ]

@@ -24,4 +24,24 @@ step "Inspect loratools' single-file form, as JSON (first lines)" bash -c "lorat
   step "Any ADAPTER argument may be hf://REPO_ID[@REV]" loratools inspect hf://demo/tiny-adalora
   step "Offline mode serves the cache" env HF_HUB_OFFLINE=1 loratools -q pull demo/tiny-adalora
 )
+
+# --- compress: extract a LoRA from a full fine-tune, resize it, prune an AdaLoRA ---------------------------------
+step "Make a 'fully fine-tuned' copy of the fixture: every block projection + a rank-6 delta + 5% noise" \
+  python -c "
+import shutil, torch
+from safetensors.torch import load_file, save_file
+shutil.copytree('fixtures/tiny-llama', '$OUT/tuned')
+w = load_file('fixtures/tiny-llama/model.safetensors'); g = torch.Generator().manual_seed(0)
+for k, t in w.items():
+    if t.ndim == 2 and '.layers.' in k:
+        d = torch.randn(t.shape[0], 6, generator=g) @ torch.randn(6, t.shape[1], generator=g) * 0.01
+        w[k] = t + d + 0.05 * d.norm() / t.numel() ** 0.5 * torch.randn(t.shape, generator=g)
+save_file(w, '$OUT/tuned/model.safetensors', metadata={'format': 'pt'})
+print('wrote $OUT/tuned')"
+step "Extract a LoRA: per layer the smallest rank with ≤ 10% relative error (measured)" \
+  loratools extract fixtures/tiny-llama "$OUT/tuned" -o "$OUT/extracted" --error 0.1 --max-rank 16
+step "Resize it to rank 3 (from the factors; exact errors)" loratools resize "$OUT/extracted" -o "$OUT/rank3" --rank 3
+step "AdaLoRA → plain LoRA with the same ΔW (what serving engines load)" \
+  loratools resize fixtures/adapters/adalora -o "$OUT/adalora-as-lora" --energy 1.0
+step "Prune the AdaLoRA to 8 triplets by magnitude" loratools prune fixtures/adapters/adalora -o "$OUT/pruned" --budget 8
 printf '\nDemo finished; outputs are in %s/\n' "$OUT"

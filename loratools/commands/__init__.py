@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from .extract import extract
 from .hub import pull, push
 from .inspect import inspect
+from .prune import prune
+from .resize import resize
 
-COMMANDS: list[click.Command] = [inspect, pull, push]
+COMMANDS: list[click.Command] = [inspect, extract, resize, prune, pull, push]

@@ -1,0 +1,105 @@
+"""Tables and options shared by ``extract``, ``resize`` and ``prune`` (rendering only, no maths)."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .. import render
+from ..errors import OutputExistsError
+from ..render import fmt_float
+
+__all__ = ["rank_rule_options", "format_option", "check_output", "extract_table", "resize_table", "prune_table",
+           "skipped_summary", "size", "show"]
+
+
+def rank_rule_options(f: Any) -> Any:
+    """--rank / --energy / --error / --max-rank (exactly one of the first three)."""
+    for opt in reversed([
+        click.option("--rank", type=int, default=None, help="Keep this rank in every layer."),
+        click.option("--energy", type=float, default=None, metavar="F",
+                     help="Per layer, the smallest rank k with Σ_{i≤k} σᵢ² ≥ F·Σσᵢ² (0 < F ≤ 1)."),
+        click.option("--error", type=float, default=None, metavar="E",
+                     help="Per layer, the smallest rank k with ‖ΔW − ΔW_k‖_F ≤ E·‖ΔW‖_F (0 ≤ E < 1)."),
+        click.option("--max-rank", type=int, default=None, help="Cap the rank that --energy/--error pick."),
+    ]):
+        f = opt(f)
+    return f
+
+
+format_option = click.option("--format", "fmt", default="peft", show_default=True,
+                             help="Output format (any format loratools writes, e.g. peft, loratools).")
+
+
+def show(renderable: Any, *, highlight: bool = True) -> None:
+    """Print on stdout; when stdout is not a terminal, at a width that does not cut module names."""
+    console = render.out if render.out.is_terminal else Console(file=sys.stdout, width=200, soft_wrap=False)
+    console.print(renderable, highlight=highlight)
+
+
+def check_output(path: str, force: bool) -> None:
+    # fail before the long computation, not after it
+    if Path(path).exists() and not force:
+        raise OutputExistsError(path)
+
+
+def size(n: int) -> str:
+    return f"{n:,}"
+
+
+def _pct(x: float) -> str:
+    if x == 0:
+        return "0%"
+    return f"{100 * x:.2f}%" if x >= 1e-4 else f"{100 * x:.1e}%"
+
+
+def extract_table(layers: Sequence[Any]) -> Table:
+    t = Table(pad_edge=False)
+    for col, just in [("module", "left"), ("shape", "right"), ("rank", "right"), ("rel. error", "right"),
+                      ("energy kept", "right"), ("lost", "right"), ("‖ΔW‖F", "right"), ("svd", "left")]:
+        t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for r in layers:
+        t.add_row(r.name, "×".join(map(str, r.shape)), str(r.rank), fmt_float(r.rel_error), _pct(r.energy_kept),
+                  _pct(max(0.0, 1 - r.energy_kept)), fmt_float(r.norm), r.method)
+    return t
+
+
+def resize_table(layers: Sequence[Any]) -> Table:
+    t = Table(pad_edge=False)
+    for col, just in [("module", "left"), ("rank", "right"), ("→", "right"), ("rel. error", "right"),
+                      ("energy kept", "right"), ("lost", "right")]:
+        t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for r in layers:
+        t.add_row(r.name, str(r.rank_before), str(r.rank_after), fmt_float(r.rel_error), _pct(r.energy_kept),
+                  _pct(max(0.0, 1 - r.energy_kept)))
+    return t
+
+
+def prune_table(layers: Sequence[Any]) -> Table:
+    t = Table(pad_edge=False)
+    for col, just in [("module", "left"), ("rank", "right"), ("→", "right"), ("kept triplets", "left"),
+                      ("rel. error", "right"), ("importance kept", "right"), ("lost", "right")]:
+        t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for r in layers:
+        kept = ",".join(map(str, r.kept)) if len(r.kept) <= 12 else ",".join(map(str, r.kept[:12])) + ",…"
+        t.add_row(r.name, str(r.rank_before), str(r.rank_after), kept or "-", fmt_float(r.rel_error),
+                  fmt_float(r.importance_kept), fmt_float(r.importance_lost))
+    return t
+
+
+def skipped_summary(skipped: Sequence[Any]) -> str:
+    """One line per reason: how many tensors were left out and a few of their names."""
+    by: Counter[str] = Counter(s.why for s in skipped)
+    lines = []
+    for why, n in by.most_common():
+        names = [s.name for s in skipped if s.why == why]
+        shown = ", ".join(names[:3]) + (f" … (+{n - 3})" if n > 3 else "")
+        lines.append(f"  left out {n}: {why} — {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""``loratools resize``."""
+
+from __future__ import annotations
+
+import click
+
+from .. import render
+from ..formats import read_adapter, write_adapter
+from ..resize import resize as resize_adapter
+from ._common import ADAPTER, force_option, output_option, quiet
+from ._compress import show, check_output, format_option, rank_rule_options, resize_table, size
+
+
+@click.command()
+@click.argument("adapter", type=ADAPTER)
+@output_option
+@rank_rule_options
+@format_option
+@force_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.pass_obj
+def resize(obj: object, adapter: str, output: str, rank: int | None, energy: float | None, error: float | None,
+           max_rank: int | None, fmt: str, force: bool, as_json: bool) -> None:
+    """Re-truncate a LoRA/AdaLoRA adapter to a smaller rank; the output is always plain LoRA.
+
+    Each layer's ΔW spectrum comes from its factors (QR of B and Aᵀ, SVD of the
+    r×r core; ΔW is never formed); the top k triplets are kept (the best rank-k
+    approximation) as B = U_k·S_k^½, A = S_k^½·V_kᵀ, alpha = k. --rank R keeps
+    min(R, r); --energy F the smallest k with Σ_{i≤k}σᵢ² ≥ F·Σσᵢ²; --error E the
+    smallest k with √(Σ_{i>k}σᵢ²) ≤ E·√(Σσᵢ²). Layers not reduced keep their
+    factors. AdaLoRA input becomes plain LoRA with the same ΔW (what serving
+    engines load); `resize --rank 9999` is that conversion alone.
+
+    \b
+    Examples:
+      loratools resize adapter/ -o small --rank 8
+      loratools resize adalora/ -o lora --energy 1.0
+    """
+    check_output(output, force)
+    src = read_adapter(adapter)
+    res = resize_adapter(src, rank=rank, energy=energy, error=error, max_rank=max_rank)
+    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,))
+    if as_json:
+        render.print_json({"output": output, "parameters_before": res.parameters_before,
+                           "parameters": res.adapter.parameters, "layers": [vars(r) for r in res.layers]})
+        return
+    show(resize_table(res.layers))
+    if not quiet(obj):
+        show(f"{src.method} → lora · {size(res.parameters_before)} → {size(res.adapter.parameters)} "
+                         f"parameters · wrote {output} ({fmt})")

@@ -1,0 +1,269 @@
+"""Full fine-tune → LoRA: the truncated SVD of each weight's difference.
+
+For every selected weight, ``ΔW = W_tuned − W_base`` is factored as
+``ΔW ≈ U_r S_r V_rᵀ`` (Eckart–Young: the best rank-r approximation in Frobenius
+norm) and stored as the LoRA pair
+
+    B = U_r · S_r^½   (out × r),      A = S_r^½ · V_rᵀ   (r × in),
+
+with ``alpha = r`` so that PEFT's scale ``alpha/r`` is 1 (with ``alpha=α`` the
+factors are divided by ``√(α/r)`` each, so ``ΔW`` is unchanged). The rank per
+layer is fixed (``rank``) or the smallest meeting an energy or error target
+(see :func:`loratools.linalg.choose_rank`). Every reported error is measured:
+``‖ΔW − B A‖_F / ‖ΔW‖_F`` with the factors as stored.
+
+Only two weights (base and tuned) and their difference are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .adapter import Adapter, Kind, Module
+from .config import AdapterConfig
+from .device import resolve_device
+from .errors import InvalidOptionError, ShapeMismatchError
+from .io import ModelReader
+from .linalg import sqrt_split, truncated_svd
+
+__all__ = ["extract", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "check_rule",
+           "plan_size"]
+
+TensorSource = ModelReader | Mapping[str, Tensor]
+
+# Names that mark a weight as an embedding or a norm even inside a block.
+_EMBED = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings)(\.|$)")
+_NORM = re.compile(r"norm|ln_\d|ln_f|layernorm", re.IGNORECASE)
+_BLOCK = re.compile(r"\.\d+\.")
+# GPT-2 style models store their projections as Conv1D: weight (in, out).
+_FAN_IN_FAN_OUT_MODELS = {"gpt2", "gpt_bigcode", "openai-gpt"}
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What one layer kept and lost: ``rel_error = ‖ΔW − BA‖_F/‖ΔW‖_F`` (measured),
+    ``energy_kept = ‖BA‖²_F/‖ΔW‖²_F`` restricted to the kept σ (Σ_{i≤r}σᵢ²/‖ΔW‖²_F)."""
+
+    name: str
+    shape: tuple[int, ...]
+    rank: int
+    rel_error: float
+    energy_kept: float
+    norm: float
+    method: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    shape: tuple[int, ...]
+    why: str
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    adapter: Adapter
+    layers: list[LayerReport]
+    skipped: list[Skipped] = field(default_factory=list)
+    #: number of entries of all the dense ΔW the adapter replaces
+    delta_parameters: int = 0
+
+    @property
+    def parameters(self) -> int:
+        return self.adapter.parameters
+
+    @property
+    def total_rel_error(self) -> float:
+        """‖ΔW − BA‖_F / ‖ΔW‖_F over all extracted layers together."""
+        num = sum((r.rel_error * r.norm) ** 2 for r in self.layers)
+        den = sum(r.norm**2 for r in self.layers)
+        return math.sqrt(num / den) if den else 0.0
+
+
+def check_rule(rank: int | None, energy: float | None, error: float | None, max_rank: int | None) -> None:
+    """Raise :class:`InvalidOptionError` unless exactly one valid rank rule is given."""
+    given = [n for n, v in (("--rank", rank), ("--energy", energy), ("--error", error)) if v is not None]
+    if len(given) != 1:
+        raise InvalidOptionError("give exactly one of --rank R, --energy F or --error E"
+                                 + (f" (got {', '.join(given)})" if given else ""))
+    if rank is not None and rank < 1:
+        raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise InvalidOptionError(f"--energy is a fraction of Σσ² in (0, 1], got {energy}")
+    if error is not None and not 0.0 <= error < 1.0:
+        raise InvalidOptionError(f"--error is a relative Frobenius error in [0, 1), got {error}")
+    if max_rank is not None and max_rank < 1:
+        raise InvalidOptionError(f"--max-rank must be ≥ 1, got {max_rank}")
+
+
+def default_target(key: str, shape: Sequence[int]) -> str | None:
+    """None when ``key`` is a weight extracted by default (a 2-D or conv weight inside a
+    numbered transformer block that is neither an embedding nor a norm), else why not."""
+    if not key.endswith(".weight"):
+        return "not a weight"
+    if len(shape) not in (2, 4):
+        return "norm or bias (not 2-D)" if len(shape) == 1 else f"{len(shape)}-D"
+    name = key[: -len(".weight")]
+    if _EMBED.search(name):
+        return "embedding (ask with --targets)"
+    if _NORM.search(name):
+        return "norm (ask with --targets)"
+    if not _BLOCK.search(name):
+        return "outside the transformer blocks (ask with --targets)"
+    return None
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    # a pattern is a regular expression over the module name, or a name suffix like PEFT's target_modules
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) is not None for p in patterns)
+
+
+def _keys(src: TensorSource) -> list[str]:
+    return src.keys() if isinstance(src, ModelReader) else list(src.keys())
+
+
+def _shape(src: TensorSource, key: str) -> tuple[int, ...]:
+    return src.shape(key) if isinstance(src, ModelReader) else tuple(src[key].shape)
+
+
+def _get(src: TensorSource, key: str) -> Tensor:
+    return src.get(key) if isinstance(src, ModelReader) else src[key]
+
+
+def _model_config(src: TensorSource) -> dict[str, object]:
+    if isinstance(src, ModelReader) and (src.root / "config.json").is_file():
+        try:
+            data = json.loads((src.root / "config.json").read_text())
+            return data if isinstance(data, dict) else {}
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def _kind(name: str, shape: tuple[int, ...]) -> Kind:
+    if len(shape) == 4:
+        return "conv"
+    return "embedding" if _EMBED.search(name) else "linear"
+
+
+def extract(base: TensorSource, tuned: TensorSource, *, rank: int | None = None, energy: float | None = None,
+            error: float | None = None, max_rank: int | None = None, targets: Sequence[str] | None = None,
+            alpha: float | None = None, fan_in_fan_out: bool | None = None, device: str | torch.device = "auto",
+            dtype: torch.dtype | None = None, seed: int = 0,
+            progress: Callable[[int], None] | None = None) -> ExtractResult:
+    """LoRA adapter approximating ``tuned − base`` (see the module docstring).
+
+    ``base``/``tuned`` are :class:`ModelReader` s or ``{key: tensor}`` dicts.
+    ``targets`` are regular expressions or name suffixes over module names
+    (``q_proj``, ``model\\.layers\\.\\d+\\.mlp\\..*``); by default every 2-D/conv
+    weight inside a numbered block except embeddings and norms. ``fan_in_fan_out``
+    (Conv1D weights stored in×out) defaults to what the base's config.json says
+    (GPT-2 style models). ``dtype`` is the factors' dtype (default: the tuned
+    weight's). Exactly one of ``rank``/``energy``/``error``; ``max_rank`` caps.
+
+    >>> W0 = {"m.0.q.weight": torch.zeros(6, 5)}
+    >>> W1 = {"m.0.q.weight": torch.outer(torch.arange(6.0), torch.ones(5))}
+    >>> res = extract(W0, W1, rank=2, device="cpu")
+    >>> res.layers[0].rank, res.layers[0].rel_error < 1e-6
+    (2, True)
+    """
+    check_rule(rank, energy, error, max_rank)
+    if alpha is not None and alpha <= 0:
+        raise InvalidOptionError(f"--alpha must be positive, got {alpha}")
+    dev = resolve_device(device)
+    cfg = _model_config(base)
+    if fan_in_fan_out is None:
+        fan_in_fan_out = str(cfg.get("model_type", "")) in _FAN_IN_FAN_OUT_MODELS
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    tuned_keys = set(_keys(tuned))
+    plan: list[str] = []
+    skipped: list[Skipped] = []
+    for key in _keys(base):
+        shape = _shape(base, key)
+        if key not in tuned_keys:
+            skipped.append(Skipped(key, shape, "missing from the tuned model"))
+            if progress:
+                progress(1)
+            continue
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        if targets:
+            why = None if key.endswith(".weight") and len(shape) in (2, 4) and _matches(name, targets) else "not targeted"
+        else:
+            why = default_target(key, shape)
+        tshape = _shape(tuned, key)
+        if why is None and tshape != shape:
+            raise ShapeMismatchError(name, f"the base's {shape}", f"{tshape} in the tuned model",
+                                     "were both models made from the same architecture?")
+        if why is not None:
+            skipped.append(Skipped(key, shape, why))
+            if progress:
+                progress(1)
+        else:
+            plan.append(key)
+    if not plan:
+        raise InvalidOptionError("no weight was selected for extraction; check --targets against the model's names")
+
+    modules: dict[str, Module] = {}
+    layers: list[LayerReport] = []
+    delta_params = 0
+    for key in plan:
+        name = key[: -len(".weight")]
+        w0 = _get(base, key)
+        w1 = _get(tuned, key)
+        out_dtype = dtype or (w1.dtype if w1.is_floating_point() else torch.float32)
+        # SVD is not implemented for half precision on every backend: compute in float32
+        D = w1.to(dev, torch.float32) - w0.to(dev, torch.float32)
+        del w0, w1
+        shape = tuple(D.shape)
+        kind = _kind(name, shape)
+        fifo = bool(fan_in_fan_out) and kind == "linear"
+        M = D.reshape(shape[0], -1) if kind == "conv" else (D.T if kind == "embedding" or fifo else D)
+        norm = float(torch.linalg.vector_norm(M))
+        if norm == 0.0:
+            skipped.append(Skipped(key, shape, "unchanged (ΔW = 0)"))
+            if progress:
+                progress(1)
+            continue
+        U, S, Vh, method = truncated_svd(M, rank=rank, energy=energy, error=error, max_rank=max_rank, generator=gen)
+        r = int(S.numel())
+        if r == 0:
+            skipped.append(Skipped(key, shape, "rank 0 meets the target"))
+            if progress:
+                progress(1)
+            continue
+        B, A = sqrt_split(U, S, Vh)
+        mod_alpha = float(r) if alpha is None else float(alpha)
+        scale = mod_alpha / r
+        B, A = (B / math.sqrt(scale)).to(out_dtype), (A / math.sqrt(scale)).to(out_dtype)
+        # the error of the factors as they will be stored, not an estimate
+        resid = float(torch.linalg.vector_norm(M - scale * (B.float() @ A.float())))
+        energy_kept = float((S.double() ** 2).sum()) / norm**2
+        delta_params += M.numel()
+        if kind == "conv":
+            A_s, B_s = A.reshape(r, *shape[1:]), B.reshape(shape[0], r, 1, 1)
+        else:
+            A_s, B_s = A, B
+        modules[name] = Module(A=A_s.cpu().contiguous(), B=B_s.cpu().contiguous(), alpha=mod_alpha, scale=scale,
+                               kind=kind, fan_in_fan_out=fifo)
+        layers.append(LayerReport(name, shape, r, resid / norm, min(energy_kept, 1.0), norm, method))
+        del D, M, U, S, Vh, B, A
+        if progress:
+            progress(1)
+    archs = cfg.get("architectures") or []
+    task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None  # type: ignore[union-attr]
+    base_name = str(base.path) if isinstance(base, ModelReader) else None
+    config = AdapterConfig(method="lora", fan_in_fan_out=bool(fan_in_fan_out), base_model=base_name, task_type=task)
+    return ExtractResult(Adapter(modules, config), layers, skipped, delta_params)
+
+
+def plan_size(base: TensorSource) -> int:
+    """Number of tensors in ``base`` (for a progress bar)."""
+    return len(_keys(base))
+

@@ -1,0 +1,120 @@
+"""LoRA/AdaLoRA → smaller plain LoRA, from the factors alone.
+
+Each module's ``ΔW = B' A'`` (scale and AdaLoRA's Λ folded in) has rank ≤ r,
+so its whole spectrum comes from :meth:`Module.svd` — QR of ``B'`` and
+``A'ᵀ``, then the SVD of the r×r core — in O((m+n)r²) without forming ΔW.
+Keeping the top k singular triplets gives the best rank-k approximation
+(Eckart–Young), stored like :mod:`loratools.extract` does:
+``B = U_k S_k^½``, ``A = S_k^½ V_kᵀ``, ``alpha = k`` (scale 1). Its relative
+error is exact: ``√(Σ_{i>k} σᵢ²) / √(Σ σᵢ²)``.
+
+The output is always plain LoRA: serving engines load only plain LoRA, and an
+AdaLoRA file's one global alpha cannot express per-module ranks after resizing.
+A module whose rank is not reduced is kept as it was (bit for bit for LoRA;
+AdaLoRA modules become LoRA with the same ΔW, see :func:`loratools.adapter.as_lora`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .adapter import Adapter, Module, as_lora
+from .extract import check_rule
+from .linalg import choose_rank, lowrank_svd_gram, sqrt_split
+
+__all__ = ["resize", "ResizeResult", "ResizeLayer", "module_from_svd"]
+
+
+@dataclass(frozen=True)
+class ResizeLayer:
+    """One module: its rank before and after, the exact relative error and the energy kept."""
+
+    name: str
+    rank_before: int
+    rank_after: int
+    rel_error: float
+    energy_kept: float
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    adapter: Adapter
+    layers: list[ResizeLayer]
+    parameters_before: int
+
+
+def module_from_svd(like: Module, U: Tensor, S: Tensor, Vh: Tensor, *, dtype: torch.dtype | None = None) -> Module:
+    """A plain LoRA module with ``ΔW = U diag(S) Vh`` (matrix layout), ``alpha = rank``,
+    in ``like``'s kind/layout and dtype (``B = U√S``, ``A = √S Vh``)."""
+    B, A = sqrt_split(U, S, Vh)
+    k = int(S.numel())
+    dt = dtype or like.A.dtype
+    if like.kind == "conv":
+        A = A.reshape(k, *like.A.shape[1:])
+        B = B.reshape(B.shape[0], k, 1, 1)
+    return Module(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), alpha=float(k), scale=1.0, kind=like.kind,
+                  fan_in_fan_out=like.fan_in_fan_out)
+
+
+def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = None, error: float | None = None,
+           max_rank: int | None = None, progress: Callable[[int], None] | None = None) -> ResizeResult:
+    """Re-truncate every module to the rank one rule picks; output plain LoRA.
+
+    Rules (exactly one): ``rank=R`` keeps ``min(R, r)``; ``energy=F`` the smallest
+    k with ``Σ_{i≤k}σᵢ² ≥ F·Σσᵢ²``; ``error=E`` the smallest k with
+    ``√(Σ_{i>k}σᵢ²)/√(Σσᵢ²) ≤ E``. ``max_rank`` caps the last two.
+
+    >>> A, B = torch.randn(4, 16), torch.randn(8, 4)
+    >>> small = resize(Adapter({"q": Module(A=A, B=B, alpha=4, scale=1.0)}), rank=2)
+    >>> small.adapter.modules["q"].rank, small.layers[0].rank_before
+    (2, 4)
+    """
+    check_rule(rank, energy, error, max_rank)
+
+    def rule(s: torch.Tensor) -> int:
+        return min(choose_rank(s, rank=rank, energy=energy, error=error, max_rank=max_rank), s.numel())
+
+    lora = as_lora(adapter)
+    modules: dict[str, Module] = {}
+    layers: list[ResizeLayer] = []
+    for name, m in adapter.items():
+        plain = lora.modules.get(name)  # absent when an AdaLoRA module was pruned to rank 0
+        if plain is None:
+            layers.append(ResizeLayer(name, m.rank, 0, 0.0, 1.0))
+            if progress:
+                progress(1)
+            continue
+        # Module.svd()'s QR route, through Gram-matrix Cholesky factors when they are well conditioned (faster);
+        # singular vectors are computed for the kept triplets only
+        # the scale is applied to S afterwards (the rank rules do not depend on it): one pass less over the factors
+        r = plain.rank
+        B64 = plain.B.reshape(plain.B.shape[0], r).to(torch.float64)
+        A64 = plain.A.reshape(r, plain.matrix_shape[1]).to(torch.float64)
+        U, S, Vh = lowrank_svd_gram(B64, A64, top=rule)
+        S = S * abs(plain.scale)
+        if plain.scale < 0:
+            U = -U
+        k = int(U.shape[1])
+        e = S**2
+        total = float(e.sum())
+        kept = float(e[:k].sum())
+        rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+        layers.append(ResizeLayer(name, m.rank, k if k < plain.rank else plain.rank, rel,
+                                  kept / total if total > 0 else 1.0))
+        if k >= plain.rank:
+            modules[name] = plain  # nothing to cut: keep the factors as they were
+        elif k > 0:
+            modules[name] = module_from_svd(plain, U, S[:k], Vh)
+        if progress:
+            progress(1)
+    # when a module is dropped (rank 0), name the modules one by one: a target_modules suffix list would make
+    # PEFT create (zero) layers for the dropped ones and warn about missing keys
+    dropped = set(adapter.modules) - set(modules)
+    out = lora.with_modules(modules, **({"target_modules": None} if dropped else {}))
+    return ResizeResult(out, layers, adapter.parameters)
+

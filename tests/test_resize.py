@@ -1,0 +1,117 @@
+"""resize: re-truncation from the factors, checked against dense float64 SVD and peft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loratools.adapter import Adapter, Module
+from loratools.formats import read_adapter
+from loratools.linalg import energy_rank, error_rank
+from loratools.resize import resize
+
+
+def _dense_truncation(D: torch.Tensor, k: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+def test_rank_not_reduced_keeps_delta_exactly(adapters):
+    src = read_adapter(adapters / "lora")
+    res = resize(src, rank=8)
+    for name, m in src.items():
+        assert torch.equal(res.adapter.delta(name), m.delta())
+        assert res.adapter.modules[name].rank == m.rank
+    assert all(layer.rel_error == pytest.approx(0.0, abs=1e-6) for layer in res.layers)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_reduction_matches_dense_float64_svd(adapters, k):
+    src = read_adapter(adapters / "rslora")
+    res = resize(src, rank=k)
+    for name, m in src.items():
+        D = m.delta(dtype=torch.float64)
+        ref = _dense_truncation(D, min(k, m.rank))
+        got = res.adapter.modules[name].delta(dtype=torch.float64)
+        assert res.adapter.modules[name].rank == min(k, m.rank)
+        assert float((got - ref).abs().max()) <= 1e-5 * float(D.abs().max())
+        layer = next(layer for layer in res.layers if layer.name == name)
+        assert layer.rel_error == pytest.approx(float((D - ref).norm() / D.norm()), rel=1e-6, abs=1e-9)
+
+
+def test_energy_and_error_rules_follow_the_dense_spectrum(adapters):
+    src = read_adapter(adapters / "lora")
+    for kw, rule in ((dict(energy=0.8), lambda s: energy_rank(s, 0.8)), (dict(error=0.4), lambda s: error_rank(s, 0.4))):
+        res = resize(src, **kw)
+        for name, m in src.items():
+            s = torch.linalg.svdvals(m.delta(dtype=torch.float64))
+            assert res.adapter.modules[name].rank == rule(s[: m.rank])
+
+
+def test_adalora_to_lora_keeps_delta(adapters):
+    src = read_adapter(adapters / "adalora")
+    res = resize(src, rank=64)
+    assert res.adapter.method == "lora"
+    for name, m in src.items():
+        D = m.delta(dtype=torch.float64)
+        if name not in res.adapter.modules:
+            assert float(D.abs().max()) == 0.0  # a rank-0 module adds nothing
+            continue
+        got = res.adapter.modules[name].delta(dtype=torch.float64)
+        assert float((got - D).abs().max()) <= 1e-6 * max(1.0, float(D.abs().max()))
+
+
+def test_conv_module_is_resized_in_its_layout():
+    g = torch.Generator().manual_seed(0)
+    m = Module(A=torch.randn(4, 3, 3, 3, generator=g), B=torch.randn(6, 4, 1, 1, generator=g), alpha=8, scale=2.0,
+               kind="conv")
+    res = resize(Adapter({"c": m}), rank=2)
+    out = res.adapter.modules["c"]
+    assert out.A.shape == (2, 3, 3, 3) and out.B.shape == (6, 2, 1, 1)
+    ref = _dense_truncation(m.delta(dtype=torch.float64).reshape(6, -1), 2).reshape(6, 3, 3, 3)
+    assert torch.allclose(out.delta(dtype=torch.float64), ref, atol=1e-5)
+
+
+def test_cli_adalora_to_lora_loads_in_peft_with_same_logits(tiny_llama, adapters, tmp_path, cli):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    proc = cli("resize", adapters / "adalora", "-o", out, "--energy", "1.0")
+    assert proc.returncode == 0, proc.stderr
+    assert "adalora → lora" in proc.stdout and "model.layers.0.self_attn.v_proj" in proc.stdout
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapters / "adalora")(
+            input_ids=ids).logits
+        got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)(input_ids=ids).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_cli_errors(adapters, tmp_path, cli):
+    bad = cli("resize", adapters / "lora", "-o", tmp_path / "x")
+    assert bad.returncode == 2 and "exactly one" in bad.stderr and not (tmp_path / "x").exists()
+    bad = cli("resize", adapters / "lora", "-o", tmp_path / "x", "--energy", "1.5")
+    assert bad.returncode == 2 and "--energy" in bad.stderr
+    bad = cli("resize", tmp_path / "nope", "-o", tmp_path / "x", "--rank", "2")
+    assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+@pytest.mark.parametrize("case", ["random", "rank_deficient", "ill_conditioned"])
+def test_gram_route_equals_qr_route(case):
+    from loratools.linalg import lowrank_svd, lowrank_svd_gram
+
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(300, 6, generator=g, dtype=torch.float64), torch.randn(6, 200, generator=g, dtype=torch.float64)
+    if case == "rank_deficient":
+        B[:, 2] = 0.0  # Cholesky fails: the QR route takes over
+    if case == "ill_conditioned":
+        A[0] *= 1e-9
+    U, S, Vh = lowrank_svd_gram(B, A)
+    U2, S2, Vh2 = lowrank_svd(B, A)
+    assert torch.allclose(S, S2, rtol=1e-9, atol=1e-12 * float(S2[0]))
+    M = B @ A
+    assert float((U * S @ Vh - M).norm()) <= 1e-10 * float(M.norm())
+    Ut, St, Vt = lowrank_svd_gram(B, A, top=lambda s: 3)
+    assert Ut.shape == (300, 3) and St.numel() == 6 and Vt.shape == (3, 200)
+    assert torch.allclose((Ut * St[:3]) @ Vt, (U2[:, :3] * S2[:3]) @ Vh2[:3], atol=1e-9)
