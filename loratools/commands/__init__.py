@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .convert import convert
 from .inspect import inspect
 
-COMMANDS: list[click.Command] = [inspect]
+COMMANDS: list[click.Command] = [inspect, convert]
