@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,11 @@ from .adapter import Adapter, Module, as_lora
 from .errors import (CorruptFileError, InputNotFoundError, InvalidOptionError, LoraToolsError, ShapeMismatchError,
                      UnsupportedModuleError)
 from .formats import detect_format, get_format, read_adapter
-from .formats.gguf import (GGUFBase, base_from_gguf, base_from_hparams, base_of_adapter, gguf_tensor_names, hf_name,
+from .formats.gguf import (GGUFBase, base_from_gguf, base_from_hparams, base_of_adapter, gguf_model_info, hf_name,
                            read_gguf, write_gguf)
 from .formats.gguf import MAGIC as GGUF_MAGIC
 from .formats.gguf import gguf_unsupported
-from .formats.kohya import _FLAT, kohya_unsupported, read_kohya
+from .formats.kohya import is_flattened, kohya_unsupported, read_kohya
 from .io import ModelReader, atomic_output
 from .linalg import lowrank_svd
 
@@ -99,8 +99,9 @@ def load_base(path: str | os.PathLike[str]) -> BaseModel:
             magic = f.read(4)
         if magic == GGUF_MAGIC:
             # shapes stay unknown (): a quantised GGUF's names still map kohya keys back
-            names = [hf_name(g[: -len(".weight")]) for g in gguf_tensor_names(p) if g.endswith(".weight")]
-            return BaseModel(p, gguf_base=base_from_gguf(p), shapes={n: () for n in names if n} or None)
+            gb, tensor_names = gguf_model_info(p)
+            names = [hf_name(g[: -len(".weight")]) for g in tensor_names if g.endswith(".weight")]
+            return BaseModel(p, gguf_base=gb, shapes={n: () for n in names if n} or None)
         if p.suffix == ".json":
             return BaseModel(p, hparams=_read_config(p))
         cfg = p.parent / "config.json"
@@ -249,15 +250,17 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     if base_m is not None:
         _check_base_shapes(adapter, base_m)
     notes: list[str] = []
-    flat = [n for n in adapter.modules if _FLAT.match(n)]
+    flat = [n for n in adapter.modules if is_flattened(n)]
     if flat:
         notes.append(f"{len(flat)} module names kept in kohya's flattened form (e.g. {flat[0]}): "
                      + ("they match no weight of --base" if base_m is not None else
                         "pass --base MODEL to map them to the model's names"))
     if to == "gguf" and gguf_base is None:
         gguf_base = base_of_adapter(adapter)
-    conv = convert(adapter, to=to, base=base_m if to != "gguf" else BaseModel(Path("."), gguf_base=gguf_base),
-                   drop_unsupported=drop_unsupported)
+    conv_base = base_m
+    if to == "gguf":  # the architecture found above, whichever source it came from
+        conv_base = replace(base_m, gguf_base=gguf_base) if base_m is not None else BaseModel(src_p, gguf_base=gguf_base)
+    conv = convert(adapter, to=to, base=conv_base, drop_unsupported=drop_unsupported)
     reference = Adapter({n: m for n, m in adapter.items() if n not in conv.dropped}, adapter.config,
                         {k: t for k, t in adapter.saved.items() if k not in conv.dropped})
     if reference.method == "adalora" and to in ("kohya", "gguf"):

@@ -255,3 +255,37 @@ def test_gguf_needs_the_gguf_package(tmp_path: Path, adapters: Path, monkeypatch
     with pytest.raises(MissingDependencyError, match=r"loratools\[gguf\]"):
         convert_file(adapters / "lora", tmp_path / "x.gguf", to="gguf", base=adapters.parent / "tiny-llama")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_embeddings_and_lm_head(tmp_path: Path, tiny_llama: Path) -> None:
+    """token_embd's lora_a is stored (vocab, r): llama.cpp gathers token rows of it, then applies lora_b."""
+    from loratools.formats.gguf import GGUFBase, gguf_unsupported
+
+    g = torch.Generator().manual_seed(3)
+    mods = {
+        "model.embed_tokens": Module(A=torch.randn(3, 259, generator=g), B=torch.randn(128, 3, generator=g), alpha=6.0,
+                                     scale=2.0, kind="embedding"),
+        "lm_head": Module(A=torch.randn(2, 128, generator=g), B=torch.randn(259, 2, generator=g), alpha=2.0, scale=1.0),
+    }
+    src = tmp_path / "emb.safetensors"
+    lt.write_adapter(Adapter(mods), src, format="loratools")
+    out = tmp_path / "emb.gguf"
+    convert_file(src, out, to="gguf", base=tiny_llama)
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: torch.from_numpy(x.data.copy()).double() for x in r.tensors}
+    alpha = float(r.get_field("adapter.lora.alpha").contents())
+    a, b = t["token_embd.weight.lora_a"], t["token_embd.weight.lora_b"]
+    assert a.shape == (259, 3) and b.shape == (128, 3)
+    m = mods["model.embed_tokens"]
+    tokens = torch.tensor([0, 5, 258])
+    rows = (alpha / b.shape[1]) * (b @ a[tokens].T).T  # llama.cpp: scale · lora_b · get_rows(lora_a, tokens)
+    want = m.scale * (m.B.double() @ m.A.double()[:, tokens]).T  # PEFT's embedding ΔW rows
+    assert torch.allclose(rows, want, rtol=1e-6, atol=1e-9)
+    assert {"output.weight.lora_a", "output.weight.lora_b"} <= set(t)
+    back = lt.read_adapter(out)
+    assert back.modules["model.embed_tokens"].kind == "embedding"
+    check_same_deltas(Adapter(mods), back)
+    # a base that ties lm_head to the embeddings has no `output` tensor in llama.cpp
+    assert "lm_head" in gguf_unsupported(Adapter(mods), GGUFBase("llama", 4, 2, tied_embeddings=True))
+    with pytest.raises(UnsupportedModuleError, match="embed_tokens"):
+        convert(Adapter(mods), to="kohya")

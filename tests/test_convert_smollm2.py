@@ -115,6 +115,9 @@ def test_smollm2_lora_to_gguf(tmp_path: Path, smollm2, base_reader) -> None:
         assert float((got - want).norm() / want.norm()) < 1e-6, name
 
 
-def test_base_gguf_model_is_not_an_adapter(cli) -> None:
-    r = cli("inspect", BASE_GGUF)
-    assert r.returncode == 2 and "not a LoRA adapter" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_base_gguf_model_is_not_an_adapter() -> None:
+    from loratools.errors import NotAnAdapterError
+
+    assert lt.detect_format(BASE_GGUF) == "gguf"
+    with pytest.raises(NotAnAdapterError, match="not a LoRA adapter"):
+        lt.read_adapter(BASE_GGUF)

@@ -53,7 +53,7 @@ from . import Format, register
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
            "unpermute_rows", "global_alpha", "base_from_hparams", "base_from_gguf", "base_of_adapter",
-           "gguf_tensor_names", "ARCHITECTURES", "MAGIC"]
+           "gguf_model_info", "ARCHITECTURES", "MAGIC"]
 
 MAGIC = b"GGUF"
 #: Hugging Face ``architectures[0]`` / ``model_type`` → llama.cpp architecture (those whose tensors we map)
@@ -121,18 +121,20 @@ def _open(path: Path) -> Any:
 
 def base_from_gguf(path: Path) -> GGUFBase:
     """From a llama.cpp ``.gguf``: the base model itself, or an adapter that records its head counts."""
+    return gguf_model_info(path)[0]
+
+
+def gguf_model_info(path: Path) -> tuple[GGUFBase, list[str]]:
+    """``(base, tensor names)`` of a ``.gguf``, parsed once (a model's vocabulary takes seconds to parse)."""
     r = _open(path)
     arch = _field(r, "general.architecture")
     if not arch:
         raise CorruptFileError(path, "no general.architecture")
     n, kv = _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv")
+    names = [t.name for t in r.tensors]
     # a model file without output.weight ties lm_head to token_embd (adapter files carry no such hint)
-    tied = _field(r, "general.type") != "adapter" and not any(t.name == "output.weight" for t in r.tensors)
-    return GGUFBase(str(arch), int(n) if n else None, int(kv) if kv else (int(n) if n else None), tied)
-
-
-def gguf_tensor_names(path: Path) -> list[str]:
-    return [t.name for t in _open(path).tensors]
+    tied = _field(r, "general.type") != "adapter" and "output.weight" not in names
+    return GGUFBase(str(arch), int(n) if n else None, int(kv) if kv else (int(n) if n else None), tied), names
 
 
 def detect(path: Path) -> bool:

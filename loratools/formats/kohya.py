@@ -39,7 +39,7 @@ from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError
 from ..io import load_safetensors, read_safetensors_header, save_safetensors
 from . import Format, register
 
-__all__ = ["read_kohya", "write_kohya", "kohya_key", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
+__all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
@@ -54,6 +54,11 @@ _UNET_HEADS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "
                "input_blocks", "middle_block", "output_blocks", "conv_norm_out", "transformer_blocks")
 #: component prefixes of a diffusers pipeline adapter, and the kohya prefix each gets
 _COMPONENTS = (("unet.", UNET_PREFIX), ("text_encoder_2.", "lora_te2_"), ("text_encoder.", TE_PREFIX))
+
+
+def is_flattened(name: str) -> bool:
+    """True for a module name that is still a kohya key base (a foreign file read without a base model)."""
+    return _FLAT.match(name) is not None
 
 
 def kohya_key(name: str) -> str:
