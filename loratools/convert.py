@@ -36,7 +36,7 @@ from .io import ModelReader, atomic_output
 from .linalg import lowrank_svd
 
 __all__ = ["BaseModel", "Conversion", "ConvertResult", "ConversionCheckError", "load_base", "convert",
-           "convert_file", "delta_error", "check_same_deltas", "TOLERANCE"]
+           "convert_file", "delta_error", "check_same_deltas", "tolerance", "TOLERANCE"]
 
 #: relative Frobenius error allowed between a module's ΔW before and after conversion (float32 factors)
 TOLERANCE = 1e-6
@@ -130,16 +130,28 @@ def _unsupported(adapter: Adapter, to: str, base: BaseModel | None) -> dict[str,
     return {}
 
 
+def _upcast_16bit(adapter: Adapter) -> Adapter:
+    """AdaLoRA's ``A ⊙ E`` rounds in a 16-bit dtype (errors ~1e-4): form it in float32 instead."""
+    if adapter.method != "adalora":
+        return adapter
+    up = {n: m.with_factors(A=m.A.float(), B=m.B.float(), E=m.E.float() if m.E is not None else None)
+          if m.A.dtype in (torch.float16, torch.bfloat16) else m for n, m in adapter.items()}
+    return adapter.with_modules(up)
+
+
 def convert(adapter: Adapter, *, to: str, base: BaseModel | None = None, drop_unsupported: bool = False) -> Conversion:
     """What ``adapter`` becomes in format ``to``, with the same ΔW for every module it keeps.
 
     kohya and GGUF hold plain LoRA only, so AdaLoRA goes through :func:`as_lora`
     (``A' = (A⊙E)[kept]``, scale carried per module; rank-0 modules add nothing
-    and vanish). Modules the format cannot hold raise
+    and vanish; 16-bit factors become float32 so that ``A⊙E`` is not rounded). Modules the format cannot hold raise
     :class:`UnsupportedModuleError` naming them, unless ``drop_unsupported``.
     """
     get_format(to)  # unknown names fail here, before any work
-    out = as_lora(adapter) if to in ("kohya", "gguf") else adapter
+    out = as_lora(_upcast_16bit(adapter)) if to in ("kohya", "gguf") else adapter
+    if adapter.modules and not out.modules:
+        raise InvalidOptionError(f"every module of this AdaLoRA adapter was pruned to rank 0 (it adds nothing): "
+                                 f"there is nothing to write as {to}")
     bad = _unsupported(out, to, base)
     if bad and not drop_unsupported:
         reasons = "; ".join(dict.fromkeys(bad.values()))
@@ -166,10 +178,14 @@ def delta_error(before: Module, after: Module) -> float:
     return diff / ref if ref > 0 else diff
 
 
-def _tolerance(m: Module) -> float:
-    # factors stored in a 16-bit type carry that type's rounding
-    eps = max(torch.finfo(t.dtype).eps for t in (m.A, m.B) if t.is_floating_point())
-    return max(TOLERANCE, 8 * eps) if eps > torch.finfo(torch.float32).eps else TOLERANCE
+def _eps(m: Module) -> float:
+    return max(torch.finfo(t.dtype).eps for t in (m.A, m.B) if t.is_floating_point())
+
+
+def tolerance(before: Module, after: Module) -> float:
+    """1e-6, or 8·ε of the written factors' dtype when the written file holds them with less precision
+    than the source (loratools' own writers never do: kohya keeps the dtype, GGUF writes float32)."""
+    return max(TOLERANCE, 8 * _eps(after)) if _eps(after) > _eps(before) else TOLERANCE
 
 
 def check_same_deltas(before: Adapter, after: Adapter) -> float:
@@ -185,8 +201,9 @@ def check_same_deltas(before: Adapter, after: Adapter) -> float:
             err = delta_error(m, after.modules[name])
         except ShapeMismatchError as e:
             raise ConversionCheckError(name, f"expected {e.expected}, got {e.got}") from None
-        if err > _tolerance(m):
-            raise ConversionCheckError(name, f"ΔW differs by {err:.3g} (relative), more than {_tolerance(m):.0e}")
+        tol = tolerance(m, after.modules[name])
+        if err > tol:
+            raise ConversionCheckError(name, f"ΔW differs by {err:.3g} (relative), more than {tol:.0e}")
         worst = max(worst, err)
     extra = sorted(set(after.modules) - set(before.modules))
     if extra:

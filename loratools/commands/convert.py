@@ -26,7 +26,7 @@ def convert(obj: object, adapter: str, output: str, to: str, base: str | None, d
     """Convert ADAPTER to another format; every module's ΔW is checked after writing.
 
     The written file is read back and each ΔW compared with the source's
-    (relative Frobenius error ≤ 1e-6, or the rounding of 16-bit factors) before
+    (relative Frobenius error ≤ 1e-6) before
     it is renamed into place. AdaLoRA becomes plain LoRA for kohya and gguf.
     Modules a format cannot hold stop the conversion unless --drop-unsupported.
 

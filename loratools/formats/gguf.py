@@ -304,7 +304,11 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
         for suffix in (".weight.lora_a", ".weight.lora_b"):
             if t.name.endswith(suffix):
                 shape = tuple(int(x) for x in reversed(list(t.shape)))
-                data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+                try:
+                    data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+                except (NotImplementedError, ValueError) as e:
+                    raise CorruptFileError(path, f"tensor {t.name!r} of type {t.tensor_type.name} cannot be read "
+                                                 f"({e})") from None
                 parts.setdefault(t.name[: -len(suffix)], {})[suffix[-1]] = torch.from_numpy(np.array(data, np.float32))
                 break
         else:
