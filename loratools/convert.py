@@ -126,7 +126,10 @@ def _unsupported(adapter: Adapter, to: str, base: BaseModel | None) -> dict[str,
     if to == "kohya":
         return kohya_unsupported(adapter)
     if to == "gguf":
-        return gguf_unsupported(adapter, base.gguf() if base is not None else None)
+        bad = gguf_unsupported(adapter, base.gguf() if base is not None else None)
+        # a kohya name the base did not map is the likely cause, not the architecture
+        return {n: ("it kept kohya's flattened name: pass --base MODEL to map it to the model's name"
+                    if is_flattened(n) else why) for n, why in bad.items()}
     return {}
 
 

@@ -289,3 +289,14 @@ def test_gguf_embeddings_and_lm_head(tmp_path: Path, tiny_llama: Path) -> None:
     assert "lm_head" in gguf_unsupported(Adapter(mods), GGUFBase("llama", 4, 2, tied_embeddings=True))
     with pytest.raises(UnsupportedModuleError, match="embed_tokens"):
         convert(Adapter(mods), to="kohya")
+
+
+def test_foreign_kohya_to_gguf(tmp_path: Path, tiny_llama: Path) -> None:
+    f = tmp_path / "foreign.safetensors"
+    _foreign_kohya(f)
+    with pytest.raises(UnsupportedModuleError, match="--base"):
+        convert(lt.read_adapter(f), to="gguf", base=load_base(tiny_llama))  # names still flattened
+    res = convert_file(f, tmp_path / "x.gguf", to="gguf", base=tiny_llama)
+    assert res.modules == 3 and not res.notes
+    assert {t.name for t in gguf.GGUFReader(str(tmp_path / "x.gguf")).tensors} == \
+        {f"blk.0.attn_{p}.weight.lora_{x}" for p in "qkv" for x in "ab"}
