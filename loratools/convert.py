@@ -273,8 +273,9 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     flat = [n for n in adapter.modules if is_flattened(n)]
     if flat:
         notes.append(f"{len(flat)} module names kept in kohya's flattened form (e.g. {flat[0]}): "
-                     + ("they match no weight of --base" if base_m is not None else
-                        "pass --base MODEL to map them to the model's names"))
+                     + ("pass --base MODEL to map them to the model's names" if base_m is None else
+                        "they match no weight of --base" if base_m.shapes else
+                        "--base has no weights (or .gguf) to match them against"))
     if to == "gguf" and gguf_base is None:
         gguf_base = base_of_adapter(adapter)
     conv_base = base_m
