@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, Module, as_lora
+from .adapter import Adapter, Module
 from .errors import (CorruptFileError, InputNotFoundError, InvalidOptionError, LoraToolsError, ShapeMismatchError,
                      UnsupportedModuleError)
 from .formats import detect_format, get_format, read_adapter
@@ -31,6 +31,7 @@ from .formats.gguf import (GGUFBase, base_from_gguf, base_from_hparams, base_of_
                            read_gguf, write_gguf)
 from .formats.gguf import MAGIC as GGUF_MAGIC
 from .formats.gguf import gguf_unsupported
+from .formats._plain import plain_lora
 from .formats.kohya import is_flattened, kohya_unsupported, read_kohya
 from .io import ModelReader, atomic_output
 from .linalg import lowrank_svd
@@ -133,15 +134,6 @@ def _unsupported(adapter: Adapter, to: str, base: BaseModel | None) -> dict[str,
     return {}
 
 
-def _upcast_16bit(adapter: Adapter) -> Adapter:
-    """AdaLoRA's ``A ⊙ E`` rounds in a 16-bit dtype (errors ~1e-4): form it in float32 instead."""
-    if adapter.method != "adalora":
-        return adapter
-    up = {n: m.with_factors(A=m.A.float(), B=m.B.float(), E=m.E.float() if m.E is not None else None)
-          if m.A.dtype in (torch.float16, torch.bfloat16) else m for n, m in adapter.items()}
-    return adapter.with_modules(up)
-
-
 def convert(adapter: Adapter, *, to: str, base: BaseModel | None = None, drop_unsupported: bool = False) -> Conversion:
     """What ``adapter`` becomes in format ``to``, with the same ΔW for every module it keeps.
 
@@ -151,7 +143,7 @@ def convert(adapter: Adapter, *, to: str, base: BaseModel | None = None, drop_un
     :class:`UnsupportedModuleError` naming them, unless ``drop_unsupported``.
     """
     get_format(to)  # unknown names fail here, before any work
-    out = as_lora(_upcast_16bit(adapter)) if to in ("kohya", "gguf") else adapter
+    out = plain_lora(adapter) if to in ("kohya", "gguf") else adapter
     if adapter.modules and not out.modules:
         raise InvalidOptionError(f"every module of this AdaLoRA adapter was pruned to rank 0 (it adds nothing): "
                                  f"there is nothing to write as {to}")

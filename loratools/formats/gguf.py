@@ -48,8 +48,9 @@ from torch import Tensor
 from ..adapter import Adapter, Module
 from ..config import AdapterConfig, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingDependencyError, MissingModuleError,
-                      NotAnAdapterError, ShapeMismatchError, WrongBaseError)
+                      NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
 from . import Format, register
+from ._plain import plain_lora
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
            "unpermute_rows", "global_alpha", "base_from_hparams", "base_from_gguf", "base_of_adapter",
@@ -220,17 +221,16 @@ def global_alpha(adapter: Adapter) -> float:
 
 
 def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) -> None:
-    """Write plain-LoRA ``adapter`` as a llama.cpp GGUF adapter (float32 tensors)."""
+    """Write ``adapter`` as a llama.cpp GGUF adapter (float32 tensors; AdaLoRA as plain LoRA)."""
     gguf = _gguf()
     if base is None:
         base = base_of_adapter(adapter)
     if base.arch not in _SUPPORTED_GGUF:
         raise WrongBaseError(f"GGUF conversion maps the llama architecture only, not {base.arch!r}")
-    if adapter.method != "lora":
-        raise NotAnAdapterError(path, "GGUF adapters hold plain LoRA; convert AdaLoRA with as_lora() first")
+    adapter = plain_lora(adapter)  # AdaLoRA as plain LoRA with the same ΔW
     bad = gguf_unsupported(adapter, base)
     if bad:
-        raise InvalidOptionError(f"GGUF cannot hold {', '.join(sorted(bad))}: {next(iter(bad.values()))}")
+        raise UnsupportedModuleError("gguf", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
     alpha = global_alpha(adapter)
     w = gguf.GGUFWriter(str(path), base.arch)
     w.add_type(gguf.GGUFType.ADAPTER)

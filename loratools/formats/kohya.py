@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -35,9 +35,10 @@ from torch import Tensor
 
 from ..adapter import Adapter, Module
 from ..config import AdapterConfig, lora_scale
-from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError
+from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, read_safetensors_header, save_safetensors
 from . import Format, register
+from ._plain import plain_lora
 
 __all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
 
@@ -168,9 +169,11 @@ def _summary(values: list[float]) -> str:
 
 
 def write_kohya(adapter: Adapter, path: Path) -> None:
-    """Write plain-LoRA ``adapter`` as a kohya file; alpha per module = scale · r."""
-    if adapter.method != "lora":
-        raise NotAnAdapterError(path, "kohya files hold plain LoRA; convert AdaLoRA with as_lora() first")
+    """Write ``adapter`` as a kohya file (AdaLoRA as plain LoRA, same ΔW); alpha per module = scale · r."""
+    adapter = plain_lora(adapter)
+    bad = kohya_unsupported(adapter)
+    if bad:
+        raise UnsupportedModuleError("kohya", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
     tensors: dict[str, Tensor] = {}
     names: dict[str, str] = {}
     ranks, alphas, conv = [], [], []
