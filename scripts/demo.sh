@@ -44,4 +44,13 @@ step "Resize it to rank 3 (from the factors; exact errors)" loratools resize "$O
 step "AdaLoRA → plain LoRA with the same ΔW (what serving engines load)" \
   loratools resize fixtures/adapters/adalora -o "$OUT/adalora-as-lora" --energy 1.0
 step "Prune the AdaLoRA to 8 triplets by magnitude" loratools prune fixtures/adapters/adalora -o "$OUT/pruned" --budget 8
+step "Convert the rsLoRA adapter (rank/alpha patterns) to kohya's format, ΔW checked" loratools convert fixtures/adapters/rslora -o "$OUT/rslora-kohya.safetensors" --to kohya
+step "Inspect the kohya file" loratools inspect "$OUT/rslora-kohya.safetensors"
+if python -c "import gguf" 2>/dev/null; then
+  step "Convert the pruned AdaLoRA adapter to a llama.cpp GGUF adapter" loratools convert fixtures/adapters/adalora -o "$OUT/adalora.gguf" --to gguf --base fixtures/tiny-llama
+  step "Inspect the GGUF adapter" loratools inspect "$OUT/adalora.gguf"
+  step "And back to PEFT" loratools convert "$OUT/adalora.gguf" -o "$OUT/adalora-from-gguf" --to peft --base fixtures/tiny-llama
+else
+  printf '\n(GGUF steps skipped: the gguf package is absent; pip install "loratools[gguf]")\n'
+fi
 printf '\nDemo finished; outputs are in %s/\n' "$OUT"

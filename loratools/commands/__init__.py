@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from .convert import convert
 from .extract import extract
 from .hub import pull, push
 from .inspect import inspect
 from .prune import prune
 from .resize import resize
 
-COMMANDS: list[click.Command] = [inspect, extract, resize, prune, pull, push]
+COMMANDS: list[click.Command] = [inspect, extract, resize, prune, convert, pull, push]

@@ -76,3 +76,5 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], *, format: str
 # Registration order is detection order: the most specific formats first.
 from . import single as _single  # noqa: E402,F401
 from . import peft as _peft  # noqa: E402,F401
+from . import kohya as _kohya  # noqa: E402,F401
+from . import gguf as _gguf  # noqa: E402,F401

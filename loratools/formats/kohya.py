@@ -1,0 +1,214 @@
+"""kohya's sd-scripts single-file LoRA format, used across image-model tools.
+
+One ``.safetensors`` with, per module ``<key>`` = ``<prefix>_<module path, '.'→'_'>``:
+
+==========================  =====================================================
+``<key>.lora_down.weight``  A: (r, in) linear, (r, in, kh, kw) conv
+``<key>.lora_up.weight``    B: (out, r) linear, (out, r, 1, 1) conv
+``<key>.alpha``             a 0-d (sometimes 1-element) tensor; missing means α = r
+==========================  =====================================================
+
+kohya scales each module by ``alpha / r``, so each module's own alpha is written
+as ``scale · r`` (rsLoRA, ``alpha_pattern`` and AdaLoRA keep their exact ΔW).
+Prefixes: ``lora_unet_`` for U-Net modules, ``lora_te_`` (``lora_te1_``/``lora_te2_``
+for SDXL's two encoders) for text encoders. An LLM is a text model, so its
+modules get ``lora_te_`` + the transformers module path, the convention PEFT's
+own kohya export example and ComfyUI's text-encoder key maps (``lora_te3_`` +
+transformers path for T5) use; ``lora_unet_`` is only for diffusion U-Nets.
+
+Flattening '.'→'_' is lossy (``layers_0`` vs ``layers.0``), so names come back
+in this order of preference: the ``loratools_module_names`` metadata this writer
+adds (exact); else a match against the base model's weight names (``--base``);
+else the flattened key is kept as the module name (``lora_te_model_layers_0_…``)
+and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter, Module
+from ..config import AdapterConfig, lora_scale
+from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
+from ..io import load_safetensors, read_safetensors_header, save_safetensors
+from . import Format, register
+from ._plain import plain_lora
+
+__all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+NAMES_KEY = "loratools_module_names"
+FIFO_KEY = "loratools_fan_in_fan_out"
+_DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+#: a name that is already a kohya key base (foreign file read without a base model)
+_FLAT = re.compile(r"^lora_(unet|te\d*)_[^.]*$")
+_PREFIX = re.compile(r"^lora_(unet|te\d*)_")
+#: first path components of diffusers / original-SD U-Net modules
+_UNET_HEADS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
+               "input_blocks", "middle_block", "output_blocks", "conv_norm_out", "transformer_blocks")
+#: component prefixes of a diffusers pipeline adapter, and the kohya prefix each gets
+_COMPONENTS = (("unet.", UNET_PREFIX), ("text_encoder_2.", "lora_te2_"), ("text_encoder.", TE_PREFIX))
+
+
+def is_flattened(name: str) -> bool:
+    """True for a module name that is still a kohya key base (a foreign file read without a base model)."""
+    return _FLAT.match(name) is not None
+
+
+def kohya_key(name: str) -> str:
+    """The kohya key base of a module name.
+
+    >>> kohya_key("model.layers.0.self_attn.q_proj")
+    'lora_te_model_layers_0_self_attn_q_proj'
+    >>> kohya_key("unet.down_blocks.0.resnets.0.conv1")
+    'lora_unet_down_blocks_0_resnets_0_conv1'
+    """
+    if _FLAT.match(name):
+        return name
+    for head, prefix in _COMPONENTS:
+        if name.startswith(head):
+            return prefix + name[len(head):].replace(".", "_")
+    prefix = UNET_PREFIX if name.split(".", 1)[0] in _UNET_HEADS else TE_PREFIX
+    return prefix + name.replace(".", "_")
+
+
+def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
+    """Modules and saved tensors kohya's format cannot hold, with the reason."""
+    out = {n: "kohya's format has no embedding LoRA" for n, m in adapter.items() if m.kind == "embedding"}
+    out.update({k: "kohya's format holds no full replacement tensors (modules_to_save)" for k in adapter.saved})
+    keys: dict[str, str] = {}
+    for n in adapter.modules:
+        k = kohya_key(n)
+        if k in keys:
+            out[n] = f"its kohya key {k} collides with {keys[k]}"
+        keys[k] = n
+    return out
+
+
+def detect(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        header, _ = read_safetensors_header(path)
+    except Exception:
+        return False
+    return any(k.endswith(_DOWN) for k in header) and any(k.endswith(_UP) for k in header)
+
+
+def _alpha_value(path: Path, key: str, t: Tensor) -> float:
+    if t.numel() != 1:
+        raise CorruptFileError(path, f"{key} holds {t.numel()} values; kohya alphas are single numbers")
+    return float(t.reshape(()).to(torch.float64).item())
+
+
+def _base_lookup(names: Iterable[str]) -> dict[str, str | None]:
+    """flattened module path → module name; None when two names flatten alike (ambiguous)."""
+    table: dict[str, str | None] = {}
+    for n in names:
+        flat = n.replace(".", "_")
+        table[flat] = None if flat in table and table[flat] != n else n
+    return table
+
+
+def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapter:
+    """Read a kohya LoRA file; ``base_names`` (module paths of the base model) maps flattened names back."""
+    tensors, meta = load_safetensors(path)
+    try:
+        names: dict[str, str] = json.loads(meta[NAMES_KEY]) if NAMES_KEY in meta else {}
+        fifo = set(json.loads(meta.get(FIFO_KEY, "[]")))
+    except (TypeError, ValueError) as e:
+        raise CorruptFileError(path, f"{NAMES_KEY} metadata is not valid JSON ({e})") from None
+    lookup = _base_lookup(base_names) if base_names is not None else {}
+    modules: dict[str, Module] = {}
+    stray = [k for k in tensors if not k.endswith((_DOWN, _UP, _ALPHA))]
+    if stray:
+        raise NotAnAdapterError(path, f"unexpected tensor {stray[0]!r} (LoHa/LoKr and other LyCORIS kinds are not LoRA)")
+    for key in sorted(k[: -len(_DOWN)] for k in tensors if k.endswith(_DOWN)):
+        up = tensors.get(key + _UP)
+        if up is None:
+            raise MissingModuleError(key + _UP, str(path), "the adapter file is incomplete")
+        A = tensors[key + _DOWN]
+        r = int(A.shape[0])
+        alpha_t = tensors.get(key + _ALPHA)
+        alpha = float(r) if alpha_t is None else _alpha_value(path, key + _ALPHA, alpha_t)
+        if key in names:
+            name = names[key]
+        else:
+            found = lookup.get(_PREFIX.sub("", key))
+            name = found if found is not None else key
+        kind = "conv" if A.ndim == 4 else "linear"
+        if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
+            up = up.reshape(*up.shape, 1, 1)
+        modules[name] = Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind,
+                               fan_in_fan_out=name in fifo)
+    orphans = [k for k in tensors if k.endswith(_UP) and k[: -len(_UP)] + _DOWN not in tensors]
+    if orphans:
+        raise MissingModuleError(orphans[0][: -len(_UP)] + _DOWN, str(path), "the adapter file is incomplete")
+    if not modules:
+        raise NotAnAdapterError(path, "it holds no lora_down/lora_up tensors")
+    # ss_* training metadata is not PEFT config: it is not carried into other formats
+    config = AdapterConfig(method="lora", base_model=meta.get("ss_sd_model_name") or None)
+    adapter = Adapter(modules, config)
+    adapter.check_finite()
+    return adapter
+
+
+def _summary(values: list[float]) -> str:
+    # kohya writes "Dynamic" when modules differ (its resize script does the same)
+    if len(set(values)) != 1:
+        return "Dynamic"
+    v = values[0]
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def write_kohya(adapter: Adapter, path: Path) -> None:
+    """Write ``adapter`` as a kohya file (AdaLoRA as plain LoRA, same ΔW); alpha per module = scale · r."""
+    adapter = plain_lora(adapter)
+    bad = kohya_unsupported(adapter)
+    if bad:
+        raise UnsupportedModuleError("kohya", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
+    tensors: dict[str, Tensor] = {}
+    names: dict[str, str] = {}
+    ranks, alphas, conv = [], [], []
+    for name, m in adapter.items():
+        if m.rank == 0:
+            continue
+        key = kohya_key(name)
+        names[key] = name
+        # kohya's rule is always alpha/r: carry rsLoRA/pattern/AdaLoRA scales in alpha itself
+        alpha = m.alpha if lora_scale(m.alpha, m.rank) == m.scale else m.scale * m.rank
+        tensors[key + _DOWN], tensors[key + _UP] = m.A, m.B
+        tensors[key + _ALPHA] = torch.tensor(alpha, dtype=torch.float32)
+        (conv if m.kind == "conv" else ranks).append(m.rank)
+        alphas.append(alpha)
+    args: dict[str, str] = {}
+    if conv:
+        args["conv_dim"] = _summary([float(r) for r in conv])
+    meta: dict[str, str] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": _summary([float(r) for r in ranks or conv]),
+        "ss_network_alpha": _summary(alphas),
+        "ss_network_args": json.dumps(args),
+        NAMES_KEY: json.dumps(names, sort_keys=True),
+    }
+    fifo = sorted(n for n, m in adapter.items() if m.fan_in_fan_out)
+    if fifo:
+        meta[FIFO_KEY] = json.dumps(fifo)
+    if adapter.config.base_model:
+        meta["ss_sd_model_name"] = str(adapter.config.base_model)
+    save_safetensors(tensors, path, meta)
+
+
+def _read(path: Path) -> Adapter:
+    return read_kohya(path)
+
+
+register(Format("kohya", "kohya sd-scripts single .safetensors (lora_down/lora_up/alpha, ss_* metadata)",
+                detect, _read, write_kohya, ".safetensors"))
