@@ -5,5 +5,6 @@ from __future__ import annotations
 import click
 
 from .inspect import inspect
+from .train import train
 
-COMMANDS: list[click.Command] = [inspect]
+COMMANDS: list[click.Command] = [inspect, train]
