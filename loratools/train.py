@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .adapter import Adapter, as_lora
 from .data import Example, collate, global_batch_indices, load_examples, split_examples, target_tokens
 from .device import resolve_device, resolve_dtype
-from .errors import InputNotFoundError, InvalidOptionError, MissingDependencyError, OutputExistsError
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError, OutputExistsError
 from .io import atomic_output, load_safetensors, save_safetensors
 from .nn import (AdaLoRALinear, LayerSpec, RankAllocator, adapter_layers, adapter_state, expected_parameters, inject,
                  orthogonal_penalty, trainable_parameters)
@@ -263,14 +263,24 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
 
+def _read_state(p: Path) -> dict[str, Any]:
+    if not (p / "state.json").is_file():
+        raise InputNotFoundError(p / "state.json", "checkpoint state")
+    try:
+        state = json.loads((p / "state.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(p / "state.json", f"not valid JSON ({e.msg})") from None
+    if not isinstance(state, dict) or state.get("format") != "loratools-checkpoint/1":
+        raise CorruptFileError(p / "state.json", "not a loratools training checkpoint")
+    return state
+
+
 @torch.no_grad()
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     allocator: RankAllocator | None) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote into ``model``/``optimizer``/``allocator``; returns state.json."""
     p = Path(path)
-    if not (p / "state.json").is_file():
-        raise InputNotFoundError(p / "state.json", "checkpoint state")
-    state = json.loads((p / "state.json").read_text())
+    state = _read_state(p)
     tensors, _ = load_safetensors(p / "trainable.safetensors")
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -366,14 +376,15 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
 
     start, losses, evals = 0, [], []
     if resume is not None:
-        state = load_checkpoint(Path(resume), model=model, optimizer=optimizer, allocator=allocator)
-        old = TrainConfig.from_json(state["config"])
-        diff = [k for k in cfg.to_json() if k not in _RESUMABLE_DIFF and cfg.to_json()[k] != old.to_json()[k]]
+        state = _read_state(Path(resume))
+        old, now = TrainConfig.from_json(state["config"]).to_json(), cfg.to_json()
+        diff = [k for k in now if k not in _RESUMABLE_DIFF and now[k] != old[k]]
         if diff:
             raise InvalidOptionError(f"--resume {resume} was made with other options ({', '.join(diff)}); "
                                      "resume with the options of the first run")
         if int(state["world_size"]) != d.world:
             raise InvalidOptionError(f"--resume {resume} was made with {state['world_size']} processes, not {d.world}")
+        load_checkpoint(Path(resume), model=model, optimizer=optimizer, allocator=allocator)
         start, losses, evals = int(state["step"]), list(state["losses"]), list(state["evals"])
         _set_rng_state(torch.tensor(state["rng"][d.rank], dtype=torch.uint8), device)
     else:
