@@ -97,7 +97,8 @@ def test_inspect_accepts_trained_adapters(trained: dict[str, Path], cli) -> None
 
 
 def test_save_as_lora_same_delta(tmp_path: Path) -> None:
-    cfg = dict(method="adalora", steps=6, init_rank=4, target_rank=2, alpha=4, tinit=1, tfinal=2, delta_t=1, **FAST)
+    cfg = dict(method="adalora", steps=6, init_rank=4, target_rank=2, alpha=4, tinit=1, tfinal=2, delta_t=1,
+               orth_form="paper", **FAST)
     a = train(TINY_LLAMA, CORPUS, tmp_path / "ada", TrainConfig(**cfg))
     b = train(TINY_LLAMA, CORPUS, tmp_path / "as-lora", TrainConfig(save_as="lora", **cfg))
     ra, rb = read_adapter(tmp_path / "ada"), read_adapter(tmp_path / "as-lora")
