@@ -212,8 +212,9 @@ def test_cli_train_then_ddp_two_processes_equal_one(tmp_path: Path, cli) -> None
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(29500 + os.getpid() % 1000), "-m", "loratools", "train", str(TINY_LLAMA), str(CORPUS),
+    # --standalone picks a free local port, so parallel test runs do not collide
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "loratools", "train", str(TINY_LLAMA), str(CORPUS),
                         "-o", str(tmp_path / "ddp"), "--batch-size", "2", *common],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
