@@ -50,6 +50,11 @@ def runs() -> list[tuple[str, dict]]:
     out.append(("full fine-tuning", dict(method="full")))
     out.append(("LoRA all r=4", dict(method="lora", rank=4, alpha=8, targets=ALL)))
     out.append(("LoRA all r=8", dict(method="lora", rank=8, alpha=16, targets=ALL)))
+    # Λ starts at zero and P, Q at std 0.02, so ∂L/∂Λ is a product of two small factors: AdaLoRA moves
+    # far more slowly than LoRA at the same lr. These rows show how much of the gap is just the lr.
+    out.append(("AdaLoRA q,v 6→4 lr×10", dict(method="adalora", init_rank=6, target_rank=4, alpha=8, targets=QV,
+                                            lr_mult=10)))
+    out.append(("LoRA q,v r=4 lr×10", dict(method="lora", rank=4, alpha=8, targets=QV, lr_mult=10)))
     return out
 
 
@@ -122,11 +127,13 @@ def main() -> None:
             row = {"run": label, "trainable": n, "heldout_loss": loss, "lr": args.full_lr}
         else:
             out = Path(tempfile.mkdtemp()) / "adapter"
-            cfg = TrainConfig(**spec, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+            spec = dict(spec)
+            lr = args.lr * spec.pop("lr_mult", 1)
+            cfg = TrainConfig(**spec, steps=args.steps, lr=lr, batch_size=args.batch_size, seq_len=args.seq_len,
                               eval_split=args.eval_split, eval_every=args.steps, seed=seed, device="cpu")
             res = train(base, data, out, cfg)
             row = {"run": label, "trainable": res.trainable_parameters, "heldout_loss": res.evals[-1]["eval_loss"],
-                   "final_params": res.adapter.parameters, "lr": args.lr}
+                   "final_params": res.adapter.parameters, "lr": lr}
             if res.rank_pattern:
                 row["final_ranks"] = sorted(sum(v) for v in res.rank_pattern.values())
             shutil.rmtree(out.parent, ignore_errors=True)

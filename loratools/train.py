@@ -90,6 +90,8 @@ class TrainConfig:
             raise InvalidOptionError("give --steps or --epochs, not both")
         if self.lr <= 0:
             raise InvalidOptionError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.eval_split < 1:
+            raise InvalidOptionError(f"--eval-split must be in [0, 1), got {self.eval_split}")
         if self.orth_form not in ("paper", "peft"):
             raise InvalidOptionError(f"--orth-form must be paper or peft, got {self.orth_form}")
         self.spec()  # validates rank options
@@ -346,6 +348,10 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(out)
+    if not Path(data).is_file():
+        raise InputNotFoundError(data, "training data")
+    if resume is not None and not (Path(resume) / "state.json").is_file():
+        raise InputNotFoundError(Path(resume) / "state.json", "checkpoint")
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".checkpoints")
     d, device = _init_dist(cfg.device)
     use_autocast = device.type == "cuda" and cfg.dtype == "auto"
