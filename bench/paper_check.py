@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--eval-split", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")
     ap.add_argument("--budget-s", type=float, default=900.0, help="start no new run after this many seconds")
-    ap.add_argument("--only", default="", help="comma-separated run labels to do (default: all)")
+    ap.add_argument("--only", default="", help="run labels to do, separated by ; (default: all)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +113,7 @@ def main() -> None:
     print(f"base held-out loss {base_loss:.4f} on {len(held)} sequences; {len(train_set)} training sequences",
           flush=True)
     t_start = time.perf_counter()
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    only = {s.strip() for s in args.only.split(";") if s.strip()}
     for label, spec in runs():
         if only and label not in only:
             continue
