@@ -21,7 +21,7 @@ from loratools.train import TrainConfig, lr_at, train
 from conftest import ROOT, TINY_LLAMA
 
 CORPUS = ROOT / "fixtures" / "corpus.txt"
-FAST = dict(seq_len=32, batch_size=4, lr=2e-3, eval_split=0.03, seed=0, device="cpu")
+FAST = dict(seq_len=32, batch_size=4, lr=2e-3, eval_split=0.03, eval_every=4, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
