@@ -183,6 +183,7 @@ def load_base(path: str | Path, *, device: torch.device, dtype: torch.dtype) -> 
 class _Dist:
     rank: int = 0
     world: int = 1
+    owned: bool = False  # whether train() started the process group (and so ends it)
 
     @property
     def main(self) -> bool:
@@ -199,9 +200,10 @@ def _init_dist(device_name: str) -> tuple[_Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size()), device
+    return _Dist(dist.get_rank(), dist.get_world_size(), owned), device
 
 
 def _all_sum(values: list[float], d: _Dist, device: torch.device) -> list[float]:
@@ -438,6 +440,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
         optimizer.zero_grad(set_to_none=True)
         loss_sum, tokens_all = _all_sum([loss_sum, float(tokens)], d, device)
         step_loss = loss_sum / denom
+        step_seconds = max(time.perf_counter() - t_step, 1e-9)  # training only: eval and checkpoints excluded
         eval_loss = None
         if eval_set and (step % eval_every == 0 or step == total):
             eval_loss = evaluate(model, eval_set, batch_size=cfg.batch_size, pad_id=pad_id, device=device,
@@ -453,8 +456,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
                 save_checkpoint(ckpt_root / f"step-{step}", model=model, optimizer=optimizer, allocator=allocator,
                                 state=state)
         if on_step is not None and d.main:
-            dt = max(time.perf_counter() - t_step, 1e-9)
-            on_step(StepInfo(step, total, step_loss, lr, tokens_all / dt, eval_loss))
+            on_step(StepInfo(step, total, step_loss, lr, tokens_all / step_seconds, eval_loss))
     seconds = time.perf_counter() - t0
 
     extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank}
@@ -472,6 +474,8 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
         import torch.distributed as dist
 
         dist.barrier()
+        if d.owned:
+            dist.destroy_process_group()
     return result
 
 
