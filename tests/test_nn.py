@@ -247,3 +247,28 @@ def test_adapter_state_round_trip_truncates_adalora() -> None:
                            if "lora_" not in k and "mask" not in k})
     load_adapter(fresh, ad)
     assert torch.allclose(fresh(x), y, atol=1e-6)
+
+
+def test_gpt2_conv1d_adapter_matches_peft(tmp_path) -> None:
+    """GPT-2's Conv1D (weight in×out): our fan_in_fan_out export gives peft the same logits."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from loratools.formats import write_adapter
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path / "gpt2")
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    layers = inject(ours, ["c_attn"], LayerSpec(r=3, alpha=5))
+    assert all(m.fan_in_fan_out for m in layers.values())
+    for m in layers.values():
+        _randomise(m)
+    ad = adapter_state(ours, targets=["c_attn"])
+    assert ad.config.fan_in_fan_out and ad.modules["transformer.h.0.attn.c_attn"].weight_shape == (32, 96)
+    write_adapter(ad, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), str(tmp_path / "adapter"))
+    ids = torch.randint(0, 50, (2, 10))
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-5

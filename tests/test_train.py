@@ -227,3 +227,31 @@ def test_cli_train_then_ddp_two_processes_equal_one(tmp_path: Path, cli) -> None
     la = json.loads((tmp_path / "single" / "loss_curve.json").read_text())["train"]
     lb = json.loads((tmp_path / "ddp" / "loss_curve.json").read_text())["train"]
     assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], rel=1e-5)
+
+
+def test_text_jsonl_is_packed_with_eos(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "abc"}\n{"text": "defgh"}\n\n{"text": "ij"}\n')
+    ex = load_examples(data, tok, seq_len=4)
+    flat = [t for e in ex for t in e.input_ids]
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    want = enc("abc") + [tok.eos_token_id] + enc("defgh") + [tok.eos_token_id] + enc("ij") + [tok.eos_token_id]
+    assert flat == want[: len(want) // 4 * 4] and all(len(e.input_ids) == 4 for e in ex)
+    assert all(e.labels == e.input_ids for e in ex)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(Exception, match="line 1"):
+        load_examples(bad, tok, seq_len=4)
+
+
+def test_epochs_set_the_step_count() -> None:
+    from loratools.train import _total_steps
+
+    assert _total_steps(TrainConfig(epochs=2), 10, 4) == 5
+    assert _total_steps(TrainConfig(), 10, 4) == 3
+    assert _total_steps(TrainConfig(steps=7), 10, 4) == 7
+    with pytest.raises(InvalidOptionError):
+        TrainConfig(steps=3, epochs=1)
