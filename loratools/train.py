@@ -337,6 +337,35 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, batch_size: int, 
     return total / max(1, count)
 
 
+def _backward_global_batch(net: nn.Module, batch: Sequence[Example], *, cfg: TrainConfig, d: _Dist,
+                           device: torch.device, pad_id: int, denom: int, autocast: bool,
+                           ada: list[AdaLoRALinear]) -> tuple[float, int]:
+    """Accumulate this process's share of the gradient of one global batch.
+
+    Micro-batch ``k`` of the global batch is split across processes by rank. Each part's loss is
+    ``Σ CE · world / denom`` (DDP then averages over processes, giving ``Σ CE / denom`` over the
+    whole global batch) plus ``γ R / grad_accum`` for AdaLoRA. Returns (Σ CE here, tokens here).
+    """
+    micro = cfg.batch_size * d.world
+    loss_sum, tokens = 0.0, 0
+    for k in range(cfg.grad_accum):
+        mine = batch[k * micro + d.rank * cfg.batch_size: k * micro + (d.rank + 1) * cfg.batch_size]
+        b = {key: v.to(device) for key, v in collate(mine, pad_id=pad_id).items()}
+        tokens += int(b["attention_mask"].sum())
+        last = k == cfg.grad_accum - 1 or d.world == 1
+        # gradients are all-reduced once per optimizer step, on the last micro-batch
+        with (contextlib.nullcontext() if last else net.no_sync()):  # type: ignore[operator]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            ce = causal_lm_loss(logits, b["labels"])
+            loss = ce * (d.world / denom)
+            if ada and cfg.orth_reg_weight > 0:
+                loss = loss + cfg.orth_reg_weight * orthogonal_penalty(ada, form=cfg.orth_form) / cfg.grad_accum
+            loss.backward()
+        loss_sum += float(ce.detach())
+    return loss_sum, tokens
+
+
 def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
           resume: str | Path | None = None, checkpoint_dir: str | Path | None = None,
           on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
@@ -414,24 +443,8 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
         idx = global_batch_indices(step - 1, n=len(train_set), size=global_batch, seed=cfg.seed)
         batch = [train_set[i] for i in idx]
         denom = max(1, target_tokens(batch))
-        micro = cfg.batch_size * d.world
-        loss_sum, tokens = 0.0, 0
-        for k in range(cfg.grad_accum):
-            mine = batch[k * micro + d.rank * cfg.batch_size: k * micro + (d.rank + 1) * cfg.batch_size]
-            b = {key: v.to(device) for key, v in collate(mine, pad_id=pad_id).items()}
-            tokens += int(b["attention_mask"].sum())
-            sync = k == cfg.grad_accum - 1 or d.world == 1
-            ctx = net.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
-            with ctx:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                ce = causal_lm_loss(logits, b["labels"])
-                # × world: DDP averages gradients over processes, and we want their sum over the global batch
-                loss = ce * (d.world / denom)
-                if allocator is not None and cfg.orth_reg_weight > 0:
-                    loss = loss + cfg.orth_reg_weight * orthogonal_penalty(ada.values(), form=cfg.orth_form) / cfg.grad_accum
-                loss.backward()
-            loss_sum += float(ce.detach())
+        loss_sum, tokens = _backward_global_batch(net, batch, cfg=cfg, d=d, device=device, pad_id=pad_id,
+                                                  denom=denom, autocast=use_autocast, ada=list(ada.values()))
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
