@@ -141,7 +141,7 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
     """Learning rate for (1-based) ``step``: linear warm-up, then cosine from ``lr`` to ``lr/10``.
 
     >>> [round(lr_at(t, lr=1.0, warmup=2, total=6), 3) for t in range(1, 7)]
-    [0.5, 1.0, 0.92, 0.7, 0.4, 0.1]
+    [0.5, 1.0, 1.0, 0.775, 0.325, 0.1]
     """
     if warmup > 0 and step <= warmup:
         return lr * step / warmup
