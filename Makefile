@@ -14,7 +14,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[gguf]"
+	$(PIP) install -e ".[gguf,train]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed

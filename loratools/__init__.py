@@ -10,23 +10,33 @@ from .io import ModelReader
 from .modelcard import model_card
 from .prune import prune
 from .resize import resize
+from .nn import AdaLoRALinear, LayerSpec, LoRALinear, RankAllocator, adapter_state, inject, load_adapter
+from .train import TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRALinear",
     "Adapter",
     "AdapterConfig",
     "Fingerprint",
     "FORMATS",
+    "LayerSpec",
+    "LoRALinear",
     "LoraToolsError",
     "ModelReader",
     "Module",
+    "RankAllocator",
+    "TrainConfig",
     "adalora_scale",
+    "adapter_state",
     "as_lora",
     "convert",
     "convert_file",
     "detect_format",
     "extract",
+    "inject",
+    "load_adapter",
     "lora_scale",
     "model_card",
     "pull",

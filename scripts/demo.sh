@@ -53,4 +53,8 @@ if python -c "import gguf" 2>/dev/null; then
 else
   printf '\n(GGUF steps skipped: the gguf package is absent; pip install "loratools[gguf]")\n'
 fi
+step "Train a LoRA adapter on the fixture model for a few seconds" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-lora" --steps 20 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02
+step "Inspect the trained adapter" loratools inspect "$OUT/trained-lora"
+step "Train AdaLoRA (12 → 4 triplets per layer on average), saved with its final rank_pattern" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-adalora" --method adalora --init-rank 12 --target-rank 4 --alpha 12 --steps 20 --lr 1e-2 --seq-len 32 --eval-split 0.02
+step "Inspect the AdaLoRA result (ranks differ per layer)" loratools inspect "$OUT/trained-adalora"
 printf '\nDemo finished; outputs are in %s/\n' "$OUT"

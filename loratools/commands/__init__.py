@@ -10,5 +10,6 @@ from .hub import pull, push
 from .inspect import inspect
 from .prune import prune
 from .resize import resize
+from .train import train
 
-COMMANDS: list[click.Command] = [inspect, extract, resize, prune, convert, pull, push]
+COMMANDS: list[click.Command] = [inspect, train, extract, resize, prune, convert, pull, push]

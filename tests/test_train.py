@@ -1,0 +1,257 @@
+"""`loratools train`: peft loads what we write, resume is bit for bit, DDP equals one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loratools.data import IGNORE, global_batch_indices, load_examples, split_examples
+from loratools.errors import InvalidOptionError, OutputExistsError
+from loratools.formats import read_adapter
+from loratools.nn import load_adapter
+from loratools.train import TrainConfig, lr_at, train
+
+from conftest import ROOT, TINY_LLAMA
+
+CORPUS = ROOT / "fixtures" / "corpus.txt"
+FAST = dict(seq_len=32, batch_size=4, lr=2e-3, eval_split=0.03, eval_every=4, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A LoRA and an AdaLoRA adapter trained for a few steps (once for the module)."""
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    out["lora"] = root / "lora"
+    train(TINY_LLAMA, CORPUS, out["lora"], TrainConfig(steps=12, rank=4, alpha=8, **FAST))
+    out["adalora"] = root / "adalora"
+    train(TINY_LLAMA, CORPUS, out["adalora"],
+          TrainConfig(method="adalora", steps=12, init_rank=6, target_rank=2, alpha=6, targets=("q_proj", "v_proj",
+                      "o_proj"), tinit=2, tfinal=3, delta_t=2, **{**FAST, "lr": 2e-2}))
+    return out
+
+
+def _logits_peft_and_ours(adapter_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([list(range(40, 80)), list(range(90, 130))])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_LLAMA), str(adapter_dir))
+    peft_model.eval()
+    ours = AutoModelForCausalLM.from_pretrained(TINY_LLAMA)
+    load_adapter(ours, read_adapter(adapter_dir))
+    ours.eval()
+    with torch.no_grad():
+        return peft_model(input_ids=ids).logits, ours(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_peft_loads_trained_adapter_with_same_logits(trained: dict[str, Path], method: str) -> None:
+    theirs, ours = _logits_peft_and_ours(trained[method])
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(TINY_LLAMA)(input_ids=torch.tensor([list(range(40, 80))])).logits
+    assert (theirs[:1] - plain).abs().max() > 1e-3  # the adapter does change the output
+    assert (theirs - ours).abs().max() <= 1e-5
+
+
+def test_adalora_output_has_final_rank_pattern(trained: dict[str, Path]) -> None:
+    cfg = json.loads((trained["adalora"] / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ADALORA" and cfg["init_r"] == 6 and cfg["target_r"] == 2
+    pattern = cfg["rank_pattern"]
+    masks = {k: v for k, v in pattern.items()}
+    kept = sum(sum(v) for v in masks.values()) + 6 * (12 - len(masks))
+    assert kept == 2 * 12  # final budget: target_r × 12 modules (4 layers × q, v, o)
+    tensors = load_file(trained["adalora"] / "adapter_model.safetensors")
+    for key, mask in masks.items():
+        assert tensors[f"base_model.model.{key}"].shape == (sum(mask), 1)
+    training = json.loads((trained["adalora"] / "training_config.json").read_text())
+    assert training["trainable_parameters"] == training["expected_parameters"] == 4 * 6 * (257 + 193 + 257)
+
+
+def test_lora_param_count_and_outputs(trained: dict[str, Path]) -> None:
+    training = json.loads((trained["lora"] / "training_config.json").read_text())
+    assert training["trainable_parameters"] == training["expected_parameters"] == 4 * 4 * (256 + 192)
+    curve = json.loads((trained["lora"] / "loss_curve.json").read_text())
+    assert len(curve["train"]) == 12 and curve["eval"][-1]["step"] == 12
+
+
+def test_heldout_loss_goes_down(trained: dict[str, Path]) -> None:
+    evals = json.loads((trained["lora"] / "loss_curve.json").read_text())["eval"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05
+
+
+def test_inspect_accepts_trained_adapters(trained: dict[str, Path], cli) -> None:
+    for method in ("lora", "adalora"):
+        r = cli("inspect", trained[method], "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["method"] == method
+
+
+def test_save_as_lora_same_delta(tmp_path: Path) -> None:
+    cfg = dict(method="adalora", steps=6, init_rank=4, target_rank=2, alpha=4, tinit=1, tfinal=2, delta_t=1,
+               orth_form="paper", **FAST)
+    a = train(TINY_LLAMA, CORPUS, tmp_path / "ada", TrainConfig(**cfg))
+    b = train(TINY_LLAMA, CORPUS, tmp_path / "as-lora", TrainConfig(save_as="lora", **cfg))
+    ra, rb = read_adapter(tmp_path / "ada"), read_adapter(tmp_path / "as-lora")
+    assert rb.method == "lora" and a.adapter.method == "adalora" and b.adapter.method == "lora"
+    for name, m in rb.items():
+        assert torch.allclose(m.delta(dtype=torch.float64), ra.delta(name, dtype=torch.float64), atol=1e-7)
+
+
+def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=6, rank=4, alpha=8, save_every=3, dropout=0.1, grad_accum=2, **{**FAST, "batch_size": 2})
+    train(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
+    ckpt = tmp_path / "full.checkpoints" / "step-3"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.safetensors", "state.json", "trainable.safetensors"]
+    train(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=ckpt, checkpoint_dir=tmp_path / "ck2")
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = json.loads((tmp_path / "full" / "loss_curve.json").read_text())
+    cb = json.loads((tmp_path / "resumed" / "loss_curve.json").read_text())
+    assert ca == cb
+
+
+def test_resume_adalora_is_bit_for_bit(tmp_path: Path) -> None:
+    cfg = TrainConfig(method="adalora", steps=8, init_rank=4, target_rank=2, alpha=4, tinit=1, tfinal=2, delta_t=2,
+                      save_every=4, **FAST)
+    train(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
+    train(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=tmp_path / "full.checkpoints" / "step-4")
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=4, rank=2, save_every=2, **FAST)
+    train(TINY_LLAMA, CORPUS, tmp_path / "a", cfg)
+    with pytest.raises(InvalidOptionError, match="rank"):
+        train(TINY_LLAMA, CORPUS, tmp_path / "b", TrainConfig(steps=4, rank=4, save_every=2, **FAST),
+              resume=tmp_path / "a.checkpoints" / "step-2")
+
+
+def test_deterministic_under_seed(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=3, rank=2, dropout=0.2, **FAST)
+    a = train(TINY_LLAMA, CORPUS, tmp_path / "a", cfg).adapter
+    b = train(TINY_LLAMA, CORPUS, tmp_path / "b", cfg).adapter
+    assert all(torch.equal(a.modules[n].A, b.modules[n].A) and torch.equal(a.modules[n].B, b.modules[n].B)
+               for n in a.modules)
+
+
+def test_data_order_is_a_pure_function() -> None:
+    seen = [i for t in range(5) for i in global_batch_indices(t, n=7, size=3, seed=1)]
+    assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))  # each epoch a permutation
+    assert global_batch_indices(3, n=7, size=3, seed=1) == seen[9:12]
+    assert seen[:7] != [i for t in range(3) for i in global_batch_indices(t, n=7, size=3, seed=2)][:7]
+
+
+def test_prompt_completion_masks_prompt(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    data = tmp_path / "pc.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(6)) + "\n")
+    ex = load_examples(data, tok, seq_len=64)
+    prompt_len = len(tok("Q0: ", add_special_tokens=False)["input_ids"])
+    assert ex[0].labels[:prompt_len] == (IGNORE,) * prompt_len
+    assert ex[0].labels[prompt_len:] == ex[0].input_ids[prompt_len:]
+    assert ex[0].input_ids[-1] == tok.eos_token_id
+    train_set, held = split_examples(ex, eval_split=0.34, seed=0)
+    assert len(held) == 2 and not set(train_set) & set(held)
+    out = tmp_path / "out"
+    train(TINY_LLAMA, data, out, TrainConfig(steps=2, rank=2, **{**FAST, "eval_split": 0.34}))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_lr_schedule() -> None:
+    assert lr_at(1, lr=1.0, warmup=0, total=5) == pytest.approx(1.0)
+    assert lr_at(5, lr=1.0, warmup=0, total=5) == pytest.approx(0.1)
+    assert lr_at(2, lr=1.0, warmup=4, total=10) == pytest.approx(0.5)
+
+
+def test_cli_train_errors(tmp_path: Path, cli) -> None:
+    r = cli("train", TINY_LLAMA, tmp_path / "missing.txt", "-o", tmp_path / "o", "--steps", "1")
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "o", "--method", "adalora", "--init-rank", "2",
+            "--target-rank", "4")
+    assert r.returncode == 2 and "target rank" in r.stderr
+    (tmp_path / "exists").mkdir()
+    r = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "exists", "--steps", "1")
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+def test_missing_transformers_says_how_to_install(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from loratools.cli import main\n"
+            f"main(['train', {str(TINY_LLAMA)!r}, {str(CORPUS)!r}, '-o', {str(tmp_path / 'o')!r}, '--steps', '1'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "pip install 'loratools[train]'" in r.stderr
+
+
+def test_output_exists_without_force(tmp_path: Path) -> None:
+    (tmp_path / "o").mkdir()
+    with pytest.raises(OutputExistsError):
+        train(TINY_LLAMA, CORPUS, tmp_path / "o", TrainConfig(steps=1, **FAST))
+
+
+def test_cli_train_then_ddp_two_processes_equal_one(tmp_path: Path, cli) -> None:
+    """`torch.distributed.run --nproc-per-node 2` (gloo, CPU), batch 2 each = one process with batch 4."""
+    common = ["--steps", "4", "--rank", "4", "--seq-len", "32", "--lr", "2e-3", "--device", "cpu", "--eval-split", "0.02",
+              "--grad-accum", "2"]
+    r = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "single", "--batch-size", "4", *common)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone picks a free local port, so parallel test runs do not collide
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "loratools", "train", str(TINY_LLAMA), str(CORPUS),
+                        "-o", str(tmp_path / "ddp"), "--batch-size", "2", *common],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert json.loads((tmp_path / "ddp" / "training_config.json").read_text())["world_size"] == 2
+    la = json.loads((tmp_path / "single" / "loss_curve.json").read_text())["train"]
+    lb = json.loads((tmp_path / "ddp" / "loss_curve.json").read_text())["train"]
+    assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], rel=1e-5)
+
+
+def test_text_jsonl_is_packed_with_eos(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "abc"}\n{"text": "defgh"}\n\n{"text": "ij"}\n')
+    ex = load_examples(data, tok, seq_len=4)
+    flat = [t for e in ex for t in e.input_ids]
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    want = enc("abc") + [tok.eos_token_id] + enc("defgh") + [tok.eos_token_id] + enc("ij") + [tok.eos_token_id]
+    assert flat == want[: len(want) // 4 * 4] and all(len(e.input_ids) == 4 for e in ex)
+    assert all(e.labels == e.input_ids for e in ex)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(Exception, match="line 1"):
+        load_examples(bad, tok, seq_len=4)
+
+
+def test_epochs_set_the_step_count() -> None:
+    from loratools.train import _total_steps
+
+    assert _total_steps(TrainConfig(epochs=2), 10, 4) == 5
+    assert _total_steps(TrainConfig(), 10, 4) == 3
+    assert _total_steps(TrainConfig(steps=7), 10, 4) == 7
+    with pytest.raises(InvalidOptionError):
+        TrainConfig(steps=3, epochs=1)
