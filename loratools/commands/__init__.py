@@ -5,5 +5,6 @@ from __future__ import annotations
 import click
 
 from .inspect import inspect
+from .merge import merge, unmerge, verify
 
-COMMANDS: list[click.Command] = [inspect]
+COMMANDS: list[click.Command] = [inspect, merge, unmerge, verify]
