@@ -6,7 +6,7 @@ import click
 
 from .. import render
 from ..device import resolve_dtype
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, VerificationError
 from ..formats import read_adapter
 from ..merge import AdapterInput, MergeReport, VerifyReport, merge_model, unmerge_model, verify_merge
 from ._common import ADAPTER, device_option, dtype_option, force_option, output_option, quiet
@@ -63,8 +63,7 @@ def _fail_unless_ok(v: VerifyReport) -> None:
         w = v.worst
         why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {v.dtype} rounding tolerance"
                if w is not None and w.ratio > 1 else f"{v.untouched_mismatches[0]} differs from the base")
-        click.echo(f"loratools: verify failed: {why}", err=True)
-        raise click.exceptions.Exit(2)
+        raise VerificationError(why)
 
 
 @click.command()
