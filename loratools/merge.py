@@ -22,12 +22,15 @@ bit for bit, even in bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,7 @@ from .writer import CODE_DTYPES, DTYPE_CODES, Entry, ShardWriter, Span, read_ten
 
 __all__ = [
     "AdapterInput", "TensorPlan", "MergeReport", "VerifyReport", "ModuleCheck",
-    "delta_sum", "merged_tensor", "unmerged_tensor", "plan_merge", "saved_base_key", "tolerance",
+    "delta_sum", "low_rank", "merged_tensor", "unmerged_tensor", "plan_merge", "saved_base_key", "tolerance",
     "merge_model", "unmerge_model", "verify_merge", "METADATA_KEY",
 ]
 
@@ -101,14 +104,56 @@ def delta_sum(parts: Sequence[tuple[Module, float]], *, precision: torch.dtype =
     return total
 
 
-def merged_tensor(w0: Tensor, delta: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
-    """``cast(W0 + ΔW)``: the sum in ``delta``'s precision and device, one cast to ``dtype`` (default W0's)."""
-    return (w0.to(device=delta.device, dtype=delta.dtype) + delta).to(dtype or w0.dtype)
+def low_rank(module: Module, coeff: float = 1.0, *, precision: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """``(L, R)`` with ``coeff·ΔW = L @ R`` as a matrix of the base weight's own rows.
+
+    For weights stored (out, in) (linear, conv flattened) that is ``(B', coeff·A')``;
+    for (in, out) layouts (``fan_in_fan_out``, embeddings) ``(A'ᵀ, coeff·B'ᵀ)``.
+    Row blocks of W are then updated by row blocks of L, never forming ΔW whole.
+    """
+    B, A = module.factors(dtype=precision, device=device)
+    if module.kind == "embedding" or module.fan_in_fan_out:
+        B, A = A.T.contiguous(), B.T.contiguous()
+    return B, (A * coeff if coeff != 1.0 else A)
 
 
-def unmerged_tensor(w: Tensor, delta: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
-    """``cast(W − ΔW)``, computed like :func:`merged_tensor`."""
-    return (w.to(device=delta.device, dtype=delta.dtype) - delta).to(dtype or w.dtype)
+_BLOCK_ELEMS = 1 << 18  # rows per block so one float32 block (≈ 1 MB) stays in cache while it is updated
+
+
+def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: float = 1.0,
+                  dtype: torch.dtype | None = None, precision: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> Tensor:
+    """``cast(W0 + sign·Σᵢ wᵢ·ΔWᵢ)`` on ``device``: summed in ``precision``, cast once to ``dtype`` (W0's by default).
+
+    On the CPU the rows are processed in cache-sized blocks: convert, add each
+    low-rank product (``addmm``), cast — one pass over memory instead of five.
+
+    >>> m = Module(A=torch.ones(1, 2), B=torch.ones(3, 1), alpha=1, scale=1.0)
+    >>> merged_tensor(torch.zeros(3, 2, dtype=torch.bfloat16), [(m, 0.5)]).tolist()
+    [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    """
+    dev = torch.device(device) if device is not None else w0.device
+    factors = [low_rank(m, sign * wt, precision=precision, device=dev) for m, wt in parts]
+    rows = factors[0][0].shape[0] if factors else (w0.shape[0] if w0.ndim else 1)
+    w = w0.reshape(rows, -1)
+    out = torch.empty(w.shape, dtype=dtype or w0.dtype, device=dev)
+    step = rows if dev.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, w.shape[1]))
+    limit = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
+    for i in range(0, rows, step):
+        acc = w[i:i + step].to(device=dev, dtype=precision, copy=True)
+        for L, R in factors:
+            acc.addmm_(L[i:i + step], R)
+        # NaN/Inf in W0, or a sum the output dtype cannot hold: max|·| is NaN or too large (cheap on a cached block)
+        if acc.numel() and not bool(acc.abs().amax() <= limit):
+            raise NonFiniteError("the merged tensor", f"rows {i}–{i + acc.shape[0]}")
+        out[i:i + step] = acc
+    return out.reshape(w0.shape)
+
+
+def unmerged_tensor(w: Tensor, parts: Sequence[tuple[Module, float]], **options: Any) -> Tensor:
+    """``cast(W − Σᵢ wᵢ·ΔWᵢ)``, computed exactly like :func:`merged_tensor` (same blocks, same order)."""
+    return merged_tensor(w, parts, sign=-1.0, **options)
 
 
 def saved_base_key(key: str) -> str:
@@ -309,6 +354,10 @@ def _out_code(code: str, dtype: torch.dtype | None) -> str:
 
 
 def _check_finite(key: str, t: Tensor, where: str) -> None:
+    # a sum is NaN/Inf whenever an element is, and costs far less than isfinite() on 16-bit floats;
+    # only when the sum is not finite (or overflowed) is the element-wise check run
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(key, where)
 
@@ -317,6 +366,8 @@ def _write_model(model: _Model, tmp: Path, *, dtype: torch.dtype | None, metadat
                  compute: Callable[[str], Tensor | None], progress: Progress | None) -> tuple[int, int]:
     """Write ``model`` to ``tmp`` with the same layout; ``compute(key)`` gives a new tensor or None (copy).
 
+    Writing runs on one worker thread, at most two tensors behind the
+    computation, so that computing the next tensor overlaps writing the last.
     Returns (tensors computed, tensors copied).
     """
     changed = copied = 0
@@ -335,26 +386,42 @@ def _write_model(model: _Model, tmp: Path, *, dtype: torch.dtype | None, metadat
     else:
         shard_paths = {model.reader.shards[0]: tmp}
     total = 0
-    for shard, path in shard_paths.items():
-        keys = [k for k in model.reader.shard_keys(shard) if k in model.spans]
-        entries = [Entry(k, _out_code(model.spans[k].dtype, dtype), model.spans[k].shape) for k in keys]
-        total += sum(e.nbytes for e in entries)
-        meta = {**model.meta[shard], **metadata}
-        with ShardWriter(path, entries, meta) as w:
-            for e in entries:
-                t = compute(e.name)
-                span = model.spans[e.name]
-                if t is not None:
-                    w.write(e.name, t.to(CODE_DTYPES[e.dtype]))
-                    changed += 1
-                elif e.dtype == span.dtype:
-                    w.copy_from(e.name, span)
-                    copied += 1
-                else:
-                    w.write(e.name, read_tensor(span).to(CODE_DTYPES[e.dtype]))
-                    copied += 1
-                if progress:
-                    progress(1)
+    pending: deque[Future[None]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-writer") as pool:
+        def submit(fn: Callable[..., None], *args: Any) -> None:
+            pending.append(pool.submit(fn, *args))
+            while len(pending) > 2:
+                pending.popleft().result()
+
+        for shard, path in shard_paths.items():
+            keys = [k for k in model.reader.shard_keys(shard) if k in model.spans]
+            entries = [Entry(k, _out_code(model.spans[k].dtype, dtype), model.spans[k].shape) for k in keys]
+            total += sum(e.nbytes for e in entries)
+            w = ShardWriter(path, entries, {**model.meta[shard], **metadata})
+            try:
+                for e in entries:
+                    t = compute(e.name)
+                    span = model.spans[e.name]
+                    if t is not None:
+                        submit(w.write, e.name, t.to(CODE_DTYPES[e.dtype]))
+                        changed += 1
+                    elif e.dtype == span.dtype:
+                        submit(w.copy_from, e.name, span)
+                        copied += 1
+                    else:
+                        submit(w.write, e.name, read_tensor(span).to(CODE_DTYPES[e.dtype]))
+                        copied += 1
+                    if progress:
+                        progress(1)
+                while pending:
+                    pending.popleft().result()
+                w.close()
+            except BaseException:
+                while pending:  # let the writer stop before its file is closed under it
+                    with contextlib.suppress(BaseException):
+                        pending.popleft().result()
+                w.abort()
+                raise
     if model.reader.index is not None:
         index = json.loads(json.dumps(model.reader.index))
         index.setdefault("metadata", {})["total_size"] = total
@@ -369,9 +436,11 @@ def _precision(name: str | torch.dtype) -> torch.dtype:
     return p  # type: ignore[return-value]
 
 
-def _recon(w: Tensor, plan: TensorPlan, delta: Tensor | None, dtype: torch.dtype) -> Tensor:
+def _recon(w: Tensor, plan: TensorPlan, dtype: torch.dtype, precision: torch.dtype, device: torch.device) -> Tensor:
     """What an un-merge computes for this tensor before any record is applied."""
-    return (unmerged_tensor(w, delta, dtype=dtype) if delta is not None else w.to(dtype)).cpu()
+    if not plan.deltas:
+        return w.to(dtype)
+    return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=precision, device=device).cpu()
 
 
 def merge_model(base: str | os.PathLike[str], adapters: Sequence[AdapterInput | tuple[Adapter, float] | Adapter],
@@ -406,14 +475,16 @@ def merge_model(base: str | os.PathLike[str], adapters: Sequence[AdapterInput | 
         if p is None:
             return None
         w0 = model.read(key)
-        _check_finite(key, w0, "the base model")
         out_dtype = CODE_DTYPES[_out_code(model.spans[key].dtype, dtype)]
         start = p.replace if p.replace is not None else w0
-        delta = delta_sum(p.deltas, precision=prec, device=dev) if p.deltas else None
-        w = (merged_tensor(start, delta, dtype=out_dtype) if delta is not None else start.to(out_dtype)).cpu()
-        _check_finite(key, w, f"the merge (it overflows {out_dtype})")
+        try:
+            w = (merged_tensor(start, p.deltas, dtype=out_dtype, precision=prec, device=dev).cpu() if p.deltas
+                 else start.to(out_dtype))
+        except NonFiniteError:
+            _check_finite(key, w0, "the base model")
+            raise NonFiniteError(key, f"the merge (the sum overflows {out_dtype})") from None
         if record_path is not None:
-            for k, t in make_patch(w0, _recon(w, p, delta, w0.dtype)).items():
+            for k, t in make_patch(w0, _recon(w, p, w0.dtype, prec, dev)).items():
                 patches[f"{key}::{k}"] = t
             hashes[key] = tensor_sha256(w0)
         return w
@@ -510,19 +581,21 @@ def unmerge_model(merged: str | os.PathLike[str], adapters: Sequence[AdapterInpu
         if p is None:
             return None
         w = model.read(key)
-        _check_finite(key, w, "the merged model")
-        delta = delta_sum(p.deltas, precision=prec, device=dev) if p.deltas else None
-        r = _recon(w, p, delta, w.dtype)
+        try:
+            r = _recon(w, p, w.dtype, prec, dev)
+        except NonFiniteError:
+            _check_finite(key, w, "the merged model")
+            raise NonFiniteError(key, "the un-merge") from None
         if record_path is not None:
             r = apply_patch(r, patches.get(key, {}))
             if tensor_sha256(r) != hashes[key]:
                 raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
                                                     "same kind of device as the merge (or the MERGED model was changed)")
             return r
-        _check_finite(key, r, "the un-merge")
-        if delta is not None:  # the round trip re-run on a stand-in base measures what this dtype loses
+        if p.deltas:  # the round trip re-run on a stand-in base measures what this dtype loses
             probe = jitter(r, seed=len(key))
-            again = unmerged_tensor(merged_tensor(probe, delta), delta).cpu().to(torch.float64)
+            opts = {"precision": prec, "device": dev}
+            again = unmerged_tensor(merged_tensor(probe, p.deltas, **opts), p.deltas, **opts).cpu().to(torch.float64)
             err = again - probe.to(torch.float64)
             stats["max"] = max(stats["max"], float(err.abs().max()))
             stats["sq"] += float((err * err).sum())

@@ -194,6 +194,10 @@ class ShardWriter:
         finally:
             self._f.close()
 
+    def abort(self) -> None:
+        """Close the file without the completeness check (the caller removes it)."""
+        self._f.close()
+
     def __enter__(self) -> "ShardWriter":
         return self
 
