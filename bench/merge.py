@@ -23,13 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from loratools import Adapter, AdapterConfig, Module, write_adapter  # noqa: E402
-from loratools.writer import Entry, ShardWriter  # noqa: E402
+# This process stays small (no torch): Linux keeps a process's peak RSS across fork+exec, so a fat
+# parent would inflate every child's ru_maxrss. The model is made in a child (`--make`).
 
 HIDDEN, INTER, HEADS, KV, VOCAB = 2048, 5632, 32, 4, 32000
 SHARD_BYTES = 500 * 1024 * 1024
@@ -51,12 +48,15 @@ def llama_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
 
 def make_model(path: Path, layers: int) -> int:
     """Write the synthetic model shard by shard (one tensor in memory at a time); returns its bytes."""
+    import torch
+
+    from loratools.writer import Entry, ShardWriter
     path.mkdir(parents=True)
     shapes = llama_shapes(layers)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in shapes:
-        n = 2 * int(torch.tensor(shape).prod())
+        n = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
         if size + n > SHARD_BYTES and shards[-1]:
             shards.append([])
             size = 0
@@ -86,6 +86,10 @@ def make_model(path: Path, layers: int) -> int:
 
 
 def make_adapter(path: Path, layers: int, rank: int = 16) -> None:
+    import torch
+
+    from loratools import Adapter, AdapterConfig, Module, write_adapter
+
     g = torch.Generator().manual_seed(1)
     mods = {}
     for name, shape in llama_shapes(layers):
@@ -121,9 +125,10 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 def bench(work: Path, layers: int, runs: int, peft_runs: int) -> dict[str, object]:
     base, adapter = work / f"base-{layers}", work / f"adapter-{layers}"
-    nbytes = make_model(base, layers)
-    make_adapter(adapter, layers)
     py = sys.executable
+    subprocess.run([py, __file__, "--make", str(work), str(layers)], check=True)
+    nbytes = int((base / "model.safetensors.index.json").read_text() and
+                 json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"])
     res: dict[str, object] = {"layers": layers, "model_bytes": nbytes}
     subprocess.run(["cat", *map(str, base.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # warm
     tools = {
@@ -166,11 +171,17 @@ def main() -> None:
     ap.add_argument("--peft-runs", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lt-bench"))
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--make", nargs=2, metavar=("WORKDIR", "LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make:
+        work, layers = Path(args.make[0]), int(args.make[1])
+        make_model(work / f"base-{layers}", layers)
+        make_adapter(work / f"adapter-{layers}", layers)
+        return
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
-            "torch": torch.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "machine": platform.machine(),
             "loadavg_start": os.getloadavg()}
     results = []
     try:
