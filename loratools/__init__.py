@@ -5,6 +5,7 @@ from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
 from .formats import FORMATS, detect_format, read_adapter, write_adapter
 from .io import ModelReader
+from .merge import merge_model, unmerge_model, verify_merge
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,10 @@ __all__ = [
     "as_lora",
     "detect_format",
     "lora_scale",
+    "merge_model",
     "read_adapter",
+    "unmerge_model",
+    "verify_merge",
     "write_adapter",
     "__version__",
 ]

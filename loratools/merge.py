@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -140,7 +141,7 @@ def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: fl
     out = torch.empty(w.shape, dtype=dtype or w0.dtype, device=dev)
     step = rows if dev.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, w.shape[1]))
     limit = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
-    narrow = limit < torch.finfo(precision).max  # float16 output: a finite sum can still overflow the cast
+    narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
     for i in range(0, rows, step):
         acc = w[i:i + step].to(device=dev, dtype=precision, copy=True)
         for L, R in factors:
@@ -363,12 +364,19 @@ def _check_finite(key: str, t: Tensor, where: str) -> None:
         raise NonFiniteError(key, where)
 
 
+def _compute_workers(device: torch.device) -> int:
+    """Tensors computed at once: one per core (up to 4) on the CPU, each with one torch thread; 1 on a GPU."""
+    return 1 if device.type != "cpu" else max(1, min(4, os.cpu_count() or 1))
+
+
 def _write_model(model: _Model, tmp: Path, *, dtype: torch.dtype | None, metadata: dict[str, str],
-                 compute: Callable[[str], Tensor | None], progress: Progress | None) -> tuple[int, int]:
+                 compute: Callable[[str], Tensor | None], progress: Progress | None,
+                 device: torch.device) -> tuple[int, int]:
     """Write ``model`` to ``tmp`` with the same layout; ``compute(key)`` gives a new tensor or None (copy).
 
-    Writing runs on one worker thread, at most two tensors behind the
-    computation, so that computing the next tensor overlaps writing the last.
+    Tensors are computed on a few threads (see :func:`_compute_workers`) and
+    written, in file order, by one writer thread at most two tensors behind, so
+    that computing overlaps writing; memory holds a handful of tensors at most.
     Returns (tensors computed, tensors copied).
     """
     changed = copied = 0
@@ -387,40 +395,52 @@ def _write_model(model: _Model, tmp: Path, *, dtype: torch.dtype | None, metadat
     else:
         shard_paths = {model.reader.shards[0]: tmp}
     total = 0
-    pending: deque[Future[None]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-writer") as pool:
-        def submit(fn: Callable[..., None], *args: Any) -> None:
-            pending.append(pool.submit(fn, *args))
-            while len(pending) > 2:
-                pending.popleft().result()
-
+    workers = _compute_workers(device)
+    writes: deque[Future[None]] = deque()
+    computes: deque[tuple[Entry, Future[Tensor | None]]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="loratools-compute") as cpool, \
+            ThreadPoolExecutor(1, thread_name_prefix="loratools-writer") as wpool:
         for shard, path in shard_paths.items():
             keys = [k for k in model.reader.shard_keys(shard) if k in model.spans]
             entries = [Entry(k, _out_code(model.spans[k].dtype, dtype), model.spans[k].shape) for k in keys]
             total += sum(e.nbytes for e in entries)
             w = ShardWriter(path, entries, {**model.meta[shard], **metadata})
+
+            def write_next() -> tuple[int, int]:
+                e, fut = computes.popleft()
+                t, span = fut.result(), model.spans[e.name]
+                if t is not None:
+                    writes.append(wpool.submit(w.write, e.name, t.to(CODE_DTYPES[e.dtype])))
+                elif e.dtype == span.dtype:
+                    writes.append(wpool.submit(w.copy_from, e.name, span))
+                else:
+                    writes.append(wpool.submit(w.write, e.name, read_tensor(span).to(CODE_DTYPES[e.dtype])))
+                while len(writes) > 2:
+                    writes.popleft().result()
+                if progress:
+                    progress(1)
+                return (1, 0) if t is not None else (0, 1)
+
             try:
-                for e in entries:
-                    t = compute(e.name)
-                    span = model.spans[e.name]
-                    if t is not None:
-                        submit(w.write, e.name, t.to(CODE_DTYPES[e.dtype]))
-                        changed += 1
-                    elif e.dtype == span.dtype:
-                        submit(w.copy_from, e.name, span)
-                        copied += 1
-                    else:
-                        submit(w.write, e.name, read_tensor(span).to(CODE_DTYPES[e.dtype]))
-                        copied += 1
-                    if progress:
-                        progress(1)
-                while pending:
-                    pending.popleft().result()
+                for e in entries:  # tensors are computed ``workers`` at a time, written in order
+                    computes.append((e, cpool.submit(compute, e.name)))
+                    while len(computes) > workers:
+                        c, k = write_next()
+                        changed, copied = changed + c, copied + k
+                while computes:
+                    c, k = write_next()
+                    changed, copied = changed + c, copied + k
+                while writes:
+                    writes.popleft().result()
                 w.close()
             except BaseException:
-                while pending:  # let the writer stop before its file is closed under it
+                for _, fut in computes:
+                    fut.cancel()
+                for fut in [f for _, f in computes] + list(writes):  # let the threads stop before the file closes
                     with contextlib.suppress(BaseException):
-                        pending.popleft().result()
+                        fut.result()
+                computes.clear()
+                writes.clear()
                 w.abort()
                 raise
     if model.reader.index is not None:
@@ -432,12 +452,13 @@ def _write_model(model: _Model, tmp: Path, *, dtype: torch.dtype | None, metadat
 
 @contextlib.contextmanager
 def _compute_threads(device: torch.device) -> Iterator[None]:
-    """One torch thread for CPU merges.
+    """One torch thread per compute thread for CPU merges.
 
     The blocked kernel issues many small ops while the writer thread copies
     bytes; with several OpenMP threads every op waits at a barrier for a thread
     the writer (or another process) has descheduled — measured 6× slower on 2
-    cores than a single compute thread beside the writer.
+    cores than one torch thread beside the writer. Parallelism comes from
+    computing whole tensors on separate threads instead.
     """
     if device.type != "cpu":
         yield
@@ -514,7 +535,8 @@ def merge_model(base: str | os.PathLike[str], adapters: Sequence[AdapterInput | 
         _check_record_path(record_path, out, (base, *extra_inputs), force=force)
     with atomic_output(out, force=force, inputs=guard) as tmp:
         with _compute_threads(dev):
-            changed, copied = _write_model(model, tmp, dtype=dtype, metadata=meta, compute=compute, progress=progress)
+            changed, copied = _write_model(model, tmp, dtype=dtype, metadata=meta, compute=compute,
+                                           progress=progress, device=dev)
         if record_path is not None:
             rmeta = {"loratools.record": "1", "sha256": json.dumps(hashes), **meta}
             with atomic_output(record_path, force=force, inputs=(base, *extra_inputs)) as rtmp:
@@ -597,6 +619,7 @@ def unmerge_model(merged: str | os.PathLike[str], adapters: Sequence[AdapterInpu
             raise InvalidOptionError(f"the adapter replaced {replaced[0]} (modules_to_save); only the record of the "
                                      "merge (--record) can give the original back")
     stats = {"max": 0.0, "sq": 0.0, "ref": 0.0, "bound": 0.0}
+    lock = threading.Lock()
 
     def compute(key: str) -> Tensor | None:
         p = plan.get(key)
@@ -619,10 +642,13 @@ def unmerge_model(merged: str | os.PathLike[str], adapters: Sequence[AdapterInpu
             opts = {"precision": prec, "device": dev}
             again = unmerged_tensor(merged_tensor(probe, p.deltas, **opts), p.deltas, **opts).cpu().to(torch.float64)
             err = again - probe.to(torch.float64)
-            stats["max"] = max(stats["max"], float(err.abs().max()))
-            stats["sq"] += float((err * err).sum())
-            stats["ref"] += float((r.to(torch.float64) ** 2).sum())
-            stats["bound"] = max(stats["bound"], float((0.5 * _ulp(w) + 0.5 * _ulp(r)).max()))
+            figures = (float(err.abs().max()), float((err * err).sum()), float((r.to(torch.float64) ** 2).sum()),
+                       float((0.5 * _ulp(w) + 0.5 * _ulp(r)).max()))
+            with lock:  # compute runs on several threads
+                stats["max"] = max(stats["max"], figures[0])
+                stats["sq"] += figures[1]
+                stats["ref"] += figures[2]
+                stats["bound"] = max(stats["bound"], figures[3])
         return r
 
     with atomic_output(out, force=force, inputs=(merged, *extra_inputs, *([record_path] if record_path else []))) as tmp:
@@ -630,7 +656,8 @@ def unmerge_model(merged: str | os.PathLike[str], adapters: Sequence[AdapterInpu
                                           "precision": str(prec).replace("torch.", ""), "device": dev.type,
                                           "exact": record_path is not None})}
         with _compute_threads(dev):
-            changed, copied = _write_model(model, tmp, dtype=None, metadata=meta, compute=compute, progress=progress)
+            changed, copied = _write_model(model, tmp, dtype=None, metadata=meta, compute=compute,
+                                           progress=progress, device=dev)
     rel = math.sqrt(stats["sq"] / stats["ref"]) if stats["ref"] else 0.0
     exact = True if record_path is not None else None
     return MergeReport(Path(out), "unmerge", changed, copied, model.nbytes, record_path,
