@@ -188,7 +188,13 @@ def plan_merge(shapes: Mapping[str, tuple[str, tuple[int, ...]]], adapters: Sequ
     replace: dict[str, Tensor] = {}
     for inp in adapters:
         ad = inp.adapter
-        ad.check_finite()
+        for name, m in ad.items():  # NaN/Inf anywhere makes a sum non-finite: one cheap pass per factor
+            for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E)):
+                if t is not None and t.is_floating_point():
+                    _check_finite(name, t, label)
+        for skey, t in ad.saved.items():
+            if t.is_floating_point():
+                _check_finite(skey, t, "the adapter")
         if not math.isfinite(inp.weight):
             raise InvalidOptionError(f"weight {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
         names = list(ad.modules)
