@@ -43,8 +43,8 @@ from .adapter import Adapter, Module
 from .device import resolve_device
 from .errors import (CorruptFileError, InvalidOptionError, MissingModuleError, NonFiniteError, OutputExistsError,
                      ShapeMismatchError, WrongBaseError)
-from .io import INDEX_NAME, ModelReader, atomic_output, load_safetensors, save_safetensors
-from .record import apply_patch, bits, make_patch, patch_nbytes, tensor_sha256
+from .io import INDEX_NAME, ModelReader, atomic_output, load_safetensors
+from .record import apply_patch, bits, make_patch, tensor_sha256
 from .writer import CODE_DTYPES, DTYPE_CODES, Entry, ShardWriter, Span, read_tensor, tensor_spans
 
 __all__ = [
@@ -513,8 +513,12 @@ def merge_model(base: str | os.PathLike[str], adapters: Sequence[AdapterInput | 
         raise InvalidOptionError("--record restores the base only when the dtype is kept; drop --dtype or --record")
     record_path = Path(record) if record is not None else None
     guard = (base, *extra_inputs, *([record_path] if record_path else []))
-    patches: dict[str, Tensor] = {}
     hashes: dict[str, str] = {}
+    # the record's tensors are appended to a scratch file as they come and copied into the record at the end:
+    # memory stays flat whatever the record's size
+    rec_entries: list[Entry] = []
+    rec_lock = threading.Lock()
+    scratch = (record_path.parent / f".{record_path.name}.scratch-{os.getpid()}") if record_path else None
     meta = {METADATA_KEY: json.dumps({"op": "merge", "adapters": [i.describe() for i in inputs],
                                       "precision": str(prec).replace("torch.", ""), "device": dev.type})}
 
@@ -531,23 +535,40 @@ def merge_model(base: str | os.PathLike[str], adapters: Sequence[AdapterInput | 
         except NonFiniteError:
             _check_finite(key, w0, "the base model")
             raise NonFiniteError(key, f"the merge (the sum overflows {out_dtype})") from None
-        if record_path is not None:
-            for k, t in make_patch(w0, _recon(w, p, w0.dtype, prec, dev)).items():
-                patches[f"{key}::{k}"] = t
-            hashes[key] = tensor_sha256(w0)
+        if scratch is not None:
+            patch = make_patch(w0, _recon(w, p, w0.dtype, prec, dev))
+            digest = tensor_sha256(w0)
+            with rec_lock:
+                hashes[key] = digest
+                with scratch.open("ab") as f:
+                    for k, t in patch.items():
+                        t = t.contiguous()
+                        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                        rec_entries.append(Entry(f"{key}::{k}", DTYPE_CODES[t.dtype], tuple(t.shape)))
         return w
 
     if record_path is not None:
         _check_record_path(record_path, out, (base, *extra_inputs), force=force)
-    with atomic_output(out, force=force, inputs=guard) as tmp:
-        with _compute_threads(dev):
-            changed, copied = _write_model(model, tmp, dtype=dtype, metadata=meta, compute=compute,
-                                           progress=progress, device=dev)
-        if record_path is not None:
-            rmeta = {"loratools.record": "1", "sha256": json.dumps(hashes), **meta}
-            with atomic_output(record_path, force=force, inputs=(base, *extra_inputs)) as rtmp:
-                save_safetensors(patches, rtmp, rmeta)
-    rbytes = sum(patch_nbytes({k: v}) for k, v in patches.items())
+    try:
+        with atomic_output(out, force=force, inputs=guard) as tmp:
+            if scratch is not None:
+                scratch.write_bytes(b"")
+            with _compute_threads(dev):
+                changed, copied = _write_model(model, tmp, dtype=dtype, metadata=meta, compute=compute,
+                                               progress=progress, device=dev)
+            if record_path is not None and scratch is not None:
+                rmeta = {"loratools.record": "1", "sha256": json.dumps(hashes), **meta}
+                with atomic_output(record_path, force=force, inputs=(base, *extra_inputs)) as rtmp:
+                    with ShardWriter(rtmp, rec_entries, rmeta) as rw:
+                        pos = 0
+                        for e in rec_entries:
+                            rw.copy_from(e.name, Span(scratch, e.dtype, e.shape, pos, pos + e.nbytes))
+                            pos += e.nbytes
+    finally:
+        if scratch is not None:
+            with contextlib.suppress(FileNotFoundError):
+                scratch.unlink()
+    rbytes = sum(e.nbytes for e in rec_entries)
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes, record_path, rbytes,
                        adapters=[i.describe() for i in inputs])
 

@@ -57,10 +57,13 @@ def make_patch(original: Tensor, reconstructed: Tensor) -> dict[str, Tensor]:
         return {}
     idx_dtype = torch.int32 if n < 2**31 else torch.int64
     per_exception = width + (4 if idx_dtype == torch.int32 else 8)
+    # one histogram of the counts (clamped to ±129) gives every candidate's number of exceptions
+    hist = torch.bincount((d.clamp(-129, 129) + 129).to(torch.int64), minlength=259)
     best: tuple[float, int] = (float(n * width), -1)  # (bytes, b); b = −1 means full
     for b in (0, 1, 2, 4, 8) if width > 1 else (0,):
         lo, hi = (0, 0) if b == 0 else (-(1 << (b - 1)), (1 << (b - 1)) - 1)
-        cost = (n * b + 7) // 8 + 16 * (b > 0) + int(((d < lo) | (d > hi)).sum()) * per_exception
+        exceptions = n - int(hist[lo + 129:hi + 130].sum())
+        cost = (n * b + 7) // 8 + 16 * (b > 0) + exceptions * per_exception
         if cost < best[0]:
             best = (float(cost), b)
     b = best[1]
