@@ -7,6 +7,7 @@ from .errors import LoraToolsError
 from .extract import extract
 from .formats import FORMATS, detect_format, read_adapter, write_adapter
 from .io import ModelReader
+from .merge import merge_model, unmerge_model, verify_merge
 from .modelcard import model_card
 from .prune import prune
 from .resize import resize
@@ -38,12 +39,15 @@ __all__ = [
     "inject",
     "load_adapter",
     "lora_scale",
+    "merge_model",
     "model_card",
     "pull",
     "push",
     "prune",
     "read_adapter",
     "resize",
+    "unmerge_model",
+    "verify_merge",
     "write_adapter",
     "__version__",
 ]

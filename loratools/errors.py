@@ -25,6 +25,7 @@ __all__ = [
     "MissingDependencyError",
     "InvalidOptionError",
     "HubError",
+    "VerificationError",
 ]
 
 
@@ -117,3 +118,10 @@ class HubError(LoraToolsError, OSError):
     def __init__(self, repo_id: str, why: str) -> None:
         self.repo_id = repo_id
         super().__init__(f"Hub repository {repo_id}: {why}")
+
+
+class VerificationError(LoraToolsError, ValueError):
+    """A merged model that is not its base plus its adapters (``loratools verify``)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"verify failed: {why}")

@@ -57,4 +57,17 @@ step "Train a LoRA adapter on the fixture model for a few seconds" loratools tra
 step "Inspect the trained adapter" loratools inspect "$OUT/trained-lora"
 step "Train AdaLoRA (12 → 4 triplets per layer on average), saved with its final rank_pattern" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-adalora" --method adalora --init-rank 12 --target-rank 4 --alpha 12 --steps 20 --lr 1e-2 --seq-len 32 --eval-split 0.02
 step "Inspect the AdaLoRA result (ranks differ per layer)" loratools inspect "$OUT/trained-adalora"
+step "Merge the LoRA into the base (streaming), with a record for exact un-merge, and verify it" \
+  loratools merge fixtures/tiny-llama fixtures/adapters/lora -o "$OUT/merged" --record "$OUT/merged.record.safetensors" --verify
+step "Un-merge without the record: the error rounding left behind" \
+  loratools unmerge "$OUT/merged" fixtures/adapters/lora -o "$OUT/unmerged"
+step "Un-merge with the record: the base comes back bit for bit" \
+  loratools unmerge "$OUT/merged" fixtures/adapters/lora -o "$OUT/unmerged-exact" --record "$OUT/merged.record.safetensors"
+step "Merge into bfloat16 and un-merge: what bfloat16 rounding costs without a record" \
+  bash -c "loratools -q merge fixtures/tiny-llama fixtures/adapters/lora -o $OUT/merged-bf16 --dtype bfloat16 && loratools unmerge $OUT/merged-bf16 fixtures/adapters/lora -o $OUT/unmerged-bf16"
+step "Check a merged model against base + adapter" loratools verify fixtures/tiny-llama fixtures/adapters/lora "$OUT/merged"
+step "The trained adapters feed every other command: merge the trained LoRA into the base and verify it" \
+  loratools merge fixtures/tiny-llama "$OUT/trained-lora" -o "$OUT/merged-trained" --verify
+step "… prune the trained AdaLoRA to 12 triplets, as plain LoRA" \
+  loratools prune "$OUT/trained-adalora" -o "$OUT/trained-adalora-pruned" --budget 12 --to lora
 printf '\nDemo finished; outputs are in %s/\n' "$OUT"

@@ -8,8 +8,9 @@ from .convert import convert
 from .extract import extract
 from .hub import pull, push
 from .inspect import inspect
+from .merge import merge, unmerge, verify
 from .prune import prune
 from .resize import resize
 from .train import train
 
-COMMANDS: list[click.Command] = [inspect, train, extract, resize, prune, convert, pull, push]
+COMMANDS: list[click.Command] = [inspect, merge, unmerge, verify, extract, resize, prune, convert, train, pull, push]

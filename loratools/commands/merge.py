@@ -1,0 +1,182 @@
+"""``loratools merge``, ``loratools unmerge`` and ``loratools verify``."""
+
+from __future__ import annotations
+
+import click
+
+from .. import render
+from ..device import resolve_dtype
+from ..errors import InvalidOptionError, VerificationError
+from ..formats import read_adapter
+from ..merge import AdapterInput, MergeReport, VerifyReport, merge_model, unmerge_model, verify_merge
+from ._common import ADAPTER, device_option, dtype_option, force_option, output_option, quiet
+
+__all__ = ["merge", "unmerge", "verify"]
+
+weight_option = click.option("--weight", "weights", type=float, multiple=True, metavar="W",
+                             help="Weight wᵢ of each adapter, once per ADAPTER in order (default 1 each).")
+precision_option = click.option("--precision", default="float32", show_default=True,
+                                type=click.Choice(["float32", "float64"]),
+                                help="Precision in which each ΔW is formed and added before the one cast.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
+
+
+def _adapters(paths: tuple[str, ...], weights: tuple[float, ...]) -> list[AdapterInput]:
+    if weights and len(weights) != len(paths):
+        raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
+    ws = weights or (1.0,) * len(paths)
+    return [AdapterInput(read_adapter(p), w, p) for p, w in zip(paths, ws)]
+
+
+def _tensors(path: str) -> int:
+    from ..io import ModelReader
+
+    return len(ModelReader(path).keys())
+
+
+def _summary(r: MergeReport) -> None:
+    names = ", ".join(f"{a['source']}×{a['weight']:g}" for a in r.adapters)
+    render.out.print(f"[bold]{r.op}[/] {names} → {r.output}: {r.adapted} tensors changed, {r.copied} copied")
+    if r.op == "merge" and r.record:
+        render.out.print(f"record {r.record}: {r.record_nbytes:,} bytes of patches "
+                         f"({100 * r.record_nbytes / max(r.nbytes, 1):.3f}% of the model's {r.nbytes:,} bytes)")
+    if r.op == "unmerge":
+        if r.exact:
+            render.out.print("exact: every restored tensor matches the base's sha256 from the record")
+        else:
+            render.out.print(f"not exact (no --record): estimated max |error| {r.est_max_abs_error:.3g}, "
+                             f"relative (Frobenius) {r.est_rel_error:.3g}; bound {r.error_bound:.3g} per element")
+
+
+def _verify_lines(v: VerifyReport) -> None:
+    w = v.worst
+    if w is not None:
+        render.out.print(f"verify: {len(v.modules)} merged tensors ({v.dtype}); largest deviation {v.max_abs:.3g}; "
+                         f"worst {w.key} at {w.ratio:.3g}× the rounding tolerance")
+    if v.untouched_mismatches:
+        render.out.print(f"verify: {len(v.untouched_mismatches)} tensors the adapters do not touch differ from the "
+                         f"base (first: {v.untouched_mismatches[0]})")
+
+
+def _fail_unless_ok(v: VerifyReport) -> None:
+    if not v.ok:
+        w = v.worst
+        why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {v.dtype} rounding tolerance"
+               if w is not None and w.ratio > 1 else f"{v.untouched_mismatches[0]} differs from the base")
+        raise VerificationError(why)
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("adapters", type=ADAPTER, nargs=-1, required=True)
+@output_option
+@weight_option
+@dtype_option
+@device_option
+@precision_option
+@click.option("--record", type=click.Path(), default=None,
+              help="Also write a small safetensors sidecar that lets `unmerge --record` restore BASE bit for bit.")
+@click.option("--verify", "do_verify", is_flag=True, help="Check the result against BASE + adapters afterwards.")
+@force_option
+@json_option
+@click.pass_obj
+def merge(obj: object, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], dtype: str,
+          device: str, precision: str, record: str | None, do_verify: bool, force: bool, as_json: bool) -> None:
+    """Merge adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, streaming, one tensor at a time.
+
+    BASE is a model directory (single or sharded safetensors) or one .safetensors
+    file; OUTPUT mirrors it (shards, index, config and tokenizer files) and
+    records the adapters and weights in its metadata. Each ΔW is formed in
+    float32 (or --precision float64) and the sum cast once to --dtype (auto:
+    the base's). PEFT modules_to_save tensors replace the base's. Everything is
+    checked before a byte is written; an existing OUTPUT needs --force.
+
+    \b
+    Examples:
+      loratools merge fixtures/tiny-llama fixtures/adapters/lora -o merged
+      loratools merge base a1 a2 --weight 0.7 --weight 0.3 -o merged --dtype bfloat16
+      loratools merge base adapter -o merged --record merged.record.safetensors --verify
+    """
+    inputs = _adapters(adapters, weights)
+    with render.progress(_tensors(base), "merge", quiet=quiet(obj) or as_json) as advance:
+        report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
+                             record=record, force=force, extra_inputs=adapters, progress=advance)
+    v = verify_merge(base, inputs, output, device=device, precision=precision) if do_verify else None
+    if as_json:
+        render.print_json({**report.to_json(), **({"verify": v.to_json()} if v else {})})
+    elif not quiet(obj):
+        _summary(report)
+        if v:
+            _verify_lines(v)
+    if v:
+        _fail_unless_ok(v)
+
+
+@click.command()
+@click.argument("merged", type=click.Path())
+@click.argument("adapters", type=ADAPTER, nargs=-1, required=True)
+@output_option
+@weight_option
+@device_option
+@precision_option
+@click.option("--record", type=click.Path(), default=None,
+              help="The record written by `merge --record`: restores the base bit for bit.")
+@force_option
+@json_option
+@click.pass_obj
+def unmerge(obj: object, merged: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], device: str,
+            precision: str, record: str | None, force: bool, as_json: bool) -> None:
+    """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, streaming.
+
+    With --record (from `merge --record`) the base comes back bit for bit,
+    checked against the sha256 of every restored tensor. Without it, the
+    rounding of the merge cannot be undone exactly: the estimated maximum and
+    relative error, and a per-element bound, are printed.
+
+    \b
+    Examples:
+      loratools unmerge merged fixtures/adapters/lora -o base-again
+      loratools unmerge merged adapter -o base-again --record merged.record.safetensors
+    """
+    inputs = _adapters(adapters, weights)
+    with render.progress(_tensors(merged), "unmerge", quiet=quiet(obj) or as_json) as advance:
+        report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
+                               force=force, extra_inputs=adapters, progress=advance)
+    if as_json:
+        render.print_json(report.to_json())
+    elif not quiet(obj):
+        _summary(report)
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("adapters", type=ADAPTER, nargs=-1, required=True)
+@click.argument("merged", type=click.Path())
+@weight_option
+@device_option
+@precision_option
+@json_option
+@click.pass_obj
+def verify(obj: object, base: str, adapters: tuple[str, ...], merged: str, weights: tuple[float, ...], device: str,
+           precision: str, as_json: bool) -> None:
+    """Check that MERGED is BASE with the adapters merged in, tensor by tensor.
+
+    Prints the largest deviation |merged − (W0 + Σ wᵢ·ΔWᵢ)| and exits with code 2
+    if any element exceeds the rounding tolerance of MERGED's dtype (one ulp of
+    the exact value plus float32 summation slack), or if a tensor the adapters
+    do not touch differs from the base.
+
+    \b
+    Examples:
+      loratools verify fixtures/tiny-llama fixtures/adapters/lora merged
+    """
+    inputs = _adapters(adapters, weights)
+    with render.progress(_tensors(base), "verify", quiet=quiet(obj) or as_json) as advance:
+        v = verify_merge(base, inputs, merged, device=device, precision=precision, progress=advance)
+    if as_json:
+        render.print_json(v.to_json())
+    else:
+        _verify_lines(v)
+        if v.ok:
+            render.out.print("verify: ok")
+    _fail_unless_ok(v)
