@@ -43,7 +43,7 @@ from .adapter import Adapter, Module
 from .device import resolve_device
 from .errors import (CorruptFileError, InvalidOptionError, MissingModuleError, NonFiniteError, OutputExistsError,
                      ShapeMismatchError, WrongBaseError)
-from .io import INDEX_NAME, ModelReader, atomic_output, load_safetensors
+from .io import INDEX_NAME, ModelReader, atomic_output
 from .record import apply_patch, bits, make_patch, tensor_sha256
 from .writer import CODE_DTYPES, DTYPE_CODES, Entry, ShardWriter, Span, read_tensor, tensor_spans
 
@@ -585,8 +585,10 @@ def _check_record_path(record: Path, out: str | os.PathLike[str], inputs: Sequen
         raise OutputExistsError(record)
 
 
-def _read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, dict[str, Tensor]], dict[str, str], dict[str, Any]]:
-    tensors, meta = load_safetensors(path)
+def _read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, dict[str, Span]], dict[str, str],
+                                                                       dict[str, Any]]:
+    """The record's patches as spans (each read when its tensor comes), its hashes and merge info."""
+    tensors, meta = tensor_spans(path)
     if meta.get("loratools.record") != "1" or METADATA_KEY not in meta:
         raise CorruptFileError(path, "not a loratools merge record (made by `loratools merge --record`)")
     info = json.loads(meta[METADATA_KEY])
@@ -595,7 +597,7 @@ def _read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, 
     if made != given:
         raise WrongBaseError(f"the record {path} was made for other adapters or weights; "
                              "give the same ADAPTERs and --weight values as the merge")
-    patches: dict[str, dict[str, Tensor]] = {}
+    patches: dict[str, dict[str, Span]] = {}
     for k, t in tensors.items():
         key, _, part = k.rpartition("::")
         patches.setdefault(key, {})[part] = t
@@ -631,7 +633,7 @@ def unmerge_model(merged: str | os.PathLike[str], adapters: Sequence[AdapterInpu
                 raise WrongBaseError(f"{merged} records the adapters merged into it, and {i.label or 'this adapter'} "
                                      "is not one of them")
     record_path = Path(record) if record is not None else None
-    patches: dict[str, dict[str, Tensor]] = {}
+    patches: dict[str, dict[str, Span]] = {}
     hashes: dict[str, str] = {}
     prec = _precision(precision)
     if record_path is not None:
@@ -659,7 +661,7 @@ def unmerge_model(merged: str | os.PathLike[str], adapters: Sequence[AdapterInpu
             _check_finite(key, w, "the merged model")
             raise NonFiniteError(key, "the un-merge") from None
         if record_path is not None:
-            r = apply_patch(r, patches.get(key, {}))
+            r = apply_patch(r, {part: read_tensor(span) for part, span in patches.get(key, {}).items()})
             if tensor_sha256(r) != hashes[key]:
                 raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
                                                     "same kind of device as the merge (or the MERGED model was changed)")

@@ -27,7 +27,6 @@ True
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 from torch import Tensor

@@ -179,3 +179,14 @@ def test_killed_merge_leaves_no_output_and_inputs_unchanged(tmp_path: Path) -> N
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     assert (_digest(base), _digest(tmp_path / "ad.safetensors")) == before
+
+
+@pytest.mark.parametrize("name", ["merge", "unmerge", "verify"])
+def test_command_has_help_with_an_example_and_a_readme_section(name: str) -> None:
+    from click.testing import CliRunner
+
+    from loratools.cli import cli
+
+    r = CliRunner().invoke(cli, [name, "--help"])
+    assert r.exit_code == 0 and "Example" in r.output and f"loratools {name}" in r.output
+    assert f"loratools {name}" in (ROOT / "README.md").read_text()
