@@ -16,7 +16,7 @@ __all__ = ["out", "err", "sparkline", "progress", "print_json", "inspect_table",
 
 # off a terminal (pipes, CI logs) use a wide fixed width so tables are not squeezed into 80 columns
 out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 _BARS = "▁▂▃▄▅▆▇█"
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from .. import render
@@ -39,9 +37,8 @@ format_option = click.option("--format", "fmt", default="peft", show_default=Tru
 
 
 def show(renderable: Any, *, highlight: bool = True) -> None:
-    """Print on stdout; when stdout is not a terminal, at a width that does not cut module names."""
-    console = render.out if render.out.is_terminal else Console(file=sys.stdout, width=200, soft_wrap=False)
-    console.print(renderable, highlight=highlight)
+    """Print on stdout (off a terminal, render.out is wide enough not to cut module names)."""
+    render.out.print(renderable, highlight=highlight)
 
 
 def check_output(path: str, force: bool) -> None:
