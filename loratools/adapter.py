@@ -216,7 +216,8 @@ def as_lora(adapter: Adapter) -> Adapter:
     For each AdaLoRA module the rows whose Λ is non-zero are kept:
     ``A' = (A ⊙ E)[kept]``, ``B' = B[:, kept]``, and the scale is carried by
     ``alpha' = scale · r'`` so that ``alpha'/r'`` is the AdaLoRA scale.
-    Modules left with rank 0 add nothing and are dropped.
+    Modules left with rank 0 add nothing and are dropped. 16-bit factors come
+    out as float32, since ``A ⊙ E`` is not exact in 16 bits.
     """
     if adapter.method == "lora":
         return adapter
@@ -226,8 +227,12 @@ def as_lora(adapter: Adapter) -> Adapter:
         kept = (m.E.reshape(-1) != 0).nonzero().reshape(-1)
         if kept.numel() == 0:
             continue
-        A = (m.A * m.E.to(m.A.dtype))[kept]
-        B = m.B[:, kept]
+        A, B, E = m.A, m.B, m.E
+        if A.dtype in (torch.float16, torch.bfloat16):
+            # rounding A ⊙ E to 16 bits would move ΔW by ~1e-4 (relative): form it in float32
+            A, B, E = A.float(), B.float(), E.float()
+        A = (A * E.to(A.dtype))[kept]
+        B = B[:, kept]
         r = int(kept.numel())
         modules[name] = Module(A=A, B=B, alpha=m.scale * r, scale=m.scale, kind=m.kind, fan_in_fan_out=m.fan_in_fan_out)
     return adapter.with_modules(modules, method="lora", use_rslora=False, init_r=None, target_r=None)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, Module
+from .adapter import Adapter, Module, as_lora
 from .errors import (CorruptFileError, InputNotFoundError, InvalidOptionError, LoraToolsError, ShapeMismatchError,
                      UnsupportedModuleError)
 from .formats import detect_format, get_format, read_adapter
@@ -31,7 +31,6 @@ from .formats.gguf import (GGUFBase, base_from_gguf, base_from_hparams, base_of_
                            read_gguf, write_gguf)
 from .formats.gguf import MAGIC as GGUF_MAGIC
 from .formats.gguf import gguf_unsupported
-from .formats._plain import plain_lora
 from .formats.kohya import is_flattened, kohya_unsupported, read_kohya
 from .io import ModelReader, atomic_output
 from .linalg import lowrank_svd
@@ -143,7 +142,7 @@ def convert(adapter: Adapter, *, to: str, base: BaseModel | None = None, drop_un
     :class:`UnsupportedModuleError` naming them, unless ``drop_unsupported``.
     """
     get_format(to)  # unknown names fail here, before any work
-    out = plain_lora(adapter) if to in ("kohya", "gguf") else adapter
+    out = as_lora(adapter) if to in ("kohya", "gguf") else adapter
     if adapter.modules and not out.modules:
         raise InvalidOptionError(f"every module of this AdaLoRA adapter was pruned to rank 0 (it adds nothing): "
                                  f"there is nothing to write as {to}")

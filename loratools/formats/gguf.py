@@ -45,12 +45,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, Module
+from ..adapter import Adapter, Module, as_lora
 from ..config import AdapterConfig, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingDependencyError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
 from . import Format, register
-from ._plain import plain_lora
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
            "unpermute_rows", "global_alpha", "base_from_hparams", "base_from_gguf", "base_of_adapter",
@@ -227,7 +226,7 @@ def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) ->
         base = base_of_adapter(adapter)
     if base.arch not in _SUPPORTED_GGUF:
         raise WrongBaseError(f"GGUF conversion maps the llama architecture only, not {base.arch!r}")
-    adapter = plain_lora(adapter)  # AdaLoRA as plain LoRA with the same ΔW
+    adapter = as_lora(adapter)  # AdaLoRA as plain LoRA with the same ΔW
     bad = gguf_unsupported(adapter, base)
     if bad:
         raise UnsupportedModuleError("gguf", sorted(bad), "; ".join(dict.fromkeys(bad.values())))

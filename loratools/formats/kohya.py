@@ -33,12 +33,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, Module
+from ..adapter import Adapter, Module, as_lora
 from ..config import AdapterConfig, lora_scale
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, read_safetensors_header, save_safetensors
 from . import Format, register
-from ._plain import plain_lora
 
 __all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
 
@@ -170,7 +169,7 @@ def _summary(values: list[float]) -> str:
 
 def write_kohya(adapter: Adapter, path: Path) -> None:
     """Write ``adapter`` as a kohya file (AdaLoRA as plain LoRA, same ΔW); alpha per module = scale · r."""
-    adapter = plain_lora(adapter)
+    adapter = as_lora(adapter)
     bad = kohya_unsupported(adapter)
     if bad:
         raise UnsupportedModuleError("kohya", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
