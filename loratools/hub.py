@@ -39,11 +39,11 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from .adapter import Adapter
-from .errors import CorruptFileError, HubError, InvalidOptionError, OutputExistsError
+from .errors import CorruptFileError, HubError, InvalidOptionError
 from .formats import detect_format, read_adapter, write_adapter
 from .formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from .inspection import inspect_adapter
-from .io import atomic_output
+from .io import atomic_output, check_output
 from .modelcard import model_card
 
 __all__ = ["ADAPTER_FILES", "PushResult", "parse_hf_uri", "pull", "push", "stage_upload"]
@@ -92,8 +92,8 @@ def pull(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathL
     (written under a temporary name and renamed when complete, so a failed pull leaves no
     ``local_dir``). The adapter is read once to check it parses before anything is returned.
     """
-    if local_dir is not None and Path(local_dir).exists() and not force:
-        raise OutputExistsError(local_dir)  # before any download
+    if local_dir is not None:
+        check_output(local_dir, force=force)  # before any download
     with _client(progress), _hub_errors(repo_id, revision=revision, token=token, endpoint=endpoint,
                                         action="download", offline=offline):
         snapshot = Path(snapshot_download(

@@ -19,11 +19,10 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -33,6 +32,7 @@ from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, Ou
 __all__ = [
     "ModelReader",
     "atomic_output",
+    "check_output",
     "read_safetensors_header",
     "load_safetensors",
     "save_safetensors",
@@ -219,6 +219,20 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def check_output(path: str | os.PathLike[str], *, force: bool = False,
+                 inputs: Sequence[str | os.PathLike[str]] = (), what: str = "output") -> None:
+    """Refuse ``path`` up front, before any long work: when it is, contains or lies inside
+    one of ``inputs``, or when it exists and ``force`` is not given."""
+    dest = Path(path)
+    real = dest.resolve()
+    for inp in inputs:
+        ri = Path(inp).resolve()
+        if real == ri or ri in real.parents or real in ri.parents:
+            raise InvalidOptionError(f"{what} {dest} overlaps the input {inp}; choose another path")
+    if dest.exists() and not force:
+        raise OutputExistsError(dest)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, force: bool = False, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.
@@ -228,13 +242,7 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, inputs: 
     of ``inputs`` (nor inside one), and an existing ``path`` needs ``force``.
     """
     dest = Path(path)
-    real = dest.resolve()
-    for inp in inputs:
-        ri = Path(inp).resolve()
-        if real == ri or ri in real.parents or real in ri.parents:
-            raise InvalidOptionError(f"output {dest} overlaps the input {inp}; choose another output path")
-    if dest.exists() and not force:
-        raise OutputExistsError(dest)
+    check_output(dest, force=force, inputs=inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:

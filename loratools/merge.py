@@ -41,9 +41,9 @@ from torch import Tensor
 
 from .adapter import Adapter, Module
 from .device import resolve_device
-from .errors import (CorruptFileError, InvalidOptionError, MissingModuleError, NonFiniteError, OutputExistsError,
+from .errors import (CorruptFileError, InvalidOptionError, MissingModuleError, NonFiniteError,
                      ShapeMismatchError, WrongBaseError)
-from .io import INDEX_NAME, ModelReader, atomic_output
+from .io import INDEX_NAME, ModelReader, atomic_output, check_output
 from .record import apply_patch, bits, make_patch, tensor_sha256
 from .writer import CODE_DTYPES, DTYPE_CODES, Entry, ShardWriter, Span, read_tensor, tensor_spans
 
@@ -548,7 +548,7 @@ def merge_model(base: str | os.PathLike[str], adapters: Sequence[AdapterInput | 
         return w
 
     if record_path is not None:
-        _check_record_path(record_path, out, (base, *extra_inputs), force=force)
+        check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="--record")
     try:
         with atomic_output(out, force=force, inputs=guard) as tmp:
             if scratch is not None:
@@ -571,18 +571,6 @@ def merge_model(base: str | os.PathLike[str], adapters: Sequence[AdapterInput | 
     rbytes = sum(e.nbytes for e in rec_entries)
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes, record_path, rbytes,
                        adapters=[i.describe() for i in inputs])
-
-
-def _check_record_path(record: Path, out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *,
-                       force: bool) -> None:
-    """Refuse a record path that is an input or the output, or exists without ``force`` (before any write)."""
-    r = record.resolve()
-    for other in (out, *inputs):
-        o = Path(other).resolve()
-        if r == o or o in r.parents or r in o.parents:
-            raise InvalidOptionError(f"--record {record} overlaps {other}; choose another path for the record")
-    if record.exists() and not force:
-        raise OutputExistsError(record)
 
 
 def _read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, dict[str, Span]], dict[str, str],

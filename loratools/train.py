@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from .adapter import Adapter, as_lora
 from .data import Example, collate, global_batch_indices, load_examples, split_examples, target_tokens
 from .device import resolve_device, resolve_dtype
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError, OutputExistsError
-from .io import atomic_output, load_safetensors, save_safetensors
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError
+from .io import atomic_output, check_output, load_safetensors, save_safetensors
 from .nn import (AdaLoRALinear, LayerSpec, RankAllocator, adapter_layers, adapter_state, expected_parameters, inject,
                  orthogonal_penalty, trainable_parameters)
 
@@ -377,8 +377,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     """
     cfg = config
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(out)
+    check_output(out, force=force, inputs=(base, data))
     if not Path(data).is_file():
         raise InputNotFoundError(data, "training data")
     if resume is not None and not (Path(resume) / "state.json").is_file():

@@ -6,7 +6,6 @@ from typing import Any
 
 import click
 
-from ..errors import InvalidOptionError
 
 __all__ = ["AdapterPath", "ADAPTER", "output_option", "force_option", "device_option", "dtype_option", "quiet"]
 

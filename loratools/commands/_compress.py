@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
 from .. import render
-from ..errors import OutputExistsError
 from ..render import fmt_float
 
-__all__ = ["rank_rule_options", "format_option", "check_output", "extract_table", "resize_table", "prune_table",
+__all__ = ["rank_rule_options", "format_option", "extract_table", "resize_table", "prune_table",
            "skipped_summary", "size", "show"]
 
 
@@ -39,12 +37,6 @@ format_option = click.option("--format", "fmt", default="peft", show_default=Tru
 def show(renderable: Any, *, highlight: bool = True) -> None:
     """Print on stdout (off a terminal, render.out is wide enough not to cut module names)."""
     render.out.print(renderable, highlight=highlight)
-
-
-def check_output(path: str, force: bool) -> None:
-    # fail before the long computation, not after it
-    if Path(path).exists() and not force:
-        raise OutputExistsError(path)
 
 
 def size(n: int) -> str:

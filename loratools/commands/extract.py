@@ -13,7 +13,8 @@ from ..extract import plan_size
 from ..formats import write_adapter
 from ..io import ModelReader
 from ._common import device_option, dtype_option, force_option, output_option, quiet
-from ._compress import show, check_output, extract_table, format_option, rank_rule_options, size, skipped_summary
+from ..io import check_output
+from ._compress import show, extract_table, format_option, rank_rule_options, size, skipped_summary
 
 
 def _split(targets: tuple[str, ...]) -> list[str] | None:
@@ -56,7 +57,7 @@ def extract(obj: object, base: str, tuned: str, output: str, rank: int | None, e
       loratools extract base/ tuned/ -o adapter --energy 0.9 --max-rank 64
       loratools extract base/ tuned/ -o a.safetensors --format loratools --error 0.2 --targets q_proj,v_proj
     """
-    check_output(output, force)
+    check_output(output, force=force, inputs=(base, tuned))  # fail before the long computation
     base_r, tuned_r = ModelReader(base), ModelReader(tuned)
     with render.progress(plan_size(base_r), "extracting", quiet=quiet(obj) or as_json) as advance:
         res = extract_lora(base_r, tuned_r, rank=rank, energy=energy, error=error, max_rank=max_rank,

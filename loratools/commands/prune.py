@@ -10,7 +10,8 @@ from ..errors import InvalidOptionError
 from ..formats import read_adapter, write_adapter
 from ..prune import calibration_scores, load_causal_lm, prune as prune_adapter, read_calibration
 from ._common import ADAPTER, device_option, force_option, output_option, quiet
-from ._compress import show, check_output, format_option, prune_table, size
+from ..io import check_output
+from ._compress import show, format_option, prune_table, size
 
 
 @click.command()
@@ -44,7 +45,7 @@ def prune(obj: object, adapter: str, output: str, budget: int, base: str | None,
       loratools prune fixtures/adapters/adalora -o pruned --budget 12
       loratools prune adapter/ -o pruned --budget 64 --base base/ --data calib.jsonl --to lora
     """
-    check_output(output, force)
+    check_output(output, force=force, inputs=(adapter,))  # fail before the long computation
     if (base is None) != (data is None):
         raise InvalidOptionError("--base and --data go together: give both for gradient importance, or neither")
     src = read_adapter(adapter)

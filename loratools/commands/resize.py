@@ -8,7 +8,8 @@ from .. import render
 from ..formats import read_adapter, write_adapter
 from ..resize import resize as resize_adapter
 from ._common import ADAPTER, force_option, output_option, quiet
-from ._compress import show, check_output, format_option, rank_rule_options, resize_table, size
+from ..io import check_output
+from ._compress import show, format_option, rank_rule_options, resize_table, size
 
 
 @click.command()
@@ -36,7 +37,7 @@ def resize(obj: object, adapter: str, output: str, rank: int | None, energy: flo
       loratools resize adapter/ -o small --rank 8
       loratools resize adalora/ -o lora --energy 1.0
     """
-    check_output(output, force)
+    check_output(output, force=force, inputs=(adapter,))  # fail before the long computation
     src = read_adapter(adapter)
     res = resize_adapter(src, rank=rank, energy=energy, error=error, max_rank=max_rank)
     write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,))
