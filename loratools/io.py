@@ -34,6 +34,8 @@ __all__ = [
     "atomic_output",
     "check_output",
     "read_safetensors_header",
+    "read_safetensors_layout",
+    "DTYPE_SIZES",
     "load_safetensors",
     "save_safetensors",
     "INDEX_NAME",
@@ -44,14 +46,24 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024
 
-_DTYPE_SIZES = {
+#: bytes per element of each safetensors dtype code
+DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file, checked against the file's size.
+    """``(tensors, metadata)`` of a safetensors file, checked: see :func:`read_safetensors_layout`."""
+    header, meta, _ = read_safetensors_layout(path)
+    return header, meta
+
+
+def read_safetensors_layout(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
+    """``(tensors, metadata, data_start)`` of a safetensors file, checked against the file's size.
+
+    ``data_start`` is the file offset of the data section (8 + header length):
+    tensor ``k`` lies at ``data_start + data_offsets``.
 
     ``tensors`` maps each name to ``{"dtype", "shape", "data_offsets"}``.
     Raises :class:`CorruptFileError` for a truncated file, a damaged header, or
@@ -85,14 +97,14 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
             count = 1
             for d in info["shape"]:
                 count *= int(d)
-            width = _DTYPE_SIZES[info["dtype"]]
+            width = DTYPE_SIZES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise CorruptFileError(p, f"tensor {name!r} has a malformed entry") from None
         if not 0 <= start <= end <= data_len:
             raise CorruptFileError(p, f"tensor {name!r} lies past the end of the file (truncated?)")
         if end - start != count * width:
             raise CorruptFileError(p, f"tensor {name!r} has {end - start} bytes for shape {info['shape']}")
-    return header, {str(k): str(v) for k, v in meta.items()}
+    return header, {str(k): str(v) for k, v in meta.items()}, 8 + n
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import CorruptFileError, InvalidOptionError
-from .io import read_safetensors_header
+from .io import DTYPE_SIZES, read_safetensors_layout
 
 __all__ = ["Entry", "Span", "ShardWriter", "tensor_spans", "read_tensor", "DTYPE_CODES", "CODE_DTYPES", "nbytes_of"]
 
@@ -41,8 +41,6 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
-_WIDTH = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _ALIGN = 8  # the header is padded with spaces so the data section starts 8-byte aligned
 _CHUNK = 64 << 20
 
@@ -72,7 +70,7 @@ class Span:
 
 
 def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
-    n = _WIDTH[dtype]
+    n = DTYPE_SIZES[dtype]
     for d in shape:
         n *= int(d)
     return n
@@ -81,10 +79,7 @@ def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
 def tensor_spans(path: str | os.PathLike[str]) -> tuple[dict[str, Span], dict[str, str]]:
     """Each tensor's :class:`Span` in the safetensors file ``path`` (checked), and the file's metadata."""
     p = Path(path)
-    header, meta = read_safetensors_header(p)
-    with p.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    base = 8 + n
+    header, meta, base = read_safetensors_layout(p)
     spans = {
         k: Span(p, str(v["dtype"]), tuple(int(x) for x in v["shape"]),
                 base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]))
