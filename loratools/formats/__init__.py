@@ -12,12 +12,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..adapter import Adapter
-from ..errors import InputNotFoundError, NotAnAdapterError, UnknownFormatError
-from ..io import atomic_output
+from ..errors import InputNotFoundError, LoraToolsError, NotAnAdapterError, UnknownFormatError
+from ..io import atomic_output, read_safetensors_header
 
-__all__ = ["Format", "FORMATS", "register", "detect_format", "read_adapter", "write_adapter"]
+__all__ = ["Format", "FORMATS", "register", "peek_safetensors", "detect_format", "read_adapter", "write_adapter"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,17 @@ FORMATS: dict[str, Format] = {}
 def register(fmt: Format) -> Format:
     FORMATS[fmt.name] = fmt
     return fmt
+
+
+def peek_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The checked header and metadata of ``path`` if it is a readable safetensors file, else None
+    (for ``detect`` functions: a file that is not safetensors is simply not their format)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_safetensors_header(path)
+    except (LoraToolsError, OSError):
+        return None
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

@@ -36,8 +36,8 @@ from torch import Tensor
 from ..adapter import Adapter, Module, as_lora
 from ..config import AdapterConfig, lora_scale
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
-from ..io import load_safetensors, read_safetensors_header, save_safetensors
-from . import Format, register
+from ..io import load_safetensors, save_safetensors
+from . import Format, peek_safetensors, register
 
 __all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
 
@@ -92,13 +92,8 @@ def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
 
 
 def detect(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        header, _ = read_safetensors_header(path)
-    except Exception:
-        return False
-    return any(k.endswith(_DOWN) for k in header) and any(k.endswith(_UP) for k in header)
+    peek = peek_safetensors(path)
+    return peek is not None and any(k.endswith(_DOWN) for k in peek[0]) and any(k.endswith(_UP) for k in peek[0])
 
 
 def _alpha_value(path: Path, key: str, t: Tensor) -> float:

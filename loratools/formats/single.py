@@ -21,8 +21,8 @@ from torch import Tensor
 from ..adapter import Adapter, Fingerprint, Module
 from ..config import AdapterConfig
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, WrongBaseError
-from ..io import load_safetensors, read_safetensors_header, save_safetensors
-from . import Format, register
+from ..io import load_safetensors, save_safetensors
+from . import Format, peek_safetensors, register
 
 __all__ = ["read_single", "write_single", "FORMAT_VERSION"]
 
@@ -31,13 +31,8 @@ _SAVED = "saved::"
 
 
 def detect(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        _, meta = read_safetensors_header(path)
-    except Exception:
-        return False
-    return meta.get("format") == "loratools"
+    peek = peek_safetensors(path)
+    return peek is not None and peek[1].get("format") == "loratools"
 
 
 def read_single(path: Path) -> Adapter:
