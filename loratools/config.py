@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from .errors import InvalidOptionError
 
-__all__ = ["AdapterConfig", "Method", "lora_scale", "adalora_scale", "pattern_value", "ADALORA_EPS"]
+__all__ = ["AdapterConfig", "Method", "lora_scale", "adalora_scale", "pattern_value", "target_matches", "ADALORA_EPS"]
 
 Method = Literal["lora", "adalora"]
 
@@ -55,6 +55,18 @@ def pattern_value(name: str, patterns: Mapping[str, T], default: T) -> T:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def target_matches(name: str, targets: str | Iterable[str]) -> bool:
+    """PEFT's ``target_modules`` rule: a string is a regular expression the whole module
+    name must match; a list matches a name equal to an entry or ending in ``"." + entry``.
+
+    >>> target_matches("model.layers.0.self_attn.q_proj", ["q_proj"]), target_matches("x.xq_proj", ["q_proj"])
+    (True, False)
+    """
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .adapter import Adapter, Kind, Module
-from .config import AdapterConfig
+from .config import AdapterConfig, target_matches
 from .device import resolve_device
 from .errors import InvalidOptionError, ShapeMismatchError
 from .io import ModelReader
@@ -122,7 +122,7 @@ def default_target(key: str, shape: Sequence[int]) -> str | None:
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     # a pattern is a regular expression over the module name, or a name suffix like PEFT's target_modules
-    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) is not None for p in patterns)
+    return target_matches(name, patterns) or any(re.fullmatch(p, name) is not None for p in patterns)
 
 
 def _keys(src: TensorSource) -> list[str]:

@@ -16,7 +16,6 @@ No peft at run time: everything here is written from the papers' formulas.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import Adapter, Module
-from .config import AdapterConfig, adalora_scale, lora_scale
+from .config import AdapterConfig, adalora_scale, lora_scale, target_matches
 from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
 
 __all__ = [
@@ -375,13 +374,6 @@ class LayerSpec:
             raise InvalidOptionError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def _matches(name: str, targets: str | Iterable[str]) -> bool:
-    """PEFT's target rule: a list matches the full name or its last dotted components; a string is a regex."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> dict[str, _Adapted]:
     """Wrap every nn.Linear/Conv1D whose name matches ``targets`` and freeze all other parameters.
 
@@ -395,7 +387,7 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
     """
     targets = targets if isinstance(targets, str) else list(targets)
     chosen = [(n, m) for n, m in model.named_modules()
-              if n and _matches(n, targets) and not isinstance(m, _Adapted)
+              if n and target_matches(n, targets) and not isinstance(m, _Adapted)
               and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
     if not chosen:
         raise MissingModuleError(f"targets {targets}", "the model",

@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module
-from ..config import AdapterConfig, adalora_scale, lora_scale, pattern_value
+from ..config import AdapterConfig, adalora_scale, lora_scale, pattern_value, target_matches
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
 from ..io import load_safetensors, save_safetensors
 from . import Format, register
@@ -157,13 +157,10 @@ def _mode(values: list[Any]) -> Any:
 
 
 def _matches_target(name: str, target: tuple[str, ...] | str | None) -> bool:
-    import re
-
+    # "all-linear" covers every module an adapter can hold here; None matches nothing
     if target is None:
         return False
-    if isinstance(target, str):
-        return target == "all-linear" or re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
+    return target == "all-linear" or target_matches(name, target)
 
 
 def peft_config(adapter: Adapter) -> dict[str, Any]:
