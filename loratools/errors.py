@@ -6,6 +6,12 @@ callers who do not know loratools can still catch it the usual way. ``str(err)``
 is always one line that names the offending value and says what to do; the CLI
 prints exactly that line and exits with code 2. Anything that is *not* a
 ``LoraToolsError`` is a bug and stays loud.
+
+Library messages name *parameters*, never CLI flags: a parameter is written in
+backquotes as the keyword the library function takes (```rank` must be ≥ 1``,
+```max_rank```). The CLI's error boundary rewrites each backquoted name that is
+a parameter of the command being run into its flag (``--rank``, ``--max-rank``),
+so one message serves both audiences.
 """
 
 from __future__ import annotations
@@ -111,7 +117,10 @@ class MissingDependencyError(LoraToolsError, ImportError):
 
 
 class InvalidOptionError(LoraToolsError, ValueError):
-    """A value given by the user (an option, a budget, a weight) that cannot work."""
+    """A value given by the user (an option, a budget, a weight) that cannot work.
+
+    Name the parameter in backquotes (```budget` must lie in …``): the CLI shows it as its flag.
+    """
 
 
 class HubError(LoraToolsError, OSError):

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .errors import InvalidOptionError
 
 __all__ = [
     "lowrank_svd",
@@ -24,6 +27,7 @@ __all__ = [
     "spectrum_summary",
     "randomized_svd",
     "choose_rank",
+    "RankRule",
     "truncated_svd",
     "sqrt_split",
     "lowrank_svd_gram",
@@ -195,6 +199,54 @@ def choose_rank(s: Tensor, *, rank: int | None = None, energy: float | None = No
     if hits.numel() == 0:
         return s.numel() + 1 if max_rank is None or max_rank > s.numel() else cap
     return min(int(hits[0]), cap)
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How to choose a rank from a spectrum: exactly one of ``rank``, ``energy``, ``error``, optionally capped.
+
+    Validated once, on construction, so every job that keeps a rank (extract,
+    resize, prune, combine, export) takes one value instead of four loose
+    options and says the same thing about bad ones.
+
+    - ``rank=R`` (≥ 1): keep ``min(R, len(s))`` values.
+    - ``energy=F`` in (0, 1]: the smallest k keeping ``Σ_{i≤k} σᵢ² ≥ F·Σσᵢ²``.
+    - ``error=E`` in [0, 1): the smallest k whose relative Frobenius error is ≤ E.
+    - ``max_rank`` (≥ 1) caps any of them.
+
+    >>> RankRule(energy=0.9).choose(torch.tensor([3.0, 2.0, 1.0]))
+    2
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    error: float | None = None
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n, v in (("rank", self.rank), ("energy", self.energy), ("error", self.error)) if v is not None]
+        if len(given) != 1:
+            raise InvalidOptionError("give exactly one of `rank`, `energy` or `error`"
+                                     + (f" (got {', '.join(f'`{g}`' for g in given)})" if given else ""))
+        if self.rank is not None and not (isinstance(self.rank, int) and self.rank >= 1):
+            raise InvalidOptionError(f"`rank` must be an integer ≥ 1, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:  # NaN fails this test too
+            raise InvalidOptionError(f"`energy` is a fraction of Σσ² in (0, 1], got {self.energy}")
+        if self.error is not None and not 0.0 <= self.error < 1.0:
+            raise InvalidOptionError(f"`error` is a relative Frobenius error in [0, 1), got {self.error}")
+        if self.max_rank is not None and not (isinstance(self.max_rank, int) and self.max_rank >= 1):
+            raise InvalidOptionError(f"`max_rank` must be an integer ≥ 1, got {self.max_rank}")
+
+    def choose(self, s: Tensor, *, total_energy: float | None = None) -> int:
+        """The rank this rule keeps of descending singular values ``s`` (see :func:`choose_rank`)."""
+        return choose_rank(s, rank=self.rank, energy=self.energy, error=self.error, max_rank=self.max_rank,
+                           total_energy=total_energy)
+
+    def describe(self) -> str:
+        """``rank 8``, ``energy 0.9``, ``error 0.05`` (``, max rank 16``): for reports."""
+        head = (f"rank {self.rank}" if self.rank is not None else
+                f"energy {self.energy:g}" if self.energy is not None else f"error {self.error:g}")
+        return head + (f", max rank {self.max_rank}" if self.max_rank is not None else "")
 
 
 def truncated_svd(M: Tensor, *, rank: int | None = None, energy: float | None = None, error: float | None = None,
