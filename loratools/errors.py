@@ -28,6 +28,7 @@ __all__ = [
     "WrongBaseError",
     "OutputExistsError",
     "UnsupportedModuleError",
+    "UnsupportedConfigError",
     "MissingDependencyError",
     "InvalidOptionError",
     "HubError",
@@ -108,6 +109,16 @@ class UnsupportedModuleError(LoraToolsError, ValueError):
         super().__init__(
             f"{fmt} cannot hold {shown}: {why}; pass --drop-unsupported to leave them out"
         )
+
+
+class UnsupportedConfigError(LoraToolsError, ValueError):
+    """A config field whose meaning loratools does not compute, so any result would be wrong."""
+
+    def __init__(self, where: object, field: str, value: object, why: str) -> None:
+        self.where, self.field, self.value = str(where), field, value
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        super().__init__(f"{self.where}: {field} = {shown} is not supported: {why}")
 
 
 class MissingDependencyError(LoraToolsError, ImportError):

@@ -27,6 +27,7 @@ from ..config import AdapterConfig, adalora_scale, lora_scale, pattern_value, ta
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
 from ..io import load_safetensors, save_safetensors
 from . import Format, register
+from .peft_fields import check_fields
 
 __all__ = ["read_peft", "write_peft", "peft_config", "peft_tensors", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
@@ -79,8 +80,7 @@ def read_peft(path: Path) -> Adapter:
     peft_type = str(raw.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "ADALORA"):
         raise NotAnAdapterError(d, f"peft_type {raw.get('peft_type')!r} is not LORA or ADALORA")
-    if raw.get("use_dora"):
-        raise NotAnAdapterError(d, "DoRA adapters are not supported (their magnitude vector is not a low-rank update)")
+    check_fields(raw, where=str(d / CONFIG_NAME))
     weights = d / WEIGHTS_NAME
     if not weights.is_file():
         if (d / "adapter_model.bin").is_file():
