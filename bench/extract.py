@@ -41,7 +41,7 @@ from loratools.adapter import Adapter, Module  # noqa: E402
 from loratools.config import AdapterConfig  # noqa: E402
 from loratools.formats import read_adapter, write_adapter  # noqa: E402
 from loratools.linalg import sqrt_split, truncated_svd  # noqa: E402
-from loratools.resize import resize  # noqa: E402
+from loratools.resize import resize_adapter  # noqa: E402
 
 
 def synthetic_delta(m: int, n: int, *, k: int = 512, noise: float = 0.02, seed: int = 0) -> torch.Tensor:
@@ -129,7 +129,7 @@ def bench_resize(layers: int, runs: int, shapes_7b: bool = True):
         write_adapter(adapter, path)
         size = sum(f.stat().st_size for f in path.iterdir())
         t_read, t_read_all, loaded = timed(lambda: read_adapter(path), runs)
-        t_resize, t_resize_all, res = timed(lambda: resize(loaded, rank=16), runs)
+        t_resize, t_resize_all, res = timed(lambda: resize_adapter(loaded, rank=16), runs)
     row = {"layers": layers, "modules": len(mods), "file_bytes": size, "read_s": t_read, "read_runs": t_read_all,
            "resize_s": t_resize, "resize_runs": t_resize_all, "ratio_to_two_reads": t_resize / (2 * t_read)}
     print(json.dumps(row), flush=True)

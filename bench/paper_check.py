@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import lee_corpus, machine, smollm_dir  # noqa: E402
 
 from loratools.data import collate, global_batch_indices, load_examples, split_examples, target_tokens  # noqa: E402
-from loratools.train import TrainConfig, causal_lm_loss, evaluate, load_base, lr_at, train  # noqa: E402
+from loratools.lm import load_causal_lm  # noqa: E402
+from loratools.train import TrainConfig, causal_lm_loss, evaluate, lr_at, train  # noqa: E402
 
 QV = ("q_proj", "v_proj")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,7 +63,7 @@ def full_finetune(base: Path, data: Path, *, steps: int, lr: float, batch: int, 
                   eval_split: float) -> tuple[int, float]:
     """Every weight trained with AdamW on exactly the batches and schedule the adapters see."""
     torch.manual_seed(seed)
-    model, tok = load_base(base, device=torch.device("cpu"), dtype=torch.float32)
+    model, tok = load_causal_lm(base, device=torch.device("cpu"), dtype=torch.float32)
     train_set, held = split_examples(load_examples(data, tok, seq_len=seq_len), eval_split=eval_split, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in {id(p): p for p in params}.values())
@@ -102,7 +103,7 @@ def main() -> None:
     results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "args": {k: str(v) for k, v in vars(args).items()}, "runs": [], "skipped": []}
 
-    model, tok = load_base(base, device=torch.device("cpu"), dtype=torch.float32)
+    model, tok = load_causal_lm(base, device=torch.device("cpu"), dtype=torch.float32)
     train_set, held = split_examples(load_examples(data, tok, seq_len=args.seq_len), eval_split=args.eval_split,
                                      seed=seed)
     base_loss = evaluate(model, held, batch_size=args.batch_size, pad_id=tok.pad_token_id or 0,

@@ -4,14 +4,15 @@ from .adapter import Adapter, Fingerprint, Module, as_lora
 from .convert import convert, convert_file
 from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
-from .extract import extract
+from .extract import extract_adapter
 from .formats import FORMATS, detect_format, read_adapter, write_adapter
 from .io import ModelReader
 from .merge import merge_model, unmerge_model, verify_merge
 from .modelcard import model_card
-from .prune import prune
-from .resize import resize
-from .nn import AdaLoRALinear, LayerSpec, LoRALinear, RankAllocator, adapter_state, inject, load_adapter
+from .prune import prune_adapter
+from .resize import resize_adapter
+from .adalora import RankAllocator
+from .nn import AdaLoRALinear, LayerSpec, LoRALinear, adapter_state, inject, load_adapter
 from .train import TrainConfig
 
 __version__ = "0.1.0"
@@ -35,7 +36,7 @@ __all__ = [
     "convert",
     "convert_file",
     "detect_format",
-    "extract",
+    "extract_adapter",
     "inject",
     "load_adapter",
     "lora_scale",
@@ -43,9 +44,9 @@ __all__ = [
     "model_card",
     "pull",
     "push",
-    "prune",
+    "prune_adapter",
     "read_adapter",
-    "resize",
+    "resize_adapter",
     "unmerge_model",
     "verify_merge",
     "write_adapter",

@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .config import AdapterConfig
+from .config import AdapterConfig, alpha_for_scale
 from .errors import NonFiniteError, ShapeMismatchError
-from .linalg import lowrank_svd
+from .linalg import lowrank_svd, sqrt_split
 
-__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of"]
+__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora"]
 
 Kind = Literal["linear", "conv", "embedding"]
 
@@ -234,5 +234,22 @@ def as_lora(adapter: Adapter) -> Adapter:
         A = (A * E.to(A.dtype))[kept]
         B = B[:, kept]
         r = int(kept.numel())
-        modules[name] = Module(A=A, B=B, alpha=m.scale * r, scale=m.scale, kind=m.kind, fan_in_fan_out=m.fan_in_fan_out)
+        modules[name] = Module(A=A, B=B, alpha=alpha_for_scale(m.scale, r), scale=m.scale, kind=m.kind,
+                               fan_in_fan_out=m.fan_in_fan_out)
     return adapter.with_modules(modules, method="lora", use_rslora=False, init_r=None, target_r=None)
+
+
+def module_from_svd(like: Module, U: Tensor, S: Tensor, Vh: Tensor, *, dtype: torch.dtype | None = None) -> Module:
+    """A plain LoRA module with ``ΔW = U diag(S) Vh`` (matrix layout): ``B = U√S``, ``A = √S Vh``
+    (:func:`loratools.linalg.sqrt_split`), scale 1 (``alpha = rank``), in ``like``'s kind, layout and dtype.
+
+    How every job that re-factors a ΔW (resize, prune) stores the result.
+    """
+    B, A = sqrt_split(U, S, Vh)
+    k = int(S.numel())
+    dt = dtype or like.A.dtype
+    if like.kind == "conv":
+        A = A.reshape(k, *like.A.shape[1:])
+        B = B.reshape(B.shape[0], k, 1, 1)
+    return Module(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), alpha=alpha_for_scale(1.0, k), scale=1.0,
+                  kind=like.kind, fan_in_fan_out=like.fan_in_fan_out)

@@ -17,7 +17,8 @@ from typing import Any, Literal, TypeVar
 
 from .errors import InvalidOptionError
 
-__all__ = ["AdapterConfig", "Method", "lora_scale", "adalora_scale", "pattern_value", "target_matches", "ADALORA_EPS"]
+__all__ = ["AdapterConfig", "Method", "lora_scale", "alpha_for_scale", "adalora_scale", "pattern_value",
+           "target_matches", "ADALORA_EPS"]
 
 Method = Literal["lora", "adalora"]
 
@@ -35,8 +36,24 @@ def lora_scale(alpha: float, r: int, *, rslora: bool = False) -> float:
     (2.0, 8.0)
     """
     if r <= 0:
-        raise InvalidOptionError(f"a LoRA rank must be positive, got {r}")
+        raise InvalidOptionError(f"a LoRA rank `r` must be ≥ 1, got {r}")
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def alpha_for_scale(scale: float, r: int, *, rslora: bool = False, keep: float | None = None) -> float:
+    """The alpha whose :func:`lora_scale` at rank ``r`` is ``scale``: ``scale · r``, or ``scale · √r`` with rsLoRA.
+
+    How a scale that the file format cannot state directly (AdaLoRA's, rsLoRA's in a format
+    without rsLoRA, a per-module one) is carried by alpha. ``keep`` is the module's own alpha:
+    it is returned as it is when it already gives exactly ``scale``, so rewriting a file keeps
+    its alpha bit for bit.
+
+    >>> alpha_for_scale(2.0, 8), alpha_for_scale(2.0, 4, rslora=True), alpha_for_scale(2.0, 8, keep=16.0)
+    (16.0, 4.0, 16.0)
+    """
+    if keep is not None and r > 0 and lora_scale(keep, r, rslora=rslora) == scale:
+        return keep
+    return scale * math.sqrt(r) if rslora else scale * r
 
 
 def adalora_scale(alpha: float, init_r: int) -> float:
@@ -95,9 +112,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "adalora"):
-            raise InvalidOptionError(f"method must be 'lora' or 'adalora', got {self.method!r}")
+            raise InvalidOptionError(f"`method` must be 'lora' or 'adalora', got {self.method!r}")
         if self.method == "adalora" and (self.init_r is None or self.init_r <= 0):
-            raise InvalidOptionError("an AdaLoRA config needs a positive init_r")
+            raise InvalidOptionError(f"an AdaLoRA config needs `init_r` ≥ 1, got {self.init_r}")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "extra", _frozen(self.extra))

@@ -1,4 +1,4 @@
-"""Training data: read, tokenize, split, and the order examples are seen in.
+"""Training and calibration data: read, tokenize, split, and the order examples are seen in.
 
 - ``.txt``: the whole text is tokenized once and packed into ``seq_len`` blocks; every token is a target.
 - ``.jsonl`` with ``{"text": …}``: each row tokenized and followed by EOS, then packed likewise.
@@ -17,14 +17,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError
 
-__all__ = ["Example", "IGNORE", "load_examples", "split_examples", "collate", "global_batch_indices", "target_tokens"]
+__all__ = ["Example", "IGNORE", "Row", "read_rows", "load_examples", "split_examples", "collate",
+           "global_batch_indices", "target_tokens"]
 
 #: label of positions that do not count in the loss (PyTorch's cross-entropy ignore_index)
 IGNORE = -100
@@ -49,43 +50,66 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Example]:
-    """Read ``path`` (.txt or .jsonl) into examples of at most ``seq_len`` tokens."""
+class Row(NamedTuple):
+    """One example of a data file: a ``text``, or a prompt (``text``) and its ``completion``."""
+
+    text: str
+    completion: str | None = None
+
+
+def _json_row(p: Path, i: int, line: str) -> Row:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(p, f"line {i} is not JSON ({e.msg})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+        return Row(obj["text"])
+    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+        return Row(obj["prompt"], obj["completion"])
+    raise CorruptFileError(p, f'line {i} needs a "text" string or "prompt" and "completion" strings')
+
+
+def read_rows(path: str | Path, *, what: str = "training data", plain_text: bool = True) -> list[Row]:
+    """The examples of a data file: the one reader of training and calibration data.
+
+    A ``.jsonl`` file holds one JSON object a line (blank lines skipped): ``{"text": …}`` or
+    ``{"prompt": …, "completion": …}``, all strings. Any other file is plain text, one :class:`Row`
+    of its whole content, when ``plain_text`` (training); without it every file is read as JSON lines
+    (calibration data, whose rows are separate examples).
+    """
     p = Path(path)
     if not p.is_file():
-        raise InputNotFoundError(p, "training data")
+        raise InputNotFoundError(p, what)
+    text = p.read_text(encoding="utf-8")
+    if plain_text and p.suffix != ".jsonl":
+        return [Row(text)]
+    rows = [_json_row(p, i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not rows:
+        raise CorruptFileError(p, "it holds no examples")
+    return rows
+
+
+def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Example]:
+    """Read ``path`` (:func:`read_rows`) into examples of at most ``seq_len`` tokens (see the module docstring)."""
     if seq_len < 2:
-        raise InvalidOptionError(f"--seq-len must be at least 2, got {seq_len}")
-    eos = tokenizer.eos_token_id
-    if p.suffix == ".jsonl":
-        rows: list[dict[str, Any]] = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorruptFileError(p, f"line {i} is not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()):
-                raise CorruptFileError(p, f'line {i} needs a "text" field or "prompt" and "completion" fields')
-            rows.append(row)
-        if rows and "text" not in rows[0]:
-            out = []
-            for row in rows:
-                prompt, completion = _encode(tokenizer, str(row["prompt"])), _encode(tokenizer, str(row["completion"]))
-                completion = completion + ([eos] if eos is not None else [])
-                ids = (prompt + completion)[:seq_len]
-                labels = ([IGNORE] * len(prompt) + completion)[:seq_len]
-                if any(lab != IGNORE for lab in labels[1:]):
-                    out.append(Example(tuple(ids), tuple(labels)))
-            examples = out
-        else:
-            ids = []
-            for row in rows:
-                ids += _encode(tokenizer, str(row.get("text", ""))) + ([eos] if eos is not None else [])
-            examples = _pack(ids, seq_len)
+        raise InvalidOptionError(f"`seq_len` must be at least 2, got {seq_len}")
+    p = Path(path)
+    rows = read_rows(p)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if p.suffix != ".jsonl":  # plain text: packed as it is, no EOS added
+        examples = _pack(_encode(tokenizer, rows[0].text), seq_len)
+    elif all(r.completion is None for r in rows):
+        examples = _pack([t for r in rows for t in _encode(tokenizer, r.text) + eos], seq_len)
+    elif all(r.completion is not None for r in rows):
+        examples = []
+        for r in rows:
+            prompt, completion = _encode(tokenizer, r.text), _encode(tokenizer, str(r.completion)) + eos
+            ids = (prompt + completion)[:seq_len]
+            labels = ([IGNORE] * len(prompt) + completion)[:seq_len]
+            if any(lab != IGNORE for lab in labels[1:]):
+                examples.append(Example(tuple(ids), tuple(labels)))
     else:
-        examples = _pack(_encode(tokenizer, p.read_text(encoding="utf-8")), seq_len)
+        raise CorruptFileError(p, 'it mixes "text" rows and "prompt"/"completion" rows; use one kind per file')
     if not examples:
         raise InvalidOptionError(f"{p} gives no training example of at least 2 tokens; give it more text")
     return examples
@@ -94,11 +118,11 @@ def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Exa
 def split_examples(examples: Sequence[Example], *, eval_split: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A seeded random split: ``round(eval_split · n)`` held-out examples (at least one if asked for)."""
     if not 0 <= eval_split < 1:
-        raise InvalidOptionError(f"--eval-split must be in [0, 1), got {eval_split}")
+        raise InvalidOptionError(f"`eval_split` must be in [0, 1), got {eval_split}")
     n = len(examples)
     n_eval = 0 if eval_split == 0 else max(1, round(eval_split * n))
     if n - n_eval < 1:
-        raise InvalidOptionError(f"{n} examples leave none for training with --eval-split {eval_split}")
+        raise InvalidOptionError(f"{n} examples leave none for training with `eval_split` {eval_split}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     held = sorted(perm[:n_eval])
     train = sorted(perm[n_eval:])

@@ -27,14 +27,13 @@ import torch
 from torch import Tensor
 
 from .adapter import Adapter, Kind, Module
-from .config import AdapterConfig, target_matches
+from .config import AdapterConfig, alpha_for_scale, lora_scale, target_matches
 from .device import resolve_device
 from .errors import InvalidOptionError, ShapeMismatchError
 from .io import ModelReader
-from .linalg import sqrt_split, truncated_svd
+from .linalg import RankRule, sqrt_split, truncated_svd
 
-__all__ = ["extract", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "check_rule",
-           "plan_size"]
+__all__ = ["extract_adapter", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "plan_size"]
 
 TensorSource = ModelReader | Mapping[str, Tensor]
 
@@ -87,22 +86,6 @@ class ExtractResult:
         return math.sqrt(num / den) if den else 0.0
 
 
-def check_rule(rank: int | None, energy: float | None, error: float | None, max_rank: int | None) -> None:
-    """Raise :class:`InvalidOptionError` unless exactly one valid rank rule is given."""
-    given = [n for n, v in (("--rank", rank), ("--energy", energy), ("--error", error)) if v is not None]
-    if len(given) != 1:
-        raise InvalidOptionError("give exactly one of --rank R, --energy F or --error E"
-                                 + (f" (got {', '.join(given)})" if given else ""))
-    if rank is not None and rank < 1:
-        raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise InvalidOptionError(f"--energy is a fraction of Σσ² in (0, 1], got {energy}")
-    if error is not None and not 0.0 <= error < 1.0:
-        raise InvalidOptionError(f"--error is a relative Frobenius error in [0, 1), got {error}")
-    if max_rank is not None and max_rank < 1:
-        raise InvalidOptionError(f"--max-rank must be ≥ 1, got {max_rank}")
-
-
 def default_target(key: str, shape: Sequence[int]) -> str | None:
     """None when ``key`` is a weight extracted by default (a 2-D or conv weight inside a
     numbered transformer block that is neither an embedding nor a norm), else why not."""
@@ -153,107 +136,116 @@ def _kind(name: str, shape: tuple[int, ...]) -> Kind:
     return "embedding" if _EMBED.search(name) else "linear"
 
 
-def extract(base: TensorSource, tuned: TensorSource, *, rank: int | None = None, energy: float | None = None,
-            error: float | None = None, max_rank: int | None = None, targets: Sequence[str] | None = None,
-            alpha: float | None = None, fan_in_fan_out: bool | None = None, device: str | torch.device = "auto",
-            dtype: torch.dtype | None = None, seed: int = 0,
-            progress: Callable[[int], None] | None = None) -> ExtractResult:
-    """LoRA adapter approximating ``tuned − base`` (see the module docstring).
-
-    ``base``/``tuned`` are :class:`ModelReader` s or ``{key: tensor}`` dicts.
-    ``targets`` are regular expressions or name suffixes over module names
-    (``q_proj``, ``model\\.layers\\.\\d+\\.mlp\\..*``); by default every 2-D/conv
-    weight inside a numbered block except embeddings and norms. ``fan_in_fan_out``
-    (Conv1D weights stored in×out) defaults to what the base's config.json says
-    (GPT-2 style models). ``dtype`` is the factors' dtype (default: the tuned
-    weight's). Exactly one of ``rank``/``energy``/``error``; ``max_rank`` caps.
-
-    >>> W0 = {"m.0.q.weight": torch.zeros(6, 5)}
-    >>> W1 = {"m.0.q.weight": torch.outer(torch.arange(6.0), torch.ones(5))}
-    >>> res = extract(W0, W1, rank=2, device="cpu")
-    >>> res.layers[0].rank, res.layers[0].rel_error < 1e-6
-    (2, True)
-    """
-    check_rule(rank, energy, error, max_rank)
-    if alpha is not None and alpha <= 0:
-        raise InvalidOptionError(f"--alpha must be positive, got {alpha}")
-    dev = resolve_device(device)
-    cfg = _model_config(base)
-    if fan_in_fan_out is None:
-        fan_in_fan_out = str(cfg.get("model_type", "")) in _FAN_IN_FAN_OUT_MODELS
-    gen = torch.Generator(device=dev).manual_seed(seed)
+def _plan(base: TensorSource, tuned: TensorSource, targets: Sequence[str] | None,
+          progress: Callable[[int], None] | None) -> tuple[list[str], list[Skipped]]:
+    """The weight keys to extract, and the tensors left out (with why)."""
     tuned_keys = set(_keys(tuned))
     plan: list[str] = []
     skipped: list[Skipped] = []
     for key in _keys(base):
         shape = _shape(base, key)
-        if key not in tuned_keys:
-            skipped.append(Skipped(key, shape, "missing from the tuned model"))
-            if progress:
-                progress(1)
-            continue
         name = key[: -len(".weight")] if key.endswith(".weight") else key
-        if targets:
-            why = None if key.endswith(".weight") and len(shape) in (2, 4) and _matches(name, targets) else "not targeted"
+        if key not in tuned_keys:
+            why: str | None = "missing from the tuned model"
+        elif targets:
+            targeted = key.endswith(".weight") and len(shape) in (2, 4) and _matches(name, targets)
+            why = None if targeted else "not targeted"
         else:
             why = default_target(key, shape)
-        tshape = _shape(tuned, key)
-        if why is None and tshape != shape:
-            raise ShapeMismatchError(name, f"the base's {shape}", f"{tshape} in the tuned model",
+        if why is None and _shape(tuned, key) != shape:
+            raise ShapeMismatchError(name, f"the base's {shape}", f"{_shape(tuned, key)} in the tuned model",
                                      "were both models made from the same architecture?")
-        if why is not None:
-            skipped.append(Skipped(key, shape, why))
-            if progress:
-                progress(1)
-        else:
+        if why is None:
             plan.append(key)
+            continue
+        skipped.append(Skipped(key, shape, why))
+        if progress:
+            progress(1)
     if not plan:
-        raise InvalidOptionError("no weight was selected for extraction; check --targets against the model's names")
+        raise InvalidOptionError("no weight was selected for extraction; check `targets` against the model's names")
+    return plan, skipped
 
+
+def _factor(name: str, D: Tensor, rule: RankRule, *, alpha: float | None, fan_in_fan_out: bool,
+            out_dtype: torch.dtype, gen: torch.Generator) -> tuple[Module, LayerReport] | str:
+    """The LoRA module for one weight difference ``D`` (float32, the weight's layout) and its report,
+    or why it was left out."""
+    shape = tuple(D.shape)
+    kind = _kind(name, shape)
+    fifo = fan_in_fan_out and kind == "linear"
+    M = D.reshape(shape[0], -1) if kind == "conv" else (D.T if kind == "embedding" or fifo else D)
+    norm = float(torch.linalg.vector_norm(M))
+    if norm == 0.0:
+        return "unchanged (ΔW = 0)"
+    U, S, Vh, method = truncated_svd(M, rank=rule.rank, energy=rule.energy, error=rule.error, max_rank=rule.max_rank,
+                                     generator=gen)
+    r = int(S.numel())
+    if r == 0:
+        return "rank 0 meets the target"
+    B, A = sqrt_split(U, S, Vh)
+    mod_alpha = alpha_for_scale(1.0, r) if alpha is None else float(alpha)
+    scale = lora_scale(mod_alpha, r)
+    B, A = (B / math.sqrt(scale)).to(out_dtype), (A / math.sqrt(scale)).to(out_dtype)
+    # the error of the factors as they will be stored, not an estimate
+    resid = float(torch.linalg.vector_norm(M - scale * (B.float() @ A.float())))
+    energy_kept = float((S.double() ** 2).sum()) / norm**2
+    if kind == "conv":
+        A, B = A.reshape(r, *shape[1:]), B.reshape(shape[0], r, 1, 1)
+    module = Module(A=A.cpu().contiguous(), B=B.cpu().contiguous(), alpha=mod_alpha, scale=scale, kind=kind,
+                    fan_in_fan_out=fifo)
+    return module, LayerReport(name, shape, r, resid / norm, min(energy_kept, 1.0), norm, method)
+
+
+def extract_adapter(base: TensorSource, tuned: TensorSource, rule: RankRule | None = None, *,
+                    rank: int | None = None, energy: float | None = None, error: float | None = None,
+                    max_rank: int | None = None, targets: Sequence[str] | None = None, alpha: float | None = None,
+                    fan_in_fan_out: bool | None = None, device: str | torch.device = "auto",
+                    dtype: torch.dtype | None = None, seed: int = 0,
+                    progress: Callable[[int], None] | None = None) -> ExtractResult:
+    """LoRA adapter approximating ``tuned − base`` (see the module docstring).
+
+    ``base``/``tuned`` are :class:`ModelReader` s or ``{key: tensor}`` dicts.
+    ``rule`` is a :class:`~loratools.linalg.RankRule`, or give its options as keywords
+    (exactly one of ``rank``/``energy``/``error``; ``max_rank`` caps).
+    ``targets`` are regular expressions or name suffixes over module names
+    (``q_proj``, ``model\\.layers\\.\\d+\\.mlp\\..*``); by default every 2-D/conv
+    weight inside a numbered block except embeddings and norms. ``fan_in_fan_out``
+    (Conv1D weights stored in×out) defaults to what the base's config.json says
+    (GPT-2 style models). ``dtype`` is the factors' dtype (default: the tuned weight's).
+
+    >>> W0 = {"m.0.q.weight": torch.zeros(6, 5)}
+    >>> W1 = {"m.0.q.weight": torch.outer(torch.arange(6.0), torch.ones(5))}
+    >>> res = extract_adapter(W0, W1, rank=2, device="cpu")
+    >>> res.layers[0].rank, res.layers[0].rel_error < 1e-6
+    (2, True)
+    """
+    rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank)
+    if alpha is not None and not alpha > 0:
+        raise InvalidOptionError(f"`alpha` must be positive, got {alpha}")
+    dev = resolve_device(device)
+    cfg = _model_config(base)
+    if fan_in_fan_out is None:
+        fan_in_fan_out = str(cfg.get("model_type", "")) in _FAN_IN_FAN_OUT_MODELS
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    plan, skipped = _plan(base, tuned, targets, progress)
     modules: dict[str, Module] = {}
     layers: list[LayerReport] = []
     delta_params = 0
     for key in plan:
         name = key[: -len(".weight")]
-        w0 = _get(base, key)
-        w1 = _get(tuned, key)
+        w0, w1 = _get(base, key), _get(tuned, key)
         out_dtype = dtype or (w1.dtype if w1.is_floating_point() else torch.float32)
         # SVD is not implemented for half precision on every backend: compute in float32
         D = w1.to(dev, torch.float32) - w0.to(dev, torch.float32)
         del w0, w1
-        shape = tuple(D.shape)
-        kind = _kind(name, shape)
-        fifo = bool(fan_in_fan_out) and kind == "linear"
-        M = D.reshape(shape[0], -1) if kind == "conv" else (D.T if kind == "embedding" or fifo else D)
-        norm = float(torch.linalg.vector_norm(M))
-        if norm == 0.0:
-            skipped.append(Skipped(key, shape, "unchanged (ΔW = 0)"))
-            if progress:
-                progress(1)
-            continue
-        U, S, Vh, method = truncated_svd(M, rank=rank, energy=energy, error=error, max_rank=max_rank, generator=gen)
-        r = int(S.numel())
-        if r == 0:
-            skipped.append(Skipped(key, shape, "rank 0 meets the target"))
-            if progress:
-                progress(1)
-            continue
-        B, A = sqrt_split(U, S, Vh)
-        mod_alpha = float(r) if alpha is None else float(alpha)
-        scale = mod_alpha / r
-        B, A = (B / math.sqrt(scale)).to(out_dtype), (A / math.sqrt(scale)).to(out_dtype)
-        # the error of the factors as they will be stored, not an estimate
-        resid = float(torch.linalg.vector_norm(M - scale * (B.float() @ A.float())))
-        energy_kept = float((S.double() ** 2).sum()) / norm**2
-        delta_params += M.numel()
-        if kind == "conv":
-            A_s, B_s = A.reshape(r, *shape[1:]), B.reshape(shape[0], r, 1, 1)
+        done = _factor(name, D, rule, alpha=alpha, fan_in_fan_out=bool(fan_in_fan_out), out_dtype=out_dtype, gen=gen)
+        if isinstance(done, str):
+            skipped.append(Skipped(key, tuple(D.shape), done))
         else:
-            A_s, B_s = A, B
-        modules[name] = Module(A=A_s.cpu().contiguous(), B=B_s.cpu().contiguous(), alpha=mod_alpha, scale=scale,
-                               kind=kind, fan_in_fan_out=fifo)
-        layers.append(LayerReport(name, shape, r, resid / norm, min(energy_kept, 1.0), norm, method))
-        del D, M, U, S, Vh, B, A
+            modules[name], report = done
+            layers.append(report)
+            delta_params += D.numel()
+        del D
         if progress:
             progress(1)
     archs = cfg.get("architectures") or []

@@ -237,6 +237,20 @@ class RankRule:
         if self.max_rank is not None and not (isinstance(self.max_rank, int) and self.max_rank >= 1):
             raise InvalidOptionError(f"`max_rank` must be an integer ≥ 1, got {self.max_rank}")
 
+    @classmethod
+    def from_options(cls, rule: "RankRule | None" = None, *, rank: int | None = None, energy: float | None = None,
+                     error: float | None = None, max_rank: int | None = None) -> "RankRule":
+        """``rule`` itself, or the rule that the loose keyword options make (jobs accept either).
+
+        >>> RankRule.from_options(rank=4) == RankRule.from_options(RankRule(rank=4))
+        True
+        """
+        if rule is None:
+            return cls(rank=rank, energy=energy, error=error, max_rank=max_rank)
+        if any(v is not None for v in (rank, energy, error, max_rank)):
+            raise InvalidOptionError("give `rule` or `rank`/`energy`/`error`/`max_rank`, not both")
+        return rule
+
     def choose(self, s: Tensor, *, total_energy: float | None = None) -> int:
         """The rank this rule keeps of descending singular values ``s`` (see :func:`choose_rank`)."""
         return choose_rank(s, rank=self.rank, energy=self.energy, error=self.error, max_rank=self.max_rank,

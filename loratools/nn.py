@@ -6,7 +6,8 @@
 - :class:`AdaLoRALinear` (Zhang et al. 2023, arXiv:2303.10512): ``ΔW = P Λ Q`` stored as PEFT
   stores it: ``lora_B`` = P (out×r), ``lora_E`` = Λ (r×1), ``lora_A`` = Q (r×in), scaled by
   ``alpha/(init_r + 1e-5)``; a boolean ``mask`` on Λ marks the triplets the allocator keeps.
-- :class:`RankAllocator`: importance scores, the cubic budget schedule and the masking.
+- :class:`RankAllocator` (from :mod:`loratools.adalora`, re-exported here with the rest of the training API):
+  importance scores, the cubic budget schedule and the masking.
 - :func:`inject` / :func:`adapter_state` / :func:`load_adapter`: wrap a model's modules by name,
   export the trained factors as a :class:`loratools.adapter.Adapter` (PEFT naming), load one back.
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adalora import RankAllocator, budget_schedule, rank_pattern_masks
 from .adapter import Adapter, Module
 from .config import AdapterConfig, adalora_scale, lora_scale, target_matches
 from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
@@ -197,7 +199,7 @@ def orthogonal_regularizer(P: Tensor, Q: Tensor, *, form: OrthForm = "paper") ->
         return dp.pow(2).sum() + dq.pow(2).sum()
     if form == "peft":
         return (torch.linalg.norm(dp) + torch.linalg.norm(dq)) / 2
-    raise InvalidOptionError(f"unknown orthogonal regulariser form {form!r}; use paper or peft")
+    raise InvalidOptionError(f"`form` of the orthogonal regulariser must be paper or peft, got {form!r}")
 
 
 def orthogonal_penalty(layers: Iterable[AdaLoRALinear], *, form: OrthForm = "paper") -> Tensor:
@@ -208,139 +210,6 @@ def orthogonal_penalty(layers: Iterable[AdaLoRALinear], *, form: OrthForm = "pap
         return torch.zeros(())
     total = torch.stack(terms).sum()
     return total if form == "paper" else total / len(terms)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rank allocation
-
-
-def budget_schedule(step: int, *, initial: int, target: int, total: int, tinit: int, tfinal: int) -> int:
-    """AdaLoRA's cubic budget (total number of kept triplets) after ``step`` updates:
-
-    ``b(t) = b_0`` for ``t ≤ t_i``; ``b_T + ⌊(b_0 − b_T)(1 − (t − t_i)/(T − t_i − t_f))³⌋``
-    for ``t_i < t ≤ T − t_f``; ``b_T`` after. Computed in integers, so exact.
-
-    >>> [budget_schedule(t, initial=12, target=4, total=10, tinit=2, tfinal=2) for t in range(11)]
-    [12, 12, 12, 8, 6, 5, 4, 4, 4, 4, 4]
-    """
-    if step <= tinit:
-        return initial
-    span = total - tfinal - tinit
-    if step > total - tfinal or span <= 0:
-        return target
-    left = span - (step - tinit)
-    return target + ((initial - target) * left**3) // span**3
-
-
-class RankAllocator:
-    """AdaLoRA's importance-driven allocation of the rank budget over the adapted layers.
-
-    After each optimizer step (gradients still present) :meth:`step` does, for every entry θ of
-    P, Λ, Q: sensitivity ``I = |θ · ∂L/∂θ|``; smoothed ``Ī ← β1 Ī + (1−β1) I``; uncertainty
-    ``Ū ← β2 Ū + (1−β2) |I − Ī|``; score ``s = Ī · Ū``. Triplet i of a layer scores
-    ``S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)``. Every ``delta_t`` steps between
-    ``tinit`` and ``T − tfinal`` the ``b(t)`` best triplets (all layers together) are kept and the
-    others' Λ set to zero; at ``T − tfinal`` the final pattern is fixed. Masks are re-applied after
-    every step, so a masked Λ stays exactly zero until a later allocation keeps it again.
-    """
-
-    def __init__(self, layers: Mapping[str, AdaLoRALinear], *, target_r: int, total_step: int,
-                 tinit: int = 0, tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85) -> None:
-        if not layers:
-            raise InvalidOptionError("AdaLoRA found no layers to allocate rank over; check --targets")
-        if not (0 < beta1 < 1 and 0 < beta2 < 1):
-            raise InvalidOptionError(f"beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
-        if tinit + tfinal >= total_step:
-            raise InvalidOptionError(
-                f"AdaLoRA needs tinit + tfinal < total steps, got {tinit} + {tfinal} ≥ {total_step}; train longer")
-        self.layers = dict(layers)
-        self.total_step, self.tinit, self.tfinal = total_step, tinit, tfinal
-        self.delta_t, self.beta1, self.beta2 = max(1, delta_t), beta1, beta2
-        self.initial_budget = sum(layer.r for layer in self.layers.values())
-        self.target_budget = min(self.initial_budget, target_r * len(self.layers))
-        self.ema_ipt: dict[str, Tensor] = {}
-        self.ema_unc: dict[str, Tensor] = {}
-        self.final = False
-
-    def _params(self) -> Iterable[tuple[str, Tensor]]:
-        for name, layer in self.layers.items():
-            for part in ("lora_A", "lora_E", "lora_B"):
-                yield f"{name}.{part}", getattr(layer, part)
-
-    def budget(self, step: int) -> int:
-        return budget_schedule(step, initial=self.initial_budget, target=self.target_budget, total=self.total_step,
-                               tinit=self.tinit, tfinal=self.tfinal)
-
-    @torch.no_grad()
-    def update_importance(self) -> None:
-        for key, p in self._params():
-            if p.grad is None:
-                continue
-            ipt = (p * p.grad).abs()
-            if key not in self.ema_ipt:
-                self.ema_ipt[key] = torch.zeros_like(p)
-                self.ema_unc[key] = torch.zeros_like(p)
-            ema = self.ema_ipt[key].mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)
-            self.ema_unc[key].mul_(self.beta2).add_((ipt - ema).abs(), alpha=1 - self.beta2)
-
-    def triplet_scores(self) -> dict[str, Tensor]:
-        """``S_i`` per layer (length r), from the smoothed sensitivity times uncertainty."""
-        out: dict[str, Tensor] = {}
-        for name, layer in self.layers.items():
-            s = {part: (self.ema_ipt[f"{name}.{part}"] * self.ema_unc[f"{name}.{part}"])
-                 if f"{name}.{part}" in self.ema_ipt else torch.zeros_like(getattr(layer, part))
-                 for part in ("lora_A", "lora_E", "lora_B")}
-            out[name] = s["lora_E"].reshape(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
-        return out
-
-    @torch.no_grad()
-    def allocate(self, budget: int) -> None:
-        """Keep the ``budget`` highest-scoring triplets over all layers, mask the rest.
-        Ties are broken by layer order then index (a stable sort), so the count is exact."""
-        scores = self.triplet_scores()
-        flat = torch.cat([scores[n].float().cpu() for n in self.layers])
-        order = torch.sort(-flat, stable=True).indices
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[order[:budget]] = True
-        at = 0
-        for layer in self.layers.values():
-            layer.mask.copy_(keep[at:at + layer.r].reshape(-1, 1))
-            at += layer.r
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        for layer in self.layers.values():
-            layer.apply_mask()
-
-    def step(self, step: int) -> int:
-        """Call after the optimizer update of step ``step`` (1-based). Returns the budget in force."""
-        if step < self.total_step - self.tfinal:
-            self.update_importance()
-        budget = self.budget(step)
-        if step >= self.total_step - self.tfinal:
-            if not self.final:  # the final allocation, then frozen
-                self.allocate(self.target_budget)
-                self.final = True
-        elif step > self.tinit and step % self.delta_t == 0:
-            self.allocate(budget)
-        self.apply_masks()
-        return budget
-
-    def rank_pattern(self) -> dict[str, list[bool]]:
-        """PEFT's ``rank_pattern``: ``{"<module>.lora_E": [kept?] * init_r}``."""
-        return {f"{n}.lora_E": [bool(b) for b in layer.mask.reshape(-1).tolist()] for n, layer in self.layers.items()}
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Tensors only (the EMAs and a flag), for a safetensors checkpoint; masks live on the layers."""
-        out = {f"ipt.{k}": v for k, v in self.ema_ipt.items()}
-        out.update({f"unc.{k}": v for k, v in self.ema_unc.items()})
-        out["final"] = torch.tensor([int(self.final)])
-        return out
-
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.ema_ipt = {k[4:]: v.clone() for k, v in state.items() if k.startswith("ipt.")}
-        self.ema_unc = {k[4:]: v.clone() for k, v in state.items() if k.startswith("unc.")}
-        self.final = bool(int(state["final"].item())) if "final" in state else False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,13 +234,13 @@ class LayerSpec:
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "adalora"):
-            raise InvalidOptionError(f"method must be lora or adalora, got {self.method!r}")
+            raise InvalidOptionError(f"`method` must be lora or adalora, got {self.method!r}")
         if self.method == "lora" and self.r <= 0:
-            raise InvalidOptionError(f"--rank must be positive, got {self.r}")
+            raise InvalidOptionError(f"`r` must be ≥ 1, got {self.r}")
         if self.method == "adalora" and not 0 < self.target_r <= self.init_r:
-            raise InvalidOptionError(f"AdaLoRA needs 0 < target rank ≤ init rank, got {self.target_r} and {self.init_r}")
+            raise InvalidOptionError(f"AdaLoRA needs 0 < `target_r` ≤ `init_r`, got {self.target_r} and {self.init_r}")
         if not 0 <= self.dropout < 1:
-            raise InvalidOptionError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidOptionError(f"`dropout` must be in [0, 1), got {self.dropout}")
 
 
 def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> dict[str, _Adapted]:
@@ -390,7 +259,7 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
               if n and target_matches(n, targets) and not isinstance(m, _Adapted)
               and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
     if not chosen:
-        raise MissingModuleError(f"targets {targets}", "the model",
+        raise MissingModuleError(f"`targets` {targets}", "the model",
                                  "no nn.Linear/Conv1D layer has such a name; pick names from the model's modules")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -447,7 +316,6 @@ def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: I
     target_list = targets if targets is None or isinstance(targets, str) else tuple(targets)
     fifo = any(m.fan_in_fan_out for m in layers.values())
     if ada:
-        masks: dict[str, list[bool]] = {}
         init_r = max(m.init_r for m in ada.values())
         alpha = next(iter(ada.values())).alpha
         for name, m in ada.items():
@@ -455,9 +323,7 @@ def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: I
             A, E, B = (t.detach().float().cpu() for t in (m.lora_A, m.lora_E, m.lora_B))
             modules[name] = Module(A=A[keep].clone(), E=E[keep].clone(), B=B[:, keep].clone(), alpha=m.alpha,
                                    scale=adalora_scale(m.alpha, m.init_r), fan_in_fan_out=m.fan_in_fan_out)
-            if not bool(keep.all()):
-                masks[f"{name}.lora_E"] = [bool(b) for b in keep.tolist()]
-        raw["rank_pattern"] = masks or None
+        raw["rank_pattern"] = rank_pattern_masks({n: m.mask for n, m in ada.items()}) or None
         raw["lora_alpha"] = alpha
         target_r = raw.pop("target_r", None)
         config = AdapterConfig(method="adalora", fan_in_fan_out=fifo, base_model=base_model, task_type="CAUSAL_LM",

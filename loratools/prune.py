@@ -5,40 +5,30 @@ as it is (``P = lora_B``, ``λ = lora_E``, ``Q = lora_A``, ``c = alpha/init_r``)
 a LoRA module through the SVD of its ΔW from the factors (``P = U``, ``λ = S``,
 ``Q = Vᵀ``, ``c = 1``). The triplet ``(λᵢ, P_{·i}, Q_{i·})`` is one rank.
 
-Importance (Zhang et al. 2023, AdaLoRA, eq. 8–11). For each parameter θ and
-calibration step t, with ``I = |θ · ∂L/∂θ|``::
-
-    Ī⁽ᵗ⁾ = β₁ Ī⁽ᵗ⁻¹⁾ + (1 − β₁) I⁽ᵗ⁾                   (smoothed sensitivity)
-    Ū⁽ᵗ⁾ = β₂ Ū⁽ᵗ⁻¹⁾ + (1 − β₂) |I⁽ᵗ⁾ − Ī⁽ᵗ⁾|          (its uncertainty)
-    s(θ) = Ī⁽ᵀ⁾ · Ū⁽ᵀ⁾
-    Sᵢ   = s(λᵢ) + mean_j s(P_{ji}) + mean_j s(Q_{ij})
-
-with gradients of the causal-LM loss of the base model with the adapter applied.
-Without calibration data, ``Sᵢ = |λᵢ|``. :func:`allocate` keeps the ``budget``
-highest ``Sᵢ`` over all modules together.
+Importance is AdaLoRA's triplet score ``Sᵢ`` (:mod:`loratools.adalora`, the same code the training-time
+allocator runs), from gradients of the causal-LM loss of the base model with the adapter applied, one
+EMA step per calibration example. Without calibration data, ``Sᵢ = |λᵢ|``.
+:func:`loratools.adalora.allocate` keeps the ``budget`` highest ``Sᵢ`` over all modules together.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, Module, as_lora
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError
+from .adalora import (Sensitivity, allocate, check_betas, mask_key, module_mask, narrow_mask, triplet_scores,
+                      update_sensitivity)
+from .adapter import Adapter, Module, as_lora, module_from_svd
+from .data import IGNORE, Row
+from .errors import InvalidOptionError
 from .linalg import lowrank_svd
-from .resize import module_from_svd
 
-__all__ = [
-    "Triplets", "Sensitivity", "PruneResult", "PruneLayer", "svd_form", "update_sensitivity", "triplet_scores",
-    "magnitude_scores", "allocate", "prune", "triplet_gradients", "calibration_scores", "read_calibration",
-    "load_causal_lm",
-]
+__all__ = ["Triplets", "PruneResult", "PruneLayer", "svd_form", "magnitude_scores", "prune_adapter",
+           "triplet_gradients", "calibration_scores"]
 
 
 @dataclass(frozen=True)
@@ -70,75 +60,9 @@ def svd_form(adapter: Adapter) -> dict[str, Triplets]:
     return out
 
 
-# --- importance: pure functions over tensors -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Sensitivity:
-    """AdaLoRA's running statistics of one parameter tensor: Ī (``ipt``) and Ū (``unc``)."""
-
-    ipt: Tensor
-    unc: Tensor
-
-    @property
-    def score(self) -> Tensor:
-        """``s = Ī · Ū``."""
-        return self.ipt * self.unc
-
-
-def update_sensitivity(state: Sensitivity | None, param: Tensor, grad: Tensor, *, beta1: float = 0.85,
-                       beta2: float = 0.85) -> Sensitivity:
-    """One EMA step (Ī, Ū start at zero, as in AdaLoRA).
-
-    >>> s = update_sensitivity(None, torch.tensor([2.0]), torch.tensor([0.5]), beta1=0.5, beta2=0.5)
-    >>> s.ipt.item(), s.unc.item()
-    (0.5, 0.25)
-    """
-    I = (param.detach() * grad.detach()).abs()
-    prev_ipt = torch.zeros_like(I) if state is None else state.ipt
-    prev_unc = torch.zeros_like(I) if state is None else state.unc
-    ipt = beta1 * prev_ipt + (1 - beta1) * I
-    unc = beta2 * prev_unc + (1 - beta2) * (I - ipt).abs()
-    return Sensitivity(ipt, unc)
-
-
-def triplet_scores(s_lam: Tensor, s_P: Tensor, s_Q: Tensor) -> Tensor:
-    """``Sᵢ = s(λᵢ) + mean_j s(P_{ji}) + mean_j s(Q_{ij})`` for element scores of
-    λ (r,), P (m, r) and Q (r, n).
-
-    >>> triplet_scores(torch.tensor([1.0, 0.0]), torch.ones(3, 2), torch.zeros(2, 4)).tolist()
-    [2.0, 1.0]
-    """
-    return s_lam.reshape(-1) + s_P.mean(dim=0) + s_Q.mean(dim=1)
-
-
 def magnitude_scores(triplets: Mapping[str, Triplets]) -> dict[str, Tensor]:
     """The fallback importance ``Sᵢ = |λᵢ|``."""
     return {name: t.lam.abs() for name, t in triplets.items()}
-
-
-def allocate(scores: Mapping[str, Tensor], budget: int) -> dict[str, Tensor]:
-    """Boolean keep-masks holding exactly ``budget`` triplets: the highest scores over all
-    modules (ties go to the earlier module, then the lower index).
-
-    >>> m = allocate({"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([2.0])}, 2)
-    >>> m["a"].tolist(), m["b"].tolist()
-    ([True, False], [True])
-    """
-    total = sum(int(s.numel()) for s in scores.values())
-    if not 0 <= budget <= total:
-        raise InvalidOptionError(f"--budget must lie between 0 and the {total} triplets the adapter holds, got {budget}")
-    names = list(scores)
-    flat = torch.cat([scores[n].detach().double().reshape(-1).cpu() for n in names]) if names else torch.zeros(0)
-    order = torch.sort(-flat, stable=True).indices[:budget]
-    keep = torch.zeros(total, dtype=torch.bool)
-    keep[order] = True
-    out: dict[str, Tensor] = {}
-    start = 0
-    for n in names:
-        k = int(scores[n].numel())
-        out[n] = keep[start:start + k]
-        start += k
-    return out
 
 
 # --- applying masks --------------------------------------------------------------------------------------------------
@@ -174,9 +98,29 @@ def _fro(P: Tensor, lam: Tensor, Q: Tensor, scale: float) -> float:
     return float(lowrank_svd(P.double() * lam.double(), Q.double())[1].norm()) * abs(scale)
 
 
-def prune(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | None = None,
-          to_lora: bool = False) -> PruneResult:
-    """Keep the ``budget`` most important triplets over all modules.
+def _pruned_module(m: Module, t: Triplets, idx: Tensor) -> Module | None:
+    """Module ``m`` keeping triplets ``idx``: AdaLoRA's own rows, or LoRA factors from the kept SVD triplets
+    (None when nothing is left)."""
+    if m.E is not None:
+        return Module(A=m.A[idx], B=m.B[:, idx], E=m.E[idx], alpha=m.alpha, scale=m.scale, kind=m.kind,
+                      fan_in_fan_out=m.fan_in_fan_out)
+    if idx.numel() == 0:
+        return None
+    return module_from_svd(m, t.P[:, idx].double(), t.lam[idx].double(), t.Q[idx].double())
+
+
+def _report(name: str, m: Module, t: Triplets, keep: Tensor, score: Tensor) -> PruneLayer:
+    idx, drop = keep.nonzero().reshape(-1), (~keep).nonzero().reshape(-1)
+    norm = _fro(t.P, t.lam, t.Q, t.scale)
+    lost = _fro(t.P[:, drop], t.lam[drop], t.Q[drop], t.scale)
+    sc = score.double()
+    return PruneLayer(name, m.rank, int(idx.numel()), tuple(int(i) for i in idx), lost / norm if norm > 0 else 0.0,
+                      float(sc[keep].sum()), float(sc[~keep].sum()))
+
+
+def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | None = None,
+                  to_lora: bool = False) -> PruneResult:
+    """Keep the ``budget`` most important triplets over all modules (:func:`loratools.adalora.allocate`).
 
     ``importance`` maps module names to per-triplet scores (as from
     :func:`calibration_scores`); None means ``|λᵢ|``. An AdaLoRA adapter stays
@@ -185,7 +129,7 @@ def prune(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | N
     ``A = √λ_k Q_k`` per module (modules left with no triplet are dropped).
 
     >>> A, B = torch.randn(3, 10), torch.randn(6, 3)
-    >>> res = prune(Adapter({"q": Module(A=A, B=B, alpha=3, scale=1.0)}), budget=2)
+    >>> res = prune_adapter(Adapter({"q": Module(A=A, B=B, alpha=3, scale=1.0)}), budget=2)
     >>> res.adapter.modules["q"].rank, res.importance
     (2, 'magnitude')
     """
@@ -193,41 +137,25 @@ def prune(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | N
     scores = dict(importance) if importance is not None else magnitude_scores(trip)
     for name, t in trip.items():
         if name not in scores or scores[name].numel() != t.rank:
-            raise InvalidOptionError(f"importance for {name} must hold {t.rank} scores")
+            raise InvalidOptionError(f"`importance` for {name} must hold {t.rank} scores")
     masks = allocate({n: scores[n] for n in trip}, budget)
     modules: dict[str, Module] = {}
     layers: list[PruneLayer] = []
-    old_masks: Mapping[str, Any] = adapter.config.extra.get("rank_pattern") or {}
     new_masks: dict[str, list[bool]] = {}
     for name, m in adapter.items():
         t, keep = trip[name], masks[name]
+        layers.append(_report(name, m, t, keep, scores[name]))
         idx = keep.nonzero().reshape(-1)
-        drop = (~keep).nonzero().reshape(-1)
-        norm = _fro(t.P, t.lam, t.Q, t.scale)
-        lost = _fro(t.P[:, drop], t.lam[drop], t.Q[drop], t.scale)
-        sc = scores[name].double()
-        layers.append(PruneLayer(name, m.rank, int(idx.numel()), tuple(int(i) for i in idx),
-                                 lost / norm if norm > 0 else 0.0, float(sc[keep].sum()), float(sc[~keep].sum())))
+        pruned = _pruned_module(m, t, idx)
+        if pruned is not None:
+            modules[name] = pruned
         if m.E is not None:
-            A = m.A[idx]
-            modules[name] = Module(A=A, B=m.B[:, idx], E=m.E[idx], alpha=m.alpha, scale=m.scale, kind=m.kind,
-                                   fan_in_fan_out=m.fan_in_fan_out)
-            init_r = adapter.config.init_r or m.rank
-            old = old_masks.get(f"{name}.lora_E")
-            # positions in the init_r-long mask that were alive, of which we keep the subset `idx`
-            alive = [i for i, b in enumerate(old) if b] if old is not None and len(old) == init_r else list(range(m.rank))
-            if len(alive) != m.rank:
-                alive = list(range(m.rank))
-            mask = [False] * init_r
-            for i in idx.tolist():
-                mask[alive[i]] = True
-            new_masks[f"{name}.lora_E"] = mask
-        elif idx.numel() > 0:
-            modules[name] = module_from_svd(m, t.P[:, idx].double(), t.lam[idx].double(), t.Q[idx].double())
+            # the surviving positions of the init_r-long mask, of which the subset `idx` stays
+            alive = module_mask(adapter.config.extra.get("rank_pattern"), name, rank=m.rank,
+                                init_r=adapter.config.init_r or m.rank)
+            new_masks[mask_key(name)] = narrow_mask(alive, idx.tolist())
     if adapter.method == "adalora":
-        extra = dict(adapter.config.extra)
-        extra["rank_pattern"] = new_masks
-        out = adapter.with_modules(modules, extra=extra)
+        out = adapter.with_modules(modules, extra={**adapter.config.extra, "rank_pattern": new_masks})
         if to_lora:
             out = as_lora(out)
     else:
@@ -239,46 +167,6 @@ def prune(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | N
 
 
 # --- calibration: gradients of the base model with the adapter applied -----------------------------------------------
-
-def read_calibration(path: str | Path) -> list[tuple[str, str | None]]:
-    """``(text, None)`` for ``{"text": …}`` lines, ``(prompt, completion)`` for
-    ``{"prompt": …, "completion": …}`` lines of a JSON-lines file."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(p, "calibration data")
-    rows: list[tuple[str, str | None]] = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise CorruptFileError(p, f"line {i} is not JSON") from None
-        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-            rows.append((obj["text"], None))
-        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-            rows.append((obj["prompt"], obj["completion"]))
-        else:
-            raise CorruptFileError(p, f'line {i} needs {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
-    if not rows:
-        raise CorruptFileError(p, "it holds no examples")
-    return rows
-
-
-def load_causal_lm(path: str | Path, *, device: torch.device) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a local model directory, with transformers (the ``train`` extra)."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise MissingDependencyError("transformers", "train") from None
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise InputNotFoundError(p / "config.json", "base model config")
-    # importance is computed in float32 whatever dtype the checkpoint holds
-    model = AutoModelForCausalLM.from_pretrained(str(p)).float().to(device).eval()
-    model.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(str(p))
-
 
 def _hook(t: dict[str, Tensor], scale: float, kind: str) -> Callable[..., Tensor]:
     # adds c·P diag(λ) Q applied to the module's input to its output, like a LoRA layer would
@@ -300,7 +188,7 @@ def triplet_gradients(model: torch.nn.Module, triplets: Mapping[str, Triplets],
         for name, p in params.items():
             if kinds[name] == "conv":
                 raise InvalidOptionError(f"{name} is a convolution; gradient importance supports linear and embedding "
-                                         "modules only: prune without --data")
+                                         "modules only: prune it without calibration data (magnitude importance)")
             handles.append(model.get_submodule(name).register_forward_hook(_hook(p, triplets[name].scale, kinds[name])))
         loss = model(**batch).loss
         loss.backward()
@@ -316,18 +204,22 @@ def _encode(tokenizer: Any, text: str, completion: str | None, device: torch.dev
     labels = list(ids)
     if completion is not None:
         extra = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        labels = [-100] * len(ids) + list(extra)  # loss on the completion only
+        labels = [IGNORE] * len(ids) + list(extra)  # loss on the completion only
         ids = ids + extra
     ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device)}
 
 
 def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
-                       examples: Sequence[tuple[str, str | None]], *, beta1: float = 0.85, beta2: float = 0.85,
+                       examples: Sequence[Row], *, beta1: float = 0.85, beta2: float = 0.85,
                        max_length: int = 256, progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
-    """AdaLoRA's triplet importance ``Sᵢ`` accumulated over ``examples`` (one EMA step each)."""
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise InvalidOptionError(f"--beta1/--beta2 must lie in [0, 1), got {beta1} and {beta2}")
+    """AdaLoRA's triplet importance ``Sᵢ`` accumulated over ``examples`` (one EMA step each).
+
+    ``examples`` are :class:`loratools.data.Row` s (``(text, None)`` or ``(prompt, completion)``, as
+    :func:`loratools.data.read_rows` gives them). Each is tokenized with the tokenizer's special tokens
+    (BOS) and no EOS, truncated to ``max_length``; with a completion, only its tokens are scored.
+    """
+    check_betas(beta1, beta2)
     device = next(model.parameters()).device
     trip = {n: Triplets(t.P.to(device), t.lam.to(device), t.Q.to(device), t.scale)
             for n, t in svd_form(adapter).items()}
@@ -340,7 +232,7 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
     state: dict[str, dict[str, Sensitivity]] = {}
     for text, completion in examples:
         batch = _encode(tokenizer, text, completion, device, max_length)
-        if int((batch["labels"][:, 1:] != -100).sum()) == 0:
+        if int((batch["labels"][:, 1:] != IGNORE).sum()) == 0:
             continue  # nothing to predict in this example
         grads = triplet_gradients(model, trip, batch, kinds=kinds)
         for name, g in grads.items():

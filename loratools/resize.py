@@ -21,13 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from .adapter import Adapter, Module, as_lora
-from .extract import check_rule
-from .linalg import choose_rank, lowrank_svd_gram, sqrt_split
+from .adapter import Adapter, Module, as_lora, module_from_svd
+from .linalg import RankRule, lowrank_svd_gram
 
-__all__ = ["resize", "ResizeResult", "ResizeLayer", "module_from_svd"]
+__all__ = ["resize_adapter", "ResizeResult", "ResizeLayer"]
 
 
 @dataclass(frozen=True)
@@ -48,36 +46,25 @@ class ResizeResult:
     parameters_before: int
 
 
-def module_from_svd(like: Module, U: Tensor, S: Tensor, Vh: Tensor, *, dtype: torch.dtype | None = None) -> Module:
-    """A plain LoRA module with ``ΔW = U diag(S) Vh`` (matrix layout), ``alpha = rank``,
-    in ``like``'s kind/layout and dtype (``B = U√S``, ``A = √S Vh``)."""
-    B, A = sqrt_split(U, S, Vh)
-    k = int(S.numel())
-    dt = dtype or like.A.dtype
-    if like.kind == "conv":
-        A = A.reshape(k, *like.A.shape[1:])
-        B = B.reshape(B.shape[0], k, 1, 1)
-    return Module(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), alpha=float(k), scale=1.0, kind=like.kind,
-                  fan_in_fan_out=like.fan_in_fan_out)
+def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int | None = None,
+                   energy: float | None = None, error: float | None = None, max_rank: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> ResizeResult:
+    """Re-truncate every module to the rank ``rule`` picks; output plain LoRA.
 
-
-def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = None, error: float | None = None,
-           max_rank: int | None = None, progress: Callable[[int], None] | None = None) -> ResizeResult:
-    """Re-truncate every module to the rank one rule picks; output plain LoRA.
-
-    Rules (exactly one): ``rank=R`` keeps ``min(R, r)``; ``energy=F`` the smallest
-    k with ``Σ_{i≤k}σᵢ² ≥ F·Σσᵢ²``; ``error=E`` the smallest k with
-    ``√(Σ_{i>k}σᵢ²)/√(Σσᵢ²) ≤ E``. ``max_rank`` caps the last two.
+    ``rule`` is a :class:`~loratools.linalg.RankRule`, or give its options as keywords (exactly one of
+    ``rank``, ``energy``, ``error``; ``max_rank`` caps). ``rank=R`` keeps ``min(R, r)``; ``energy=F``
+    the smallest k with ``Σ_{i≤k}σᵢ² ≥ F·Σσᵢ²``; ``error=E`` the smallest k with
+    ``√(Σ_{i>k}σᵢ²)/√(Σσᵢ²) ≤ E``.
 
     >>> A, B = torch.randn(4, 16), torch.randn(8, 4)
-    >>> small = resize(Adapter({"q": Module(A=A, B=B, alpha=4, scale=1.0)}), rank=2)
+    >>> small = resize_adapter(Adapter({"q": Module(A=A, B=B, alpha=4, scale=1.0)}), rank=2)
     >>> small.adapter.modules["q"].rank, small.layers[0].rank_before
     (2, 4)
     """
-    check_rule(rank, energy, error, max_rank)
+    rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank)
 
-    def rule(s: torch.Tensor) -> int:
-        return min(choose_rank(s, rank=rank, energy=energy, error=error, max_rank=max_rank), s.numel())
+    def keep(s: torch.Tensor) -> int:
+        return min(rule.choose(s), s.numel())
 
     lora = as_lora(adapter)
     modules: dict[str, Module] = {}
@@ -95,7 +82,7 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         r = plain.rank
         B64 = plain.B.reshape(plain.B.shape[0], r).to(torch.float64)
         A64 = plain.A.reshape(r, plain.matrix_shape[1]).to(torch.float64)
-        U, S, Vh = lowrank_svd_gram(B64, A64, top=rule)
+        U, S, Vh = lowrank_svd_gram(B64, A64, top=keep)
         S = S * abs(plain.scale)
         if plain.scale < 0:
             U = -U

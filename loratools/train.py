@@ -7,18 +7,13 @@ N processes with batch ``G/N`` compute the same gradient. AdaLoRA adds
 
 Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to ``lr/10`` at the last step.
 
-Checkpoints are a directory: ``trainable.safetensors`` (adapter parameters and AdaLoRA masks),
-``optimizer.safetensors`` (AdamW moments and step counts), ``allocator.safetensors`` (AdaLoRA
-importance EMAs) and ``state.json`` (step, config, loss history, the torch RNG state of every
-process as a list of bytes). No pickle anywhere: ``--resume`` continues bit for bit.
+Checkpoints (:mod:`loratools.checkpoint`) hold only safetensors and JSON: ``resume`` continues bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -29,16 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adalora import RankAllocator
 from .adapter import Adapter, as_lora
+from .checkpoint import load_checkpoint, read_state, rng_state, save_checkpoint, set_rng_state, write_run
 from .data import Example, collate, global_batch_indices, load_examples, split_examples, target_tokens
-from .device import resolve_device, resolve_dtype
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError
-from .io import atomic_output, check_output, load_safetensors, save_safetensors
-from .nn import (AdaLoRALinear, LayerSpec, RankAllocator, adapter_layers, adapter_state, expected_parameters, inject,
-                 orthogonal_penalty, trainable_parameters)
+from . import dist
+from .device import resolve_dtype
+from .dist import Processes
+from .errors import InputNotFoundError, InvalidOptionError
+from .io import check_output
+from .lm import load_causal_lm
+from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, orthogonal_penalty,
+                 trainable_parameters)
 
-__all__ = ["TrainConfig", "StepInfo", "TrainResult", "train", "lr_at", "load_base", "causal_lm_loss",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainConfig", "StepInfo", "TrainResult", "train", "lr_at", "causal_lm_loss", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -85,16 +84,22 @@ class TrainConfig:
                                else tuple(self.targets))
         for name in ("batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
-                raise InvalidOptionError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise InvalidOptionError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.epochs is not None:
-            raise InvalidOptionError("give --steps or --epochs, not both")
-        if self.lr <= 0:
-            raise InvalidOptionError(f"--lr must be positive, got {self.lr}")
+            raise InvalidOptionError("give `steps` or `epochs`, not both")
+        if not self.lr > 0:
+            raise InvalidOptionError(f"`lr` must be positive, got {self.lr}")
         if not 0 <= self.eval_split < 1:
-            raise InvalidOptionError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+            raise InvalidOptionError(f"`eval_split` must be in [0, 1), got {self.eval_split}")
         if self.orth_form not in ("paper", "peft"):
-            raise InvalidOptionError(f"--orth-form must be paper or peft, got {self.orth_form}")
-        self.spec()  # validates rank options
+            raise InvalidOptionError(f"`orth_form` must be paper or peft, got {self.orth_form}")
+        # the rank options under this config's own names (LayerSpec checks them again under its names)
+        if self.method == "lora" and self.rank < 1:
+            raise InvalidOptionError(f"`rank` must be ≥ 1, got {self.rank}")
+        if self.method == "adalora" and not 0 < self.target_rank <= self.init_rank:
+            raise InvalidOptionError(f"AdaLoRA's target rank (`target_rank`) must lie between 1 and its init rank "
+                                     f"(`init_rank`), got {self.target_rank} and {self.init_rank}")
+        self.spec()
 
     def spec(self) -> LayerSpec:
         return LayerSpec(method=self.method, r=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora,
@@ -156,156 +161,6 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
                            reduction="sum")
 
 
-def load_base(path: str | Path, *, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """The causal LM and its tokenizer from a local Hugging Face directory (offline)."""
-    try:
-        import transformers
-    except ImportError:
-        raise MissingDependencyError("transformers", "train") from None
-    p = Path(path)
-    if not p.exists():
-        raise InputNotFoundError(p, "base model")
-    if not (p / "config.json").is_file():
-        raise InvalidOptionError(f"{p} is not a Hugging Face model directory (no config.json); save the model with "
-                                 "save_pretrained first")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    return model.to(device), tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
-
-
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    owned: bool = False  # whether train() started the process group (and so ends it)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_dist(device_name: str) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(), resolve_device(device_name)
-    import torch.distributed as dist
-
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), owned), device
-
-
-def _all_sum(values: list[float], d: _Dist, device: torch.device) -> list[float]:
-    if d.world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _rng_state(device: torch.device) -> Tensor:
-    state = torch.get_rng_state()
-    if device.type == "cuda":
-        state = torch.cat([state, torch.cuda.get_rng_state(device)])
-    return state
-
-
-def _set_rng_state(state: Tensor, device: torch.device) -> None:
-    n = torch.get_rng_state().numel()
-    torch.set_rng_state(state[:n].clone())
-    if device.type == "cuda" and state.numel() > n:
-        torch.cuda.set_rng_state(state[n:].clone(), device)
-
-
-def _gather_rng(d: _Dist, device: torch.device) -> list[Tensor]:
-    state = _rng_state(device)
-    if d.world == 1:
-        return [state]
-    import torch.distributed as dist
-
-    t = state.to(device)
-    out = [torch.empty_like(t) for _ in range(d.world)]
-    dist.all_gather(out, t)
-    return [o.cpu() for o in out]
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    allocator: RankAllocator | None, state: dict[str, Any]) -> None:
-    """Write a checkpoint directory atomically (safetensors + JSON; see the module docstring)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    trainable.update({f"{n}.mask": m.mask.detach().cpu() for n, m in adapter_layers(model).items()
-                      if isinstance(m, AdaLoRALinear)})
-    opt: dict[str, Tensor] = {}
-    for p, s in optimizer.state.items():
-        for k, v in s.items():
-            opt[f"{names[id(p)]}::{k}"] = (v if isinstance(v, Tensor) else torch.tensor(v)).detach().cpu().contiguous()
-    with atomic_output(path, force=True) as tmp:
-        tmp.mkdir(parents=True)
-        save_safetensors(trainable, tmp / "trainable.safetensors")
-        save_safetensors(opt, tmp / "optimizer.safetensors")
-        if allocator is not None:
-            save_safetensors({k: v.detach().cpu().contiguous() for k, v in allocator.state_dict().items()},
-                             tmp / "allocator.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-
-
-def _read_state(p: Path) -> dict[str, Any]:
-    if not (p / "state.json").is_file():
-        raise InputNotFoundError(p / "state.json", "checkpoint state")
-    try:
-        state = json.loads((p / "state.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(p / "state.json", f"not valid JSON ({e.msg})") from None
-    if not isinstance(state, dict) or state.get("format") != "loratools-checkpoint/1":
-        raise CorruptFileError(p / "state.json", "not a loratools training checkpoint")
-    return state
-
-
-@torch.no_grad()
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    allocator: RankAllocator | None) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote into ``model``/``optimizer``/``allocator``; returns state.json."""
-    p = Path(path)
-    state = _read_state(p)
-    tensors, _ = load_safetensors(p / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    for k, v in tensors.items():
-        target = params.get(k, buffers.get(k))
-        if target is None:
-            raise InvalidOptionError(f"checkpoint {p} holds {k}, which this model does not have; resume with the same "
-                                     "base model and options")
-        target.copy_(v)
-    opt, _ = load_safetensors(p / "optimizer.safetensors")
-    by_name = {n: q for n, q in model.named_parameters()}
-    for key, v in opt.items():
-        name, _, slot = key.rpartition("::")
-        q = by_name[name]
-        optimizer.state[q][slot] = v.to(q.device) if slot != "step" else v
-    if allocator is not None and (p / "allocator.safetensors").is_file():
-        alloc, _ = load_safetensors(p / "allocator.safetensors")
-        allocator.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in alloc.items()})
-    return state
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -313,7 +168,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
 def _total_steps(cfg: TrainConfig, n_train: int, global_batch: int) -> int:
     if cfg.steps is not None:
         if cfg.steps < 1:
-            raise InvalidOptionError(f"--steps must be at least 1, got {cfg.steps}")
+            raise InvalidOptionError(f"`steps` must be at least 1, got {cfg.steps}")
         return cfg.steps
     epochs = cfg.epochs if cfg.epochs is not None else 1.0
     return max(1, math.ceil(epochs * n_train / global_batch))
@@ -337,7 +192,7 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, batch_size: int, 
     return total / max(1, count)
 
 
-def _backward_global_batch(net: nn.Module, batch: Sequence[Example], *, cfg: TrainConfig, d: _Dist,
+def _backward_global_batch(net: nn.Module, batch: Sequence[Example], *, cfg: TrainConfig, d: Processes,
                            device: torch.device, pad_id: int, denom: int, autocast: bool,
                            ada: list[AdaLoRALinear]) -> tuple[float, int]:
     """Accumulate this process's share of the gradient of one global batch.
@@ -366,6 +221,134 @@ def _backward_global_batch(net: nn.Module, batch: Sequence[Example], *, cfg: Tra
     return loss_sum, tokens
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds: the model and its adapter layers, the data, the optimizer."""
+
+    cfg: TrainConfig
+    d: Processes
+    device: torch.device
+    autocast: bool
+    model: nn.Module
+    pad_id: int
+    train_set: list[Example]
+    eval_set: list[Example]
+    total: int
+    global_batch: int
+    ada: list[AdaLoRALinear]
+    allocator: RankAllocator | None
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    n_trainable: int
+    n_expected: int
+    adalora_extra: dict[str, Any]
+
+
+def _allocator(layers: dict[str, Any], cfg: TrainConfig, total: int) -> tuple[RankAllocator | None, dict[str, Any]]:
+    """AdaLoRA's allocator (None for LoRA) and the schedule it runs, for adapter_config.json."""
+    ada = {n: m for n, m in layers.items() if isinstance(m, AdaLoRALinear)}
+    if not ada:
+        return None, {}
+    tinit = cfg.tinit if cfg.tinit is not None else round(0.1 * total)
+    tfinal = cfg.tfinal if cfg.tfinal is not None else round(0.3 * total)
+    delta_t = cfg.delta_t if cfg.delta_t is not None else max(1, total // 50)
+    allocator = RankAllocator(ada, target_r=cfg.target_rank, total_step=total, tinit=tinit, tfinal=tfinal,
+                              delta_t=delta_t, beta1=cfg.beta1, beta2=cfg.beta2)
+    return allocator, dict(tinit=tinit, tfinal=tfinal, deltaT=delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
+                           orth_reg_weight=cfg.orth_reg_weight, total_step=total)
+
+
+def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
+    """Start the processes, load model and data, adapt the model, build the optimizer (seeded, in this order)."""
+    d, device = dist.start(cfg.device)
+    use_autocast = device.type == "cuda" and cfg.dtype == "auto"
+    base_dtype = resolve_dtype(cfg.dtype, default=torch.bfloat16 if use_autocast else torch.float32)
+    assert base_dtype is not None
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_causal_lm(base, device=device, dtype=base_dtype)
+    examples = load_examples(data, tokenizer, seq_len=cfg.seq_len)
+    train_set, eval_set = split_examples(examples, eval_split=cfg.eval_split, seed=cfg.seed)
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    total = _total_steps(cfg, len(train_set), global_batch)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    torch.manual_seed(cfg.seed)  # the adapter's initial values depend on the seed alone
+    layers = inject(model, list(cfg.targets), cfg.spec())
+    model.train()
+    shapes = [(m.in_features, m.out_features) for m in layers.values()]
+    allocator, extra = _allocator(dict(layers), cfg, total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return _Run(cfg, d, device, use_autocast, model, pad_id, train_set, eval_set, total, global_batch,
+                [m for m in layers.values() if isinstance(m, AdaLoRALinear)], allocator, params, optimizer,
+                trainable_parameters(model), expected_parameters(shapes, cfg.spec()), extra)
+
+
+def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
+    """``(step, losses, evals)`` to continue from: a checkpoint's (its options must match), or a fresh start."""
+    if resume is None:
+        torch.manual_seed(run.cfg.seed + 1000 * run.d.rank)  # dropout streams, distinct per process
+        return 0, [], []
+    state = read_state(resume)
+    old, now = TrainConfig.from_json(state["config"]).to_json(), run.cfg.to_json()
+    diff = [k for k in now if k not in _RESUMABLE_DIFF and now[k] != old[k]]
+    if diff:
+        raise InvalidOptionError(f"`resume` {resume} was made with other options ({', '.join(diff)}); "
+                                 "resume with the options of the first run")
+    if int(state["world_size"]) != run.d.world:
+        raise InvalidOptionError(f"`resume` {resume} was made with {state['world_size']} processes, not {run.d.world}")
+    load_checkpoint(resume, model=run.model, optimizer=run.optimizer, allocator=run.allocator)
+    set_rng_state(torch.tensor(state["rng"][run.d.rank], dtype=torch.uint8), run.device)
+    return int(state["step"]), list(state["losses"]), list(state["evals"])
+
+
+def _step(run: _Run, net: nn.Module, step: int) -> tuple[float, float, float, float]:
+    """One optimizer step of the global batch of ``step``: ``(loss, lr, tokens over all processes, seconds)``."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=run.total)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    idx = global_batch_indices(step - 1, n=len(run.train_set), size=run.global_batch, seed=cfg.seed)
+    batch = [run.train_set[i] for i in idx]
+    denom = max(1, target_tokens(batch))
+    loss_sum, tokens = _backward_global_batch(net, batch, cfg=cfg, d=run.d, device=run.device, pad_id=run.pad_id,
+                                              denom=denom, autocast=run.autocast, ada=run.ada)
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.optimizer.step()
+    if run.allocator is not None:
+        run.allocator.step(step)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum, tokens_all = dist.all_sum([loss_sum, float(tokens)], run.d, run.device)
+    return loss_sum / denom, lr, tokens_all, max(time.perf_counter() - t0, 1e-9)
+
+
+def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]], evals: list[dict[str, float]],
+          ckpt_root: Path, on_step: Callable[[StepInfo], None] | None) -> None:
+    """Steps ``start + 1 … total``, with held-out losses and checkpoints; appends to ``losses``/``evals``."""
+    cfg, d = run.cfg, run.d
+    eval_every = cfg.eval_every if cfg.eval_every > 0 else max(1, run.total // 5)
+    for step in range(start + 1, run.total + 1):
+        step_loss, lr, tokens_all, seconds = _step(run, net, step)  # training only: eval and checkpoints excluded
+        eval_loss = None
+        if run.eval_set and (step % eval_every == 0 or step == run.total):
+            eval_loss = evaluate(run.model, run.eval_set, batch_size=cfg.batch_size, pad_id=run.pad_id,
+                                 device=run.device, autocast=run.autocast) if d.main else None
+            if eval_loss is not None:
+                evals.append({"step": step, "eval_loss": eval_loss})
+        losses.append({"step": step, "loss": step_loss, "lr": lr})
+        if cfg.save_every and step % cfg.save_every == 0 and step < run.total:
+            rngs = dist.all_gather(rng_state(run.device), d, run.device)
+            if d.main:
+                state = {"step": step, "config": cfg.to_json(), "world_size": d.world, "losses": losses,
+                         "evals": evals, "rng": [r.tolist() for r in rngs]}
+                save_checkpoint(ckpt_root / f"step-{step}", model=run.model, optimizer=run.optimizer,
+                                allocator=run.allocator, state=state)
+        if on_step is not None and d.main:
+            on_step(StepInfo(step, run.total, step_loss, lr, tokens_all / seconds, eval_loss))
+
+
 def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
           resume: str | Path | None = None, checkpoint_dir: str | Path | None = None,
           on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
@@ -383,144 +366,28 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     if resume is not None and not (Path(resume) / "state.json").is_file():
         raise InputNotFoundError(Path(resume) / "state.json", "checkpoint")
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".checkpoints")
-    d, device = _init_dist(cfg.device)
-    use_autocast = device.type == "cuda" and cfg.dtype == "auto"
-    base_dtype = resolve_dtype(cfg.dtype, default=torch.bfloat16 if use_autocast else torch.float32)
-    assert base_dtype is not None
-
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_base(base, device=device, dtype=base_dtype)
-    examples = load_examples(data, tokenizer, seq_len=cfg.seq_len)
-    train_set, eval_set = split_examples(examples, eval_split=cfg.eval_split, seed=cfg.seed)
-    global_batch = cfg.batch_size * cfg.grad_accum * d.world
-    total = _total_steps(cfg, len(train_set), global_batch)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-    torch.manual_seed(cfg.seed)  # the adapter's initial values depend on the seed alone
-    layers = inject(model, list(cfg.targets), cfg.spec())
-    model.train()
-    shapes = [(m.in_features, m.out_features) for m in layers.values()]
-    n_trainable, n_expected = trainable_parameters(model), expected_parameters(shapes, cfg.spec())
-    ada = {n: m for n, m in layers.items() if isinstance(m, AdaLoRALinear)}
-    tinit = cfg.tinit if cfg.tinit is not None else round(0.1 * total)
-    tfinal = cfg.tfinal if cfg.tfinal is not None else round(0.3 * total)
-    delta_t = cfg.delta_t if cfg.delta_t is not None else max(1, total // 50)
-    allocator = (RankAllocator(ada, target_r=cfg.target_rank, total_step=total, tinit=tinit, tfinal=tfinal,
-                               delta_t=delta_t, beta1=cfg.beta1, beta2=cfg.beta2) if ada else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    start, losses, evals = 0, [], []
-    if resume is not None:
-        state = _read_state(Path(resume))
-        old, now = TrainConfig.from_json(state["config"]).to_json(), cfg.to_json()
-        diff = [k for k in now if k not in _RESUMABLE_DIFF and now[k] != old[k]]
-        if diff:
-            raise InvalidOptionError(f"--resume {resume} was made with other options ({', '.join(diff)}); "
-                                     "resume with the options of the first run")
-        if int(state["world_size"]) != d.world:
-            raise InvalidOptionError(f"--resume {resume} was made with {state['world_size']} processes, not {d.world}")
-        load_checkpoint(Path(resume), model=model, optimizer=optimizer, allocator=allocator)
-        start, losses, evals = int(state["step"]), list(state["losses"]), list(state["evals"])
-        _set_rng_state(torch.tensor(state["rng"][d.rank], dtype=torch.uint8), device)
-    else:
-        torch.manual_seed(cfg.seed + 1000 * d.rank)  # dropout streams, distinct per process
-
-    net: nn.Module = model
-    if d.world > 1:
+    run = _setup(base, data, cfg)
+    start, losses, evals = _resume(run, resume)
+    net: nn.Module = run.model
+    if run.d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    eval_every = cfg.eval_every if cfg.eval_every > 0 else max(1, total // 5)
+        net = DistributedDataParallel(run.model, device_ids=[run.device] if run.device.type == "cuda" else None)
     t0 = time.perf_counter()
-    for step in range(start + 1, total + 1):
-        t_step = time.perf_counter()
-        lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=total)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        idx = global_batch_indices(step - 1, n=len(train_set), size=global_batch, seed=cfg.seed)
-        batch = [train_set[i] for i in idx]
-        denom = max(1, target_tokens(batch))
-        loss_sum, tokens = _backward_global_batch(net, batch, cfg=cfg, d=d, device=device, pad_id=pad_id,
-                                                  denom=denom, autocast=use_autocast, ada=list(ada.values()))
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        if allocator is not None:
-            allocator.step(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, tokens_all = _all_sum([loss_sum, float(tokens)], d, device)
-        step_loss = loss_sum / denom
-        step_seconds = max(time.perf_counter() - t_step, 1e-9)  # training only: eval and checkpoints excluded
-        eval_loss = None
-        if eval_set and (step % eval_every == 0 or step == total):
-            eval_loss = evaluate(model, eval_set, batch_size=cfg.batch_size, pad_id=pad_id, device=device,
-                                 autocast=use_autocast) if d.main else None
-            if eval_loss is not None:
-                evals.append({"step": step, "eval_loss": eval_loss})
-        losses.append({"step": step, "loss": step_loss, "lr": lr})
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            rngs = _gather_rng(d, device)
-            if d.main:
-                state = {"step": step, "config": cfg.to_json(), "world_size": d.world, "losses": losses,
-                         "evals": evals, "rng": [r.tolist() for r in rngs], "format": "loratools-checkpoint/1"}
-                save_checkpoint(ckpt_root / f"step-{step}", model=model, optimizer=optimizer, allocator=allocator,
-                                state=state)
-        if on_step is not None and d.main:
-            on_step(StepInfo(step, total, step_loss, lr, tokens_all / step_seconds, eval_loss))
+    _loop(run, net, start, losses, evals, ckpt_root, on_step)
     seconds = time.perf_counter() - t0
 
-    extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank}
-    if allocator is not None:
-        extra.update(tinit=tinit, tfinal=tfinal, deltaT=delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
-                     orth_reg_weight=cfg.orth_reg_weight, total_step=total)
-    adapter = adapter_state(model, base_model=str(base), targets=list(cfg.targets), extra=extra)
+    extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank, **run.adalora_extra}
+    adapter = adapter_state(run.model, base_model=str(base), targets=list(cfg.targets), extra=extra)
     if cfg.save_as == "lora":
         adapter = as_lora(adapter)
-    result = TrainResult(adapter, total, n_trainable, n_expected, losses, evals, seconds,
-                         allocator.rank_pattern() if allocator is not None else None)
-    if d.main:
-        _write_outputs(out, result, cfg, force=force, world=d.world, inputs=(base, data))
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if d.owned:
-            dist.destroy_process_group()
+    result = TrainResult(adapter, run.total, run.n_trainable, run.n_expected, losses, evals, seconds,
+                         run.allocator.rank_pattern() if run.allocator is not None else None)
+    if run.d.main:
+        record = {**cfg.to_json(), "world_size": run.d.world, "total_steps": result.steps,
+                  "trainable_parameters": result.trainable_parameters,
+                  "expected_parameters": result.expected_parameters, "seconds": result.seconds,
+                  "rank_pattern": result.rank_pattern}
+        write_run(out, adapter, record, losses, evals, force=force, inputs=(base, data))
+    dist.finish(run.d)
     return result
-
-
-def _write_outputs(out: Path, result: TrainResult, cfg: TrainConfig, *, force: bool, world: int,
-                   inputs: tuple[str | Path, ...]) -> None:
-    from .formats import get_format
-
-    with atomic_output(out, force=force, inputs=inputs) as tmp:
-        get_format("peft").write(result.adapter, tmp)
-        (tmp / "training_config.json").write_text(json.dumps(
-            {**cfg.to_json(), "world_size": world, "total_steps": result.steps,
-             "trainable_parameters": result.trainable_parameters, "expected_parameters": result.expected_parameters,
-             "seconds": result.seconds, "rank_pattern": result.rank_pattern}, indent=2) + "\n")
-        (tmp / "loss_curve.json").write_text(json.dumps({"train": result.losses, "eval": result.evals}, indent=1) + "\n")
-        _plot(tmp / "loss.png", result)
-
-
-def _plot(path: Path, result: TrainResult) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # the plot is optional
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in result.losses], [r["loss"] for r in result.losses], label="train")
-    if result.evals:
-        ax.plot([r["step"] for r in result.evals], [r["eval_loss"] for r in result.evals], "o-", label="held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-

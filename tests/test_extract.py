@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratools.extract import extract
+from loratools.extract import extract_adapter
 from loratools.formats import read_adapter
 from loratools.io import ModelReader, load_safetensors, save_safetensors
 from loratools.linalg import energy_rank, error_rank, truncated_svd
@@ -49,7 +49,7 @@ def noisy(tiny_llama, tmp_path):
 
 def test_exact_rank8_delta_is_recovered(tiny_llama, exact8):
     tuned, deltas = exact8
-    res = extract(ModelReader(tiny_llama), ModelReader(tuned), rank=8, device="cpu")
+    res = extract_adapter(ModelReader(tiny_llama), ModelReader(tuned), rank=8, device="cpu")
     assert {f"{r.name}.weight" for r in res.layers} == set(deltas)
     for r in res.layers:
         assert r.rank == 8 and r.rel_error <= 1e-5, r
@@ -67,7 +67,7 @@ def test_exact_rank8_delta_is_recovered(tiny_llama, exact8):
 def test_noisy_error_is_within_one_percent_of_optimal(tiny_llama, noisy):
     tuned, deltas = noisy
     r = 4
-    res = extract(ModelReader(tiny_llama), ModelReader(tuned), rank=r, device="cpu")
+    res = extract_adapter(ModelReader(tiny_llama), ModelReader(tuned), rank=r, device="cpu")
     for layer in res.layers:
         D = deltas[f"{layer.name}.weight"].double()
         s = torch.linalg.svdvals(D)
@@ -81,7 +81,7 @@ def test_noisy_error_is_within_one_percent_of_optimal(tiny_llama, noisy):
 def test_energy_and_error_rules_pick_the_smallest_rank(tiny_llama, noisy):
     tuned, deltas = noisy
     for kw, rule in ((dict(energy=0.9), lambda s: energy_rank(s, 0.9)), (dict(error=0.3), lambda s: error_rank(s, 0.3))):
-        res = extract(ModelReader(tiny_llama), ModelReader(tuned), device="cpu", **kw)
+        res = extract_adapter(ModelReader(tiny_llama), ModelReader(tuned), device="cpu", **kw)
         for layer in res.layers:
             s = torch.linalg.svdvals(deltas[f"{layer.name}.weight"].double())
             # randomized σ can only undershoot, so the rank may exceed the exact one by one at a knife edge
@@ -90,7 +90,7 @@ def test_energy_and_error_rules_pick_the_smallest_rank(tiny_llama, noisy):
                 assert layer.rel_error <= 0.3 + 1e-6
             else:
                 assert layer.energy_kept >= 0.9 - 1e-6
-    capped = extract(ModelReader(tiny_llama), ModelReader(tuned), device="cpu", energy=0.999, max_rank=5)
+    capped = extract_adapter(ModelReader(tiny_llama), ModelReader(tuned), device="cpu", energy=0.999, max_rank=5)
     assert max(layer.rank for layer in capped.layers) == 5
 
 
@@ -120,7 +120,7 @@ def test_conv_and_conv1d_layouts():
     c1d = torch.randn(16, 3, generator=g) @ torch.randn(3, 48, generator=g)  # GPT-2 Conv1D: weight (in, out)
     base = {"h.0.conv.weight": torch.zeros(8, 4, 3, 3), "h.0.attn.c_attn.weight": torch.zeros(16, 48)}
     tuned = {"h.0.conv.weight": conv.reshape(8, 4, 3, 3), "h.0.attn.c_attn.weight": c1d}
-    res = extract(base, tuned, rank=3, fan_in_fan_out=True, device="cpu")
+    res = extract_adapter(base, tuned, rank=3, fan_in_fan_out=True, device="cpu")
     mc, ml = res.adapter.modules["h.0.conv"], res.adapter.modules["h.0.attn.c_attn"]
     assert mc.kind == "conv" and mc.A.shape == (2 if mc.rank == 2 else 3, 4, 3, 3) and mc.B.shape[2:] == (1, 1)
     assert torch.allclose(mc.delta(), tuned["h.0.conv.weight"], atol=1e-5)
@@ -189,3 +189,32 @@ def test_cli_table_and_errors(tiny_llama, exact8, tmp_path, cli):
     assert missing.returncode == 2 and "not found" in missing.stderr
     exists = cli("extract", tiny_llama, tuned, "-o", out, "--rank", "4")
     assert exists.returncode == 2 and "--force" in exists.stderr
+
+
+def test_job_names_do_not_shadow_their_modules():
+    """`loratools.extract` is the module (its ExtractResult reachable); the job is `extract_adapter`."""
+    import types
+
+    import loratools
+    import loratools.extract as m
+
+    assert m.ExtractResult.__name__ == "ExtractResult"
+    for module, job in [("extract", "extract_adapter"), ("resize", "resize_adapter"), ("prune", "prune_adapter")]:
+        assert isinstance(getattr(loratools, module), types.ModuleType), module
+        assert getattr(loratools, job) is getattr(getattr(loratools, module), job)
+        assert job in loratools.__all__ and module not in loratools.__all__
+
+
+def test_rank_rule_value_or_keywords_give_the_same_adapter():
+    from loratools.errors import InvalidOptionError
+    from loratools.linalg import RankRule
+
+    W0 = {"m.0.q.weight": torch.zeros(12, 10)}
+    W1 = {"m.0.q.weight": torch.randn(12, 10, generator=torch.Generator().manual_seed(0))}
+    a = extract_adapter(W0, W1, RankRule(energy=0.8, max_rank=4), device="cpu")
+    b = extract_adapter(W0, W1, energy=0.8, max_rank=4, device="cpu")
+    assert torch.equal(a.adapter.modules["m.0.q"].A, b.adapter.modules["m.0.q"].A)
+    with pytest.raises(InvalidOptionError, match="not both"):
+        extract_adapter(W0, W1, RankRule(rank=2), rank=3, device="cpu")
+    with pytest.raises(InvalidOptionError, match="`rank`"):
+        extract_adapter(W0, W1, rank=0, device="cpu")

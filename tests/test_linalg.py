@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loratools.config import lora_scale, pattern_value
+from loratools.config import alpha_for_scale, lora_scale, pattern_value
 from loratools.linalg import energy_rank, entropy_effective_rank, error_rank, lowrank_svd, numerical_rank, stable_rank
 
 
@@ -51,6 +51,17 @@ def test_lowrank_svd_reconstructs_the_product(m, n, r, seed):
 def test_scaling_rules():
     assert lora_scale(16, 8) == 2.0
     assert lora_scale(16, 4, rslora=True) == 8.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(scale=st.floats(1e-3, 1e3), r=st.integers(1, 512), rslora=st.booleans())
+def test_alpha_for_scale_inverts_lora_scale(scale, r, rslora):
+    alpha = alpha_for_scale(scale, r, rslora=rslora)
+    assert lora_scale(alpha, r, rslora=rslora) == pytest.approx(scale, rel=1e-15)
+    assert alpha == (scale * math.sqrt(r) if rslora else scale * r)
+    # a module's own alpha is kept when it gives the scale exactly, replaced when it does not
+    assert alpha_for_scale(lora_scale(3.0, r, rslora=rslora), r, rslora=rslora, keep=3.0) == 3.0
+    assert alpha_for_scale(2.0, 4, keep=7.0) == 8.0
 
 
 def test_pattern_lookup_is_peft_s_suffix_regex_first_match():

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from loratools.adapter import Adapter, Module
 from loratools.config import AdapterConfig
 from loratools.formats import read_adapter, write_adapter
-from loratools.prune import (allocate, calibration_scores, load_causal_lm, prune, svd_form, triplet_gradients,
-                             update_sensitivity)
+from loratools.adalora import allocate, update_sensitivity
+from loratools.lm import load_causal_lm
+from loratools.prune import calibration_scores, prune_adapter, svd_form, triplet_gradients
 
 IDS = torch.tensor([[10, 20, 30, 40, 50, 60, 70]])
 
@@ -57,7 +58,7 @@ def test_allocate_keeps_the_global_top_budget(rows, data):
 def test_magnitude_prune_of_lora_keeps_the_largest_singular_values(tiny_llama, adapters, tmp_path):
     src = read_adapter(adapters / "lora")
     budget = 20
-    res = prune(src, budget=budget)
+    res = prune_adapter(src, budget=budget)
     assert res.importance == "magnitude" and sum(res.rank_pattern.values()) == budget
     # reference: dense float64 SVD of every ΔW, the 20 largest σ over all layers
     svals = {n: torch.linalg.svdvals(m.delta(dtype=torch.float64)) for n, m in src.items()}
@@ -77,7 +78,7 @@ def test_magnitude_prune_of_lora_keeps_the_largest_singular_values(tiny_llama, a
 @pytest.mark.parametrize("to_lora", [False, True])
 def test_adalora_prune_loads_in_peft(tiny_llama, adapters, tmp_path, to_lora):
     src = read_adapter(adapters / "adalora")
-    res = prune(src, budget=9, to_lora=to_lora)
+    res = prune_adapter(src, budget=9, to_lora=to_lora)
     assert sum(m.rank for m in res.adapter.modules.values()) == 9
     assert res.adapter.method == ("lora" if to_lora else "adalora")
     out = tmp_path / "pruned"
@@ -96,7 +97,7 @@ def test_lambda_gradients_equal_peft_lora_E_gradients(tiny_llama, adapters):
 
     src = read_adapter(adapters / "adalora")
     batch = {"input_ids": IDS, "labels": IDS}
-    model, _ = load_causal_lm(tiny_llama, device=torch.device("cpu"))
+    model, _ = load_causal_lm(tiny_llama, device=torch.device("cpu"), frozen=True)
     ours = triplet_gradients(model, svd_form(src), batch, kinds={n: m.kind for n, m in src.items()})
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapters / "adalora")
     for n, p in peft_model.named_parameters():
@@ -116,7 +117,7 @@ def test_lambda_gradients_equal_peft_lora_E_gradients(tiny_llama, adapters):
 def test_gradient_importance_differs_from_magnitude(tiny_llama, tmp_path):
     """The largest triplet only touches tokens the calibration text never uses: its gradient
     importance is 0 (pruned), while magnitude keeps it."""
-    model, tok = load_causal_lm(tiny_llama, device=torch.device("cpu"))
+    model, tok = load_causal_lm(tiny_llama, device=torch.device("cpu"), frozen=True)
     texts = ["the cat sat on the mat", "a quiet child remembers the morning light"]
     used = {i for t in texts for i in tok(t)["input_ids"]}
     unused = [i for i in range(259) if i not in used]
@@ -134,7 +135,8 @@ def test_gradient_importance_differs_from_magnitude(tiny_llama, tmp_path):
     assert lam[0] > lam[1] * 4  # magnitude ranks the unused-token triplet first
     # gradients rank it last (0 up to the rounding of the SVD that puts the LoRA in triplet form)
     assert float(s[1]) > 0.0 and float(s[0]) < 1e-9 * float(s[1])
-    assert prune(adapter, budget=1).layers[0].kept != prune(adapter, budget=1, importance=scores).layers[0].kept
+    by_gradient = prune_adapter(adapter, budget=1, importance=scores).layers[0].kept
+    assert prune_adapter(adapter, budget=1).layers[0].kept != by_gradient
 
 
 def test_sensitivity_ema_matches_the_recursion():
@@ -168,7 +170,7 @@ def test_cli_prune_errors(tiny_llama, adapters, tmp_path, cli):
     proc = cli("prune", adapters / "adalora", "-o", tmp_path / "a", "--budget", "10")
     assert proc.returncode == 0 and "magnitude" in proc.stderr
     bad = cli("prune", adapters / "lora", "-o", tmp_path / "x", "--budget", "1000")
-    assert bad.returncode == 2 and "--budget" in bad.stderr and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and "budget" in bad.stderr and not (tmp_path / "x").exists()
     bad = cli("prune", adapters / "lora", "-o", tmp_path / "x", "--budget", "4", "--base", tiny_llama)
     assert bad.returncode == 2 and "--data" in bad.stderr
     (tmp_path / "bad.jsonl").write_text('{"oops": 1}\n')

@@ -255,3 +255,40 @@ def test_epochs_set_the_step_count() -> None:
     assert _total_steps(TrainConfig(steps=7), 10, 4) == 7
     with pytest.raises(InvalidOptionError):
         TrainConfig(steps=3, epochs=1)
+
+
+def test_base_model_with_only_pickled_weights_is_refused(tmp_path: Path, cli) -> None:
+    """The one model loader (loratools.lm) loads safetensors only: a .bin-only directory is one line, exit 2."""
+    from loratools.lm import load_causal_lm
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text((TINY_LLAMA / "config.json").read_text())
+    (d / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(InvalidOptionError, match="safetensors"):
+        load_causal_lm(d)
+    r = cli("train", d, CORPUS, "-o", tmp_path / "o", "--steps", "1")
+    assert r.returncode == 2 and "pytorch_model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_rows_are_read_once_and_checked(tmp_path: Path) -> None:
+    """read_rows (training and calibration): string fields only; a training file mixing kinds is refused."""
+    from transformers import AutoTokenizer
+
+    from loratools.data import Row, read_rows
+    from loratools.errors import CorruptFileError
+
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('{"text": "a b c d e f"}\n\n{"prompt": "Q", "completion": "A"}\n')
+    assert read_rows(f) == [Row("a b c d e f"), Row("Q", "A")]
+    tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    with pytest.raises(CorruptFileError, match="mixes"):
+        load_examples(f, tok, seq_len=8)
+    (tmp_path / "null.jsonl").write_text('{"text": null}\n')
+    with pytest.raises(CorruptFileError, match="line 1"):
+        read_rows(tmp_path / "null.jsonl")
+    txt = tmp_path / "calib.txt"
+    txt.write_text('{"text": "x"}\n')
+    assert read_rows(txt) == [Row('{"text": "x"}\n')]  # training: any non-.jsonl file is plain text
+    assert read_rows(txt, plain_text=False) == [Row("x")]  # calibration: always JSON lines

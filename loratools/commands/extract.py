@@ -8,7 +8,7 @@ import click
 
 from .. import render
 from ..device import resolve_dtype
-from ..extract import extract as extract_lora
+from ..extract import extract_adapter
 from ..extract import plan_size
 from ..formats import write_adapter
 from ..io import ModelReader
@@ -60,7 +60,7 @@ def extract(obj: object, base: str, tuned: str, output: str, rank: int | None, e
     check_output(output, force=force, inputs=(base, tuned))  # fail before the long computation
     base_r, tuned_r = ModelReader(base), ModelReader(tuned)
     with render.progress(plan_size(base_r), "extracting", quiet=quiet(obj) or as_json) as advance:
-        res = extract_lora(base_r, tuned_r, rank=rank, energy=energy, error=error, max_rank=max_rank,
+        res = extract_adapter(base_r, tuned_r, rank=rank, energy=energy, error=error, max_rank=max_rank,
                            targets=_split(targets), alpha=alpha, device=device,
                            dtype=resolve_dtype(dtype), progress=advance)
     write_adapter(res.adapter, output, format=fmt, force=force, inputs=(base, tuned))

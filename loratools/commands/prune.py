@@ -8,7 +8,9 @@ from .. import render
 from ..device import resolve_device
 from ..errors import InvalidOptionError
 from ..formats import read_adapter, write_adapter
-from ..prune import calibration_scores, load_causal_lm, prune as prune_adapter, read_calibration
+from ..data import read_rows
+from ..lm import load_causal_lm
+from ..prune import calibration_scores, prune_adapter
 from ._common import ADAPTER, device_option, force_option, output_option, quiet
 from ..io import check_output
 from ._compress import show, format_option, prune_table, size
@@ -51,8 +53,8 @@ def prune(obj: object, adapter: str, output: str, budget: int, base: str | None,
     src = read_adapter(adapter)
     importance = None
     if base is not None and data is not None:
-        examples = read_calibration(data)
-        model, tokenizer = load_causal_lm(base, device=resolve_device(device))
+        examples = read_rows(data, what="calibration data", plain_text=False)
+        model, tokenizer = load_causal_lm(base, device=resolve_device(device), frozen=True)
         with render.progress(len(examples), "calibrating", quiet=quiet(obj)) as advance:
             importance = calibration_scores(src, model, tokenizer, examples, beta1=beta1, beta2=beta2,
                                             progress=advance)

@@ -6,7 +6,7 @@ import click
 
 from .. import render
 from ..formats import read_adapter, write_adapter
-from ..resize import resize as resize_adapter
+from ..resize import resize_adapter
 from ._common import ADAPTER, force_option, output_option, quiet
 from ..io import check_output
 from ._compress import show, format_option, rank_rule_options, resize_table, size

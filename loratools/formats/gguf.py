@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
-from ..config import AdapterConfig, lora_scale
+from ..config import AdapterConfig, alpha_for_scale, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingDependencyError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
 from . import Format, register
@@ -215,7 +215,7 @@ def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
 
 def global_alpha(adapter: Adapter) -> float:
     """The file's one alpha: the most common ``scale · rank`` (never 0: llama.cpp reads 0 as "scale 1")."""
-    products = [m.scale * m.rank for m in adapter.modules.values() if m.rank > 0 and m.scale * m.rank != 0]
+    products = [alpha_for_scale(m.scale, m.rank) for m in adapter.modules.values() if m.rank > 0 and m.scale != 0]
     return float(Counter(products).most_common(1)[0][0]) if products else 1.0
 
 
@@ -246,7 +246,7 @@ def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) ->
         g = gguf_name(name)
         assert g is not None
         A = m.A.to(torch.float64)
-        B = m.B.to(torch.float64) * (m.scale * m.rank / alpha)
+        B = m.B.to(torch.float64) * (alpha_for_scale(m.scale, m.rank) / alpha)
         heads = _heads_for(g, base)
         if heads is not None:
             if heads <= 0:

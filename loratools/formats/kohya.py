@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
-from ..config import AdapterConfig, lora_scale
+from ..config import AdapterConfig, alpha_for_scale, lora_scale
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, save_safetensors
 from . import Format, peek_safetensors, register
@@ -177,7 +177,7 @@ def write_kohya(adapter: Adapter, path: Path) -> None:
         key = kohya_key(name)
         names[key] = name
         # kohya's rule is always alpha/r: carry rsLoRA/pattern/AdaLoRA scales in alpha itself
-        alpha = m.alpha if lora_scale(m.alpha, m.rank) == m.scale else m.scale * m.rank
+        alpha = alpha_for_scale(m.scale, m.rank, keep=m.alpha)
         tensors[key + _DOWN], tensors[key + _UP] = m.A, m.B
         tensors[key + _ALPHA] = torch.tensor(alpha, dtype=torch.float32)
         (conv if m.kind == "conv" else ranks).append(m.rank)

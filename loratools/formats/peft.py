@@ -23,7 +23,8 @@ from typing import Any
 from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module
-from ..config import AdapterConfig, adalora_scale, lora_scale, pattern_value, target_matches
+from ..adalora import mask_key, module_mask
+from ..config import AdapterConfig, adalora_scale, alpha_for_scale, lora_scale, pattern_value, target_matches
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
 from ..io import load_safetensors, save_safetensors
 from . import Format, register
@@ -188,17 +189,12 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         if len(alphas) > 1 or len(scales) > 1:
             raise InvalidOptionError("AdaLoRA in PEFT has one alpha for all modules; write it as LoRA instead (--to lora)")
         init_r = cfg.init_r or max(m.rank for m in adapter.modules.values())
-        old_masks = raw.get("rank_pattern") or {}
         masks: dict[str, list[bool]] = {}
         for name, m in adapter.items():
             if m.rank > init_r:
                 raise ShapeMismatchError(name, f"rank ≤ init_r = {init_r}", m.rank)
             if m.rank < init_r:
-                old = old_masks.get(f"{name}.lora_E")
-                masks[f"{name}.lora_E"] = (
-                    list(old) if old is not None and len(old) == init_r and sum(map(bool, old)) == m.rank
-                    else [True] * m.rank + [False] * (init_r - m.rank)
-                )
+                masks[mask_key(name)] = module_mask(raw.get("rank_pattern"), name, rank=m.rank, init_r=init_r)
         raw.update(peft_type="ADALORA", init_r=init_r, target_r=cfg.target_r or init_r, lora_alpha=next(iter(alphas)),
                    rank_pattern=masks or None, r=raw.get("r", 8))
         raw.setdefault("total_step", 1)
@@ -207,9 +203,7 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
     for key in _ADALORA_ONLY:
         raw.pop(key, None)
     # alpha is chosen per module so that the scaling rule gives each module's exact scale
-    rule = (lambda r: r**0.5) if cfg.use_rslora else (lambda r: float(r))
-    alphas = {n: (m.alpha if lora_scale(m.alpha, m.rank, rslora=cfg.use_rslora) == m.scale else m.scale * rule(m.rank))
-              for n, m in adapter.items()}
+    alphas = {n: alpha_for_scale(m.scale, m.rank, rslora=cfg.use_rslora, keep=m.alpha) for n, m in adapter.items()}
     ranks = {n: m.rank for n, m in adapter.items()}
     r0, a0 = _mode(list(ranks.values())), _mode(list(alphas.values()))
     raw.update(

@@ -1,0 +1,143 @@
+"""What a training run writes: checkpoints while it runs, its output directory when it ends. No pickle anywhere.
+
+A checkpoint is a directory of safetensors files and one JSON file:
+
+- ``trainable.safetensors``: the adapter parameters and the AdaLoRA masks (``<layer>.mask``);
+- ``optimizer.safetensors``: the optimizer state, keyed ``<parameter name>::<slot>`` (AdamW's moments and step);
+- ``allocator.safetensors``: AdaLoRA's importance EMAs (:meth:`loratools.adalora.RankAllocator.state_dict`);
+- ``state.json``: step, config, loss history, the torch RNG state of every process (lists of bytes)
+  and ``"format": "loratools-checkpoint/1"``.
+
+With these a resumed run continues bit for bit (:func:`loratools.train.train`). The finished run's
+directory (:func:`write_run`) holds the adapter as PEFT writes it, ``training_config.json``,
+``loss_curve.json`` and, with matplotlib, ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adalora import RankAllocator
+from .adapter import Adapter
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError
+from .io import atomic_output, load_safetensors, save_safetensors
+from .nn import AdaLoRALinear, adapter_layers
+
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "rng_state", "set_rng_state", "write_run"]
+
+FORMAT = "loratools-checkpoint/1"
+
+
+def rng_state(device: torch.device) -> Tensor:
+    """This process's torch RNG state: the CPU generator's, then the device's on CUDA (uint8)."""
+    state = torch.get_rng_state()
+    if device.type == "cuda":
+        state = torch.cat([state, torch.cuda.get_rng_state(device)])
+    return state
+
+
+def set_rng_state(state: Tensor, device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    n = torch.get_rng_state().numel()
+    torch.set_rng_state(state[:n].clone())
+    if device.type == "cuda" and state.numel() > n:
+        torch.cuda.set_rng_state(state[n:].clone(), device)
+
+
+def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    allocator: RankAllocator | None, state: dict[str, Any]) -> None:
+    """Write a checkpoint directory atomically (see the module docstring); ``state`` becomes state.json."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    trainable.update({f"{n}.mask": m.mask.detach().cpu() for n, m in adapter_layers(model).items()
+                      if isinstance(m, AdaLoRALinear)})
+    opt: dict[str, Tensor] = {}
+    for p, s in optimizer.state.items():
+        for k, v in s.items():
+            opt[f"{names[id(p)]}::{k}"] = (v if isinstance(v, Tensor) else torch.tensor(v)).detach().cpu().contiguous()
+    with atomic_output(path, force=True) as tmp:
+        tmp.mkdir(parents=True)
+        save_safetensors(trainable, tmp / "trainable.safetensors")
+        save_safetensors(opt, tmp / "optimizer.safetensors")
+        if allocator is not None:
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in allocator.state_dict().items()},
+                             tmp / "allocator.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "format": FORMAT}, indent=1) + "\n")
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, checked to be one."""
+    p = Path(path)
+    if not (p / "state.json").is_file():
+        raise InputNotFoundError(p / "state.json", "checkpoint state")
+    try:
+        state = json.loads((p / "state.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(p / "state.json", f"not valid JSON ({e.msg})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CorruptFileError(p / "state.json", "not a loratools training checkpoint")
+    return state
+
+
+@torch.no_grad()
+def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    allocator: RankAllocator | None) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``/``optimizer``/``allocator``; returns state.json."""
+    p = Path(path)
+    state = read_state(p)
+    tensors, _ = load_safetensors(p / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for k, v in tensors.items():
+        target = params.get(k, buffers.get(k))
+        if target is None:
+            raise InvalidOptionError(f"checkpoint {p} holds {k}, which this model does not have; resume with the same "
+                                     "base model and options")
+        target.copy_(v)
+    opt, _ = load_safetensors(p / "optimizer.safetensors")
+    for key, v in opt.items():
+        name, _, slot = key.rpartition("::")
+        q = params[name]
+        optimizer.state[q][slot] = v.to(q.device) if slot != "step" else v
+    if allocator is not None and (p / "allocator.safetensors").is_file():
+        alloc, _ = load_safetensors(p / "allocator.safetensors")
+        allocator.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in alloc.items()})
+    return state
+
+
+def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[dict[str, float]],
+              evals: list[dict[str, float]], *, force: bool, inputs: tuple[str | Path, ...]) -> None:
+    """The finished run's directory, atomically: ``adapter`` (PEFT), ``record`` as training_config.json,
+    the train and held-out losses as loss_curve.json, and their plot."""
+    from .formats import get_format
+
+    with atomic_output(out, force=force, inputs=inputs) as tmp:
+        get_format("peft").write(adapter, tmp)
+        (tmp / "training_config.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "loss_curve.json").write_text(json.dumps({"train": losses, "eval": evals}, indent=1) + "\n")
+        _plot(tmp / "loss.png", losses, evals)
+
+
+def _plot(path: Path, losses: list[dict[str, float]], evals: list[dict[str, float]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the plot is optional
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], label="train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
