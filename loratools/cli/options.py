@@ -1,13 +1,48 @@
-"""Options and argument types shared by the commands."""
+"""What the commands share: the run's session (-q and its consoles), options and argument types.
+
+Only click is imported here: every command module imports this at start-up, so
+``loratools --help`` must not pay for rich, torch or the library.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 import click
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-__all__ = ["AdapterPath", "ADAPTER", "output_option", "force_option", "device_option", "dtype_option", "quiet"]
+__all__ = ["Session", "pass_session", "AdapterPath", "ADAPTER", "output_option", "force_option", "device_option",
+           "dtype_option", "rank_rule_options", "format_option"]
+
+
+class Session:
+    """What every command gets from the group: ``-q`` and consoles bound to this run's stdout/stderr.
+
+    The consoles are made on first use, from ``sys.stdout``/``sys.stderr`` as they are then,
+    so each in-process ``main([...])`` (under pytest's capture, say) prints where that run prints.
+    """
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    @functools.cached_property
+    def out(self) -> Console:
+        from .render import console
+
+        return console(stderr=False)
+
+    @functools.cached_property
+    def err(self) -> Console:
+        from .render import console
+
+        return console(stderr=True)
+
+
+# a command run without the group (click's CliRunner on one command) gets a default session
+pass_session = click.make_pass_decorator(Session, ensure=True)
 
 
 class AdapterPath(click.ParamType):
@@ -37,5 +72,19 @@ dtype_option = click.option("--dtype", default="auto", show_default=True,
                             help="Output dtype; auto keeps the input's.")
 
 
-def quiet(obj: object) -> bool:
-    return bool(getattr(obj, "quiet", False))
+def rank_rule_options(f: Any) -> Any:
+    """--rank / --energy / --error / --max-rank (exactly one of the first three)."""
+    for opt in reversed([
+        click.option("--rank", type=int, default=None, help="Keep this rank in every layer."),
+        click.option("--energy", type=float, default=None, metavar="F",
+                     help="Per layer, the smallest rank k with Σ_{i≤k} σᵢ² ≥ F·Σσᵢ² (0 < F ≤ 1)."),
+        click.option("--error", type=float, default=None, metavar="E",
+                     help="Per layer, the smallest rank k with ‖ΔW − ΔW_k‖_F ≤ E·‖ΔW‖_F (0 ≤ E < 1)."),
+        click.option("--max-rank", type=int, default=None, help="Cap the rank that --energy/--error pick."),
+    ]):
+        f = opt(f)
+    return f
+
+
+format_option = click.option("--format", "fmt", default="peft", show_default=True,
+                             help="Output format (any format loratools writes, e.g. peft, loratools).")
