@@ -41,10 +41,12 @@ def pull(session: Session, repo_id: str, output: str | None, revision: str | Non
     path = hub_pull(repo_id, revision=revision, local_dir=output, force=force,
                     progress=not q and session.err.is_terminal)
     if not q:
+        from ..device import configure_cpu_threads
         from ..formats import read_adapter
         from ..inspection import inspect_adapter
         from .render import inspect_table
 
+        configure_cpu_threads()
         report = inspect_adapter(read_adapter(path, format="peft"), format="peft")
         session.out.print(f"[bold]{repo_id}[/]{'@' + revision if revision else ''}  {_summary(report)}",
                           highlight=False)
@@ -78,8 +80,10 @@ def push(session: Session, adapter: str, repo_id: str, private: bool, revision: 
       loratools push adapter.safetensors me/tiny-lora --revision dev -m "rank 4"
       loratools push adapter.safetensors me/tiny-lora --create-pr
     """
+    from ..device import configure_cpu_threads
     from ..hub import push as hub_push
 
+    configure_cpu_threads()
     result = hub_push(adapter, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
                       base_model=base_model, progress=not session.quiet and session.err.is_terminal)
     if not session.quiet:
