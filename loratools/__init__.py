@@ -1,62 +1,67 @@
-"""loratools: inspect, merge, unmerge, compress, convert, train and share LoRA/AdaLoRA adapters."""
+"""loratools: inspect, merge, unmerge, compress, combine, convert, train and share LoRA-family adapters.
 
-from .adapter import Adapter, Fingerprint, Module, as_lora
-from .convert import convert, convert_file
-from .config import AdapterConfig, adalora_scale, lora_scale
-from .errors import LoraToolsError
-from .extract import extract_adapter
-from .formats import FORMATS, detect_format, read_adapter, write_adapter
-from .io import ModelReader
-from .merge import merge_model, unmerge_model, verify_merge
-from .modelcard import model_card
-from .prune import prune_adapter
-from .resize import resize_adapter
-from .adalora import RankAllocator
-from .nn import AdaLoRALinear, LayerSpec, LoRALinear, adapter_state, inject, load_adapter
-from .train import TrainConfig
+The public names load on first use (PEP 562): ``import loratools`` costs no torch,
+so the command line starts fast (``loratools --help`` never imports torch).
+``pull``/``push`` load huggingface_hub only when used. No public name shadows a
+module: ``loratools.extract`` is the module, ``loratools.extract_adapter`` its job.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .adalora import RankAllocator
+    from .adapter import Adapter, Fingerprint, Module, as_lora
+    from .config import AdapterConfig, adalora_scale, lora_scale
+    from .convert import convert, convert_file
+    from .errors import LoraToolsError
+    from .extract import extract_adapter
+    from .formats import FORMATS, detect_format, read_adapter, write_adapter
+    from .hub import pull, push
+    from .io import ModelReader
+    from .linalg import RankRule
+    from .merge import merge_model, unmerge_model, verify_merge
+    from .modelcard import model_card
+    from .nn import AdaLoRALinear, LayerSpec, LoRALinear, adapter_state, inject, load_adapter
+    from .prune import prune_adapter
+    from .resize import resize_adapter
+    from .train import TrainConfig
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaLoRALinear",
-    "Adapter",
-    "AdapterConfig",
-    "Fingerprint",
-    "FORMATS",
-    "LayerSpec",
-    "LoRALinear",
-    "LoraToolsError",
-    "ModelReader",
-    "Module",
-    "RankAllocator",
-    "TrainConfig",
-    "adalora_scale",
-    "adapter_state",
-    "as_lora",
-    "convert",
-    "convert_file",
-    "detect_format",
-    "extract_adapter",
-    "inject",
-    "load_adapter",
-    "lora_scale",
-    "merge_model",
-    "model_card",
-    "pull",
-    "push",
-    "prune_adapter",
-    "read_adapter",
-    "resize_adapter",
-    "unmerge_model",
-    "verify_merge",
-    "write_adapter",
-    "__version__",
-]
+#: public name → the module that defines it
+_HOMES: dict[str, str] = {
+    "RankAllocator": "adalora",
+    **dict.fromkeys(["Adapter", "Fingerprint", "Module", "as_lora"], "adapter"),
+    **dict.fromkeys(["AdapterConfig", "adalora_scale", "lora_scale"], "config"),
+    **dict.fromkeys(["convert", "convert_file"], "convert"),
+    "LoraToolsError": "errors",
+    "extract_adapter": "extract",
+    **dict.fromkeys(["FORMATS", "detect_format", "read_adapter", "write_adapter"], "formats"),
+    **dict.fromkeys(["pull", "push"], "hub"),
+    "ModelReader": "io",
+    "RankRule": "linalg",
+    **dict.fromkeys(["merge_model", "unmerge_model", "verify_merge"], "merge"),
+    "model_card": "modelcard",
+    **dict.fromkeys(["AdaLoRALinear", "LayerSpec", "LoRALinear", "adapter_state", "inject", "load_adapter"], "nn"),
+    "prune_adapter": "prune",
+    "resize_adapter": "resize",
+    "TrainConfig": "train",
+}
+
+__all__ = sorted(_HOMES) + ["__version__"]
 
 
-def __getattr__(name: str):  # the Hub functions load huggingface_hub only when first used
-    if name in ("pull", "push"):
-        from . import hub
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'loratools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(hub, name)
-    raise AttributeError(f"module 'loratools' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -42,7 +42,7 @@ from torch import Tensor
 from .adapter import Adapter, Module
 from .device import resolve_device
 from .errors import (CorruptFileError, InvalidOptionError, MissingModuleError, NonFiniteError,
-                     ShapeMismatchError, WrongBaseError)
+                     ShapeMismatchError, VerificationError, WrongBaseError)
 from .io import INDEX_NAME, ModelReader, atomic_output, check_output
 from .record import apply_patch, bits, make_patch, tensor_sha256
 from .writer import CODE_DTYPES, DTYPE_CODES, Entry, ShardWriter, Span, read_tensor, tensor_spans
@@ -319,6 +319,15 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.untouched_mismatches and all(m.ratio <= 1.0 for m in self.modules)
+
+    def check(self) -> None:
+        """Raise :class:`VerificationError` naming the worst tensor unless :attr:`ok`."""
+        if self.ok:
+            return
+        w = self.worst
+        why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {self.dtype} rounding tolerance"
+               if w is not None and w.ratio > 1 else f"{self.untouched_mismatches[0]} differs from the base")
+        raise VerificationError(why)
 
     def to_json(self) -> dict[str, Any]:
         w = self.worst

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import render
-from ._common import device_option, force_option, output_option, quiet
+from .options import Session, device_option, force_option, output_option, pass_session
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @contextlib.contextmanager
-def _progress(total: int, *, quiet_: bool) -> Iterator[Callable[[Any], None]]:
-    """A rich bar with step, loss, lr, tokens/s and ETA — on a terminal only."""
-    if quiet_ or not render.err.is_terminal:
+def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[Any], None]]:
+    """A rich bar on ``err`` with step, loss, lr, tokens/s and ETA — on a terminal only."""
+    if quiet_ or not err.is_terminal:
         yield lambda info: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]} · lr {task.fields[lr]} · {task.fields[tps]} tok/s"),
-                   TextColumn("eta"), TimeRemainingColumn(), console=render.err, transient=True)
+                   TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True)
     with bar:
         task = bar.add_task("train", total=total, loss="–", lr="–", tps="–")
 
@@ -70,8 +72,8 @@ def _progress(total: int, *, quiet_: bool) -> Iterator[Callable[[Any], None]]:
               help="Base weights' dtype; auto = float32 on CPU, bfloat16 + autocast on CUDA.")
 @click.option("--save-as", type=click.Choice(["auto", "lora"]), default="auto", show_default=True,
               help="lora writes an AdaLoRA result as plain LoRA (same ΔW).")
-@click.pass_obj
-def train(obj: object, base: str, data: str, output: str, force: bool, method: str, rank: int, alpha: float,
+@pass_session
+def train(session: Session, base: str, data: str, output: str, force: bool, method: str, rank: int, alpha: float,
           targets: str, rslora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float, orth_form: str,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
           seq_len: int, eval_split: float, eval_every: int, save_every: int, checkpoint_dir: str | None,
@@ -101,7 +103,7 @@ def train(obj: object, base: str, data: str, output: str, force: bool, method: s
                          seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
                          orth_form=orth_form, save_as=save_as)  # type: ignore[arg-type]
     total_hint = steps or 0
-    with _progress(total_hint, quiet_=quiet(obj)) as advance:
+    with _progress(session.err, total_hint, quiet_=session.quiet) as advance:
         def on_step(info: Any) -> None:
             advance(info)
 
@@ -109,10 +111,10 @@ def train(obj: object, base: str, data: str, output: str, force: bool, method: s
                               on_step=on_step)
     import os
 
-    if quiet(obj) or int(os.environ.get("RANK", "0")) != 0:
+    if session.quiet or int(os.environ.get("RANK", "0")) != 0:
         return
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     held = f" · held-out loss {result.evals[-1]['eval_loss']:.4f}" if result.evals else ""
-    render.out.print(f"wrote {output}: {result.adapter.method} · {len(result.adapter.modules)} modules · "
-                     f"{result.trainable_parameters:,} trainable parameters · {result.steps} steps in "
-                     f"{result.seconds:.1f}s · train loss {last:.4f}{held}")
+    session.out.print(f"wrote {output}: {result.adapter.method} · {len(result.adapter.modules)} modules · "
+                      f"{result.trainable_parameters:,} trainable parameters · {result.steps} steps in "
+                      f"{result.seconds:.1f}s · train loss {last:.4f}{held}")

@@ -1,4 +1,4 @@
-"""Terminal output: rich tables, sparklines, progress. Only the CLI imports this."""
+"""Terminal output: rich tables, sparklines, progress. Only the CLI imports this, inside its commands."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["out", "err", "sparkline", "progress", "print_json", "inspect_table", "fmt_float"]
+__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "fmt_float"]
 
-# off a terminal (pipes, CI logs) use a wide fixed width so tables are not squeezed into 80 columns
-out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+def console(*, stderr: bool) -> Console:
+    """A console on ``sys.stdout`` (or ``sys.stderr``) as it is now; see ``options.Session``."""
+    file = sys.stderr if stderr else sys.stdout
+    # off a terminal (pipes, CI logs) use a wide fixed width so tables are not squeezed into 80 columns
+    return Console(file=file, width=None if file.isatty() else 200)
+
 
 _BARS = "▁▂▃▄▅▆▇█"
 
@@ -39,11 +42,14 @@ def print_json(data: Any) -> None:
 
 
 @contextlib.contextmanager
-def progress(total: int, description: str, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a bar only on a terminal and when not quiet."""
+def progress(err: Console, total: int, description: str, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``; shows a bar on ``err`` only on a terminal and when not quiet."""
     if quiet or not err.is_terminal:
         yield lambda n=1: None
         return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
     with bar:

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import render
-from ..device import resolve_device
 from ..errors import InvalidOptionError
-from ..formats import read_adapter, write_adapter
-from ..data import read_rows
-from ..lm import load_causal_lm
-from ..prune import calibration_scores, prune_adapter
-from ._common import ADAPTER, device_option, force_option, output_option, quiet
-from ..io import check_output
-from ._compress import show, format_option, prune_table, size
+from .options import ADAPTER, Session, device_option, force_option, format_option, output_option, pass_session
 
 
 @click.command()
@@ -30,8 +22,8 @@ from ._compress import show, format_option, prune_table, size
 @format_option
 @device_option
 @force_option
-@click.pass_obj
-def prune(obj: object, adapter: str, output: str, budget: int, base: str | None, data: str | None, beta1: float,
+@pass_session
+def prune(session: Session, adapter: str, output: str, budget: int, base: str | None, data: str | None, beta1: float,
           beta2: float, to: str, fmt: str, device: str, force: bool) -> None:
     """Keep the BUDGET most important rank-one triplets (AdaLoRA's allocation, after training).
 
@@ -47,6 +39,16 @@ def prune(obj: object, adapter: str, output: str, budget: int, base: str | None,
       loratools prune fixtures/adapters/adalora -o pruned --budget 12
       loratools prune adapter/ -o pruned --budget 64 --base base/ --data calib.jsonl --to lora
     """
+    from ..device import configure_cpu_threads, resolve_device
+    from ..formats import read_adapter, write_adapter
+    from ..io import check_output
+    from ..data import read_rows
+    from ..lm import load_causal_lm
+    from ..prune import calibration_scores, prune_adapter
+    from . import render
+    from ._compress import prune_table, size
+
+    configure_cpu_threads(device)
     check_output(output, force=force, inputs=(adapter,))  # fail before the long computation
     if (base is None) != (data is None):
         raise InvalidOptionError("--base and --data go together: give both for gradient importance, or neither")
@@ -55,18 +57,18 @@ def prune(obj: object, adapter: str, output: str, budget: int, base: str | None,
     if base is not None and data is not None:
         examples = read_rows(data, what="calibration data", plain_text=False)
         model, tokenizer = load_causal_lm(base, device=resolve_device(device), frozen=True)
-        with render.progress(len(examples), "calibrating", quiet=quiet(obj)) as advance:
+        with render.progress(session.err, len(examples), "calibrating", quiet=session.quiet) as advance:
             importance = calibration_scores(src, model, tokenizer, examples, beta1=beta1, beta2=beta2,
                                             progress=advance)
-    elif not quiet(obj):
-        render.err.print("importance: |λᵢ| (magnitude only); pass --base and --data for AdaLoRA's "
-                         "gradient-based importance")
+    elif not session.quiet:
+        session.err.print("importance: |λᵢ| (magnitude only); pass --base and --data for AdaLoRA's "
+                          "gradient-based importance")
     res = prune_adapter(src, budget=budget, importance=importance, to_lora=to == "lora")
     write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,) + ((base,) if base else ()))
-    show(prune_table(res.layers))
-    if not quiet(obj):
+    session.out.print(prune_table(res.layers))
+    if not session.quiet:
         pattern = {n: r for n, r in res.rank_pattern.items()}
-        show(f"importance: {res.importance} · kept {sum(pattern.values())} triplets · "
-                         f"{size(src.parameters)} → {size(res.adapter.parameters)} parameters · "
-                         f"{src.method} → {res.adapter.method} · wrote {output} ({fmt})")
-        show(f"rank_pattern: {pattern}", highlight=False)
+        session.out.print(f"importance: {res.importance} · kept {sum(pattern.values())} triplets · "
+                          f"{size(src.parameters)} → {size(res.adapter.parameters)} parameters · "
+                          f"{src.method} → {res.adapter.method} · wrote {output} ({fmt})")
+        session.out.print(f"rank_pattern: {pattern}", highlight=False)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import render
-from ..formats import read_adapter
-from ..inspection import inspect_adapter
-from ._common import ADAPTER, force_option, quiet
+from .options import ADAPTER, Session, force_option, pass_session
 
 
 def _summary(report: dict[str, object]) -> str:
@@ -22,8 +19,8 @@ def _summary(report: dict[str, object]) -> str:
               help="Also copy the adapter files into this new directory (written whole or not at all).")
 @click.option("--revision", default=None, help="Branch, tag or commit id (default: main).")
 @force_option
-@click.pass_obj
-def pull(obj: object, repo_id: str, output: str | None, revision: str | None, force: bool) -> None:
+@pass_session
+def pull(session: Session, repo_id: str, output: str | None, revision: str | None, force: bool) -> None:
     """Download an adapter from the Hugging Face Hub and show what it holds.
 
     Only the adapter files are fetched (adapter_config.json, adapter_model.safetensors,
@@ -40,14 +37,20 @@ def pull(obj: object, repo_id: str, output: str | None, revision: str | None, fo
     """
     from ..hub import pull as hub_pull
 
-    q = quiet(obj)
+    q = session.quiet
     path = hub_pull(repo_id, revision=revision, local_dir=output, force=force,
-                    progress=not q and render.err.is_terminal)
+                    progress=not q and session.err.is_terminal)
     if not q:
+        from ..device import configure_cpu_threads
+        from ..formats import read_adapter
+        from ..inspection import inspect_adapter
+        from .render import inspect_table
+
+        configure_cpu_threads()
         report = inspect_adapter(read_adapter(path, format="peft"), format="peft")
-        render.out.print(f"[bold]{repo_id}[/]{'@' + revision if revision else ''}  {_summary(report)}",
-                         highlight=False)
-        render.out.print(render.inspect_table(report))
+        session.out.print(f"[bold]{repo_id}[/]{'@' + revision if revision else ''}  {_summary(report)}",
+                          highlight=False)
+        session.out.print(inspect_table(report))
     click.echo(str(path))
 
 
@@ -59,8 +62,8 @@ def pull(obj: object, repo_id: str, output: str | None, revision: str | None, fo
 @click.option("--message", "-m", default=None, help="Commit message (default: a summary of the adapter).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
 @click.option("--base-model", default=None, help="Hub id of the base model for the model card (default: from the config).")
-@click.pass_obj
-def push(obj: object, adapter: str, repo_id: str, private: bool, revision: str | None, message: str | None,
+@pass_session
+def push(session: Session, adapter: str, repo_id: str, private: bool, revision: str | None, message: str | None,
          create_pr: bool, base_model: str | None) -> None:
     """Upload an adapter to the Hugging Face Hub in PEFT layout, with a model card, in one commit.
 
@@ -77,11 +80,13 @@ def push(obj: object, adapter: str, repo_id: str, private: bool, revision: str |
       loratools push adapter.safetensors me/tiny-lora --revision dev -m "rank 4"
       loratools push adapter.safetensors me/tiny-lora --create-pr
     """
+    from ..device import configure_cpu_threads
     from ..hub import push as hub_push
 
+    configure_cpu_threads()
     result = hub_push(adapter, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
-                      base_model=base_model, progress=not quiet(obj) and render.err.is_terminal)
-    if not quiet(obj):
-        render.out.print(f"committed {', '.join(result.files)} to {result.repo_id}@{result.revision} "
-                         f"({result.commit_oid[:12]})", highlight=False)
+                      base_model=base_model, progress=not session.quiet and session.err.is_terminal)
+    if not session.quiet:
+        session.out.print(f"committed {', '.join(result.files)} to {result.repo_id}@{result.revision} "
+                          f"({result.commit_oid[:12]})", highlight=False)
     click.echo(result.pr_url or result.commit_url)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import render
-from ..convert import convert_file
-from ._common import ADAPTER, force_option, output_option, quiet
+from .options import ADAPTER, Session, force_option, output_option, pass_session
 
 
 @click.command()
@@ -20,8 +18,8 @@ from ._common import ADAPTER, force_option, output_option, quiet
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) modules the target format cannot hold, instead of stopping.")
 @force_option
-@click.pass_obj
-def convert(obj: object, adapter: str, output: str, to: str, base: str | None, drop_unsupported: bool,
+@pass_session
+def convert(session: Session, adapter: str, output: str, to: str, base: str | None, drop_unsupported: bool,
             force: bool) -> None:
     """Convert ADAPTER to another format; every module's ΔW is checked after writing.
 
@@ -36,12 +34,16 @@ def convert(obj: object, adapter: str, output: str, to: str, base: str | None, d
       loratools convert fixtures/adapters/rslora -o rslora.gguf --to gguf --base fixtures/tiny-llama
       loratools convert lora-kohya.safetensors -o peft-dir --to peft --base fixtures/tiny-llama
     """
+    from ..convert import convert_file
+    from ..device import configure_cpu_threads
+
+    configure_cpu_threads()
     result = convert_file(adapter, output, to=to, base=base, drop_unsupported=drop_unsupported, force=force)
-    if quiet(obj):
+    if session.quiet:
         return
-    render.out.print(f"wrote {result.output} ({result.format}, from {result.source_format}): {result.modules} modules, "
-                     f"ΔW checked (largest relative error {result.max_error:.1e})")
+    session.out.print(f"wrote {result.output} ({result.format}, from {result.source_format}): {result.modules} "
+                      f"modules, ΔW checked (largest relative error {result.max_error:.1e})")
     for name, why in result.dropped.items():
-        render.err.print(f"dropped {name}: {why}")
+        session.err.print(f"dropped {name}: {why}")
     for note in result.notes:
-        render.err.print(f"note: {note}")
+        session.err.print(f"note: {note}")

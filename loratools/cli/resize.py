@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import render
-from ..formats import read_adapter, write_adapter
-from ..resize import resize_adapter
-from ._common import ADAPTER, force_option, output_option, quiet
-from ..io import check_output
-from ._compress import show, format_option, rank_rule_options, resize_table, size
+from .options import ADAPTER, Session, force_option, format_option, output_option, pass_session, rank_rule_options
 
 
 @click.command()
@@ -19,8 +14,8 @@ from ._compress import show, format_option, rank_rule_options, resize_table, siz
 @format_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.pass_obj
-def resize(obj: object, adapter: str, output: str, rank: int | None, energy: float | None, error: float | None,
+@pass_session
+def resize(session: Session, adapter: str, output: str, rank: int | None, energy: float | None, error: float | None,
            max_rank: int | None, fmt: str, force: bool, as_json: bool) -> None:
     """Re-truncate a LoRA/AdaLoRA adapter to a smaller rank; the output is always plain LoRA.
 
@@ -37,6 +32,14 @@ def resize(obj: object, adapter: str, output: str, rank: int | None, energy: flo
       loratools resize adapter/ -o small --rank 8
       loratools resize adalora/ -o lora --energy 1.0
     """
+    from ..device import configure_cpu_threads
+    from ..formats import read_adapter, write_adapter
+    from ..io import check_output
+    from ..resize import resize_adapter
+    from . import render
+    from ._compress import resize_table, size
+
+    configure_cpu_threads()
     check_output(output, force=force, inputs=(adapter,))  # fail before the long computation
     src = read_adapter(adapter)
     res = resize_adapter(src, rank=rank, energy=energy, error=error, max_rank=max_rank)
@@ -45,7 +48,7 @@ def resize(obj: object, adapter: str, output: str, rank: int | None, energy: flo
         render.print_json({"output": output, "parameters_before": res.parameters_before,
                            "parameters": res.adapter.parameters, "layers": [vars(r) for r in res.layers]})
         return
-    show(resize_table(res.layers))
-    if not quiet(obj):
-        show(f"{src.method} → lora · {size(res.parameters_before)} → {size(res.adapter.parameters)} "
-                         f"parameters · wrote {output} ({fmt})")
+    session.out.print(resize_table(res.layers))
+    if not session.quiet:
+        session.out.print(f"{src.method} → lora · {size(res.parameters_before)} → {size(res.adapter.parameters)} "
+                          f"parameters · wrote {output} ({fmt})")

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .. import render
-from ..formats import detect_format, read_adapter
-from ..inspection import inspect_adapter
-from ._common import ADAPTER, quiet
+from .options import ADAPTER, Session, pass_session
 
 
 @click.command()
 @click.argument("adapter", type=ADAPTER)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.pass_obj
-def inspect(obj: object, adapter: str, as_json: bool) -> None:
+@pass_session
+def inspect(session: Session, adapter: str, as_json: bool) -> None:
     """Show an adapter's layers: rank, scale, spectrum and effective rank.
 
     Every figure comes from the singular values of each module's scaled ΔW,
@@ -28,16 +25,22 @@ def inspect(obj: object, adapter: str, as_json: bool) -> None:
       loratools inspect fixtures/adapters/lora
       loratools inspect adapter.safetensors --json | jq '.layers[0].stable_rank'
     """
+    from ..device import configure_cpu_threads
+    from ..formats import detect_format, read_adapter
+    from ..inspection import inspect_adapter
+    from . import render
+
+    configure_cpu_threads()
     fmt = detect_format(adapter)
     report = inspect_adapter(read_adapter(adapter, format=fmt), format=fmt)
     if as_json:
         render.print_json(report)
         return
-    if not quiet(obj):
-        render.out.print(f"[bold]{adapter}[/]  {fmt} · {report['method']} · base {report['base_model'] or 'unknown'}"
-                         f" · fingerprint {report['fingerprint'][:12]}")
-    render.out.print(render.inspect_table(report))
-    if not quiet(obj):
-        render.out.print(f"{report['modules']} modules · {report['parameters']:,} parameters · rank "
-                         f"{report['rank_min']}–{report['rank_max']} (total {report['rank_total']})"
-                         + (f" · {len(report['saved_tensors'])} full tensors saved" if report["saved_tensors"] else ""))
+    if not session.quiet:
+        session.out.print(f"[bold]{adapter}[/]  {fmt} · {report['method']} · base {report['base_model'] or 'unknown'}"
+                          f" · fingerprint {report['fingerprint'][:12]}")
+    session.out.print(render.inspect_table(report))
+    if not session.quiet:
+        session.out.print(f"{report['modules']} modules · {report['parameters']:,} parameters · rank "
+                          f"{report['rank_min']}–{report['rank_max']} (total {report['rank_total']})"
+                          + (f" · {len(report['saved_tensors'])} full tensors saved" if report["saved_tensors"] else ""))

@@ -6,15 +6,8 @@ import re
 
 import click
 
-from .. import render
-from ..device import resolve_dtype
-from ..extract import extract_adapter
-from ..extract import plan_size
-from ..formats import write_adapter
-from ..io import ModelReader
-from ._common import device_option, dtype_option, force_option, output_option, quiet
-from ..io import check_output
-from ._compress import show, extract_table, format_option, rank_rule_options, size, skipped_summary
+from .options import (Session, device_option, dtype_option, force_option, format_option, output_option,
+                      pass_session, rank_rule_options)
 
 
 def _split(targets: tuple[str, ...]) -> list[str] | None:
@@ -37,8 +30,8 @@ def _split(targets: tuple[str, ...]) -> list[str] | None:
 @dtype_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.pass_obj
-def extract(obj: object, base: str, tuned: str, output: str, rank: int | None, energy: float | None,
+@pass_session
+def extract(session: Session, base: str, tuned: str, output: str, rank: int | None, energy: float | None,
             error: float | None, max_rank: int | None, targets: tuple[str, ...], alpha: float | None, fmt: str,
             device: str, dtype: str, force: bool, as_json: bool) -> None:
     """Turn a full fine-tune into a LoRA adapter: truncated SVD of TUNED − BASE.
@@ -57,9 +50,18 @@ def extract(obj: object, base: str, tuned: str, output: str, rank: int | None, e
       loratools extract base/ tuned/ -o adapter --energy 0.9 --max-rank 64
       loratools extract base/ tuned/ -o a.safetensors --format loratools --error 0.2 --targets q_proj,v_proj
     """
+    from ..device import configure_cpu_threads, resolve_dtype
+    from ..extract import extract_adapter
+    from ..extract import plan_size
+    from ..formats import write_adapter
+    from ..io import ModelReader, check_output
+    from . import render
+    from ._compress import extract_table, size, skipped_summary
+
+    configure_cpu_threads(device)
     check_output(output, force=force, inputs=(base, tuned))  # fail before the long computation
     base_r, tuned_r = ModelReader(base), ModelReader(tuned)
-    with render.progress(plan_size(base_r), "extracting", quiet=quiet(obj) or as_json) as advance:
+    with render.progress(session.err, plan_size(base_r), "extracting", quiet=session.quiet or as_json) as advance:
         res = extract_adapter(base_r, tuned_r, rank=rank, energy=energy, error=error, max_rank=max_rank,
                            targets=_split(targets), alpha=alpha, device=device,
                            dtype=resolve_dtype(dtype), progress=advance)
@@ -72,13 +74,13 @@ def extract(obj: object, base: str, tuned: str, output: str, rank: int | None, e
             "skipped": [{"name": s.name, "shape": list(s.shape), "why": s.why} for s in res.skipped],
         })
         return
-    show(extract_table(res.layers))
-    if not quiet(obj):
+    session.out.print(extract_table(res.layers))
+    if not session.quiet:
         ranks = [r.rank for r in res.layers]
-        show(
+        session.out.print(
             f"{len(res.layers)} layers · rank {min(ranks)}–{max(ranks)} · adapter {size(res.parameters)} parameters "
             f"vs {size(res.delta_parameters)} in the full ΔW ({100 * res.parameters / res.delta_parameters:.2f}%) · "
             f"overall rel. error {res.total_rel_error:.4g}")
         if res.skipped:
-            show(skipped_summary(res.skipped), highlight=False)
-        show(f"wrote {output} ({fmt})")
+            session.out.print(skipped_summary(res.skipped), highlight=False)
+        session.out.print(f"wrote {output} ({fmt})")

@@ -1,4 +1,4 @@
-"""Tables and options shared by ``extract``, ``resize`` and ``prune`` (rendering only, no maths)."""
+"""Tables shared by ``extract``, ``resize`` and ``prune`` (rendering only, no maths; imported inside them)."""
 
 from __future__ import annotations
 
@@ -6,37 +6,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import click
 from rich.table import Table
 
-from .. import render
-from ..render import fmt_float
+from .render import fmt_float
 
-__all__ = ["rank_rule_options", "format_option", "extract_table", "resize_table", "prune_table",
-           "skipped_summary", "size", "show"]
-
-
-def rank_rule_options(f: Any) -> Any:
-    """--rank / --energy / --error / --max-rank (exactly one of the first three)."""
-    for opt in reversed([
-        click.option("--rank", type=int, default=None, help="Keep this rank in every layer."),
-        click.option("--energy", type=float, default=None, metavar="F",
-                     help="Per layer, the smallest rank k with Σ_{i≤k} σᵢ² ≥ F·Σσᵢ² (0 < F ≤ 1)."),
-        click.option("--error", type=float, default=None, metavar="E",
-                     help="Per layer, the smallest rank k with ‖ΔW − ΔW_k‖_F ≤ E·‖ΔW‖_F (0 ≤ E < 1)."),
-        click.option("--max-rank", type=int, default=None, help="Cap the rank that --energy/--error pick."),
-    ]):
-        f = opt(f)
-    return f
-
-
-format_option = click.option("--format", "fmt", default="peft", show_default=True,
-                             help="Output format (any format loratools writes, e.g. peft, loratools).")
-
-
-def show(renderable: Any, *, highlight: bool = True) -> None:
-    """Print on stdout (off a terminal, render.out is wide enough not to cut module names)."""
-    render.out.print(renderable, highlight=highlight)
+__all__ = ["extract_table", "resize_table", "prune_table", "skipped_summary", "size"]
 
 
 def size(n: int) -> str:

@@ -1,0 +1,166 @@
+"""The ``loratools`` command line: parse, call one library function, render.
+
+This package is the single boundary where errors become messages: a
+:class:`~loratools.errors.LoraToolsError` prints as one line on stderr, its
+backquoted parameter names written as the running command's flags
+(:func:`with_flags`), and exits with code 2; anything else is a bug and keeps
+its traceback. Set ``LORATOOLS_DEBUG=1`` to see tracebacks for user errors too.
+
+Start-up stays light: at module level this package and the command modules
+import click and :mod:`loratools.errors` only; torch, the library and rich are
+imported inside the commands that use them, so ``loratools --help`` and every
+``loratools COMMAND --help`` run without torch (tests/test_cli.py checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Iterator
+
+import click
+
+from .. import __version__
+from ..errors import LoraToolsError
+from .convert import convert
+from .extract import extract
+from .hub import pull, push
+from .inspect import inspect
+from .merge import merge, unmerge, verify
+from .options import Session
+from .prune import prune
+from .resize import resize
+from .train import train
+
+__all__ = ["main", "cli", "with_flags"]
+
+_BACKQUOTED = re.compile(r"`([A-Za-z_][A-Za-z0-9_-]*)`")
+
+
+def with_flags(message: str, command: click.Command | None) -> str:
+    """Write each backquoted parameter of ``command`` in ``message`` the way the command line spells it.
+
+    Library messages name parameters in backquotes (see :mod:`loratools.errors`):
+    ``"`max_rank` must be ≥ 1"`` becomes ``"--max-rank must be ≥ 1"``. An option
+    becomes its first long flag, an argument its metavar (``BASE``). A name
+    matches an option's ``name`` or its long flag without dashes (``format`` for
+    ``--format``, whose name is ``fmt``), reading ``-`` and ``_`` alike. Other
+    backquoted text is left as it is.
+    """
+    if command is None:
+        return message
+    spelling: dict[str, str] = {}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            longs = [o for o in p.opts if o.startswith("--")]
+            shown = longs[0] if longs else p.opts[0]
+            spelling.update({o[2:].replace("-", "_"): shown for o in longs})
+        else:
+            shown = p.human_readable_name
+        if p.name:
+            spelling[p.name.replace("-", "_")] = shown  # the parameter's own name wins over another's flag
+
+    def flag(m: re.Match[str]) -> str:
+        return spelling.get(m.group(1).replace("-", "_"), m.group(0))
+
+    return _BACKQUOTED.sub(flag, message)
+
+
+def _debug() -> bool:
+    return os.environ.get("LORATOOLS_DEBUG", "") not in ("", "0")
+
+
+class _UserError(click.ClickException):
+    """A LoraToolsError on its way out: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"loratools: error: {self.message}", err=True)
+
+
+class _Group(click.Group):
+    """Lists commands in the order they were added; turns a user error into its one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except LoraToolsError as e:
+            if _debug():
+                raise
+            # ctx.invoked_subcommand is set before the subcommand parses its arguments (an hf:// pull may fail there)
+            raise _UserError(with_flags(str(e), self.commands.get(ctx.invoked_subcommand or ""))) from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="loratools")
+@click.option("-q", "--quiet", is_flag=True, help="Print only results and errors: no progress, no summaries.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
+    """Inspect, merge, unmerge, compress, convert, train and share LoRA/AdaLoRA adapters.
+
+    An ADAPTER is a PEFT directory (adapter_config.json + adapter_model.safetensors),
+    a loratools single .safetensors file, or any other format `loratools convert`
+    lists; the format is detected from the content. A BASE model is a Hugging Face
+    model directory (single or sharded safetensors) or one .safetensors file.
+
+    \b
+    Examples:
+      loratools inspect fixtures/adapters/lora
+      loratools inspect adapter.safetensors --json
+    """
+    ctx.obj = Session(quiet=quiet)
+
+
+for _command in (inspect, merge, unmerge, verify, extract, resize, prune, convert, train, pull, push):
+    cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``loratools ARGV`` (default ``sys.argv[1:]``); return on success, else raise ``SystemExit``.
+
+    Exit codes: 2 for a user error (one line on stderr) or a usage error, 130 when
+    interrupted, 1 on a broken pipe. Nothing outlives a call: each gets a fresh
+    click context and :class:`~loratools.cli.options.Session`, whose consoles bind
+    to ``sys.stdout``/``sys.stderr`` as they are during the call, and torch's
+    thread count (commands set one thread on the CPU) is put back, so tests can
+    run the CLI in-process.
+    """
+    with _torch_threads_kept():
+        code = _run(argv)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> object:
+    try:
+        # the exit code of --help/--version (0) or of a ctx.exit(n), else the command's None
+        return cli.main(args=argv, prog_name="loratools", standalone_mode=False)
+    except click.ClickException as e:  # _UserError included
+        e.show()
+        return e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("loratools: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    torch = sys.modules.get("torch")  # never imported here: a process without torch has nothing to keep
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and threads is not None:
+            torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
