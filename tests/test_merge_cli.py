@@ -142,6 +142,7 @@ def test_output_equal_to_an_input_or_existing(cli, tiny_llama: Path, adapters: P
                                              "--weight", "1", "--weight", "2"))
 
 
+@pytest.mark.slow
 def test_killed_merge_leaves_no_output_and_inputs_unchanged(tmp_path: Path) -> None:
     """SIGKILL in the middle of writing shards: OUT never appears, the inputs are untouched."""
     g = torch.Generator().manual_seed(0)
