@@ -14,6 +14,12 @@ from subprocess import CompletedProcess
 
 import pytest
 
+# The suite's tensors are tiny: one OpenMP thread per process (this one, and the CLI subprocesses,
+# which inherit it) spares every small op a barrier wait for a thread another process holds — on
+# 2 shared cores a 3-step training run took 5.3-6.9 s with 2 threads and 0.7 s with 1. Set before
+# torch is first imported; OMP_NUM_THREADS=N in the environment runs the suite with N instead.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 TINY_LLAMA = FIXTURES / "tiny-llama"
