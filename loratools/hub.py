@@ -15,6 +15,8 @@ messages never contain the token (it is scrubbed from them as a last guard). The
 endpoint is ``endpoint=`` or ``HF_ENDPOINT``, the token ``token=`` or ``HF_TOKEN`` / the
 stored login, exactly as huggingface_hub resolves them (``token=False`` sends none).
 
+Not run as doctests (they need a Hub; tests/test_hub.py runs them against a local one):
+
 >>> path = pull("me/my-adapter", revision="v1")                  # doctest: +SKIP
 >>> push("out/adapter.safetensors", "me/my-adapter", private=True)  # doctest: +SKIP
 """

@@ -40,8 +40,11 @@ def layer_report(name: str, m: Module) -> dict[str, Any]:
 def inspect_adapter(adapter: Adapter, *, format: str | None = None) -> dict[str, Any]:
     """The whole report as JSON-ready data.
 
-    >>> report = inspect_adapter(adapter)                         # doctest: +SKIP
-    >>> report["modules"], report["layers"][0]["stable_rank"]     # doctest: +SKIP
+    >>> import torch
+    >>> A, B = torch.eye(2, 16), torch.eye(8, 2)
+    >>> report = inspect_adapter(Adapter({"q": Module(A=A, B=B, alpha=4, scale=2.0)}))
+    >>> report["modules"], report["layers"][0]["rank"], report["layers"][0]["stable_rank"]
+    (1, 2, 2.0)
     """
     layers = [layer_report(name, m) for name, m in adapter.items()]
     ranks = [m.rank for m in adapter.modules.values()]

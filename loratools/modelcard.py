@@ -15,9 +15,16 @@ a generic ``library_name: transformers`` card, so loratools writes its own)::
 
 followed by a table of each module's rank, alpha, scale and parameter count.
 
->>> card = model_card(report, repo_id="me/my-adapter")          # doctest: +SKIP
->>> card.splitlines()[1]                                          # doctest: +SKIP
-'library_name: peft'
+>>> report = {"method": "lora", "base_model": "HuggingFaceTB/SmolLM2-135M", "modules": 0, "layers": []}
+>>> print("\\n".join(model_card(report, repo_id="me/my-adapter").splitlines()[:8]))
+---
+library_name: peft
+base_model: HuggingFaceTB/SmolLM2-135M
+tags:
+- lora
+- base_model:adapter:HuggingFaceTB/SmolLM2-135M
+- loratools
+---
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import io
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -16,7 +17,7 @@ from loratools import __version__
 from loratools.cli import cli as group
 from loratools.cli import main, with_flags
 from loratools.errors import InvalidOptionError
-from conftest import ROOT
+from conftest import ADAPTERS, ROOT, run_cli, run_cli_subprocess
 
 
 def test_every_command_has_help_with_an_example():
@@ -161,3 +162,26 @@ def test_main_puts_torch_threads_back(adapters) -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ("--version",),
+    ("inspect", "--nope"),
+    ("inspect", ADAPTERS / "lora"),
+    ("-q", "inspect", ADAPTERS / "adalora", "--json"),
+    ("inspect", ADAPTERS / "missing"),
+], ids=["version", "usage-error", "table", "json", "user-error"])
+def test_the_real_entry_point_prints_what_the_in_process_runner_sees(args) -> None:
+    """``python -m loratools`` (exit status, stdout, stderr) = ``run_cli`` in this process, which most tests use."""
+    real, here = run_cli_subprocess(*args), run_cli(*args)
+    assert (real.returncode, real.stdout, real.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert real.stdout or real.stderr
+
+
+@pytest.mark.slow
+def test_the_installed_script_runs(tmp_path) -> None:
+    """``[project.scripts] loratools = loratools.cli:main``: the script pip wrote next to this interpreter."""
+    script = Path(sys.executable).with_name("loratools")
+    if not script.is_file():
+        pytest.skip(f"no installed loratools script next to {sys.executable}")
+    r = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0 and __version__ in r.stdout, r.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,25 +11,6 @@ import torch
 import loratools as lt
 
 gguf = pytest.importorskip("gguf")
-
-
-@pytest.fixture
-def run(capsys):
-    """``loratools ARGS`` in this process (fast); the subprocess ``cli`` fixture covers real exits below."""
-
-    def go(*args: object) -> subprocess.CompletedProcess[str]:
-        from loratools.cli import main
-
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(list(args), code, out, err)
-
-    return go
 
 
 def _one_line_error(r, *needles: str) -> None:
@@ -46,12 +26,12 @@ def _leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
-def test_convert_then_inspect_each_format(tmp_path: Path, adapters: Path, run) -> None:
+def test_convert_then_inspect_each_format(tmp_path: Path, adapters: Path, cli) -> None:
     for to, name in [("kohya", "k.safetensors"), ("gguf", "g.gguf"), ("loratools", "s.safetensors"), ("peft", "p")]:
-        r = run("convert", adapters / "rslora", "-o", tmp_path / name, "--to", to, "--base", adapters.parent / "tiny-llama")
+        r = cli("convert", adapters / "rslora", "-o", tmp_path / name, "--to", to, "--base", adapters.parent / "tiny-llama")
         assert r.returncode == 0, r.stderr
         assert "ΔW checked" in r.stdout
-        r = run("inspect", tmp_path / name, "--json")
+        r = cli("inspect", tmp_path / name, "--json")
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         assert report["format"] == to and report["modules"] == 28
@@ -76,25 +56,25 @@ def _foreign_arch_gguf(path: Path, arch: str) -> None:
     w.close()
 
 
-def test_gguf_for_another_architecture(tmp_path: Path, tiny_llama: Path, run) -> None:
+def test_gguf_for_another_architecture(tmp_path: Path, tiny_llama: Path, cli) -> None:
     src = tmp_path / "in" / "qwen.gguf"
     src.parent.mkdir()
     _foreign_arch_gguf(src, "qwen2")
     out = tmp_path / "out"
     out.mkdir()
-    r = run("convert", src, "-o", out / "p", "--to", "peft", "--base", tiny_llama)
+    r = cli("convert", src, "-o", out / "p", "--to", "peft", "--base", tiny_llama)
     _one_line_error(r, "qwen2", "llama")
     assert _leftovers(out) == []
     # a llama GGUF read against a base of another architecture
     _foreign_arch_gguf(src, "llama")
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    r = run("convert", src, "-o", out / "p", "--to", "peft", "--base", tmp_path / "gpt2")
+    r = cli("convert", src, "-o", out / "p", "--to", "peft", "--base", tmp_path / "gpt2")
     _one_line_error(r, "GPT2LMHeadModel")
     assert _leftovers(out) == []
 
 
-def test_foreign_llama_gguf_without_head_counts_needs_base(tmp_path: Path, tiny_llama: Path, run) -> None:
+def test_foreign_llama_gguf_without_head_counts_needs_base(tmp_path: Path, tiny_llama: Path, cli) -> None:
     src = tmp_path / "a.gguf"
     w = gguf.GGUFWriter(str(src), "llama")
     w.add_type("adapter")
@@ -103,9 +83,9 @@ def test_foreign_llama_gguf_without_head_counts_needs_base(tmp_path: Path, tiny_
     w.add_tensor("blk.1.attn_k.weight.lora_a", torch.randn(4, 128).numpy())
     w.add_tensor("blk.1.attn_k.weight.lora_b", torch.randn(64, 4).numpy())
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    r = run("convert", src, "-o", tmp_path / "p", "--to", "peft")
+    r = cli("convert", src, "-o", tmp_path / "p", "--to", "peft")
     _one_line_error(r, "--base")
-    r = run("convert", src, "-o", tmp_path / "p", "--to", "peft", "--base", tiny_llama)
+    r = cli("convert", src, "-o", tmp_path / "p", "--to", "peft", "--base", tiny_llama)
     assert r.returncode == 0, r.stderr
     assert list(lt.read_adapter(tmp_path / "p").modules) == ["model.layers.1.self_attn.k_proj"]
 
@@ -132,13 +112,13 @@ def test_unsupported_modules_stop_or_are_dropped(tmp_path: Path, tiny_llama: Pat
     assert list(lt.read_adapter(out / "a.gguf").modules) == ["model.layers.0.self_attn.q_proj"]
 
 
-def test_existing_output_needs_force(tmp_path: Path, adapters: Path, run) -> None:
+def test_existing_output_needs_force(tmp_path: Path, adapters: Path, cli) -> None:
     out = tmp_path / "k.safetensors"
-    assert run("convert", adapters / "lora", "-o", out, "--to", "kohya").returncode == 0
+    assert cli("convert", adapters / "lora", "-o", out, "--to", "kohya").returncode == 0
     before = out.read_bytes()
-    _one_line_error(run("convert", adapters / "rslora", "-o", out, "--to", "kohya"), "--force")
+    _one_line_error(cli("convert", adapters / "rslora", "-o", out, "--to", "kohya"), "--force")
     assert out.read_bytes() == before
-    assert run("convert", adapters / "rslora", "-o", out, "--to", "kohya", "--force").returncode == 0
+    assert cli("convert", adapters / "rslora", "-o", out, "--to", "kohya", "--force").returncode == 0
     assert len(lt.read_adapter(out).modules) == 28
 
 

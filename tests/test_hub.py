@@ -17,6 +17,7 @@ import torch
 from huggingface_hub import ModelCard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import run_cli_subprocess  # noqa: E402
 from hub_server import FakeHub  # noqa: E402
 
 from loratools import hub as lthub  # noqa: E402
@@ -42,6 +43,12 @@ def lfs_hub() -> Iterator[FakeHub]:
     """Same, but *.safetensors go through git-LFS (batch + PUT)."""
     with FakeHub(tokens={TOKEN: "tester"}, lfs_suffixes=(".safetensors",)) as h:
         yield h
+
+
+@pytest.fixture
+def cli():
+    """``loratools`` in a fresh process: huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE when imported."""
+    return run_cli_subprocess
 
 
 @pytest.fixture
@@ -104,6 +111,7 @@ def test_pushing_the_same_adapter_twice_makes_no_new_commit(hub: FakeHub, adapte
     assert again.commit_oid == first.commit_oid and len(hub.repos["tester/twice"].history()) == 2
 
 
+@pytest.mark.slow
 def test_push_then_pull_round_trip_lfs_cli(lfs_hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     env = env_for(lfs_hub, tmp_path / "hf")
     pushed = cli("push", adapters / "adalora", "tester/tiny-adalora", env=env)
@@ -136,6 +144,7 @@ def test_push_converts_other_formats_to_peft(hub: FakeHub, adapters: Path, tmp_p
     same_factors(read_adapter(adapters / "lora.safetensors"), read_adapter(path))
 
 
+@pytest.mark.slow
 def test_push_refuses_files_that_do_not_parse(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -196,6 +205,7 @@ def test_push_to_branch_and_pull_request(hub: FakeHub, adapters: Path, tmp_path:
 
 # ---- failures: one line, exit 2, nothing half-done ----------------------------------------------------
 
+@pytest.mark.slow
 def test_private_repo_needs_a_token(hub: FakeHub, adapters: Path, tmp_path: Path, no_token, cli) -> None:
     seed(hub, "tester/secret", adapters / "lora", private=True)
     with pytest.raises(HubError, match="private.*HF_TOKEN") as e:
@@ -217,6 +227,7 @@ def test_wrong_namespace_is_forbidden_and_token_not_shown(hub: FakeHub, adapters
     assert TOKEN not in str(e.value)
 
 
+@pytest.mark.slow
 def test_server_error_on_commit_leaves_no_commit(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     seed(hub, "tester/stable", adapters / "lora")
     before = [c.oid for c in hub.repos["tester/stable"].history()]
@@ -240,6 +251,7 @@ def test_failed_lfs_upload_makes_no_commit(lfs_hub: FakeHub, adapters: Path, mon
     assert len(lfs_hub.repos["tester/half"].history()) == 1  # just the repo's initial commit
 
 
+@pytest.mark.slow
 def test_missing_repo_and_revision(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     proc = cli("pull", "tester/nope", env=env_for(hub, tmp_path / "hf"))
     assert_one_line_error(proc, "tester/nope", "does not exist")
@@ -286,6 +298,7 @@ def test_connection_dropped_mid_download(hub: FakeHub, adapters: Path, tmp_path:
     assert len(hub.calls("GET", "/adapter_model.safetensors")) > 1  # the client did try to resume
 
 
+@pytest.mark.slow
 def test_offline_mode_serves_from_cache(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     seed(hub, "tester/cached", adapters / "lora")
     env = env_for(hub, tmp_path / "hf")
@@ -313,6 +326,7 @@ def test_pull_output_exists(hub: FakeHub, adapters: Path, tmp_path: Path) -> Non
 
 # ---- hf:// adapters ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hf_uri_adapter_argument(hub: FakeHub, adapters: Path, tmp_path: Path, cli) -> None:
     seed(hub, "tester/remote", adapters / "rslora")
     proc = cli("inspect", "hf://tester/remote@main", "--json", env=env_for(hub, tmp_path / "hf"))
