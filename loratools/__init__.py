@@ -1,7 +1,7 @@
 """loratools: inspect, merge, unmerge, compress, convert, train and share LoRA/AdaLoRA adapters."""
 
 from .adapter import Adapter, Fingerprint, Module, as_lora
-from .convert import convert, convert_file
+from .convert import convert_adapter, convert_file
 from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
 from .extract import extract
@@ -32,7 +32,7 @@ __all__ = [
     "adalora_scale",
     "adapter_state",
     "as_lora",
-    "convert",
+    "convert_adapter",
     "convert_file",
     "detect_format",
     "extract",
