@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .adalora import RankAllocator
     from .adapter import Adapter, Fingerprint, Module, as_lora
     from .config import AdapterConfig, adalora_scale, lora_scale
-    from .convert import convert, convert_file
+    from .convert import convert_adapter, convert_file
     from .errors import LoraToolsError
     from .extract import extract_adapter
     from .formats import FORMATS, detect_format, read_adapter, write_adapter
@@ -36,7 +36,7 @@ _HOMES: dict[str, str] = {
     "RankAllocator": "adalora",
     **dict.fromkeys(["Adapter", "Fingerprint", "Module", "as_lora"], "adapter"),
     **dict.fromkeys(["AdapterConfig", "adalora_scale", "lora_scale"], "config"),
-    **dict.fromkeys(["convert", "convert_file"], "convert"),
+    **dict.fromkeys(["convert_adapter", "convert_file"], "convert"),
     "LoraToolsError": "errors",
     "extract_adapter": "extract",
     **dict.fromkeys(["FORMATS", "detect_format", "read_adapter", "write_adapter"], "formats"),

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import loratools as lt
 from loratools.adapter import Adapter, Module
-from loratools.convert import ConversionCheckError, check_same_deltas, convert, convert_file, load_base
+from loratools.convert import ConversionCheckError, check_same_deltas, convert_adapter, convert_file
 from loratools.errors import UnsupportedModuleError, WrongBaseError
+from loratools.formats import load_base
 from loratools.formats.kohya import read_kohya
 
 gguf = pytest.importorskip("gguf")
@@ -101,7 +102,7 @@ def test_gguf_file_as_llama_cpp_reads_it(tmp_path: Path, adapters: Path, peft_de
 
 def test_adalora_becomes_plain_lora(adapters: Path) -> None:
     ada = lt.read_adapter(adapters / "adalora")
-    conv = convert(ada, to="kohya")
+    conv = convert_adapter(ada, to="kohya")
     assert conv.adapter.method == "lora" and all(m.E is None for m in conv.adapter.modules.values())
     kept = {n for n, m in ada.items() if m.rank > 0}
     assert set(conv.adapter.modules) == kept and len(kept) < len(ada.modules)  # the rank-0 module adds nothing
@@ -227,13 +228,13 @@ def test_check_catches_a_wrong_delta(adapters: Path) -> None:
 def test_unsupported_modules_library(adapters: Path) -> None:
     conv = _conv_adapter()
     with pytest.raises(UnsupportedModuleError) as e:
-        convert(conv, to="gguf", base=load_base(adapters.parent / "tiny-llama"))
+        convert_adapter(conv, to="gguf", base=load_base(adapters.parent / "tiny-llama"))
     assert "down_blocks.0.resnets.0.conv1" in str(e.value) and "--drop-unsupported" in str(e.value)
     lora = lt.read_adapter(adapters / "lora")
     with_saved = Adapter(lora.modules, lora.config, {"base_model.model.lm_head.weight": torch.zeros(259, 128)})
     with pytest.raises(UnsupportedModuleError, match="lm_head"):
-        convert(with_saved, to="kohya")
-    kept = convert(with_saved, to="gguf", base=load_base(adapters.parent / "tiny-llama"),
+        convert_adapter(with_saved, to="kohya")
+    kept = convert_adapter(with_saved, to="gguf", base=load_base(adapters.parent / "tiny-llama"),
                    drop_unsupported=True)
     assert list(kept.dropped) == ["base_model.model.lm_head.weight"] and not kept.adapter.saved
 
@@ -288,14 +289,14 @@ def test_gguf_embeddings_and_lm_head(tmp_path: Path, tiny_llama: Path) -> None:
     # a base that ties lm_head to the embeddings has no `output` tensor in llama.cpp
     assert "lm_head" in gguf_unsupported(Adapter(mods), GGUFBase("llama", 4, 2, tied_embeddings=True))
     with pytest.raises(UnsupportedModuleError, match="embed_tokens"):
-        convert(Adapter(mods), to="kohya")
+        convert_adapter(Adapter(mods), to="kohya")
 
 
 def test_foreign_kohya_to_gguf(tmp_path: Path, tiny_llama: Path) -> None:
     f = tmp_path / "foreign.safetensors"
     _foreign_kohya(f)
     with pytest.raises(UnsupportedModuleError, match="--base"):
-        convert(lt.read_adapter(f), to="gguf", base=load_base(tiny_llama))  # names still flattened
+        convert_adapter(lt.read_adapter(f), to="gguf", base=load_base(tiny_llama))  # names still flattened
     res = convert_file(f, tmp_path / "x.gguf", to="gguf", base=tiny_llama)
     assert res.modules == 3 and not res.notes
     assert {t.name for t in gguf.GGUFReader(str(tmp_path / "x.gguf")).tensors} == \

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import loratools as lt
 from loratools.adapter import Adapter, Module
 from loratools.config import AdapterConfig
-from loratools.convert import check_same_deltas, convert
+from loratools.convert import check_same_deltas, convert_adapter
 from loratools.errors import InvalidOptionError, LoraToolsError, MissingModuleError
 from loratools.formats.gguf import permute_rows, read_gguf, unpermute_rows, write_gguf, GGUFBase
 from loratools.formats.kohya import read_kohya, write_kohya
@@ -60,11 +60,11 @@ BASE = GGUFBase("llama", 4, 2)
 def test_kohya_and_gguf_keep_every_delta(tmp_path: Path, adapter: Adapter) -> None:
     if all(m.rank == 0 for m in adapter.modules.values()):
         with pytest.raises(InvalidOptionError, match="rank 0"):
-            convert(adapter, to="kohya")
+            convert_adapter(adapter, to="kohya")
         return
     for to, write, read in [("kohya", write_kohya, read_kohya),
                             ("gguf", lambda a, p: write_gguf(a, p, base=BASE), lambda p: read_gguf(p, base=BASE))]:
-        plain = convert(adapter, to=to).adapter
+        plain = convert_adapter(adapter, to=to).adapter
         path = tmp_path / f"x-{to}"
         path.unlink(missing_ok=True)
         write(plain, path)

@@ -1,54 +1,26 @@
 """Adapter file formats, registered by name, detected by content.
 
-Each format is a :class:`Format`: a ``detect(path) -> bool`` that looks at the
-content (never only the file name), a ``read(path) -> Adapter`` and a
-``write(adapter, path)`` that writes a file or a directory at exactly ``path``
-(callers wrap it in :func:`loratools.io.atomic_output`).
+Each format is a :class:`~loratools.formats.base.Format` (see there for what it holds); its
+``read(path, *, base=None)`` and ``write(adapter, path, *, base=None)`` take what is known of the base
+model as a :class:`~loratools.formats.base.BaseModel` (:func:`load_base`). This module is the face of the
+registry: it imports the format modules, which import only :mod:`loratools.formats.base`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..adapter import Adapter
-from ..errors import InputNotFoundError, LoraToolsError, NotAnAdapterError, UnknownFormatError
-from ..io import atomic_output, read_safetensors_header
+from ..errors import InputNotFoundError, NotAnAdapterError, UnknownFormatError
+from ..io import atomic_output
+from .base import FORMATS, BaseModel, Format, load_base, peek_safetensors, register
 
-__all__ = ["Format", "FORMATS", "register", "peek_safetensors", "detect_format", "read_adapter", "write_adapter"]
+# Registration order is detection order: the most specific formats first.
+from . import single, peft, kohya, gguf  # noqa: E402,F401,I001
 
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    description: str
-    detect: Callable[[Path], bool]
-    read: Callable[[Path], Adapter]
-    write: Callable[[Adapter, Path], None]
-    #: "dir" when the format is a directory, else the file suffix (".safetensors", ".gguf")
-    layout: str
-
-
-FORMATS: dict[str, Format] = {}
-
-
-def register(fmt: Format) -> Format:
-    FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def peek_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
-    """The checked header and metadata of ``path`` if it is a readable safetensors file, else None
-    (for ``detect`` functions: a file that is not safetensors is simply not their format)."""
-    if not path.is_file():
-        return None
-    try:
-        return read_safetensors_header(path)
-    except (LoraToolsError, OSError):
-        return None
+__all__ = ["Format", "FORMATS", "BaseModel", "register", "peek_safetensors", "detect_format", "get_format",
+           "load_base", "read_adapter", "write_adapter"]
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -70,23 +42,17 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
-def read_adapter(path: str | os.PathLike[str], *, format: str | None = None) -> Adapter:
-    """Read an adapter from ``path`` in any registered format (detected when ``format`` is None)."""
+def read_adapter(path: str | os.PathLike[str], *, format: str | None = None, base: BaseModel | None = None) -> Adapter:
+    """Read an adapter from ``path`` in any registered format (detected when ``format`` is None);
+    ``base`` (:func:`load_base`) lets a format map names back (kohya) or check the architecture (GGUF)."""
     name = format or detect_format(path)
-    return get_format(name).read(Path(path))
+    return get_format(name).read(Path(path), base=base)
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "peft", force: bool = False,
-                  inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+                  inputs: tuple[str | os.PathLike[str], ...] = (), base: BaseModel | None = None) -> Path:
     """Write ``adapter`` to ``path`` atomically: nothing appears at ``path`` unless the write completes."""
     fmt = get_format(format)
     with atomic_output(path, force=force, inputs=inputs) as tmp:
-        fmt.write(adapter, tmp)
+        fmt.write(adapter, tmp, base=base)
     return Path(path)
-
-
-# Registration order is detection order: the most specific formats first.
-from . import single as _single  # noqa: E402,F401
-from . import peft as _peft  # noqa: E402,F401
-from . import kohya as _kohya  # noqa: E402,F401
-from . import gguf as _gguf  # noqa: E402,F401

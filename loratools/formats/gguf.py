@@ -49,7 +49,7 @@ from ..adapter import Adapter, Module, as_lora
 from ..config import AdapterConfig, alpha_for_scale, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingDependencyError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
-from . import Format, register
+from .base import BaseModel, Format, register
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
            "unpermute_rows", "global_alpha", "base_from_hparams", "base_from_gguf", "base_of_adapter",
@@ -339,13 +339,44 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     return adapter
 
 
-def _read(path: Path) -> Adapter:
-    return read_gguf(path)
+def gguf_base(base: BaseModel) -> GGUFBase:
+    """llama.cpp's architecture and head counts of ``base``: from a base ``.gguf`` or its config.json."""
+    known = base.facts.get("gguf")
+    if known is not None:
+        return known
+    if base.hparams is not None:
+        return base_from_hparams(base.hparams, where=str(base.path))
+    raise InvalidOptionError(f"`base` {base.path} has no config.json: GGUF needs the base's architecture and "
+                             "head counts (give the model directory or its .gguf)")
 
 
-def _write(adapter: Adapter, path: Path) -> None:
-    write_gguf(adapter, path)
+def _base_info(path: Path) -> BaseModel:
+    """What a ``.gguf`` says of a base model: a model file its architecture, head counts and weight names;
+    an adapter the head counts loratools recorded in it."""
+    gb, tensor_names = gguf_model_info(path)
+    # shapes stay unknown (): a quantised GGUF's names still map kohya keys back
+    names = [hf_name(g[: -len(".weight")]) for g in tensor_names if g.endswith(".weight")]
+    return BaseModel(path, shapes={n: () for n in names if n} or None, facts={"gguf": gb})
 
 
-register(Format("gguf", "llama.cpp GGUF LoRA adapter (general.type=adapter, .lora_a/.lora_b tensors)",
-                detect, _read, _write, ".gguf"))
+def _read(path: Path, base: BaseModel | None) -> Adapter:
+    return read_gguf(path, base=gguf_base(base) if base is not None else None)
+
+
+def _write(adapter: Adapter, path: Path, base: BaseModel | None) -> None:
+    write_gguf(adapter, path, base=gguf_base(base) if base is not None else None)
+
+
+def _unsupported(adapter: Adapter, base: BaseModel | None) -> dict[str, str]:
+    if base is not None:
+        return gguf_unsupported(adapter, gguf_base(base))
+    try:  # without a base, the adapter's own base_model directory, as the writer will use
+        known = base_of_adapter(adapter)
+    except InvalidOptionError:
+        known = None  # none known yet: the writer asks for one
+    return gguf_unsupported(adapter, known)
+
+
+register(Format("gguf", "llama.cpp GGUF LoRA adapter (general.type=adapter, .lora_a/.lora_b tensors)", ".gguf",
+                detect, reader=_read, writer=_write, plain_lora_only=True, cannot_hold=_unsupported,
+                base_info=_base_info))

@@ -37,7 +37,7 @@ from ..adapter import Adapter, Module, as_lora
 from ..config import AdapterConfig, alpha_for_scale, lora_scale
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, save_safetensors
-from . import Format, peek_safetensors, register
+from .base import BaseModel, Format, peek_safetensors, register
 
 __all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
 
@@ -200,9 +200,29 @@ def write_kohya(adapter: Adapter, path: Path) -> None:
     save_safetensors(tensors, path, meta)
 
 
-def _read(path: Path) -> Adapter:
-    return read_kohya(path)
+def _read(path: Path, base: BaseModel | None) -> Adapter:
+    return read_kohya(path, base_names=base.module_names if base is not None else None)
+
+
+def _flattened_note(adapter: Adapter, base: BaseModel | None) -> tuple[str, ...]:
+    flat = [n for n in adapter.modules if is_flattened(n)]
+    if not flat:
+        return ()
+    # says --base, not `base`: notes are shown as they are (the CLI rewrites backquoted parameters in errors)
+    return (f"{len(flat)} module names kept in kohya's flattened form (e.g. {flat[0]}): "
+            + ("pass --base MODEL to map them to the model's names" if base is None else
+               "they match no weight of --base" if base.shapes else
+               "--base has no weights (or .gguf) to match them against"),)
+
+
+def _flattened_hint(name: str) -> str | None:
+    # a kohya key the base did not map is the likely cause, not the target format's limits
+    if not is_flattened(name):
+        return None
+    return "it kept kohya's flattened name: pass --base MODEL to map it to the model's name"
 
 
 register(Format("kohya", "kohya sd-scripts single .safetensors (lora_down/lora_up/alpha, ss_* metadata)",
-                detect, _read, write_kohya, ".safetensors"))
+                ".safetensors", detect, reader=_read, writer=lambda adapter, path, base: write_kohya(adapter, path),
+                plain_lora_only=True, cannot_hold=lambda adapter, base: kohya_unsupported(adapter),
+                remarks=_flattened_note, name_hint=_flattened_hint))

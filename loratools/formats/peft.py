@@ -27,7 +27,7 @@ from ..adalora import mask_key, module_mask
 from ..config import AdapterConfig, adalora_scale, alpha_for_scale, lora_scale, pattern_value, target_matches
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
 from ..io import load_safetensors, save_safetensors
-from . import Format, register
+from .base import Format, register
 from .peft_fields import check_fields
 
 __all__ = ["read_peft", "write_peft", "peft_config", "peft_tensors", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
@@ -243,5 +243,6 @@ def write_peft(adapter: Adapter, path: Path) -> None:
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-register(Format("peft", "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
-                detect, read_peft, write_peft, "dir"))
+register(Format("peft", "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)", "dir", detect,
+                reader=lambda path, base: read_peft(path),
+                writer=lambda adapter, path, base: write_peft(adapter, path)))

@@ -22,7 +22,7 @@ from ..adapter import Adapter, Fingerprint, Module
 from ..config import AdapterConfig
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, WrongBaseError
 from ..io import load_safetensors, save_safetensors
-from . import Format, peek_safetensors, register
+from .base import Format, peek_safetensors, register
 
 __all__ = ["read_single", "write_single", "FORMAT_VERSION"]
 
@@ -91,5 +91,6 @@ def write_single(adapter: Adapter, path: Path) -> None:
     save_safetensors(tensors, path, meta)
 
 
-register(Format("loratools", "loratools single self-describing .safetensors file", detect, read_single, write_single,
-                ".safetensors"))
+register(Format("loratools", "loratools single self-describing .safetensors file", ".safetensors", detect,
+                reader=lambda path, base: read_single(path),
+                writer=lambda adapter, path, base: write_single(adapter, path)))

@@ -1,0 +1,167 @@
+"""What every adapter format is (:class:`Format`), the registry it joins, and what a format may know of the
+base model (:class:`BaseModel`, :func:`load_base`).
+
+Format modules import this module only; the registry face (``loratools.formats``) imports the format
+modules, so neither imports the other both ways. A format is data: its name, how it is recognised, and
+plain functions for reading, writing and saying what it cannot hold, each given what is known of the
+base model (``None`` when nothing is). Adding a format is one module that calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapter import Adapter
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, LoraToolsError
+from ..io import ModelReader, read_safetensors_header
+
+__all__ = ["BaseModel", "Format", "FORMATS", "register", "peek_safetensors", "load_base"]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """What is known of the base model an adapter belongs to; every part may be missing.
+
+    ``hparams`` is its ``config.json``; ``shapes`` maps module name → base weight shape (``()`` when
+    only the name is known, as for a quantised ``.gguf``); ``facts`` holds what a format read from a
+    base file of its own kind, keyed by the format's name (``"gguf"``: llama.cpp's architecture and
+    head counts), so that only that format needs to know what the value is.
+    """
+
+    path: Path
+    hparams: Mapping[str, Any] | None = None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def module_names(self) -> list[str] | None:
+        return list(self.shapes) if self.shapes is not None else None
+
+
+Reader = Callable[[Path, BaseModel | None], Adapter]
+Writer = Callable[[Adapter, Path, BaseModel | None], None]
+Limits = Callable[[Adapter, BaseModel | None], Mapping[str, str]]
+Remarks = Callable[[Adapter, BaseModel | None], Sequence[str]]
+
+
+def _holds_everything(adapter: Adapter, base: BaseModel | None) -> Mapping[str, str]:
+    return {}
+
+
+def _no_remarks(adapter: Adapter, base: BaseModel | None) -> Sequence[str]:
+    return ()
+
+
+def _no_hint(name: str) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Format:
+    """One adapter file format.
+
+    - ``detect(path)``: True when the content (never only the name) is this format;
+    - ``reader(path, base)`` / ``writer(adapter, path, base)``: read, or write a file or directory at
+      exactly ``path`` (callers wrap it in :func:`loratools.io.atomic_output`); ``base`` is what is
+      known of the base model, or None;
+    - ``layout``: ``"dir"`` for a directory format, else the file suffix (``".safetensors"``, ``".gguf"``);
+    - ``plain_lora_only``: the format holds plain LoRA factors only, so AdaLoRA is written through
+      :func:`loratools.adapter.as_lora` (same ΔW);
+    - ``cannot_hold(adapter, base)``: modules and saved tensors it cannot hold → why (after ``as_lora``
+      when ``plain_lora_only``);
+    - ``remarks(adapter, base)``: notes worth showing about an adapter this format's reader produced
+      (kohya: names kept flattened);
+    - ``name_hint(name)``: why a module name may be unknown to other formats, when it is one this
+      format's reader kept as it found it (kohya's flattened keys), else None;
+    - ``base_info(path)``: when files of this format can describe a base model (a llama.cpp model
+      ``.gguf``, or a GGUF adapter that records its head counts), what they say; else None.
+
+    Callers use the methods :meth:`read`, :meth:`write`, :meth:`unsupported` and :meth:`notes`.
+    """
+
+    name: str
+    description: str
+    layout: str
+    detect: Callable[[Path], bool]
+    reader: Reader
+    writer: Writer
+    plain_lora_only: bool = False
+    cannot_hold: Limits = _holds_everything
+    remarks: Remarks = _no_remarks
+    name_hint: Callable[[str], str | None] = _no_hint
+    base_info: Callable[[Path], BaseModel] | None = None
+
+    def read(self, path: str | os.PathLike[str], *, base: BaseModel | None = None) -> Adapter:
+        return self.reader(Path(path), base)
+
+    def write(self, adapter: Adapter, path: str | os.PathLike[str], *, base: BaseModel | None = None) -> None:
+        self.writer(adapter, Path(path), base)
+
+    def unsupported(self, adapter: Adapter, base: BaseModel | None = None) -> dict[str, str]:
+        """Module (or saved tensor) name → why this format cannot hold it; empty when it holds all."""
+        return dict(self.cannot_hold(adapter, base))
+
+    def notes(self, adapter: Adapter, base: BaseModel | None = None) -> tuple[str, ...]:
+        return tuple(self.remarks(adapter, base))
+
+
+#: registered formats by name; registration order is detection order (the most specific first)
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def peek_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The checked header and metadata of ``path`` if it is a readable safetensors file, else None
+    (for ``detect`` functions: a file that is not safetensors is simply not their format)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_safetensors_header(path)
+    except (LoraToolsError, OSError):
+        return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(path, f"not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(path, "not a JSON object")
+    return data
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with ModelReader(path) as model:
+        return {k[: -len(".weight")]: model.shape(k) for k in model.keys() if k.endswith(".weight")}
+
+
+def load_base(path: str | os.PathLike[str]) -> BaseModel:
+    """Read what is needed of a base model: a model directory (config.json, weights optional),
+    one ``.safetensors``, a ``config.json``, or a file a format describes (a llama.cpp model ``.gguf``)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(p, "base model")
+    if p.is_file():
+        own = next((f for f in FORMATS.values() if f.base_info is not None and f.detect(p)), None)
+        if own is not None and own.base_info is not None:
+            return own.base_info(p)
+        if p.suffix == ".json":
+            return BaseModel(p, hparams=_read_config(p))
+        cfg = p.parent / "config.json"
+        return BaseModel(p, hparams=_read_config(cfg) if cfg.is_file() else None, shapes=_weight_shapes(p))
+    cfg = p / "config.json"
+    hparams = _read_config(cfg) if cfg.is_file() else None
+    has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    if hparams is None and not has_weights:
+        raise InvalidOptionError(f"`base` {p} holds neither config.json nor model.safetensors")
+    return BaseModel(p, hparams=hparams, shapes=_weight_shapes(p) if has_weights else None)
