@@ -11,6 +11,7 @@ and what it needs of the base model, is the format's own business
 
 From the repository root (where the tests run):
 
+>>> from loratools.formats import read_adapter
 >>> conv = convert_adapter(read_adapter("fixtures/adapters/adalora"), to="kohya")
 >>> conv.adapter.method, sorted(conv.dropped)
 ('lora', [])
