@@ -1,12 +1,16 @@
-"""Choosing where tensor products run. ``auto`` means CUDA when present, else CPU."""
+"""Choosing where tensor products run (``auto`` means CUDA when present, else CPU), and how many CPU threads."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
 
 import torch
 
 from .errors import InvalidOptionError
 
-__all__ = ["resolve_device", "resolve_dtype", "DTYPES"]
+__all__ = ["resolve_device", "resolve_dtype", "DTYPES", "cpu_cores", "configure_cpu_threads", "cpu_threads"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -37,3 +41,38 @@ def resolve_dtype(name: str | None, *, default: torch.dtype | None = None) -> to
     if name not in DTYPES:
         raise InvalidOptionError(f"unknown dtype {name!r}; use one of: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_cpu_threads(threads: int = 1) -> int:
+    """Give torch ``threads`` intra-op threads from now on; returns the previous count.
+
+    A CPU command's tensors are small enough (adapter factors, blocks of rows)
+    that torch's thread pool costs more than it gives: each op waits at a
+    barrier for threads that other work (a writer, a reader, another process)
+    has descheduled (the project's issue "Speed" profiled ``merge``, and
+    ``inspect``/``resize`` of a 7B-shaped rank-64 adapter, on a loaded 2-core
+    machine). Parallelism comes from whole tensors on separate threads
+    instead, where there is any. The CLI calls this once, before reading any adapter.
+    """
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(max(1, threads))
+    return before
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int = 1) -> Iterator[None]:
+    """:func:`configure_cpu_threads` for the duration of a block (a library call leaves the setting as it was)."""
+    before = configure_cpu_threads(threads)
+    try:
+        yield
+    finally:
+        configure_cpu_threads(before)

@@ -39,16 +39,19 @@ def print_json(data: Any) -> None:
 
 
 @contextlib.contextmanager
-def progress(total: int, description: str, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a bar only on a terminal and when not quiet."""
+def progress(total: int | None, description: str, *, quiet: bool = False) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, *, total=None)``; a job that learns its size later passes ``total`` then.
+
+    Shows a bar only on a terminal and when not quiet.
+    """
     if quiet or not err.is_terminal:
-        yield lambda n=1: None
+        yield lambda n=1, *, total=None: None
         return
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
     with bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        yield lambda n=1, *, total=None: bar.update(task, advance=n, **({"total": total} if total is not None else {}))
 
 
 def inspect_table(report: dict[str, Any]) -> Table:

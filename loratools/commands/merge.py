@@ -28,12 +28,6 @@ def _adapters(paths: tuple[str, ...], weights: tuple[float, ...]) -> list[Adapte
     return [AdapterInput(read_adapter(p), w, p) for p, w in zip(paths, ws)]
 
 
-def _tensors(path: str) -> int:
-    from ..io import ModelReader
-
-    return len(ModelReader(path).keys())
-
-
 def _summary(r: MergeReport) -> None:
     names = ", ".join(f"{a['source']}×{a['weight']:g}" for a in r.adapters)
     render.out.print(f"[bold]{r.op}[/] {names} → {r.output}: {r.adapted} tensors changed, {r.copied} copied")
@@ -98,7 +92,7 @@ def merge(obj: object, base: str, adapters: tuple[str, ...], output: str, weight
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
     """
     inputs = _adapters(adapters, weights)
-    with render.progress(_tensors(base), "merge", quiet=quiet(obj) or as_json) as advance:
+    with render.progress(None, "merge", quiet=quiet(obj) or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, extra_inputs=adapters, progress=advance)
     v = verify_merge(base, inputs, output, device=device, precision=precision) if do_verify else None
@@ -139,7 +133,7 @@ def unmerge(obj: object, merged: str, adapters: tuple[str, ...], output: str, we
       loratools unmerge merged adapter -o base-again --record merged.record.safetensors
     """
     inputs = _adapters(adapters, weights)
-    with render.progress(_tensors(merged), "unmerge", quiet=quiet(obj) or as_json) as advance:
+    with render.progress(None, "unmerge", quiet=quiet(obj) or as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
                                force=force, extra_inputs=adapters, progress=advance)
     if as_json:
@@ -171,7 +165,7 @@ def verify(obj: object, base: str, adapters: tuple[str, ...], merged: str, weigh
       loratools verify fixtures/tiny-llama fixtures/adapters/lora merged
     """
     inputs = _adapters(adapters, weights)
-    with render.progress(_tensors(base), "verify", quiet=quiet(obj) or as_json) as advance:
+    with render.progress(None, "verify", quiet=quiet(obj) or as_json) as advance:
         v = verify_merge(base, inputs, merged, device=device, precision=precision, progress=advance)
     if as_json:
         render.print_json(v.to_json())
