@@ -50,7 +50,7 @@ def make_model(path: Path, layers: int) -> int:
     """Write the synthetic model shard by shard (one tensor in memory at a time); returns its bytes."""
     import torch
 
-    from loratools.writer import Entry, ShardWriter
+    from loratools.io import Entry, ShardWriter
     path.mkdir(parents=True)
     shapes = llama_shapes(layers)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]

@@ -199,11 +199,19 @@ class Adapter:
         return iter(self.modules.items())
 
     def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first module or saved tensor holding NaN or Inf.
+
+        Done once per adapter: the readers check on reading and later callers
+        (a merge's plan) find it done. An adapter's tensors are never changed in place.
+        """
+        if self.__dict__.get("_finite"):
+            return
         for name, m in self.modules.items():
             check_module(name, m, finite=True)
         for key, t in self.saved.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(key)
+        object.__setattr__(self, "_finite", True)
 
     def with_modules(self, modules: Mapping[str, Module], **config_changes: object) -> "Adapter":
         config = replace(self.config, **config_changes) if config_changes else self.config  # type: ignore[arg-type]

@@ -1,12 +1,16 @@
-"""Choosing where tensor products run. ``auto`` means CUDA when present, else CPU."""
+"""Choosing where tensor products run (``auto`` means CUDA when present, else CPU), and how many CPU threads."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
 
 import torch
 
 from .errors import InvalidOptionError
 
-__all__ = ["resolve_device", "resolve_dtype", "configure_cpu_threads", "DTYPES"]
+__all__ = ["resolve_device", "resolve_dtype", "DTYPES", "cpu_cores", "configure_cpu_threads", "cpu_threads"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -39,13 +43,38 @@ def resolve_dtype(name: str | None, *, default: torch.dtype | None = None) -> to
     return DTYPES[name]
 
 
-def configure_cpu_threads(device: str = "cpu") -> None:
-    """One torch intra-op thread when ``device`` resolves to the CPU; a GPU run is left alone.
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
-    The commands' CPU work is many small ops (QR/SVD of r×r cores, thin products);
-    with several OpenMP threads each op waits at a barrier for threads another
-    process has descheduled. Issue "Speed": inspect/resize of a 7B-shaped rank-64
-    adapter ran 5× faster with one thread on a loaded machine.
+
+def configure_cpu_threads(device: str | torch.device = "cpu", *, threads: int = 1) -> int:
+    """Give torch ``threads`` intra-op threads when ``device`` resolves to the CPU; returns the previous count.
+
+    A CPU command's tensors are small enough (adapter factors, QR/SVD of r×r
+    cores, blocks of rows) that torch's thread pool costs more than it gives:
+    each op waits at a barrier for threads that other work (a writer, a reader,
+    another process) has descheduled. The project's issue "Speed" profiled
+    ``merge``, and ``inspect``/``resize`` of a 7B-shaped rank-64 adapter (5×
+    faster with one thread on a loaded 2-core machine). Parallelism comes from
+    whole tensors on separate threads instead, where there is any. The CLI
+    calls this once per command, before reading any adapter; a GPU run is left alone.
     """
-    if resolve_device(device).type == "cpu":
-        torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    if resolve_device(device).type == "cpu" and before != threads:
+        torch.set_num_threads(max(1, threads))
+    return before
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int = 1) -> Iterator[None]:
+    """``threads`` torch threads for the duration of a block (a library call leaves the setting as it was)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -34,12 +34,6 @@ def _adapters(paths: tuple[str, ...], weights: tuple[float, ...]) -> list[Adapte
     return [AdapterInput(read_adapter(p), w, p) for p, w in zip(paths, ws)]
 
 
-def _tensors(path: str) -> int:
-    from ..io import ModelReader
-
-    return len(ModelReader(path).keys())
-
-
 def _summary(out: Console, r: MergeReport) -> None:
     names = ", ".join(f"{a['source']}×{a['weight']:g}" for a in r.adapters)
     out.print(f"[bold]{r.op}[/] {names} → {r.output}: {r.adapted} tensors changed, {r.copied} copied")
@@ -101,7 +95,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
 
     configure_cpu_threads(device)
     inputs = _adapters(adapters, weights)
-    with render.progress(session.err, _tensors(base), "merge", quiet=session.quiet or as_json) as advance:
+    with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, extra_inputs=adapters, progress=advance)
     v = verify_merge(base, inputs, output, device=device, precision=precision) if do_verify else None
@@ -147,7 +141,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
 
     configure_cpu_threads(device)
     inputs = _adapters(adapters, weights)
-    with render.progress(session.err, _tensors(merged), "unmerge", quiet=session.quiet or as_json) as advance:
+    with render.progress(session.err, None, "unmerge", quiet=session.quiet or as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
                                force=force, extra_inputs=adapters, progress=advance)
     if as_json:
@@ -184,7 +178,7 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
 
     configure_cpu_threads(device)
     inputs = _adapters(adapters, weights)
-    with render.progress(session.err, _tensors(base), "verify", quiet=session.quiet or as_json) as advance:
+    with render.progress(session.err, None, "verify", quiet=session.quiet or as_json) as advance:
         v = verify_merge(base, inputs, merged, device=device, precision=precision, progress=advance)
     if as_json:
         render.print_json(v.to_json())

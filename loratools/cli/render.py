@@ -42,10 +42,14 @@ def print_json(data: Any) -> None:
 
 
 @contextlib.contextmanager
-def progress(err: Console, total: int, description: str, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a bar on ``err`` only on a terminal and when not quiet."""
+def progress(err: Console, total: int | None, description: str, *,
+             quiet: bool = False) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, *, total=None)``; a job that learns its size later passes ``total`` then.
+
+    Shows a bar on ``err`` only on a terminal and when not quiet.
+    """
     if quiet or not err.is_terminal:
-        yield lambda n=1: None
+        yield lambda n=1, *, total=None: None
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -54,7 +58,7 @@ def progress(err: Console, total: int, description: str, *, quiet: bool = False)
                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
     with bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        yield lambda n=1, *, total=None: bar.update(task, advance=n, **({"total": total} if total is not None else {}))
 
 
 def inspect_table(report: dict[str, Any]) -> Table:

@@ -1,4 +1,4 @@
-"""Exact un-merge: what a cast to the output dtype loses, stored compactly.
+"""Exact un-merge: what a cast to the output dtype loses, stored compactly, and the file that holds it.
 
 Merging rounds: ``M = cast(W0 + ΔW)``; un-merging rounds again:
 ``R = cast(M − ΔW)``. Usually ``R == W0`` bit for bit, but not everywhere
@@ -22,23 +22,36 @@ elements may move by an ulp) give 2-bit counts plus a few exceptions.
 >>> w0 = torch.tensor([1.0, 2.0, 3.0]); r = torch.tensor([1.0, 2.5, 3.0])
 >>> apply_patch(r, make_patch(w0, r)).equal(w0)
 True
+
+The *record* of a merge is a safetensors file: tensor ``"<key>::<part>"`` for
+each part of each tensor's patch, and in its metadata ``loratools.record = "1"``,
+the sha256 of every base tensor it restores (``sha256``, JSON) and the merge's
+stamp (which adapters and weights). :class:`RecordWriter` writes it while the
+merge streams; :func:`read_record` opens it for an un-merge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["make_patch", "apply_patch", "patch_nbytes", "bits", "tensor_sha256"]
+from ..errors import CorruptFileError, WrongBaseError
+from ..io import DTYPE_CODES, Entry, ShardWriter, Span, atomic_output, tensor_spans
+from .kernels import bits
+from .plan import METADATA_KEY, AdapterInput
 
-_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+__all__ = ["make_patch", "apply_patch", "patch_nbytes", "bits", "tensor_sha256", "RecordWriter", "read_record"]
 
-
-def bits(t: Tensor) -> Tensor:
-    """``t`` reinterpreted as integers of the same width (so -0.0 ≠ 0.0 and NaN == NaN bitwise)."""
-    return t.contiguous().view(_INT_OF_WIDTH[t.element_size()])
+RECORD_KEY = "loratools.record"
 
 
 def make_patch(original: Tensor, reconstructed: Tensor) -> dict[str, Tensor]:
@@ -137,3 +150,64 @@ def tensor_sha256(t: Tensor) -> str:
     """sha256 of a tensor's raw bytes (C order): a check that a restore is bit-exact."""
     t = t.detach().to("cpu").contiguous()
     return hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy())).hexdigest()
+
+
+class RecordWriter:
+    """Collects each tensor's patch as the merge streams, then writes the record (atomically) at the end.
+
+    Patches are appended to a scratch file beside the record as they come (from
+    several threads) and copied into the record by :meth:`finish`, so memory
+    stays flat whatever the record's size. The scratch is removed on :meth:`close`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.scratch = path.parent / f".{path.name}.scratch-{os.getpid()}"
+        self.entries: list[Entry] = []
+        self.hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.scratch.write_bytes(b"")
+
+    def add(self, key: str, patch: dict[str, Tensor], sha256: str) -> None:
+        with self._lock, self.scratch.open("ab") as f:
+            self.hashes[key] = sha256
+            for part, t in patch.items():
+                t = t.contiguous()
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                self.entries.append(Entry(f"{key}::{part}", DTYPE_CODES[t.dtype], tuple(t.shape)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def finish(self, meta: dict[str, str], *, force: bool, inputs: Sequence[str | os.PathLike[str]]) -> None:
+        rmeta = {RECORD_KEY: "1", "sha256": json.dumps(self.hashes), **meta}
+        with atomic_output(self.path, force=force, inputs=tuple(inputs)) as rtmp:
+            with ShardWriter(rtmp, self.entries, rmeta) as rw:
+                pos = 0
+                for e in self.entries:
+                    rw.copy_from(e.name, Span(self.scratch, e.dtype, e.shape, pos, pos + e.nbytes))
+                    pos += e.nbytes
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.scratch.unlink()
+
+
+def read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, dict[str, Span]], dict[str, str],
+                                                                      dict[str, Any]]:
+    """The record's patches as spans (each read when its tensor comes), its hashes and the merge's stamp."""
+    tensors, meta = tensor_spans(path)
+    if meta.get(RECORD_KEY) != "1" or METADATA_KEY not in meta:
+        raise CorruptFileError(path, "not a merge record (a merge writes one when given `record`)")
+    info = json.loads(meta[METADATA_KEY])
+    made = [(a["fingerprint"], float(a["weight"])) for a in info["adapters"]]
+    given = [(i.adapter.fingerprint.sha256, i.weight) for i in inputs]
+    if made != given:
+        raise WrongBaseError(f"the record {path} was made for other adapters or weights; "
+                             "give the same `adapters` and `weight` values as the merge")
+    patches: dict[str, dict[str, Span]] = {}
+    for k, t in tensors.items():
+        key, _, part = k.rpartition("::")
+        patches.setdefault(key, {})[part] = t
+    return patches, json.loads(meta["sha256"]), info

@@ -1,19 +1,21 @@
-"""Streaming safetensors: read one tensor at a time, write one tensor at a time.
+"""safetensors on disk: checked headers, byte spans, one-tensor reads, a streaming writer.
 
 A safetensors file is ``u64 header length | JSON header | tensor bytes``, the
 header giving each tensor's dtype, shape and ``[start, end)`` byte span in the
-data section. Since every shape and dtype of an output shard is known before
-any tensor is computed, the header can be written first and the tensors
-streamed after it in header order: memory holds one tensor, never a shard.
+data section. Since every shape and dtype of an output file is known before any
+tensor is computed, the header can be written first and the tensors streamed
+after it: memory holds one tensor (or one block of one), never a file.
 
-- :func:`tensor_spans` maps each tensor of a file to its absolute byte span.
-- :func:`read_tensor` reads one tensor with ``pread`` into fresh memory (no
-  mmap, so pages of other tensors never count towards the process's RSS).
-- :class:`ShardWriter` writes a file from a planned list of entries; tensors
-  are given as tensors (:meth:`ShardWriter.write`) or copied byte for byte from
-  another file by the kernel (:meth:`ShardWriter.copy_from`).
+- :func:`read_safetensors_layout` parses and checks a header without trusting
+  it, so damaged files fail with a clear message; :func:`tensor_spans` turns it
+  into each tensor's absolute :class:`Span`.
+- :func:`read_tensor` reads one tensor with ``pread`` into memory the caller
+  owns (no mmap, so pages of other tensors never count towards the RSS).
+- :class:`ShardWriter` writes a file from a planned list of :class:`Entry`.
+- :data:`DTYPE_SIZES`, :data:`DTYPE_CODES`, :data:`CODE_DTYPES`: the one table
+  of safetensors dtype codes.
 
-Only safetensors is read here: nothing unpickles.
+Only safetensors is ever loaded: nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -28,21 +30,35 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import CorruptFileError, InvalidOptionError
-from .io import DTYPE_SIZES, read_safetensors_layout
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
 
-__all__ = ["Entry", "Span", "ShardWriter", "tensor_spans", "read_tensor", "DTYPE_CODES", "CODE_DTYPES", "nbytes_of"]
+__all__ = [
+    "DTYPE_SIZES", "DTYPE_CODES", "CODE_DTYPES", "Entry", "Span", "ShardWriter", "nbytes_of",
+    "read_safetensors_header", "read_safetensors_layout", "tensor_spans", "read_tensor",
+    "load_safetensors", "save_safetensors",
+]
 
+_MAX_HEADER = 100 * 1024 * 1024
+_ALIGN = 8  # the header is padded with spaces so the data section starts 8-byte aligned
+_CHUNK = 64 << 20
+
+#: bytes per element of each safetensors dtype code
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+#: the torch dtype of each safetensors code that torch can hold
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16",
+    torch.uint32: "U32", torch.uint64: "U64",
 }
 CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
-_ALIGN = 8  # the header is padded with spaces so the data section starts 8-byte aligned
-_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,10 @@ class Span:
     start: int
     end: int
 
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
 
 def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
     n = DTYPE_SIZES[dtype]
@@ -76,16 +96,72 @@ def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
     return n
 
 
+def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file, checked: see :func:`read_safetensors_layout`."""
+    header, meta, _ = read_safetensors_layout(path)
+    return header, meta
+
+
+def read_safetensors_layout(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
+    """``(tensors, metadata, data_start)`` of a safetensors file, checked against the file's size.
+
+    ``data_start`` is the file offset of the data section (8 + header length):
+    tensor ``k`` lies at ``data_start + data_offsets``.
+
+    ``tensors`` maps each name to ``{"dtype", "shape", "data_offsets"}``.
+    Raises :class:`CorruptFileError` for a truncated file, a damaged header, or
+    offsets that point outside the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(p)
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(p, "shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CorruptFileError(p, "header length points past the end of the file (truncated?)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(p, f"header is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(p, "header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise CorruptFileError(p, "__metadata__ is not a JSON object")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            width = DTYPE_SIZES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(p, f"tensor {name!r} has a malformed entry") from None
+        if not 0 <= start <= end <= data_len:
+            raise CorruptFileError(p, f"tensor {name!r} lies past the end of the file (truncated?)")
+        if end - start != count * width:
+            raise CorruptFileError(p, f"tensor {name!r} has {end - start} bytes for shape {info['shape']}")
+    return header, {str(k): str(v) for k, v in meta.items()}, 8 + n
+
+
+def spans_of(path: Path, header: Mapping[str, Any], data_start: int) -> dict[str, Span]:
+    """Each tensor's absolute :class:`Span` from a header checked by :func:`read_safetensors_layout`."""
+    return {k: Span(path, str(v["dtype"]), tuple(int(x) for x in v["shape"]),
+                    data_start + int(v["data_offsets"][0]), data_start + int(v["data_offsets"][1]))
+            for k, v in header.items()}
+
+
 def tensor_spans(path: str | os.PathLike[str]) -> tuple[dict[str, Span], dict[str, str]]:
     """Each tensor's :class:`Span` in the safetensors file ``path`` (checked), and the file's metadata."""
     p = Path(path)
-    header, meta, base = read_safetensors_layout(p)
-    spans = {
-        k: Span(p, str(v["dtype"]), tuple(int(x) for x in v["shape"]),
-                base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]))
-        for k, v in header.items()
-    }
-    return spans, meta
+    header, meta, start = read_safetensors_layout(p)
+    return spans_of(p, header, start), meta
 
 
 def read_tensor(span: Span) -> Tensor:
@@ -108,7 +184,26 @@ def read_tensor(span: Span) -> Tensor:
     return t.view(CODE_DTYPES[span.dtype]).reshape(span.shape) if size else torch.empty(span.shape, dtype=CODE_DTYPES[span.dtype])
 
 
-def _header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -> bytes:
+def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of a (small) safetensors file, and its metadata; checked first."""
+    header, meta = read_safetensors_header(path)
+    out: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in header:
+                out[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own untyped errors
+        raise CorruptFileError(path, str(e).splitlines()[0] if str(e) else e.__class__.__name__) from None
+    return out, meta
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` (made contiguous) to ``path``."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+
+
+def header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -> bytes:
+    """The header of a file holding ``entries`` in this order, padded so the data starts 8-byte aligned."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -140,7 +235,7 @@ class ShardWriter:
         self._entries = list(entries)
         self._next = 0
         self._f: BinaryIO = self.path.open("wb")
-        self._f.write(_header_bytes(self._entries, metadata))
+        self._f.write(header_bytes(self._entries, metadata))
 
     def _expect(self, name: str) -> Entry:
         if self._next >= len(self._entries) or self._entries[self._next].name != name:

@@ -1,0 +1,25 @@
+"""Reading and writing weights on disk: lazily, safely, atomically.
+
+- :mod:`.safetensors`: checked headers, the dtype tables, byte spans, one-tensor
+  reads and the streaming :class:`ShardWriter`.
+- :mod:`.model`: :class:`ModelReader` (a model directory, sharded or not, or one
+  file) and :func:`rewrite_model`, which mirrors a model tensor by tensor.
+- :mod:`.paths`: :func:`atomic_output` and :func:`check_output`.
+
+Only safetensors is ever loaded: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+from .model import INDEX_NAME, WEIGHTS_NAME, ModelReader, Progress, rewrite_model
+from .paths import atomic_output, check_output
+from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, ShardWriter, Span, load_safetensors,
+                          nbytes_of, read_safetensors_header, read_safetensors_layout, read_tensor, save_safetensors,
+                          tensor_spans)
+
+__all__ = [
+    "ModelReader", "Progress", "rewrite_model", "atomic_output", "check_output",
+    "read_safetensors_header", "read_safetensors_layout", "load_safetensors", "save_safetensors",
+    "tensor_spans", "read_tensor", "Entry", "Span", "ShardWriter", "nbytes_of",
+    "DTYPE_SIZES", "DTYPE_CODES", "CODE_DTYPES", "INDEX_NAME", "WEIGHTS_NAME",
+]

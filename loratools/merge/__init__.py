@@ -1,0 +1,352 @@
+"""Merge adapters into a base model, take them back out, and check a merge.
+
+Merging adds each adapter's low-rank update to the weight it adapts::
+
+    W = cast(W0 + Σᵢ wᵢ·ΔWᵢ)        un-merging:   W0 ≈ cast(W − Σᵢ wᵢ·ΔWᵢ)
+
+with every ΔWᵢ formed and summed in float32 (or float64) and a single cast to
+the output dtype at the end. Each job here is the same three steps: plan
+(:mod:`.plan`, pure: every check before a byte is written), rewrite (the model
+streamed tensor by tensor through :func:`loratools.io.rewrite_model`, with the
+arithmetic of :mod:`.kernels`), report. Memory holds a few tensors plus the
+adapters whatever the model's size.
+
+A merge can also write a *record* (see :mod:`.record`): what the final cast
+lost, so that ``unmerge_model(..., record=...)`` restores the base bit for bit,
+even in bfloat16.
+
+>>> from loratools import read_adapter
+>>> ad = read_adapter("fixtures/adapters/lora")                         # doctest: +SKIP
+>>> merge_model("fixtures/tiny-llama", [(ad, 1.0)], "merged")           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter
+from ..device import cpu_threads, resolve_device
+from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, ShapeMismatchError, VerificationError,
+                      WrongBaseError)
+from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, read_tensor, rewrite_model
+from .kernels import (check_finite, delta_sum, jitter, low_rank, merged_tensor, tolerance, ulp,
+                      unmerged_tensor)
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge,
+                   resolve_precision, saved_base_key, stamp)
+from .record import RecordWriter, apply_patch, make_patch, read_record, tensor_sha256
+
+__all__ = [
+    "AdapterInput", "TensorPlan", "MergeReport", "VerifyReport", "ModuleCheck", "Progress",
+    "delta_sum", "low_rank", "merged_tensor", "unmerged_tensor", "plan_merge", "saved_base_key", "tolerance",
+    "jitter", "merge_model", "unmerge_model", "verify_merge", "METADATA_KEY",
+]
+
+Adapters = Sequence[AdapterInput | tuple[Adapter, float] | Adapter]
+PathLike = str | os.PathLike[str]
+
+
+# --------------------------------------------------------------------------- reports
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge or an un-merge did and, for an un-merge, how exact it is."""
+
+    output: Path
+    op: str
+    adapted: int
+    copied: int
+    nbytes: int
+    record: Path | None = None
+    record_nbytes: int = 0
+    exact: bool | None = None
+    #: un-merge without a record: error measured by re-running merge→unmerge on the result (see unmerge_model)
+    est_max_abs_error: float = 0.0
+    est_rel_error: float = 0.0
+    #: un-merge without a record: a guaranteed per-element bound, ½ulp(W) + ½ulp(W0') at the worst element
+    error_bound: float = 0.0
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["output"], d["record"] = str(self.output), (str(self.record) if self.record else None)
+        d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
+        return d
+
+
+@dataclass(frozen=True)
+class ModuleCheck:
+    key: str
+    max_abs: float
+    ratio: float  # max |merged − exact| / tolerance; > 1 fails
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    modules: list[ModuleCheck]
+    untouched_mismatches: list[str]
+    dtype: str
+
+    @property
+    def worst(self) -> ModuleCheck | None:
+        return max(self.modules, key=lambda m: m.ratio, default=None)
+
+    @property
+    def max_abs(self) -> float:
+        return max((m.max_abs for m in self.modules), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return not self.untouched_mismatches and all(m.ratio <= 1.0 for m in self.modules)
+
+    def check(self) -> None:
+        """Raise :class:`VerificationError` naming the worst tensor unless :attr:`ok`."""
+        if self.ok:
+            return
+        w = self.worst
+        why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {self.dtype} rounding tolerance"
+               if w is not None and w.ratio > 1 else f"{self.untouched_mismatches[0]} differs from the base")
+        raise VerificationError(why)
+
+    def to_json(self) -> dict[str, Any]:
+        w = self.worst
+        return {"ok": self.ok, "dtype": self.dtype, "max_abs": self.max_abs, "worst": w.key if w else None,
+                "worst_ratio": w.ratio if w else 0.0, "untouched_mismatches": self.untouched_mismatches,
+                "modules": [m.__dict__ for m in self.modules]}
+
+
+# --------------------------------------------------------------------------- the jobs
+
+@dataclass
+class _Job:
+    """What every job starts from: the inputs, the model read once, the plan."""
+
+    inputs: list[AdapterInput]
+    device: torch.device
+    precision: torch.dtype
+    model: ModelReader
+    plan: dict[str, TensorPlan]
+
+    @classmethod
+    def start(cls, path: PathLike, adapters: Adapters, device: str | torch.device,
+              precision: str | torch.dtype) -> "_Job":
+        inputs = adapter_inputs(adapters)
+        dev, prec = resolve_device(device), resolve_precision(precision)
+        model = ModelReader(path)
+        return cls(inputs, dev, prec, model, plan_merge(model.shapes(), inputs))
+
+    def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str], compute: Callable[[str], Tensor | None],
+                progress: Progress | None) -> tuple[int, int]:
+        # parallelism comes from computing whole tensors on separate threads, each with one torch thread
+        with cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext():
+            return rewrite_model(self.model, tmp, codes=codes, metadata=meta, compute=compute, progress=progress,
+                                 device_type=self.device.type)
+
+    def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
+        """What an un-merge computes for this tensor before any record is applied."""
+        if not plan.deltas:
+            return w.to(dtype)
+        return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
+
+
+def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
+                device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
+                record: PathLike | None = None, force: bool = False, extra_inputs: Sequence[PathLike] = (),
+                progress: Progress | None = None) -> MergeReport:
+    """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
+
+    ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
+    tensors are copied byte for byte. ``modules_to_save`` tensors replace the base's.
+    Everything is checked before a byte is written. With ``record``, also writes
+    the sidecar that lets :func:`unmerge_model` restore ``base`` bit for bit
+    (the output dtype must then be the base's).
+    """
+    job = _Job.start(base, adapters, device, precision)
+    model, plan = job.model, job.plan
+    codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
+    if record is not None and any(codes[k] != s.dtype for k, s in model.spans.items()):
+        raise InvalidOptionError("`record` restores the base only when `dtype` is kept; drop `dtype` or `record`")
+    record_path = Path(record) if record is not None else None
+    meta = stamp("merge", job.inputs, job.precision, job.device)
+    rec: RecordWriter | None = None
+
+    def compute(key: str) -> Tensor | None:
+        p = plan.get(key)
+        if p is None:
+            return None
+        w0 = model.read(key)
+        out_dtype = CODE_DTYPES[codes[key]]
+        start = p.replace if p.replace is not None else w0
+        try:
+            w = (merged_tensor(start, p.deltas, dtype=out_dtype, precision=job.precision, device=job.device).cpu()
+                 if p.deltas else start.to(out_dtype))
+        except NonFiniteError:
+            check_finite(key, w0, "the base model")
+            raise NonFiniteError(key, f"the merge (the sum overflows {out_dtype})") from None
+        if rec is not None:
+            rec.add(key, make_patch(w0, job.recon(w, p, w0.dtype)), tensor_sha256(w0))
+        return w
+
+    if record_path is not None:
+        check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="`record`")
+    with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp:
+        try:
+            rec = RecordWriter(record_path) if record_path is not None else None
+            changed, copied = job.rewrite(tmp, codes, meta, compute, progress)
+            if rec is not None:
+                rec.finish(meta, force=force, inputs=(base, *extra_inputs))
+        finally:
+            if rec is not None:
+                rec.close()
+    return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record_path, rec.nbytes if rec else 0,
+                       adapters=[i.describe() for i in job.inputs])
+
+
+def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> None:
+    """The merged model says which adapters went in: refuse a different one."""
+    stamped = model.metadata().get(METADATA_KEY)
+    if not stamped:
+        return
+    went_in = {a["fingerprint"] for a in json.loads(stamped).get("adapters", [])}
+    for i in inputs:
+        if went_in and i.adapter.fingerprint.sha256 not in went_in:
+            raise WrongBaseError(f"{merged} records the adapters merged into it, and {i.label or 'this adapter'} "
+                                 "is not one of them")
+
+
+class _ErrorStats:
+    """The un-merge's error figures without a record (see :func:`unmerge_model`), summed over tensors."""
+
+    def __init__(self) -> None:
+        self.max = self.sq = self.ref = self.bound = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, key: str, w: Tensor, r: Tensor, p: TensorPlan, job: _Job) -> None:
+        probe = jitter(r, seed=len(key))  # the round trip re-run on a stand-in base measures what this dtype loses
+        opts = {"precision": job.precision, "device": job.device}
+        again = unmerged_tensor(merged_tensor(probe, p.deltas, **opts), p.deltas, **opts).cpu().to(torch.float64)
+        err = again - probe.to(torch.float64)
+        figures = (float(err.abs().max()), float((err * err).sum()), float((r.to(torch.float64) ** 2).sum()),
+                   float((0.5 * ulp(w) + 0.5 * ulp(r)).max()))
+        with self._lock:  # tensors are computed on several threads
+            self.max = max(self.max, figures[0])
+            self.sq += figures[1]
+            self.ref += figures[2]
+            self.bound = max(self.bound, figures[3])
+
+    @property
+    def rel(self) -> float:
+        return math.sqrt(self.sq / self.ref) if self.ref else 0.0
+
+
+def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device: str | torch.device = "auto",
+                  precision: str | torch.dtype = torch.float32, record: PathLike | None = None, force: bool = False,
+                  extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None) -> MergeReport:
+    """Write ``out`` with W0 = cast(W − Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
+
+    With ``record`` (from ``merge_model(record=...)``) the result is the base bit
+    for bit, checked against the sha256 of each restored tensor. Without it, the
+    report carries an honest error figure: the true W0 is unknown, so the
+    merge→unmerge round trip is re-run on the result W0' (which has W0's
+    magnitudes to within an ulp): ``est_max_abs_error`` = max |W0'' − W0'| and
+    ``est_rel_error`` = ‖W0'' − W0'‖F / ‖W0'‖F over the adapted tensors (W0'
+    jittered by ±2 ulps first, see :func:`jitter`), plus
+    ``error_bound`` = max ½ulp(W) + ½ulp(W0'), which the true error never exceeds
+    (up to the float32 rounding of ΔW).
+    """
+    job = _Job.start(merged, adapters, device, precision)
+    model, plan = job.model, job.plan
+    _check_stamp(model, merged, job.inputs)
+    record_path = Path(record) if record is not None else None
+    patches: dict[str, dict[str, Span]] = {}
+    hashes: dict[str, str] = {}
+    if record_path is not None:
+        patches, hashes, info = read_record(record_path, job.inputs)
+        job.precision = resolve_precision(info.get("precision", "float32"))
+        missing = sorted(set(plan) - set(hashes))
+        if missing:
+            raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
+    else:
+        replaced = [k for k, p in plan.items() if p.replace is not None]
+        if replaced:
+            raise InvalidOptionError(f"the adapter replaced {replaced[0]} (modules_to_save); only the record of the "
+                                     "merge (`record`) can give the original back")
+    stats = _ErrorStats()
+
+    def compute(key: str) -> Tensor | None:
+        p = plan.get(key)
+        if p is None:
+            return None
+        w = model.read(key)
+        try:
+            r = job.recon(w, p, w.dtype)
+        except NonFiniteError:
+            check_finite(key, w, "the merged model")
+            raise NonFiniteError(key, "the un-merge") from None
+        if record_path is not None:
+            r = apply_patch(r, {part: read_tensor(span) for part, span in patches.get(key, {}).items()})
+            if tensor_sha256(r) != hashes[key]:
+                raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
+                                                    "same kind of device as the merge (or the merged model was changed)")
+        elif p.deltas:
+            stats.add(key, w, r, p, job)
+        return r
+
+    meta = stamp("unmerge", job.inputs, job.precision, job.device, exact=record_path is not None)
+    with atomic_output(out, force=force, inputs=(merged, *extra_inputs, *([record_path] if record_path else []))) as tmp:
+        changed, copied = job.rewrite(tmp, {k: s.dtype for k, s in model.spans.items()}, meta, compute, progress)
+    return MergeReport(Path(out), "unmerge", changed, copied, model.nbytes(), record_path,
+                       record_path.stat().st_size if record_path else 0, True if record_path is not None else None,
+                       stats.max, stats.rel, stats.bound, adapters=[i.describe() for i in job.inputs])
+
+
+def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device: str | torch.device = "auto",
+                 precision: str | torch.dtype = torch.float32, progress: Progress | None = None) -> VerifyReport:
+    """Check ``merged`` against ``base`` + Σ wᵢ·ΔWᵢ, tensor by tensor.
+
+    For each adapted weight: the largest |merged − exact| (exact = W0 + Σ wᵢ·ΔWᵢ
+    in ``precision``) and its ratio to :func:`tolerance` (> 1 fails). Every other
+    tensor must equal the base's, cast to the merged dtype.
+    """
+    job = _Job.start(base, adapters, device, precision)
+    b, m, plan, dev, prec = job.model, ModelReader(merged), job.plan, job.device, job.precision
+    if set(b.spans) != set(m.spans):
+        extra = sorted(set(b.spans) ^ set(m.spans))
+        raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
+    checks: list[ModuleCheck] = []
+    bad: list[str] = []
+    dtype_names = set()
+    if progress:
+        progress(0, total=len(b.spans))
+    for key in sorted(b.spans):
+        if b.spans[key].shape != m.spans[key].shape:
+            raise ShapeMismatchError(key, b.spans[key].shape, m.spans[key].shape, "the merged model is not a merge of the base")
+        got = m.read(key)
+        dtype_names.add(str(got.dtype).replace("torch.", ""))
+        p = plan.get(key)
+        w0 = b.read(key)
+        if p is None:
+            if not torch.equal(w0.to(got.dtype), got):
+                bad.append(key)
+        else:
+            start = p.replace if p.replace is not None else w0
+            delta = (delta_sum(p.deltas, precision=prec, device=dev) if p.deltas
+                     else torch.zeros(start.shape, dtype=prec, device=dev))
+            exact = start.to(device=dev, dtype=prec) + delta
+            dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
+            tol = tolerance(exact, start.to(device=dev, dtype=prec), delta, got.dtype)
+            checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,
+                                      float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
+        if progress:
+            progress(1)
+    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)))

@@ -1,0 +1,151 @@
+"""The arithmetic of merging, on tensors only: no files, no threads.
+
+Merging adds each adapter's low-rank update to the weight it adapts::
+
+    W = cast(W0 + Σᵢ wᵢ·ΔWᵢ)        un-merging:   W0 ≈ cast(W − Σᵢ wᵢ·ΔWᵢ)
+
+with every ΔWᵢ formed and summed in float32 (or float64) and a single cast to
+the output dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapter import Module
+from ..errors import NonFiniteError
+
+__all__ = ["bits", "check_finite", "delta_sum", "low_rank", "merged_tensor", "unmerged_tensor", "tolerance",
+           "jitter", "ulp"]
+
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BLOCK_ELEMS = 1 << 18  # rows per block so one float32 block (≈ 1 MB) stays in cache while it is updated
+
+
+def bits(t: Tensor) -> Tensor:
+    """``t`` reinterpreted as integers of the same width (so -0.0 ≠ 0.0 and NaN == NaN bitwise)."""
+    return t.contiguous().view(_INT_OF_WIDTH[t.element_size()])
+
+
+def check_finite(key: str, t: Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``key`` and ``where`` if ``t`` holds NaN or Inf."""
+    # a sum is NaN/Inf whenever an element is, and costs far less than isfinite() on 16-bit floats;
+    # only when the sum is not finite (or overflowed) is the element-wise check run
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(key, where)
+
+
+def delta_sum(parts: Sequence[tuple[Module, float]], *, precision: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> Tensor:
+    """Σᵢ wᵢ·ΔWᵢ in ``precision`` on ``device``, in the base weight's layout.
+
+    >>> m = Module(A=torch.ones(1, 2), B=torch.ones(3, 1), alpha=1, scale=1.0)
+    >>> delta_sum([(m, 2.0), (m, -0.5)]).tolist()
+    [[1.5, 1.5], [1.5, 1.5], [1.5, 1.5]]
+    """
+    total: Tensor | None = None
+    for module, weight in parts:
+        d = module.delta(dtype=precision, device=device)
+        if weight != 1.0:
+            d = d * weight
+        total = d if total is None else total + d
+    if total is None:
+        raise ValueError("delta_sum needs at least one module")
+    return total
+
+
+def low_rank(module: Module, coeff: float = 1.0, *, precision: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """``(L, R)`` with ``coeff·ΔW = L @ R`` as a matrix of the base weight's own rows.
+
+    For weights stored (out, in) (linear, conv flattened) that is ``(B', coeff·A')``;
+    for (in, out) layouts (``fan_in_fan_out``, embeddings) ``(A'ᵀ, coeff·B'ᵀ)``.
+    Row blocks of W are then updated by row blocks of L, never forming ΔW whole.
+    """
+    B, A = module.factors(dtype=precision, device=device)
+    if module.kind == "embedding" or module.fan_in_fan_out:
+        B, A = A.T.contiguous(), B.T.contiguous()
+    return B, (A * coeff if coeff != 1.0 else A)
+
+
+def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: float = 1.0,
+                  dtype: torch.dtype | None = None, precision: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> Tensor:
+    """``cast(W0 + sign·Σᵢ wᵢ·ΔWᵢ)`` on ``device``: summed in ``precision``, cast once to ``dtype`` (W0's by default).
+
+    On the CPU the rows are processed in cache-sized blocks: convert, add each
+    low-rank product (``addmm``), cast — one pass over memory instead of five.
+
+    >>> m = Module(A=torch.ones(1, 2), B=torch.ones(3, 1), alpha=1, scale=1.0)
+    >>> merged_tensor(torch.zeros(3, 2, dtype=torch.bfloat16), [(m, 0.5)]).tolist()
+    [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    """
+    dev = torch.device(device) if device is not None else w0.device
+    factors = [low_rank(m, sign * wt, precision=precision, device=dev) for m, wt in parts]
+    rows = factors[0][0].shape[0] if factors else (w0.shape[0] if w0.ndim else 1)
+    w = w0.reshape(rows, -1)
+    out = torch.empty(w.shape, dtype=dtype or w0.dtype, device=dev)
+    step = rows if dev.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, w.shape[1]))
+    limit = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
+    narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
+    for i in range(0, rows, step):
+        acc = w[i:i + step].to(device=dev, dtype=precision, copy=True)
+        for L, R in factors:
+            acc.addmm_(L[i:i + step], R)
+        # NaN/Inf (from W0 or the sum) make the block's sum non-finite; only then (or for float16) look closer
+        if acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))) and not bool(acc.abs().amax() <= limit):
+            raise NonFiniteError("the merged tensor", f"rows {i}–{i + acc.shape[0]}")
+        out[i:i + step] = acc
+    return out.reshape(w0.shape)
+
+
+def unmerged_tensor(w: Tensor, parts: Sequence[tuple[Module, float]], **options: Any) -> Tensor:
+    """``cast(W − Σᵢ wᵢ·ΔWᵢ)``, computed exactly like :func:`merged_tensor` (same blocks, same order)."""
+    return merged_tensor(w, parts, sign=-1.0, **options)
+
+
+def tolerance(exact: Tensor, w0: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
+    """Allowed |merged − exact| per element for a merge stored in ``dtype``.
+
+    One ulp of ``dtype`` at the exact value (rounding to nearest gives ½; a
+    tool that adds in ``dtype`` rounds twice), plus float32 summation slack
+    8·ε₃₂·(|W0| + |ΔW|), plus ``dtype``'s smallest normal for values near 0.
+    """
+    fi = torch.finfo(dtype)
+    eps32 = torch.finfo(torch.float32).eps
+    return fi.eps * exact.abs() + 8 * eps32 * (w0.abs() + delta.abs()) + fi.smallest_normal
+
+
+def jitter(t: Tensor, *, seed: int = 0, ulps: int = 2) -> Tensor:
+    """``t`` with each element moved by a random whole number of ulps in [−ulps, ulps] (sign kept).
+
+    Un-merging gives W0' with cast(W0' + ΔW) = W, a fixed point of the
+    merge→unmerge round trip, so re-running the round trip on W0' itself would
+    always report no error. The true W0 has generic low bits; so has this.
+    """
+    b = bits(t).to(torch.int64)
+    width = t.element_size() * 8
+    sign = torch.tensor(1 << (width - 1), dtype=torch.int64)
+    mag = torch.where(b < 0, b + (1 << width), b)  # unsigned bit pattern
+    neg = mag >= sign
+    mag = mag - neg.to(torch.int64) * sign
+    g = torch.Generator().manual_seed(seed)
+    step = torch.randint(-ulps, ulps + 1, t.shape, generator=g, dtype=torch.int64)
+    finite = torch.isfinite(t)
+    mag = torch.where(finite & (mag > ulps), mag + step, mag)
+    out = mag + neg.to(torch.int64) * sign
+    out = torch.where(out >= sign, out - (1 << width), out)
+    return out.to(bits(t).dtype).view(t.dtype)
+
+
+def ulp(t: Tensor) -> Tensor:
+    """The spacing of ``t``'s dtype at each element, in float64."""
+    a = t.abs()
+    return (torch.nextafter(a, torch.full_like(a, math.inf)) - a).to(torch.float64)

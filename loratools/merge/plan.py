@@ -1,0 +1,152 @@
+"""What a merge will do, decided before a byte is written: pure checks over shapes and adapters.
+
+:func:`plan_merge` checks every adapter against the base's ``{key: (dtype code,
+shape)}`` once and returns a :class:`TensorPlan` for each tensor that changes;
+everything else here (inputs, precision, output dtype codes, the provenance
+stamp) is what the jobs agree on before streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter, Module
+from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, WrongBaseError
+from ..io import CODE_DTYPES, DTYPE_CODES
+
+__all__ = ["AdapterInput", "TensorPlan", "METADATA_KEY", "FLOAT_CODES", "adapter_inputs", "plan_merge",
+           "saved_base_key", "resolve_precision", "out_code", "stamp"]
+
+#: the metadata key of a merged model (and of a record) that says which adapters went in
+METADATA_KEY = "loratools.merge"
+#: the stored dtypes a merge can add to (and a dtype change applies to)
+FLOAT_CODES = ("F32", "F16", "BF16", "F64")
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    """One adapter to merge, with its weight wᵢ and a label (its path) for the output's metadata."""
+
+    adapter: Adapter
+    weight: float = 1.0
+    label: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.label, "weight": self.weight, "method": self.adapter.method,
+                "fingerprint": self.adapter.fingerprint.sha256}
+
+
+def adapter_inputs(adapters: Sequence[AdapterInput | tuple[Adapter, float] | Adapter]) -> list[AdapterInput]:
+    """Each adapter as an :class:`AdapterInput` (weight 1 unless given)."""
+    out = []
+    for a in adapters:
+        if isinstance(a, AdapterInput):
+            out.append(a)
+        elif isinstance(a, Adapter):
+            out.append(AdapterInput(a))
+        else:
+            out.append(AdapterInput(a[0], float(a[1])))
+    if not out:
+        raise InvalidOptionError("`adapters` is empty; give at least one adapter")
+    return out
+
+
+def resolve_precision(name: str | torch.dtype) -> torch.dtype:
+    p = {"float32": torch.float32, "float64": torch.float64}.get(name, name) if isinstance(name, str) else name
+    if p not in (torch.float32, torch.float64):
+        raise InvalidOptionError(f"`precision` {name!r} is not float32 or float64")
+    return p  # type: ignore[return-value]
+
+
+def out_code(code: str, dtype: torch.dtype | None) -> str:
+    """The stored dtype code of a tensor stored as ``code`` in an output asked for in ``dtype`` (None: kept)."""
+    return code if dtype is None or code not in FLOAT_CODES else DTYPE_CODES[dtype]
+
+
+def stamp(op: str, inputs: Sequence[AdapterInput], precision: torch.dtype, device: torch.device,
+          **extra: Any) -> dict[str, str]:
+    """The metadata a merged (or un-merged) model carries: which adapters, weights, precision."""
+    info = {"op": op, "adapters": [i.describe() for i in inputs], "precision": str(precision).replace("torch.", ""),
+            "device": device.type, **extra}
+    return {METADATA_KEY: json.dumps(info)}
+
+
+def saved_base_key(key: str) -> str:
+    """The base weight a PEFT ``modules_to_save`` tensor replaces.
+
+    peft 0.21.2 saves ``base_model.model.lm_head.weight``; older files carry
+    ``…lm_head.modules_to_save.default.weight``. Both map to ``lm_head.weight``.
+    """
+    key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one base tensor: replaced by a saved tensor, and/or Σ wᵢ·ΔWᵢ added."""
+
+    key: str
+    deltas: tuple[tuple[Module, float], ...] = ()
+    replace: Tensor | None = None
+
+
+def plan_merge(shapes: Mapping[str, tuple[str, tuple[int, ...]]], adapters: Sequence[AdapterInput]) -> dict[str, TensorPlan]:
+    """Check every adapter against the base's ``{key: (dtype code, shape)}`` and plan each changed tensor.
+
+    Each adapter's factors are checked for NaN/Inf once (a read adapter was
+    checked when it was read). Raises, naming the first offending module:
+    :class:`WrongBaseError` when none of an adapter's modules is in the base,
+    :class:`MissingModuleError`, :class:`ShapeMismatchError`, :class:`NonFiniteError`.
+    """
+    deltas: dict[str, list[tuple[Module, float]]] = {}
+    replace: dict[str, Tensor] = {}
+    for inp in adapters:
+        ad = inp.adapter
+        ad.check_finite()
+        if not math.isfinite(inp.weight):
+            raise InvalidOptionError(f"`weight` {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
+        names = list(ad.modules)
+        if names and not any(f"{n}.weight" in shapes for n in names):
+            raise WrongBaseError(f"none of its {len(names)} modules is in the base (first: {names[0]}.weight); "
+                                 "check that BASE is the model the adapter was trained on")
+        for name, m in ad.items():
+            key = f"{name}.weight"
+            _check_module(key, m, shapes)
+            if m.rank > 0:  # a rank-0 AdaLoRA module adds exactly nothing: leave that tensor byte for byte
+                deltas.setdefault(key, []).append((m, inp.weight))
+        for skey, t in ad.saved.items():
+            key = saved_base_key(skey)
+            _check_saved(key, skey, t, shapes)
+            if inp.weight != 1.0:
+                raise InvalidOptionError(f"{inp.label or 'the adapter'} replaces {key} (modules_to_save), "
+                                         "which cannot be weighted; give it `weight` 1")
+            if key in replace:
+                raise InvalidOptionError(f"two adapters both replace {key} (modules_to_save); merge them one at a time")
+            replace[key] = t
+    return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k)) for k in sorted(set(deltas) | set(replace))}
+
+
+def _check_module(key: str, m: Module, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    if key not in shapes:
+        raise MissingModuleError(key, "the base model", "wrong base model, or a different architecture")
+    code, shape = shapes[key]
+    if tuple(shape) != tuple(m.weight_shape):
+        raise ShapeMismatchError(key[:-len(".weight")], f"the base's {tuple(shape)}",
+                                 f"{tuple(m.weight_shape)} from the adapter", "wrong base model (a different size?)")
+    if CODE_DTYPES.get(code) not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise InvalidOptionError(f"{key} is stored as {code}; only float tensors can be merged into")
+
+
+def _check_saved(key: str, skey: str, t: Tensor, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    if key not in shapes:
+        raise MissingModuleError(key, "the base model", f"the adapter's full tensor {skey} replaces it")
+    if tuple(shapes[key][1]) != tuple(t.shape):
+        raise ShapeMismatchError(key, f"the base's {tuple(shapes[key][1])}", f"{tuple(t.shape)} in {skey}")
