@@ -29,11 +29,12 @@ ALLOWED = {
     ("loratools", "loratools.hub"): "the public API re-exports pull/push, importing hub on first use (__getattr__)",
 }
 
-# values and maths over tensors: no files, no terminals, no network
+# values and maths over tensors: no files, no terminals, no network (device.py asks the machine about
+# CUDA and its cores, and merge/record.py holds the record's file format beside its maths: neither is listed)
 PURE_CORE = (
     "loratools.errors", "loratools.config", "loratools.linalg", "loratools.adapter", "loratools.inspection",
-    "loratools.device", "loratools.modelcard", "loratools.record", "loratools.nn", "loratools.adalora",
-    "loratools.merge.kernels", "loratools.merge.plan",
+    "loratools.modelcard", "loratools.nn", "loratools.adalora",
+    "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan",
 )
 # modules through which files are reached, and the calls that read or write them
 FILE_MODULES = frozenset({"os", "shutil", "pathlib", "tempfile", "io", "mmap", "glob", "fcntl", "safetensors",

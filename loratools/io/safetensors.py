@@ -13,7 +13,7 @@ after it: memory holds one tensor (or one block of one), never a file.
   owns (no mmap, so pages of other tensors never count towards the RSS).
 - :class:`ShardWriter` writes a file from a planned list of :class:`Entry`.
 - :data:`DTYPE_SIZES`, :data:`DTYPE_CODES`, :data:`CODE_DTYPES`: the one table
-  of safetensors dtype codes.
+  of safetensors dtype codes (pure data, kept in :mod:`loratools.dtypes`).
 
 Only safetensors is ever loaded: nothing here unpickles.
 """
@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..dtypes import CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES
 from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
 
 __all__ = [
@@ -46,19 +47,6 @@ _MAX_HEADER = 100 * 1024 * 1024
 _ALIGN = 8  # the header is padded with spaces so the data section starts 8-byte aligned
 _CHUNK = 64 << 20
 
-#: bytes per element of each safetensors dtype code
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}
-#: the torch dtype of each safetensors code that torch can hold
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16",
-    torch.uint32: "U32", torch.uint64: "U64",
-}
-CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, Module
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, WrongBaseError
-from ..io import CODE_DTYPES, DTYPE_CODES
+from ..dtypes import CODE_DTYPES, DTYPE_CODES
 
 __all__ = ["AdapterInput", "TensorPlan", "METADATA_KEY", "FLOAT_CODES", "adapter_inputs", "plan_merge",
            "saved_base_key", "resolve_precision", "out_code", "stamp"]
