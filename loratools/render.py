@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -14,9 +14,27 @@ from rich.table import Table
 
 __all__ = ["out", "err", "sparkline", "progress", "print_json", "inspect_table", "fmt_float"]
 
-# off a terminal (pipes, CI logs) use a wide fixed width so tables are not squeezed into 80 columns
-out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+_consoles: dict[bool, tuple[TextIO, Console]] = {}
+
+
+def _console(stderr: bool) -> Console:
+    """The console for the current sys.stdout (or sys.stderr), made when first used with that stream.
+
+    Made at use, not at import: the stream may have been replaced since (output captured by a
+    caller or a test), and width and colours follow it. Off a terminal (pipes, CI logs) a wide
+    fixed width, so tables are not squeezed into 80 columns.
+    """
+    stream = sys.stderr if stderr else sys.stdout
+    made = _consoles.get(stderr)
+    if made is None or made[0] is not stream:
+        made = _consoles[stderr] = (stream, Console(file=stream, width=None if stream.isatty() else 200))
+    return made[1]
+
+
+def __getattr__(name: str) -> Console:  # render.out, render.err
+    if name in ("out", "err"):
+        return _console(stderr=name == "err")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _BARS = "▁▂▃▄▅▆▇█"
 
@@ -41,6 +59,7 @@ def print_json(data: Any) -> None:
 @contextlib.contextmanager
 def progress(total: int, description: str, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; shows a bar only on a terminal and when not quiet."""
+    err = _console(stderr=True)
     if quiet or not err.is_terminal:
         yield lambda n=1: None
         return
