@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .combine import combine
 from .convert import convert
 from .extract import extract
 from .hub import pull, push
@@ -13,4 +14,4 @@ from .prune import prune
 from .resize import resize
 from .train import train
 
-COMMANDS: list[click.Command] = [inspect, merge, unmerge, verify, extract, resize, prune, convert, train, pull, push]
+COMMANDS: list[click.Command] = [inspect, merge, unmerge, verify, combine, extract, resize, prune, convert, train, pull, push]
