@@ -161,7 +161,7 @@ def _check_method(method: str, rule: RankRule | None, density: float | None) -> 
     return d
 
 
-# --- the element-wise merges (dense, one module at a time) -------------------------------------------------------------
+# --- the element-wise merges (dense, one module at a time) ------------------------------------------------------------
 
 def ties_merge(tasks: Sequence[Tensor], density: float) -> Tensor:
     """TIES-Merging (Yadav et al. 2023) of task updates ``τᵢ`` (already weighted: ``τᵢ = wᵢΔWᵢ``).
@@ -283,7 +283,7 @@ def _rel(x: Tensor, ref: Tensor) -> float:
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-# --- the job -----------------------------------------------------------------------------------------------------------
+# --- the job ----------------------------------------------------------------------------------------------------------
 
 def combine_adapters(inputs: Sequence[Adapter | tuple[Adapter, float]], *, rule: RankRule | None = None,
                      method: Method = "sum", density: float | None = None, seed: int = 0,
@@ -299,7 +299,8 @@ def combine_adapters(inputs: Sequence[Adapter | tuple[Adapter, float]], *, rule:
     ``seed`` makes DARE's masks (and the randomized SVD) reproducible.
 
     >>> g = torch.Generator().manual_seed(0)
-    >>> a = Adapter({"q": Module(A=torch.randn(2, 6, generator=g), B=torch.randn(5, 2, generator=g), alpha=2, scale=1.0)})
+    >>> q = Module(A=torch.randn(2, 6, generator=g), B=torch.randn(5, 2, generator=g), alpha=2, scale=1.0)
+    >>> a = Adapter({"q": q})
     >>> res = combine_adapters([(a, 1.0), (a, -0.5)], device="cpu")
     >>> res.layers[0].rank, bool(torch.allclose(res.adapter.delta("q"), 0.5 * a.delta("q"), atol=1e-6))
     (4, True)

@@ -121,7 +121,7 @@ def test_peft_cat_combination_agrees(tiny_llama, adapters):
     assert seen == len(ours.modules) == 28
 
 
-# --- truncation: the Eckart–Young optimum from the factors --------------------------------------------------------------
+# --- truncation: the Eckart–Young optimum from the factors ------------------------------------------------------------
 
 def _optimum(T: torch.Tensor, k: int) -> float:
     s = torch.linalg.svdvals(T)
@@ -172,8 +172,8 @@ def test_property_exact_and_optimal_over_random_ranks_and_weights(spec, k, seed)
     shapes = {"a": (7, 9), "b": (12, 5), "c": (6, 6)}
     ins = []
     for i, (ranks, w, ada) in enumerate(spec):  # rank 0: the input lacks the module
-        mods = {name: _module(*shapes[name], r, seed + 10 * i + j, ada) for j, (name, r) in enumerate(zip(shapes, ranks))
-                if r > 0}
+        mods = {name: _module(*shapes[name], r, seed + 10 * i + j, ada)
+                for j, (name, r) in enumerate(zip(shapes, ranks)) if r > 0}
         cfg = AdapterConfig(method="adalora", init_r=5) if ada else AdapterConfig()
         ins.append((Adapter(mods, cfg), w))
     ref = _dense_sum([({n: m.delta(dtype=torch.float64) for n, m in a.items()}, w) for a, w in ins])
@@ -296,7 +296,7 @@ def test_adapters_of_different_bases_are_refused():
         combine_adapters([_tiny(), _tiny((5, 6))], device="cpu")
 
 
-# --- the command --------------------------------------------------------------------------------------------------------
+# --- the command ------------------------------------------------------------------------------------------------------
 
 def test_cli_json_report_and_output(adapters, tmp_path, cli):
     out = tmp_path / "c.safetensors"

@@ -66,8 +66,8 @@ def combine(obj: object, adapters: tuple[str, ...], output: str, weights: tuple[
     ws = weights or (1.0,) * len(adapters)
     pairs = [(read_adapter(p), w) for p, w in zip(adapters, ws)]
     with render.progress(len({n for a, _ in pairs for n in a.modules}), "combining", quiet=quiet(obj)) as advance:
-        res = combine_adapters(pairs, rule=rule, method=method, density=density, seed=seed, device=device,  # type: ignore[arg-type]
-                               progress=advance)
+        res = combine_adapters(pairs, rule=rule, method=method, density=density,  # type: ignore[arg-type]
+                               seed=seed, device=device, progress=advance)
     write_adapter(res.adapter, output, format=fmt, force=force, inputs=adapters)
     if as_json:
         render.print_json(_json(res, adapters, output, fmt))
@@ -111,5 +111,6 @@ def _summary(res: Any, adapters: tuple[str, ...], output: str, fmt: str) -> str:
         return (f"sum of {terms}, truncated ({res.rule.describe()}): the best rank-k approximation per module, "
                 f"relative error ≤ {fmt_float(worst)} · {tail}")
     off = max((layer.sum_error for layer in res.layers), default=0.0)
-    return (f"{res.method} (density {res.density:g}, seed {res.seed}) of {terms}, truncated ({res.rule.describe()}): not an exact sum — relative error vs "
+    return (f"{res.method} (density {res.density:g}, seed {res.seed}) of {terms}, truncated ({res.rule.describe()}): "
+            f"not an exact sum — relative error vs "
             f"Σ wᵢΔWᵢ up to {fmt_float(off)} (vs the {res.method} merge up to {fmt_float(worst)}) · {tail}")
