@@ -1,6 +1,7 @@
-"""loratools: inspect, merge, unmerge, compress, convert, train and share LoRA/AdaLoRA adapters."""
+"""loratools: inspect, merge, unmerge, combine, compress, convert, train and share LoRA/AdaLoRA adapters."""
 
 from .adapter import Adapter, Fingerprint, Module, as_lora
+from .combine import combine_adapters
 from .convert import convert, convert_file
 from .config import AdapterConfig, adalora_scale, lora_scale
 from .errors import LoraToolsError
@@ -32,6 +33,7 @@ __all__ = [
     "adalora_scale",
     "adapter_state",
     "as_lora",
+    "combine_adapters",
     "convert",
     "convert_file",
     "detect_format",

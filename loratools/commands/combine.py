@@ -16,7 +16,7 @@ __all__ = ["combine"]
 
 
 @click.command()
-@click.argument("adapters", nargs=-1, required=True, type=ADAPTER)
+@click.argument("adapters", nargs=-1, required=True, type=ADAPTER, metavar="ADAPTER...")
 @output_option
 @click.option("--weight", "weights", type=float, multiple=True, metavar="W",
               help="Weight wᵢ of each adapter, once per ADAPTER in order (default 1 each; negative subtracts).")
@@ -104,13 +104,13 @@ def _table(res: Any) -> Table:
 def _summary(res: Any, adapters: tuple[str, ...], output: str, fmt: str) -> str:
     terms = ", ".join(f"{a}×{w:g}" for a, w in zip(adapters, res.weights))
     worst = max((layer.rel_error for layer in res.layers), default=0.0)
-    tail = f"{len(res.adapter.modules)} modules · {size(res.adapter.parameters)} parameters · wrote {output} ({fmt})"
+    tail = f"\n{len(res.adapter.modules)} modules · {size(res.adapter.parameters)} parameters · wrote {output} ({fmt})"
     if res.method == "sum" and res.exact:
-        return f"exact sum of {terms} (rank Σrᵢ per module) · {tail}"
+        return f"exact sum of {terms} (rank Σrᵢ per module){tail}"
     if res.method == "sum":
         return (f"sum of {terms}, truncated ({res.rule.describe()}): the best rank-k approximation per module, "
-                f"relative error ≤ {fmt_float(worst)} · {tail}")
+                f"relative error ≤ {fmt_float(worst)}{tail}")
     off = max((layer.sum_error for layer in res.layers), default=0.0)
     return (f"{res.method} (density {res.density:g}, seed {res.seed}) of {terms}, truncated ({res.rule.describe()}): "
             f"not an exact sum — relative error vs "
-            f"Σ wᵢΔWᵢ up to {fmt_float(off)} (vs the {res.method} merge up to {fmt_float(worst)}) · {tail}")
+            f"Σ wᵢΔWᵢ up to {fmt_float(off)} (vs the {res.method} merge up to {fmt_float(worst)}){tail}")
