@@ -41,6 +41,7 @@ from .adapter import Adapter, Module, as_lora
 from .config import AdapterConfig
 from .device import resolve_device
 from .errors import InvalidOptionError, WrongBaseError
+from .formats.kohya import is_flattened
 from .linalg import RankRule, lowrank_svd_gram, truncated_svd
 from .resize import module_from_svd  # TODO(lead): module_from_svd belongs in adapter.py/linalg.py (jobs import jobs)
 
@@ -130,7 +131,18 @@ def _describe(m: Module) -> str:
 
 
 def _check_same_base(pairs: Sequence[tuple[Adapter, float]]) -> None:
-    """Every module two inputs share must adapt the same base weight: same kind, layout and shape."""
+    """Every module two inputs share must adapt the same base weight: same kind, layout and shape.
+
+    Module names must be comparable: a foreign kohya file read without its base keeps flattened
+    keys (``lora_te_model_layers_0_…``) that would never meet another input's dotted names.
+    """
+    flat = [i for i, (a, _) in enumerate(pairs, 1) if any(is_flattened(n) for n in a.modules)]
+    if flat and len(flat) < len(pairs):
+        i = flat[0]
+        example = next(n for n in pairs[i - 1][0].modules if is_flattened(n))
+        raise InvalidOptionError(f"input {i} keeps kohya's flattened module names ({example}), which cannot be "
+                                 "matched with the other inputs' names; convert it to peft with its base model first "
+                                 "(loratools convert --base MODEL)")
     seen: dict[str, tuple[int, Module]] = {}
     for i, (adapter, _) in enumerate(pairs, 1):
         for name, m in adapter.items():

@@ -291,6 +291,13 @@ def test_bad_options_are_refused(kwargs, inputs, match):
         combine_adapters(inputs, device="cpu", **kwargs)
 
 
+def test_unmapped_kohya_names_are_not_mixed_with_module_names():
+    flat = Adapter({"lora_te_q": _tiny().modules["q"]})
+    with pytest.raises(InvalidOptionError, match="input 2 keeps kohya's flattened module names \\(lora_te_q\\)"):
+        combine_adapters([_tiny(), flat], device="cpu")
+    assert set(combine_adapters([flat, (flat, 2.0)], device="cpu").adapter.modules) == {"lora_te_q"}
+
+
 def test_adapters_of_different_bases_are_refused():
     with pytest.raises(WrongBaseError, match="input 1 adapts q as a linear weight of shape \\(4, 6\\) but input 2"):
         combine_adapters([_tiny(), _tiny((5, 6))], device="cpu")
