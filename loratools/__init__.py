@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .adalora import RankAllocator
     from .adapter import Adapter, Fingerprint, Module, as_lora
+    from .combine import combine_adapters
     from .config import AdapterConfig, adalora_scale, lora_scale
     from .convert import convert_adapter, convert_file
     from .errors import LoraToolsError
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 _HOMES: dict[str, str] = {
     "RankAllocator": "adalora",
     **dict.fromkeys(["Adapter", "Fingerprint", "Module", "as_lora"], "adapter"),
+    "combine_adapters": "combine",
     **dict.fromkeys(["AdapterConfig", "adalora_scale", "lora_scale"], "config"),
     **dict.fromkeys(["convert_adapter", "convert_file"], "convert"),
     "LoraToolsError": "errors",

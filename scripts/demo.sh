@@ -66,6 +66,12 @@ step "Un-merge with the record: the base comes back bit for bit" \
 step "Merge into bfloat16 and un-merge: what bfloat16 rounding costs without a record" \
   bash -c "loratools -q merge fixtures/tiny-llama fixtures/adapters/lora -o $OUT/merged-bf16 --dtype bfloat16 && loratools unmerge $OUT/merged-bf16 fixtures/adapters/lora -o $OUT/unmerged-bf16"
 step "Check a merged model against base + adapter" loratools verify fixtures/tiny-llama fixtures/adapters/lora "$OUT/merged"
+step "Combine two adapters into one (no base): ΔW = ΔW_lora − ½·ΔW_rslora, exact (stacked factors, rank Σrᵢ)" \
+  loratools combine fixtures/adapters/lora fixtures/adapters/rslora --weight 1 --weight -0.5 -o "$OUT/combined"
+step "… the same sum at rank 4: the best rank-4 approximation per module, from the factors (exact errors)" \
+  loratools combine fixtures/adapters/lora fixtures/adapters/rslora --weight 1 --weight -0.5 -o "$OUT/combined-r4" --rank 4
+step "The combined adapter merges into the base like any other" \
+  loratools merge fixtures/tiny-llama "$OUT/combined" -o "$OUT/merged-combined" --verify
 step "The trained adapters feed every other command: merge the trained LoRA into the base and verify it" \
   loratools merge fixtures/tiny-llama "$OUT/trained-lora" -o "$OUT/merged-trained" --verify
 step "… prune the trained AdaLoRA to 12 triplets, as plain LoRA" \

@@ -24,6 +24,7 @@ import click
 
 from .. import __version__
 from ..errors import LoraToolsError
+from .combine import combine
 from .convert import convert
 from .extract import extract
 from .hub import pull, push
@@ -117,7 +118,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     ctx.obj = Session(quiet=quiet)
 
 
-for _command in (inspect, merge, unmerge, verify, extract, resize, prune, convert, train, pull, push):
+for _command in (inspect, merge, unmerge, verify, combine, extract, resize, prune, convert, train, pull, push):
     cli.add_command(_command)
 
 
