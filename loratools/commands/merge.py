@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import render
-from ..device import resolve_dtype
+from ..device import configure_cpu_threads, resolve_dtype
 from ..errors import InvalidOptionError, VerificationError
 from ..formats import read_adapter
 from ..merge import AdapterInput, MergeReport, VerifyReport, merge_model, unmerge_model, verify_merge
@@ -22,6 +22,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 
 def _adapters(paths: tuple[str, ...], weights: tuple[float, ...]) -> list[AdapterInput]:
+    configure_cpu_threads()  # for the whole command, reading the adapters included
     if weights and len(weights) != len(paths):
         raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
     ws = weights or (1.0,) * len(paths)
