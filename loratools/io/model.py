@@ -11,20 +11,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections import deque
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
+from ..device import cpu_cores
 from ..errors import CorruptFileError, InputNotFoundError
-from .safetensors import CODE_DTYPES, Entry, ShardWriter, Span, read_safetensors_layout, read_tensor, spans_of
+from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
+                          header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 
 __all__ = ["ModelReader", "Progress", "rewrite_model", "INDEX_NAME", "WEIGHTS_NAME"]
 
@@ -150,85 +151,112 @@ def _mirror_side_files(model: ModelReader, dest: Path) -> None:
             shutil.copy2(item, dest / item.name)
 
 
-def _compute_workers(device_type: str) -> int:
-    """Tensors computed at once: one per core (up to 4) on the CPU, each with one torch thread; 1 on a GPU."""
-    return 1 if device_type != "cpu" else max(1, min(4, os.cpu_count() or 1))
+Pieces = Iterable[Tensor]
 
 
 def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], metadata: Mapping[str, str],
-                  compute: Callable[[str], Tensor | None], progress: Progress | None = None,
-                  device_type: str = "cpu") -> tuple[int, int]:
-    """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a new tensor or None (copy).
+                  compute: Callable[[str], Pieces | Tensor | None], progress: Progress | None = None,
+                  workers: int | None = None) -> tuple[int, int]:
+    """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a tensor's new bytes, or None.
 
-    ``codes`` gives each tensor's output dtype code. Tensors are computed on a
-    few threads and written, in file order, by one writer thread at most two
-    tensors behind, so computing overlaps writing; memory holds a handful of
-    tensors at most. ``progress`` is told the tensor count first, then each
-    tensor written. Returns (tensors computed, tensors copied).
+    ``codes`` gives each tensor's output dtype code, so every offset of every
+    output shard is known before any tensor is computed: the headers are
+    written first, then each tensor goes straight to its planned offset, from
+    ``workers`` threads at once (default: the cores this process may use).
+    ``compute(key)`` returns the new tensor, or an iterable of contiguous
+    pieces whose bytes, in order, make it (a block of rows at a time, so memory
+    stays flat); it runs on the worker threads. A tensor it returns None for is
+    copied by the kernel (``copy_file_range``), or cast block by block when its
+    dtype changes. ``progress`` is told the tensor count first, then each
+    tensor done. Returns (tensors computed, tensors copied).
     """
+    jobs: list[tuple[int, int, Entry]] = []
+    fds: list[int] = []
     if model.is_dir:
         dest.mkdir()
         _mirror_side_files(model, dest)
-        shard_paths = {s: dest / s for s in model.shards}
-    else:
-        shard_paths = {model.shards[0]: dest}
-    if progress:
-        progress(0, total=len(model.spans))
-    counts = [0, 0]
     total = 0
-    workers = _compute_workers(device_type)
-    with ThreadPoolExecutor(workers, thread_name_prefix="loratools-compute") as cpool, \
-            ThreadPoolExecutor(1, thread_name_prefix="loratools-writer") as wpool:
-        for shard, path in shard_paths.items():
-            keys = [k for k in model.shard_keys(shard) if k in model.spans]
-            entries = [Entry(k, codes[k], model.spans[k].shape) for k in keys]
+    try:
+        for shard in model.shards:
+            entries = [Entry(k, codes[k], model.spans[k].shape) for k in model.shard_keys(shard) if k in model.spans]
+            head = header_bytes(entries, {**model.metadata(shard), **metadata})
+            fd = os.open(dest / shard if model.is_dir else dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            offset = write_at(fd, head, 0)
+            os.ftruncate(fd, offset + sum(e.nbytes for e in entries))
+            for e in entries:
+                jobs.append((fd, offset, e))
+                offset += e.nbytes
             total += sum(e.nbytes for e in entries)
-            _write_shard(model, ShardWriter(path, entries, {**model.metadata(shard), **metadata}), entries,
-                         compute, cpool, wpool, workers, progress, counts)
+        changed = _run(model, jobs, compute, progress, workers or min(cpu_cores(), 8))
+    finally:
+        for fd in fds:
+            os.close(fd)
     if model.index is not None:
         index = json.loads(json.dumps(model.index))
         index.setdefault("metadata", {})["total_size"] = total
         (dest / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return counts[0], counts[1]
+    return changed, len(jobs) - changed
 
 
-def _write_shard(model: ModelReader, w: ShardWriter, entries: list[Entry], compute: Callable[[str], Tensor | None],
-                 cpool: ThreadPoolExecutor, wpool: ThreadPoolExecutor, workers: int, progress: Progress | None,
-                 counts: list[int]) -> None:
-    """Tensors computed ``workers`` at a time, written in order by ``wpool``."""
-    writes: deque[Future[None]] = deque()
-    computes: deque[tuple[Entry, Future[Tensor | None]]] = deque()
+def _run(model: ModelReader, jobs: list[tuple[int, int, Entry]], compute: Callable[[str], Pieces | Tensor | None],
+         progress: Progress | None, workers: int) -> int:
+    """Every tensor written by ``workers`` threads; returns how many were computed. The first error stops the rest."""
+    if progress:
+        progress(0, total=len(jobs))
+    changed = 0
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loratools-rewrite") as pool:
+        futures = [pool.submit(_write_tensor, model.spans[e.name], fd, offset, e, compute) for fd, offset, e in jobs]
+        try:
+            for fut in as_completed(futures):
+                changed += fut.result()
+                if progress:
+                    progress(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            wait(futures)  # the files stay open until every running tensor has stopped
+            raise
+    return changed
 
-    def write_next() -> None:
-        e, fut = computes.popleft()
-        t, span = fut.result(), model.spans[e.name]
-        if t is not None:
-            writes.append(wpool.submit(w.write, e.name, t.to(CODE_DTYPES[e.dtype])))
-        elif e.dtype == span.dtype:
-            writes.append(wpool.submit(w.copy_from, e.name, span))
-        else:
-            writes.append(wpool.submit(w.write, e.name, read_tensor(span).to(CODE_DTYPES[e.dtype])))
-        while len(writes) > 2:
-            writes.popleft().result()
-        if progress:
-            progress(1)
-        counts[0 if t is not None else 1] += 1
 
+def _write_tensor(span: Span, fd: int, offset: int, e: Entry, compute: Callable[[str], Pieces | Tensor | None]) -> bool:
+    """Put tensor ``e`` at ``offset`` of ``fd``; True if it was computed, False if copied."""
+    pieces = compute(e.name)
+    if pieces is None and e.dtype == span.dtype:
+        copy_range(span, fd, offset)
+        return False
+    computed = pieces is not None
+    if pieces is None:
+        pieces = _cast(span, CODE_DTYPES[e.dtype])
+    elif isinstance(pieces, Tensor):
+        pieces = (pieces,)
+    written = 0
     try:
-        for e in entries:
-            computes.append((e, cpool.submit(compute, e.name)))
-            while len(computes) > workers:
-                write_next()
-        while computes:
-            write_next()
-        while writes:
-            writes.popleft().result()
-        w.close()
-    except BaseException:
-        for _, fut in computes:
-            fut.cancel()
-        for fut in [f for _, f in computes] + list(writes):  # let the threads stop before the file closes
-            with contextlib.suppress(BaseException):
-                fut.result()
-        w.abort()
-        raise
+        for t in pieces:
+            if DTYPE_CODES.get(t.dtype) != e.dtype:
+                raise RuntimeError(f"rewrite_model: {e.name} computed as {t.dtype}, planned {e.dtype}")
+            t = t.detach().to("cpu").contiguous()
+            if written + t.numel() * t.element_size() > e.nbytes:
+                raise RuntimeError(f"rewrite_model: {e.name} computed larger than its planned {e.nbytes} bytes")
+            written += write_at(fd, t, offset + written)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:  # a generator stopped early by an error releases what it holds now
+            close()
+    if written != e.nbytes:
+        raise RuntimeError(f"rewrite_model: {e.name} computed as {written} bytes, planned {e.nbytes}")
+    return computed
+
+
+def _cast(span: Span, dtype: torch.dtype) -> Iterator[Tensor]:
+    """The tensor at ``span`` converted to ``dtype``, block by block."""
+    rows = span.shape[0] if span.shape else 1
+    cols = max(1, span.nbytes // max(1, rows) // DTYPE_SIZES[span.dtype])
+    step = max(1, (1 << 18) // cols)
+    with RowReader(span, rows) as reader:
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            out = buffer("cast", n * cols * dtype.itemsize).view(dtype).reshape(n, -1)
+            out.copy_(reader.read(i, n))
+            yield out

@@ -22,12 +22,11 @@ even in bfloat16.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,13 @@ from ..adapter import Adapter
 from ..device import cpu_threads, resolve_device
 from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, ShapeMismatchError, VerificationError,
                       WrongBaseError)
-from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, read_tensor, rewrite_model
+from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, rewrite_model
 from .kernels import (check_finite, delta_sum, jitter, low_rank, merged_tensor, tolerance, ulp,
                       unmerged_tensor)
 from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge,
                    resolve_precision, saved_base_key, stamp)
-from .record import RecordWriter, apply_patch, make_patch, read_record, tensor_sha256
+from .record import RecordWriter, read_record
+from .stream import Arithmetic, merged_blocks, restored_blocks
 
 __all__ = [
     "AdapterInput", "TensorPlan", "MergeReport", "VerifyReport", "ModuleCheck", "Progress",
@@ -145,12 +145,17 @@ class _Job:
         model = ModelReader(path)
         return cls(inputs, dev, prec, model, plan_merge(model.shapes(), inputs))
 
-    def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str], compute: Callable[[str], Tensor | None],
-                progress: Progress | None) -> tuple[int, int]:
-        # parallelism comes from computing whole tensors on separate threads, each with one torch thread
-        with cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext():
+    @property
+    def arithmetic(self) -> Arithmetic:
+        return Arithmetic(self.precision, self.device)
+
+    def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str],
+                compute: Callable[[str], Iterable[Tensor] | Tensor | None], progress: Progress | None) -> tuple[int, int]:
+        # one torch thread per worker: parallelism comes from tensors on separate threads (see configure_cpu_threads);
+        # on a GPU a second worker reads and writes while the first computes
+        with cpu_threads(1):
             return rewrite_model(self.model, tmp, codes=codes, metadata=meta, compute=compute, progress=progress,
-                                 device_type=self.device.type)
+                                 workers=None if self.device.type == "cpu" else 2)
 
     def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
         """What an un-merge computes for this tensor before any record is applied."""
@@ -180,22 +185,11 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     meta = stamp("merge", job.inputs, job.precision, job.device)
     rec: RecordWriter | None = None
 
-    def compute(key: str) -> Tensor | None:
+    def compute(key: str) -> Iterator[Tensor] | None:
         p = plan.get(key)
         if p is None:
             return None
-        w0 = model.read(key)
-        out_dtype = CODE_DTYPES[codes[key]]
-        start = p.replace if p.replace is not None else w0
-        try:
-            w = (merged_tensor(start, p.deltas, dtype=out_dtype, precision=job.precision, device=job.device).cpu()
-                 if p.deltas else start.to(out_dtype))
-        except NonFiniteError:
-            check_finite(key, w0, "the base model")
-            raise NonFiniteError(key, f"the merge (the sum overflows {out_dtype})") from None
-        if rec is not None:
-            rec.add(key, make_patch(w0, job.recon(w, p, w0.dtype)), tensor_sha256(w0))
-        return w
+        return merged_blocks(key, model.spans[key], p, CODE_DTYPES[codes[key]], job.arithmetic, rec)
 
     if record_path is not None:
         check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="`record`")
@@ -283,22 +277,20 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
                                      "merge (`record`) can give the original back")
     stats = _ErrorStats()
 
-    def compute(key: str) -> Tensor | None:
+    def compute(key: str) -> Iterator[Tensor] | Tensor | None:
         p = plan.get(key)
         if p is None:
             return None
+        if record_path is not None:
+            return restored_blocks(key, model.spans[key], p, patches.get(key, {}), hashes[key], job.arithmetic,
+                                   record_path)
         w = model.read(key)
         try:
             r = job.recon(w, p, w.dtype)
         except NonFiniteError:
             check_finite(key, w, "the merged model")
             raise NonFiniteError(key, "the un-merge") from None
-        if record_path is not None:
-            r = apply_patch(r, {part: read_tensor(span) for part, span in patches.get(key, {}).items()})
-            if tensor_sha256(r) != hashes[key]:
-                raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
-                                                    "same kind of device as the merge (or the merged model was changed)")
-        elif p.deltas:
+        if p.deltas:
             stats.add(key, w, r, p, job)
         return r
 

@@ -20,11 +20,11 @@ from torch import Tensor
 from ..adapter import Module
 from ..errors import NonFiniteError
 
-__all__ = ["bits", "check_finite", "delta_sum", "low_rank", "merged_tensor", "unmerged_tensor", "tolerance",
-           "jitter", "ulp"]
+__all__ = ["bits", "check_finite", "delta_sum", "low_rank", "factors_of", "row_step", "merge_rows", "merged_tensor",
+           "unmerged_tensor", "tolerance", "jitter", "ulp"]
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BLOCK_ELEMS = 1 << 18  # rows per block so one float32 block (≈ 1 MB) stays in cache while it is updated
+_BLOCK_ELEMS = 1 << 18  # elements per block, so one float32 block (≈ 1 MB) stays in cache while it is updated
 
 
 def bits(t: Tensor) -> Tensor:
@@ -75,34 +75,70 @@ def low_rank(module: Module, coeff: float = 1.0, *, precision: torch.dtype = tor
     return B, (A * coeff if coeff != 1.0 else A)
 
 
+def row_step(rows: int, cols: int, device: torch.device) -> int:
+    """Rows per block: ≈ 2¹⁸ elements (one float32 block stays in cache) on the CPU, all of them on a GPU.
+
+    The blocks are part of the result's definition: un-merging a record's
+    tensors recomputes the same blocks, so a merge and its un-merge agree bit for bit.
+    """
+    return rows if device.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, cols))
+
+
+def factors_of(parts: Sequence[tuple[Module, float]], *, sign: float = 1.0, precision: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:
+    """``[(L, R)]`` with ``sign·wᵢ·ΔWᵢ = L @ R`` for each part (see :func:`low_rank`)."""
+    return [low_rank(m, sign * wt, precision=precision, device=device) for m, wt in parts]
+
+
+def merge_rows(w: Tensor, factors: Sequence[tuple[Tensor, Tensor]], first: int, *, dtype: torch.dtype,
+               precision: torch.dtype = torch.float32, acc: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``cast(W[rows] + Σ L[rows] @ R)`` for the block ``w`` of a weight's rows ``first …``, on the factors' device.
+
+    ``acc`` (``precision``) and ``out`` (``dtype``) may be given to reuse memory
+    (CPU only); the result is ``out``, or ``acc`` itself when no cast is needed.
+    Raises :class:`NonFiniteError` if the block's sum holds NaN/Inf or overflows ``dtype``.
+    """
+    n = w.shape[0]
+    dev = factors[0][0].device if factors else w.device
+    if acc is None or dev.type != "cpu":
+        acc = w.to(device=dev, dtype=precision, copy=True)
+    else:
+        acc.copy_(w)
+    for L, R in factors:
+        acc.addmm_(L[first:first + n], R)
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
+    # NaN/Inf (from W0 or the sum) make the block's sum non-finite; only then (or for float16) look closer
+    if acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))):
+        lo, hi = torch.aminmax(acc)
+        if not bool((-lo <= limit) & (hi <= limit)):
+            raise NonFiniteError("the merged tensor", f"rows {first}–{first + n}")
+    if out is not None and dev.type == "cpu":
+        return out.copy_(acc)
+    return acc if dtype == precision else acc.to(dtype)
+
+
 def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: float = 1.0,
                   dtype: torch.dtype | None = None, precision: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> Tensor:
     """``cast(W0 + sign·Σᵢ wᵢ·ΔWᵢ)`` on ``device``: summed in ``precision``, cast once to ``dtype`` (W0's by default).
 
-    On the CPU the rows are processed in cache-sized blocks: convert, add each
-    low-rank product (``addmm``), cast — one pass over memory instead of five.
+    On the CPU the rows are processed in cache-sized blocks (:func:`row_step`):
+    convert, add each low-rank product (``addmm``), cast — one pass over memory
+    instead of five (:func:`merge_rows`).
 
     >>> m = Module(A=torch.ones(1, 2), B=torch.ones(3, 1), alpha=1, scale=1.0)
     >>> merged_tensor(torch.zeros(3, 2, dtype=torch.bfloat16), [(m, 0.5)]).tolist()
     [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
     """
     dev = torch.device(device) if device is not None else w0.device
-    factors = [low_rank(m, sign * wt, precision=precision, device=dev) for m, wt in parts]
+    factors = factors_of(parts, sign=sign, precision=precision, device=dev)
     rows = factors[0][0].shape[0] if factors else (w0.shape[0] if w0.ndim else 1)
     w = w0.reshape(rows, -1)
     out = torch.empty(w.shape, dtype=dtype or w0.dtype, device=dev)
-    step = rows if dev.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, w.shape[1]))
-    limit = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
-    narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
+    step = row_step(rows, w.shape[1], dev)
     for i in range(0, rows, step):
-        acc = w[i:i + step].to(device=dev, dtype=precision, copy=True)
-        for L, R in factors:
-            acc.addmm_(L[i:i + step], R)
-        # NaN/Inf (from W0 or the sum) make the block's sum non-finite; only then (or for float16) look closer
-        if acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))) and not bool(acc.abs().amax() <= limit):
-            raise NonFiniteError("the merged tensor", f"rows {i}–{i + acc.shape[0]}")
-        out[i:i + step] = acc
+        out[i:i + step] = merge_rows(w[i:i + step], factors, i, dtype=out.dtype, precision=precision)
     return out.reshape(w0.shape)
 
 

@@ -1,0 +1,139 @@
+"""One tensor of a merge or an exact un-merge, a block of rows at a time.
+
+Each function here yields the output tensor's bytes as consecutive blocks of
+rows for :func:`loratools.io.rewrite_model` to write at their planned offset.
+A block is read from disk into a reused buffer, merged in cache-sized pieces
+(:func:`~.kernels.merge_rows`), and — for a record — compared with what an
+un-merge will recompute, so memory holds a few blocks whatever the tensor's
+size, and the record costs one more pass over the same cached block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import CorruptFileError, NonFiniteError
+from ..io import CODE_DTYPES, RowReader, Span, buffer, read_tensor
+from .kernels import check_finite, factors_of, merge_rows, row_step
+from .plan import TensorPlan
+from .record import PatchApplier, PatchBuilder, RecordWriter
+
+__all__ = ["Arithmetic", "merged_blocks", "restored_blocks"]
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """Where and in what precision a job sums."""
+
+    precision: torch.dtype
+    device: torch.device
+
+
+def _shape2(span: Span) -> tuple[int, int]:
+    rows = span.shape[0] if span.shape else 1
+    n = 1
+    for d in span.shape:
+        n *= d
+    return rows, n // max(1, rows)
+
+
+def _block(ar: Arithmetic, slot: str, n: int, cols: int, dtype: torch.dtype) -> Tensor | None:
+    """This thread's reused ``(n, cols)`` buffer on the CPU; None on a GPU (results come back fresh)."""
+    if ar.device.type != "cpu":
+        return None
+    return buffer(slot, n * cols * dtype.itemsize).view(dtype).reshape(n, cols)
+
+
+def _merge(w: Tensor, start: Tensor, factors: list[tuple[Tensor, Tensor]], i: int, dtype: torch.dtype,
+           ar: Arithmetic, slot: str, key: str, where: str, what: str) -> Tensor:
+    """:func:`merge_rows` into this thread's buffers, naming ``key`` when the sum is not finite."""
+    n, cols = start.shape
+    if not factors:
+        out = _block(ar, slot, n, cols, dtype)
+        return out.copy_(start) if out is not None else start.to(dtype)
+    try:
+        r = merge_rows(start, factors, i, dtype=dtype, precision=ar.precision,
+                       acc=_block(ar, slot + ".acc", n, cols, ar.precision), out=_block(ar, slot, n, cols, dtype))
+    except NonFiniteError:
+        check_finite(key, w, where)
+        raise NonFiniteError(key, what) from None
+    return r.cpu()
+
+
+def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar: Arithmetic,
+                  record: RecordWriter | None = None) -> Iterator[Tensor]:
+    """``cast(W0 + Σ wᵢ·ΔWᵢ)`` (W0 replaced first where the plan says so) in blocks of rows.
+
+    With ``record``, each block's W0 is compared with what :func:`restored_blocks`
+    will recompute from the merged block (the same blocks, the same factors),
+    and the patch and W0's sha256 go to ``record`` once the last block is out.
+    """
+    rows, cols = _shape2(span)
+    base = CODE_DTYPES[span.dtype]
+    factors = factors_of(plan.deltas, precision=ar.precision, device=ar.device)
+    back = factors_of(plan.deltas, sign=-1.0, precision=ar.precision, device=ar.device) if record else []
+    replace = plan.replace.reshape(rows, cols) if plan.replace is not None else None
+    step = row_step(rows, cols, ar.device)
+    builder = PatchBuilder(span.shape, base, counts=buffer("counts", rows * cols)) if record else None
+    sha = hashlib.sha256()
+    with RowReader(span, rows) as reader:
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            w0 = reader.read(i, n)
+            start = replace[i:i + n] if replace is not None else w0
+            out = _merge(w0, start, factors, i, dtype, ar, "out", key, "the base model",
+                         f"the merge (the sum overflows {dtype})")
+            if builder is not None:
+                sha.update(memoryview(w0.reshape(-1).view(torch.uint8).numpy()))
+                recon = out if not back else _merge(out, out, back, i, base, ar, "recon", key, "the merged tensor",
+                                                     "the un-merge of the merged tensor")
+                builder.add(w0, recon)
+            yield out
+        if record is not None and builder is not None:
+            record.add(key, builder.patch(lambda idx: _values_at(reader, idx, step, cols)), sha.hexdigest())
+
+
+def _values_at(reader: RowReader, idx: np.ndarray, step: int, cols: int) -> Tensor:
+    """W0's values at the sorted flat indices ``idx``, read again block by block (only the blocks they fall in)."""
+    parts: list[Tensor] = []
+    block = step * cols
+    bounds = np.searchsorted(idx, np.arange(0, reader.rows * cols + block, block))
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            first = b * step
+            w = reader.read(first, min(step, reader.rows - first)).reshape(-1)
+            parts.append(w[torch.from_numpy(idx[lo:hi] - first * cols)].clone())
+    return torch.cat(parts) if parts else torch.empty(0, dtype=reader.dtype)
+
+
+def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, Span], sha256: str, ar: Arithmetic,
+                    record_path: Path) -> Iterator[Tensor]:
+    """The base's tensor back from the merged one: ``cast(W − Σ wᵢ·ΔWᵢ)`` and the record's patch, in blocks.
+
+    Raises :class:`CorruptFileError` after the last block if the restored bytes
+    do not hash to ``sha256`` (the output is then never renamed into place).
+    """
+    rows, cols = _shape2(span)
+    dtype = CODE_DTYPES[span.dtype]
+    back = factors_of(plan.deltas, sign=-1.0, precision=ar.precision, device=ar.device)
+    applier = PatchApplier({part: read_tensor(s) for part, s in patch.items()}, span.shape, dtype)
+    step = row_step(rows, cols, ar.device)
+    sha = hashlib.sha256()
+    with RowReader(span, rows) as reader:
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            w = reader.read(i, n)
+            r = _merge(w, w, back, i, dtype, ar, "out", key, "the merged model", "the un-merge")
+            r = applier.apply(r.reshape(-1), i * cols)
+            sha.update(memoryview(r.view(torch.uint8).numpy()))
+            yield r
+    if sha.hexdigest() != sha256:
+        raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
+                                            "same kind of device as the merge (or the merged model was changed)")
