@@ -37,13 +37,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, Module, as_lora
+from .adapter import Adapter, Module, as_lora, module_from_svd
 from .config import AdapterConfig
 from .device import resolve_device
 from .errors import InvalidOptionError, WrongBaseError
 from .formats.kohya import is_flattened
 from .linalg import RankRule, lowrank_svd_gram, truncated_svd
-from .resize import module_from_svd  # TODO(lead): module_from_svd belongs in adapter.py/linalg.py (jobs import jobs)
 
 __all__ = ["combine_adapters", "CombineResult", "CombineLayer", "ties_merge", "dare_merge", "METHODS"]
 
