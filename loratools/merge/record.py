@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CorruptFileError, WrongBaseError
-from ..io import DTYPE_CODES, Entry, ShardWriter, Span, atomic_output, tensor_spans
+from ..io import DTYPE_CODES, Entry, ShardWriter, Span, atomic_output, tensor_spans, write_at
 from .kernels import bits
 from .plan import METADATA_KEY, AdapterInput
 
@@ -286,14 +286,15 @@ class RecordWriter:
         self.entries: list[Entry] = []
         self.hashes: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.scratch.write_bytes(b"")
+        self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._pos = 0
 
     def add(self, key: str, patch: dict[str, Tensor], sha256: str) -> None:
-        with self._lock, self.scratch.open("ab") as f:
+        with self._lock:
             self.hashes[key] = sha256
             for part, t in patch.items():
                 t = t.contiguous()
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                self._pos += write_at(self._fd, t, self._pos)
                 self.entries.append(Entry(f"{key}::{part}", DTYPE_CODES[t.dtype], tuple(t.shape)))
 
     @property
@@ -310,6 +311,9 @@ class RecordWriter:
                     pos += e.nbytes
 
     def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         with contextlib.suppress(FileNotFoundError):
             self.scratch.unlink()
 
