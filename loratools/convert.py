@@ -100,7 +100,7 @@ def load_base(path: str | os.PathLike[str]) -> BaseModel:
         if magic == GGUF_MAGIC:
             # shapes stay unknown (): a quantised GGUF's names still map kohya keys back
             gb, tensor_names = gguf_model_info(p)
-            names = [hf_name(g[: -len(".weight")]) for g in tensor_names if g.endswith(".weight")]
+            names = [hf_name(g[: -len(".weight")], gb.arch) for g in tensor_names if g.endswith(".weight")]
             return BaseModel(p, gguf_base=gb, shapes={n: () for n in names if n} or None)
         if p.suffix == ".json":
             return BaseModel(p, hparams=_read_config(p))

@@ -30,16 +30,17 @@ import numpy as np
 from .errors import InvalidOptionError, MissingDependencyError, NonFiniteError
 from .kquants import K_QUANTS, QK_K, QUANTIZERS
 
-__all__ = ["quantize", "dequantize", "can_quantize", "block_sizes", "type_name", "QK_K", "K_QUANTS"]
+__all__ = ["quantize", "dequantize", "can_quantize", "block_sizes", "type_name", "require_gguf", "QK_K", "K_QUANTS"]
 
 _F32 = np.float32
 # super-blocks quantized together: bounds the temporaries (about 20 arrays of CHUNK·256 floats)
 _CHUNK = 512
 
 
-def _gguf_quants() -> Any:
+def require_gguf() -> Any:
+    """The ``gguf`` package (llama.cpp's own reader/writer and tables), or a one-line error naming the extra."""
     try:
-        import gguf.quants
+        import gguf
     except ImportError:
         raise MissingDependencyError("gguf", "gguf") from None
     return gguf
@@ -51,11 +52,11 @@ def type_name(qtype: Any) -> str:
         return qtype.upper()
     if hasattr(qtype, "name"):
         return str(qtype.name)
-    return _gguf_quants().GGMLQuantizationType(int(qtype)).name
+    return require_gguf().GGMLQuantizationType(int(qtype)).name
 
 
 def _enum(name: str) -> Any:
-    gguf = _gguf_quants()
+    gguf = require_gguf()
     try:
         return gguf.GGMLQuantizationType[name]
     except KeyError:
@@ -69,7 +70,7 @@ def can_quantize(qtype: Any) -> bool:
     name = type_name(qtype)
     if name in K_QUANTS:
         return True
-    gguf = _gguf_quants()
+    gguf = require_gguf()
     t = gguf.GGMLQuantizationType.__members__.get(name)
     if t is None:
         return False
@@ -85,7 +86,7 @@ def block_sizes(qtype: Any) -> tuple[int, int]:
     name = type_name(qtype)
     if name in K_QUANTS:
         return QK_K, K_QUANTS[name]
-    return tuple(_gguf_quants().GGML_QUANT_SIZES[_enum(name)])  # type: ignore[return-value]
+    return tuple(require_gguf().GGML_QUANT_SIZES[_enum(name)])  # type: ignore[return-value]
 
 
 def quantize(array: np.ndarray, qtype: Any, *, what: str = "the tensor") -> np.ndarray:
@@ -132,7 +133,7 @@ def _quantize_rows(rows: np.ndarray, name: str) -> np.ndarray:
 
 def _quantize_rows_raw(rows: np.ndarray, name: str) -> np.ndarray:
     if name not in K_QUANTS:
-        q = np.ascontiguousarray(_gguf_quants().quants.quantize(rows, _enum(name))).view(np.uint8)
+        q = np.ascontiguousarray(require_gguf().quants.quantize(rows, _enum(name))).view(np.uint8)
         if name in ("Q4_1", "Q5_1"):
             # the block minimum m (bytes 2-3): gguf takes numpy's min, which may be −0.0 where llama.cpp's
             # loop keeps the first zero it meets; argmin is that first one. Same values, now same bytes.
@@ -147,5 +148,5 @@ def dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> np.ndarr
     """``qtype``'s bytes (as :func:`quantize` returns them, or a ``GGUFReader`` tensor's ``data``) back to
     float32 of ``shape``, by ``gguf.quants.dequantize`` (bit-identical to llama.cpp's ``to_float``)."""
     raw = np.ascontiguousarray(data).view(np.uint8)
-    out = _gguf_quants().quants.dequantize(raw, _enum(type_name(qtype)))
+    out = require_gguf().quants.dequantize(raw, _enum(type_name(qtype)))
     return np.asarray(out, dtype=_F32).reshape(shape)
