@@ -28,11 +28,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, Module
+from .adapter import Adapter, Module, module_from_svd
 from .errors import DoraError
+from .linalg import RankRule, truncated_svd
 
 __all__ = ["DoraError", "refuse_dora", "norms_along_rows", "row_norms", "dora_factor", "merged_weight",
-           "dora_update", "magnitude_change"]
+           "dora_update", "magnitude_change", "flatten_module"]
 
 
 def refuse_dora(adapter: Adapter, what: str, fix: str) -> None:
@@ -94,3 +95,27 @@ def magnitude_change(w0: Tensor, module: Module) -> float:
     diff = module.magnitude.to(torch.float64) - ref
     den = float(ref.norm())
     return float(diff.norm()) / den if den > 0 else float(diff.norm())
+
+
+def flatten_module(w0: Tensor, module: Module, rule: RankRule, *,
+                   generator: torch.Generator | None = None) -> tuple[Module | None, float]:
+    """A plain LoRA module for DoRA's full update ``D = W′ − W0`` (``as_lora``), and its measured relative error.
+
+    D is formed in float64 (from W0 and the factors), factored in float32 by the
+    truncated SVD that ``extract`` uses (:func:`~loratools.linalg.truncated_svd`,
+    rank by ``rule``), and the error ``‖D − B′A′‖_F / ‖D‖_F`` is measured in
+    float64 against the factors as stored. By Eckart–Young no rank-k factors do
+    better than the top k singular triplets of D. Returns ``(None, 0.0)`` when D = 0.
+    """
+    D = dora_update(w0, module)
+    norm = float(torch.linalg.vector_norm(D))
+    if norm == 0.0:
+        return None, 0.0
+    U, S, Vh, _ = truncated_svd(D.float(), rank=rule.rank, energy=rule.energy, error=rule.error,
+                                max_rank=rule.max_rank, generator=generator)
+    if S.numel() == 0:
+        return None, 1.0
+    dtype = module.A.dtype if module.A.dtype in (torch.float32, torch.float64) else torch.float32
+    plain = module_from_svd(module.with_factors(magnitude=None), U, S, Vh, dtype=dtype)
+    B, A = plain.factors(dtype=torch.float64)
+    return plain, float(torch.linalg.vector_norm(D - B @ A)) / norm
