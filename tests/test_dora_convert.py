@@ -60,3 +60,29 @@ def test_kohya_and_gguf_need_the_base_and_unmerge_needs_the_record(dora, cli, tm
     assert cli("merge", TINY, ad_dir, "-o", tmp_path / "m").returncode == 0
     proc = cli("unmerge", tmp_path / "m", ad_dir, "-o", tmp_path / "u")
     assert proc.returncode == 2 and "--record" in proc.stderr and not (tmp_path / "u").exists()
+
+
+def test_inspect_reports_magnitude_change_and_the_full_update(dora, cli) -> None:
+    import json
+
+    from loratools.io import load_safetensors
+
+    ad_dir, ref = dora
+    proc = cli("inspect", ad_dir, "--base", TINY, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["dora"] is True
+    raw, _ = load_safetensors(ad_dir / "adapter_model.safetensors")
+    with ModelReader(TINY) as base:
+        for layer in report["layers"]:
+            name = layer["name"]
+            w0 = base.get(f"{name}.weight").double()
+            m = raw[f"base_model.model.{name}.lora_magnitude_vector"].double()
+            row = torch.linalg.norm(w0, dim=1)
+            assert layer["dora"]["magnitude_change"] == pytest.approx(float((m - row).norm() / row.norm()), rel=1e-9)
+            D = ref[f"{name}.weight"].double() - w0
+            assert layer["dora"]["update"]["fro_norm"] == pytest.approx(float(D.norm()), rel=1e-4)
+            assert layer["dora"]["update"]["numerical_rank"] > layer["rank"]  # W′ − W0 is not low-rank
+    proc = cli("inspect", ad_dir, "--base", TINY)
+    assert proc.returncode == 0 and "magnitude change" in proc.stdout
+    assert "DoRA model.layers.0.self_attn.q_proj: ‖m‖" in cli("inspect", ad_dir).stdout
