@@ -86,3 +86,11 @@ def test_inspect_reports_magnitude_change_and_the_full_update(dora, cli) -> None
     proc = cli("inspect", ad_dir, "--base", TINY)
     assert proc.returncode == 0 and "magnitude change" in proc.stdout
     assert "DoRA model.layers.0.self_attn.q_proj: ‖m‖" in cli("inspect", ad_dir).stdout
+
+
+@pytest.mark.parametrize("command", [["resize", "--rank", "2"], ["prune", "--budget", "4"], ["combine"]])
+def test_low_rank_jobs_refuse_dora(dora, cli, tmp_path: Path, command: list[str]) -> None:
+    ad_dir, _ = dora
+    args = [command[0], ad_dir, *([ad_dir] if command[0] == "combine" else []), "-o", tmp_path / "o", *command[1:]]
+    proc = cli(*args)
+    assert proc.returncode == 2 and "DoRA" in proc.stderr and not (tmp_path / "o").exists()
