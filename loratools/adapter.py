@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import AdapterConfig, alpha_for_scale
-from .errors import NonFiniteError, ShapeMismatchError
+from .errors import DoraError, NonFiniteError, ShapeMismatchError
 from .linalg import lowrank_svd, sqrt_split
 
 __all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora"]
@@ -43,6 +43,11 @@ class Module:
 
     ``E`` (r, 1) is AdaLoRA's Λ, None for LoRA. ``scale`` multiplies the
     product; ``alpha`` is what the file says (kept to rewrite it faithfully).
+
+    ``magnitude`` (m, one entry per row of ΔW as a matrix: ``out``, or ``dim`` for
+    embeddings) makes the module DoRA (Liu et al. 2024): the merged weight is
+    ``diag(m / ‖V‖_row) · V`` with ``V = W0 + s·B·A`` (:mod:`loratools.dora`), so
+    :meth:`delta`, :meth:`factors` and :meth:`svd` describe the LoRA part only.
     """
 
     A: Tensor
@@ -52,6 +57,11 @@ class Module:
     E: Tensor | None = None
     kind: Kind = "linear"
     fan_in_fan_out: bool = False
+    magnitude: Tensor | None = None
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -75,7 +85,7 @@ class Module:
 
     @property
     def parameters(self) -> int:
-        return self.A.numel() + self.B.numel() + (self.E.numel() if self.E is not None else 0)
+        return sum(t.numel() for t in (self.A, self.B, self.E, self.magnitude) if t is not None)
 
     def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``."""
@@ -131,8 +141,11 @@ def check_module(name: str, m: Module, *, finite: bool = True) -> None:
         raise ShapeMismatchError(name, "a 1×1 lora_B convolution", tuple(m.B.shape))
     if m.E is not None and tuple(m.E.shape) != (m.rank, 1):
         raise ShapeMismatchError(name, f"lora_E of shape ({m.rank}, 1)", tuple(m.E.shape))
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (int(m.B.shape[0]),):
+        raise ShapeMismatchError(name, f"lora_magnitude_vector with {int(m.B.shape[0])} entries (the rows of lora_B)",
+                                 tuple(m.magnitude.shape))
     if finite:
-        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E)):
+        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E), ("lora_magnitude_vector", m.magnitude)):
             if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(name, label)
 
@@ -189,6 +202,11 @@ class Adapter:
         return sum(m.parameters for m in self.modules.values())
 
     @property
+    def is_dora(self) -> bool:
+        """True when any module carries a DoRA magnitude vector."""
+        return any(m.is_dora for m in self.modules.values())
+
+    @property
     def fingerprint(self) -> Fingerprint:
         return fingerprint_of({f"{name}.weight": m.weight_shape for name, m in self.modules.items()})
 
@@ -225,8 +243,11 @@ def as_lora(adapter: Adapter) -> Adapter:
     ``A' = (A ⊙ E)[kept]``, ``B' = B[:, kept]``, and the scale is carried by
     ``alpha' = scale · r'`` so that ``alpha'/r'`` is the AdaLoRA scale.
     Modules left with rank 0 add nothing and are dropped. 16-bit factors come
-    out as float32, since ``A ⊙ E`` is not exact in 16 bits.
+    out as float32, since ``A ⊙ E`` is not exact in 16 bits. DoRA is refused
+    (:class:`~loratools.errors.DoraError`): its update is not ``s·BA``.
     """
+    if adapter.is_dora:
+        raise DoraError("as plain LoRA factors", "flatten it with its base first (convert with `base` and `as_lora`)")
     if adapter.method == "lora":
         return adapter
     modules: dict[str, Module] = {}

@@ -112,7 +112,7 @@ def _pairs(inputs: Sequence[Adapter | tuple[Adapter, float]]) -> list[tuple[Adap
 
 def _check_input(i: int, adapter: Adapter) -> None:
     """Refuse what a weighted sum of low-rank updates cannot represent."""
-    if adapter.config.extra.get("use_dora") or any("lora_magnitude_vector" in k for k in adapter.saved):
+    if adapter.is_dora or adapter.config.extra.get("use_dora"):
         raise InvalidOptionError(
             f"input {i} is a DoRA adapter: its update m·(W0 + BA)/‖W0 + BA‖ − W0 depends on the base, so DoRA "
             "updates do not add; merge it into its base and extract a plain LoRA from the difference first")

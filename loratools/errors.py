@@ -31,6 +31,7 @@ __all__ = [
     "UnsupportedConfigError",
     "MissingDependencyError",
     "InvalidOptionError",
+    "DoraError",
     "HubError",
     "VerificationError",
 ]
@@ -125,6 +126,14 @@ class MissingDependencyError(LoraToolsError, ImportError):
     def __init__(self, package: str, extra: str) -> None:
         self.package, self.extra = package, extra
         super().__init__(f"this needs the {package!r} package: pip install 'loratools[{extra}]'")
+
+
+class DoraError(LoraToolsError, ValueError):
+    """An operation that treats ΔW as a low-rank update was given a DoRA adapter (see :mod:`loratools.dora`)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}: this is a DoRA adapter, whose update diag(m/‖W0 + s·BA‖)·(W0 + s·BA) − W0 depends "
+                         f"on the base weights and is not low-rank; {fix}")
 
 
 class InvalidOptionError(LoraToolsError, ValueError):

@@ -23,6 +23,7 @@ from torch import Tensor
 from .adalora import (Sensitivity, allocate, check_betas, mask_key, module_mask, narrow_mask, triplet_scores,
                       update_sensitivity)
 from .adapter import Adapter, Module, as_lora, module_from_svd
+from .dora import refuse_dora
 from .data import IGNORE, Row
 from .errors import InvalidOptionError
 from .linalg import lowrank_svd
@@ -133,6 +134,7 @@ def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Ten
     >>> res.adapter.modules["q"].rank, res.importance
     (2, 'magnitude')
     """
+    refuse_dora(adapter, "prune", "flatten it with its base first (convert with `base` and `as_lora`)")
     trip = svd_form(adapter)
     scores = dict(importance) if importance is not None else magnitude_scores(trip)
     for name, t in trip.items():

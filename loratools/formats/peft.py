@@ -5,6 +5,7 @@ Key grammar (``<m>`` is the module path, e.g. ``model.layers.0.self_attn.q_proj`
 ======================  ==============================================
 LoRA linear / conv      ``base_model.model.<m>.lora_A.weight``, ``.lora_B.weight``
 LoRA embedding          ``base_model.model.<m>.lora_embedding_A``, ``.lora_embedding_B``
+DoRA magnitude          ``base_model.model.<m>.lora_magnitude_vector`` ((out,); (1, out, 1, 1) for conv)
 AdaLoRA                 ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
 modules_to_save, other  kept verbatim in :attr:`Adapter.saved`
 ======================  ==============================================
@@ -45,6 +46,7 @@ _SUFFIXES: list[tuple[str, str, Kind | None]] = [
     (".lora_A", "A", None),
     (".lora_B", "B", None),
     (".lora_E", "E", None),
+    (".lora_magnitude_vector", "m", None),
 ]
 _ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 
@@ -94,8 +96,6 @@ def read_peft(path: Path) -> Adapter:
     kinds: dict[str, Kind] = {}
     saved: dict[str, Tensor] = {}
     for key, t in tensors.items():
-        if "lora_magnitude_vector" in key:
-            raise NotAnAdapterError(d, "DoRA adapters are not supported")
         split = _split_key(key)
         if split is None:
             saved[key] = t
@@ -113,6 +113,7 @@ def read_peft(path: Path) -> Adapter:
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
     init_r = int(raw["init_r"]) if method == "adalora" else None
+    use_dora = bool(raw.get("use_dora", False)) and method == "lora"  # AdaloraConfig refuses use_dora
 
     modules: dict[str, Module] = {}
     for name, fs in parts.items():
@@ -132,8 +133,12 @@ def read_peft(path: Path) -> Adapter:
                 raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})", f"lora_A of shape {tuple(A.shape)}")
             alpha = float(pattern_value(name, alpha_pattern, alpha_default))
             scale = lora_scale(alpha, r_cfg, rslora=rslora)
+        if ("m" in fs) != use_dora:  # peft would ignore a stray magnitude, or start one at ‖W0‖ for a missing one
+            raise CorruptFileError(weights, f"{name} {'holds' if 'm' in fs else 'lacks'} lora_magnitude_vector but "
+                                            f"use_dora is {use_dora} in {CONFIG_NAME}")
+        magnitude = fs["m"].reshape(-1) if "m" in fs else None  # conv: peft's (1, out, 1, 1)
         modules[name] = Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind,
-                               fan_in_fan_out=fifo and kind == "linear")
+                               fan_in_fan_out=fifo and kind == "linear", magnitude=magnitude)
     if not modules:
         raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")
     target = raw.get("target_modules")
@@ -211,7 +216,7 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         r=r0,
         lora_alpha=a0,
         use_rslora=cfg.use_rslora,
-        use_dora=False,
+        use_dora=adapter.is_dora,
         rank_pattern={n: r for n, r in ranks.items() if r != r0},
         alpha_pattern={n: a for n, a in alphas.items() if a != a0},
     )
@@ -229,6 +234,9 @@ def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
             out[f"{base}.lora_A"], out[f"{base}.lora_B"], out[f"{base}.lora_E"] = m.A, m.B, m.E
         else:
             out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.A, m.B
+        if m.magnitude is not None:
+            mag = m.magnitude.reshape(1, -1, 1, 1) if m.kind == "conv" else m.magnitude
+            out[f"{base}.lora_magnitude_vector"] = mag.contiguous()
     out.update(adapter.saved)
     return out
 

@@ -116,9 +116,8 @@ FIELDS: Mapping[str, FieldRule] = {
     "init_lora_weights": FieldRule("implemented", "plain initialisations need nothing; base-rewriting ones refused",
                                    _init_refusal),
     # --- refused until loratools computes them
-    "use_dora": FieldRule("refused", "DoRA", _refuse_when_set(
-        "DoRA's magnitude vector is not a low-rank update; loratools does not read DoRA yet — merge it with "
-        "peft (`merge_and_unload`)")),
+    "use_dora": FieldRule("implemented", "DoRA: each module's lora_magnitude_vector m, W′ = diag(m/‖W0 + s·BA‖)·(W0 + "
+                                         "s·BA) (loratools.dora)"),
     "lora_bias": FieldRule("refused", "LoRA bias", _refuse_when_set(
         "the adapter carries lora_B biases, which loratools does not merge yet; merge it with peft")),
     "bias": FieldRule("refused", "trained biases", _refuse_unless(

@@ -39,7 +39,8 @@ from ..device import cpu_threads, resolve_device
 from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, ShapeMismatchError, VerificationError,
                       WrongBaseError)
 from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, rewrite_model
-from .kernels import (check_finite, delta_sum, jitter, low_rank, merged_tensor, tolerance, ulp,
+from ..dora import merged_weight
+from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance, ulp,
                       unmerged_tensor)
 from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge,
                    resolve_precision, saved_base_key, stamp)
@@ -271,6 +272,11 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         if missing:
             raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
     else:
+        dora = [k for k, p in plan.items() if any(m.is_dora for m, _ in p.deltas)]
+        if dora:
+            raise InvalidOptionError(f"{dora[0]} was merged with DoRA, whose row norms ‖W0 + s·BA‖ the merged model no "
+                                     "longer holds, so W0 cannot be solved for; un-merge with the record of the merge "
+                                     "(`record`, written by merging with `record`), or keep the base")
         replaced = [k for k, p in plan.items() if p.replace is not None]
         if replaced:
             raise InvalidOptionError(f"the adapter replaced {replaced[0]} (modules_to_save); only the record of the "
@@ -332,9 +338,14 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
                 bad.append(key)
         else:
             start = p.replace if p.replace is not None else w0
-            delta = (delta_sum(p.deltas, precision=prec, device=dev) if p.deltas
-                     else torch.zeros(start.shape, dtype=prec, device=dev))
-            exact = start.to(device=dev, dtype=prec) + delta
+            dora = dora_of(p.deltas)
+            if dora is not None:  # the dense W′ = diag(m/‖V‖)·V, and the update it makes
+                exact = merged_weight(w0.to(device=dev, dtype=prec), dora, precision=prec)
+                delta = exact - w0.to(device=dev, dtype=prec)
+            else:
+                delta = (delta_sum(p.deltas, precision=prec, device=dev) if p.deltas
+                         else torch.zeros(start.shape, dtype=prec, device=dev))
+                exact = start.to(device=dev, dtype=prec) + delta
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
             tol = tolerance(exact, start.to(device=dev, dtype=prec), delta, got.dtype)
             checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,

@@ -131,7 +131,30 @@ def plan_merge(shapes: Mapping[str, tuple[str, tuple[int, ...]]], adapters: Sequ
             if key in replace:
                 raise InvalidOptionError(f"two adapters both replace {key} (modules_to_save); merge them one at a time")
             replace[key] = t
+    for key, parts in deltas.items():
+        _check_dora(key, parts, key in replace)
     return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k)) for k in sorted(set(deltas) | set(replace))}
+
+
+def _check_dora(key: str, parts: Sequence[tuple[Module, float]], replaced: bool) -> None:
+    """DoRA merges one adapter per tensor, unweighted: W′ = diag(m/‖V‖)·V is not an update that adds or scales.
+
+    Well defined: DoRA and LoRA adapters on disjoint tensors (each tensor gets its
+    own rule). Refused: a DoRA module sharing its tensor with any other adapter
+    (the result would depend on the order: peft merges them in turn), a weight
+    other than 1, or a tensor that a saved full tensor replaces.
+    """
+    if not any(m.is_dora for m, _ in parts):
+        return
+    if len(parts) > 1:
+        raise InvalidOptionError(f"{key} is adapted by a DoRA adapter and {len(parts) - 1} other adapter(s): a DoRA "
+                                 "merge rescales each row of W0 + ΔW to its magnitude, so it is not a sum with other "
+                                 "updates; merge them one at a time, in the order you mean")
+    if parts[0][1] != 1.0:
+        raise InvalidOptionError(f"a DoRA adapter on {key} has `weight` {parts[0][1]}: its merge rescales each row of "
+                                 "W0 + ΔW to the magnitude m, so a weighted DoRA update has no meaning; give it `weight` 1")
+    if replaced:
+        raise InvalidOptionError(f"{key} is replaced by a saved full tensor and adapted by DoRA; merge them one at a time")
 
 
 def _check_module(key: str, m: Module, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import CorruptFileError, NonFiniteError
 from ..io import CODE_DTYPES, RowReader, Span, buffer, read_tensor
-from .kernels import check_finite, factors_of, merge_rows, row_step
+from .kernels import check_finite, dora_norms, dora_of, dora_scale, factors_of, merge_rows, row_step
 from .plan import TensorPlan
 from .record import PatchApplier, PatchBuilder, RecordWriter
 
@@ -52,7 +52,7 @@ def _block(ar: Arithmetic, slot: str, n: int, cols: int, dtype: torch.dtype) -> 
 
 
 def _merge(w: Tensor, start: Tensor, factors: list[tuple[Tensor, Tensor]], i: int, dtype: torch.dtype,
-           ar: Arithmetic, slot: str, key: str, where: str, what: str) -> Tensor:
+           ar: Arithmetic, slot: str, key: str, where: str, what: str, **dora: Tensor | None) -> Tensor:
     """:func:`merge_rows` into this thread's buffers, naming ``key`` when the sum is not finite."""
     n, cols = start.shape
     if not factors:
@@ -60,7 +60,8 @@ def _merge(w: Tensor, start: Tensor, factors: list[tuple[Tensor, Tensor]], i: in
         return out.copy_(start) if out is not None else start.to(dtype)
     try:
         r = merge_rows(start, factors, i, dtype=dtype, precision=ar.precision,
-                       acc=_block(ar, slot + ".acc", n, cols, ar.precision), out=_block(ar, slot, n, cols, dtype))
+                       acc=_block(ar, slot + ".acc", n, cols, ar.precision), out=_block(ar, slot, n, cols, dtype),
+                       **dora)
     except NonFiniteError:
         check_finite(key, w, where)
         raise NonFiniteError(key, what) from None
@@ -74,6 +75,8 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
     With ``record``, each block's W0 is compared with what :func:`restored_blocks`
     will recompute from the merged block (the same blocks, the same factors),
     and the patch and W0's sha256 go to ``record`` once the last block is out.
+    DoRA: a first pass over W0 gives ‖V‖_row (:func:`~.kernels.dora_norms`), which
+    the record keeps as the patch's ``dora_norm`` part (the un-merge cannot recompute it).
     """
     rows, cols = _shape2(span)
     base = CODE_DTYPES[span.dtype]
@@ -84,20 +87,28 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
     builder = PatchBuilder(span.shape, base, counts=buffer("counts", rows * cols)) if record else None
     sha = hashlib.sha256()
     with RowReader(span, rows) as reader:
+        dora, norms, scale = dora_of(plan.deltas), None, None
+        if dora is not None:
+            norms = dora_norms(((i, reader.read(i, min(step, rows - i))) for i in range(0, rows, step)), factors,
+                               dora, precision=ar.precision)
+            scale = dora_scale(dora, norms)
         for i in range(0, rows, step):
             n = min(step, rows - i)
             w0 = reader.read(i, n)
             start = replace[i:i + n] if replace is not None else w0
             out = _merge(w0, start, factors, i, dtype, ar, "out", key, "the base model",
-                         f"the merge (the sum overflows {dtype})")
+                         f"the merge (the sum overflows {dtype})", post_mul=scale)
             if builder is not None:
                 sha.update(memoryview(w0.reshape(-1).view(torch.uint8).numpy()))
                 recon = out if not back else _merge(out, out, back, i, base, ar, "recon", key, "the merged tensor",
-                                                     "the un-merge of the merged tensor")
+                                                     "the un-merge of the merged tensor", pre_div=scale)
                 builder.add(w0, recon)
             yield out
         if record is not None and builder is not None:
-            record.add(key, builder.patch(lambda idx: _values_at(reader, idx, step, cols)), sha.hexdigest())
+            patch = builder.patch(lambda idx: _values_at(reader, idx, step, cols))
+            if norms is not None:
+                patch["dora_norm"] = norms.cpu()
+            record.add(key, patch, sha.hexdigest())
 
 
 def _values_at(reader: RowReader, idx: np.ndarray, step: int, cols: int) -> Tensor:
@@ -123,14 +134,19 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
     rows, cols = _shape2(span)
     dtype = CODE_DTYPES[span.dtype]
     back = factors_of(plan.deltas, sign=-1.0, precision=ar.precision, device=ar.device)
-    applier = PatchApplier({part: read_tensor(s) for part, s in patch.items()}, span.shape, dtype)
+    parts = {part: read_tensor(s) for part, s in patch.items()}
+    dora, norms = dora_of(plan.deltas), parts.pop("dora_norm", None)
+    if dora is not None and norms is None:
+        raise CorruptFileError(record_path, f"it holds no DoRA row norms for {key}; it is the record of another merge")
+    scale = dora_scale(dora, norms.to(device=ar.device, dtype=ar.precision)) if dora is not None else None
+    applier = PatchApplier(parts, span.shape, dtype)
     step = row_step(rows, cols, ar.device)
     sha = hashlib.sha256()
     with RowReader(span, rows) as reader:
         for i in range(0, rows, step):
             n = min(step, rows - i)
             w = reader.read(i, n)
-            r = _merge(w, w, back, i, dtype, ar, "out", key, "the merged model", "the un-merge")
+            r = _merge(w, w, back, i, dtype, ar, "out", key, "the merged model", "the un-merge", pre_div=scale)
             r = applier.apply(r.reshape(-1), i * cols)
             sha.update(memoryview(r.view(torch.uint8).numpy()))
             yield r
