@@ -22,9 +22,10 @@ import torch
 import loratools as lt
 from loratools.adapter import Adapter, Module
 from loratools.config import AdapterConfig
-from loratools.convert import check_same_deltas, convert_file, load_base
+from loratools.convert import check_same_deltas, convert_file
+from loratools.formats import load_base
 from loratools.errors import UnsupportedModuleError
-from loratools.formats.gguf import GGUFBase, base_from_hparams, read_gguf, write_gguf
+from loratools.formats.gguf import GGUFBase, base_from_hparams, gguf_base, read_gguf, write_gguf
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -230,5 +231,5 @@ def test_same_tensors_as_llama_cpp_converter(tiny, tmp_path: Path) -> None:
         for g in want:
             assert torch.allclose(got[g], want[g], rtol=1e-5, atol=1e-6), (arch, g)
         # llama.cpp's file records no transformers names nor head counts: read it with the base's config
-        back = load_base(model_dir).gguf()
+        back = gguf_base(load_base(model_dir))
         assert check_same_deltas(lt.read_adapter(peft_dir), read_gguf(theirs, base=back)) < 1e-5, arch
