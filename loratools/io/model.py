@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..device import cpu_cores
 from ..errors import CorruptFileError, InputNotFoundError
+from ..validate import get_field, plain_name, read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
                           header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 
@@ -80,11 +81,15 @@ class ModelReader:
     def _read_index(self) -> list[str]:
         index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
         if index.is_file():
-            try:
-                self.index = json.loads(index.read_text())
-                self.shard_of = {str(k): str(v) for k, v in self.index["weight_map"].items()}  # type: ignore[index]
-            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-                raise CorruptFileError(index, f"not a safetensors index ({e.__class__.__name__})") from None
+            self.index = read_json(index)
+            wmap = get_field(self.index, "weight_map", dict, where=index)
+            # a shard name is joined to the model directory, and to OUT when the model is rewritten:
+            # only a plain name inside the directory is accepted (never ``../x`` or ``/abs``)
+            self.shard_of = {str(k): plain_name(v, where=index, field=f"weight_map[{k!r}]") for k, v in wmap.items()}
+            if not self.shard_of:
+                raise CorruptFileError(index, "its weight_map lists no tensors")
+            if INDEX_NAME in self.shard_of.values():
+                raise CorruptFileError(index, f"its weight_map names {INDEX_NAME} as a shard")
             return sorted(set(self.shard_of.values()))
         if single.is_file():
             return [WEIGHTS_NAME]

@@ -1,0 +1,189 @@
+"""The issue "Hardening": crafted inputs that once escaped OUT, loaded pickles or passed as valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from test_bad_input import assert_one_line_error
+
+
+def sharded(src: Path, dst: Path) -> Path:
+    """``src`` (a tiny model) split into two shards with an index."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
+    tensors = load_file(src / "model.safetensors")
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    wmap = {}
+    for name, ks in halves.items():
+        save_file({k: tensors[k] for k in ks}, dst / name)
+        wmap.update({k: name for k in ks})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    return dst
+
+
+def _retarget(model: Path, shard_name: str) -> None:
+    index = model / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: shard_name for k in data["weight_map"]}
+    index.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("op", ["merge", "unmerge"])
+@pytest.mark.parametrize("crafted", ["../victim/model.safetensors", "ABS", "..", "sub/x.safetensors", ""])
+def test_index_shard_names_never_leave_the_model_dir(cli, tiny_llama, adapters, tmp_path, op, crafted):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    shutil.copy(tiny_llama / "model.safetensors", victim / "model.safetensors")
+    before = (victim / "model.safetensors").read_bytes()
+    model = sharded(tiny_llama, tmp_path / "m")
+    name = str(victim / "model.safetensors") if crafted == "ABS" else crafted
+    _retarget(model, name)
+    res = cli(op, model, adapters / "lora", "-o", tmp_path / "out")
+    assert_one_line_error(res, "model.safetensors.index.json", "plain file name")
+    assert (victim / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "victim"]
+
+
+def test_sharded_model_still_merges(cli, tiny_llama, adapters, tmp_path):
+    model = sharded(tiny_llama, tmp_path / "m")
+    res = cli("merge", model, adapters / "lora", "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(
+        p.name for p in model.glob("*.safetensors"))
+
+
+# -------------------------------------------------------------------------- base headers
+
+def _with_header(src: Path, dst: Path, edit) -> Path:
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return dst
+
+
+def _first(header: dict) -> dict:
+    return header[sorted(k for k in header if k != "__metadata__")[0]]
+
+
+def _overlap(h: dict) -> None:
+    keys = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    a, b = h[keys[0]], h[keys[1]]
+    if a["dtype"] == b["dtype"] and a["shape"] == b["shape"]:
+        b["data_offsets"] = list(a["data_offsets"])
+    else:  # shrink b onto a's bytes: same size, overlapping start
+        size = b["data_offsets"][1] - b["data_offsets"][0]
+        b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + size]
+
+
+def _negative_dims(h: dict) -> None:
+    t = _first(h)
+    t["shape"] = [-1, -(t["data_offsets"][1] - t["data_offsets"][0]) // 4] if t["dtype"] == "F32" else [-1, 0]
+
+
+def _zero_with_negative(h: dict) -> None:
+    t = _first(h)
+    t["shape"], t["data_offsets"] = [-3, 0], [t["data_offsets"][0], t["data_offsets"][0]]
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_overlap, "overlap"),
+    (_negative_dims, "malformed"),
+    (_zero_with_negative, "malformed"),
+    (lambda h: _first(h).update(shape=[True, 2]), "malformed"),
+    (lambda h: _first(h).update(data_offsets=[0.5, 8]), "malformed"),
+    (lambda h: _first(h).update(dtype=["F32"]), "malformed"),
+    (lambda h: h.update(__metadata__={"format": 3}), "__metadata__"),
+])
+def test_structurally_invalid_base_is_refused(cli, tiny_llama, adapters, tmp_path, edit, fragment):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    _with_header(tiny_llama / "model.safetensors", model / "model.safetensors", edit)
+    res = cli("merge", model, adapters / "lora", "-o", tmp_path / "out")
+    assert_one_line_error(res, "model.safetensors", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deeply_nested_header_is_one_line(cli, adapters, tmp_path):
+    raw = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    assert_one_line_error(cli("inspect", tmp_path / "deep.safetensors"), "deep.safetensors")
+
+
+# -------------------------------------------------------------------------- never unpickle
+
+class _Trap:
+    """Unpickling this creates a file: proof that something called pickle.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _booby_trap(path: Path, marker: Path) -> None:
+    path.write_bytes(pickle.dumps({"weight": _Trap(marker)}))
+
+
+@pytest.fixture
+def trapped(tmp_path, tiny_llama, adapters):
+    """A model and an adapter each holding only a booby-trapped pickle, and the marker they would create."""
+    marker = tmp_path / "UNPICKLED"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    _booby_trap(model / "pytorch_model.bin", marker)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copy(adapters / "lora" / "adapter_config.json", adapter)
+    _booby_trap(adapter / "adapter_model.bin", marker)
+    return model, adapter, marker
+
+
+def test_the_trap_works(trapped):
+    _, adapter, marker = trapped
+    pickle.loads((adapter / "adapter_model.bin").read_bytes())  # noqa: S301 - the test's own file
+    assert marker.exists()
+
+
+def _commands(model: Path, adapter: Path, good_model: Path, good_adapter: Path, corpus: Path, out: Path):
+    return {
+        "inspect": ["inspect", adapter],
+        "merge-model": ["merge", model, good_adapter, "-o", out],
+        "merge-adapter": ["merge", good_model, adapter, "-o", out],
+        "unmerge": ["unmerge", model, good_adapter, "-o", out],
+        "verify": ["verify", good_model, adapter, good_model],
+        "convert": ["convert", adapter, "-o", out, "--to", "single"],
+        "resize": ["resize", adapter, "-o", out, "--rank", "2"],
+        "prune": ["prune", adapter, "-o", out, "--budget", "0.5"],
+        "prune-base": ["prune", good_adapter, "-o", out, "--budget", "0.5", "--base", model, "--data", corpus],
+        "extract": ["extract", good_model, model, "-o", out, "--rank", "2"],
+        "combine": ["combine", adapter, good_adapter, "-o", out],
+        "train": ["train", model, corpus, "-o", out, "--steps", "1"],
+    }
+
+
+@pytest.mark.parametrize("command", ["inspect", "merge-model", "merge-adapter", "unmerge", "verify", "convert",
+                                     "resize", "prune", "prune-base", "extract", "combine", "train"])
+def test_no_command_unpickles(cli, trapped, tiny_llama, adapters, tmp_path, command):
+    model, adapter, marker = trapped
+    corpus = Path(__file__).resolve().parent.parent / "fixtures" / "corpus.txt"
+    args = _commands(model, adapter, tiny_llama, adapters / "lora", corpus, tmp_path / "out")[command]
+    res = cli(*args)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert not marker.exists(), "a pickle was loaded"
+    assert not (tmp_path / "out").exists()
