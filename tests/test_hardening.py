@@ -187,3 +187,67 @@ def test_no_command_unpickles(cli, trapped, tiny_llama, adapters, tmp_path, comm
     assert "Traceback" not in res.stderr
     assert not marker.exists(), "a pickle was loaded"
     assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------- stamps
+
+@pytest.fixture
+def merged(cli, tiny_llama, adapters, tmp_path):
+    out = tmp_path / "merged"
+    res = cli("merge", tiny_llama, adapters / "lora", "-o", out, "--weight", "0.5")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _twin(adapters: Path, dst: Path) -> Path:
+    """The fixture adapter with the same shapes and other factors."""
+    shutil.copytree(adapters / "lora", dst)
+    f = dst / "adapter_model.safetensors"
+    t = load_file(f)
+    save_file({k: (v * 1.5 if "lora_B" in k else v) for k, v in t.items()}, f)
+    return dst
+
+
+def test_unmerge_refuses_the_wrong_weight(cli, merged, adapters, tmp_path):
+    res = cli("unmerge", merged, adapters / "lora", "-o", tmp_path / "u", "--weight", "1")
+    assert_one_line_error(res, "weight 0.5, not 1", "--ignore-stamp")
+    assert not (tmp_path / "u").exists()
+
+
+def test_unmerge_refuses_another_adapter_of_the_same_shapes(cli, merged, adapters, tmp_path):
+    twin = _twin(adapters, tmp_path / "twin")
+    res = cli("unmerge", merged, twin, "-o", tmp_path / "u", "--weight", "0.5")
+    assert_one_line_error(res, "not one of them", "same shapes but other factors")
+    assert not (tmp_path / "u").exists()
+
+
+def test_unmerge_with_the_right_adapter_is_vouched(cli, merged, adapters, tmp_path):
+    res = cli("unmerge", merged, adapters / "lora", "-o", tmp_path / "u", "--weight", "0.5", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["vouched"] is True
+
+
+def test_ignore_stamp_says_the_figures_are_unchecked(cli, merged, adapters, tmp_path):
+    twin = _twin(adapters, tmp_path / "twin")
+    res = cli("unmerge", merged, twin, "-o", tmp_path / "u", "--weight", "0.5", "--ignore-stamp")
+    assert res.returncode == 0, res.stderr
+    assert "unchecked" in res.stdout and "unbounded" in res.stdout
+
+
+def test_record_refuses_another_adapter_of_the_same_shapes(cli, tiny_llama, adapters, tmp_path):
+    rec = tmp_path / "r.safetensors"
+    assert cli("merge", tiny_llama, adapters / "lora", "-o", tmp_path / "m", "--record", rec).returncode == 0
+    twin = _twin(adapters, tmp_path / "twin")
+    res = cli("unmerge", tmp_path / "m", twin, "-o", tmp_path / "u", "--record", rec, "--ignore-stamp")
+    assert_one_line_error(res, "made for other adapters or weights")
+
+
+def test_content_hash_sees_factors_and_scale(adapters, tmp_path):
+    from loratools.formats import read_adapter
+    from loratools.merge.plan import content_sha256
+
+    a = read_adapter(adapters / "lora")
+    b = read_adapter(_twin(adapters, tmp_path / "twin"))
+    assert a.fingerprint.sha256 == b.fingerprint.sha256
+    assert content_sha256(a) != content_sha256(b)
+    assert content_sha256(a) == content_sha256(read_adapter(adapters / "lora"))

@@ -8,6 +8,8 @@ stamp) is what the jobs agree on before streaming.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -21,8 +23,9 @@ from torch import Tensor
 from ..adapter import Adapter, Module
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
+from ..validate import finite_number, get_field, load_json
 
-__all__ = ["AdapterInput", "TensorPlan", "METADATA_KEY", "FLOAT_CODES", "adapter_inputs", "plan_merge",
+__all__ = ["content_sha256", "StampEntry", "stamp_entries", "AdapterInput", "TensorPlan", "METADATA_KEY", "FLOAT_CODES", "adapter_inputs", "plan_merge",
            "saved_base_key", "resolve_precision", "out_code", "stamp"]
 
 #: the metadata key of a merged model (and of a record) that says which adapters went in
@@ -41,7 +44,39 @@ class AdapterInput:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.label, "weight": self.weight, "method": self.adapter.method,
-                "fingerprint": self.adapter.fingerprint.sha256}
+                "fingerprint": self.adapter.fingerprint.sha256, "content": content_sha256(self.adapter)}
+
+
+def content_sha256(adapter: Adapter) -> str:
+    """sha256 of everything that makes an adapter's ΔW: each module's name and every field of its
+    :class:`Module` (factor bytes as stored with dtype and shape, scale, kind, layout), and each full
+    tensor it replaces.
+
+    Two adapters with the same shapes but other factors or scales hash apart, so a merged model's
+    stamp says which adapter went in, not only which shapes.
+    """
+    h = hashlib.sha256()
+
+    def put(label: str, t: Tensor | None) -> None:
+        if t is None:
+            h.update(f"{label}:none;".encode())
+            return
+        c = t.detach().to("cpu").contiguous()
+        h.update(f"{label}:{str(c.dtype)}:{tuple(c.shape)};".encode())
+        h.update(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+
+    for name in sorted(adapter.modules):
+        m = adapter.modules[name]
+        h.update(f"module:{name};".encode())
+        for f in dataclasses.fields(m):  # every field, so one added later (a DoRA magnitude) is hashed too
+            v = getattr(m, f.name)
+            if isinstance(v, Tensor) or v is None:
+                put(f.name, v)
+            else:
+                h.update(f"{f.name}={float(v).hex() if isinstance(v, float) else repr(v)};".encode())
+    for key in sorted(adapter.saved):
+        put(f"saved:{key}", adapter.saved[key])
+    return h.hexdigest()
 
 
 def adapter_inputs(adapters: Sequence[AdapterInput | tuple[Adapter, float] | Adapter]) -> list[AdapterInput]:
@@ -77,6 +112,30 @@ def stamp(op: str, inputs: Sequence[AdapterInput], precision: torch.dtype, devic
     info = {"op": op, "adapters": [i.describe() for i in inputs], "precision": str(precision).replace("torch.", ""),
             "device": device.type, **extra}
     return {METADATA_KEY: json.dumps(info)}
+
+
+@dataclass(frozen=True)
+class StampEntry:
+    """One adapter a stamp says went in: its shapes' fingerprint, content hash (None in old stamps), weight."""
+
+    fingerprint: str
+    content: str | None
+    weight: float
+
+
+def stamp_entries(text: str, *, where: object) -> list[StampEntry] | None:
+    """The adapters a merge stamp lists, validated; None when the stamp is not a merge's (an un-merge's)."""
+    info = load_json(text, where=where)
+    if get_field(info, "op", str, where=where) != "merge":
+        return None
+    out = []
+    for n, e in enumerate(get_field(info, "adapters", list, where=where)):
+        at = f"{where} adapters[{n}]"
+        sha = lambda v: isinstance(v, str) and len(v) == 64  # noqa: E731
+        out.append(StampEntry(get_field(e, "fingerprint", str, where=at, check=sha, expected="a sha256"),
+                              get_field(e, "content", str, where=at, check=sha, expected="a sha256", default=None),
+                              finite_number(get_field(e, "weight", float, where=at), where=at, field="weight")))
+    return out
 
 
 def saved_base_key(key: str) -> str:
