@@ -251,3 +251,39 @@ def test_content_hash_sees_factors_and_scale(adapters, tmp_path):
     assert a.fingerprint.sha256 == b.fingerprint.sha256
     assert content_sha256(a) != content_sha256(b)
     assert content_sha256(a) == content_sha256(read_adapter(adapters / "lora"))
+
+
+# -------------------------------------------------------------------------- train: nothing non-finite, checkpoints
+
+CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "corpus.txt"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--lr", "1e30"], "diverged"),
+    (["--lr", "inf"], "--lr must be a finite positive number"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+])
+def test_train_never_writes_a_non_finite_adapter(cli, tiny_llama, tmp_path, args, fragment):
+    res = cli("train", tiny_llama, CORPUS, "-o", tmp_path / "o", "--steps", "3", "--seq-len", "16", *args)
+    assert_one_line_error(res, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_checkpoint_dir_inside_an_input_is_refused(cli, tiny_llama, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    before = sorted(p.name for p in model.iterdir())
+    res = cli("train", model, CORPUS, "-o", tmp_path / "o", "--steps", "2", "--save-every", "1",
+              "--checkpoint-dir", model / "ck")
+    assert_one_line_error(res, "overlaps the input")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_existing_checkpoint_needs_force(cli, tiny_llama, tmp_path):
+    ck = tmp_path / "ck"
+    (ck / "step-1").mkdir(parents=True)
+    (ck / "step-1" / "keep").write_text("mine")
+    res = cli("train", tiny_llama, CORPUS, "-o", tmp_path / "o", "--steps", "2", "--save-every", "1",
+              "--seq-len", "16", "--checkpoint-dir", ck)
+    assert_one_line_error(res, "step-1", "already exists")
+    assert (ck / "step-1" / "keep").read_text() == "mine"
