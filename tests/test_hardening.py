@@ -287,3 +287,48 @@ def test_existing_checkpoint_needs_force(cli, tiny_llama, tmp_path):
               "--seq-len", "16", "--checkpoint-dir", ck)
     assert_one_line_error(res, "step-1", "already exists")
     assert (ck / "step-1" / "keep").read_text() == "mine"
+
+
+# -------------------------------------------------------------------------- casts never make ±inf
+
+@pytest.fixture
+def big_base(tiny_llama, tmp_path):
+    """tiny-llama in float32 with one untouched tensor and one adapted tensor beyond float16's range."""
+    model = tmp_path / "big"
+    shutil.copytree(tiny_llama, model)
+    t = {k: v.float() for k, v in load_file(model / "model.safetensors").items()}
+    norm = next(k for k in t if "norm" in k)
+    t[norm] = t[norm].clone()
+    t[norm][0] = 70000.0
+    save_file(t, model / "model.safetensors")
+    return model, norm
+
+
+def test_merge_to_float16_refuses_an_overflowing_cast(cli, big_base, adapters, tmp_path):
+    model, norm = big_base
+    res = cli("merge", model, adapters / "lora", "-o", tmp_path / "o", "--dtype", "float16")
+    assert_one_line_error(res, norm, "beyond torch.float16's range", "--dtype")
+    assert not (tmp_path / "o").exists()
+
+
+def test_verify_flags_non_finite_tensors(cli, big_base, adapters, tmp_path):
+    model, norm = big_base
+    t = load_file(model / "model.safetensors")
+    merged = tmp_path / "merged"
+    shutil.copytree(model, merged)
+    t16 = {k: v.to(__import__("torch").float16) for k, v in t.items()}  # the cast a careless tool makes: 70000 → inf
+    save_file(t16, merged / "model.safetensors")
+    res = cli("verify", model, adapters / "lora", merged, "--json")
+    assert res.returncode == 2
+    report = json.loads(res.stdout)
+    assert norm in report["non_finite"] and report["ok"] is False
+    assert "NaN or ±inf" in res.stderr
+
+
+def test_print_json_is_strict(capsys):
+    from loratools.cli.render import print_json
+
+    print_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": -float("inf")}})
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"a": None, "b": [None, 1.5],
+                                                                                  "c": {"d": None}}

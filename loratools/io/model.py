@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..device import cpu_cores
-from ..errors import CorruptFileError, InputNotFoundError
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
 from ..validate import get_field, plain_name, read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
                           header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
@@ -233,7 +233,7 @@ def _write_tensor(span: Span, fd: int, offset: int, e: Entry, compute: Callable[
         return False
     computed = pieces is not None
     if pieces is None:
-        pieces = _cast(span, CODE_DTYPES[e.dtype])
+        pieces = _cast(span, CODE_DTYPES[e.dtype], e.name)
     elif isinstance(pieces, Tensor):
         pieces = (pieces,)
     written = 0
@@ -254,14 +254,27 @@ def _write_tensor(span: Span, fd: int, offset: int, e: Entry, compute: Callable[
     return computed
 
 
-def _cast(span: Span, dtype: torch.dtype) -> Iterator[Tensor]:
-    """The tensor at ``span`` converted to ``dtype``, block by block."""
+def _cast(span: Span, dtype: torch.dtype, name: str = "") -> Iterator[Tensor]:
+    """The tensor at ``span`` converted to ``dtype``, block by block; refused where the cast would overflow.
+
+    A finite value beyond ``dtype``'s range (70000 in float16) would be written as ±inf: the block's
+    extremes are checked against the range first, so a cast never makes a non-finite value.
+    """
     rows = span.shape[0] if span.shape else 1
     cols = max(1, span.nbytes // max(1, rows) // DTYPE_SIZES[span.dtype])
     step = max(1, (1 << 18) // cols)
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else None
+    narrows = limit is not None and limit < torch.finfo(CODE_DTYPES[span.dtype]).max
     with RowReader(span, rows) as reader:
         for i in range(0, rows, step):
             n = min(step, rows - i)
+            block = reader.read(i, n)
+            if narrows and block.numel():
+                big = block.abs().nan_to_num(nan=0.0, posinf=0.0).max()
+                if float(big) > limit:
+                    raise InvalidOptionError(f"{name or 'a tensor'} holds {float(big):.6g}, beyond {dtype}'s range "
+                                             f"(±{limit:.6g}): `dtype` {str(dtype).replace('torch.', '')} would "
+                                             "write ±inf; keep the base's dtype or choose bfloat16")
             out = buffer("cast", n * cols * dtype.itemsize).view(dtype).reshape(n, -1)
-            out.copy_(reader.read(i, n))
+            out.copy_(block)
             yield out

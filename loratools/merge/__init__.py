@@ -98,6 +98,8 @@ class VerifyReport:
     modules: list[ModuleCheck]
     untouched_mismatches: list[str]
     dtype: str
+    #: tensors holding NaN/±inf where the base holds a finite value (an overflowing cast or sum)
+    non_finite: list[str] = field(default_factory=list)
 
     @property
     def worst(self) -> ModuleCheck | None:
@@ -109,13 +111,16 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.untouched_mismatches and all(m.ratio <= 1.0 for m in self.modules)
+        return not self.untouched_mismatches and not self.non_finite and all(m.ratio <= 1.0 for m in self.modules)
 
     def check(self) -> None:
         """Raise :class:`VerificationError` naming the worst tensor unless :attr:`ok`."""
         if self.ok:
             return
         w = self.worst
+        if self.non_finite:
+            raise VerificationError(f"{self.non_finite[0]} holds NaN or ±inf where the base is finite "
+                                    f"({len(self.non_finite)} such tensors)")
         why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {self.dtype} rounding tolerance"
                if w is not None and w.ratio > 1 else f"{self.untouched_mismatches[0]} differs from the base")
         raise VerificationError(why)
@@ -124,7 +129,7 @@ class VerifyReport:
         w = self.worst
         return {"ok": self.ok, "dtype": self.dtype, "max_abs": self.max_abs, "worst": w.key if w else None,
                 "worst_ratio": w.ratio if w else 0.0, "untouched_mismatches": self.untouched_mismatches,
-                "modules": [m.__dict__ for m in self.modules]}
+                "non_finite": self.non_finite, "modules": [m.__dict__ for m in self.modules]}
 
 
 # --------------------------------------------------------------------------- the jobs
@@ -347,6 +352,7 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
         raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
     checks: list[ModuleCheck] = []
     bad: list[str] = []
+    non_finite: list[str] = []
     dtype_names = set()
     if progress:
         progress(0, total=len(b.spans))
@@ -357,6 +363,8 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
         w0 = b.read(key)
+        if got.is_floating_point() and bool((~torch.isfinite(got) & torch.isfinite(w0)).any()):
+            non_finite.append(key)  # every tensor written is checked, adapted or not
         if p is None:
             if not torch.equal(w0.to(got.dtype), got):
                 bad.append(key)
@@ -371,4 +379,4 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
                                       float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
         if progress:
             progress(1)
-    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)))
+    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)), non_finite)
