@@ -332,3 +332,36 @@ def test_print_json_is_strict(capsys):
     out = capsys.readouterr().out
     assert json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"a": None, "b": [None, 1.5],
                                                                                   "c": {"d": None}}
+
+
+# -------------------------------------------------------------------------- fan_in_fan_out follows peft
+
+def _fifo_copy(adapters: Path, dst: Path, only: str | None = None) -> Path:
+    shutil.copytree(adapters / "lora", dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = True
+    if only:
+        cfg["target_modules"] = [only]
+        f = dst / "adapter_model.safetensors"
+        save_file({k: v for k, v in load_file(f).items() if only in k}, f)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_fan_in_fan_out_on_nn_linear_is_ignored_as_peft_does(cli, tiny_llama, adapters, tmp_path):
+    """peft 0.21.2 tuners/lora/layer.py dispatch_default sets fan_in_fan_out=False for nn.Linear targets:
+    the merge must equal the merge of the same adapter without the flag, square q_proj included."""
+    fifo = _fifo_copy(adapters, tmp_path / "fifo")
+    assert cli("merge", tiny_llama, adapters / "lora", "-o", tmp_path / "plain").returncode == 0
+    res = cli("merge", tiny_llama, fifo, "-o", tmp_path / "f")
+    assert res.returncode == 0, res.stderr
+    assert "fan_in_fan_out" in res.stderr and "ignored" in res.stderr
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "f" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_fan_in_fan_out_on_square_weights_only_is_refused(cli, tiny_llama, adapters, tmp_path):
+    fifo = _fifo_copy(adapters, tmp_path / "fifo", only="q_proj")
+    res = cli("merge", tiny_llama, fifo, "-o", tmp_path / "f")
+    assert_one_line_error(res, "fan_in_fan_out", "square")
+    assert not (tmp_path / "f").exists()

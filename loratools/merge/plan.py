@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,7 @@ def plan_merge(shapes: Mapping[str, tuple[str, tuple[int, ...]]], adapters: Sequ
     deltas: dict[str, list[tuple[Module, float]]] = {}
     replace: dict[str, Tensor] = {}
     for inp in adapters:
-        ad = inp.adapter
+        ad = follow_peft_layout(inp.adapter, shapes)
         ad.check_finite()
         if not math.isfinite(inp.weight):
             raise InvalidOptionError(f"`weight` {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
@@ -191,6 +192,45 @@ def plan_merge(shapes: Mapping[str, tuple[str, tuple[int, ...]]], adapters: Sequ
                 raise InvalidOptionError(f"two adapters both replace {key} (modules_to_save); merge them one at a time")
             replace[key] = t
     return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k)) for k in sorted(set(deltas) | set(replace))}
+
+
+def follow_peft_layout(ad: Adapter, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> Adapter:
+    """``fan_in_fan_out`` as peft applies it: honoured for GPT-2's ``Conv1D`` (weight stored (in, out)),
+    ignored for ``nn.Linear`` (weight (out, in)).
+
+    peft 0.21.2 ``tuners/lora/layer.py`` ``dispatch_default``: for a ``torch.nn.Linear`` target it warns
+    and sets ``fan_in_fan_out = False``; for ``Conv1D`` it sets it True. The adapter file does not say
+    which class a module was, the base's shapes do: a non-square weight stored (out, in) is an
+    ``nn.Linear``, one stored (in, out) a ``Conv1D``. A model's adapted layers are all one or the
+    other, so a square weight follows the adapter's non-square ones; when every one is square, GPT-2's
+    ``c_*`` names mean ``Conv1D`` and anything else is refused rather than guessed.
+    """
+    fifo = {n: m for n, m in ad.items() if m.fan_in_fan_out and m.kind == "linear"}
+    if not fifo:
+        return ad
+    votes = set()
+    for n, m in fifo.items():
+        shape = tuple(shapes.get(f"{n}.weight", ("", ()))[1])
+        out_f, in_f = int(m.B.shape[0]), int(m.A.shape[1])
+        if out_f != in_f and shape in ((in_f, out_f), (out_f, in_f)):
+            votes.add("conv1d" if shape == (in_f, out_f) else "linear")
+    if not votes:
+        leaves = {n.rsplit(".", 1)[-1] for n in fifo}
+        if all(leaf.startswith("c_") for leaf in leaves):
+            votes.add("conv1d")
+        else:
+            raise InvalidOptionError(f"the adapter sets fan_in_fan_out and every weight it adapts is square "
+                                     f"(first: {next(iter(fifo))}); peft honours the flag for GPT-2's Conv1D and "
+                                     "ignores it for nn.Linear, and the shapes cannot tell which this base uses")
+    if votes == {"conv1d"}:
+        return ad
+    if votes == {"linear"}:
+        warnings.warn("fan_in_fan_out is set but the base's adapted weights are nn.Linear (out, in): ignored, "
+                      "as peft 0.21.2 does", stacklevel=2)
+        return ad.with_modules({n: (m.with_factors(fan_in_fan_out=False) if n in fifo else m)
+                                for n, m in ad.items()})
+    raise InvalidOptionError("the adapter sets fan_in_fan_out, and the base stores some adapted weights as "
+                             "(in, out) and others as (out, in); check that BASE is the adapter's model")
 
 
 def _check_module(key: str, m: Module, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
