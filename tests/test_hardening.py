@@ -365,3 +365,99 @@ def test_fan_in_fan_out_on_square_weights_only_is_refused(cli, tiny_llama, adapt
     res = cli("merge", tiny_llama, fifo, "-o", tmp_path / "f")
     assert_one_line_error(res, "fan_in_fan_out", "square")
     assert not (tmp_path / "f").exists()
+
+
+# -------------------------------------------------------------------------- values read from files
+
+def _kohya(tmp_path: Path, names: dict | None, alpha: float = 4.0) -> Path:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for i in (0, 1):
+        key = f"lora_unet_layers_{i}_q_proj"
+        t[key + ".lora_down.weight"] = torch.randn(2, 8, generator=g)
+        t[key + ".lora_up.weight"] = torch.randn(8, 2, generator=g)
+        t[key + ".alpha"] = torch.tensor(alpha)
+    meta = {"loratools_module_names": json.dumps(names)} if names is not None else {}
+    save_file(t, tmp_path / "k.safetensors", metadata=meta)
+    return tmp_path / "k.safetensors"
+
+
+def test_kohya_name_map_with_two_keys_to_one_module_is_refused(cli, tmp_path):
+    f = _kohya(tmp_path, {"lora_unet_layers_0_q_proj": "layers.1.q_proj", "lora_unet_layers_1_q_proj": "layers.1.q_proj"})
+    assert_one_line_error(cli("inspect", f), "both map to the module", "layers.1.q_proj")
+
+
+def test_kohya_nan_alpha_is_refused(cli, tmp_path):
+    assert_one_line_error(cli("inspect", _kohya(tmp_path, None, alpha=float("nan"))), "alpha", "finite")
+
+
+@pytest.mark.parametrize("names", ['{"a": 1}', "[1, 2]", '"x"', "{"])
+def test_kohya_name_map_of_the_wrong_type_is_one_line(cli, tmp_path, names):
+    f = _kohya(tmp_path, None)
+    t = load_file(f)
+    save_file(t, f, metadata={"loratools_module_names": names})
+    assert_one_line_error(cli("inspect", f), "k.safetensors")
+
+
+def _single_meta(adapters: Path, dst: Path, edit) -> Path:
+    from safetensors import safe_open
+
+    src = adapters / "lora.safetensors"
+    with safe_open(src, "pt") as f:
+        meta = dict(f.metadata())
+    edit(meta)
+    save_file(load_file(src), dst, metadata=meta)
+    return dst
+
+
+def _module_field(field, value):
+    def edit(meta):
+        mods = json.loads(meta["modules"])
+        first = next(iter(mods))
+        mods[first][field] = value
+        meta["modules"] = json.dumps(mods)
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_module_field("alpha", float("nan")), "alpha = nan"),
+    (_module_field("scale", float("inf")), "scale = inf"),
+    (_module_field("scale", "2"), "scale = '2'"),
+    (_module_field("kind", "weird"), "kind = 'weird'"),
+    (lambda m: m.update(modules="[" * 10000 + "]" * 10000), "nests deeper"),
+    (lambda m: m.update(modules=json.dumps([1])), "modules"),
+])
+def test_single_file_metadata_is_validated(cli, adapters, tmp_path, edit, fragment):
+    f = _single_meta(adapters, tmp_path / "s.safetensors", edit)
+    assert_one_line_error(cli("inspect", f), "s.safetensors", fragment)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("r", "eight", "r = 'eight' is not valid: expected an integer ≥ 1"),
+    ("r", 0, "r = 0"),
+    ("lora_alpha", None, "lora_alpha = None"),
+    ("lora_alpha", float("nan"), "lora_alpha = nan"),
+    ("rank_pattern", {"q_proj(": 4}, "rank_pattern key = 'q_proj('"),
+    ("rank_pattern", {"q_proj": "4"}, "q_proj = '4'"),
+    ("alpha_pattern", [1], "alpha_pattern = [1]"),
+    ("use_rslora", "yes", "use_rslora = 'yes'"),
+    ("target_modules", 7, "target_modules = 7"),
+])
+def test_peft_config_values_of_the_wrong_type_are_one_line(cli, adapters, tmp_path, field, value, fragment):
+    d = shutil.copytree(adapters / "lora", tmp_path / "a")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg[field] = value
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(cli("inspect", d), "adapter_config.json", fragment)
+
+
+def test_adalora_without_init_r_and_non_utf8_config(cli, adapters, tmp_path):
+    d = shutil.copytree(adapters / "adalora", tmp_path / "a")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["init_r"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(cli("inspect", d), "init_r missing")
+    (d / "adapter_config.json").write_bytes(b'{"r": "\xff\xfe"}')
+    assert_one_line_error(cli("inspect", d), "not UTF-8")

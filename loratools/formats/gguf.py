@@ -49,6 +49,7 @@ from ..adapter import Adapter, Module, as_lora
 from ..config import AdapterConfig, alpha_for_scale, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingDependencyError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
+from ..validate import finite_number
 from .base import BaseModel, Format, register
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
@@ -294,7 +295,7 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     if arch not in _SUPPORTED_GGUF:
         raise NotAnAdapterError(path, f"its architecture {arch!r} is not one loratools maps (llama)")
     alpha_v = _field(r, gguf.Keys.Adapter.LORA_ALPHA)
-    alpha = float(alpha_v) if alpha_v is not None else 0.0
+    alpha = finite_number(alpha_v, where=path, field=gguf.Keys.Adapter.LORA_ALPHA) if alpha_v is not None else 0.0
     if base is None:
         n, kv = _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv")
         base = GGUFBase(arch, int(n) if n else None, int(kv) if kv else None)
@@ -317,6 +318,8 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
         name = hf_name(g)
         if name is None:
             raise NotAnAdapterError(path, f"tensor {g!r} has no Llama module loratools knows")
+        if name in modules:  # two tensors for one module: one would silently get the other's ΔW
+            raise CorruptFileError(path, f"two tensors map to the module {name!r} (the second: {g!r})")
         if "a" not in p or "b" not in p:
             raise MissingModuleError(f"{g}.weight.lora_{'b' if 'a' in p else 'a'}", str(path), "the file is incomplete")
         A, B = p["a"], p["b"]
