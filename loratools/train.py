@@ -31,7 +31,7 @@ from .data import Example, collate, global_batch_indices, load_examples, split_e
 from . import dist
 from .device import resolve_dtype
 from .dist import Processes
-from .errors import InputNotFoundError, InvalidOptionError
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError
 from .io import check_output
 from .lm import load_causal_lm
 from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, orthogonal_penalty,
@@ -116,6 +116,16 @@ class TrainConfig:
     def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in data.items() if k in known})
+
+
+def config_of_state(state: dict[str, Any], where: Path) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint's ``state.json`` records, or one line saying it is damaged."""
+    try:
+        return TrainConfig.from_json(state["config"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        if isinstance(e, InvalidOptionError):
+            raise CorruptFileError(where, f"its config is invalid ({e})") from None
+        raise CorruptFileError(where, f"its config is damaged ({e.__class__.__name__})") from None
 
 
 #: options that may differ between a run and its resumption without changing the result
@@ -292,7 +302,7 @@ def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, f
         torch.manual_seed(run.cfg.seed + 1000 * run.d.rank)  # dropout streams, distinct per process
         return 0, [], []
     state = read_state(resume)
-    old, now = TrainConfig.from_json(state["config"]).to_json(), run.cfg.to_json()
+    old, now = config_of_state(state, Path(resume) / "state.json").to_json(), run.cfg.to_json()
     diff = [k for k in now if k not in _RESUMABLE_DIFF and now[k] != old[k]]
     if diff:
         raise InvalidOptionError(f"`resume` {resume} was made with other options ({', '.join(diff)}); "

@@ -51,7 +51,7 @@ def read_single(path: Path) -> Adapter:
     try:
         fp = Fingerprint.from_json(load_json(meta["fingerprint"], where=path)) if "fingerprint" in meta else None
         config = AdapterConfig(**cfg)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptFileError(path, f"loratools metadata is damaged ({e.__class__.__name__}: {e})") from None
     modules: dict[str, Module] = {}
     for name, m in info.items():
