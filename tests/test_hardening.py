@@ -166,7 +166,7 @@ def _commands(model: Path, adapter: Path, good_model: Path, good_adapter: Path, 
         "merge-adapter": ["merge", good_model, adapter, "-o", out],
         "unmerge": ["unmerge", model, good_adapter, "-o", out],
         "verify": ["verify", good_model, adapter, good_model],
-        "convert": ["convert", adapter, "-o", out, "--to", "single"],
+        "convert": ["convert", adapter, "-o", out, "--to", "loratools"],
         "resize": ["resize", adapter, "-o", out, "--rank", "2"],
         "prune": ["prune", adapter, "-o", out, "--budget", "0.5"],
         "prune-base": ["prune", good_adapter, "-o", out, "--budget", "0.5", "--base", model, "--data", corpus],
@@ -461,3 +461,34 @@ def test_adalora_without_init_r_and_non_utf8_config(cli, adapters, tmp_path):
     assert_one_line_error(cli("inspect", d), "init_r missing")
     (d / "adapter_config.json").write_bytes(b'{"r": "\xff\xfe"}')
     assert_one_line_error(cli("inspect", d), "not UTF-8")
+
+
+# -------------------------------------------------------------------------- faults
+
+def test_failed_force_replacement_keeps_the_old_output(tmp_path, monkeypatch):
+    from loratools.io import atomic_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("kept")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == out and ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError), atomic_output(out, force=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert (out / "old").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unwritable_output_is_one_line(cli, adapters, tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = cli("convert", adapters / "lora", "-o", tmp_path / "file" / "out", "--to", "loratools")
+    assert_one_line_error(res, "nothing was written")
+    long = tmp_path / ("n" * 300)
+    assert_one_line_error(cli("convert", adapters / "lora", "-o", long, "--to", "loratools"), "nothing was written")

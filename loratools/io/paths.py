@@ -55,7 +55,11 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, inputs: 
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(dest, old)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)  # the old output stays whole when the new one cannot take its place
+                raise
             _remove(old)
         else:
             os.replace(tmp, dest)
