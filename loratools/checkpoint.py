@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from .adalora import RankAllocator
 from .adapter import Adapter
 from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, ShapeMismatchError
-from .io import atomic_output, load_safetensors, save_safetensors
+from .io import atomic_output, load_safetensors, read_json, save_safetensors
 from .nn import AdaLoRALinear, adapter_layers
-from .validate import get_field, read_json
+from .validate import get_field
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "rng_state", "set_rng_state", "write_run"]
 

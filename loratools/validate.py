@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .errors import CorruptFileError, InvalidFieldError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "load_json", "read_json", "get_field", "plain_name",
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "load_json", "get_field", "plain_name",
            "finite_number", "MISSING"]
 
 #: the largest JSON text (a config, a header, a metadata value) read; safetensors' own reader allows 100 MB headers
@@ -80,15 +79,6 @@ def load_json(raw: str | bytes, *, where: object, max_bytes: int = MAX_JSON_BYTE
     return value
 
 
-def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """The JSON file ``path``, read with :func:`load_json`'s limits (its size checked before reading)."""
-    size = os.stat(path).st_size
-    if size > max_bytes:
-        raise CorruptFileError(path, f"it is {size} bytes, over the {max_bytes}-byte limit for a JSON file")
-    with open(path, "rb") as f:
-        return load_json(f.read(), where=path, max_bytes=max_bytes)
-
-
 _EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              list: "a list", dict: "an object"}
 
@@ -144,7 +134,7 @@ def plain_name(value: Any, *, where: object, field: str) -> str:
     directory without reaching outside it.
     """
     ok = (isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
-          and "\0" not in value and not os.path.isabs(value) and len(value.encode("utf-8", "surrogatepass")) <= 255)
+          and "\0" not in value and len(value.encode("utf-8", "surrogatepass")) <= 255)
     if not ok:
         raise InvalidFieldError(where, field, value, "a plain file name inside its directory")
     return value  # type: ignore[no-any-return]

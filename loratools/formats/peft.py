@@ -26,8 +26,7 @@ from ..adapter import Adapter, Kind, Module
 from ..adalora import mask_key, module_mask
 from ..config import AdapterConfig, adalora_scale, alpha_for_scale, lora_scale, pattern_value, target_matches
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
-from ..io import load_safetensors, save_safetensors
-from ..validate import read_json
+from ..io import load_safetensors, read_json, save_safetensors
 from .base import Format, register
 from .peft_fields import check_fields
 from .peft_values import check_peft_values

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..device import cpu_cores
 from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
-from ..validate import get_field, plain_name, read_json
+from ..validate import get_field, plain_name
+from .paths import read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
                           header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 

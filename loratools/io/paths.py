@@ -9,9 +9,10 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import InvalidOptionError, OutputExistsError
+from ..errors import CorruptFileError, InvalidOptionError, OutputExistsError
+from ..validate import MAX_JSON_BYTES, load_json
 
-__all__ = ["atomic_output", "check_output"]
+__all__ = ["atomic_output", "check_output", "read_json"]
 
 
 def _remove(path: Path) -> None:
@@ -66,3 +67,12 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, inputs: 
     except BaseException:
         _remove(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> object:
+    """The JSON file ``path``, parsed with :func:`loratools.validate.load_json`'s limits (size checked before reading)."""
+    size = os.stat(path).st_size
+    if size > max_bytes:
+        raise CorruptFileError(path, f"it is {size} bytes, over the {max_bytes}-byte limit for a JSON file")
+    with open(path, "rb") as f:
+        return load_json(f.read(), where=path, max_bytes=max_bytes)
