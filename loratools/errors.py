@@ -22,6 +22,7 @@ __all__ = [
     "NotAnAdapterError",
     "UnknownFormatError",
     "CorruptFileError",
+    "InvalidFieldError",
     "ShapeMismatchError",
     "MissingModuleError",
     "NonFiniteError",
@@ -66,6 +67,23 @@ class CorruptFileError(LoraToolsError, ValueError):
     def __init__(self, path: object, why: str) -> None:
         self.path = str(path)
         super().__init__(f"{self.path} is damaged or not a valid file: {why}")
+
+
+class InvalidFieldError(CorruptFileError):
+    """A value read from a file that is not what the field needs (see :mod:`loratools.validate`)."""
+
+    def __init__(self, where: object, field: str, value: object, expected: str) -> None:
+        self.where, self.field, self.value, self.expected = str(where), field, value, expected
+        shown = "missing" if repr(value) == "MISSING" else f"= {_shown(value)}"
+        super().__init__(where, f"{field} {shown} is not valid: expected {expected}")
+
+
+def _shown(value: object) -> str:
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class ShapeMismatchError(LoraToolsError, ValueError):

@@ -31,7 +31,7 @@ from .data import Example, collate, global_batch_indices, load_examples, split_e
 from . import dist
 from .device import resolve_dtype
 from .dist import Processes
-from .errors import InputNotFoundError, InvalidOptionError
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError
 from .io import check_output
 from .lm import load_causal_lm
 from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, orthogonal_penalty,
@@ -87,8 +87,10 @@ class TrainConfig:
                 raise InvalidOptionError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.epochs is not None:
             raise InvalidOptionError("give `steps` or `epochs`, not both")
-        if not self.lr > 0:
-            raise InvalidOptionError(f"`lr` must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise InvalidOptionError(f"`lr` must be a finite positive number, got {self.lr}")
+        if not math.isfinite(self.alpha):
+            raise InvalidOptionError(f"`alpha` must be a finite number, got {self.alpha}")
         if not 0 <= self.eval_split < 1:
             raise InvalidOptionError(f"`eval_split` must be in [0, 1), got {self.eval_split}")
         if self.orth_form not in ("paper", "peft"):
@@ -114,6 +116,16 @@ class TrainConfig:
     def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in data.items() if k in known})
+
+
+def config_of_state(state: dict[str, Any], where: Path) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint's ``state.json`` records, or one line saying it is damaged."""
+    try:
+        return TrainConfig.from_json(state["config"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        if isinstance(e, InvalidOptionError):
+            raise CorruptFileError(where, f"its config is invalid ({e})") from None
+        raise CorruptFileError(where, f"its config is damaged ({e.__class__.__name__})") from None
 
 
 #: options that may differ between a run and its resumption without changing the result
@@ -290,7 +302,7 @@ def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, f
         torch.manual_seed(run.cfg.seed + 1000 * run.d.rank)  # dropout streams, distinct per process
         return 0, [], []
     state = read_state(resume)
-    old, now = TrainConfig.from_json(state["config"]).to_json(), run.cfg.to_json()
+    old, now = config_of_state(state, Path(resume) / "state.json").to_json(), run.cfg.to_json()
     diff = [k for k in now if k not in _RESUMABLE_DIFF and now[k] != old[k]]
     if diff:
         raise InvalidOptionError(f"`resume` {resume} was made with other options ({', '.join(diff)}); "
@@ -331,6 +343,8 @@ def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]],
     eval_every = cfg.eval_every if cfg.eval_every > 0 else max(1, run.total // 5)
     for step in range(start + 1, run.total + 1):
         step_loss, lr, tokens_all, seconds = _step(run, net, step)  # training only: eval and checkpoints excluded
+        if not math.isfinite(step_loss):
+            _diverged(step, f"the loss is {step_loss}")
         eval_loss = None
         if run.eval_set and (step % eval_every == 0 or step == run.total):
             eval_loss = evaluate(run.model, run.eval_set, batch_size=cfg.batch_size, pad_id=run.pad_id,
@@ -339,6 +353,7 @@ def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]],
                 evals.append({"step": step, "eval_loss": eval_loss})
         losses.append({"step": step, "loss": step_loss, "lr": lr})
         if cfg.save_every and step % cfg.save_every == 0 and step < run.total:
+            _check_weights(run, step)
             rngs = dist.all_gather(rng_state(run.device), d, run.device)
             if d.main:
                 state = {"step": step, "config": cfg.to_json(), "world_size": d.world, "losses": losses,
@@ -347,6 +362,22 @@ def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]],
                                 allocator=run.allocator, state=state)
         if on_step is not None and d.main:
             on_step(StepInfo(step, run.total, step_loss, lr, tokens_all / seconds, eval_loss))
+
+
+def _diverged(step: int, why: str) -> None:
+    raise InvalidOptionError(f"training diverged at step {step}: {why}; nothing was written "
+                             "(lower `lr`)")
+
+
+def _check_weights(run: _Run, step: int) -> None:
+    """Every trainable parameter finite: a NaN/Inf adapter is never written, as a checkpoint or as OUT."""
+    for name, p in run.model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            _diverged(step, f"{name} holds NaN or Inf")
+
+
+def _checkpoint_steps(cfg: TrainConfig, start: int, total: int) -> list[int]:
+    return [s for s in range(start + 1, total) if cfg.save_every and s % cfg.save_every == 0]
 
 
 def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
@@ -366,8 +397,12 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     if resume is not None and not (Path(resume) / "state.json").is_file():
         raise InputNotFoundError(Path(resume) / "state.json", "checkpoint")
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    inputs = (base, data, *([resume] if resume is not None else []))
+    check_output(ckpt_root, force=True, inputs=(base, data, out), what="`checkpoint_dir`")
     run = _setup(base, data, cfg)
     start, losses, evals = _resume(run, resume)
+    for s in _checkpoint_steps(cfg, start, run.total):  # the checkpoints obey the output rules too, up front
+        check_output(ckpt_root / f"step-{s}", force=force, inputs=inputs, what="checkpoint")
     net: nn.Module = run.model
     if run.d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -376,6 +411,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     t0 = time.perf_counter()
     _loop(run, net, start, losses, evals, ckpt_root, on_step)
     seconds = time.perf_counter() - t0
+    _check_weights(run, run.total)
 
     extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank, **run.adalora_extra}
     adapter = adapter_state(run.model, base_model=str(base), targets=list(cfg.targets), extra=extra)

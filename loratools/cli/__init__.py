@@ -15,6 +15,7 @@ imported inside the commands that use them, so ``loratools --help`` and every
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -36,6 +37,10 @@ from .resize import resize
 from .train import train
 
 __all__ = ["main", "cli", "with_flags"]
+
+#: OS errors a user causes and fixes (full disk, read-only or missing directory, a name too long …)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST, errno.EXDEV, errno.EMFILE, errno.EFBIG}
 
 _BACKQUOTED = re.compile(r"`([A-Za-z_][A-Za-z0-9_-]*)`")
 
@@ -96,6 +101,11 @@ class _Group(click.Group):
                 raise
             # ctx.invoked_subcommand is set before the subcommand parses its arguments (an hf:// pull may fail there)
             raise _UserError(with_flags(str(e), self.commands.get(ctx.invoked_subcommand or ""))) from e
+        except OSError as e:  # the disk or file system refused (full, read-only, a name too long): one line
+            if e.errno not in _USER_ERRNOS or _debug():
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            raise _UserError(f"{e.strerror or e}{where}; nothing was written") from e
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

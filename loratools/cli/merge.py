@@ -46,6 +46,9 @@ def _summary(out: Console, r: MergeReport) -> None:
         else:
             out.print(f"not exact (no --record): estimated max |error| {r.est_max_abs_error:.3g}, "
                       f"relative (Frobenius) {r.est_rel_error:.3g}; bound {r.error_bound:.3g} per element")
+            if not r.vouched:
+                out.print("unchecked: MERGED's stamp does not confirm these adapters and weights; the figures above "
+                          "hold only if they are the ones merged, and the true error is otherwise unbounded")
 
 
 def _verify_lines(out: Console, v: VerifyReport) -> None:
@@ -118,11 +121,13 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
 @precision_option
 @click.option("--record", type=click.Path(), default=None,
               help="The record written by `merge --record`: restores the base bit for bit.")
+@click.option("--ignore-stamp", is_flag=True,
+              help="Un-merge even when MERGED's stamp names other adapters or weights (a merge by another tool).")
 @force_option
 @json_option
 @pass_session
 def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...],
-            device: str, precision: str, record: str | None, force: bool, as_json: bool) -> None:
+            device: str, precision: str, record: str | None, ignore_stamp: bool, force: bool, as_json: bool) -> None:
     """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, streaming.
 
     With --record (from `merge --record`) the base comes back bit for bit,
@@ -143,7 +148,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     inputs = _adapters(adapters, weights)
     with render.progress(session.err, None, "unmerge", quiet=session.quiet or as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
-                               force=force, extra_inputs=adapters, progress=advance)
+                               force=force, extra_inputs=adapters, progress=advance, ignore_stamp=ignore_stamp)
     if as_json:
         render.print_json(report.to_json())
     elif not session.quiet:

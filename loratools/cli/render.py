@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -37,8 +38,20 @@ def fmt_float(x: float) -> str:
     return f"{x:.3g}" if x and (abs(x) < 1e-2 or abs(x) >= 1e4) else f"{x:.3f}".rstrip("0").rstrip(".") or "0"
 
 
+def strict(data: Any) -> Any:
+    """``data`` with every NaN/±inf float replaced by ``null``: JSON has no such numbers (RFC 8259 §6)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """``data`` as strict JSON on stdout (never a bare ``NaN`` or ``Infinity``)."""
+    sys.stdout.write(json.dumps(strict(data), indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError,
 from ..gguf_arch import (ARCHITECTURES, NO_LORA, arch_of_hparams, gguf_target, hf_module, known_arch, permute_rows,
                          qk_heads, unpermute_rows)
 from ..gguf_quants import require_gguf
+from ..validate import finite_number
 from .base import BaseModel, Format, register
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
@@ -304,7 +305,7 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
         raise NotAnAdapterError(path, f"its architecture {arch!r} is not one loratools maps "
                                       f"({', '.join(sorted(set(ARCHITECTURES.values())))})")
     alpha_v = _field(r, gguf.Keys.Adapter.LORA_ALPHA)
-    alpha = float(alpha_v) if alpha_v is not None else 0.0
+    alpha = finite_number(alpha_v, where=path, field=gguf.Keys.Adapter.LORA_ALPHA) if alpha_v is not None else 0.0
     if base is None:
         n, kv = _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv")
         base = GGUFBase(arch, int(n) if n else None, int(kv) if kv else None)
@@ -327,6 +328,8 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
             name = recorded[g].replace("{xid}", str(e)) if g in recorded else hf_name(g, arch, e)
             if name is None:
                 raise NotAnAdapterError(path, f"tensor {g!r} has no {arch} module loratools knows")
+            if name in modules:  # two tensors for one module: one would silently get the other's ΔW
+                raise CorruptFileError(path, f"two tensors map to the module {name!r} (the second: {g!r})")
             modules[name] = _module(g, Ae, Be, alpha, base, path)
     if not modules:
         raise NotAnAdapterError(path, "it holds no lora_a/lora_b tensors")

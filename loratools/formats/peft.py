@@ -27,9 +27,10 @@ from ..adapter import Adapter, Kind, Module
 from ..adalora import mask_key, module_mask
 from ..config import AdapterConfig, adalora_scale, alpha_for_scale, lora_scale, pattern_value, target_matches
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
-from ..io import load_safetensors, save_safetensors
+from ..io import load_safetensors, read_json, save_safetensors
 from .base import Format, register
 from .peft_fields import check_fields
+from .peft_values import check_peft_values
 
 __all__ = ["read_peft", "write_peft", "peft_config", "peft_tensors", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
@@ -74,16 +75,14 @@ def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
 def read_peft(path: Path) -> Adapter:
     """Read a PEFT LoRA / rsLoRA / AdaLoRA adapter directory."""
     d = _dir_of(Path(path))
-    try:
-        raw: dict[str, Any] = json.loads((d / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(d / CONFIG_NAME, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    raw: dict[str, Any] = read_json(d / CONFIG_NAME)
     if not isinstance(raw, dict):
         raise CorruptFileError(d / CONFIG_NAME, "not a JSON object")
-    peft_type = str(raw.get("peft_type", "")).upper()
+    peft_type = str(raw.get("peft_type", "")).upper() if isinstance(raw.get("peft_type"), str) else ""
     if peft_type not in ("LORA", "ADALORA"):
         raise NotAnAdapterError(d, f"peft_type {raw.get('peft_type')!r} is not LORA or ADALORA")
     check_fields(raw, where=str(d / CONFIG_NAME))
+    check_peft_values(raw, where=str(d / CONFIG_NAME), adalora=peft_type == "ADALORA")
     weights = d / WEIGHTS_NAME
     if not weights.is_file():
         if (d / "adapter_model.bin").is_file():

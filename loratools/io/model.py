@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from ..device import cpu_cores
-from ..errors import CorruptFileError, InputNotFoundError
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
+from ..validate import get_field, plain_name
+from .paths import read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
                           header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 
@@ -80,11 +82,15 @@ class ModelReader:
     def _read_index(self) -> list[str]:
         index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
         if index.is_file():
-            try:
-                self.index = json.loads(index.read_text())
-                self.shard_of = {str(k): str(v) for k, v in self.index["weight_map"].items()}  # type: ignore[index]
-            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-                raise CorruptFileError(index, f"not a safetensors index ({e.__class__.__name__})") from None
+            self.index = read_json(index)
+            wmap = get_field(self.index, "weight_map", dict, where=index)
+            # a shard name is joined to the model directory, and to OUT when the model is rewritten:
+            # only a plain name inside the directory is accepted (never ``../x`` or ``/abs``)
+            self.shard_of = {str(k): plain_name(v, where=index, field=f"weight_map[{k!r}]") for k, v in wmap.items()}
+            if not self.shard_of:
+                raise CorruptFileError(index, "its weight_map lists no tensors")
+            if INDEX_NAME in self.shard_of.values():
+                raise CorruptFileError(index, f"its weight_map names {INDEX_NAME} as a shard")
             return sorted(set(self.shard_of.values()))
         if single.is_file():
             return [WEIGHTS_NAME]
@@ -228,7 +234,7 @@ def _write_tensor(span: Span, fd: int, offset: int, e: Entry, compute: Callable[
         return False
     computed = pieces is not None
     if pieces is None:
-        pieces = _cast(span, CODE_DTYPES[e.dtype])
+        pieces = _cast(span, CODE_DTYPES[e.dtype], e.name)
     elif isinstance(pieces, Tensor):
         pieces = (pieces,)
     written = 0
@@ -249,14 +255,27 @@ def _write_tensor(span: Span, fd: int, offset: int, e: Entry, compute: Callable[
     return computed
 
 
-def _cast(span: Span, dtype: torch.dtype) -> Iterator[Tensor]:
-    """The tensor at ``span`` converted to ``dtype``, block by block."""
+def _cast(span: Span, dtype: torch.dtype, name: str = "") -> Iterator[Tensor]:
+    """The tensor at ``span`` converted to ``dtype``, block by block; refused where the cast would overflow.
+
+    A finite value beyond ``dtype``'s range (70000 in float16) would be written as ±inf: the block's
+    extremes are checked against the range first, so a cast never makes a non-finite value.
+    """
     rows = span.shape[0] if span.shape else 1
     cols = max(1, span.nbytes // max(1, rows) // DTYPE_SIZES[span.dtype])
     step = max(1, (1 << 18) // cols)
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else None
+    narrows = limit is not None and limit < torch.finfo(CODE_DTYPES[span.dtype]).max
     with RowReader(span, rows) as reader:
         for i in range(0, rows, step):
             n = min(step, rows - i)
+            block = reader.read(i, n)
+            if narrows and block.numel():
+                big = block.abs().nan_to_num(nan=0.0, posinf=0.0).max()
+                if float(big) > limit:
+                    raise InvalidOptionError(f"{name or 'a tensor'} holds {float(big):.6g}, beyond {dtype}'s range "
+                                             f"(±{limit:.6g}): `dtype` {str(dtype).replace('torch.', '')} would "
+                                             "write ±inf; keep the base's dtype or choose bfloat16")
             out = buffer("cast", n * cols * dtype.itemsize).view(dtype).reshape(n, -1)
-            out.copy_(reader.read(i, n))
+            out.copy_(block)
             yield out

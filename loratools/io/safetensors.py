@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..dtypes import CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES
 from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
+from ..validate import load_json
 
 __all__ = [
     "DTYPE_SIZES", "DTYPE_CODES", "CODE_DTYPES", "Entry", "Span", "ShardWriter", "nbytes_of",
@@ -118,30 +119,47 @@ def read_safetensors_layout(path: str | os.PathLike[str]) -> tuple[dict[str, Any
         if n > _MAX_HEADER or 8 + n > size:
             raise CorruptFileError(p, "header length points past the end of the file (truncated?)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(p, f"header is not valid JSON ({e.__class__.__name__})") from None
+    header = load_json(raw, where=p)
     if not isinstance(header, dict):
         raise CorruptFileError(p, "header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise CorruptFileError(p, "__metadata__ is not a JSON object")
-    data_len = size - 8 - n
-    for name, info in header.items():
-        try:
-            start, end = (int(x) for x in info["data_offsets"])
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            width = DTYPE_SIZES[info["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(p, f"tensor {name!r} has a malformed entry") from None
-        if not 0 <= start <= end <= data_len:
-            raise CorruptFileError(p, f"tensor {name!r} lies past the end of the file (truncated?)")
-        if end - start != count * width:
-            raise CorruptFileError(p, f"tensor {name!r} has {end - start} bytes for shape {info['shape']}")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptFileError(p, "__metadata__ is not a JSON object of strings")
+    _check_layout(p, header, size - 8 - n)
     return header, {str(k): str(v) for k, v in meta.items()}, 8 + n
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_layout(p: Path, header: dict[str, Any], data_len: int) -> None:
+    """Every entry well-formed, inside the data section, sized as shape × dtype, and no two overlapping.
+
+    safetensors' own Rust reader (``Metadata::validate`` in ``safetensors/src/tensor.rs``) refuses the same:
+    dimensions are non-negative integers, each tensor's bytes are ``prod(shape) · dtype size``, and the
+    offsets tile the data section without overlap.
+    """
+    spans = []
+    for name, info in header.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in DTYPE_SIZES
+              and isinstance(info.get("shape"), list) and all(_is_count(d) for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(_is_count(x) for x in info["data_offsets"]))
+        if not ok:
+            raise CorruptFileError(p, f"tensor {name!r} has a malformed entry (dtype, shape of integers ≥ 0, "
+                                      "data_offsets [start, end])")
+        start, end = info["data_offsets"]
+        if not start <= end <= data_len:
+            raise CorruptFileError(p, f"tensor {name!r} lies past the end of the file (truncated?)")
+        if end - start != nbytes_of(info["dtype"], info["shape"]):
+            raise CorruptFileError(p, f"tensor {name!r} has {end - start} bytes for shape {info['shape']}")
+        if end > start:
+            spans.append((start, end, name))
+    spans.sort()
+    for (_, e1, a), (s2, _, b) in zip(spans, spans[1:]):
+        if s2 < e1:
+            raise CorruptFileError(p, f"tensors {a!r} and {b!r} overlap in the file")
 
 
 def spans_of(path: Path, header: Mapping[str, Any], data_start: int) -> dict[str, Span]:

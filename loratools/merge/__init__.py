@@ -42,8 +42,8 @@ from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_
 from ..dora import merged_weight
 from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance, ulp,
                       unmerged_tensor)
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge,
-                   resolve_precision, saved_base_key, stamp)
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, content_sha256, out_code, plan_merge,
+                   resolve_precision, saved_base_key, stamp, stamp_entries)
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
 
@@ -77,6 +77,8 @@ class MergeReport:
     #: un-merge without a record: a guaranteed per-element bound, ½ulp(W) + ½ulp(W0') at the worst element
     error_bound: float = 0.0
     adapters: list[dict[str, Any]] = field(default_factory=list)
+    #: un-merge: the merged model's stamp (or the record) confirmed these adapters and weights went in
+    vouched: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -97,6 +99,8 @@ class VerifyReport:
     modules: list[ModuleCheck]
     untouched_mismatches: list[str]
     dtype: str
+    #: tensors holding NaN/±inf where the base holds a finite value (an overflowing cast or sum)
+    non_finite: list[str] = field(default_factory=list)
 
     @property
     def worst(self) -> ModuleCheck | None:
@@ -108,13 +112,16 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.untouched_mismatches and all(m.ratio <= 1.0 for m in self.modules)
+        return not self.untouched_mismatches and not self.non_finite and all(m.ratio <= 1.0 for m in self.modules)
 
     def check(self) -> None:
         """Raise :class:`VerificationError` naming the worst tensor unless :attr:`ok`."""
         if self.ok:
             return
         w = self.worst
+        if self.non_finite:
+            raise VerificationError(f"{self.non_finite[0]} holds NaN or ±inf where the base is finite "
+                                    f"({len(self.non_finite)} such tensors)")
         why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {self.dtype} rounding tolerance"
                if w is not None and w.ratio > 1 else f"{self.untouched_mismatches[0]} differs from the base")
         raise VerificationError(why)
@@ -123,7 +130,7 @@ class VerifyReport:
         w = self.worst
         return {"ok": self.ok, "dtype": self.dtype, "max_abs": self.max_abs, "worst": w.key if w else None,
                 "worst_ratio": w.ratio if w else 0.0, "untouched_mismatches": self.untouched_mismatches,
-                "modules": [m.__dict__ for m in self.modules]}
+                "non_finite": self.non_finite, "modules": [m.__dict__ for m in self.modules]}
 
 
 # --------------------------------------------------------------------------- the jobs
@@ -207,16 +214,36 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
                        adapters=[i.describe() for i in job.inputs])
 
 
-def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> None:
-    """The merged model says which adapters went in: refuse a different one."""
+def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> bool:
+    """The merged model says which adapters, with which weights, went in: refuse any other.
+
+    Returns True when the stamp vouches for every input (same content hash and
+    weight); False when there is no stamp to check against (a merge by another
+    tool). A loratools stamp older than content hashes is checked by shapes only
+    and vouches for nothing more.
+    """
     stamped = model.metadata().get(METADATA_KEY)
     if not stamped:
-        return
-    went_in = {a["fingerprint"] for a in json.loads(stamped).get("adapters", [])}
+        return False
+    entries = stamp_entries(stamped, where=f"{merged} (metadata {METADATA_KEY})")
+    if entries is None:
+        return False
+    vouched = True
     for i in inputs:
-        if went_in and i.adapter.fingerprint.sha256 not in went_in:
-            raise WrongBaseError(f"{merged} records the adapters merged into it, and {i.label or 'this adapter'} "
-                                 "is not one of them")
+        label = i.label or "this adapter"
+        content = content_sha256(i.adapter)
+        same = [e for e in entries if (e.content or i.adapter.fingerprint.sha256) in (content, e.fingerprint)
+                and (e.content is None or e.content == content)]
+        if not same:
+            why = ("the same shapes but other factors or scales" if any(
+                e.fingerprint == i.adapter.fingerprint.sha256 for e in entries) else "other modules or shapes")
+            raise WrongBaseError(f"{merged} records the adapters merged into it, and {label} is not one of them "
+                                 f"({why}); pass `ignore_stamp` to un-merge it anyway")
+        if not any(e.weight == i.weight for e in same):
+            raise WrongBaseError(f"{merged} records {label} merged with weight {same[0].weight:g}, not {i.weight:g}; "
+                                 "give that `weight`, or pass `ignore_stamp` to un-merge it anyway")
+        vouched = vouched and any(e.content is not None for e in same)
+    return vouched
 
 
 class _ErrorStats:
@@ -246,7 +273,8 @@ class _ErrorStats:
 
 def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device: str | torch.device = "auto",
                   precision: str | torch.dtype = torch.float32, record: PathLike | None = None, force: bool = False,
-                  extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None) -> MergeReport:
+                  extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None,
+                  ignore_stamp: bool = False) -> MergeReport:
     """Write ``out`` with W0 = cast(W − Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     With ``record`` (from ``merge_model(record=...)``) the result is the base bit
@@ -258,10 +286,16 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
     jittered by ±2 ulps first, see :func:`jitter`), plus
     ``error_bound`` = max ½ulp(W) + ½ulp(W0'), which the true error never exceeds
     (up to the float32 rounding of ΔW).
+
+    Every figure assumes the adapters and weights are the ones merged. The
+    merged model's stamp (content hash and weight of each adapter) is checked
+    first and a mismatch refused; ``ignore_stamp`` skips that check (for a model
+    merged by another tool, or on purpose). ``report.vouched`` says whether the
+    stamp confirmed the inputs: when False, nothing bounds the true error.
     """
     job = _Job.start(merged, adapters, device, precision)
     model, plan = job.model, job.plan
-    _check_stamp(model, merged, job.inputs)
+    vouched = False if ignore_stamp else _check_stamp(model, merged, job.inputs)
     record_path = Path(record) if record is not None else None
     patches: dict[str, dict[str, Span]] = {}
     hashes: dict[str, str] = {}
@@ -305,7 +339,8 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         changed, copied = job.rewrite(tmp, {k: s.dtype for k, s in model.spans.items()}, meta, compute, progress)
     return MergeReport(Path(out), "unmerge", changed, copied, model.nbytes(), record_path,
                        record_path.stat().st_size if record_path else 0, True if record_path is not None else None,
-                       stats.max, stats.rel, stats.bound, adapters=[i.describe() for i in job.inputs])
+                       stats.max, stats.rel, stats.bound, adapters=[i.describe() for i in job.inputs],
+                       vouched=vouched or record_path is not None)
 
 
 def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device: str | torch.device = "auto",
@@ -323,6 +358,7 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
         raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
     checks: list[ModuleCheck] = []
     bad: list[str] = []
+    non_finite: list[str] = []
     dtype_names = set()
     if progress:
         progress(0, total=len(b.spans))
@@ -333,6 +369,8 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
         w0 = b.read(key)
+        if got.is_floating_point() and bool((~torch.isfinite(got) & torch.isfinite(w0)).any()):
+            non_finite.append(key)  # every tensor written is checked, adapted or not
         if p is None:
             if not torch.equal(w0.to(got.dtype), got):
                 bad.append(key)
@@ -352,4 +390,4 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
                                       float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
         if progress:
             progress(1)
-    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)))
+    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)), non_finite)

@@ -45,10 +45,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CorruptFileError, WrongBaseError
+from ..errors import CorruptFileError, InvalidFieldError, WrongBaseError
 from ..io import DTYPE_CODES, Entry, ShardWriter, Span, atomic_output, tensor_spans, write_at
+from ..validate import load_json
 from .kernels import bits
-from .plan import METADATA_KEY, AdapterInput
+from .plan import METADATA_KEY, AdapterInput, content_sha256, stamp_entries
 
 __all__ = ["make_patch", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits", "tensor_sha256",
            "RecordWriter", "read_record"]
@@ -324,14 +325,19 @@ def read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, d
     tensors, meta = tensor_spans(path)
     if meta.get(RECORD_KEY) != "1" or METADATA_KEY not in meta:
         raise CorruptFileError(path, "not a merge record (a merge writes one when given `record`)")
-    info = json.loads(meta[METADATA_KEY])
-    made = [(a["fingerprint"], float(a["weight"])) for a in info["adapters"]]
-    given = [(i.adapter.fingerprint.sha256, i.weight) for i in inputs]
-    if made != given:
+    info = load_json(meta[METADATA_KEY], where=path)
+    made = stamp_entries(meta[METADATA_KEY], where=path) or []
+    same = len(made) == len(inputs) and all(
+        e.weight == i.weight and (e.content == content_sha256(i.adapter) if e.content is not None
+                                  else e.fingerprint == i.adapter.fingerprint.sha256) for e, i in zip(made, inputs))
+    if not same:
         raise WrongBaseError(f"the record {path} was made for other adapters or weights; "
                              "give the same `adapters` and `weight` values as the merge")
     patches: dict[str, dict[str, Span]] = {}
     for k, t in tensors.items():
         key, _, part = k.rpartition("::")
         patches.setdefault(key, {})[part] = t
-    return patches, json.loads(meta["sha256"]), info
+    hashes = load_json(meta.get("sha256", "null"), where=path)
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+        raise InvalidFieldError(path, "sha256", hashes, "an object of tensor hashes")
+    return patches, hashes, info
