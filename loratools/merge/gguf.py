@@ -201,6 +201,11 @@ def _base_error(w0: np.ndarray, qtype: str) -> tuple[float, float]:
     return float((err * err).sum()), float((x.astype(np.float64) ** 2).sum())
 
 
+def _rows(model: GGUFModelFile, t: GGUFTensor, first: int, n: int) -> np.ndarray:
+    """Rows ``first … first + n`` of ``t`` dequantized: a writable float32 (n, cols) array."""
+    return np.array(dequantize(np.frombuffer(model.read(t, first, n), np.uint8), t.qtype, (n, t.shape[-1])))
+
+
 def _merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qtype: str, f: IO[bytes],
                   stats: _Stats, precision: torch.dtype) -> None:
     """Write ``Q(deq(W0) + Σ L@R)`` of ``t`` to ``f``, a block of rows at a time, and add its figures."""
@@ -210,11 +215,11 @@ def _merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qt
     stats.add(key, tensors=1)
     for s in range(0, t.rows, step):
         n = min(step, t.rows - s)
-        w0 = dequantize(np.frombuffer(model.read(t, s, n), np.uint8), t.qtype, (n, cols))
+        w0 = _rows(model, t, s, n)
         if s == 0:
             be, bw = _base_error(w0, t.qtype)
             stats.add(key, base_err2=be, base_w2=bw)
-        acc = torch.from_numpy(w0).to(precision)
+        acc = torch.from_numpy(w0).to(precision, copy=True)
         delta = torch.zeros_like(acc)
         for p in parts:
             lo, hi = max(s, p.first), min(s + n, p.first + p.L.shape[0])
@@ -302,13 +307,13 @@ def _deviation(base: GGUFModelFile, merged: GGUFModelFile, b: GGUFTensor, m: GGU
     mx = e2 = r2 = 0.0
     for s in range(0, b.rows, step):
         n = min(step, b.rows - s)
-        acc = torch.from_numpy(dequantize(np.frombuffer(base.read(b, s, n), np.uint8), b.qtype, (n, cols))).to(prec)
+        acc = torch.from_numpy(_rows(base, b, s, n)).to(prec)
         for p in parts:
             lo, hi = max(s, p.first), min(s + n, p.first + p.L.shape[0])
             if lo < hi:
                 acc[lo - s:hi - s].addmm_(p.L[lo - p.first:hi - p.first].to(prec), p.R.to(prec))
         exact = acc.to(torch.float64).numpy()
-        got = dequantize(np.frombuffer(merged.read(m, s, n), np.uint8), m.qtype, (n, cols)).astype(np.float64) - exact
+        got = _rows(merged, m, s, n).astype(np.float64) - exact
         ref = dequantize(quantize(acc.to(torch.float32).numpy(), m.qtype), m.qtype, (n, cols)) - exact
         mx = max(mx, float(np.abs(got).max()) if got.size else 0.0)
         e2 += float((got * got).sum())
