@@ -21,6 +21,8 @@ weight_option = click.option("--weight", "weights", type=float, multiple=True, m
 precision_option = click.option("--precision", default="float32", show_default=True,
                                 type=click.Choice(["float32", "float64"]),
                                 help="Precision in which each ΔW is formed and added before the one cast.")
+quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16|f32",
+                             help="GGUF BASE only: the type of each adapted tensor (default same: its own type).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 
 
@@ -40,7 +42,11 @@ def _summary(out: Console, r: MergeReport) -> None:
     if r.op == "merge" and r.record:
         out.print(f"record {r.record}: {r.record_nbytes:,} bytes of patches "
                   f"({100 * r.record_nbytes / max(r.nbytes, 1):.3f}% of the model's {r.nbytes:,} bytes)")
-    if r.op == "unmerge":
+    for types, q in getattr(r, "quant", {}).items():  # a GGUF merge: the requantization per type
+        out.print(f"{types}: {q['tensors']} tensors, requantization error {q['requant_rel_error']:.3g} relative "
+                  f"(max {q['requant_max_abs_error']:.3g}); the base's own quantization ≈ {q['base_rel_error_est']:.3g}; "
+                  f"ΔW {q['delta_rel']:.3g} of W0")
+    if r.op == "unmerge" and getattr(r, "est_rel_error", None) is not None:
         if r.exact:
             out.print("exact: every restored tensor matches the base's sha256 from the record")
         else:
@@ -69,6 +75,7 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @dtype_option
 @device_option
 @precision_option
+@quant_option
 @click.option("--record", type=click.Path(), default=None,
               help="Also write a small safetensors sidecar that lets `unmerge --record` restore BASE bit for bit.")
 @click.option("--verify", "do_verify", is_flag=True, help="Check the result against BASE + adapters afterwards.")
@@ -76,7 +83,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @json_option
 @pass_session
 def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], dtype: str,
-          device: str, precision: str, record: str | None, do_verify: bool, force: bool, as_json: bool) -> None:
+          device: str, precision: str, quant: str | None, record: str | None, do_verify: bool, force: bool,
+          as_json: bool) -> None:
     """Merge adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, streaming, one tensor at a time.
 
     BASE is a model directory (single or sharded safetensors) or one .safetensors
@@ -86,11 +94,16 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     the base's). PEFT modules_to_save tensors replace the base's. Everything is
     checked before a byte is written; an existing OUTPUT needs --force.
 
+    A .gguf BASE (llama.cpp model, split files too) gives a .gguf OUTPUT: each
+    adapted tensor is dequantized, ΔW added in float32 and requantized to its
+    own type (--quant same) or to --quant's.
+
     \b
     Examples:
       loratools merge fixtures/tiny-llama fixtures/adapters/lora -o merged
       loratools merge base a1 a2 --weight 0.7 --weight 0.3 -o merged --dtype bfloat16
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
+      loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant same --verify
     """
     from ..device import configure_cpu_threads, resolve_dtype
     from ..merge import merge_model, verify_merge
@@ -100,7 +113,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     inputs = _adapters(adapters, weights)
     with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
-                             record=record, force=force, extra_inputs=adapters, progress=advance)
+                             record=record, force=force, extra_inputs=adapters, progress=advance, quant=quant)
     v = verify_merge(base, inputs, output, device=device, precision=precision) if do_verify else None
     if as_json:
         render.print_json({**report.to_json(), **({"verify": v.to_json()} if v else {})})
@@ -119,6 +132,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
 @weight_option
 @device_option
 @precision_option
+@quant_option
 @click.option("--record", type=click.Path(), default=None,
               help="The record written by `merge --record`: restores the base bit for bit.")
 @click.option("--ignore-stamp", is_flag=True,
@@ -127,7 +141,8 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
 @json_option
 @pass_session
 def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...],
-            device: str, precision: str, record: str | None, ignore_stamp: bool, force: bool, as_json: bool) -> None:
+            device: str, precision: str, quant: str | None, record: str | None, ignore_stamp: bool, force: bool,
+            as_json: bool) -> None:
     """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, streaming.
 
     With --record (from `merge --record`) the base comes back bit for bit,
@@ -148,7 +163,8 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     inputs = _adapters(adapters, weights)
     with render.progress(session.err, None, "unmerge", quiet=session.quiet or as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
-                               force=force, extra_inputs=adapters, progress=advance, ignore_stamp=ignore_stamp)
+                               force=force, extra_inputs=adapters, progress=advance, ignore_stamp=ignore_stamp,
+                               quant=quant)
     if as_json:
         render.print_json(report.to_json())
     elif not session.quiet:

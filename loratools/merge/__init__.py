@@ -175,7 +175,7 @@ class _Job:
 def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
                 record: PathLike | None = None, force: bool = False, extra_inputs: Sequence[PathLike] = (),
-                progress: Progress | None = None) -> MergeReport:
+                progress: Progress | None = None, quant: str | None = None) -> MergeReport:
     """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
@@ -183,7 +183,13 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     Everything is checked before a byte is written. With ``record``, also writes
     the sidecar that lets :func:`unmerge_model` restore ``base`` bit for bit
     (the output dtype must then be the base's).
+
+    A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead of ``dtype``).
     """
+    if _gguf(base, dtype=dtype, quant=quant):
+        from .gguf import merge_gguf
+        return merge_gguf(base, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
+                          force=force, extra_inputs=extra_inputs, progress=progress)
     job = _Job.start(base, adapters, device, precision)
     model, plan = job.model, job.plan
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
@@ -212,6 +218,19 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
                 rec.close()
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record_path, rec.nbytes if rec else 0,
                        adapters=[i.describe() for i in job.inputs])
+
+
+def _gguf(base: PathLike, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
+    """Whether ``base`` is a GGUF model (merged by :mod:`.gguf`); ``quant`` is for GGUF, ``dtype`` for safetensors."""
+    from ..io.gguf_model import is_gguf_model_path
+
+    if not is_gguf_model_path(base):
+        if quant is not None:
+            raise InvalidOptionError("`quant` applies to GGUF models; for safetensors use `dtype`")
+        return False
+    if dtype is not None:
+        raise InvalidOptionError("`dtype` applies to safetensors models; for a GGUF model use `quant`")
+    return True
 
 
 def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> bool:
@@ -274,7 +293,7 @@ class _ErrorStats:
 def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device: str | torch.device = "auto",
                   precision: str | torch.dtype = torch.float32, record: PathLike | None = None, force: bool = False,
                   extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None,
-                  ignore_stamp: bool = False) -> MergeReport:
+                  ignore_stamp: bool = False, quant: str | None = None) -> MergeReport:
     """Write ``out`` with W0 = cast(W − Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     With ``record`` (from ``merge_model(record=...)``) the result is the base bit
@@ -292,7 +311,13 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
     first and a mismatch refused; ``ignore_stamp`` skips that check (for a model
     merged by another tool, or on purpose). ``report.vouched`` says whether the
     stamp confirmed the inputs: when False, nothing bounds the true error.
+
+    A ``.gguf`` ``merged`` is un-merged by :func:`loratools.merge.gguf.unmerge_gguf` (``quant`` as for merging).
     """
+    if _gguf(merged, quant=quant):
+        from .gguf import unmerge_gguf
+        return unmerge_gguf(merged, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
+                            force=force, extra_inputs=extra_inputs, progress=progress)
     job = _Job.start(merged, adapters, device, precision)
     model, plan = job.model, job.plan
     vouched = False if ignore_stamp else _check_stamp(model, merged, job.inputs)
@@ -349,8 +374,12 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
 
     For each adapted weight: the largest |merged − exact| (exact = W0 + Σ wᵢ·ΔWᵢ
     in ``precision``) and its ratio to :func:`tolerance` (> 1 fails). Every other
-    tensor must equal the base's, cast to the merged dtype.
+    tensor must equal the base's, cast to the merged dtype. A ``.gguf`` ``base`` is checked by
+    :func:`loratools.merge.gguf.verify_gguf` (the tolerance is the requantization's own error).
     """
+    if _gguf(base):
+        from .gguf import verify_gguf
+        return verify_gguf(base, adapters, merged, precision=precision, progress=progress)  # type: ignore[no-any-return]
     job = _Job.start(base, adapters, device, precision)
     b, m, plan, dev, prec = job.model, ModelReader(merged), job.plan, job.device, job.precision
     if set(b.spans) != set(m.spans):
