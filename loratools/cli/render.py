@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "fmt_float"]
+__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "totals_table", "fmt_float"]
 
 
 def console(*, stderr: bool) -> Console:
@@ -75,4 +75,14 @@ def inspect_table(report: dict[str, Any]) -> Table:
             str(layer["numerical_rank"]), f"{layer['stable_rank']:.2f}", f"{layer['effective_rank']:.2f}",
             str(layer["energy_rank_90"]), str(layer["energy_rank_99"]), sparkline(layer["singular_values"]),
         )
+    return t
+
+
+def totals_table(rows: list[dict[str, Any]], key: str) -> Table:
+    """``inspect``'s totals per block index (``key="layer"``) or per module type (``key="type"``)."""
+    t = Table(pad_edge=False)
+    for col in (key, "modules", "parameters", "Σ rank", "‖ΔW‖F"):
+        t.add_column(col, justify="left" if col == key else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(str(r[key]), str(r["modules"]), f"{r['parameters']:,}", str(r["rank_total"]), fmt_float(r["fro_norm"]))
     return t
