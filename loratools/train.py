@@ -33,7 +33,7 @@ from .device import resolve_dtype
 from .dist import Processes
 from .errors import InputNotFoundError, InvalidOptionError
 from .io import check_output
-from .lm import load_causal_lm
+from .lm import base_model_name, load_causal_lm
 from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, orthogonal_penalty,
                  trainable_parameters)
 
@@ -351,12 +351,13 @@ def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]],
 
 def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
           resume: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-          on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+          on_step: Callable[[StepInfo], None] | None = None, base_model: str | None = None) -> TrainResult:
     """Train an adapter on ``base`` with ``data`` and write ``out`` (a PEFT adapter directory plus
     ``training_config.json``, ``loss_curve.json`` and, with matplotlib, ``loss.png``).
 
     Checkpoints (every ``config.save_every`` steps) go to ``checkpoint_dir`` (default ``OUT.checkpoints``).
-    Under ``torchrun`` every process runs this; process 0 writes.
+    Under ``torchrun`` every process runs this; process 0 writes. The adapter's ``base_model_name_or_path``
+    is ``base_model`` (a Hub id), else what :func:`loratools.lm.base_model_name` finds.
     """
     cfg = config
     out = Path(out)
@@ -378,7 +379,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     seconds = time.perf_counter() - t0
 
     extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank, **run.adalora_extra}
-    adapter = adapter_state(run.model, base_model=str(base), targets=list(cfg.targets), extra=extra)
+    adapter = adapter_state(run.model, base_model=base_model_name(base, base_model), targets=list(cfg.targets), extra=extra)
     if cfg.save_as == "lora":
         adapter = as_lora(adapter)
     result = TrainResult(adapter, run.total, run.n_trainable, run.n_expected, losses, evals, seconds,

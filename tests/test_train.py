@@ -292,3 +292,32 @@ def test_data_rows_are_read_once_and_checked(tmp_path: Path) -> None:
     txt.write_text('{"text": "x"}\n')
     assert read_rows(txt) == [Row('{"text": "x"}\n')]  # training: any non-.jsonl file is plain text
     assert read_rows(txt, plain_text=False) == [Row("x")]  # calibration: always JSON lines
+
+
+# --- issue "The practitioner's workflow", 5: base_model_name_or_path is a Hub id or an absolute path ------------
+
+def test_base_model_name_is_a_hub_id_or_an_absolute_path(tmp_path: Path, cli) -> None:
+    import shutil
+
+    from loratools.lm import base_model_name
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_LLAMA, base)
+    assert base_model_name(base, "HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert base_model_name("base", None) == str(Path("base").resolve())  # never the bare path typed
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "HuggingFaceTB/SmolLM2-135M"}))
+    assert base_model_name(base) == "HuggingFaceTB/SmolLM2-135M"
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "/some/local/dir"}))
+    assert base_model_name(base) == str(base.resolve())
+    # the CLI, run from the folder holding `base`, typed as `base`
+    res = cli("train", "base", CORPUS, "-o", tmp_path / "out", "--steps", "2", "--seq-len", "16", "--device", "cpu",
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    stored = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert stored == str(base.resolve())
+    res = cli("train", "base", CORPUS, "-o", tmp_path / "out2", "--steps", "1", "--seq-len", "16", "--device", "cpu",
+              "--base-model", "HuggingFaceTB/SmolLM2-135M", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    stored = json.loads((tmp_path / "out2" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert stored == "HuggingFaceTB/SmolLM2-135M"

@@ -70,6 +70,8 @@ def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[A
 @device_option
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
               help="Base weights' dtype; auto = float32 on CPU, bfloat16 + autocast on CUDA.")
+@click.option("--base-model", default=None, metavar="HUB_ID",
+              help="Hub id stored as base_model_name_or_path [default: the base's _name_or_path, else its absolute path].")
 @click.option("--save-as", type=click.Choice(["auto", "lora"]), default="auto", show_default=True,
               help="lora writes an AdaLoRA result as plain LoRA (same ΔW).")
 @pass_session
@@ -77,7 +79,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
           targets: str, rslora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float, orth_form: str,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
           seq_len: int, eval_split: float, eval_every: int, save_every: int, checkpoint_dir: str | None,
-          resume: str | None, seed: int, device: str, dtype: str, save_as: str) -> None:
+          resume: str | None, seed: int, device: str, dtype: str, base_model: str | None, save_as: str) -> None:
     """Train a LoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
 
     BASE is a Hugging Face causal-LM directory (loaded offline with transformers:
@@ -108,7 +110,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
             advance(info)
 
         result = run_training(base, data, output, config, force=force, resume=resume, checkpoint_dir=checkpoint_dir,
-                              on_step=on_step)
+                              on_step=on_step, base_model=base_model)
     import os
 
     if session.quiet or int(os.environ.get("RANK", "0")) != 0:
