@@ -321,3 +321,24 @@ def test_base_model_name_is_a_hub_id_or_an_absolute_path(tmp_path: Path, cli) ->
     assert res.returncode == 0, res.stderr
     stored = json.loads((tmp_path / "out2" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert stored == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_progress_lines_off_a_terminal(tmp_path: Path, cli) -> None:
+    """Issue "The practitioner's workflow", 1: under nohup/CI/| tee, a line every N steps, not silence."""
+    import re
+
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "out", "--steps", "4", "--log-every", "2",
+              "--seq-len", "16", "--eval-every", "4", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.startswith("step ")]
+    pattern = re.compile(r"^step (\d+)/4 · loss [\d.]+ · lr [\d.e+-]+ · [\d,]+ tok/s · eta \d+(m\d\ds|s)$")
+    steps = [int(m.group(1)) for m in map(pattern.match, lines) if m]
+    assert steps == [1, 2, 4]  # the first step (a sign of life), every 2nd, the last
+    curve = json.loads((tmp_path / "out" / "loss_curve.json").read_text())
+    logged = {int(m.group(1)): l for l in lines if (m := pattern.match(l))}
+    loss_4 = [r for r in curve["train"] if r["step"] == 4][0]["loss"]
+    assert f"loss {loss_4:.4f}" in logged[4]  # the line shows the step's loss as recorded
+    assert any(re.match(r"^step 4: held-out loss [\d.]+$", l) for l in lines)
+    quiet = cli("-q", "train", TINY_LLAMA, CORPUS, "-o", tmp_path / "q", "--steps", "1", "--seq-len", "16",
+                "--device", "cpu")
+    assert quiet.returncode == 0 and "step " not in quiet.stderr

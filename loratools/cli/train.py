@@ -14,11 +14,42 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+def _eta(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def _log_lines(err: Console, every: int) -> Callable[[Any], None]:
+    """Off a terminal (nohup, CI, ``| tee``): one plain line every ``every`` steps (0: about 20 a run) and at the
+    last step — step, loss, lr, tokens/s and the ETA from the mean step time so far — plus each held-out loss."""
+    import time
+
+    start = time.perf_counter()
+    first: list[int] = []
+
+    def log(info: Any) -> None:
+        if not first:
+            first.append(info.step - 1)  # a resumed run counts its own steps for the ETA
+        n = every if every > 0 else max(1, info.total // 20)
+        if info.step % n == 0 or info.step == info.total or info.step == first[0] + 1:
+            per_step = (time.perf_counter() - start) / (info.step - first[0])
+            err.print(f"step {info.step}/{info.total} · loss {info.loss:.4f} · lr {info.lr:.2e} · "
+                      f"{info.tokens_per_s:,.0f} tok/s · eta {_eta(per_step * (info.total - info.step))}",
+                      highlight=False, soft_wrap=True)
+        if info.eval_loss is not None:
+            err.print(f"step {info.step}: held-out loss {info.eval_loss:.4f}", highlight=False, soft_wrap=True)
+
+    return log
+
+
 @contextlib.contextmanager
-def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[Any], None]]:
-    """A rich bar on ``err`` with step, loss, lr, tokens/s and ETA — on a terminal only."""
-    if quiet_ or not err.is_terminal:
+def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> Iterator[Callable[[Any], None]]:
+    """A rich bar on ``err`` with step, loss, lr, tokens/s and ETA on a terminal; progress lines off one."""
+    if quiet_:
         yield lambda info: None
+        return
+    if not err.is_terminal:
+        yield _log_lines(err, log_every)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -63,6 +94,8 @@ def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[A
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--eval-split", type=float, default=0.1, show_default=True, help="Fraction held out for eval loss.")
 @click.option("--eval-every", type=int, default=0, help="Held-out loss every N steps (default: 5 times a run).")
+@click.option("--log-every", type=int, default=0,
+              help="Off a terminal, a progress line every N steps (default: about 20 a run).")
 @click.option("--save-every", type=int, default=0, help="Write a checkpoint every N steps (0: none).")
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="Where checkpoints go [default: OUT.checkpoints].")
 @click.option("--resume", type=click.Path(), default=None, help="Continue from a checkpoint directory, bit for bit.")
@@ -78,7 +111,7 @@ def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[A
 def train(session: Session, base: str, data: str, output: str, force: bool, method: str, rank: int, alpha: float,
           targets: str, rslora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float, orth_form: str,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
-          seq_len: int, eval_split: float, eval_every: int, save_every: int, checkpoint_dir: str | None,
+          seq_len: int, eval_split: float, eval_every: int, log_every: int, save_every: int, checkpoint_dir: str | None,
           resume: str | None, seed: int, device: str, dtype: str, base_model: str | None, save_as: str) -> None:
     """Train a LoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
 
@@ -105,7 +138,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
                          seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
                          orth_form=orth_form, save_as=save_as)  # type: ignore[arg-type]
     total_hint = steps or 0
-    with _progress(session.err, total_hint, quiet_=session.quiet) as advance:
+    with _progress(session.err, total_hint, quiet_=session.quiet, log_every=log_every) as advance:
         def on_step(info: Any) -> None:
             advance(info)
 
