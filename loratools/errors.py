@@ -22,6 +22,7 @@ __all__ = [
     "NotAnAdapterError",
     "UnknownFormatError",
     "CorruptFileError",
+    "UnsupportedDataError",
     "ShapeMismatchError",
     "MissingModuleError",
     "NonFiniteError",
@@ -65,6 +66,15 @@ class CorruptFileError(LoraToolsError, ValueError):
     def __init__(self, path: object, why: str) -> None:
         self.path = str(path)
         super().__init__(f"{self.path} is damaged or not a valid file: {why}")
+
+
+class UnsupportedDataError(LoraToolsError, ValueError):
+    """A data file that parses but holds rows of a schema loratools does not read (not a damaged file)."""
+
+    def __init__(self, path: object, line: int, found: str, expected: str) -> None:
+        self.path = path
+        where = f"{path} line {line}" if line else f"{path}"
+        super().__init__(f"{where}: unsupported row schema, {found}; loratools reads {expected}")
 
 
 class ShapeMismatchError(LoraToolsError, ValueError):

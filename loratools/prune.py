@@ -23,7 +23,7 @@ from torch import Tensor
 from .adalora import (Sensitivity, allocate, check_betas, mask_key, module_mask, narrow_mask, triplet_scores,
                       update_sensitivity)
 from .adapter import Adapter, Module, as_lora, module_from_svd
-from .data import IGNORE, Row
+from .data import IGNORE, Row, encode_chat
 from .errors import InvalidOptionError
 from .linalg import lowrank_svd
 
@@ -199,9 +199,13 @@ def triplet_gradients(model: torch.nn.Module, triplets: Mapping[str, Triplets],
                 for k, v in p.items()} for n, p in params.items()}
 
 
-def _encode(tokenizer: Any, text: str, completion: str | None, device: torch.device, max_length: int) -> dict[str, Tensor]:
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    labels = list(ids)
+def _encode(tokenizer: Any, row: Row, device: torch.device, max_length: int) -> dict[str, Tensor]:
+    text, completion = row.text, row.completion
+    if row.messages is not None:
+        ids, labels = encode_chat(tokenizer, row.messages)
+    else:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        labels = list(ids)
     if completion is not None:
         extra = tokenizer(completion, add_special_tokens=False)["input_ids"]
         labels = [IGNORE] * len(ids) + list(extra)  # loss on the completion only
@@ -230,8 +234,8 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
             raise InvalidOptionError(f"the base model has no module {name}; is this the adapter's base?") from None
     kinds = {n: m.kind for n, m in adapter.items()}
     state: dict[str, dict[str, Sensitivity]] = {}
-    for text, completion in examples:
-        batch = _encode(tokenizer, text, completion, device, max_length)
+    for row in examples:
+        batch = _encode(tokenizer, row, device, max_length)
         if int((batch["labels"][:, 1:] != IGNORE).sum()) == 0:
             continue  # nothing to predict in this example
         grads = triplet_gradients(model, trip, batch, kinds=kinds)

@@ -34,8 +34,8 @@ from .dist import Processes
 from .errors import InputNotFoundError, InvalidOptionError
 from .io import check_output
 from .lm import base_model_name, load_causal_lm
-from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, orthogonal_penalty,
-                 trainable_parameters)
+from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, linear_target_names,
+                 orthogonal_penalty, trainable_parameters)
 
 __all__ = ["TrainConfig", "StepInfo", "TrainResult", "train", "lr_at", "causal_lm_loss", "evaluate"]
 
@@ -242,6 +242,7 @@ class _Run:
     n_trainable: int
     n_expected: int
     adalora_extra: dict[str, Any]
+    targets: list[str]
 
 
 def _allocator(layers: dict[str, Any], cfg: TrainConfig, total: int) -> tuple[RankAllocator | None, dict[str, Any]]:
@@ -273,7 +274,9 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     torch.manual_seed(cfg.seed)  # the adapter's initial values depend on the seed alone
-    layers = inject(model, list(cfg.targets), cfg.spec())
+    # "all-linear" (as in peft) is stored as the names it stands for, which every reader understands
+    targets = linear_target_names(model) if cfg.targets == ("all-linear",) else list(cfg.targets)
+    layers = inject(model, targets, cfg.spec())
     model.train()
     shapes = [(m.in_features, m.out_features) for m in layers.values()]
     allocator, extra = _allocator(dict(layers), cfg, total)
@@ -281,7 +284,7 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return _Run(cfg, d, device, use_autocast, model, pad_id, train_set, eval_set, total, global_batch,
                 [m for m in layers.values() if isinstance(m, AdaLoRALinear)], allocator, params, optimizer,
-                trainable_parameters(model), expected_parameters(shapes, cfg.spec()), extra)
+                trainable_parameters(model), expected_parameters(shapes, cfg.spec()), extra, targets)
 
 
 def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
@@ -379,7 +382,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     seconds = time.perf_counter() - t0
 
     extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank, **run.adalora_extra}
-    adapter = adapter_state(run.model, base_model=base_model_name(base, base_model), targets=list(cfg.targets), extra=extra)
+    adapter = adapter_state(run.model, base_model=base_model_name(base, base_model), targets=run.targets, extra=extra)
     if cfg.save_as == "lora":
         adapter = as_lora(adapter)
     result = TrainResult(adapter, run.total, run.n_trainable, run.n_expected, losses, evals, seconds,

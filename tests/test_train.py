@@ -277,17 +277,25 @@ def test_data_rows_are_read_once_and_checked(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from loratools.data import Row, read_rows
-    from loratools.errors import CorruptFileError
+    from loratools.errors import CorruptFileError, UnsupportedDataError
 
     f = tmp_path / "mixed.jsonl"
     f.write_text('{"text": "a b c d e f"}\n\n{"prompt": "Q", "completion": "A"}\n')
     assert read_rows(f) == [Row("a b c d e f"), Row("Q", "A")]
     tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
-    with pytest.raises(CorruptFileError, match="mixes"):
+    with pytest.raises(UnsupportedDataError, match="different kinds"):
         load_examples(f, tok, seq_len=8)
     (tmp_path / "null.jsonl").write_text('{"text": null}\n')
-    with pytest.raises(CorruptFileError, match="line 1"):
+    with pytest.raises(UnsupportedDataError, match="line 1: unsupported row schema"):
         read_rows(tmp_path / "null.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(UnsupportedDataError, match=r"line 2: unsupported row schema, a row with instruction, output; "
+                                                    r"loratools reads .*messages"):
+        read_rows(tmp_path / "bad.jsonl")
+    assert not issubclass(UnsupportedDataError, CorruptFileError)  # it parses: not "damaged"
+    (tmp_path / "broken.jsonl").write_text('{"text": \n')
+    with pytest.raises(CorruptFileError, match="not JSON"):
+        read_rows(tmp_path / "broken.jsonl")
     txt = tmp_path / "calib.txt"
     txt.write_text('{"text": "x"}\n')
     assert read_rows(txt) == [Row('{"text": "x"}\n')]  # training: any non-.jsonl file is plain text
@@ -342,3 +350,61 @@ def test_progress_lines_off_a_terminal(tmp_path: Path, cli) -> None:
     quiet = cli("-q", "train", TINY_LLAMA, CORPUS, "-o", tmp_path / "q", "--steps", "1", "--seq-len", "16",
                 "--device", "cpu")
     assert quiet.returncode == 0 and "step " not in quiet.stderr
+
+
+# --- issue "The practitioner's workflow", 4: chat rows, all-linear, --targets errors -----------------------------
+
+#: a ChatML-style template (the shape of SmolLM2-Instruct's), set on the fixture tokenizer for the test
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_rows_train_on_assistant_turns_only(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from loratools.data import IGNORE, encode_chat
+
+    tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it good?"},
+            {"role": "assistant", "content": "yes it is"}, {"role": "user", "content": "sure?"},
+            {"role": "assistant", "content": "quite sure"}]
+    with pytest.raises(InvalidOptionError, match="chat template"):
+        encode_chat(tok, msgs)
+    tok.chat_template = CHATML
+    ids, labels = encode_chat(tok, msgs)
+    # independent reference: the template's text, and the assistant spans found in it by string search
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ids) == text
+    targets = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert targets == "yes it is<|im_end|>\nquite sure<|im_end|>\n"
+    assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": msgs}) for _ in range(3)) + "\n")
+    ex = load_examples(f, tok, seq_len=len(ids) - 3)
+    assert len(ex) == 3 and list(ex[0].labels) == labels[:len(ids) - 3]  # truncated to seq_len
+
+
+def test_all_linear_targets_and_unknown_target_names(tmp_path: Path, cli) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from loratools.nn import LayerSpec, inject, linear_target_names
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA)
+    names = linear_target_names(model)
+    # reference: every nn.Linear but the output head (peft 0.21.2's "all-linear" rule)
+    expected = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()})
+    assert names == expected and "lm_head" not in names and "gate_proj" in names
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "all", "--targets", "all-linear", "--steps", "1",
+              "--seq-len", "16", "--device", "cpu", "--rank", "2")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((tmp_path / "all" / "adapter_config.json").read_text())
+    trained = {k.split(".")[-3] for k in load_file(tmp_path / "all" / "adapter_model.safetensors")}
+    assert trained == set(expected)
+    assert sorted(cfg["target_modules"]) == expected
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "bad", "--targets", "q_prj", "--steps", "1")
+    assert res.returncode == 2 and not (tmp_path / "bad").exists()
+    assert "q_prj" in res.stderr and "k_proj, o_proj, q_proj, up_proj, v_proj" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    with pytest.raises(Exception, match="gate_proj"):
+        inject(AutoModelForCausalLM.from_pretrained(TINY_LLAMA), ["nothing"], LayerSpec(r=2, alpha=4))

@@ -77,7 +77,8 @@ def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> 
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="Scale numerator: s = alpha/r (LoRA).")
 @click.option("--targets", default="q_proj,v_proj", show_default=True,
-              help="Comma-separated module names to adapt (matched on the last name components).")
+              help="Comma-separated module names to adapt (matched on the last name components), "
+                   "or all-linear: every linear layer but the output head.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/√r instead of alpha/r.")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the adapter input.")
 @click.option("--init-rank", type=int, default=12, show_default=True, help="AdaLoRA: initial triplets per layer.")
@@ -117,7 +118,9 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
 
     BASE is a Hugging Face causal-LM directory (loaded offline with transformers:
     pip install 'loratools[train]'). DATA is .txt (packed into --seq-len blocks) or
-    .jsonl with {"text"} or {"prompt", "completion"} rows (loss on completions only).
+    .jsonl with {"text"} or {"prompt", "completion"} rows (loss on completions only)
+    or chat rows {"messages": [{"role", "content"}, …]} rendered with the tokenizer's
+    chat template (loss on the assistant turns only).
     OUT gets adapter_config.json + adapter_model.safetensors, training_config.json,
     loss_curve.json and loss.png (with matplotlib). Under torchrun it trains with DDP;
     the global batch is batch-size × grad-accum × processes.
