@@ -235,7 +235,7 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
     kinds = {n: m.kind for n, m in adapter.items()}
     state: dict[str, dict[str, Sensitivity]] = {}
     for row in examples:
-        batch = _encode(tokenizer, row, device, max_length)
+        batch = _encode(tokenizer, Row(*row), device, max_length)  # a plain (text, completion) pair too
         if int((batch["labels"][:, 1:] != IGNORE).sum()) == 0:
             continue  # nothing to predict in this example
         grads = triplet_gradients(model, trip, batch, kinds=kinds)
