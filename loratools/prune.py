@@ -28,7 +28,7 @@ from .errors import InvalidOptionError
 from .linalg import lowrank_svd
 
 __all__ = ["Triplets", "PruneResult", "PruneLayer", "svd_form", "magnitude_scores", "prune_adapter",
-           "triplet_gradients", "calibration_scores"]
+           "triplet_gradients", "calibration_scores", "budget_of"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,18 @@ def _report(name: str, m: Module, t: Triplets, keep: Tensor, score: Tensor) -> P
     sc = score.double()
     return PruneLayer(name, m.rank, int(idx.numel()), tuple(int(i) for i in idx), lost / norm if norm > 0 else 0.0,
                       float(sc[keep].sum()), float(sc[~keep].sum()))
+
+
+def budget_of(adapter: Adapter, keep: float) -> int:
+    """The absolute budget a relative one means: ``round(keep · Σ ranks)`` triplets, at least 1 (0 < keep ≤ 1).
+
+    >>> budget_of(Adapter({"q": Module(A=torch.ones(4, 3), B=torch.ones(5, 4), alpha=4, scale=1.0)}), 0.5)
+    2
+    """
+    if not 0 < keep <= 1:
+        raise InvalidOptionError(f"`keep` must be a fraction in (0, 1], got {keep}")
+    total = sum(m.rank for m in adapter.modules.values())
+    return max(1, round(keep * total))
 
 
 def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | None = None,

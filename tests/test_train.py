@@ -408,3 +408,20 @@ def test_all_linear_targets_and_unknown_target_names(tmp_path: Path, cli) -> Non
     assert len(res.stderr.strip().splitlines()) == 1
     with pytest.raises(Exception, match="gate_proj"):
         inject(AutoModelForCausalLM.from_pretrained(TINY_LLAMA), ["nothing"], LayerSpec(r=2, alpha=4))
+
+
+def test_adalora_cli_settings_and_final_allocation_printed(tmp_path: Path, cli) -> None:
+    """Issue "The practitioner's workflow", 7 and 9: AdaLoRA's schedule on the CLI; its allocation printed."""
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "ada", "--method", "adalora", "--init-rank", "4",
+              "--target-rank", "2", "--steps", "6", "--tinit", "1", "--tfinal", "2", "--delta-t", "1",
+              "--beta1", "0.8", "--beta2", "0.9", "--seq-len", "16", "--device", "cpu", "--lr", "1e-2")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
+    assert (cfg["tinit"], cfg["tfinal"], cfg["deltaT"], cfg["beta1"], cfg["beta2"]) == (1, 2, 1, 0.8, 0.9)
+    record = json.loads((tmp_path / "ada" / "training_config.json").read_text())
+    pattern = record["rank_pattern"]
+    kept, full = sum(sum(b) for b in pattern.values()), sum(len(b) for b in pattern.values())
+    assert f"AdaLoRA's final allocation: {kept} of {full} triplets kept" in res.stdout
+    for key, bits in pattern.items():
+        row = [l for l in res.stdout.splitlines() if key.removesuffix(".lora_E") + " " in l]
+        assert row and f"{sum(bits)}/{len(bits)}" in row[0]

@@ -86,6 +86,12 @@ def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> 
 @click.option("--orth-reg", type=float, default=0.5, show_default=True, help="AdaLoRA: orthogonal regulariser weight γ.")
 @click.option("--orth-form", type=click.Choice(["peft", "paper"]), default="peft", show_default=True,
               help="AdaLoRA regulariser: peft = mean of ‖·‖_F; paper = Σ ‖·‖²_F.")
+@click.option("--tinit", type=int, default=None, help="AdaLoRA: steps before pruning starts [default: 10% of the steps].")
+@click.option("--tfinal", type=int, default=None,
+              help="AdaLoRA: last steps trained at the final allocation [default: 30% of the steps].")
+@click.option("--delta-t", type=int, default=None, help="AdaLoRA: steps between allocations [default: 2% of the steps].")
+@click.option("--beta1", type=float, default=0.85, show_default=True, help="AdaLoRA: EMA factor of the sensitivity.")
+@click.option("--beta2", type=float, default=0.85, show_default=True, help="AdaLoRA: EMA factor of the uncertainty.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, default=None, help="Epochs over the training split (instead of --steps).")
 @click.option("--lr", type=float, default=2e-4, show_default=True)
@@ -111,6 +117,7 @@ def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> 
 @pass_session
 def train(session: Session, base: str, data: str, output: str, force: bool, method: str, rank: int, alpha: float,
           targets: str, rslora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float, orth_form: str,
+          tinit: int | None, tfinal: int | None, delta_t: int | None, beta1: float, beta2: float,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
           seq_len: int, eval_split: float, eval_every: int, log_every: int, save_every: int, checkpoint_dir: str | None,
           resume: str | None, seed: int, device: str, dtype: str, base_model: str | None, save_as: str) -> None:
@@ -139,7 +146,8 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
                          epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                          seq_len=seq_len, eval_split=eval_split, eval_every=eval_every, save_every=save_every,
                          seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
-                         orth_form=orth_form, save_as=save_as)  # type: ignore[arg-type]
+                         orth_form=orth_form, save_as=save_as, tinit=tinit, tfinal=tfinal, delta_t=delta_t,
+                         beta1=beta1, beta2=beta2)  # type: ignore[arg-type]
     total_hint = steps or 0
     with _progress(session.err, total_hint, quiet_=session.quiet, log_every=log_every) as advance:
         def on_step(info: Any) -> None:
@@ -153,6 +161,14 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
         return
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     held = f" · held-out loss {result.evals[-1]['eval_loss']:.4f}" if result.evals else ""
+    if result.rank_pattern:
+        from .render import allocation_table
+
+        kept = sum(sum(b) for b in result.rank_pattern.values())
+        full = sum(len(b) for b in result.rank_pattern.values())
+        session.out.print(allocation_table(result.rank_pattern))
+        session.out.print(f"AdaLoRA's final allocation: {kept} of {full} triplets kept "
+                          f"(average rank {kept / max(1, len(result.rank_pattern)):.2f})", highlight=False)
     session.out.print(f"wrote {output}: {result.adapter.method} · {len(result.adapter.modules)} modules · "
                       f"{result.trainable_parameters:,} trainable parameters · {result.steps} steps in "
                       f"{result.seconds:.1f}s · train loss {last:.4f}{held}")
