@@ -11,7 +11,25 @@ from rich.table import Table
 from ..inspection import natural_key
 from .render import fmt_float
 
-__all__ = ["extract_table", "resize_table", "prune_table", "skipped_summary", "size"]
+__all__ = ["extract_table", "resize_table", "prune_table", "skipped_summary", "size", "heldout_report", "heldout_line"]
+
+
+def heldout_report(base: str | None, data: str | None, before: Any, after: Any, *,
+                   max_examples: int | None = None, device: str = "auto") -> dict[str, Any] | None:
+    """With ``--base`` and ``--data``: the held-out loss of the base alone, with the input adapter (``before``)
+    and with the output adapter (``after``), from :mod:`loratools.evaluation`; None without them."""
+    if base is None or data is None:
+        return None
+    from ..evaluation import heldout_losses
+
+    alone, loss_before, loss_after = heldout_losses(base, data, [None, before, after], max_examples=max_examples,
+                                                    device=device)
+    return {"data": str(data), "base": alone, "before": loss_before, "after": loss_after}
+
+
+def heldout_line(held: dict[str, Any]) -> str:
+    return (f"held-out loss on {held['data']}: before {held['before']:.4f} → after {held['after']:.4f} "
+            f"(base alone {held['base']:.4f})")
 
 
 def _ordered(layers: Sequence[Any]) -> list[Any]:

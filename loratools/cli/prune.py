@@ -54,7 +54,7 @@ def prune(session: Session, adapter: str, output: str, budget: int | None, keep:
     from ..lm import load_causal_lm
     from ..prune import budget_of, calibration_scores, prune_adapter
     from . import render
-    from ._compress import prune_table, size
+    from ._compress import heldout_line, heldout_report, prune_table, size
 
     configure_cpu_threads(device)
     check_output(output, force=force, inputs=(adapter,))  # fail before the long computation
@@ -79,8 +79,10 @@ def prune(session: Session, adapter: str, output: str, budget: int | None, keep:
                           "gradient-based importance")
     res = prune_adapter(src, budget=budget, importance=importance, to_lora=to == "lora")
     write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,) + ((base,) if base else ()))
+    # on the calibration data itself: the loss the pruning was scored on (give other data to resize for a test set)
+    held = heldout_report(base, data, src, res.adapter, max_examples=max_examples, device=device)
     if as_json:
-        render.print_json({"output": output, "importance": res.importance, "budget": budget,
+        render.print_json({"output": output, "importance": res.importance, "budget": budget, "heldout_loss": held,
                            "kept": sum(res.rank_pattern.values()), "parameters_before": src.parameters,
                            "parameters": res.adapter.parameters, "method": res.adapter.method,
                            "rank_pattern": res.rank_pattern, "layers": [vars(r) for r in res.layers]})
@@ -92,3 +94,5 @@ def prune(session: Session, adapter: str, output: str, budget: int | None, keep:
                           f"{size(src.parameters)} → {size(res.adapter.parameters)} parameters · "
                           f"{src.method} → {res.adapter.method} · wrote {output} ({fmt})")
         session.out.print(f"rank_pattern: {pattern}", highlight=False)
+    if held is not None:
+        session.out.print(heldout_line(held) + " (the calibration data)", highlight=False)
