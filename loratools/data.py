@@ -28,7 +28,7 @@ from torch import Tensor
 from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, UnsupportedDataError
 
 __all__ = ["Example", "IGNORE", "Row", "read_rows", "load_examples", "split_examples", "collate",
-           "global_batch_indices", "target_tokens", "encode_chat"]
+           "global_batch_indices", "target_tokens", "encode_chat", "row_example"]
 
 #: label of positions that do not count in the loss (PyTorch's cross-entropy ignore_index)
 IGNORE = -100
@@ -142,6 +142,23 @@ def read_rows(path: str | Path, *, what: str = "training data", plain_text: bool
     return rows
 
 
+def row_example(tokenizer: Any, row: Row, *, seq_len: int) -> Example | None:
+    """One row as one example truncated to ``seq_len`` (None when nothing is left to predict): a text row
+    ``text + EOS`` (every token a target), a prompt/completion row (the completion and EOS are targets),
+    a chat row (:func:`encode_chat`)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if row.messages is not None:
+        ids, labels = encode_chat(tokenizer, row.messages)
+    elif row.completion is None:
+        ids = _encode(tokenizer, row.text) + eos
+        labels = list(ids)
+    else:
+        prompt, completion = _encode(tokenizer, row.text), _encode(tokenizer, row.completion) + eos
+        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    return Example(tuple(ids), tuple(labels)) if any(lab != IGNORE for lab in labels[1:]) else None
+
+
 def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Example]:
     """Read ``path`` (:func:`read_rows`) into examples of at most ``seq_len`` tokens (see the module docstring)."""
     if seq_len < 2:
@@ -153,21 +170,8 @@ def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Exa
         examples = _pack(_encode(tokenizer, rows[0].text), seq_len)
     elif all(r.kind == "text" for r in rows):
         examples = _pack([t for r in rows for t in _encode(tokenizer, r.text) + eos], seq_len)
-    elif all(r.kind == "chat" for r in rows):
-        examples = []
-        for r in rows:
-            ids, labels = encode_chat(tokenizer, r.messages or ())
-            ids, labels = ids[:seq_len], labels[:seq_len]
-            if any(lab != IGNORE for lab in labels[1:]):
-                examples.append(Example(tuple(ids), tuple(labels)))
-    elif all(r.kind == "prompt/completion" for r in rows):
-        examples = []
-        for r in rows:
-            prompt, completion = _encode(tokenizer, r.text), _encode(tokenizer, str(r.completion)) + eos
-            ids = (prompt + completion)[:seq_len]
-            labels = ([IGNORE] * len(prompt) + completion)[:seq_len]
-            if any(lab != IGNORE for lab in labels[1:]):
-                examples.append(Example(tuple(ids), tuple(labels)))
+    elif all(r.kind == rows[0].kind for r in rows):  # prompt/completion or chat: one example a row
+        examples = [e for r in rows if (e := row_example(tokenizer, r, seq_len=seq_len)) is not None]
     else:
         raise UnsupportedDataError(p, 0, "rows of different kinds (" + ", ".join(sorted({r.kind for r in rows})) + ")",
                                    "one kind of row per file")

@@ -16,9 +16,21 @@ from typing import Any
 import torch
 
 from .adapter import Adapter
-from .data import Example, load_examples
+from .data import Example, load_examples, read_rows, row_example
+from .errors import InvalidOptionError
 
 __all__ = ["HeldOut", "heldout_losses"]
+
+
+def _examples(data: str | Path, tokenizer: Any, seq_len: int) -> list[Example]:
+    """Plain text packed as for training; a ``.jsonl`` file one example a row, whatever each row's kind
+    (calibration files may mix text and prompt/completion rows)."""
+    if Path(data).suffix != ".jsonl":
+        return load_examples(data, tokenizer, seq_len=seq_len)
+    examples = [e for r in read_rows(data, what="held-out data") if (e := row_example(tokenizer, r, seq_len=seq_len))]
+    if not examples:
+        raise InvalidOptionError(f"{data} gives no example with a token to predict; give longer examples")
+    return examples
 
 
 class HeldOut:
@@ -31,7 +43,7 @@ class HeldOut:
 
         self.device = resolve_device(device)
         self.model, tokenizer = load_causal_lm(base, device=self.device, frozen=True)
-        self.examples: list[Example] = load_examples(data, tokenizer, seq_len=seq_len)[:max_examples]
+        self.examples: list[Example] = _examples(data, tokenizer, seq_len)[:max_examples]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     def loss(self, adapter: Adapter | None, *, batch_size: int = 4) -> float:

@@ -216,3 +216,4 @@ def test_prune_keep_fraction_json_and_calibration_progress(cli, tiny_llama, adap
     assert res.returncode == 0, res.stderr
     lines = [l for l in res.stderr.splitlines() if l.startswith("calibrating:")]
     assert lines and lines[-1] == "calibrating: 5/5"  # --max-examples bounded the run, progress reported
+    assert "held-out loss on" in res.stdout and "(the calibration data)" in res.stdout

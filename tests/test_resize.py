@@ -146,9 +146,8 @@ def _peft_heldout_loss(base, adapter_dir, data) -> float:
 def test_resize_reports_heldout_loss_before_and_after(cli, tiny_llama, adapters, tmp_path):
     import json
 
-    data = tmp_path / "heldout.jsonl"
-    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i} and looked around"}) + "\n"
-                            for i in range(6)))
+    data = tmp_path / "heldout.txt"  # plain text: packed into blocks as train packs it
+    data.write_text(" ".join(f"the cat sat on mat number {i} and looked around." for i in range(40)))
     res = cli("resize", adapters / "lora", "-o", tmp_path / "r2", "--rank", "2", "--base", tiny_llama,
               "--data", data, "--json")
     assert res.returncode == 0, res.stderr

@@ -78,9 +78,9 @@ def prune(session: Session, adapter: str, output: str, budget: int | None, keep:
         session.err.print("importance: |λᵢ| (magnitude only); pass --base and --data for AdaLoRA's "
                           "gradient-based importance")
     res = prune_adapter(src, budget=budget, importance=importance, to_lora=to == "lora")
-    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,) + ((base,) if base else ()))
     # on the calibration data itself: the loss the pruning was scored on (give other data to resize for a test set)
     held = heldout_report(base, data, src, res.adapter, max_examples=max_examples, device=device)
+    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,) + ((base,) if base else ()))
     if as_json:
         render.print_json({"output": output, "importance": res.importance, "budget": budget, "heldout_loss": held,
                            "kept": sum(res.rank_pattern.values()), "parameters_before": src.parameters,

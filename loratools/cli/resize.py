@@ -50,8 +50,8 @@ def resize(session: Session, adapter: str, output: str, rank: int | None, energy
         raise InvalidOptionError("--base and --data go together: give both for the held-out loss, or neither")
     src = read_adapter(adapter)
     res = resize_adapter(src, rank=rank, energy=energy, error=error, max_rank=max_rank)
-    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,))
     held = heldout_report(base, data, src, res.adapter)
+    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,))
     if as_json:
         render.print_json({"output": output, "parameters_before": res.parameters_before,
                            "parameters": res.adapter.parameters, "heldout_loss": held,
