@@ -425,3 +425,46 @@ def test_adalora_cli_settings_and_final_allocation_printed(tmp_path: Path, cli) 
     for key, bits in pattern.items():
         row = [l for l in res.stdout.splitlines() if key.removesuffix(".lora_E") + " " in l]
         assert row and f"{sum(bits)}/{len(bits)}" in row[0]
+
+
+# --- issue "The practitioner's workflow", 3: --eval-file, the held-out loss at step 0, the best adapter kept -----
+
+def test_eval_file_step_zero_loss_and_best_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loratools.train as lt
+    from loratools.data import load_examples as load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    held = tmp_path / "held.txt"
+    held.write_text(CORPUS.read_text()[:1500])
+    cfg = TrainConfig(steps=6, rank=2, alpha=4, save_every=1, eval_file=str(held),
+                      **{**FAST, "seq_len": 16, "eval_split": 0.0, "eval_every": 2})
+    # the base model's held-out loss, computed independently of the loop: plain transformers, float64 CE
+    model, tok = AutoModelForCausalLM.from_pretrained(TINY_LLAMA), AutoTokenizer.from_pretrained(TINY_LLAMA)
+    total, count = 0.0, 0
+    for ex in load(held, tok, seq_len=16):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1].double()
+        total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ex.labels[1:]), reduction="sum"))
+        count += len(ex.labels) - 1
+    real = lt.evaluate
+    scripted = iter([None, 3.0, 1.0, 2.0])  # step 0 real, then steps 2, 4, 6: the best is step 4, not the last
+
+    def evaluate(*args, **kwargs):
+        value = next(scripted)
+        return real(*args, **kwargs) if value is None else value
+
+    monkeypatch.setattr(lt, "evaluate", evaluate)
+    res = train(TINY_LLAMA, CORPUS, tmp_path / "out", cfg)
+    assert res.evals[0]["step"] == 0 and res.evals[0]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    record = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert (record["best_step"], record["eval_loss_best"]) == (4, 1.0)
+    # best/ holds the adapter of step 4: the same tensors as the step-4 checkpoint
+    best = load_file(tmp_path / "out" / "best" / "adapter_model.safetensors")
+    ckpt = load_file(tmp_path / "out.checkpoints" / "step-4" / "trainable.safetensors")
+    for key, value in best.items():
+        name = key.removeprefix("base_model.model.").replace(".weight", "")
+        assert torch.equal(value, ckpt[name + ".weight"] if name + ".weight" in ckpt else ckpt[name]), key
+    last = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any(not torch.equal(last[k], best[k]) for k in best)
+    with pytest.raises(Exception, match="not found"):
+        train(TINY_LLAMA, CORPUS, tmp_path / "o2", TrainConfig(steps=1, eval_file=str(tmp_path / "nope.txt"), **FAST))

@@ -28,6 +28,9 @@ def _log_lines(err: Console, every: int) -> Callable[[Any], None]:
     first: list[int] = []
 
     def log(info: Any) -> None:
+        if info.step == 0:  # before training: the base model's held-out loss
+            err.print(f"step 0: held-out loss {info.eval_loss:.4f} (base model)", highlight=False, soft_wrap=True)
+            return
         if not first:
             first.append(info.step - 1)  # a resumed run counts its own steps for the ETA
         n = every if every > 0 else max(1, info.total // 20)
@@ -60,6 +63,9 @@ def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> 
         task = bar.add_task("train", total=total, loss="–", lr="–", tps="–")
 
         def advance(info: Any) -> None:
+            if info.step == 0:
+                bar.console.print(f"step 0: held-out loss {info.eval_loss:.4f} (base model)")
+                return
             bar.update(task, total=info.total, completed=info.step, loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}",
                        tps=f"{info.tokens_per_s:,.0f}")
             if info.eval_loss is not None:
@@ -100,6 +106,8 @@ def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> 
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--eval-split", type=float, default=0.1, show_default=True, help="Fraction held out for eval loss.")
+@click.option("--eval-file", type=click.Path(), default=None,
+              help="Held-out data file (same formats as DATA); then all of DATA trains and --eval-split is unused.")
 @click.option("--eval-every", type=int, default=0, help="Held-out loss every N steps (default: 5 times a run).")
 @click.option("--log-every", type=int, default=0,
               help="Off a terminal, a progress line every N steps (default: about 20 a run).")
@@ -119,7 +127,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
           targets: str, rslora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float, orth_form: str,
           tinit: int | None, tfinal: int | None, delta_t: int | None, beta1: float, beta2: float,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
-          seq_len: int, eval_split: float, eval_every: int, log_every: int, save_every: int, checkpoint_dir: str | None,
+          seq_len: int, eval_split: float, eval_file: str | None, eval_every: int, log_every: int, save_every: int, checkpoint_dir: str | None,
           resume: str | None, seed: int, device: str, dtype: str, base_model: str | None, save_as: str) -> None:
     """Train a LoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
 
@@ -144,7 +152,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
     config = TrainConfig(method=method, rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
                          init_rank=init_rank, target_rank=target_rank, rslora=rslora, dropout=dropout, steps=steps,
                          epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
-                         seq_len=seq_len, eval_split=eval_split, eval_every=eval_every, save_every=save_every,
+                         seq_len=seq_len, eval_split=eval_split, eval_file=eval_file, eval_every=eval_every, save_every=save_every,
                          seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
                          orth_form=orth_form, save_as=save_as, tinit=tinit, tfinal=tfinal, delta_t=delta_t,
                          beta1=beta1, beta2=beta2)  # type: ignore[arg-type]
@@ -161,6 +169,12 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
         return
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     held = f" · held-out loss {result.evals[-1]['eval_loss']:.4f}" if result.evals else ""
+    start = [e["eval_loss"] for e in result.evals if e["step"] == 0]
+    trained = [e for e in result.evals if e["step"] > 0]
+    if start and trained:
+        best = min(trained, key=lambda e: e["eval_loss"])
+        held += f" (base {start[0]:.4f}, best {best['eval_loss']:.4f} at step {best['step']}"
+        held += f", in {output}/best)" if best["step"] != result.steps else ")"
     if result.rank_pattern:
         from .render import allocation_table
 
