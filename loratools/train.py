@@ -78,6 +78,7 @@ class TrainConfig:
     beta2: float = 0.85
     save_as: Literal["auto", "lora"] = "auto"
     eval_file: str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (list, str)):
@@ -118,7 +119,7 @@ class TrainConfig:
 
 
 #: options that may differ between a run and its resumption without changing the result
-_RESUMABLE_DIFF = {"device", "save_every", "eval_every"}
+_RESUMABLE_DIFF = {"device", "save_every", "eval_every", "gradient_checkpointing"}
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,8 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     assert base_dtype is not None
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(base, device=device, dtype=base_dtype)
+    if cfg.gradient_checkpointing:  # recompute activations in backward: memory for time, same gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = load_examples(data, tokenizer, seq_len=cfg.seq_len)
     if cfg.eval_file is not None:  # a held-out file: train on all of DATA
         train_set, eval_set = list(examples), load_examples(cfg.eval_file, tokenizer, seq_len=cfg.seq_len)

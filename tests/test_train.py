@@ -468,3 +468,30 @@ def test_eval_file_step_zero_loss_and_best_adapter(tmp_path: Path, monkeypatch: 
     assert any(not torch.equal(last[k], best[k]) for k in best)
     with pytest.raises(Exception, match="not found"):
         train(TINY_LLAMA, CORPUS, tmp_path / "o2", TrainConfig(steps=1, eval_file=str(tmp_path / "nope.txt"), **FAST))
+
+
+# --- issue "The practitioner's workflow", 9: --resume reads its options; gradient checkpointing -------------------
+
+def test_cli_resume_takes_the_checkpoints_options(tmp_path: Path, cli) -> None:
+    args = ["--steps", "4", "--rank", "2", "--alpha", "4", "--lr", "2e-3", "--seq-len", "16", "--save-every", "2",
+            "--device", "cpu", "--eval-split", "0.03"]
+    full = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "full", *args)
+    assert full.returncode == 0, full.stderr
+    # resumed with no option retyped: the checkpoint's rank, lr, steps … are used, and the result is bit for bit
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "resumed", "--resume", tmp_path / "full.checkpoints" / "step-2")
+    assert res.returncode == 0, res.stderr
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an option typed that disagrees with the checkpoint is refused, naming it
+    bad = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "bad", "--rank", "8",
+              "--resume", tmp_path / "full.checkpoints" / "step-2")
+    assert bad.returncode == 2 and "rank" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path: Path) -> None:
+    cfg = dict(steps=2, rank=2, alpha=4, **{**FAST, "seq_len": 16})
+    a = train(TINY_LLAMA, CORPUS, tmp_path / "a", TrainConfig(**cfg)).adapter
+    b = train(TINY_LLAMA, CORPUS, tmp_path / "b", TrainConfig(gradient_checkpointing=True, **cfg)).adapter
+    for n, m in a.modules.items():
+        assert torch.allclose(m.A, b.modules[n].A, atol=1e-6) and torch.allclose(m.B, b.modules[n].B, atol=1e-6)

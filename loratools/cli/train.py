@@ -74,6 +74,24 @@ def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> 
         yield advance
 
 
+#: TrainConfig fields whose CLI option has another name
+_OPTION_OF = {"orth_reg_weight": "orth_reg"}
+
+
+def _config(ctx: click.Context, resume: str | None, cls: Any, **values: Any) -> Any:
+    """The run's TrainConfig: the options given; with ``--resume``, the checkpoint's options except those typed
+    on this command line (which must then agree with it, or the library refuses to resume)."""
+    if resume is None:
+        return cls(**values)
+    from ..checkpoint import read_state
+
+    old = read_state(resume)["config"]
+    typed = {name for name in ctx.params
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    merged = {k: (v if _OPTION_OF.get(k, k) in typed or k not in old else old[k]) for k, v in values.items()}
+    return cls.from_json({**old, **merged})
+
+
 @click.command()
 @click.argument("base", type=click.Path())
 @click.argument("data", type=click.Path())
@@ -113,7 +131,10 @@ def _progress(err: Console, total: int, *, quiet_: bool, log_every: int = 0) -> 
               help="Off a terminal, a progress line every N steps (default: about 20 a run).")
 @click.option("--save-every", type=int, default=0, help="Write a checkpoint every N steps (0: none).")
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="Where checkpoints go [default: OUT.checkpoints].")
-@click.option("--resume", type=click.Path(), default=None, help="Continue from a checkpoint directory, bit for bit.")
+@click.option("--resume", type=click.Path(), default=None,
+              help="Continue from a checkpoint directory, bit for bit, with the options it was made with.")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute activations in the backward pass: less memory, about a third more time.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
@@ -128,7 +149,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
           tinit: int | None, tfinal: int | None, delta_t: int | None, beta1: float, beta2: float,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
           seq_len: int, eval_split: float, eval_file: str | None, eval_every: int, log_every: int, save_every: int, checkpoint_dir: str | None,
-          resume: str | None, seed: int, device: str, dtype: str, base_model: str | None, save_as: str) -> None:
+          resume: str | None, gradient_checkpointing: bool, seed: int, device: str, dtype: str, base_model: str | None, save_as: str) -> None:
     """Train a LoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
 
     BASE is a Hugging Face causal-LM directory (loaded offline with transformers:
@@ -149,13 +170,15 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
     from ..train import TrainConfig
     from ..train import train as run_training
 
-    config = TrainConfig(method=method, rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
-                         init_rank=init_rank, target_rank=target_rank, rslora=rslora, dropout=dropout, steps=steps,
-                         epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
-                         seq_len=seq_len, eval_split=eval_split, eval_file=eval_file, eval_every=eval_every, save_every=save_every,
-                         seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
-                         orth_form=orth_form, save_as=save_as, tinit=tinit, tfinal=tfinal, delta_t=delta_t,
-                         beta1=beta1, beta2=beta2)  # type: ignore[arg-type]
+    config = _config(click.get_current_context(), resume, TrainConfig,
+                     method=method, rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
+                     init_rank=init_rank, target_rank=target_rank, rslora=rslora, dropout=dropout, steps=steps,
+                     epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
+                     seq_len=seq_len, eval_split=eval_split, eval_file=eval_file, eval_every=eval_every,
+                     save_every=save_every, seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
+                     orth_form=orth_form, save_as=save_as, tinit=tinit, tfinal=tfinal, delta_t=delta_t,
+                     beta1=beta1, beta2=beta2, gradient_checkpointing=gradient_checkpointing)
+    steps = config.steps
     total_hint = steps or 0
     with _progress(session.err, total_hint, quiet_=session.quiet, log_every=log_every) as advance:
         def on_step(info: Any) -> None:
