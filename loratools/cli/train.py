@@ -118,7 +118,8 @@ def _config(ctx: click.Context, resume: str | None, cls: Any, **values: Any) -> 
 @click.option("--beta2", type=float, default=0.85, show_default=True, help="AdaLoRA: EMA factor of the uncertainty.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, default=None, help="Epochs over the training split (instead of --steps).")
-@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True,
+              help="Peak learning rate; for a short LoRA run 1e-3. AdaLoRA needs 5–10× LoRA's (5e-3 to 1e-2).")
 @click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps (then cosine to lr/10).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per process and micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
@@ -157,6 +158,10 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
     .jsonl with {"text"} or {"prompt", "completion"} rows (loss on completions only)
     or chat rows {"messages": [{"role", "content"}, …]} rendered with the tokenizer's
     chat template (loss on the assistant turns only).
+    Short runs: the defaults (r 8, lr 1e-3) suit a few hundred steps; AdaLoRA needs
+    5–10× LoRA's learning rate (--lr 5e-3 to 1e-2). The held-out loss is measured
+    before the first step (the base's) and --eval-every steps; the adapter with the
+    lowest one is also written to OUT/best when that is not the last.
     OUT gets adapter_config.json + adapter_model.safetensors, training_config.json,
     loss_curve.json and loss.png (with matplotlib). Under torchrun it trains with DDP;
     the global batch is batch-size × grad-accum × processes.
