@@ -123,9 +123,10 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
 
 
 def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[dict[str, float]],
-              evals: list[dict[str, float]], *, force: bool, inputs: tuple[str | Path, ...]) -> None:
+              evals: list[dict[str, float]], *, force: bool, inputs: tuple[str | Path, ...],
+              best: Adapter | None = None) -> None:
     """The finished run's directory, atomically: ``adapter`` (PEFT), ``record`` as training_config.json,
-    the train and held-out losses as loss_curve.json, and their plot."""
+    the train and held-out losses as loss_curve.json, their plot, and ``best/`` (PEFT) when given."""
     from .formats import get_format
 
     with atomic_output(out, force=force, inputs=inputs) as tmp:
@@ -133,6 +134,8 @@ def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[
         (tmp / "training_config.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "loss_curve.json").write_text(json.dumps({"train": losses, "eval": evals}, indent=1) + "\n")
         _plot(tmp / "loss.png", losses, evals)
+        if best is not None:
+            get_format("peft").write(best, tmp / "best")
 
 
 def _plot(path: Path, losses: list[dict[str, float]], evals: list[dict[str, float]]) -> None:

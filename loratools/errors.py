@@ -23,6 +23,7 @@ __all__ = [
     "UnknownFormatError",
     "CorruptFileError",
     "InvalidFieldError",
+    "UnsupportedDataError",
     "ShapeMismatchError",
     "MissingModuleError",
     "NonFiniteError",
@@ -84,6 +85,15 @@ def _shown(value: object) -> str:
     except (RecursionError, ValueError):
         text = f"<{type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class UnsupportedDataError(LoraToolsError, ValueError):
+    """A data file that parses but holds rows of a schema loratools does not read (not a damaged file)."""
+
+    def __init__(self, path: object, line: int, found: str, expected: str) -> None:
+        self.path = path
+        where = f"{path} line {line}" if line else f"{path}"
+        super().__init__(f"{where}: unsupported row schema, {found}; loratools reads {expected}")
 
 
 class ShapeMismatchError(LoraToolsError, ValueError):

@@ -243,6 +243,22 @@ class LayerSpec:
             raise InvalidOptionError(f"`dropout` must be in [0, 1), got {self.dropout}")
 
 
+def _adaptable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def linear_target_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of the layers ``inject`` can adapt, without the output head.
+
+    What ``targets="all-linear"`` means (peft 0.21.2 ``tuners_utils._maybe_include_all_linear_layers``:
+    every linear layer but the output embedding, ``lm_head``).
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if n and _adaptable(m) and not isinstance(m, _Adapted) and m is not head})
+
+
 def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> dict[str, _Adapted]:
     """Wrap every nn.Linear/Conv1D whose name matches ``targets`` and freeze all other parameters.
 
@@ -257,10 +273,11 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
     targets = targets if isinstance(targets, str) else list(targets)
     chosen = [(n, m) for n, m in model.named_modules()
               if n and target_matches(n, targets) and not isinstance(m, _Adapted)
-              and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
+              and _adaptable(m)]
     if not chosen:
         raise MissingModuleError(f"`targets` {targets}", "the model",
-                                 "no nn.Linear/Conv1D layer has such a name; pick names from the model's modules")
+                                 "no nn.Linear/Conv1D layer has such a name; its layers are "
+                                 f"{', '.join(linear_target_names(model))} (or all-linear)")
     for p in model.parameters():
         p.requires_grad_(False)
     layers: dict[str, _Adapted] = {}

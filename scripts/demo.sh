@@ -41,9 +41,12 @@ print('wrote $OUT/tuned')"
 step "Extract a LoRA: per layer the smallest rank with ≤ 10% relative error (measured)" \
   loratools extract fixtures/tiny-llama "$OUT/tuned" -o "$OUT/extracted" --error 0.1 --max-rank 16
 step "Resize it to rank 3 (from the factors; exact errors)" loratools resize "$OUT/extracted" -o "$OUT/rank3" --rank 3
+step "… and what rank 2 costs on the task: held-out loss before and after (base + adapter)" \
+  loratools resize fixtures/adapters/lora -o "$OUT/lora-rank2" --rank 2 --base fixtures/tiny-llama --data fixtures/corpus.txt
 step "AdaLoRA → plain LoRA with the same ΔW (what serving engines load)" \
   loratools resize fixtures/adapters/adalora -o "$OUT/adalora-as-lora" --energy 1.0
 step "Prune the AdaLoRA to 8 triplets by magnitude" loratools prune fixtures/adapters/adalora -o "$OUT/pruned" --budget 8
+step "… or keep half of its triplets" loratools prune fixtures/adapters/adalora -o "$OUT/pruned-half" --keep 0.5
 step "Convert the rsLoRA adapter (rank/alpha patterns) to kohya's format, ΔW checked" loratools convert fixtures/adapters/rslora -o "$OUT/rslora-kohya.safetensors" --to kohya
 step "Inspect the kohya file" loratools inspect "$OUT/rslora-kohya.safetensors"
 if python -c "import gguf" 2>/dev/null; then
@@ -53,7 +56,7 @@ if python -c "import gguf" 2>/dev/null; then
 else
   printf '\n(GGUF steps skipped: the gguf package is absent; pip install "loratools[gguf]")\n'
 fi
-step "Train a LoRA adapter on the fixture model for a few seconds" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-lora" --steps 20 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02
+step "Train a LoRA adapter on the fixture model for a few seconds (held-out loss from step 0, the base's)" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-lora" --steps 20 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02 --eval-every 5
 step "Inspect the trained adapter" loratools inspect "$OUT/trained-lora"
 step "Train AdaLoRA (12 → 4 triplets per layer on average), saved with its final rank_pattern" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-adalora" --method adalora --init-rank 12 --target-rank 4 --alpha 12 --steps 20 --lr 1e-2 --seq-len 32 --eval-split 0.02
 step "Inspect the AdaLoRA result (ranks differ per layer)" loratools inspect "$OUT/trained-adalora"
@@ -63,6 +66,7 @@ step "Un-merge without the record: the error rounding left behind" \
   loratools unmerge "$OUT/merged" fixtures/adapters/lora -o "$OUT/unmerged"
 step "Un-merge with the record: the base comes back bit for bit" \
   loratools unmerge "$OUT/merged" fixtures/adapters/lora -o "$OUT/unmerged-exact" --record "$OUT/merged.record.safetensors"
+step "Push preview: the files and model card, nothing uploaded" bash -c "loratools push $OUT/trained-lora me/trained-lora --base-model HuggingFaceTB/SmolLM2-135M --dry-run | head -n 20"
 step "Merge into bfloat16 and un-merge: what bfloat16 rounding costs without a record" \
   bash -c "loratools -q merge fixtures/tiny-llama fixtures/adapters/lora -o $OUT/merged-bf16 --dtype bfloat16 && loratools unmerge $OUT/merged-bf16 fixtures/adapters/lora -o $OUT/unmerged-bf16"
 step "Check a merged model against base + adapter" loratools verify fixtures/tiny-llama fixtures/adapters/lora "$OUT/merged"

@@ -20,7 +20,9 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> 
     computed from the low-rank factors without forming ΔW. Columns: ‖ΔW‖F and σ₁;
     num = numerical rank (σ > max(m,n)·ε·σ₁, ε of float32); stable = Σσ²/σ₁²;
     entropy = exp(−Σ pᵢ log pᵢ), pᵢ = σᵢ/Σσ; e90/e99 = smallest rank holding
-    90%/99% of Σσ².
+    90%/99% of Σσ². Then totals per layer and per module type, and the recommended
+    rank: the smallest one rank for every module that keeps 90%/99% of the whole
+    adapter's Σσ² (give it to `resize --rank`). Layers are in natural order.
 
     DoRA: the table shows the LoRA part; below it, per layer, ‖m‖ and with
     --base the magnitude's change ‖m − ‖W0‖row‖/‖‖W0‖row‖ and the full update
@@ -64,6 +66,11 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> 
                      f"σ₁ {u['sigma_max']:.4g}, num rank {u['numerical_rank']}, entropy {u['effective_rank']:.1f}")
         session.out.print(line)
     if not session.quiet:
+        session.out.print(render.totals_table(report["by_layer"], "layer"))
+        session.out.print(render.totals_table(report["by_type"], "type"))
+        rec = report["recommended_rank"]
+        session.out.print(f"recommended rank: {rec['energy_90']} keeps 90% of the adapter's energy, "
+                          f"{rec['energy_99']} keeps 99% (loratools resize --rank K)")
         session.out.print(f"{report['modules']} modules · {report['parameters']:,} parameters · rank "
                           f"{report['rank_min']}–{report['rank_max']} (total {report['rank_total']})"
                           + (f" · {len(report['saved_tensors'])} full tensors saved" if report["saved_tensors"] else ""))

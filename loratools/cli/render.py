@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "fmt_float"]
+__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "totals_table", "allocation_table", "fmt_float"]
 
 
 def console(*, stderr: bool) -> Console:
@@ -56,13 +56,25 @@ def print_json(data: Any) -> None:
 
 @contextlib.contextmanager
 def progress(err: Console, total: int | None, description: str, *,
-             quiet: bool = False) -> Iterator[Callable[..., None]]:
+             quiet: bool = False, lines: bool = False) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n=1, *, total=None)``; a job that learns its size later passes ``total`` then.
 
-    Shows a bar on ``err`` only on a terminal and when not quiet.
+    Shows a bar on ``err`` only on a terminal and when not quiet; off a terminal, with ``lines``,
+    a plain line at every tenth of ``total`` (for slow jobs run under nohup or CI).
     """
-    if quiet or not err.is_terminal:
+    if quiet or (not err.is_terminal and not (lines and total)):
         yield lambda n=1, *, total=None: None
+        return
+    if not err.is_terminal:
+        done = [0]
+        size = total or 1
+
+        def line(n: int = 1, *, total: int | None = None) -> None:
+            before, done[0] = done[0], done[0] + n
+            if done[0] * 10 // size > before * 10 // size or done[0] == size:
+                err.print(f"{description}: {done[0]}/{size}", highlight=False, soft_wrap=True)
+
+        yield line
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -88,4 +100,27 @@ def inspect_table(report: dict[str, Any]) -> Table:
             str(layer["numerical_rank"]), f"{layer['stable_rank']:.2f}", f"{layer['effective_rank']:.2f}",
             str(layer["energy_rank_90"]), str(layer["energy_rank_99"]), sparkline(layer["singular_values"]),
         )
+    return t
+
+
+def totals_table(rows: list[dict[str, Any]], key: str) -> Table:
+    """``inspect``'s totals per block index (``key="layer"``) or per module type (``key="type"``)."""
+    t = Table(pad_edge=False)
+    for col in (key, "modules", "parameters", "Σ rank", "‖ΔW‖F"):
+        t.add_column(col, justify="left" if col == key else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(str(r[key]), str(r["modules"]), f"{r['parameters']:,}", str(r["rank_total"]), fmt_float(r["fro_norm"]))
+    return t
+
+
+def allocation_table(rank_pattern: dict[str, list[bool]]) -> Table:
+    """AdaLoRA's final allocation after ``train``: each module's kept rank and which of its init_r triplets."""
+    from ..inspection import natural_key
+
+    t = Table(pad_edge=False)
+    for col, just in (("module", "left"), ("rank", "right"), ("triplets kept", "left")):
+        t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for key in sorted(rank_pattern, key=natural_key):
+        bits = rank_pattern[key]
+        t.add_row(key.removesuffix(".lora_E"), f"{sum(bits)}/{len(bits)}", "".join("█" if b else "·" for b in bits))
     return t

@@ -145,13 +145,15 @@ class ModelReader:
         self.close()
 
 
-def _mirror_side_files(model: ModelReader, dest: Path) -> None:
-    """Config, tokenizer, generation config …: copied as they are."""
+def _mirror_side_files(model: ModelReader, dest: Path, edits: Mapping[str, Callable[[bytes], bytes]]) -> None:
+    """Config, tokenizer, generation config …: copied as they are, or through ``edits[name]`` (bytes → bytes)."""
     weights = set(model.shards) | {INDEX_NAME}
     for item in model.root.iterdir():
         if item.name in weights:
             continue
-        if item.is_dir():
+        if item.name in edits and item.is_file():
+            (dest / item.name).write_bytes(edits[item.name](item.read_bytes()))
+        elif item.is_dir():
             shutil.copytree(item, dest / item.name)
         else:
             shutil.copy2(item, dest / item.name)
@@ -162,8 +164,12 @@ Pieces = Iterable[Tensor]
 
 def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], metadata: Mapping[str, str],
                   compute: Callable[[str], Pieces | Tensor | None], progress: Progress | None = None,
-                  workers: int | None = None) -> tuple[int, int]:
+                  workers: int | None = None,
+                  side_edits: Mapping[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
     """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a tensor's new bytes, or None.
+
+    Side files (config, tokenizer …) are copied, except those named in ``side_edits``, whose
+    new bytes are ``side_edits[name](old bytes)`` (a merge to another dtype edits ``config.json``).
 
     ``codes`` gives each tensor's output dtype code, so every offset of every
     output shard is known before any tensor is computed: the headers are
@@ -180,7 +186,7 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
     fds: list[int] = []
     if model.is_dir:
         dest.mkdir()
-        _mirror_side_files(model, dest)
+        _mirror_side_files(model, dest, side_edits or {})
     total = 0
     try:
         for shard in model.shards:

@@ -158,18 +158,45 @@ class _Job:
         return Arithmetic(self.precision, self.device)
 
     def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str],
-                compute: Callable[[str], Iterable[Tensor] | Tensor | None], progress: Progress | None) -> tuple[int, int]:
+                compute: Callable[[str], Iterable[Tensor] | Tensor | None], progress: Progress | None,
+                side_edits: dict[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
         # one torch thread per worker: parallelism comes from tensors on separate threads (see configure_cpu_threads);
         # on a GPU a second worker reads and writes while the first computes
         with cpu_threads(1):
             return rewrite_model(self.model, tmp, codes=codes, metadata=meta, compute=compute, progress=progress,
-                                 workers=None if self.device.type == "cpu" else 2)
+                                 workers=None if self.device.type == "cpu" else 2, side_edits=side_edits)
 
     def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
         """What an un-merge computes for this tensor before any record is applied."""
         if not plan.deltas:
             return w.to(dtype)
         return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
+
+
+def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
+    """An edit of ``config.json`` that names ``dtype`` as the weights' dtype.
+
+    transformers 5.23 loads a model in the dtype its config's ``dtype`` names (``torch_dtype`` in
+    older files; sub-configs such as ``text_config`` carry their own), so a merge that casts the
+    weights must say so there, or the bfloat16 weights come back as float32.
+    """
+    name = str(dtype).replace("torch.", "")
+
+    def fix(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in node:
+                    node[key] = name
+            for value in node.values():
+                fix(value)
+
+    def edit(raw: bytes) -> bytes:
+        config = json.loads(raw)
+        fix(config)
+        config.setdefault("dtype", name)
+        return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+    return edit
 
 
 def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
@@ -210,7 +237,8 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp:
         try:
             rec = RecordWriter(record_path) if record_path is not None else None
-            changed, copied = job.rewrite(tmp, codes, meta, compute, progress)
+            edits = {"config.json": config_dtype_edit(dtype)} if dtype is not None else None
+            changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits)
             if rec is not None:
                 rec.finish(meta, force=force, inputs=(base, *extra_inputs))
         finally:
