@@ -11,6 +11,8 @@ from .inspect import inspect
 from .merge import merge, unmerge, verify
 from .prune import prune
 from .resize import resize
+from .serve import check, export
 from .train import train
 
-COMMANDS: list[click.Command] = [inspect, merge, unmerge, verify, extract, resize, prune, convert, train, pull, push]
+COMMANDS: list[click.Command] = [inspect, merge, unmerge, verify, extract, resize, prune, convert, check, export, train,
+                                  pull, push]
