@@ -44,13 +44,13 @@ from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, 
 from .formats import detect_format, get_format, read_adapter
 from .formats.gguf import GGUFBase, base_from_gguf, base_of_adapter, gguf_unsupported, read_gguf, write_gguf
 from .io import ModelReader, atomic_output, check_output
-from .linalg import allocate_ranks, allocation_method, truncated_svd, truncation_error, uniform_rank
-from .resize import module_from_svd
+from .linalg import truncated_svd
+from .resize import Allocation, module_from_svd, resize_together
 from .runtimes import SGLANG_TARGETS, Runtime, get_runtime, is_vision_module
 from .serving import (CheckReport, check_adapter, check_max_lora_rank, full_tensors, refused_features, runtime_view,
                       smallest_max_lora_rank, stacked_zeros)
 
-__all__ = ["ExportPlan", "ExportLayer", "Allocation", "ExportResult", "plan_export", "export_adapter", "check_file",
+__all__ = ["ExportPlan", "ExportLayer", "ExportResult", "plan_export", "export_adapter", "check_file",
            "check_adapter", "CheckReport"]
 
 TensorSource = ModelReader | Mapping[str, Tensor]
@@ -66,22 +66,6 @@ class ExportLayer:
     rank: int
     rel_error: float
     change: str = ""
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """The rank choice under a cap and/or a parameter budget, against a uniform-rank resize at the same budget.
-    Errors are relative over the whole adapter: √(Σᵢ‖ΔWᵢ − ΔWᵢ′‖²_F / Σᵢ‖ΔWᵢ‖²_F)."""
-
-    method: str
-    cap: int | None
-    budget: int | None
-    parameters_before: int
-    parameters: int
-    error: float
-    uniform_rank: int
-    uniform_parameters: int
-    uniform_error: float
 
 
 @dataclass(frozen=True)
@@ -182,38 +166,6 @@ def _full_tensors(lora: Adapter, rt: Runtime, base_weights: TensorSource | None,
     return modules, refs, dropped, notes
 
 
-def _allocate(modules: Mapping[str, Module], cap: int | None,
-              budget: int | None) -> tuple[dict[str, Module], dict[str, float], Allocation | None]:
-    """Truncate every module to the rank :func:`allocate_ranks` gives it; each module's predicted relative error."""
-    if cap is None and budget is None:
-        return dict(modules), {}, None
-    spectra = {n: m.singular_values() for n, m in modules.items()}
-    cost = {n: sum(m.matrix_shape) for n, m in modules.items()}
-    ranks = allocate_ranks(spectra, cap=cap, budget_params=budget, params_per_rank=cost)
-    uni = uniform_rank(spectra, cap=cap, budget_params=budget, params_per_rank=cost)
-    total = sum(float((s.double() ** 2).sum()) for s in spectra.values())
-
-    def rel(picks: Mapping[str, int]) -> float:
-        lost = sum(truncation_error(spectra[n], k) for n, k in picks.items())
-        return math.sqrt(lost / total) if total > 0 else 0.0
-
-    out: dict[str, Module] = {}
-    errors: dict[str, float] = {}
-    for n, m in modules.items():
-        k = ranks[n]
-        e = float((spectra[n].double() ** 2).sum())
-        errors[n] = math.sqrt(truncation_error(spectra[n], k) / e) if e > 0 else 0.0
-        if k >= m.rank:
-            out[n] = m
-        elif k > 0:  # the top k triplets of ΔW from the factors (Eckart–Young)
-            U, S, Vh = m.svd()
-            out[n] = module_from_svd(m, U[:, :k], S[:k], Vh[:k], dtype=m.A.dtype)
-    report = Allocation(allocation_method(cost, budget), cap, budget, sum(m.rank * cost[n] for n, m in modules.items()),
-                        sum(min(ranks[n], modules[n].rank) * cost[n] for n in modules), rel(ranks),
-                        max(uni.values(), default=0), sum(uni[n] * cost[n] for n in modules), rel(uni))
-    return out, errors, report
-
-
 def _validate(rt: Runtime, adapter: Adapter, max_lora_rank: int | None, budget: int | None, error: float | None) -> None:
     check_max_lora_rank(max_lora_rank, rt)
     if budget is not None and not (isinstance(budget, int) and budget >= 1):
@@ -252,34 +204,14 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
     dropped |= gone
     changes += notes
     modules = {**lora.modules, **new}
-    modules, predicted, alloc = _allocate(modules, max_lora_rank, budget)
+    modules, predicted, alloc = resize_together(modules, cap=max_lora_rank, budget=budget)
     dropped |= {n: "rank 0 under the budget" for n in {**lora.modules, **new} if n not in modules}
     if alloc is not None:
         changes.append(f"ranks chosen together ({alloc.method}) under "
                        + " and ".join(x for x in (f"max rank {max_lora_rank}" if max_lora_rank else "",
                                                   f"{budget:,} parameters" if budget else "") if x))
-    added: dict[str, Module] = {}
-    padded: set[str] = set()
-    if rt.name == "sglang":
-        added = stacked_zeros(modules, base)
-        if added:
-            changes.append(f"zero LoRA added on {', '.join(sorted(added))} (SGLang stacks q/k/v and gate/up)")
-        modules |= added
-    if rt.writes == "peft":
-        folded, c = fold_scales(modules)
-        moved = [n for n in modules if folded[n] is not modules[n]]
-        if moved:
-            changes.append(f"the scales of {len(moved)} module(s) folded into lora_B: one scale {c:g} for all "
-                           "(lora_alpha/r)")
-        modules = folded
-        if rt.name == "sglang" and modules:
-            top = max(m.rank for m in modules.values())
-            padded = {n for n, m in modules.items() if m.rank < top}
-            if padded:
-                changes.append(f"{len(padded)} module(s) padded with zeros to SGLang's one rank {top}")
-            modules = {n: pad_rank(m, top) for n, m in modules.items()}
-    elif len({m.scale * m.rank for m in modules.values()}) > 1:
-        changes.append("each module's scale folded into its lora_b for llama.cpp's alpha/rank")
+    modules, added, padded, steps = _for_runtime(modules, rt, base)
+    changes += steps
     if not modules:
         raise UnsupportedModuleError(rt.title, sorted(dropped), "no module would be left")
     top = max(m.rank for m in modules.values())
@@ -290,11 +222,38 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
     # every source module with a ΔW, the dropped ones included (the runtime computes 0 for them)
     refs: dict[str, Module | Tensor] = {n: m for n, m in as_lora(adapter).items() if n in modules or n in dropped}
     refs |= dense_refs
-    notes = {**{n: "zero-padded" for n in padded}, **{n: "from a full tensor" for n in new},
-             **{n: "zero (added)" for n in added}}
+    labels = {**{n: "zero-padded" for n in padded}, **{n: "from a full tensor" for n in new},
+              **{n: "zero (added)" for n in added}}
     layers = tuple(_layer(n, adapter.modules.get(n), out.modules.get(n), predicted.get(n, 0.0), n in nonzero or n in new,
-                          notes.get(n, "")) for n in {**adapter.modules, **out.modules})
+                          labels.get(n, "")) for n in {**adapter.modules, **out.modules})
     return ExportPlan(out, layers, dropped, tuple(changes), alloc, refs)
+
+
+def _for_runtime(modules: dict[str, Module], rt: Runtime,
+                 base: BaseModel | None) -> tuple[dict[str, Module], set[str], set[str], list[str]]:
+    """The last, ΔW-keeping steps: SGLang's zero modules for stacking, one scale for the PEFT runtimes (folded
+    into lora_B), SGLang's zero padding to one rank. Returns the modules, the added and padded ones, the steps."""
+    steps: list[str] = []
+    added: dict[str, Module] = stacked_zeros(modules, base) if rt.name == "sglang" else {}
+    if added:
+        steps.append(f"zero LoRA added on {', '.join(sorted(added))} (SGLang stacks q/k/v and gate/up)")
+        modules = {**modules, **added}
+    padded: set[str] = set()
+    if rt.writes == "gguf":
+        if len({m.scale * m.rank for m in modules.values()}) > 1:
+            steps.append("each module's scale folded into its lora_b for llama.cpp's alpha/rank")
+        return modules, set(added), padded, steps
+    folded, c = fold_scales(modules)
+    moved = [n for n in modules if folded[n] is not modules[n]]
+    if moved:
+        steps.append(f"the scales of {len(moved)} module(s) folded into lora_B: one scale {c:g} for all (lora_alpha/r)")
+    if rt.name == "sglang" and folded:
+        top = max(m.rank for m in folded.values())
+        padded = {n for n, m in folded.items() if m.rank < top}
+        if padded:
+            steps.append(f"{len(padded)} module(s) padded with zeros to SGLang's one rank {top}")
+        folded = {n: pad_rank(m, top) for n, m in folded.items()}
+    return folded, set(added), padded, steps
 
 
 def _layer(name: str, src: Module | None, m: Module | None, err: float, nonzero: bool, what: str) -> ExportLayer:
