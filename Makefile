@@ -39,7 +39,7 @@ demo: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
 test: dev
-	$(PY) -m pytest
+	$(PY) -m pytest -rs  # -rs: say why a test was skipped (no npm: the llama.cpp runtime test)
 
 fixtures: $(VENV)/.dev
 	$(PY) fixtures/make.py

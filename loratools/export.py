@@ -44,7 +44,7 @@ from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, 
 from .formats import detect_format, get_format, read_adapter
 from .formats.gguf import GGUFBase, base_from_gguf, base_of_adapter, gguf_unsupported, read_gguf, write_gguf
 from .io import ModelReader, atomic_output, check_output
-from .linalg import truncated_svd
+from .linalg import RankRule, truncated_svd
 from .resize import Allocation, module_from_svd, resize_together
 from .runtimes import SGLANG_TARGETS, Runtime, get_runtime, is_vision_module
 from .serving import (CheckReport, check_adapter, check_max_lora_rank, full_tensors, refused_features, runtime_view,
@@ -170,8 +170,8 @@ def _validate(rt: Runtime, adapter: Adapter, max_lora_rank: int | None, budget: 
     check_max_lora_rank(max_lora_rank, rt)
     if budget is not None and not (isinstance(budget, int) and budget >= 1):
         raise InvalidOptionError(f"`budget` is a number of parameters ≥ 1, got {budget}")
-    if error is not None and not 0.0 <= error < 1.0:
-        raise InvalidOptionError(f"`error` is a relative Frobenius error in [0, 1), got {error}")
+    if error is not None:
+        RankRule(error=error, max_rank=max_lora_rank)  # validates `error`
     refused = refused_features(adapter.config.extra)
     if refused:
         raise UnsupportedModuleError(rt.title, ["this adapter"], f"its config sets {', '.join(refused)}, which no "

@@ -86,14 +86,16 @@ def test_check_agrees_with_the_runtime(cases, deltas, case: str, runtime: str, o
         assert same == ok
 
 
-def test_vllm_patterns_count_only_before_0_32(cases) -> None:
+def test_vllm_patterns_count_only_before_0_32(cases, deltas) -> None:
     report = check_file(cases["rslora"], "vllm")
     assert [f.rule.id for f in report.findings] == ["one-scale"]
     assert not check_file(cases["rslora"], "vllm", runtime_version="0.31.0").ok
     assert check_file(cases["rslora"], "vllm", runtime_version="0.33.0").ok
-    # vLLM 0.33's own arithmetic agrees: it reads the patterns
-    got = vllm_load(cases["rslora"], version="0.33.0")
-    assert got.keys()
+    # the runtimes' arithmetic agrees: 0.33 reads the patterns (peft's ΔW), 0.31 mis-scales some modules
+    new, old = vllm_load(cases["rslora"], version="0.33.0"), vllm_load(cases["rslora"], version="0.31.0")
+    assert all(_rel(new[n], d) < 1e-5 for n, d in deltas["rslora"].items())
+    wrong = {n for n, d in deltas["rslora"].items() if _rel(old[n], d) > 1e-3}
+    assert wrong == set(report.findings[0].modules)
 
 
 def test_rank_cap_and_budget_choose_ranks_together(tmp_path: Path, cases, deltas) -> None:
