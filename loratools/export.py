@@ -206,6 +206,9 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
     modules = {**lora.modules, **new}
     modules, predicted, alloc = resize_together(modules, cap=max_lora_rank, budget=budget)
     dropped |= {n: "rank 0 under the budget" for n in {**lora.modules, **new} if n not in modules}
+    if alloc is not None and not modules and alloc.parameters_before:
+        raise InvalidOptionError(f"a `budget` of {budget:,} parameters keeps no module: the smallest rank-1 module "
+                                 f"needs {min(sum(m.matrix_shape) for m in {**lora.modules, **new}.values()):,}")
     if alloc is not None:
         changes.append(f"ranks chosen together ({alloc.method}) under "
                        + " and ".join(x for x in (f"max rank {max_lora_rank}" if max_lora_rank else "",

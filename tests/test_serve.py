@@ -240,6 +240,8 @@ def test_refusals(tmp_path: Path, cases) -> None:
         big = Module(A=torch.randn(600, 700), B=torch.randn(700, 600), alpha=600, scale=1.0)
         write_adapter(Adapter({"model.layers.0.mlp.up_proj": big}), tmp_path / "big")
         export_adapter(tmp_path / "big", tmp_path / "o", runtime="vllm")
+    with pytest.raises(InvalidOptionError, match="keeps no module"):
+        export_adapter(cases["lora"], tmp_path / "o", runtime="vllm", budget=10)
     cfg_path = tmp_path / "pissa"
     write_adapter(read_adapter(cases["lora"]), cfg_path)
     cfg = json.loads((cfg_path / "adapter_config.json").read_text())
