@@ -127,7 +127,8 @@ def full_to_lora(module: str, saved: Tensor, w0: Tensor, *, error: float, max_ra
 
 
 def _full_tensors(lora: Adapter, rt: Runtime, base_weights: TensorSource | None, error: float | None,
-                  max_rank: int | None, drop: bool) -> tuple[dict[str, Module], dict[str, Tensor], dict[str, str], list[str]]:
+                  max_rank: int | None, drop: bool,
+                  ) -> tuple[dict[str, Module], dict[str, Tensor], dict[str, str], list[str]]:
     """Full tensors → (new LoRA modules, their dense references, dropped keys → why, notes)."""
     modules: dict[str, Module] = {}
     refs: dict[str, Tensor] = {}
@@ -166,7 +167,8 @@ def _full_tensors(lora: Adapter, rt: Runtime, base_weights: TensorSource | None,
     return modules, refs, dropped, notes
 
 
-def _validate(rt: Runtime, adapter: Adapter, max_lora_rank: int | None, budget: int | None, error: float | None) -> None:
+def _validate(rt: Runtime, adapter: Adapter, max_lora_rank: int | None, budget: int | None,
+              error: float | None) -> None:
     check_max_lora_rank(max_lora_rank, rt)
     if budget is not None and not (isinstance(budget, int) and budget >= 1):
         raise InvalidOptionError(f"`budget` is a number of parameters ≥ 1, got {budget}")
@@ -225,15 +227,15 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
     # every source module with a ΔW, the dropped ones included (the runtime computes 0 for them)
     refs: dict[str, Module | Tensor] = {n: m for n, m in as_lora(adapter).items() if n in modules or n in dropped}
     refs |= dense_refs
-    labels = {**{n: "zero-padded" for n in padded}, **{n: "from a full tensor" for n in new},
+    labels = {**{n: f"rank {k} + zero padding" for n, k in padded.items()}, **{n: "from a full tensor" for n in new},
               **{n: "zero (added)" for n in added}}
-    layers = tuple(_layer(n, adapter.modules.get(n), out.modules.get(n), predicted.get(n, 0.0), n in nonzero or n in new,
-                          labels.get(n, "")) for n in {**adapter.modules, **out.modules})
+    layers = tuple(_layer(n, adapter.modules.get(n), out.modules.get(n), predicted.get(n, 0.0),
+                          n in nonzero or n in new, labels.get(n, "")) for n in {**adapter.modules, **out.modules})
     return ExportPlan(out, layers, dropped, tuple(changes), alloc, refs)
 
 
 def _for_runtime(modules: dict[str, Module], rt: Runtime,
-                 base: BaseModel | None) -> tuple[dict[str, Module], set[str], set[str], list[str]]:
+                 base: BaseModel | None) -> tuple[dict[str, Module], set[str], dict[str, int], list[str]]:
     """The last, ΔW-keeping steps: SGLang's zero modules for stacking, one scale for the PEFT runtimes (folded
     into lora_B), SGLang's zero padding to one rank. Returns the modules, the added and padded ones, the steps."""
     steps: list[str] = []
@@ -241,7 +243,7 @@ def _for_runtime(modules: dict[str, Module], rt: Runtime,
     if added:
         steps.append(f"zero LoRA added on {', '.join(sorted(added))} (SGLang stacks q/k/v and gate/up)")
         modules = {**modules, **added}
-    padded: set[str] = set()
+    padded: dict[str, int] = {}  # module → the rank it keeps under the zero padding
     if rt.writes == "gguf":
         if len({m.scale * m.rank for m in modules.values()}) > 1:
             steps.append("each module's scale folded into its lora_b for llama.cpp's alpha/rank")
@@ -252,7 +254,7 @@ def _for_runtime(modules: dict[str, Module], rt: Runtime,
         steps.append(f"the scales of {len(moved)} module(s) folded into lora_B: one scale {c:g} for all (lora_alpha/r)")
     if rt.name == "sglang" and folded:
         top = max(m.rank for m in folded.values())
-        padded = {n for n, m in folded.items() if m.rank < top}
+        padded = {n: m.rank for n, m in folded.items() if m.rank < top}
         if padded:
             steps.append(f"{len(padded)} module(s) padded with zeros to SGLang's one rank {top}")
         folded = {n: pad_rank(m, top) for n, m in folded.items()}
@@ -299,7 +301,8 @@ class ExportResult:
     modelfile: Path | None = None
 
 
-def _base_info(base: str | os.PathLike[str] | None, rt: Runtime, src: Path, fmt: str) -> tuple[BaseModel | None, GGUFBase | None]:
+def _base_info(base: str | os.PathLike[str] | None, rt: Runtime, src: Path,
+               fmt: str) -> tuple[BaseModel | None, GGUFBase | None]:
     base_m = load_base(base) if base is not None else None
     gguf_base: GGUFBase | None = None
     if base_m is not None and (rt.writes == "gguf" or fmt == "gguf"):

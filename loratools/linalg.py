@@ -363,7 +363,8 @@ def _caps(spectra: Mapping[str, Tensor], cap: int | Mapping[str, int] | None) ->
 
 
 def truncation_error(s: Tensor, k: int) -> float:
-    """``Σ_{j>k} σⱼ²``: the squared Frobenius error of keeping the top ``k`` of the singular values ``s`` (Eckart–Young)."""
+    """``Σ_{j>k} σⱼ²``: the squared Frobenius error of keeping the top ``k`` of the singular values ``s``
+    (Eckart–Young)."""
     return float((s.double()[k:] ** 2).sum())
 
 
@@ -468,7 +469,8 @@ def _allocate_dp(gains: Mapping[str, Tensor], costs: Mapping[str, int], budget: 
 def uniform_rank(spectra: Mapping[str, Tensor], *, cap: int | Mapping[str, int] | None = None,
                  budget_params: int | None = None, params_per_rank: Mapping[str, int] | None = None) -> dict[str, int]:
     """What a uniform-rank resize keeps at the same budget: the largest k with ``Σᵢ min(k, capᵢ) pᵢ ≤ budget_params``,
-    each module keeping ``min(k, capᵢ)`` (its cap without a budget). The baseline :func:`allocate_ranks` is measured against."""
+    each module keeping ``min(k, capᵢ)`` (its cap without a budget): the baseline :func:`allocate_ranks` is
+    measured against."""
     caps = _caps(spectra, cap)
     if budget_params is None:
         return caps

@@ -196,11 +196,13 @@ def _max_rank(ctx: _Ctx) -> Detected:
         return None
     if ctx.max_lora_rank is not None:
         over = [n for n, r in ranks.items() if r > ctx.max_lora_rank]
-        return (over, f"ranks up to {max(ranks[n] for n in over)} > --max-lora-rank {ctx.max_lora_rank}") if over else None
+        if not over:
+            return None
+        return over, f"ranks up to {max(ranks[n] for n in over)} > --max-lora-rank {ctx.max_lora_rank}"
     top = max(ranks.values())
     if smallest_max_lora_rank(top, ctx.runtime) is None:
-        over = [n for n, r in ranks.items() if r > ctx.runtime.max_lora_ranks[-1]]  # type: ignore[index]
-        return over, f"rank {top} is above the largest --max-lora-rank {ctx.runtime.max_lora_ranks[-1]}"  # type: ignore[index]
+        largest = ctx.runtime.max_lora_ranks[-1]  # type: ignore[index]
+        return [n for n, r in ranks.items() if r > largest], f"rank {top} is above the largest --max-lora-rank {largest}"
     return None
 
 
@@ -223,13 +225,16 @@ def _one_alpha(ctx: _Ctx) -> Detected:
     products = Counter(m.scale * m.rank for m in ctx.lora.modules.values())
     common = products.most_common(1)[0][0]
     bad = [n for n, m in ctx.lora.items() if not math.isclose(m.scale * m.rank, common, rel_tol=1e-6)]
-    return (bad, f"scale·rank differs from the most common {common:g}: alpha/rank would mis-scale them") if bad else None
+    return (bad, f"scale·rank differs from the most common {common:g}: alpha/rank mis-scales them") if bad else None
 
 
 def _uniform_rank(ctx: _Ctx) -> Detected:
     if not ctx.lora.modules:
         return None
-    r = int(ctx.raw.get("r", 8)) if ctx.raw is not None and ctx.adapter.method == "lora" else Counter(m.rank for m in ctx.lora.modules.values()).most_common(1)[0][0]
+    if ctx.raw is not None and ctx.adapter.method == "lora":
+        r = int(ctx.raw.get("r", 8))
+    else:
+        r = Counter(m.rank for m in ctx.lora.modules.values()).most_common(1)[0][0]
     bad = [n for n, m in ctx.lora.items() if m.rank != r]
     return (bad, f"ranks differ from r = {r}") if bad else None
 
@@ -282,7 +287,8 @@ def _vision(ctx: _Ctx) -> Detected:
 
 def _tensor_exists(ctx: _Ctx) -> Detected:
     if ctx.gguf_base is not None and ctx.gguf_base.arch != "llama":
-        return tuple(ctx.lora.modules), f"loratools maps llama.cpp's llama architecture only, not {ctx.gguf_base.arch!r}"
+        arch = ctx.gguf_base.arch
+        return tuple(ctx.lora.modules), f"loratools maps llama.cpp's llama architecture only, not {arch!r}"
     bad = gguf_unsupported(Adapter(ctx.lora.modules, ctx.lora.config), ctx.gguf_base)
     return (list(bad), "; ".join(dict.fromkeys(bad.values()))) if bad else None
 

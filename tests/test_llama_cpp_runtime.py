@@ -76,7 +76,8 @@ def _peft_adapter(tmp: Path) -> tuple[list[int], torch.Tensor, torch.Tensor, Pat
 
 def _llama_cpp(tmp: Path, ids: list[int], adapters: dict[str, Path]) -> dict[str, torch.Tensor]:
     req = tmp / "request.json"
-    req.write_text(json.dumps({"model": str(BASE_GGUF), "ids": ids, "adapters": {k: str(v) for k, v in adapters.items()}}))
+    req.write_text(json.dumps({"model": str(BASE_GGUF), "ids": ids,
+                               "adapters": {k: str(v) for k, v in adapters.items()}}))
     res = subprocess.run(["node", str(NODE_DIR / "logits.mjs"), str(req)], capture_output=True, text=True,
                          cwd=NODE_DIR, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

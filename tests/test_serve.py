@@ -48,7 +48,8 @@ def _runtime_deltas(runtime: str, out: Path, **kw) -> dict[str, torch.Tensor]:
         return new
     if runtime == "sglang":
         return sglang_load(out, **kw)
-    return {n: m.delta(dtype=torch.float64) for n, m in read_gguf(out if out.is_file() else out / "adapter.gguf").items()}
+    back = read_gguf(out if out.is_file() else out / "adapter.gguf")
+    return {n: m.delta(dtype=torch.float64) for n, m in back.items()}
 
 
 EXACT = ["lora", "rslora", "adalora", "embedding"]

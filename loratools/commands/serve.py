@@ -71,8 +71,8 @@ def _show_check(report: Any, adapter: str, quiet_: bool) -> None:
         if not quiet_:
             render.out.print(f"    {f.rule.why}", highlight=False)
             render.out.print(f"    export: {f.rule.fix}", highlight=False)
-            render.out.print(f"    source: {f.rule.source}" + (f" (holds up to {f.rule.until})" if f.rule.until else ""),
-                             highlight=False)
+            until = f" (holds up to {f.rule.until})" if f.rule.until else ""
+            render.out.print(f"    source: {f.rule.source}{until}", highlight=False)
     for note in report.notes:
         render.out.print(f"note: {note}", highlight=False)
     verdict = ("loads and computes the same ΔW" if report.ok else
