@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test install dev fixtures bench clean llama-ref
+.PHONY: demo test install dev node fixtures bench clean llama-ref
 
 # llama.cpp's own ggml library (its reference quantizers), built from the llama-cpp-python sdist
 # for the slow tests that check loratools.gguf_quants against it; never a runtime dependency.
@@ -46,14 +46,23 @@ $(LLAMA_REF_LIB):
 		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF > $(LLAMA_REF)/cmake.log
 	nice -n 10 cmake --build $(LLAMA_REF)/build --target ggml-base -j1 >> $(LLAMA_REF)/cmake.log
 
+# llama.cpp for tests/test_llama_cpp_runtime.py: node-llama-cpp's prebuilt CPU build, from npm, into the
+# git-ignored tests/node/node_modules. Without npm (or when the install fails) that test is skipped with the reason.
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd tests/node && npm ci --no-audit --no-fund --loglevel=error) && touch $@ \
+		|| echo "npm ci failed in tests/node: the llama.cpp runtime test will be skipped"; \
+	else echo "npm not found: the llama.cpp runtime test will be skipped"; fi
+
 install: $(VENV)/.installed
-dev: $(VENV)/.dev
+node: tests/node/node_modules/.installed
+dev: $(VENV)/.dev node
 
 demo: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
-test: $(VENV)/.dev
-	$(PY) -m pytest
+test: dev
+	$(PY) -m pytest -rs  # -rs: say why a test was skipped (no npm: the llama.cpp runtime test)
 
 fixtures: $(VENV)/.dev
 	$(PY) fixtures/make.py

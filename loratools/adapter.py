@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -25,7 +26,8 @@ from .config import AdapterConfig, alpha_for_scale
 from .errors import DoraError, NonFiniteError, ShapeMismatchError
 from .linalg import lowrank_svd, sqrt_split
 
-__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora"]
+__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "fold_scales",
+           "pad_rank"]
 
 Kind = Literal["linear", "conv", "embedding"]
 
@@ -282,3 +284,40 @@ def module_from_svd(like: Module, U: Tensor, S: Tensor, Vh: Tensor, *, dtype: to
         B = B.reshape(B.shape[0], k, 1, 1)
     return Module(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), alpha=alpha_for_scale(1.0, k), scale=1.0,
                   kind=like.kind, fan_in_fan_out=like.fan_in_fan_out)
+
+
+def fold_scales(modules: Mapping[str, Module]) -> tuple[dict[str, Module], float]:
+    """Give every module the same scale ``c`` (the most common one) with the same ΔW: ``B′ = B · sᵢ/c``.
+
+    Untouched when ``sᵢ = c`` (bit for bit). Folding into 16-bit factors would
+    round ΔW by ~1e-3, so those modules are written in float32. Returns the
+    modules and ``c``.
+
+    >>> m = {"a": Module(A=torch.ones(1, 2), B=torch.ones(2, 1), alpha=2, scale=2.0),
+    ...      "b": Module(A=torch.ones(1, 2), B=torch.ones(2, 1), alpha=1, scale=1.0),
+    ...      "c": Module(A=torch.ones(1, 2), B=torch.ones(2, 1), alpha=2, scale=2.0)}
+    >>> folded, c = fold_scales(m)
+    >>> c, folded["b"].scale, folded["b"].B.flatten().tolist()
+    (2.0, 2.0, [0.5, 0.5])
+    """
+    scales = Counter(m.scale for m in modules.values() if m.scale != 0)
+    c = scales.most_common(1)[0][0] if scales else 1.0
+    out = {}
+    for n, m in modules.items():
+        if m.scale == c:
+            out[n] = m
+            continue
+        dt = torch.float32 if m.B.dtype in (torch.float16, torch.bfloat16) else m.B.dtype
+        B = (m.B.double() * (m.scale / c)).to(dt)
+        out[n] = m.with_factors(A=m.A.to(dt), B=B, scale=c, alpha=alpha_for_scale(c, m.rank))
+    return out, c
+
+
+def pad_rank(m: Module, rank: int) -> Module:
+    """``m`` with zero rows of A and zero columns of B up to ``rank`` (ΔW unchanged)."""
+    extra = rank - m.rank
+    if extra <= 0:
+        return m
+    A = torch.cat([m.A, m.A.new_zeros(extra, *m.A.shape[1:])], 0)
+    B = torch.cat([m.B, m.B.new_zeros(m.B.shape[0], extra, *m.B.shape[2:])], 1)
+    return m.with_factors(A=A, B=B, alpha=alpha_for_scale(m.scale, rank))

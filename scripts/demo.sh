@@ -53,9 +53,21 @@ if python -c "import gguf" 2>/dev/null; then
   step "Convert the pruned AdaLoRA adapter to a llama.cpp GGUF adapter" loratools convert fixtures/adapters/adalora -o "$OUT/adalora.gguf" --to gguf --base fixtures/tiny-llama
   step "Inspect the GGUF adapter" loratools inspect "$OUT/adalora.gguf"
   step "And back to PEFT" loratools convert "$OUT/adalora.gguf" -o "$OUT/adalora-from-gguf" --to peft --base fixtures/tiny-llama
+  step "Export the AdaLoRA adapter for llama.cpp (LoRA, scales folded for alpha/rank), checked on read-back" \
+    loratools export fixtures/adapters/adalora --for llama.cpp -o "$OUT/served-llama-cpp.gguf" --base fixtures/tiny-llama
+  step "… and for Ollama: adapter.gguf and a Modelfile" \
+    bash -c "loratools -q export fixtures/adapters/lora --for ollama -o $OUT/served-ollama --base fixtures/tiny-llama && cat $OUT/served-ollama/Modelfile"
 else
   printf '\n(GGUF steps skipped: the gguf package is absent; pip install "loratools[gguf]")\n'
 fi
+# --- serving: what each runtime will do with an adapter, and a rewrite it loads with the same ΔW ----------------
+step "Check the rsLoRA adapter (rank/alpha patterns) for vLLM: exit 1, vLLM ≤ 0.31 gives every module one scale" \
+  bash -c "loratools check fixtures/adapters/rslora --for vllm; echo \"exit code \$?\""
+step "Export it for vLLM with --max-lora-rank 8: scales folded, ranks chosen together, read back and measured" \
+  loratools export fixtures/adapters/rslora --for vllm -o "$OUT/served-vllm" --max-lora-rank 8
+step "The export passes the check" loratools check "$OUT/served-vllm" --for vllm --max-lora-rank 8
+step "Export for SGLang under a budget of 20,000 parameters (one rank for all, q/k/v stackable)" \
+  loratools export fixtures/adapters/rslora --for sglang -o "$OUT/served-sglang" --budget 20000
 step "Train a LoRA adapter on the fixture model for a few seconds (held-out loss from step 0, the base's)" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-lora" --steps 20 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02 --eval-every 5
 step "Inspect the trained adapter" loratools inspect "$OUT/trained-lora"
 step "Train AdaLoRA (12 → 4 triplets per layer on average), saved with its final rank_pattern" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-adalora" --method adalora --init-rank 12 --target-rank 4 --alpha 12 --steps 20 --lr 1e-2 --seq-len 32 --eval-split 0.02

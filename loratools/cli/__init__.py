@@ -34,6 +34,7 @@ from .merge import merge, unmerge, verify
 from .options import Session
 from .prune import prune
 from .resize import resize
+from .serve import check, export
 from .train import train
 
 __all__ = ["main", "cli", "with_flags"]
@@ -128,7 +129,8 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     ctx.obj = Session(quiet=quiet)
 
 
-for _command in (inspect, merge, unmerge, verify, combine, extract, resize, prune, convert, train, pull, push):
+for _command in (inspect, merge, unmerge, verify, combine, extract, resize, prune, convert, check, export, train,
+                 pull, push):
     cli.add_command(_command)
 
 
