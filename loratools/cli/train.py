@@ -49,6 +49,7 @@ def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[A
               help="Comma-separated module names to adapt (matched on the last name components).")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/√r instead of alpha/r.")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the adapter input.")
+@click.option("--dora", is_flag=True, help="Train DoRA: LoRA plus a magnitude per output row (peft's use_dora).")
 @click.option("--init-rank", type=int, default=12, show_default=True, help="AdaLoRA: initial triplets per layer.")
 @click.option("--target-rank", type=int, default=4, show_default=True, help="AdaLoRA: final average rank per layer.")
 @click.option("--orth-reg", type=float, default=0.5, show_default=True, help="AdaLoRA: orthogonal regulariser weight γ.")
@@ -74,11 +75,12 @@ def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[A
               help="lora writes an AdaLoRA result as plain LoRA (same ΔW).")
 @pass_session
 def train(session: Session, base: str, data: str, output: str, force: bool, method: str, rank: int, alpha: float,
-          targets: str, rslora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float, orth_form: str,
+          targets: str, rslora: bool, dora: bool, dropout: float, init_rank: int, target_rank: int,
+          orth_reg: float, orth_form: str,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
           seq_len: int, eval_split: float, eval_every: int, save_every: int, checkpoint_dir: str | None,
           resume: str | None, seed: int, device: str, dtype: str, save_as: str) -> None:
-    """Train a LoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
+    """Train a LoRA, DoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
 
     BASE is a Hugging Face causal-LM directory (loaded offline with transformers:
     pip install 'loratools[train]'). DATA is .txt (packed into --seq-len blocks) or
@@ -91,6 +93,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
     Examples:
       loratools train fixtures/tiny-llama fixtures/corpus.txt -o out/lora --steps 50 --lr 1e-3
       loratools train BASE data.jsonl -o out/ada --method adalora --init-rank 12 --target-rank 4
+      loratools train BASE data.txt -o out/dora --dora --rank 8
       torchrun --nproc-per-node 2 -m loratools train BASE data.txt -o out/ddp --batch-size 2
     """
     from ..train import TrainConfig
@@ -101,7 +104,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
                          epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                          seq_len=seq_len, eval_split=eval_split, eval_every=eval_every, save_every=save_every,
                          seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
-                         orth_form=orth_form, save_as=save_as)  # type: ignore[arg-type]
+                         orth_form=orth_form, save_as=save_as, dora=dora)  # type: ignore[arg-type]
     total_hint = steps or 0
     with _progress(session.err, total_hint, quiet_=session.quiet) as advance:
         def on_step(info: Any) -> None:
