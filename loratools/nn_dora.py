@@ -32,7 +32,7 @@ __all__ = ["DoRALinear"]
 class DoRALinear(LoRALinear):
     """A :class:`~loratools.nn.LoRALinear` with DoRA's magnitude ``lora_magnitude_vector`` (float32, length out).
 
-    >>> torch.manual_seed(0); base = nn.Linear(16, 8)
+    >>> _ = torch.manual_seed(0); base = nn.Linear(16, 8)
     >>> layer = DoRALinear(base, r=4, alpha=8)
     >>> bool(torch.allclose(layer.lora_magnitude_vector, base.weight.norm(dim=1)))   # m starts at ‖W0‖_row
     True
