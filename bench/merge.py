@@ -8,6 +8,8 @@ shards with an index, with a PEFT LoRA r=16 on q, k, v, o, gate, up, down of eve
 Paths timed, each as a child process, in alternating order (one run of every path per round):
   cp            cp -r BASE OUT (the floor: the same bytes written, base in the page cache)
   merge         python -m loratools -q merge BASE ADAPTER -o OUT --device cpu
+  merge-dora    the same merge of a DoRA adapter: the LoRA factors plus a magnitude per row
+                (m = ‖W0‖_row · (1 + 0.01·N(0, 1))); each adapted tensor also has its row norms taken
   peft          from_pretrained + PeftModel.from_pretrained(...).merge_and_unload() + save_pretrained
   merge-record  the merge with --record REC
   unmerge-record  python -m loratools -q unmerge MERGED ADAPTER -o OUT --record REC (exit 0 means
@@ -18,6 +20,7 @@ lives under --workdir (default /tmp/lt-bench) and is deleted at the end unless -
 
     python bench/merge.py --sizes 1.6 3.2 --runs 3 --peft-runs 3     # the issue's table
     python bench/merge.py --sizes 0.1 --runs 1 --peft-runs 1          # a quick end-to-end check
+    python bench/merge.py --sizes 0.4 --runs 3 --peft-runs 0 --paths merge merge-dora   # DoRA beside LoRA
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 HIDDEN, INTER, HEADS, KV, VOCAB = 2048, 5632, 32, 4, 32000
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PATHS = ("cp", "merge", "peft", "merge-record", "unmerge-record")
+PATHS = ("cp", "merge", "merge-dora", "peft", "merge-record", "unmerge-record")
 
 
 def layer_bytes() -> int:
@@ -108,10 +111,12 @@ def make_model(path: Path, layers: int, vocab: int, shard_bytes: int) -> int:
     return total
 
 
-def make_adapter(path: Path, layers: int, vocab: int, rank: int = 16) -> None:
+def make_adapter(path: Path, layers: int, vocab: int, rank: int = 16, *, base: Path | None = None) -> None:
+    """A PEFT LoRA r=``rank`` on every target; DoRA when ``base`` is given (m from its row norms)."""
     import torch
 
     from loratools import Adapter, AdapterConfig, Module, write_adapter
+    from loratools.io import ModelReader
 
     g = torch.Generator().manual_seed(1)
     mods = {}
@@ -121,6 +126,11 @@ def make_adapter(path: Path, layers: int, vocab: int, rank: int = 16) -> None:
             mods[name[: -len(".weight")]] = Module(A=torch.randn(rank, inp, generator=g) * 0.01,
                                                   B=torch.randn(out, rank, generator=g) * 0.01,
                                                   alpha=2 * rank, scale=2.0)
+    if base is not None:
+        with ModelReader(base) as r:
+            mods = {n: m.with_factors(magnitude=r.get(f"{n}.weight").float().norm(dim=1)
+                                      * (1 + 0.01 * torch.randn(m.B.shape[0], generator=g)))
+                    for n, m in mods.items()}
     cfg = AdapterConfig(target_modules=TARGETS, task_type="CAUSAL_LM", base_model=None)
     write_adapter(Adapter(mods, cfg), path, format="peft")
 
@@ -146,13 +156,14 @@ def timed(cmd: list[str]) -> dict[str, float]:
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}
 
 
-def _commands(base: Path, adapter: Path, work: Path, shard: str) -> dict[str, list[str]]:
+def _commands(base: Path, adapter: Path, dora: Path, work: Path, shard: str) -> dict[str, list[str]]:
     py = sys.executable
     lt = [py, "-m", "loratools", "-q"]
     rec, merged = work / "rec.safetensors", work / "merged-rec"
     return {
         "cp": ["cp", "-r", str(base), str(work / "out")],
         "merge": [*lt, "merge", str(base), str(adapter), "-o", str(work / "out"), "--device", "cpu"],
+        "merge-dora": [*lt, "merge", str(base), str(dora), "-o", str(work / "out"), "--device", "cpu"],
         "peft": [py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "out"), shard],
         "merge-record": [*lt, "merge", str(base), str(adapter), "-o", str(merged), "--device", "cpu",
                          "--record", str(rec)],
@@ -168,21 +179,22 @@ def _clean(work: Path, *, record: bool = False) -> None:
         (work / "rec.safetensors").unlink(missing_ok=True)
 
 
-def bench(work: Path, size_gb: float, runs: int, peft_runs: int, shard_mb: int) -> dict[str, object]:
+def bench(work: Path, size_gb: float, runs: int, peft_runs: int, shard_mb: int,
+          paths: tuple[str, ...] = PATHS) -> dict[str, object]:
     layers, vocab = shape_for(size_gb)
-    base, adapter = work / f"base-{size_gb}", work / f"adapter-{size_gb}"
+    base, adapter, dora = work / f"base-{size_gb}", work / f"adapter-{size_gb}", work / f"dora-{size_gb}"
     subprocess.run([sys.executable, __file__, "--make", str(base), str(adapter), str(layers), str(vocab),
-                    str(shard_mb)], check=True)
+                    str(shard_mb), str(dora)], check=True)
     nbytes = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     shards = len(list(base.glob("*.safetensors")))
     res: dict[str, object] = {"size_gb": size_gb, "layers": layers, "vocab": vocab, "model_bytes": nbytes,
                               "shards": shards}
     subprocess.run(["cat", *map(str, base.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # warm
-    cmds = _commands(base, adapter, work, f"{shard_mb}MB")
+    cmds = _commands(base, adapter, dora, work, f"{shard_mb}MB")
     samples: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
     for i in range(max(runs, peft_runs)):
         order = PATHS if i % 2 == 0 else PATHS[::-1][1:] + PATHS[-1:]  # alternate; unmerge stays after its merge
-        for path in order:
+        for path in (p for p in order if p in paths):
             if (path == "peft" and i >= peft_runs) or (path != "peft" and i >= runs):
                 continue
             _clean(work)
@@ -202,6 +214,7 @@ def bench(work: Path, size_gb: float, runs: int, peft_runs: int, shard_mb: int) 
         res[path]["runs"] = [x["wall_s"] for x in ss]  # type: ignore[index]
     shutil.rmtree(base)
     shutil.rmtree(adapter)
+    shutil.rmtree(dora)
     return res
 
 
@@ -215,8 +228,9 @@ def table(results: list[dict[str, object]]) -> str:
             m = r[path]
             if m["wall_s"] is None:  # type: ignore[index]
                 continue
+            ratio = f"{m['wall_s'] / cp:.2f}×" if cp else "–"  # type: ignore[index]  # cp not timed: no ratio
             lines.append(f"| {model} | {path} | {m['wall_s']:.2f} s | {m['cpu_s']:.2f} s | {m['rss_mb']:.0f} MB | "  # type: ignore[index]
-                         f"{m['wall_s'] / cp:.2f}× | {' / '.join(f'{w:.2f}' for w in m['runs'])} |")  # type: ignore[index]
+                         f"{ratio} | {' / '.join(f'{w:.2f}' for w in m['runs'])} |")  # type: ignore[index]
         if "record_bytes" in r:
             lines.append(f"| {model} | record size | {r['record_bytes'] / 1e6:.1f} MB "  # type: ignore[operator]
                          f"({100 * r['record_bytes'] / r['model_bytes']:.2f} %) | | | | |")  # type: ignore[operator]
@@ -229,14 +243,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peft-runs", type=int, default=3, help="0 leaves peft out")
     ap.add_argument("--shard-mb", type=int, default=600, help="shard size (600 MB: 3 shards at 1.6 GB)")
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="which paths to time")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lt-bench"))
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--make", nargs=5, metavar=("BASE", "ADAPTER", "LAYERS", "VOCAB", "SHARD_MB"), help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs=6, metavar=("BASE", "ADAPTER", "LAYERS", "VOCAB", "SHARD_MB", "DORA"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
-        layers, vocab, shard_mb = (int(x) for x in args.make[2:])
+        layers, vocab, shard_mb = (int(x) for x in args.make[2:5])
         make_model(Path(args.make[0]), layers, vocab, shard_mb * 1_000_000)
         make_adapter(Path(args.make[1]), layers, vocab)
+        make_adapter(Path(args.make[5]), layers, vocab, base=Path(args.make[0]))
         return
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -245,7 +262,7 @@ def main() -> None:
     results = []
     try:
         for size in args.sizes:
-            results.append(bench(args.workdir, size, args.runs, args.peft_runs, args.shard_mb))
+            results.append(bench(args.workdir, size, args.runs, args.peft_runs, args.shard_mb, tuple(args.paths)))
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -79,6 +79,7 @@ class TrainConfig:
     save_as: Literal["auto", "lora"] = "auto"
     eval_file: str | None = None
     gradient_checkpointing: bool = False
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (list, str)):
@@ -97,6 +98,12 @@ class TrainConfig:
             raise InvalidOptionError(f"`eval_split` must be in [0, 1), got {self.eval_split}")
         if self.orth_form not in ("paper", "peft"):
             raise InvalidOptionError(f"`orth_form` must be paper or peft, got {self.orth_form}")
+        if self.dora and self.method != "lora":  # peft 0.21.2's AdaLoraConfig refuses use_dora too
+            raise InvalidOptionError(f"`dora` trains LoRA with a magnitude vector: use it with `method` lora, "
+                                     f"not {self.method}")
+        if self.dora and self.save_as == "lora":
+            raise InvalidOptionError("a DoRA adapter cannot be saved as plain LoRA (`save_as` lora); "
+                                     "flatten it after training with convert")
         # the rank options under this config's own names (LayerSpec checks them again under its names)
         if self.method == "lora" and self.rank < 1:
             raise InvalidOptionError(f"`rank` must be ≥ 1, got {self.rank}")
@@ -107,7 +114,7 @@ class TrainConfig:
 
     def spec(self) -> LayerSpec:
         return LayerSpec(method=self.method, r=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora,
-                         init_r=self.init_rank, target_r=self.target_rank)
+                         init_r=self.init_rank, target_r=self.target_rank, dora=self.dora)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -72,6 +72,9 @@ step "Train a LoRA adapter on the fixture model for a few seconds (held-out loss
 step "Inspect the trained adapter" loratools inspect "$OUT/trained-lora"
 step "Train AdaLoRA (12 → 4 triplets per layer on average), saved with its final rank_pattern" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-adalora" --method adalora --init-rank 12 --target-rank 4 --alpha 12 --steps 20 --lr 1e-2 --seq-len 32 --eval-split 0.02
 step "Inspect the AdaLoRA result (ranks differ per layer)" loratools inspect "$OUT/trained-adalora"
+step "Train DoRA (LoRA plus a magnitude per output row; peft's use_dora) for 10 steps" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-dora" --dora --steps 10 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02
+step "Merge the trained DoRA (a norm pass, then the rescaled merge) and verify it" \
+  loratools merge fixtures/tiny-llama "$OUT/trained-dora" -o "$OUT/merged-dora" --verify
 step "Merge the LoRA into the base (streaming), with a record for exact un-merge, and verify it" \
   loratools merge fixtures/tiny-llama fixtures/adapters/lora -o "$OUT/merged" --record "$OUT/merged.record.safetensors" --verify
 step "Un-merge without the record: the error rounding left behind" \

@@ -33,7 +33,7 @@ ALLOWED = {
 # CUDA and its cores, and merge/record.py holds the record's file format beside its maths: neither is listed)
 PURE_CORE = (
     "loratools.errors", "loratools.config", "loratools.linalg", "loratools.adapter", "loratools.inspection",
-    "loratools.modelcard", "loratools.nn", "loratools.adalora", "loratools.dora",
+    "loratools.modelcard", "loratools.nn", "loratools.nn_dora", "loratools.adalora", "loratools.dora",
     "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan", "loratools.validate",
 )
 # modules through which files are reached, and the calls that read or write them

@@ -105,6 +105,7 @@ def _config(ctx: click.Context, resume: str | None, cls: Any, **values: Any) -> 
                    "or all-linear: every linear layer but the output head.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/√r instead of alpha/r.")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the adapter input.")
+@click.option("--dora", is_flag=True, help="Train DoRA: LoRA plus a magnitude per output row (peft's use_dora).")
 @click.option("--init-rank", type=int, default=12, show_default=True, help="AdaLoRA: initial triplets per layer.")
 @click.option("--target-rank", type=int, default=4, show_default=True, help="AdaLoRA: final average rank per layer.")
 @click.option("--orth-reg", type=float, default=0.5, show_default=True, help="AdaLoRA: orthogonal regulariser weight γ.")
@@ -146,12 +147,13 @@ def _config(ctx: click.Context, resume: str | None, cls: Any, **values: Any) -> 
               help="lora writes an AdaLoRA result as plain LoRA (same ΔW).")
 @pass_session
 def train(session: Session, base: str, data: str, output: str, force: bool, method: str, rank: int, alpha: float,
-          targets: str, rslora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float, orth_form: str,
-          tinit: int | None, tfinal: int | None, delta_t: int | None, beta1: float, beta2: float,
+          targets: str, rslora: bool, dora: bool, dropout: float, init_rank: int, target_rank: int, orth_reg: float,
+          orth_form: str, tinit: int | None, tfinal: int | None, delta_t: int | None, beta1: float, beta2: float,
           steps: int | None, epochs: float | None, lr: float, warmup: int, batch_size: int, grad_accum: int,
-          seq_len: int, eval_split: float, eval_file: str | None, eval_every: int, log_every: int, save_every: int, checkpoint_dir: str | None,
-          resume: str | None, gradient_checkpointing: bool, seed: int, device: str, dtype: str, base_model: str | None, save_as: str) -> None:
-    """Train a LoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
+          seq_len: int, eval_split: float, eval_file: str | None, eval_every: int, log_every: int, save_every: int,
+          checkpoint_dir: str | None, resume: str | None, gradient_checkpointing: bool, seed: int, device: str,
+          dtype: str, base_model: str | None, save_as: str) -> None:
+    """Train a LoRA, DoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
 
     BASE is a Hugging Face causal-LM directory (loaded offline with transformers:
     pip install 'loratools[train]'). DATA is .txt (packed into --seq-len blocks) or
@@ -170,6 +172,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
     Examples:
       loratools train fixtures/tiny-llama fixtures/corpus.txt -o out/lora --steps 50 --lr 1e-3
       loratools train BASE data.jsonl -o out/ada --method adalora --init-rank 12 --target-rank 4
+      loratools train BASE data.txt -o out/dora --dora --rank 8
       torchrun --nproc-per-node 2 -m loratools train BASE data.txt -o out/ddp --batch-size 2
     """
     from ..train import TrainConfig
@@ -182,7 +185,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
                      seq_len=seq_len, eval_split=eval_split, eval_file=eval_file, eval_every=eval_every,
                      save_every=save_every, seed=seed, device=device, dtype=dtype, orth_reg_weight=orth_reg,
                      orth_form=orth_form, save_as=save_as, tinit=tinit, tfinal=tfinal, delta_t=delta_t,
-                     beta1=beta1, beta2=beta2, gradient_checkpointing=gradient_checkpointing)
+                     beta1=beta1, beta2=beta2, gradient_checkpointing=gradient_checkpointing, dora=dora)
     steps = config.steps
     total_hint = steps or 0
     with _progress(session.err, total_hint, quiet_=session.quiet, log_every=log_every) as advance:

@@ -15,7 +15,7 @@ the output dtype at the end. A DoRA module (alone on its tensor, see
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -101,18 +101,20 @@ def dora_of(parts: Sequence[tuple[Module, float]]) -> Module | None:
 
 
 def dora_norms(blocks: Iterable[tuple[int, Tensor]], factors: Sequence[tuple[Tensor, Tensor]], module: Module, *,
-               precision: torch.dtype = torch.float32) -> Tensor:
+               precision: torch.dtype = torch.float32, acc: Callable[[int], Tensor | None] | None = None) -> Tensor:
     """‖V‖_row (``precision``, length ``out``) for V = W0 + ΔW, from W0's blocks of stored rows ``(first, block)``.
 
     Along stored rows (linear, conv) each block gives its rows' norms; along stored
     columns (``fan_in_fan_out``, embeddings) the squares are summed over all blocks
-    in float64. One pass over W0, a block in memory at a time.
+    in float64. One pass over W0, a block in memory at a time; ``acc(n)`` may give a reused
+    (n, cols) ``precision`` buffer for a block of n rows (a fresh block each time otherwise).
     """
     along_rows = norms_along_rows(module)
     parts: list[Tensor] = []
     ss: Tensor | None = None
     for first, w in blocks:
-        v = merge_rows(w, factors, first, dtype=precision, precision=precision)
+        v = merge_rows(w, factors, first, dtype=precision, precision=precision,
+                       acc=acc(w.shape[0]) if acc is not None else None)
         if along_rows:
             parts.append(torch.linalg.vector_norm(v, dim=1, dtype=torch.float64))
         else:

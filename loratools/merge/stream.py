@@ -89,8 +89,11 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
     with RowReader(span, rows) as reader:
         dora, norms, scale = dora_of(plan.deltas), None, None
         if dora is not None:
+            # the pre-pass reuses the main pass's accumulator: fresh blocks per row block cost ~140 MB of
+            # peak RSS (allocator arenas of the worker threads) on bench/merge.py's model
             norms = dora_norms(((i, reader.read(i, min(step, rows - i))) for i in range(0, rows, step)), factors,
-                               dora, precision=ar.precision)
+                               dora, precision=ar.precision,
+                               acc=lambda n: _block(ar, "out.acc", n, cols, ar.precision))
             scale = dora_scale(dora, norms)
         for i in range(0, rows, step):
             n = min(step, rows - i)
