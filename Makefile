@@ -46,13 +46,16 @@ $(LLAMA_REF_LIB):
 		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF > $(LLAMA_REF)/cmake.log
 	nice -n 10 cmake --build $(LLAMA_REF)/build --target ggml-base -j1 >> $(LLAMA_REF)/cmake.log
 
-# llama.cpp for tests/test_llama_cpp_runtime.py: node-llama-cpp's prebuilt CPU build, from npm, into the
-# git-ignored tests/node/node_modules. Without npm (or when the install fails) that test is skipped with the reason.
+# llama.cpp for the tests that run it (tests/test_merge_gguf_llama.py …): node-llama-cpp's prebuilt CPU build, from npm,
+# into the git-ignored tests/node/node_modules; the one install every such test looks in. Without npm (or when the
+# install fails) those tests are skipped with the reason. npm install is the fallback: a registry without the
+# Windows/macOS builds writes a lock that npm ci (npm 11) refuses as out of sync; the versions stay the lock's.
 tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
-		(cd tests/node && npm ci --no-audit --no-fund --loglevel=error) && touch $@ \
-		|| echo "npm ci failed in tests/node: the llama.cpp runtime test will be skipped"; \
-	else echo "npm not found: the llama.cpp runtime test will be skipped"; fi
+		(cd tests/node && (npm ci --no-audit --no-fund --loglevel=error \
+		  || npm install --no-save --no-audit --no-fund --loglevel=error)) && touch $@ \
+		|| echo "npm ci failed in tests/node: the llama.cpp runtime tests will be skipped"; \
+	else echo "npm not found: the llama.cpp runtime tests will be skipped"; fi
 
 install: $(VENV)/.installed
 node: tests/node/node_modules/.installed
