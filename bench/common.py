@@ -13,8 +13,28 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(cmd: list[str], *, cwd: Path = ROOT) -> dict[str, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one child process (``os.wait4``).
+
+    Imports nothing heavy: a benchmark's parent stays small, since Linux carries a process's
+    peak RSS across fork+exec into every child's ``ru_maxrss``.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{err[-4000:]}")
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}
+
 
 SMOLLM_DIR = Path(os.environ.get("LORATOOLS_SMOLLM_DIR", "/tmp/loratools-smollm2-135m"))
 

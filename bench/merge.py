@@ -39,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import timed  # noqa: E402
 # This process stays small (no torch): Linux keeps a process's peak RSS across fork+exec, so a fat
 # parent would inflate every child's ru_maxrss. The model is made in a child (`--make`).
 
@@ -142,18 +144,6 @@ model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bflo
 merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out, max_shard_size=shard)
 """
-
-
-def timed(cmd: list[str]) -> dict[str, float]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}
 
 
 def _commands(base: Path, adapter: Path, dora: Path, work: Path, shard: str) -> dict[str, list[str]]:

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import timed  # noqa: E402
 PY = sys.executable
 HIDDEN, INTER, LAYERS, RANK = 4096, 11008, 32, 64
 
@@ -58,17 +58,6 @@ json.dump({{"peft_type": "LORA", "r": {RANK}, "lora_alpha": {2 * RANK}, "target_
 READ = "import sys; from safetensors.torch import load_file; load_file(sys.argv[1] + '/adapter_model.safetensors')"
 
 
-def run(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {err[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -93,7 +82,8 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
     for _ in range(args.runs):
         for name, cmd in paths.items():
-            times[name].append(run(cmd, ROOT))
+            r = timed(cmd)
+            times[name].append((r["wall_s"], r["cpu_s"]))
     rows = {k: {"wall": statistics.median(w for w, _ in v), "cpu": statistics.median(c for _, c in v)}
             for k, v in times.items()}
     print(f"{'path':<16} {'wall s':>8} {'cpu s':>8}")
