@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 # This process stays small (no torch, no numpy): Linux keeps a process's peak RSS across fork+exec,
 # so a fat parent would inflate every child's ru_maxrss. The model is made in a child (`--make`).
 # bench/merge.py (bench/ is sys.path[0] when this runs as a script): its shapes, adapter and timing
-from merge import HEADS, HIDDEN, INTER, KV, TARGETS, VOCAB, llama_shapes, make_adapter, timed  # noqa: E402
+from common import timed  # noqa: E402
+from merge import HEADS, HIDDEN, INTER, KV, TARGETS, VOCAB, llama_shapes, make_adapter  # noqa: E402
 
 Q8_BYTES = 34 / 32  # Q8_0: a float16 scale + 32 int8 per block of 32 values
 #: transformers name suffix → llama.cpp tensor (gguf's TENSOR_MAPPINGS for llama)
