@@ -38,11 +38,14 @@ class Module:
 
     - ``linear``: ``A`` (r, in), ``B`` (out, r); the base weight is (out, in),
       or (in, out) when ``fan_in_fan_out`` (GPT-2's Conv1D).
-    - ``conv``: ``A`` (r, in, kh, kw), ``B`` (out, r, 1, 1); weight (out, in, kh, kw).
+    - ``conv``: ``A`` (r, in, *kernel), ``B`` (out, r, 1, …); weight (out, in, *kernel), for
+      1-, 2- and 3-D convolutions (``nn.Conv1d``/``Conv2d``/``Conv3d``).
     - ``embedding``: ``A`` (r, vocab), ``B`` (dim, r); weight (vocab, dim).
 
     ``E`` (r, 1) is AdaLoRA's Λ, None for LoRA. ``scale`` multiplies the
     product; ``alpha`` is what the file says (kept to rewrite it faithfully).
+    ``bias`` (out,) is peft's ``lora_bias`` (a bias on ``lora_B``): it adds
+    ``scale · bias`` to the base layer's bias (peft 0.21.2 ``lora/layer.py`` ``Linear.merge``).
     """
 
     A: Tensor
@@ -52,6 +55,7 @@ class Module:
     E: Tensor | None = None
     kind: Kind = "linear"
     fan_in_fan_out: bool = False
+    bias: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -75,7 +79,15 @@ class Module:
 
     @property
     def parameters(self) -> int:
-        return self.A.numel() + self.B.numel() + (self.E.numel() if self.E is not None else 0)
+        return sum(t.numel() for t in (self.A, self.B, self.E, self.bias) if t is not None)
+
+    def bias_delta(self) -> "Module | None":
+        """The bias update ``scale · bias`` as a rank-1 module whose (out, 1) ΔW is added to the base bias
+        (stored (out,): the merge kernels view it as a column), or None without ``lora_bias``."""
+        if self.bias is None:
+            return None
+        return Module(A=torch.ones(1, 1, dtype=self.bias.dtype), B=self.bias.reshape(-1, 1), alpha=1.0,
+                      scale=self.scale)
 
     def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``."""
@@ -120,19 +132,24 @@ def _prod(xs: tuple[int, ...] | torch.Size) -> int:
 
 def check_module(name: str, m: Module, *, finite: bool = True) -> None:
     """Raise a :class:`ShapeMismatchError`/:class:`NonFiniteError` naming ``name`` if ``m`` is malformed."""
-    want_ndim = 4 if m.kind == "conv" else 2
-    if m.A.ndim != want_ndim or m.B.ndim != want_ndim:
-        raise ShapeMismatchError(name, f"{want_ndim}-D lora_A and lora_B", f"{tuple(m.A.shape)} and {tuple(m.B.shape)}")
+    if m.kind == "conv":
+        if not 3 <= m.A.ndim <= 5 or m.B.ndim != m.A.ndim:
+            raise ShapeMismatchError(name, "3- to 5-D lora_A and lora_B of the same rank (a convolution)",
+                                     f"{tuple(m.A.shape)} and {tuple(m.B.shape)}")
+    elif m.A.ndim != 2 or m.B.ndim != 2:
+        raise ShapeMismatchError(name, "2-D lora_A and lora_B", f"{tuple(m.A.shape)} and {tuple(m.B.shape)}")
     if m.B.shape[1] != m.A.shape[0]:
         raise ShapeMismatchError(
             name, f"lora_B with {m.A.shape[0]} columns (the rank of lora_A {tuple(m.A.shape)})", tuple(m.B.shape)
         )
-    if m.kind == "conv" and tuple(m.B.shape[2:]) != (1, 1):
+    if m.kind == "conv" and any(int(k) != 1 for k in m.B.shape[2:]):
         raise ShapeMismatchError(name, "a 1×1 lora_B convolution", tuple(m.B.shape))
     if m.E is not None and tuple(m.E.shape) != (m.rank, 1):
         raise ShapeMismatchError(name, f"lora_E of shape ({m.rank}, 1)", tuple(m.E.shape))
+    if m.bias is not None and tuple(m.bias.shape) != (int(m.B.shape[0]),):
+        raise ShapeMismatchError(name, f"a lora_B bias of shape ({int(m.B.shape[0])},)", tuple(m.bias.shape))
     if finite:
-        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E)):
+        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E), ("lora_B.bias", m.bias)):
             if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(name, label)
 
@@ -251,13 +268,15 @@ def module_from_svd(like: Module, U: Tensor, S: Tensor, Vh: Tensor, *, dtype: to
     """A plain LoRA module with ``ΔW = U diag(S) Vh`` (matrix layout): ``B = U√S``, ``A = √S Vh``
     (:func:`loratools.linalg.sqrt_split`), scale 1 (``alpha = rank``), in ``like``'s kind, layout and dtype.
 
-    How every job that re-factors a ΔW (resize, prune) stores the result.
+    How every job that re-factors a ΔW (resize, prune) stores the result. A ``lora_bias`` is kept, multiplied
+    by ``like.scale`` so that its update ``scale · bias`` is unchanged at scale 1.
     """
     B, A = sqrt_split(U, S, Vh)
     k = int(S.numel())
     dt = dtype or like.A.dtype
     if like.kind == "conv":
         A = A.reshape(k, *like.A.shape[1:])
-        B = B.reshape(B.shape[0], k, 1, 1)
+        B = B.reshape(B.shape[0], k, *like.B.shape[2:])
+    bias = (like.bias.to(torch.float32) * like.scale).to(dt) if like.bias is not None else None
     return Module(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), alpha=alpha_for_scale(1.0, k), scale=1.0,
-                  kind=like.kind, fan_in_fan_out=like.fan_in_fan_out)
+                  kind=like.kind, fan_in_fan_out=like.fan_in_fan_out, bias=bias)

@@ -98,6 +98,8 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, extra_inputs=adapters, progress=advance)
+    for note in report.notes:
+        session.err.print(f"note: {note}")
     v = verify_merge(base, inputs, output, device=device, precision=precision) if do_verify else None
     if as_json:
         render.print_json({**report.to_json(), **({"verify": v.to_json()} if v else {})})

@@ -204,7 +204,9 @@ def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
         out[k] = "llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head)"
     for name, m in adapter.items():
         g = gguf_name(name)
-        if m.kind == "conv":
+        if m.bias is not None:
+            out[name] = "llama.cpp adapters hold no LoRA bias (lora_bias)"
+        elif m.kind == "conv":
             out[name] = "llama.cpp adapters hold no conv layers"
         elif g is None or m.fan_in_fan_out or (m.kind == "embedding") != (g == "token_embd"):
             out[name] = "llama.cpp's llama architecture has no tensor for it"

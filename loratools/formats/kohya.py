@@ -81,6 +81,7 @@ def kohya_key(name: str) -> str:
 def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
     """Modules and saved tensors kohya's format cannot hold, with the reason."""
     out = {n: "kohya's format has no embedding LoRA" for n, m in adapter.items() if m.kind == "embedding"}
+    out.update({n: "kohya's format has no LoRA bias (lora_bias)" for n, m in adapter.items() if m.bias is not None})
     out.update({k: "kohya's format holds no full replacement tensors (modules_to_save)" for k in adapter.saved})
     keys: dict[str, str] = {}
     for n in adapter.modules:
@@ -137,9 +138,9 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
         else:
             found = lookup.get(_PREFIX.sub("", key))
             name = found if found is not None else key
-        kind = "conv" if A.ndim == 4 else "linear"
+        kind = "conv" if A.ndim in (3, 4, 5) else "linear"
         if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
-            up = up.reshape(*up.shape, 1, 1)
+            up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
         modules[name] = Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind,
                                fan_in_fan_out=name in fifo)
     orphans = [k for k in tensors if k.endswith(_UP) and k[: -len(_UP)] + _DOWN not in tensors]

@@ -2,12 +2,15 @@
 
 Key grammar (``<m>`` is the module path, e.g. ``model.layers.0.self_attn.q_proj``):
 
-======================  ==============================================
-LoRA linear / conv      ``base_model.model.<m>.lora_A.weight``, ``.lora_B.weight``
-LoRA embedding          ``base_model.model.<m>.lora_embedding_A``, ``.lora_embedding_B``
-AdaLoRA                 ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
-modules_to_save, other  kept verbatim in :attr:`Adapter.saved`
-======================  ==============================================
+========================  ==============================================
+LoRA linear / conv        ``base_model.model.<m>.lora_A.weight``, ``.lora_B.weight``
+``lora_bias``             ``base_model.model.<m>.lora_B.bias``
+LoRA embedding            ``base_model.model.<m>.lora_embedding_A``, ``.lora_embedding_B``
+AdaLoRA                   ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
+older files               the same with ``.default`` after the factor (``….lora_A.default.weight``)
+modules_to_save, biases,  kept verbatim in :attr:`Adapter.saved`: full tensors that replace the base's
+base_layer copies         (``bias="all"``/``"lora_only"`` biases, ``….base_layer.weight`` of embeddings)
+========================  ==============================================
 
 AdaLoRA files pruned by PEFT hold truncated tensors (possibly rank 0) and a
 ``rank_pattern`` of boolean masks keyed ``<m>.lora_E``.
@@ -16,6 +19,7 @@ AdaLoRA files pruned by PEFT hold truncated tensors (possibly rank 0) and a
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,16 +40,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-# (suffix, factor, kind-hint) — longest suffixes first so ".lora_A.weight" wins over ".lora_A"
-_SUFFIXES: list[tuple[str, str, Kind | None]] = [
-    (".lora_embedding_A", "A", "embedding"),
-    (".lora_embedding_B", "B", "embedding"),
-    (".lora_A.weight", "A", None),
-    (".lora_B.weight", "B", None),
-    (".lora_A", "A", None),
-    (".lora_B", "B", None),
-    (".lora_E", "E", None),
-]
+#: ``<m>.<factor>[.default][.weight|.bias]``: peft 0.21.2 saves without the adapter name
+#: (``utils/save_and_load.py`` ``_remove_adapter_name_from_key``); older files keep ``.default``, which peft still
+#: loads (``BaseTuner._remap_adapter_state_dict_for_load`` passes keys that already name the model's parameter through)
+_KEY = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B)(?:\.default)?"
+                  r"(?P<t>\.weight|\.bias)?$")
+_FACTOR = {"lora_A": "A", "lora_B": "B", "lora_E": "E", "lora_embedding_A": "A", "lora_embedding_B": "B"}
 _ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 
 
@@ -62,11 +62,14 @@ def detect(path: Path) -> bool:
 
 
 def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
-    for suffix, factor, kind in _SUFFIXES:
-        if key.endswith(suffix):
-            name = key[: -len(suffix)]
-            return (name[len(PREFIX):] if name.startswith(PREFIX) else name), factor, kind
-    return None
+    """(module, factor, kind hint) of a LoRA factor key; factor ``"bias"`` is lora_B's bias (``lora_bias``)."""
+    match = _KEY.match(key)
+    if match is None or (match["t"] == ".weight" and match["f"] in ("lora_E", "lora_embedding_A", "lora_embedding_B")):
+        return None
+    name = match["m"][len(PREFIX):] if match["m"].startswith(PREFIX) else match["m"]
+    if match["t"] == ".bias":
+        return (name, "bias", None) if match["f"] == "lora_B" else None
+    return name, _FACTOR[match["f"]], ("embedding" if match["f"].startswith("lora_embedding") else None)
 
 
 def read_peft(path: Path) -> Adapter:
@@ -121,7 +124,7 @@ def read_peft(path: Path) -> Adapter:
             if f not in fs:
                 raise MissingModuleError(f"{name}.lora_{f}", str(weights), "the adapter file is incomplete")
         A, B = fs["A"], fs["B"]
-        kind: Kind = kinds.get(name) or ("conv" if A.ndim == 4 else "linear")
+        kind: Kind = kinds.get(name) or ("conv" if A.ndim in (3, 4, 5) else "linear")
         if method == "adalora":
             assert init_r is not None
             alpha = alpha_default
@@ -133,7 +136,7 @@ def read_peft(path: Path) -> Adapter:
             alpha = float(pattern_value(name, alpha_pattern, alpha_default))
             scale = lora_scale(alpha, r_cfg, rslora=rslora)
         modules[name] = Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind,
-                               fan_in_fan_out=fifo and kind == "linear")
+                               fan_in_fan_out=fifo and kind == "linear", bias=fs.get("bias"))
     if not modules:
         raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")
     target = raw.get("target_modules")
@@ -212,14 +215,20 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         lora_alpha=a0,
         use_rslora=cfg.use_rslora,
         use_dora=False,
+        lora_bias=_has_lora_bias(adapter),
         rank_pattern={n: r for n, r in ranks.items() if r != r0},
         alpha_pattern={n: a for n, a in alphas.items() if a != a0},
     )
     return raw
 
 
+def _has_lora_bias(adapter: Adapter) -> bool:
+    return any(m.bias is not None for m in adapter.modules.values())
+
+
 def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
+    lora_bias = _has_lora_bias(adapter)
     for name, m in adapter.items():
         base = PREFIX + name
         if m.kind == "embedding":
@@ -229,6 +238,8 @@ def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
             out[f"{base}.lora_A"], out[f"{base}.lora_B"], out[f"{base}.lora_E"] = m.A, m.B, m.E
         else:
             out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.A, m.B
+            if lora_bias:  # peft gives every lora_B a bias when the config says lora_bias: zero where there was none
+                out[f"{base}.lora_B.bias"] = m.bias if m.bias is not None else m.B.new_zeros(m.B.shape[0])
     out.update(adapter.saved)
     return out
 

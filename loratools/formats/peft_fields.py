@@ -112,18 +112,15 @@ FIELDS: Mapping[str, FieldRule] = {
     "rank_pattern": FieldRule("implemented", "per-module rank (LoRA) or kept-triplet masks (AdaLoRA)"),
     "alpha_pattern": FieldRule("implemented", "per-module alpha"),
     "fan_in_fan_out": FieldRule("implemented", "ΔW transposed for Conv1D-style (in, out) weights"),
-    "modules_to_save": FieldRule("implemented", "full tensors that replace the base's"),
+    "modules_to_save": FieldRule("implemented", "full tensors that replace the base's (a tied pair is untied)"),
+    "lora_bias": FieldRule("implemented", "lora_B's bias: scale · bias added to the base layer's bias"),
+    "bias": FieldRule("implemented", "trained biases are saved as full tensors that replace the base's"),
     "init_lora_weights": FieldRule("implemented", "plain initialisations need nothing; base-rewriting ones refused",
                                    _init_refusal),
     # --- refused until loratools computes them
     "use_dora": FieldRule("refused", "DoRA", _refuse_when_set(
         "DoRA's magnitude vector is not a low-rank update; loratools does not read DoRA yet — merge it with "
         "peft (`merge_and_unload`)")),
-    "lora_bias": FieldRule("refused", "LoRA bias", _refuse_when_set(
-        "the adapter carries lora_B biases, which loratools does not merge yet; merge it with peft")),
-    "bias": FieldRule("refused", "trained biases", _refuse_unless(
-        lambda v: v in (None, "none"), "the adapter trained bias vectors, which loratools does not merge yet; "
-                                       "merge it with peft")),
     "trainable_token_indices": FieldRule("refused", "trainable tokens", _refuse_when_set(
         "trainable token rows are not merged by loratools yet; merge it with peft")),
     "target_parameters": FieldRule("refused", "LoRA on nn.Parameters (MoE experts)", _refuse_when_set(

@@ -1,7 +1,7 @@
 """loratools' own single-file format: one self-describing ``.safetensors``.
 
 Tensors: ``<module>.lora_A``, ``<module>.lora_B`` and, for AdaLoRA,
-``<module>.lora_E``; full replacement tensors as ``saved::<key>``.
+``<module>.lora_E``; peft's ``lora_bias`` as ``<module>.lora_B.bias``; full replacement tensors as ``saved::<key>``.
 ``__metadata__`` (all strings, as safetensors requires):
 
 - ``format`` = ``"loratools"``, ``format_version`` = ``"1"``;
@@ -59,7 +59,8 @@ def read_single(path: Path) -> Adapter:
         if config.method == "adalora" and E is None:
             raise MissingModuleError(f"{name}.lora_E", str(path), "the adapter file is incomplete")
         modules[name] = Module(A=A, B=B, E=E, alpha=float(m["alpha"]), scale=float(m["scale"]),
-                               kind=m.get("kind", "linear"), fan_in_fan_out=bool(m.get("fan_in_fan_out", False)))
+                               kind=m.get("kind", "linear"), fan_in_fan_out=bool(m.get("fan_in_fan_out", False)),
+                               bias=tensors.get(f"{name}.lora_B.bias"))
     saved = {k[len(_SAVED):]: t for k, t in tensors.items() if k.startswith(_SAVED)}
     adapter = Adapter(modules, config, saved)
     if fp is not None and fp.sha256 != adapter.fingerprint.sha256:
@@ -76,6 +77,8 @@ def write_single(adapter: Adapter, path: Path) -> None:
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = m.A, m.B
         if m.E is not None:
             tensors[f"{name}.lora_E"] = m.E
+        if m.bias is not None:
+            tensors[f"{name}.lora_B.bias"] = m.bias
         info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out}
     for key, t in adapter.saved.items():
         tensors[_SAVED + key] = t

@@ -138,14 +138,17 @@ class ModelReader:
         self.close()
 
 
-def _mirror_side_files(model: ModelReader, dest: Path) -> None:
-    """Config, tokenizer, generation config …: copied as they are."""
+def _mirror_side_files(model: ModelReader, dest: Path, config: Mapping[str, Any] | None = None) -> None:
+    """Config, tokenizer, generation config …: copied as they are; ``config`` changes fields of config.json."""
     weights = set(model.shards) | {INDEX_NAME}
     for item in model.root.iterdir():
         if item.name in weights:
             continue
         if item.is_dir():
             shutil.copytree(item, dest / item.name)
+        elif item.name == "config.json" and config:
+            data = json.loads(item.read_text())
+            (dest / item.name).write_text(json.dumps({**data, **config}, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copy2(item, dest / item.name)
 
@@ -157,23 +160,27 @@ def _compute_workers(device_type: str) -> int:
 
 def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], metadata: Mapping[str, str],
                   compute: Callable[[str], Tensor | None], progress: Progress | None = None,
-                  device_type: str = "cpu") -> tuple[int, int]:
+                  device_type: str = "cpu", added: Mapping[str, str] | None = None,
+                  config: Mapping[str, Any] | None = None) -> tuple[int, int]:
     """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a new tensor or None (copy).
 
-    ``codes`` gives each tensor's output dtype code. Tensors are computed on a
+    ``codes`` gives each tensor's output dtype code. ``added`` maps a tensor new in the output to the
+    tensor it is written beside, in that one's shard, dtype and shape (``compute`` gives it, or None copies
+    that one's bytes); ``config`` changes fields of a model directory's config.json. Tensors are computed on a
     few threads and written, in file order, by one writer thread at most two
     tensors behind, so computing overlaps writing; memory holds a handful of
     tensors at most. ``progress`` is told the tensor count first, then each
     tensor written. Returns (tensors computed, tensors copied).
     """
+    added = dict(added or {})
     if model.is_dir:
         dest.mkdir()
-        _mirror_side_files(model, dest)
+        _mirror_side_files(model, dest, config)
         shard_paths = {s: dest / s for s in model.shards}
     else:
         shard_paths = {model.shards[0]: dest}
     if progress:
-        progress(0, total=len(model.spans))
+        progress(0, total=len(model.spans) + len(added))
     counts = [0, 0]
     total = 0
     workers = _compute_workers(device_type)
@@ -181,27 +188,29 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
             ThreadPoolExecutor(1, thread_name_prefix="loratools-writer") as wpool:
         for shard, path in shard_paths.items():
             keys = [k for k in model.shard_keys(shard) if k in model.spans]
-            entries = [Entry(k, codes[k], model.spans[k].shape) for k in keys]
+            keys += [new for new, beside in added.items() if beside in keys]
+            entries = [Entry(k, codes[added.get(k, k)], model.spans[added.get(k, k)].shape) for k in keys]
             total += sum(e.nbytes for e in entries)
             _write_shard(model, ShardWriter(path, entries, {**model.metadata(shard), **metadata}), entries,
-                         compute, cpool, wpool, workers, progress, counts)
+                         compute, cpool, wpool, workers, progress, counts, added)
     if model.index is not None:
         index = json.loads(json.dumps(model.index))
         index.setdefault("metadata", {})["total_size"] = total
+        index.setdefault("weight_map", {}).update({new: model.shard_of[beside] for new, beside in added.items()})
         (dest / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return counts[0], counts[1]
 
 
 def _write_shard(model: ModelReader, w: ShardWriter, entries: list[Entry], compute: Callable[[str], Tensor | None],
                  cpool: ThreadPoolExecutor, wpool: ThreadPoolExecutor, workers: int, progress: Progress | None,
-                 counts: list[int]) -> None:
+                 counts: list[int], added: Mapping[str, str]) -> None:
     """Tensors computed ``workers`` at a time, written in order by ``wpool``."""
     writes: deque[Future[None]] = deque()
     computes: deque[tuple[Entry, Future[Tensor | None]]] = deque()
 
     def write_next() -> None:
         e, fut = computes.popleft()
-        t, span = fut.result(), model.spans[e.name]
+        t, span = fut.result(), model.spans[added.get(e.name, e.name)]
         if t is not None:
             writes.append(wpool.submit(w.write, e.name, t.to(CODE_DTYPES[e.dtype])))
         elif e.dtype == span.dtype:

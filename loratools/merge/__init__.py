@@ -42,8 +42,8 @@ from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, Shap
 from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, read_tensor, rewrite_model
 from .kernels import (check_finite, delta_sum, jitter, low_rank, merged_tensor, tolerance, ulp,
                       unmerged_tensor)
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge,
-                   resolve_precision, saved_base_key, stamp)
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, find_tie, out_code, plan_merge,
+                   resolve_precision, saved_base_key, stamp, tie_notes)
 from .record import RecordWriter, apply_patch, make_patch, read_record, tensor_sha256
 
 __all__ = [
@@ -76,10 +76,13 @@ class MergeReport:
     #: un-merge without a record: a guaranteed per-element bound, ½ulp(W) + ½ulp(W0') at the worst element
     error_bound: float = 0.0
     adapters: list[dict[str, Any]] = field(default_factory=list)
+    #: what the user should know, shown on stderr by the CLI (an untied embedding pair, a tied one changed)
+    notes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["output"], d["record"] = str(self.output), (str(self.record) if self.record else None)
+        d["notes"] = list(self.notes)
         d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
         return d
 
@@ -127,6 +130,16 @@ class VerifyReport:
 
 # --------------------------------------------------------------------------- the jobs
 
+def _hparams(model: ModelReader) -> dict[str, Any] | None:
+    """The model's config.json (beside a single file), or None."""
+    path = model.root / "config.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(path, f"not valid JSON ({e.msg})") from None
+    return data if isinstance(data, dict) else None
+
+
 @dataclass
 class _Job:
     """What every job starts from: the inputs, the model read once, the plan."""
@@ -136,24 +149,46 @@ class _Job:
     precision: torch.dtype
     model: ModelReader
     plan: dict[str, TensorPlan]
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, path: PathLike, adapters: Adapters, device: str | torch.device,
-              precision: str | torch.dtype) -> "_Job":
+              precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
         inputs = adapter_inputs(adapters)
         dev, prec = resolve_device(device), resolve_precision(precision)
         model = ModelReader(path)
-        return cls(inputs, dev, prec, model, plan_merge(model.shapes(), inputs))
+        tie = find_tie(_hparams(model), model.spans)
+
+        def same_as_base(key: str, t: Tensor) -> bool:
+            return bool(torch.equal(model.read(key).to(torch.float64), t.to(torch.float64)))
+
+        plan = plan_merge(model.shapes(), inputs, tie=tie, same_as_base=same_as_base, unmerge=unmerge)
+        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [])
+
+    @property
+    def added(self) -> dict[str, str]:
+        """Tensors new in the output (an untied output head) → the base tensor each starts from."""
+        return {k: p.source for k, p in self.plan.items() if p.source is not None}
+
+    def base(self, key: str) -> Tensor:
+        """The base tensor ``key`` starts from (for a new tensor, its ``source``)."""
+        p = self.plan.get(key)
+        return self.model.read(p.source if p is not None and p.source is not None else key)
 
     def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str], compute: Callable[[str], Tensor | None],
                 progress: Progress | None) -> tuple[int, int]:
         # parallelism comes from computing whole tensors on separate threads, each with one torch thread
+        added = self.added
+        config = {"tie_word_embeddings": False} if added else None
         with cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext():
-            return rewrite_model(self.model, tmp, codes=codes, metadata=meta, compute=compute, progress=progress,
-                                 device_type=self.device.type)
+            return rewrite_model(self.model, tmp, codes={**codes, **{k: codes[s] for k, s in added.items()}},
+                                 metadata=meta, compute=compute, progress=progress, device_type=self.device.type,
+                                 added=added, config=config)
 
     def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
         """What an un-merge computes for this tensor before any record is applied."""
+        if plan.restore and plan.replace is not None:
+            return plan.replace.to(dtype)
         if not plan.deltas:
             return w.to(dtype)
         return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
@@ -184,8 +219,8 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
         p = plan.get(key)
         if p is None:
             return None
-        w0 = model.read(key)
-        out_dtype = CODE_DTYPES[codes[key]]
+        w0 = job.base(key)
+        out_dtype = CODE_DTYPES[codes[p.source or key]]
         start = p.replace if p.replace is not None else w0
         try:
             w = (merged_tensor(start, p.deltas, dtype=out_dtype, precision=job.precision, device=job.device).cpu()
@@ -193,7 +228,7 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
         except NonFiniteError:
             check_finite(key, w0, "the base model")
             raise NonFiniteError(key, f"the merge (the sum overflows {out_dtype})") from None
-        if rec is not None:
+        if rec is not None and p.source is None:  # a new tensor (an untied head) has no original to restore
             rec.add(key, make_patch(w0, job.recon(w, p, w0.dtype)), tensor_sha256(w0))
         return w
 
@@ -208,8 +243,11 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
         finally:
             if rec is not None:
                 rec.close()
+    notes = list(job.notes)
+    if job.added and not model.is_dir:
+        notes.append(f"{out} is a single file: set tie_word_embeddings to false in the config that goes with it")
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record_path, rec.nbytes if rec else 0,
-                       adapters=[i.describe() for i in job.inputs])
+                       adapters=[i.describe() for i in job.inputs], notes=tuple(notes))
 
 
 def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> None:
@@ -264,7 +302,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
     ``error_bound`` = max ½ulp(W) + ½ulp(W0'), which the true error never exceeds
     (up to the float32 rounding of ΔW).
     """
-    job = _Job.start(merged, adapters, device, precision)
+    job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
     _check_stamp(model, merged, job.inputs)
     record_path = Path(record) if record is not None else None
@@ -277,7 +315,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         if missing:
             raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
     else:
-        replaced = [k for k, p in plan.items() if p.replace is not None]
+        replaced = [k for k, p in plan.items() if p.replace is not None and not p.restore]
         if replaced:
             raise InvalidOptionError(f"the adapter replaced {replaced[0]} (modules_to_save); only the record of the "
                                      "merge (`record`) can give the original back")
@@ -298,7 +336,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
             if tensor_sha256(r) != hashes[key]:
                 raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
                                                     "same kind of device as the merge (or the merged model was changed)")
-        elif p.deltas:
+        elif p.deltas and not p.restore:
             stats.add(key, w, r, p, job)
         return r
 
@@ -320,27 +358,28 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
     """
     job = _Job.start(base, adapters, device, precision)
     b, m, plan, dev, prec = job.model, ModelReader(merged), job.plan, job.device, job.precision
-    if set(b.spans) != set(m.spans):
-        extra = sorted(set(b.spans) ^ set(m.spans))
+    shapes = {**{k: s.shape for k, s in b.spans.items()}, **{k: b.spans[s].shape for k, s in job.added.items()}}
+    if set(shapes) != set(m.spans):
+        extra = sorted(set(shapes) ^ set(m.spans))
         raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
     checks: list[ModuleCheck] = []
     bad: list[str] = []
     dtype_names = set()
     if progress:
-        progress(0, total=len(b.spans))
-    for key in sorted(b.spans):
-        if b.spans[key].shape != m.spans[key].shape:
-            raise ShapeMismatchError(key, b.spans[key].shape, m.spans[key].shape, "the merged model is not a merge of the base")
+        progress(0, total=len(shapes))
+    for key in sorted(shapes):
+        if shapes[key] != m.spans[key].shape:
+            raise ShapeMismatchError(key, shapes[key], m.spans[key].shape, "the merged model is not a merge of the base")
         got = m.read(key)
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
-        w0 = b.read(key)
+        w0 = job.base(key)
         if p is None:
             if not torch.equal(w0.to(got.dtype), got):
                 bad.append(key)
         else:
             start = p.replace if p.replace is not None else w0
-            delta = (delta_sum(p.deltas, precision=prec, device=dev) if p.deltas
+            delta = (delta_sum(p.deltas, precision=prec, device=dev).reshape(start.shape) if p.deltas
                      else torch.zeros(start.shape, dtype=prec, device=dev))
             exact = start.to(device=dev, dtype=prec) + delta
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,8 +22,9 @@ from ..adapter import Adapter, Module
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
 
-__all__ = ["AdapterInput", "TensorPlan", "METADATA_KEY", "FLOAT_CODES", "adapter_inputs", "plan_merge",
-           "saved_base_key", "resolve_precision", "out_code", "stamp"]
+__all__ = ["AdapterInput", "TensorPlan", "Tie", "METADATA_KEY", "FLOAT_CODES", "HEAD_KEY", "adapter_inputs",
+           "plan_merge", "find_tie", "tie_notes", "saved_base_key", "is_base_copy", "resolve_precision", "out_code",
+           "stamp"]
 
 #: the metadata key of a merged model (and of a record) that says which adapters went in
 METADATA_KEY = "loratools.merge"
@@ -80,61 +81,183 @@ def stamp(op: str, inputs: Sequence[AdapterInput], precision: torch.dtype, devic
 
 
 def saved_base_key(key: str) -> str:
-    """The base weight a PEFT ``modules_to_save`` tensor replaces.
+    """The base tensor a full tensor saved in a PEFT adapter replaces.
 
-    peft 0.21.2 saves ``base_model.model.lm_head.weight``; older files carry
-    ``…lm_head.modules_to_save.default.weight``. Both map to ``lm_head.weight``.
+    peft 0.21.2 saves ``modules_to_save`` as ``base_model.model.lm_head.weight`` (older files
+    ``…lm_head.modules_to_save.default.weight``), an embedding LoRA's own copy of the embedding as
+    ``…embed_tokens.base_layer.weight`` (``save_embedding_layers``), and trained biases (``bias="all"``/
+    ``"lora_only"``) as ``…k_proj.bias`` or ``…q_proj.base_layer.bias``. All map to the base's own name.
+
+    >>> saved_base_key("base_model.model.model.embed_tokens.base_layer.weight")
+    'model.embed_tokens.weight'
     """
     key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    key = re.sub(r"\.base_layer(?=\.(weight|bias)$)", "", key)
     return re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key)
+
+
+def is_base_copy(key: str) -> bool:
+    """True for an embedding's own weight that peft saved beside its LoRA (``….base_layer.weight``):
+    the base layer as peft had it, usually the base's own tensor."""
+    return key.endswith(".base_layer.weight")
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A base whose output head *is* its input embedding: ``head`` is absent from its files."""
+
+    head: str
+    embed: str
+
+
+#: the output head of a causal LM in transformers 5.23 (``_tied_weights_keys = {"lm_head.weight": …}``)
+HEAD_KEY = "lm_head.weight"
+_EMBED_KEYS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
+               "embed_in.weight")
+
+
+def find_tie(hparams: Mapping[str, Any] | None, keys: Collection[str]) -> Tie | None:
+    """The base's tied input/output embeddings: its config says ``tie_word_embeddings: true`` (or says
+    nothing and it is a causal LM), its files hold no ``lm_head.weight``, and they hold one input embedding."""
+    cfg = hparams or {}
+    archs = cfg.get("architectures") or []
+    tied = cfg.get("tie_word_embeddings", any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
+    if tied is not True or HEAD_KEY in keys:
+        return None
+    embeds = [k for k in keys if k.endswith(_EMBED_KEYS)]
+    return Tie(HEAD_KEY, embeds[0]) if len(embeds) == 1 else None
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """What happens to one base tensor: replaced by a saved tensor, and/or Σ wᵢ·ΔWᵢ added."""
+    """What happens to one tensor: replaced by a saved tensor, and/or Σ wᵢ·ΔWᵢ added.
+
+    ``source`` names the base tensor to start from when ``key`` is new in the output (the output
+    head of an untied embedding pair). ``restore`` (un-merge only): ``replace`` is the base tensor
+    itself (a ``base_layer`` copy the adapter saved), so it is the un-merged tensor.
+    """
 
     key: str
     deltas: tuple[tuple[Module, float], ...] = ()
     replace: Tensor | None = None
+    source: str | None = None
+    restore: bool = False
 
 
-def plan_merge(shapes: Mapping[str, tuple[str, tuple[int, ...]]], adapters: Sequence[AdapterInput]) -> dict[str, TensorPlan]:
+Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class _Ops:
+    """What the adapters do, by base key, before the tie is resolved."""
+
+    deltas: dict[str, list[tuple[Module, float]]] = field(default_factory=dict)
+    #: (base key, file key, tensor, input) of each full tensor; ``copy``: a ``base_layer`` copy
+    saved: list[tuple[bool, str, str, Tensor, AdapterInput]] = field(default_factory=list)
+
+
+def plan_merge(shapes: Shapes, adapters: Sequence[AdapterInput], *, tie: Tie | None = None,
+               same_as_base: Callable[[str, Tensor], bool] | None = None,
+               unmerge: bool = False) -> dict[str, TensorPlan]:
     """Check every adapter against the base's ``{key: (dtype code, shape)}`` and plan each changed tensor.
 
     Each adapter's factors are checked for NaN/Inf once (a read adapter was
-    checked when it was read). Raises, naming the first offending module:
+    checked when it was read). With ``tie`` (:func:`find_tie`), changes to the output head
+    go to the input embedding they share, as in peft, unless a ``modules_to_save`` tensor
+    replaces either: then peft unties them (``tuners_utils.py`` ``_unload_and_optionally_merge``)
+    and the plan holds the head as a new tensor (``source`` = the embedding). A ``base_layer``
+    copy for which ``same_as_base(key, tensor)`` is true changes nothing; on ``unmerge`` it is
+    the answer (``restore``). Raises, naming the first offending module:
     :class:`WrongBaseError` when none of an adapter's modules is in the base,
     :class:`MissingModuleError`, :class:`ShapeMismatchError`, :class:`NonFiniteError`.
     """
+    ops = _collect(adapters)
+    untied = tie is not None and any(not copy and k in (tie.head, tie.embed) for copy, k, *_ in ops.saved)
+    full = dict(shapes)
+    if tie is not None and untied:
+        full[tie.head] = shapes[tie.embed]
+
+    def target(key: str) -> str:
+        return tie.embed if tie is not None and not untied and key == tie.head else key
+
+    _check_against_base(full, adapters, target)
     deltas: dict[str, list[tuple[Module, float]]] = {}
+    for key, parts in ops.deltas.items():
+        deltas.setdefault(target(key), []).extend(parts)
     replace: dict[str, Tensor] = {}
+    restore: set[str] = set()
+    for copy, key, skey, t, inp in ops.saved:
+        tkey = target(key)
+        _check_saved(tkey, skey, t, full)
+        if copy and unmerge:
+            restore.add(tkey)
+        elif copy and same_as_base is not None and same_as_base(tkey, t):
+            continue  # the adapter's copy of the base layer is the base's own tensor: nothing to replace
+        elif inp.weight != 1.0:
+            raise InvalidOptionError(f"{inp.label or 'the adapter'} replaces {tkey} (modules_to_save), "
+                                     "which cannot be weighted; give it `weight` 1")
+        if tkey in replace:
+            raise InvalidOptionError(f"two adapters both replace {tkey} (modules_to_save); merge them one at a time")
+        replace[tkey] = t
+    keys = set(deltas) | set(replace) | ({tie.head} if tie is not None and untied else set())
+    source = {tie.head: tie.embed} if tie is not None and untied else {}
+    return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k), source.get(k), k in restore)
+            for k in sorted(keys)}
+
+
+def _collect(adapters: Sequence[AdapterInput]) -> _Ops:
+    ops = _Ops()
     for inp in adapters:
         ad = inp.adapter
         ad.check_finite()
         if not math.isfinite(inp.weight):
             raise InvalidOptionError(f"`weight` {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
-        names = list(ad.modules)
-        if names and not any(f"{n}.weight" in shapes for n in names):
+        for name, m in ad.items():
+            if m.rank > 0:  # a rank-0 AdaLoRA module adds exactly nothing: leave that tensor byte for byte
+                ops.deltas.setdefault(f"{name}.weight", []).append((m, inp.weight))
+            bias = m.bias_delta()
+            if bias is not None:
+                ops.deltas.setdefault(f"{name}.bias", []).append((bias, inp.weight))
+        for skey, t in ad.saved.items():
+            ops.saved.append((is_base_copy(skey), saved_base_key(skey), skey, t, inp))
+    return ops
+
+
+def _check_against_base(shapes: Shapes, adapters: Sequence[AdapterInput], target: Callable[[str], str]) -> None:
+    for inp in adapters:
+        names = list(inp.adapter.modules)
+        if names and not any(target(f"{n}.weight") in shapes for n in names):
             raise WrongBaseError(f"none of its {len(names)} modules is in the base (first: {names[0]}.weight); "
                                  "check that BASE is the model the adapter was trained on")
-        for name, m in ad.items():
-            key = f"{name}.weight"
-            _check_module(key, m, shapes)
-            if m.rank > 0:  # a rank-0 AdaLoRA module adds exactly nothing: leave that tensor byte for byte
-                deltas.setdefault(key, []).append((m, inp.weight))
-        for skey, t in ad.saved.items():
-            key = saved_base_key(skey)
-            _check_saved(key, skey, t, shapes)
-            if inp.weight != 1.0:
-                raise InvalidOptionError(f"{inp.label or 'the adapter'} replaces {key} (modules_to_save), "
-                                         "which cannot be weighted; give it `weight` 1")
-            if key in replace:
-                raise InvalidOptionError(f"two adapters both replace {key} (modules_to_save); merge them one at a time")
-            replace[key] = t
-    return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k)) for k in sorted(set(deltas) | set(replace))}
+        for name, m in inp.adapter.items():
+            _check_module(target(f"{name}.weight"), m, shapes)
+            if m.bias is not None:
+                _check_bias(target(f"{name}.bias"), m, shapes)
 
 
-def _check_module(key: str, m: Module, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+def _check_bias(key: str, m: Module, shapes: Shapes) -> None:
+    if key not in shapes:
+        raise MissingModuleError(key, "the base model", "the adapter has a LoRA bias (lora_bias) but the base layer "
+                                                        "has no bias, which peft cannot merge either")
+    if tuple(shapes[key][1]) != (int(m.B.shape[0]),):
+        raise ShapeMismatchError(key, f"the base's {tuple(shapes[key][1])}", f"({int(m.B.shape[0])},) from lora_B.bias")
+
+
+def tie_notes(plan: Mapping[str, TensorPlan], tie: Tie | None) -> list[str]:
+    """What a merge does to a tied embedding pair, said as peft says it (it warns in both cases)."""
+    if tie is None:
+        return []
+    if tie.head in plan:
+        return [f"{tie.embed} and {tie.head} were tied and the adapter replaces one of them (modules_to_save): "
+                f"untied as peft's merge_and_unload does — {tie.head} is written as its own tensor and config.json "
+                "gets tie_word_embeddings: false"]
+    if tie.embed in plan:
+        return [f"{tie.embed} is tied to {tie.head}: the adapter's change to it changes the output head too, "
+                "as in peft (which warns about adapters on tied embeddings)"]
+    return []
+
+
+def _check_module(key: str, m: Module, shapes: Shapes) -> None:
     if key not in shapes:
         raise MissingModuleError(key, "the base model", "wrong base model, or a different architecture")
     code, shape = shapes[key]
@@ -145,7 +268,7 @@ def _check_module(key: str, m: Module, shapes: Mapping[str, tuple[str, tuple[int
         raise InvalidOptionError(f"{key} is stored as {code}; only float tensors can be merged into")
 
 
-def _check_saved(key: str, skey: str, t: Tensor, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+def _check_saved(key: str, skey: str, t: Tensor, shapes: Shapes) -> None:
     if key not in shapes:
         raise MissingModuleError(key, "the base model", f"the adapter's full tensor {skey} replaces it")
     if tuple(shapes[key][1]) != tuple(t.shape):
