@@ -68,7 +68,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @precision_option
 @click.option("--record", type=click.Path(), default=None,
               help="Also write a small safetensors sidecar that lets `unmerge --record` restore BASE bit for bit.")
-@click.option("--verify", "do_verify", is_flag=True, help="Check the result against BASE + adapters afterwards.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Check the result against BASE + adapters before it is put in place (nothing is left if it fails).")
 @force_option
 @json_option
 @pass_session
@@ -90,25 +91,22 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
     """
     from ..device import configure_cpu_threads, resolve_dtype
-    from ..merge import merge_model, verify_merge
+    from ..merge import merge_model
     from . import render
 
     configure_cpu_threads(device)
     inputs = _adapters(adapters, weights)
     with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
-                             record=record, force=force, extra_inputs=adapters, progress=advance)
+                             record=record, force=force, extra_inputs=adapters, verify=do_verify, progress=advance)
     for note in report.notes:
         session.err.print(f"note: {note}")
-    v = verify_merge(base, inputs, output, device=device, precision=precision) if do_verify else None
     if as_json:
-        render.print_json({**report.to_json(), **({"verify": v.to_json()} if v else {})})
+        render.print_json(report.to_json())
     elif not session.quiet:
         _summary(session.out, report)
-        if v:
-            _verify_lines(session.out, v)
-    if v:
-        v.check()
+        if report.verify:
+            _verify_lines(session.out, report.verify)
 
 
 @click.command()

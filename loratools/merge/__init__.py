@@ -73,16 +73,20 @@ class MergeReport:
     #: un-merge without a record: error measured by re-running merge→unmerge on the result (see unmerge_model)
     est_max_abs_error: float = 0.0
     est_rel_error: float = 0.0
-    #: un-merge without a record: a guaranteed per-element bound, ½ulp(W) + ½ulp(W0') at the worst element
+    #: un-merge without a record: a per-element bound on |W0' − W0| at the worst element, ½ulp(W0') plus the
+    #: rounding a correct merge may leave (:func:`~loratools.merge.kernels.tolerance` at W)
     error_bound: float = 0.0
     adapters: list[dict[str, Any]] = field(default_factory=list)
     #: what the user should know, shown on stderr by the CLI (an untied embedding pair, a tied one changed)
     notes: tuple[str, ...] = ()
+    #: ``merge_model(verify=True)``: the check of the written model (it passed, or nothing was written)
+    verify: "VerifyReport | None" = None
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["output"], d["record"] = str(self.output), (str(self.record) if self.record else None)
         d["notes"] = list(self.notes)
+        d["verify"] = self.verify.to_json() if self.verify is not None else None
         d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
         return d
 
@@ -197,14 +201,16 @@ class _Job:
 def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
                 record: PathLike | None = None, force: bool = False, extra_inputs: Sequence[PathLike] = (),
-                progress: Progress | None = None) -> MergeReport:
+                verify: bool = False, progress: Progress | None = None) -> MergeReport:
     """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
     tensors are copied byte for byte. ``modules_to_save`` tensors replace the base's.
     Everything is checked before a byte is written. With ``record``, also writes
     the sidecar that lets :func:`unmerge_model` restore ``base`` bit for bit
-    (the output dtype must then be the base's).
+    (the output dtype must then be the base's). With ``verify``, the written model is checked by
+    :func:`verify_merge` before it is renamed into place: :class:`VerificationError` leaves nothing at
+    ``out`` (nor at ``record``).
     """
     job = _Job.start(base, adapters, device, precision)
     model, plan = job.model, job.plan
@@ -238,6 +244,9 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
         try:
             rec = RecordWriter(record_path) if record_path is not None else None
             changed, copied = job.rewrite(tmp, codes, meta, compute, progress)
+            checked = verify_merge(base, job.inputs, tmp, device=job.device, precision=job.precision) if verify else None
+            if checked is not None:
+                checked.check()
             if rec is not None:
                 rec.finish(meta, force=force, inputs=(base, *extra_inputs))
         finally:
@@ -247,7 +256,7 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     if job.added and not model.is_dir:
         notes.append(f"{out} is a single file: set tie_word_embeddings to false in the config that goes with it")
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record_path, rec.nbytes if rec else 0,
-                       adapters=[i.describe() for i in job.inputs], notes=tuple(notes))
+                       adapters=[i.describe() for i in job.inputs], notes=tuple(notes), verify=checked)
 
 
 def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> None:
@@ -274,8 +283,13 @@ class _ErrorStats:
         opts = {"precision": job.precision, "device": job.device}
         again = unmerged_tensor(merged_tensor(probe, p.deltas, **opts), p.deltas, **opts).cpu().to(torch.float64)
         err = again - probe.to(torch.float64)
+        # |W0' − W0| ≤ ½ulp(W0') + the rounding any correct merge of these adapters may have left in W
+        # (verify's tolerance at W, whose ΔW this un-merge forms once more), W0 stored in W's dtype or wider
+        tol = tolerance(w.to(device=job.device, dtype=job.precision), r.to(job.precision), p.deltas, w.dtype,
+                        precision=job.precision)
+        bound = tol.reshape(r.shape).cpu().to(torch.float64) + 0.5 * ulp(r)
         figures = (float(err.abs().max()), float((err * err).sum()), float((r.to(torch.float64) ** 2).sum()),
-                   float((0.5 * ulp(w) + 0.5 * ulp(r)).max()))
+                   float(bound.max()))
         with self._lock:  # tensors are computed on several threads
             self.max = max(self.max, figures[0])
             self.sq += figures[1]
@@ -299,8 +313,8 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
     magnitudes to within an ulp): ``est_max_abs_error`` = max |W0'' − W0'| and
     ``est_rel_error`` = ‖W0'' − W0'‖F / ‖W0'‖F over the adapted tensors (W0'
     jittered by ±2 ulps first, see :func:`jitter`), plus
-    ``error_bound`` = max ½ulp(W) + ½ulp(W0'), which the true error never exceeds
-    (up to the float32 rounding of ΔW).
+    ``error_bound`` = max ½ulp(W0') + :func:`~loratools.merge.kernels.tolerance` at W: the true error never
+    exceeds it when W is any merge that :func:`verify_merge` accepts (loratools' own, or peft's).
     """
     job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
@@ -383,7 +397,7 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
                      else torch.zeros(start.shape, dtype=prec, device=dev))
             exact = start.to(device=dev, dtype=prec) + delta
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
-            tol = tolerance(exact, start.to(device=dev, dtype=prec), delta, got.dtype)
+            tol = tolerance(exact, start, p.deltas, got.dtype, precision=prec)
             checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,
                                       float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
         if progress:
