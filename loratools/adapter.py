@@ -25,7 +25,8 @@ from .config import AdapterConfig, alpha_for_scale
 from .errors import NonFiniteError, ShapeMismatchError
 from .linalg import lowrank_svd, sqrt_split
 
-__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora"]
+__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
+           "TOKENS_SUFFIX"]
 
 Kind = Literal["linear", "conv", "embedding"]
 
@@ -233,6 +234,39 @@ class Adapter:
     def with_modules(self, modules: Mapping[str, Module], **config_changes: object) -> "Adapter":
         config = replace(self.config, **config_changes) if config_changes else self.config  # type: ignore[arg-type]
         return Adapter(modules, config, self.saved)
+
+
+#: peft's trainable tokens (``peft/tuners/trainable_tokens/layer.py``): the saved tensor holds the *new* rows of
+#: the embedding for the token indices of ``trainable_token_indices`` in that order; merging copies them in
+#: (``W.index_copy(0, indices, rows)``: rows replaced, not added)
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+_PEFT_PREFIX = "base_model.model."
+
+
+def token_rows(adapter: Adapter) -> dict[str, tuple[tuple[int, ...], Tensor]]:
+    """Module name → (token indices, their new rows) of the adapter's trainable tokens.
+
+    The indices come from the config's ``trainable_token_indices``: a list for the input embedding,
+    or ``{module name or suffix: list}``. Raises :class:`ShapeMismatchError` when they do not match
+    the saved rows.
+    """
+    spec = adapter.config.extra.get("trainable_token_indices")
+    out: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+    for key, rows in adapter.saved.items():
+        if not key.endswith(TOKENS_SUFFIX):
+            continue
+        name = key[: -len(TOKENS_SUFFIX)]
+        name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        if isinstance(spec, Mapping):
+            found = [v for k, v in spec.items() if name == k or name.endswith("." + str(k))]
+            indices = found[0] if len(found) == 1 else None
+        else:
+            indices = spec
+        if not isinstance(indices, (list, tuple)) or rows.ndim != 2 or len(indices) != rows.shape[0]:
+            raise ShapeMismatchError(name, f"one trainable token row per index of trainable_token_indices "
+                                           f"({indices!r})", tuple(rows.shape))
+        out[name] = (tuple(int(i) for i in indices), rows)
+    return out
 
 
 def as_lora(adapter: Adapter) -> Adapter:

@@ -200,3 +200,39 @@ def test_conv1d_conv2d_conv3d(lora_bias, tmp_path):
     unmerge_model(tmp_path / "m.safetensors", [ad], tmp_path / "u.safetensors", device="cpu")
     back = ModelReader(tmp_path / "u.safetensors")
     assert max(float((back.read(k) - v).abs().max()) for k, v in w0.items()) < TOL
+
+
+@pytest.mark.parametrize("base_name, lora", [
+    ("untied", {"target_modules": ["q_proj"], "trainable_token_indices": [1, 7, 3]}),
+    ("tied", {"target_modules": ["q_proj"], "trainable_token_indices": {"embed_tokens": [4, 2]}}),
+    ("untied", {"target_modules": ["embed_tokens"], "trainable_token_indices": {"lm_head": [0, 9]}}),
+], ids=["list", "tied-dict", "lm_head-beside-embedding-lora"])
+def test_trainable_tokens(base_name, lora, bases, tmp_path, cli):
+    base = bases[base_name]
+    ad = make_adapter(base, tmp_path / "ad", **lora)
+    assert any(k.endswith("trainable_tokens_delta") for k in load_file(ad / "adapter_model.safetensors"))
+    ref = peft_merged(base, ad)
+    rec = tmp_path / "rec.safetensors"
+    r = cli("merge", base, ad, "-o", tmp_path / "m", "--record", rec, "--verify")
+    assert r.returncode == 0, r.stderr
+    assert_same_model(load_merged(tmp_path / "m"), ref)
+
+    r = cli("merge", base, ad, "-o", tmp_path / "w", "--weight", "0.5")
+    assert r.returncode == 2 and "trainable_token_indices" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = cli("unmerge", tmp_path / "m", ad, "-o", tmp_path / "u")
+    assert r.returncode == 2 and "record" in r.stderr, r.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "u").exists()
+    assert cli("unmerge", tmp_path / "m", ad, "-o", tmp_path / "u", "--record", rec).returncode == 0
+    w0, back = ModelReader(base), ModelReader(tmp_path / "u")
+    assert all(torch.equal(back.read(k), w0.read(k)) for k in w0.spans)
+    r = cli("convert", ad, "-o", tmp_path / "k.safetensors", "--to", "kohya")
+    assert r.returncode == 2 and "trainable tokens" in r.stderr, r.stderr
+
+
+def test_trainable_token_rows_that_do_not_match_the_indices_are_refused(bases, tmp_path, cli):
+    ad = make_adapter(bases["untied"], tmp_path / "ad", target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": [1, 2, 3]}))
+    r = cli("merge", bases["untied"], ad, "-o", tmp_path / "m")
+    assert r.returncode == 2 and "trainable_token_indices" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "m").exists()

@@ -201,7 +201,8 @@ def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
     """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason."""
     out: dict[str, str] = {}
     for k in adapter.saved:
-        out[k] = "llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head)"
+        out[k] = ("llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head, "
+                  "trained biases, trainable tokens)")
     for name, m in adapter.items():
         g = gguf_name(name)
         if m.bias is not None:

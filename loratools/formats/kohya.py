@@ -82,7 +82,8 @@ def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
     """Modules and saved tensors kohya's format cannot hold, with the reason."""
     out = {n: "kohya's format has no embedding LoRA" for n, m in adapter.items() if m.kind == "embedding"}
     out.update({n: "kohya's format has no LoRA bias (lora_bias)" for n, m in adapter.items() if m.bias is not None})
-    out.update({k: "kohya's format holds no full replacement tensors (modules_to_save)" for k in adapter.saved})
+    out.update({k: "kohya's format holds no full tensors (modules_to_save, trained biases, trainable tokens)"
+                for k in adapter.saved})
     keys: dict[str, str] = {}
     for n in adapter.modules:
         k = kohya_key(n)

@@ -9,7 +9,8 @@ LoRA embedding            ``base_model.model.<m>.lora_embedding_A``, ``.lora_emb
 AdaLoRA                   ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
 older files               the same with ``.default`` after the factor (``….lora_A.default.weight``)
 modules_to_save, biases,  kept verbatim in :attr:`Adapter.saved`: full tensors that replace the base's
-base_layer copies         (``bias="all"``/``"lora_only"`` biases, ``….base_layer.weight`` of embeddings)
+base_layer copies,        (``bias="all"``/``"lora_only"`` biases, ``….base_layer.weight`` of embeddings), and
+trainable tokens          ``<m>.token_adapter.trainable_tokens_delta`` (:func:`~loratools.adapter.token_rows`)
 ========================  ==============================================
 
 AdaLoRA files pruned by PEFT hold truncated tensors (possibly rank 0) and a
@@ -26,7 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..adapter import Adapter, Kind, Module
+from ..adapter import Adapter, Kind, Module, token_rows
 from ..adalora import mask_key, module_mask
 from ..config import AdapterConfig, adalora_scale, alpha_for_scale, lora_scale, pattern_value, target_matches
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
@@ -153,6 +154,7 @@ def read_peft(path: Path) -> Adapter:
     )
     adapter = Adapter(modules, config, saved)
     adapter.check_finite()
+    token_rows(adapter)  # trainable tokens: one saved row per index of trainable_token_indices
     return adapter
 
 

@@ -115,14 +115,13 @@ FIELDS: Mapping[str, FieldRule] = {
     "modules_to_save": FieldRule("implemented", "full tensors that replace the base's (a tied pair is untied)"),
     "lora_bias": FieldRule("implemented", "lora_B's bias: scale · bias added to the base layer's bias"),
     "bias": FieldRule("implemented", "trained biases are saved as full tensors that replace the base's"),
+    "trainable_token_indices": FieldRule("implemented", "rows of an embedding replaced by the saved rows"),
     "init_lora_weights": FieldRule("implemented", "plain initialisations need nothing; base-rewriting ones refused",
                                    _init_refusal),
     # --- refused until loratools computes them
     "use_dora": FieldRule("refused", "DoRA", _refuse_when_set(
         "DoRA's magnitude vector is not a low-rank update; loratools does not read DoRA yet — merge it with "
         "peft (`merge_and_unload`)")),
-    "trainable_token_indices": FieldRule("refused", "trainable tokens", _refuse_when_set(
-        "trainable token rows are not merged by loratools yet; merge it with peft")),
     "target_parameters": FieldRule("refused", "LoRA on nn.Parameters (MoE experts)", _refuse_when_set(
         "LoRA on parameters (e.g. MoE expert tensors) is not read by loratools yet; merge it with peft")),
     "alora_invocation_tokens": FieldRule("refused", "activated LoRA", _refuse_when_set(

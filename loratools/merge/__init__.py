@@ -229,8 +229,8 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
         out_dtype = CODE_DTYPES[codes[p.source or key]]
         start = p.replace if p.replace is not None else w0
         try:
-            w = (merged_tensor(start, p.deltas, dtype=out_dtype, precision=job.precision, device=job.device).cpu()
-                 if p.deltas else start.to(out_dtype))
+            w = p.apply_rows(merged_tensor(start, p.deltas, dtype=out_dtype, precision=job.precision,
+                                           device=job.device).cpu() if p.deltas else start.to(out_dtype))
         except NonFiniteError:
             check_finite(key, w0, "the base model")
             raise NonFiniteError(key, f"the merge (the sum overflows {out_dtype})") from None
@@ -329,10 +329,11 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         if missing:
             raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
     else:
-        replaced = [k for k, p in plan.items() if p.replace is not None and not p.restore]
+        replaced = [(k, "trainable_token_indices" if p.rows is not None else "modules_to_save")
+                    for k, p in plan.items() if (p.replace is not None and not p.restore) or p.rows is not None]
         if replaced:
-            raise InvalidOptionError(f"the adapter replaced {replaced[0]} (modules_to_save); only the record of the "
-                                     "merge (`record`) can give the original back")
+            raise InvalidOptionError(f"the adapter replaced {replaced[0][0]} ({replaced[0][1]}); only the record of "
+                                     "the merge (`record`) can give the original back")
     stats = _ErrorStats()
 
     def compute(key: str) -> Tensor | None:
@@ -395,7 +396,7 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
             start = p.replace if p.replace is not None else w0
             delta = (delta_sum(p.deltas, precision=prec, device=dev).reshape(start.shape) if p.deltas
                      else torch.zeros(start.shape, dtype=prec, device=dev))
-            exact = start.to(device=dev, dtype=prec) + delta
+            exact = p.apply_rows(start.to(device=dev, dtype=prec) + delta)
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
             tol = tolerance(exact, start, p.deltas, got.dtype, precision=prec)
             checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,

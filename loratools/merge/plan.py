@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, Module
+from ..adapter import TOKENS_SUFFIX, Adapter, Module, token_rows
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
 
@@ -142,6 +142,15 @@ class TensorPlan:
     replace: Tensor | None = None
     source: str | None = None
     restore: bool = False
+    #: peft's trainable tokens: (row indices, new rows) copied in last (``index_copy``)
+    rows: tuple[Tensor, Tensor] | None = None
+
+    def apply_rows(self, w: Tensor) -> Tensor:
+        """``w`` with the trainable-token rows copied in (cast to ``w``'s dtype), or ``w`` itself without them."""
+        if self.rows is None:
+            return w
+        idx, values = self.rows
+        return w.index_copy(0, idx.to(w.device), values.to(device=w.device, dtype=w.dtype))
 
 
 Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
@@ -154,6 +163,8 @@ class _Ops:
     deltas: dict[str, list[tuple[Module, float]]] = field(default_factory=dict)
     #: (base key, file key, tensor, input) of each full tensor; ``copy``: a ``base_layer`` copy
     saved: list[tuple[bool, str, str, Tensor, AdapterInput]] = field(default_factory=list)
+    #: trainable tokens: (base key, indices, rows, input)
+    rows: list[tuple[str, tuple[int, ...], Tensor, AdapterInput]] = field(default_factory=list)
 
 
 def plan_merge(shapes: Shapes, adapters: Sequence[AdapterInput], *, tie: Tie | None = None,
@@ -199,10 +210,34 @@ def plan_merge(shapes: Shapes, adapters: Sequence[AdapterInput], *, tie: Tie | N
         if tkey in replace:
             raise InvalidOptionError(f"two adapters both replace {tkey} (modules_to_save); merge them one at a time")
         replace[tkey] = t
-    keys = set(deltas) | set(replace) | ({tie.head} if tie is not None and untied else set())
+    rows = _plan_rows(ops, full, target, deltas, replace)
+    keys = set(deltas) | set(replace) | set(rows) | ({tie.head} if tie is not None and untied else set())
     source = {tie.head: tie.embed} if tie is not None and untied else {}
-    return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k), source.get(k), k in restore)
+    return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k), source.get(k), k in restore, rows.get(k))
             for k in sorted(keys)}
+
+
+def _plan_rows(ops: _Ops, shapes: Shapes, target: Callable[[str], str], deltas: Mapping[str, object],
+               replace: Mapping[str, object]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Trainable-token rows by tensor, checked: in range, one set per tensor, nothing else changing it."""
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for key, idx, values, inp in ops.rows:
+        key = target(key)
+        if key not in shapes:
+            raise MissingModuleError(key, "the base model", "the adapter's trainable tokens (trainable_token_indices) "
+                                                            "replace rows of it")
+        shape = tuple(shapes[key][1])
+        if len(shape) != 2 or values.shape[1] != shape[1] or not all(0 <= i < shape[0] for i in idx):
+            raise ShapeMismatchError(key, f"rows < {shape[0]} of width {shape[1:]}",
+                                     f"indices {min(idx)}…{max(idx)} of width {tuple(values.shape[1:])}")
+        if inp.weight != 1.0:
+            raise InvalidOptionError(f"{inp.label or 'the adapter'} replaces rows of {key} (trainable_token_indices), "
+                                     "which cannot be weighted; give it `weight` 1")
+        if key in out or key in deltas or key in replace:
+            raise InvalidOptionError(f"{key} gets trainable-token rows and another change from the adapters; merge "
+                                     "them one at a time")
+        out[key] = (torch.tensor(idx, dtype=torch.int64), values)
+    return out
 
 
 def _collect(adapters: Sequence[AdapterInput]) -> _Ops:
@@ -218,8 +253,11 @@ def _collect(adapters: Sequence[AdapterInput]) -> _Ops:
             bias = m.bias_delta()
             if bias is not None:
                 ops.deltas.setdefault(f"{name}.bias", []).append((bias, inp.weight))
+        tokens = token_rows(ad)
+        ops.rows.extend((f"{name}.weight", idx, rows, inp) for name, (idx, rows) in tokens.items())
         for skey, t in ad.saved.items():
-            ops.saved.append((is_base_copy(skey), saved_base_key(skey), skey, t, inp))
+            if not skey.endswith(TOKENS_SUFFIX):
+                ops.saved.append((is_base_copy(skey), saved_base_key(skey), skey, t, inp))
     return ops
 
 
