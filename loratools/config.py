@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from .errors import InvalidOptionError
 
 __all__ = ["AdapterConfig", "Method", "lora_scale", "alpha_for_scale", "adalora_scale", "pattern_value",
-           "target_matches", "ADALORA_EPS"]
+           "target_matches", "stores_in_out", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS"]
 
 Method = Literal["lora", "adalora"]
 
@@ -84,6 +84,19 @@ def target_matches(name: str, targets: str | Iterable[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+#: transformers model types whose projections are ``Conv1D`` layers storing their weight (in, out) (GPT-2 style)
+FAN_IN_FAN_OUT_MODELS = frozenset({"gpt2", "gpt_bigcode", "openai-gpt"})
+
+
+def stores_in_out(hparams: Mapping[str, Any] | None) -> bool:
+    """True when a model's config.json says its projections store weights (in, out) (GPT-2's ``Conv1D``).
+
+    >>> stores_in_out({"model_type": "gpt2"}), stores_in_out({"model_type": "llama"}), stores_in_out(None)
+    (True, False, False)
+    """
+    return str((hparams or {}).get("model_type", "")) in FAN_IN_FAN_OUT_MODELS
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -24,14 +24,18 @@ precision_option = click.option("--precision", default="float32", show_default=T
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 
 
-def _adapters(paths: tuple[str, ...], weights: tuple[float, ...]) -> list[AdapterInput]:
-    from ..formats import read_adapter
+def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) -> list[AdapterInput]:
+    """The adapters, read against ``model`` (the base, or the merged model for unmerge) as ``convert --base``
+    reads them: kohya files of other tools get the model's module names (and GPT-2's Conv1D layout), GGUF
+    adapters of llama.cpp its architecture and head counts."""
+    from ..formats import load_base, read_adapter
     from ..merge import AdapterInput
 
     if weights and len(weights) != len(paths):
         raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
     ws = weights or (1.0,) * len(paths)
-    return [AdapterInput(read_adapter(p), w, p) for p, w in zip(paths, ws)]
+    base = load_base(model)
+    return [AdapterInput(read_adapter(p, base=base), w, p) for p, w in zip(paths, ws)]
 
 
 def _summary(out: Console, r: MergeReport) -> None:
@@ -95,7 +99,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights)
+    inputs = _adapters(adapters, weights, base)
     with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, extra_inputs=adapters, verify=do_verify, progress=advance)
@@ -140,7 +144,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights)
+    inputs = _adapters(adapters, weights, merged)
     with render.progress(session.err, None, "unmerge", quiet=session.quiet or as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
                                force=force, extra_inputs=adapters, progress=advance)
@@ -177,7 +181,7 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights)
+    inputs = _adapters(adapters, weights, base)
     with render.progress(session.err, None, "verify", quiet=session.quiet or as_json) as advance:
         v = verify_merge(base, inputs, merged, device=device, precision=precision, progress=advance)
     if as_json:

@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
-from ..config import AdapterConfig, alpha_for_scale, lora_scale
+from ..config import AdapterConfig, alpha_for_scale, lora_scale, stores_in_out
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, save_safetensors
 from .base import BaseModel, Format, peek_safetensors, register
@@ -203,7 +204,33 @@ def write_kohya(adapter: Adapter, path: Path) -> None:
 
 
 def _read(path: Path, base: BaseModel | None) -> Adapter:
-    return read_kohya(path, base_names=base.module_names if base is not None else None)
+    adapter = read_kohya(path, base_names=base.module_names if base is not None else None)
+    peek = peek_safetensors(path)
+    written_by_us = peek is not None and NAMES_KEY in peek[1]  # then its metadata says which are fan_in_fan_out
+    return _in_out_layout(adapter, base) if base is not None and not written_by_us else adapter
+
+
+def _in_out_layout(adapter: Adapter, base: BaseModel) -> Adapter:
+    """Modules of a GPT-2 style base (``Conv1D``, weight stored (in, out)) marked ``fan_in_fan_out``.
+
+    Other tools write these files without saying so; a module is marked when the base's config says
+    Conv1D (transformers' GPT-2 family) and its weight has the (in, out) shape, or the base has no
+    weights to look at; ``lm_head`` is an ``nn.Linear`` there and never marked.
+    """
+    if not stores_in_out(base.hparams):
+        return adapter
+
+    def in_out(name: str, m: Module) -> bool:
+        if m.kind != "linear" or m.fan_in_fan_out or is_flattened(name) or name.split(".")[-1] == "lm_head":
+            return False
+        shape = (base.shapes or {}).get(name)
+        return not shape or tuple(shape) == (int(m.A.shape[1]), int(m.B.shape[0]))
+
+    marked = {n for n, m in adapter.items() if in_out(n, m)}
+    if not marked:
+        return adapter
+    return adapter.with_modules({n: replace(m, fan_in_fan_out=True) if n in marked else m for n, m in adapter.items()},
+                                fan_in_fan_out=True)
 
 
 def _flattened_note(adapter: Adapter, base: BaseModel | None) -> tuple[str, ...]:
