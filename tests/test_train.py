@@ -292,3 +292,11 @@ def test_data_rows_are_read_once_and_checked(tmp_path: Path) -> None:
     txt.write_text('{"text": "x"}\n')
     assert read_rows(txt) == [Row('{"text": "x"}\n')]  # training: any non-.jsonl file is plain text
     assert read_rows(txt, plain_text=False) == [Row("x")]  # calibration: always JSON lines
+
+
+@pytest.mark.parametrize("targets, words", [("embed_tokens,q_proj", "model.embed_tokens (Embedding)"),
+                                            ("q_proj,not_a_layer", "not_a_layer")])
+def test_targets_that_would_be_listed_but_not_trained_are_refused(targets, words, tmp_path: Path, cli) -> None:
+    r = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "o", "--steps", "1", "--targets", targets)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert "--targets" in r.stderr and not (tmp_path / "o").exists()

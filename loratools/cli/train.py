@@ -46,7 +46,8 @@ def _progress(err: Console, total: int, *, quiet_: bool) -> Iterator[Callable[[A
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="Scale numerator: s = alpha/r (LoRA).")
 @click.option("--targets", default="q_proj,v_proj", show_default=True,
-              help="Comma-separated module names to adapt (matched on the last name components).")
+              help="Comma-separated nn.Linear/Conv1D module names to adapt (matched on the last name components); "
+                   "embeddings and names matching no layer are refused.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/√r instead of alpha/r.")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout on the adapter input.")
 @click.option("--init-rank", type=int, default=12, show_default=True, help="AdaLoRA: initial triplets per layer.")
