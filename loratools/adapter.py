@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from .config import AdapterConfig, alpha_for_scale
-from .errors import NonFiniteError, ShapeMismatchError
+from .errors import InvalidOptionError, NonFiniteError, ShapeMismatchError
 from .linalg import lowrank_svd, sqrt_split
 
 __all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
            "TOKENS_SUFFIX"]
 
-Kind = Literal["linear", "conv", "embedding"]
+Kind = Literal["linear", "conv", "embedding", "experts"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +42,12 @@ class Module:
     - ``conv``: ``A`` (r, in, *kernel), ``B`` (out, r, 1, …); weight (out, in, *kernel), for
       1-, 2- and 3-D convolutions (``nn.Conv1d``/``Conv2d``/``Conv3d``).
     - ``embedding``: ``A`` (r, vocab), ``B`` (dim, r); weight (vocab, dim).
+    - ``experts``: peft's LoRA on a mixture-of-experts parameter (``target_parameters``,
+      ``lora/layer.py`` ``ParamWrapper``): ``experts`` = n low-rank updates in one pair,
+      ``A`` (r·n, in) with expert e's rows at ``A.reshape(n, r, in)[e]`` and ``B`` (out, r·n) with
+      its columns at ``B.reshape(out, r, n)[:, :, e]``; weight (n, out, in), or (n, in, out)
+      when ``fan_in_fan_out`` (transformers' ``is_transposed`` experts). :meth:`expert` gives
+      one expert as a ``linear`` module; ``rank`` is r, each expert's.
 
     ``E`` (r, 1) is AdaLoRA's Λ, None for LoRA. ``scale`` multiplies the
     product; ``alpha`` is what the file says (kept to rewrite it faithfully).
@@ -57,14 +63,15 @@ class Module:
     kind: Kind = "linear"
     fan_in_fan_out: bool = False
     bias: Tensor | None = None
+    experts: int = 1
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        return int(self.A.shape[0]) // self.experts
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        """(m, n) of ΔW as a matrix: (out, in·kh·kw), or (dim, vocab) for embeddings."""
+        """(m, n) of ΔW as a matrix: (out, in·kh·kw), or (dim, vocab) for embeddings (each expert's)."""
         return int(self.B.shape[0]), _prod(self.A.shape[1:])
 
     @property
@@ -74,9 +81,17 @@ class Module:
         if self.kind == "conv":
             return (out, *map(int, self.A.shape[1:]))
         n = int(self.A.shape[1])
+        stack = (self.experts,) if self.kind == "experts" else ()
         if self.kind == "embedding" or self.fan_in_fan_out:
-            return (n, out)
-        return (out, n)
+            return (*stack, n, out)
+        return (*stack, out, n)
+
+    def expert(self, e: int) -> "Module":
+        """Expert ``e`` of an ``experts`` module as a ``linear`` module (``fan_in_fan_out`` kept)."""
+        n, r = self.experts, self.rank
+        A = self.A.reshape(n, r, self.A.shape[1])[e]
+        B = self.B.reshape(self.B.shape[0], r, n)[:, :, e]
+        return Module(A=A, B=B, alpha=self.alpha, scale=self.scale, fan_in_fan_out=self.fan_in_fan_out)
 
     @property
     def parameters(self) -> int:
@@ -91,7 +106,13 @@ class Module:
                       scale=self.scale)
 
     def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``."""
+        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``.
+
+        An ``experts`` module has one pair per expert (:meth:`expert`); asking it for one raises.
+        """
+        if self.kind == "experts":
+            raise InvalidOptionError("an MoE experts module (target_parameters) holds one low-rank update per expert; "
+                                     "resizing, pruning and re-factoring work on dense modules only")
         A = self.A.to(device=device, dtype=dtype).reshape(self.rank, self.matrix_shape[1])
         if self.E is not None:
             A = A * self.E.to(device=device, dtype=dtype)
@@ -99,7 +120,9 @@ class Module:
         return B, A * self.scale
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-        """The dense ΔW, shaped and laid out like the base weight it is added to."""
+        """The dense ΔW, shaped and laid out like the base weight it is added to (experts stacked)."""
+        if self.kind == "experts":
+            return torch.stack([self.expert(e).delta(dtype=dtype, device=device) for e in range(self.experts)])
         B, A = self.factors(dtype=dtype, device=device)
         d = B @ A
         if self.kind == "conv":
@@ -133,6 +156,9 @@ def _prod(xs: tuple[int, ...] | torch.Size) -> int:
 
 def check_module(name: str, m: Module, *, finite: bool = True) -> None:
     """Raise a :class:`ShapeMismatchError`/:class:`NonFiniteError` naming ``name`` if ``m`` is malformed."""
+    if m.kind == "experts" and (m.experts < 1 or m.A.ndim != 2 or m.A.shape[0] % m.experts):
+        raise ShapeMismatchError(name, f"a 2-D lora_A whose rows are a multiple of its {m.experts} experts",
+                                 tuple(m.A.shape))
     if m.kind == "conv":
         if not 3 <= m.A.ndim <= 5 or m.B.ndim != m.A.ndim:
             raise ShapeMismatchError(name, "3- to 5-D lora_A and lora_B of the same rank (a convolution)",
@@ -230,6 +256,14 @@ class Adapter:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(key)
         object.__setattr__(self, "_finite", True)
+
+    def dense_only(self, what: str) -> None:
+        """Raise :class:`InvalidOptionError` when the adapter holds MoE experts modules, which ``what``
+        (a job that re-factors each module's ΔW) does not handle."""
+        experts = [n for n, m in self.modules.items() if m.kind == "experts"]
+        if experts:
+            raise InvalidOptionError(f"{what} works on dense modules, and {experts[0]} is LoRA on MoE experts "
+                                     "(target_parameters: one low-rank update per expert)")
 
     def with_modules(self, modules: Mapping[str, Module], **config_changes: object) -> "Adapter":
         config = replace(self.config, **config_changes) if config_changes else self.config  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from .errors import InvalidOptionError
 
 __all__ = ["AdapterConfig", "Method", "lora_scale", "alpha_for_scale", "adalora_scale", "pattern_value",
-           "target_matches", "stores_in_out", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS"]
+           "target_matches", "experts_targets", "stores_in_out", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS"]
 
 Method = Literal["lora", "adalora"]
 
@@ -84,6 +84,22 @@ def target_matches(name: str, targets: str | Iterable[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def experts_targets(name: str, target_parameters: Any) -> list[str]:
+    """The ``target_parameters`` entries that may be the parameter a LoRA module named ``name`` adapts.
+
+    peft 0.21.2 wraps each targeted parameter in a ``ParamWrapper``; several on one module nest, and
+    the file names them by module only (``…experts.lora_A.weight``, ``…experts.base_layer.lora_A.weight``),
+    in the order of the module's own parameters (``tuners_utils.py`` ``_inject_parameters``), which only
+    the base model knows: :func:`loratools.merge.experts.resolve_experts` tells them apart by shape.
+
+    >>> experts_targets("model.layers.0.mlp.experts.base_layer", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']
+    """
+    path = re.sub(r"(\.base_layer)+$", "", name)
+    entries = [str(t) for t in (target_parameters or [])]
+    return [t for t in entries if path == t.rpartition(".")[0] or path.endswith("." + t.rpartition(".")[0])]
 
 
 #: transformers model types whose projections are ``Conv1D`` layers storing their weight (in, out) (GPT-2 style)

@@ -96,6 +96,8 @@ def delta_error(before: Module, after: Module) -> float:
     the difference is ``[B₁, −B₀] @ [A₁; A₀]``, whose singular values come from a QR of the factors."""
     if before.kind != after.kind or before.weight_shape != after.weight_shape:
         raise ShapeMismatchError("module", f"{before.kind} {before.weight_shape}", f"{after.kind} {after.weight_shape}")
+    if before.kind == "experts":  # the worst expert
+        return max(delta_error(before.expert(e), after.expert(e)) for e in range(before.experts))
     if before.rank == 0 and after.rank == 0:
         return 0.0
     B0, A0 = before.factors(dtype=torch.float64)

@@ -133,6 +133,7 @@ def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Ten
     >>> res.adapter.modules["q"].rank, res.importance
     (2, 'magnitude')
     """
+    adapter.dense_only("pruning")
     trip = svd_form(adapter)
     scores = dict(importance) if importance is not None else magnitude_scores(trip)
     for name, t in trip.items():

@@ -207,6 +207,8 @@ def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
         g = gguf_name(name)
         if m.bias is not None:
             out[name] = "llama.cpp adapters hold no LoRA bias (lora_bias)"
+        elif m.kind == "experts":
+            out[name] = "loratools does not write MoE expert LoRA (target_parameters) for llama.cpp"
         elif m.kind == "conv":
             out[name] = "llama.cpp adapters hold no conv layers"
         elif g is None or m.fan_in_fan_out or (m.kind == "embedding") != (g == "token_embd"):

@@ -83,6 +83,8 @@ def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
     """Modules and saved tensors kohya's format cannot hold, with the reason."""
     out = {n: "kohya's format has no embedding LoRA" for n, m in adapter.items() if m.kind == "embedding"}
     out.update({n: "kohya's format has no LoRA bias (lora_bias)" for n, m in adapter.items() if m.bias is not None})
+    out.update({n: "kohya's format has no LoRA on MoE expert tensors (target_parameters)"
+                for n, m in adapter.items() if m.kind == "experts"})
     out.update({k: "kohya's format holds no full tensors (modules_to_save, trained biases, trainable tokens)"
                 for k in adapter.saved})
     keys: dict[str, str] = {}

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module, token_rows
 from ..adalora import mask_key, module_mask
-from ..config import AdapterConfig, adalora_scale, alpha_for_scale, lora_scale, pattern_value, target_matches
+from ..config import (AdapterConfig, adalora_scale, alpha_for_scale, experts_targets, lora_scale, pattern_value,
+                      target_matches)
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
 from ..io import load_safetensors, save_safetensors
 from .base import Format, register
@@ -125,19 +126,23 @@ def read_peft(path: Path) -> Adapter:
             if f not in fs:
                 raise MissingModuleError(f"{name}.lora_{f}", str(weights), "the adapter file is incomplete")
         A, B = fs["A"], fs["B"]
-        kind: Kind = kinds.get(name) or ("conv" if A.ndim in (3, 4, 5) else "linear")
+        on_parameter = method == "lora" and bool(experts_targets(name, raw.get("target_parameters")))
+        kind: Kind = kinds.get(name) or ("experts" if on_parameter else "conv" if A.ndim in (3, 4, 5) else "linear")
+        n_experts = 1
         if method == "adalora":
             assert init_r is not None
             alpha = alpha_default
             scale = adalora_scale(alpha, init_r)
         else:
             r_cfg = int(pattern_value(name, rank_pattern, r_default))
-            if A.shape[0] != r_cfg:
-                raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})", f"lora_A of shape {tuple(A.shape)}")
+            n_experts = A.shape[0] // r_cfg if kind == "experts" and r_cfg > 0 else 1
+            if A.shape[0] != r_cfg * n_experts:
+                raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})" + (" per expert" if on_parameter
+                                         else ""), f"lora_A of shape {tuple(A.shape)}")
             alpha = float(pattern_value(name, alpha_pattern, alpha_default))
             scale = lora_scale(alpha, r_cfg, rslora=rslora)
         modules[name] = Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind,
-                               fan_in_fan_out=fifo and kind == "linear", bias=fs.get("bias"))
+                               fan_in_fan_out=fifo and kind == "linear", bias=fs.get("bias"), experts=n_experts)
     if not modules:
         raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")
     target = raw.get("target_modules")
@@ -173,7 +178,8 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
     """The ``adapter_config.json`` that makes PEFT rebuild exactly this adapter."""
     cfg = adapter.config
     raw = dict(cfg.extra)
-    names = list(adapter.modules)
+    # LoRA on expert parameters is targeted by target_parameters (kept in extra), not target_modules
+    names = [n for n, m in adapter.items() if m.kind != "experts"]
     target: Any = cfg.target_modules
     if not (target is not None and all(_matches_target(n, target) for n in names)):
         target = sorted(names)

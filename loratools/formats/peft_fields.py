@@ -116,14 +116,14 @@ FIELDS: Mapping[str, FieldRule] = {
     "lora_bias": FieldRule("implemented", "lora_B's bias: scale · bias added to the base layer's bias"),
     "bias": FieldRule("implemented", "trained biases are saved as full tensors that replace the base's"),
     "trainable_token_indices": FieldRule("implemented", "rows of an embedding replaced by the saved rows"),
+    "target_parameters": FieldRule("implemented", "LoRA per expert of MoE expert tensors, placed on the base's "
+                                                  "tensors by shape (merge/experts.py)"),
     "init_lora_weights": FieldRule("implemented", "plain initialisations need nothing; base-rewriting ones refused",
                                    _init_refusal),
     # --- refused until loratools computes them
     "use_dora": FieldRule("refused", "DoRA", _refuse_when_set(
         "DoRA's magnitude vector is not a low-rank update; loratools does not read DoRA yet — merge it with "
         "peft (`merge_and_unload`)")),
-    "target_parameters": FieldRule("refused", "LoRA on nn.Parameters (MoE experts)", _refuse_when_set(
-        "LoRA on parameters (e.g. MoE expert tensors) is not read by loratools yet; merge it with peft")),
     "alora_invocation_tokens": FieldRule("refused", "activated LoRA", _refuse_when_set(
         "an activated LoRA applies only after its invocation tokens, so it has no fixed ΔW to merge or convert "
         "(peft refuses to merge it too); serve it with a runtime that supports aLoRA")),

@@ -60,7 +60,7 @@ def read_single(path: Path) -> Adapter:
             raise MissingModuleError(f"{name}.lora_E", str(path), "the adapter file is incomplete")
         modules[name] = Module(A=A, B=B, E=E, alpha=float(m["alpha"]), scale=float(m["scale"]),
                                kind=m.get("kind", "linear"), fan_in_fan_out=bool(m.get("fan_in_fan_out", False)),
-                               bias=tensors.get(f"{name}.lora_B.bias"))
+                               bias=tensors.get(f"{name}.lora_B.bias"), experts=int(m.get("experts", 1)))
     saved = {k[len(_SAVED):]: t for k, t in tensors.items() if k.startswith(_SAVED)}
     adapter = Adapter(modules, config, saved)
     if fp is not None and fp.sha256 != adapter.fingerprint.sha256:
@@ -79,7 +79,8 @@ def write_single(adapter: Adapter, path: Path) -> None:
             tensors[f"{name}.lora_E"] = m.E
         if m.bias is not None:
             tensors[f"{name}.lora_B.bias"] = m.bias
-        info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out}
+        info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out,
+                      **({"experts": m.experts} if m.kind == "experts" else {})}
     for key, t in adapter.saved.items():
         tensors[_SAVED + key] = t
     cfg = {f.name: getattr(adapter.config, f.name) for f in fields(adapter.config)}

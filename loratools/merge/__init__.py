@@ -28,7 +28,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from .kernels import (check_finite, delta_sum, jitter, low_rank, merged_tensor, 
                       unmerged_tensor)
 from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, find_tie, out_code, plan_merge,
                    resolve_precision, saved_base_key, stamp, tie_notes)
+from .experts import resolve_experts
 from .record import RecordWriter, apply_patch, make_patch, read_record, tensor_sha256
 
 __all__ = [
@@ -158,10 +159,13 @@ class _Job:
     @classmethod
     def start(cls, path: PathLike, adapters: Adapters, device: str | torch.device,
               precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
-        inputs = adapter_inputs(adapters)
         dev, prec = resolve_device(device), resolve_precision(precision)
         model = ModelReader(path)
-        tie = find_tie(_hparams(model), model.spans)
+        hparams = _hparams(model)
+        # MoE expert LoRA names modules, not parameters: placed on this model's tensors first
+        inputs = [replace(i, adapter=resolve_experts(i.adapter, model.shapes(), hparams))
+                  for i in adapter_inputs(adapters)]
+        tie = find_tie(hparams, model.spans)
 
         def same_as_base(key: str, t: Tensor) -> bool:
             return bool(torch.equal(model.read(key).to(torch.float64), t.to(torch.float64)))

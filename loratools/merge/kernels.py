@@ -75,6 +75,19 @@ def low_rank(module: Module, coeff: float = 1.0, *, precision: torch.dtype = tor
     return B, (A * coeff if coeff != 1.0 else A)
 
 
+def _segments(module: Module, coeff: float, precision: torch.dtype,
+              device: torch.device) -> list[tuple[int, Tensor, Tensor]]:
+    """``(first row, L, R)`` of each low-rank product in the base weight's (rows, cols) view: one for a dense
+    module, one per expert for an ``experts`` module (expert e owns rows ``e·d … (e+1)·d``)."""
+    if module.kind != "experts":
+        return [(0, *low_rank(module, coeff, precision=precision, device=device))]
+    out = []
+    for e in range(module.experts):
+        L, R = low_rank(module.expert(e), coeff, precision=precision, device=device)
+        out.append((e * L.shape[0], L, R))
+    return out
+
+
 def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: float = 1.0,
                   dtype: torch.dtype | None = None, precision: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> Tensor:
@@ -88,8 +101,8 @@ def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: fl
     [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
     """
     dev = torch.device(device) if device is not None else w0.device
-    factors = [low_rank(m, sign * wt, precision=precision, device=dev) for m, wt in parts]
-    rows = factors[0][0].shape[0] if factors else (w0.shape[0] if w0.ndim else 1)
+    segments = [seg for m, wt in parts for seg in _segments(m, sign * wt, precision, dev)]
+    rows = max((off + L.shape[0] for off, L, _ in segments), default=w0.shape[0] if w0.ndim else 1)
     w = w0.reshape(rows, -1)
     out = torch.empty(w.shape, dtype=dtype or w0.dtype, device=dev)
     step = rows if dev.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, w.shape[1]))
@@ -97,8 +110,10 @@ def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: fl
     narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
     for i in range(0, rows, step):
         acc = w[i:i + step].to(device=dev, dtype=precision, copy=True)
-        for L, R in factors:
-            acc.addmm_(L[i:i + step], R)
+        for off, L, R in segments:  # each low-rank product updates the rows it covers in this block
+            lo, hi = max(i, off), min(i + acc.shape[0], off + L.shape[0])
+            if lo < hi:
+                acc[lo - i:hi - i].addmm_(L[lo - off:hi - off], R)
         # NaN/Inf (from W0 or the sum) make the block's sum non-finite; only then (or for float16) look closer
         if acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))) and not bool(acc.abs().amax() <= limit):
             raise NonFiniteError("the merged tensor", f"rows {i}–{i + acc.shape[0]}")

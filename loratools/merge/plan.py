@@ -249,7 +249,7 @@ def _collect(adapters: Sequence[AdapterInput]) -> _Ops:
             raise InvalidOptionError(f"`weight` {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
         for name, m in ad.items():
             if m.rank > 0:  # a rank-0 AdaLoRA module adds exactly nothing: leave that tensor byte for byte
-                ops.deltas.setdefault(f"{name}.weight", []).append((m, inp.weight))
+                ops.deltas.setdefault(weight_key(name, m), []).append((m, inp.weight))
             bias = m.bias_delta()
             if bias is not None:
                 ops.deltas.setdefault(f"{name}.bias", []).append((bias, inp.weight))
@@ -263,14 +263,19 @@ def _collect(adapters: Sequence[AdapterInput]) -> _Ops:
 
 def _check_against_base(shapes: Shapes, adapters: Sequence[AdapterInput], target: Callable[[str], str]) -> None:
     for inp in adapters:
-        names = list(inp.adapter.modules)
-        if names and not any(target(f"{n}.weight") in shapes for n in names):
-            raise WrongBaseError(f"none of its {len(names)} modules is in the base (first: {names[0]}.weight); "
+        keys = [weight_key(n, m) for n, m in inp.adapter.items()]
+        if keys and not any(target(k) in shapes for k in keys):
+            raise WrongBaseError(f"none of its {len(keys)} modules is in the base (first: {keys[0]}); "
                                  "check that BASE is the model the adapter was trained on")
         for name, m in inp.adapter.items():
-            _check_module(target(f"{name}.weight"), m, shapes)
+            _check_module(target(weight_key(name, m)), m, shapes)
             if m.bias is not None:
                 _check_bias(target(f"{name}.bias"), m, shapes)
+
+
+def weight_key(name: str, m: Module) -> str:
+    """The base tensor a module adapts: ``<name>.weight``, or the expert parameter ``<name>`` itself."""
+    return name if m.kind == "experts" else f"{name}.weight"
 
 
 def _check_bias(key: str, m: Module, shapes: Shapes) -> None:
@@ -297,10 +302,13 @@ def tie_notes(plan: Mapping[str, TensorPlan], tie: Tie | None) -> list[str]:
 
 def _check_module(key: str, m: Module, shapes: Shapes) -> None:
     if key not in shapes:
-        raise MissingModuleError(key, "the base model", "wrong base model, or a different architecture")
+        hint = ("an MoE experts module whose parameter the base does not hold" if m.kind == "experts" else
+                "wrong base model, or a different architecture")
+        raise MissingModuleError(key, "the base model", hint)
     code, shape = shapes[key]
-    if tuple(shape) != tuple(m.weight_shape):
-        raise ShapeMismatchError(key[:-len(".weight")], f"the base's {tuple(shape)}",
+    want = m.weight_shape[1:] if m.kind == "experts" and m.experts == 1 and len(shape) == 2 else m.weight_shape
+    if tuple(shape) != tuple(want):
+        raise ShapeMismatchError(key.removesuffix(".weight"), f"the base's {tuple(shape)}",
                                  f"{tuple(m.weight_shape)} from the adapter", "wrong base model (a different size?)")
     if CODE_DTYPES.get(code) not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise InvalidOptionError(f"{key} is stored as {code}; only float tensors can be merged into")
