@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from .errors import InvalidOptionError
 
 __all__ = ["AdapterConfig", "Method", "lora_scale", "alpha_for_scale", "adalora_scale", "pattern_value",
-           "target_matches", "experts_targets", "stores_in_out", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS"]
+           "target_matches", "experts_targets", "stores_in_out", "fixed_delta_refusal", "ALORA_WHY", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS"]
 
 Method = Literal["lora", "adalora"]
 
@@ -100,6 +100,19 @@ def experts_targets(name: str, target_parameters: Any) -> list[str]:
     path = re.sub(r"(\.base_layer)+$", "", name)
     entries = [str(t) for t in (target_parameters or [])]
     return [t for t in entries if path == t.rpartition(".")[0] or path.endswith("." + t.rpartition(".")[0])]
+
+
+#: why an activated LoRA (peft's ``alora_invocation_tokens``) has no ΔW of its own
+ALORA_WHY = ("an activated LoRA applies only after its invocation tokens, so it has no fixed ΔW to merge or to "
+             "write where only ΔW counts (peft refuses to merge it too); keep it as a peft or loratools file and "
+             "serve it with a runtime that supports aLoRA")
+
+
+def fixed_delta_refusal(config: AdapterConfig) -> tuple[str, Any] | None:
+    """``(field, value)`` of a config whose adapter does not add one fixed ΔW (aLoRA), else None: merging it,
+    or writing it in a format that holds only ΔW (kohya, GGUF), would be silently wrong."""
+    tokens = config.extra.get("alora_invocation_tokens")
+    return ("alora_invocation_tokens", tokens) if tokens else None
 
 
 #: transformers model types whose projections are ``Conv1D`` layers storing their weight (in, out) (GPT-2 style)

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, Module, as_lora
-from .errors import InvalidOptionError, LoraToolsError, ShapeMismatchError, UnsupportedModuleError
+from .config import ALORA_WHY, fixed_delta_refusal
+from .errors import (InvalidOptionError, LoraToolsError, ShapeMismatchError, UnsupportedConfigError,
+                     UnsupportedModuleError)
 from .formats import FORMATS, BaseModel, Format, detect_format, get_format, load_base
 from .io import atomic_output
 from .linalg import lowrank_svd
@@ -75,6 +77,9 @@ def convert_adapter(adapter: Adapter, *, to: str, base: BaseModel | None = None,
     (:func:`load_base`) is what is known of the base model (GGUF checks its architecture against it).
     """
     fmt = get_format(to)  # unknown names fail here, before any work
+    refused = fixed_delta_refusal(adapter.config)
+    if refused is not None and fmt.plain_lora_only:  # a format of plain ΔW cannot say "after these tokens only"
+        raise UnsupportedConfigError(to, *refused, ALORA_WHY)
     out = as_lora(adapter) if fmt.plain_lora_only else adapter
     if adapter.modules and not out.modules:
         raise InvalidOptionError(f"every module of this AdaLoRA adapter was pruned to rank 0 (it adds nothing): "

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
-from ..config import AdapterConfig, alpha_for_scale, lora_scale
+from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingDependencyError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
 from .base import BaseModel, Format, register
@@ -199,7 +199,7 @@ def unpermute_rows(W: Tensor, n_head: int) -> Tensor:
 
 def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
     """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason."""
-    out: dict[str, str] = {}
+    out: dict[str, str] = {n: ALORA_WHY for n in adapter.modules} if fixed_delta_refusal(adapter.config) else {}
     for k in adapter.saved:
         out[k] = ("llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head, "
                   "trained biases, trainable tokens)")

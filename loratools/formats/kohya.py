@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
-from ..config import AdapterConfig, alpha_for_scale, lora_scale, stores_in_out
+from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale, stores_in_out
 from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, save_safetensors
 from .base import BaseModel, Format, peek_safetensors, register
@@ -83,6 +83,8 @@ def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
     """Modules and saved tensors kohya's format cannot hold, with the reason."""
     out = {n: "kohya's format has no embedding LoRA" for n, m in adapter.items() if m.kind == "embedding"}
     out.update({n: "kohya's format has no LoRA bias (lora_bias)" for n, m in adapter.items() if m.bias is not None})
+    if fixed_delta_refusal(adapter.config):
+        out.update({n: ALORA_WHY for n in adapter.modules})
     out.update({n: "kohya's format has no LoRA on MoE expert tensors (target_parameters)"
                 for n, m in adapter.items() if m.kind == "experts"})
     out.update({k: "kohya's format holds no full tensors (modules_to_save, trained biases, trainable tokens)"

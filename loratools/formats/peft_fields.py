@@ -124,9 +124,8 @@ FIELDS: Mapping[str, FieldRule] = {
     "use_dora": FieldRule("refused", "DoRA", _refuse_when_set(
         "DoRA's magnitude vector is not a low-rank update; loratools does not read DoRA yet — merge it with "
         "peft (`merge_and_unload`)")),
-    "alora_invocation_tokens": FieldRule("refused", "activated LoRA", _refuse_when_set(
-        "an activated LoRA applies only after its invocation tokens, so it has no fixed ΔW to merge or convert "
-        "(peft refuses to merge it too); serve it with a runtime that supports aLoRA")),
+    "alora_invocation_tokens": FieldRule("implemented", "activated LoRA: kept by the peft and loratools formats; "
+                                                        "merge, kohya and GGUF refuse it (config.ALORA_WHY)"),
     "layer_replication": FieldRule("refused", "replicated layers", _refuse_when_set(
         "the adapter was trained on a model whose layers peft replicated, which loratools does not rebuild; "
         "merge it with peft")),

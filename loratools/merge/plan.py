@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..adapter import TOKENS_SUFFIX, Adapter, Module, token_rows
-from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, WrongBaseError
+from ..config import ALORA_WHY, fixed_delta_refusal
+from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedConfigError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
 
 __all__ = ["AdapterInput", "TensorPlan", "Tie", "METADATA_KEY", "FLOAT_CODES", "HEAD_KEY", "adapter_inputs",
@@ -245,6 +246,9 @@ def _collect(adapters: Sequence[AdapterInput]) -> _Ops:
     for inp in adapters:
         ad = inp.adapter
         ad.check_finite()
+        refused = fixed_delta_refusal(ad.config)
+        if refused is not None:
+            raise UnsupportedConfigError(inp.label or "the adapter", *refused, ALORA_WHY)
         if not math.isfinite(inp.weight):
             raise InvalidOptionError(f"`weight` {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
         for name, m in ad.items():
