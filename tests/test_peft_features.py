@@ -200,6 +200,15 @@ def test_conv1d_conv2d_conv3d(lora_bias, tmp_path):
     unmerge_model(tmp_path / "m.safetensors", [ad], tmp_path / "u.safetensors", device="cpu")
     back = ModelReader(tmp_path / "u.safetensors")
     assert max(float((back.read(k) - v).abs().max()) for k, v in w0.items()) < TOL
+    if not lora_bias:  # kohya holds convolutions of every dimension (checked ΔW by ΔW on the way)
+        assert read_adapter(tmp_path / "ad").modules["c3"].A.ndim == 5
+        from loratools.convert import convert_file
+
+        convert_file(tmp_path / "ad", tmp_path / "k.safetensors", to="kohya")
+        merge_model(tmp_path / "base.safetensors", [read_adapter(tmp_path / "k.safetensors")], tmp_path / "mk.safetensors",
+                    device="cpu")
+        mk = ModelReader(tmp_path / "mk.safetensors")
+        assert max(float((mk.read(k) - ref[k]).abs().max()) for k in ref) < TOL
 
 
 @pytest.mark.parametrize("base_name, lora", [
