@@ -63,8 +63,9 @@ def resolve_experts(adapter: Adapter, shapes: Shapes, hparams: Mapping[str, Any]
         fits = {p: f for p in params if (f := _fit(f"{path}.{p}", p, m, shapes, transposed)) is not None}
         if not fits:
             raise MissingModuleError(f"{path}.{'|'.join(params)}", "the base model",
-                                     f"no tensor there fits {m.experts} experts of {m.matrix_shape} (loratools maps "
-                                     "3-D expert tensors and transformers' per-expert qwen2_moe/mixtral weights)")
+                                     f"target_parameters: no tensor there fits {m.experts} expert(s) of "
+                                     f"{m.matrix_shape}; loratools maps 3-D expert tensors and transformers' "
+                                     "per-expert qwen2_moe/mixtral weights")
         if len(fits) > 1:
             raise InvalidOptionError(f"{name} fits {' and '.join(sorted(fits))} alike; peft's file does not say which "
                                      "parameter it adapts, so loratools cannot merge it")
