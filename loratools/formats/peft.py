@@ -74,27 +74,23 @@ def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
     return name, _FACTOR[match["f"]], ("embedding" if match["f"].startswith("lora_embedding") else None)
 
 
-def read_peft(path: Path) -> Adapter:
-    """Read a PEFT LoRA / rsLoRA / AdaLoRA adapter directory."""
-    d = _dir_of(Path(path))
+def _read_config(d: Path) -> dict[str, Any]:
+    """``adapter_config.json``, checked: a LoRA/AdaLoRA config whose every field loratools honours."""
     try:
         raw: dict[str, Any] = json.loads((d / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
         raise CorruptFileError(d / CONFIG_NAME, f"not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(raw, dict):
         raise CorruptFileError(d / CONFIG_NAME, "not a JSON object")
-    peft_type = str(raw.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "ADALORA"):
+    if str(raw.get("peft_type", "")).upper() not in ("LORA", "ADALORA"):
         raise NotAnAdapterError(d, f"peft_type {raw.get('peft_type')!r} is not LORA or ADALORA")
     check_fields(raw, where=str(d / CONFIG_NAME))
-    weights = d / WEIGHTS_NAME
-    if not weights.is_file():
-        if (d / "adapter_model.bin").is_file():
-            raise NotAnAdapterError(d, "only a pickled adapter_model.bin is present; loratools loads safetensors only "
-                                       "(re-save it with safe_serialization=True)")
-        raise MissingModuleError(WEIGHTS_NAME, str(d), "the weights file is missing")
-    tensors, _ = load_safetensors(weights)
+    return raw
 
+
+def _group(d: Path, tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Kind],
+                                                          dict[str, Tensor]]:
+    """The file's tensors as (factors by module, kind hints, full tensors kept as they are)."""
     parts: dict[str, dict[str, Tensor]] = {}
     kinds: dict[str, Kind] = {}
     saved: dict[str, Tensor] = {}
@@ -109,50 +105,59 @@ def read_peft(path: Path) -> Adapter:
         parts.setdefault(name, {})[factor] = t
         if kind:
             kinds[name] = kind
+    return parts, kinds, saved
 
-    method = "adalora" if peft_type == "ADALORA" else "lora"
-    rslora = bool(raw.get("use_rslora", False))
-    fifo = bool(raw.get("fan_in_fan_out", False))
+
+def _module(name: str, fs: dict[str, Tensor], hint: Kind | None, raw: dict[str, Any], where: Path) -> Module:
+    """One module from its factors and the config: rank checked, scale by the config's rule."""
+    adalora = str(raw.get("peft_type", "")).upper() == "ADALORA"
+    for f in ("A", "B", "E") if adalora else ("A", "B"):
+        if f not in fs:
+            raise MissingModuleError(f"{name}.lora_{f}", str(where), "the adapter file is incomplete")
+    A, B = fs["A"], fs["B"]
+    on_parameter = not adalora and bool(experts_targets(name, raw.get("target_parameters")))
+    kind: Kind = hint or ("experts" if on_parameter else "conv" if A.ndim in (3, 4, 5) else "linear")
     r_default = int(raw.get("r", 8))
-    alpha_default = float(raw.get("lora_alpha", r_default))
-    rank_pattern = raw.get("rank_pattern") or {}
-    alpha_pattern = raw.get("alpha_pattern") or {}
-    init_r = int(raw["init_r"]) if method == "adalora" else None
+    alpha = float(raw.get("lora_alpha", r_default))
+    n_experts = 1
+    if adalora:
+        scale = adalora_scale(alpha, int(raw["init_r"]))
+    else:
+        r_cfg = int(pattern_value(name, raw.get("rank_pattern") or {}, r_default))
+        n_experts = A.shape[0] // r_cfg if kind == "experts" and r_cfg > 0 else 1
+        if A.shape[0] != r_cfg * n_experts:
+            raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})" + (" per expert" if on_parameter
+                                     else ""), f"lora_A of shape {tuple(A.shape)}")
+        alpha = float(pattern_value(name, raw.get("alpha_pattern") or {}, alpha))
+        scale = lora_scale(alpha, r_cfg, rslora=bool(raw.get("use_rslora", False)))
+    fifo = bool(raw.get("fan_in_fan_out", False)) and kind == "linear"
+    return Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind, fan_in_fan_out=fifo,
+                  bias=fs.get("bias"), experts=n_experts)
 
-    modules: dict[str, Module] = {}
-    for name, fs in parts.items():
-        needed = ("A", "B", "E") if method == "adalora" else ("A", "B")
-        for f in needed:
-            if f not in fs:
-                raise MissingModuleError(f"{name}.lora_{f}", str(weights), "the adapter file is incomplete")
-        A, B = fs["A"], fs["B"]
-        on_parameter = method == "lora" and bool(experts_targets(name, raw.get("target_parameters")))
-        kind: Kind = kinds.get(name) or ("experts" if on_parameter else "conv" if A.ndim in (3, 4, 5) else "linear")
-        n_experts = 1
-        if method == "adalora":
-            assert init_r is not None
-            alpha = alpha_default
-            scale = adalora_scale(alpha, init_r)
-        else:
-            r_cfg = int(pattern_value(name, rank_pattern, r_default))
-            n_experts = A.shape[0] // r_cfg if kind == "experts" and r_cfg > 0 else 1
-            if A.shape[0] != r_cfg * n_experts:
-                raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})" + (" per expert" if on_parameter
-                                         else ""), f"lora_A of shape {tuple(A.shape)}")
-            alpha = float(pattern_value(name, alpha_pattern, alpha_default))
-            scale = lora_scale(alpha, r_cfg, rslora=rslora)
-        modules[name] = Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind,
-                               fan_in_fan_out=fifo and kind == "linear", bias=fs.get("bias"), experts=n_experts)
+
+def read_peft(path: Path) -> Adapter:
+    """Read a PEFT LoRA / rsLoRA / AdaLoRA adapter directory."""
+    d = _dir_of(Path(path))
+    raw = _read_config(d)
+    weights = d / WEIGHTS_NAME
+    if not weights.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise NotAnAdapterError(d, "only a pickled adapter_model.bin is present; loratools loads safetensors only "
+                                       "(re-save it with safe_serialization=True)")
+        raise MissingModuleError(WEIGHTS_NAME, str(d), "the weights file is missing")
+    parts, kinds, saved = _group(d, load_safetensors(weights)[0])
+    modules = {name: _module(name, fs, kinds.get(name), raw, weights) for name, fs in parts.items()}
     if not modules:
         raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")
+    method = "adalora" if str(raw["peft_type"]).upper() == "ADALORA" else "lora"
     target = raw.get("target_modules")
     config = AdapterConfig(
         method=method,
-        use_rslora=rslora,
-        fan_in_fan_out=fifo,
+        use_rslora=bool(raw.get("use_rslora", False)),
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         base_model=raw.get("base_model_name_or_path"),
         task_type=raw.get("task_type"),
-        init_r=init_r,
+        init_r=int(raw["init_r"]) if method == "adalora" else None,
         target_r=int(raw["target_r"]) if method == "adalora" and raw.get("target_r") is not None else None,
         target_modules=tuple(target) if isinstance(target, list) else target,
         extra=raw,
