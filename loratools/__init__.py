@@ -9,11 +9,13 @@ module: ``loratools.extract`` is the module, ``loratools.extract_adapter`` its j
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .adalora import RankAllocator
     from .adapter import Adapter, Fingerprint, Module, as_lora
+    from .combine import combine_adapters
     from .config import AdapterConfig, adalora_scale, lora_scale
     from .convert import convert_adapter, convert_file
     from .errors import LoraToolsError
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 _HOMES: dict[str, str] = {
     "RankAllocator": "adalora",
     **dict.fromkeys(["Adapter", "Fingerprint", "Module", "as_lora"], "adapter"),
+    "combine_adapters": "combine",
     **dict.fromkeys(["AdapterConfig", "adalora_scale", "lora_scale"], "config"),
     **dict.fromkeys(["convert_adapter", "convert_file"], "convert"),
     "LoraToolsError": "errors",
@@ -56,7 +59,9 @@ __all__ = sorted(_HOMES) + ["__version__"]
 
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
-    if home is None:
+    if home is None:  # a submodule not imported yet (``loratools.resize``), as an eager package would have it
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'loratools' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{home}", __name__), name)
     globals()[name] = value  # later lookups skip this function

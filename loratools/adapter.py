@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -22,11 +23,11 @@ import torch
 from torch import Tensor
 
 from .config import AdapterConfig, alpha_for_scale
-from .errors import InvalidOptionError, NonFiniteError, ShapeMismatchError
+from .errors import DoraError, InvalidOptionError, NonFiniteError, ShapeMismatchError
 from .linalg import lowrank_svd, sqrt_split
 
 __all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
-           "TOKENS_SUFFIX"]
+           "TOKENS_SUFFIX", "fold_scales", "pad_rank"]
 
 Kind = Literal["linear", "conv", "embedding", "experts"]
 
@@ -53,6 +54,11 @@ class Module:
     product; ``alpha`` is what the file says (kept to rewrite it faithfully).
     ``bias`` (out,) is peft's ``lora_bias`` (a bias on ``lora_B``): it adds
     ``scale · bias`` to the base layer's bias (peft 0.21.2 ``lora/layer.py`` ``Linear.merge``).
+
+    ``magnitude`` (m, one entry per row of ΔW as a matrix: ``out``, or ``dim`` for
+    embeddings) makes the module DoRA (Liu et al. 2024): the merged weight is
+    ``diag(m / ‖V‖_row) · V`` with ``V = W0 + s·B·A`` (:mod:`loratools.dora`), so
+    :meth:`delta`, :meth:`factors` and :meth:`svd` describe the LoRA part only.
     """
 
     A: Tensor
@@ -64,6 +70,11 @@ class Module:
     fan_in_fan_out: bool = False
     bias: Tensor | None = None
     experts: int = 1
+    magnitude: Tensor | None = None
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -95,7 +106,7 @@ class Module:
 
     @property
     def parameters(self) -> int:
-        return sum(t.numel() for t in (self.A, self.B, self.E, self.bias) if t is not None)
+        return sum(t.numel() for t in (self.A, self.B, self.E, self.bias, self.magnitude) if t is not None)
 
     def bias_delta(self) -> "Module | None":
         """The bias update ``scale · bias`` as a rank-1 module whose (out, 1) ΔW is added to the base bias
@@ -175,8 +186,12 @@ def check_module(name: str, m: Module, *, finite: bool = True) -> None:
         raise ShapeMismatchError(name, f"lora_E of shape ({m.rank}, 1)", tuple(m.E.shape))
     if m.bias is not None and tuple(m.bias.shape) != (int(m.B.shape[0]),):
         raise ShapeMismatchError(name, f"a lora_B bias of shape ({int(m.B.shape[0])},)", tuple(m.bias.shape))
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (int(m.B.shape[0]),):
+        raise ShapeMismatchError(name, f"lora_magnitude_vector with {int(m.B.shape[0])} entries (the rows of lora_B)",
+                                 tuple(m.magnitude.shape))
     if finite:
-        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E), ("lora_B.bias", m.bias)):
+        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E), ("lora_B.bias", m.bias),
+                         ("lora_magnitude_vector", m.magnitude)):
             if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(name, label)
 
@@ -231,6 +246,11 @@ class Adapter:
     @property
     def parameters(self) -> int:
         return sum(m.parameters for m in self.modules.values())
+
+    @property
+    def is_dora(self) -> bool:
+        """True when any module carries a DoRA magnitude vector."""
+        return any(m.is_dora for m in self.modules.values())
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -310,8 +330,11 @@ def as_lora(adapter: Adapter) -> Adapter:
     ``A' = (A ⊙ E)[kept]``, ``B' = B[:, kept]``, and the scale is carried by
     ``alpha' = scale · r'`` so that ``alpha'/r'`` is the AdaLoRA scale.
     Modules left with rank 0 add nothing and are dropped. 16-bit factors come
-    out as float32, since ``A ⊙ E`` is not exact in 16 bits.
+    out as float32, since ``A ⊙ E`` is not exact in 16 bits. DoRA is refused
+    (:class:`~loratools.errors.DoraError`): its update is not ``s·BA``.
     """
+    if adapter.is_dora:
+        raise DoraError("as plain LoRA factors", "flatten it with its base first (convert with `base` and `as_lora`)")
     if adapter.method == "lora":
         return adapter
     modules: dict[str, Module] = {}
@@ -348,3 +371,40 @@ def module_from_svd(like: Module, U: Tensor, S: Tensor, Vh: Tensor, *, dtype: to
     bias = (like.bias.to(torch.float32) * like.scale).to(dt) if like.bias is not None else None
     return Module(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), alpha=alpha_for_scale(1.0, k), scale=1.0,
                   kind=like.kind, fan_in_fan_out=like.fan_in_fan_out, bias=bias)
+
+
+def fold_scales(modules: Mapping[str, Module]) -> tuple[dict[str, Module], float]:
+    """Give every module the same scale ``c`` (the most common one) with the same ΔW: ``B′ = B · sᵢ/c``.
+
+    Untouched when ``sᵢ = c`` (bit for bit). Folding into 16-bit factors would
+    round ΔW by ~1e-3, so those modules are written in float32. Returns the
+    modules and ``c``.
+
+    >>> m = {"a": Module(A=torch.ones(1, 2), B=torch.ones(2, 1), alpha=2, scale=2.0),
+    ...      "b": Module(A=torch.ones(1, 2), B=torch.ones(2, 1), alpha=1, scale=1.0),
+    ...      "c": Module(A=torch.ones(1, 2), B=torch.ones(2, 1), alpha=2, scale=2.0)}
+    >>> folded, c = fold_scales(m)
+    >>> c, folded["b"].scale, folded["b"].B.flatten().tolist()
+    (2.0, 2.0, [0.5, 0.5])
+    """
+    scales = Counter(m.scale for m in modules.values() if m.scale != 0)
+    c = scales.most_common(1)[0][0] if scales else 1.0
+    out = {}
+    for n, m in modules.items():
+        if m.scale == c:
+            out[n] = m
+            continue
+        dt = torch.float32 if m.B.dtype in (torch.float16, torch.bfloat16) else m.B.dtype
+        B = (m.B.double() * (m.scale / c)).to(dt)
+        out[n] = m.with_factors(A=m.A.to(dt), B=B, scale=c, alpha=alpha_for_scale(c, m.rank))
+    return out, c
+
+
+def pad_rank(m: Module, rank: int) -> Module:
+    """``m`` with zero rows of A and zero columns of B up to ``rank`` (ΔW unchanged)."""
+    extra = rank - m.rank
+    if extra <= 0:
+        return m
+    A = torch.cat([m.A, m.A.new_zeros(extra, *m.A.shape[1:])], 0)
+    B = torch.cat([m.B, m.B.new_zeros(m.B.shape[0], extra, *m.B.shape[2:])], 1)
+    return m.with_factors(A=A, B=B, alpha=alpha_for_scale(m.scale, rank))

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from .adalora import RankAllocator
 from .adapter import Adapter
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError
-from .io import atomic_output, load_safetensors, save_safetensors
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, ShapeMismatchError
+from .io import atomic_output, load_safetensors, read_json, save_safetensors
 from .nn import AdaLoRALinear, adapter_layers
+from .validate import get_field
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "rng_state", "set_rng_state", "write_run"]
 
@@ -75,12 +76,19 @@ def read_state(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not (p / "state.json").is_file():
         raise InputNotFoundError(p / "state.json", "checkpoint state")
-    try:
-        state = json.loads((p / "state.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(p / "state.json", f"not valid JSON ({e.msg})") from None
+    where = p / "state.json"
+    state = read_json(where)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CorruptFileError(p / "state.json", "not a loratools training checkpoint")
+        raise CorruptFileError(where, "not a loratools training checkpoint")
+    get_field(state, "step", int, where=where, check=lambda v: v >= 0, expected="an integer ≥ 0")
+    get_field(state, "world_size", int, where=where, default=1, check=lambda v: v >= 1, expected="an integer ≥ 1")
+    get_field(state, "config", dict, where=where)
+    for name in ("losses", "evals"):
+        get_field(state, name, list, where=where, check=lambda v: all(isinstance(x, dict) for x in v),
+                  expected="a list of objects")
+    get_field(state, "rng", list, where=where, expected="a list of byte lists", check=lambda v: all(
+        isinstance(r, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in r)
+        for r in v))
     return state
 
 
@@ -98,11 +106,15 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         if target is None:
             raise InvalidOptionError(f"checkpoint {p} holds {k}, which this model does not have; resume with the same "
                                      "base model and options")
+        if tuple(target.shape) != tuple(v.shape):
+            raise ShapeMismatchError(k, tuple(target.shape), tuple(v.shape), f"checkpoint {p} is for other options")
         target.copy_(v)
     opt, _ = load_safetensors(p / "optimizer.safetensors")
     for key, v in opt.items():
         name, _, slot = key.rpartition("::")
-        q = params[name]
+        q = params.get(name)
+        if q is None:
+            raise CorruptFileError(p / "optimizer.safetensors", f"{key} names no parameter of this model")
         optimizer.state[q][slot] = v.to(q.device) if slot != "step" else v
     if allocator is not None and (p / "allocator.safetensors").is_file():
         alloc, _ = load_safetensors(p / "allocator.safetensors")
@@ -111,9 +123,10 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
 
 
 def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[dict[str, float]],
-              evals: list[dict[str, float]], *, force: bool, inputs: tuple[str | Path, ...]) -> None:
+              evals: list[dict[str, float]], *, force: bool, inputs: tuple[str | Path, ...],
+              best: Adapter | None = None) -> None:
     """The finished run's directory, atomically: ``adapter`` (PEFT), ``record`` as training_config.json,
-    the train and held-out losses as loss_curve.json, and their plot."""
+    the train and held-out losses as loss_curve.json, their plot, and ``best/`` (PEFT) when given."""
     from .formats import get_format
 
     with atomic_output(out, force=force, inputs=inputs) as tmp:
@@ -121,6 +134,8 @@ def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[
         (tmp / "training_config.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "loss_curve.json").write_text(json.dumps({"train": losses, "eval": evals}, indent=1) + "\n")
         _plot(tmp / "loss.png", losses, evals)
+        if best is not None:
+            get_format("peft").write(best, tmp / "best")
 
 
 def _plot(path: Path, losses: list[dict[str, float]], evals: list[dict[str, float]]) -> None:

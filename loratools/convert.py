@@ -28,14 +28,15 @@ import torch
 
 from .adapter import Adapter, Module, as_lora
 from .config import ALORA_WHY, fixed_delta_refusal
+from .dora import flatten_module
 from .errors import (InvalidOptionError, LoraToolsError, ShapeMismatchError, UnsupportedConfigError,
                      UnsupportedModuleError)
 from .formats import FORMATS, BaseModel, Format, detect_format, get_format, load_base
-from .io import atomic_output
-from .linalg import lowrank_svd
+from .io import ModelReader, atomic_output
+from .linalg import RankRule, lowrank_svd
 
 __all__ = ["Conversion", "ConvertResult", "ConversionCheckError", "convert_adapter", "convert_file", "delta_error",
-           "check_same_deltas", "tolerance", "TOLERANCE"]
+           "check_same_deltas", "tolerance", "TOLERANCE", "flatten_dora"]
 
 #: relative Frobenius error allowed between a module's ΔW before and after conversion (float32 factors)
 TOLERANCE = 1e-6
@@ -135,6 +136,9 @@ def check_same_deltas(before: Adapter, after: Adapter) -> float:
             err = delta_error(m, after.modules[name])
         except ShapeMismatchError as e:
             raise ConversionCheckError(name, f"expected {e.expected}, got {e.got}") from None
+        if m.is_dora != after.modules[name].is_dora or (
+                m.magnitude is not None and not torch.equal(m.magnitude, after.modules[name].magnitude)):
+            raise ConversionCheckError(name, "the DoRA magnitude vector differs after writing")
         tol = tolerance(m, after.modules[name])
         if err > tol:
             raise ConversionCheckError(name, f"ΔW differs by {err:.3g} (relative), more than {tol:.0e}")
@@ -169,17 +173,49 @@ class ConvertResult:
     dropped: Mapping[str, str]
     notes: tuple[str, ...]
     max_error: float
+    #: ``as_lora``: each flattened DoRA module's measured relative error ‖D − B′A′‖_F / ‖D‖_F
+    flattened: Mapping[str, float] = field(default_factory=dict)
+
+
+def flatten_dora(adapter: Adapter, base: str | os.PathLike[str], rule: RankRule, *,
+                 seed: int = 0) -> tuple[Adapter, dict[str, float]]:
+    """``adapter`` with every DoRA module replaced by plain LoRA factors of its full update W′ − W0
+    (:func:`loratools.dora.flatten_module`), reading each base weight from ``base`` one at a time.
+    Returns the plain adapter and each flattened module's measured relative error."""
+    gen = torch.Generator().manual_seed(seed)
+    modules: dict[str, Module] = {}
+    errors: dict[str, float] = {}
+    with ModelReader(base) as model:
+        for name, m in adapter.items():
+            if not m.is_dora:
+                modules[name] = m
+                continue
+            key = f"{name}.weight"
+            if key not in model.spans:
+                raise ShapeMismatchError(name, f"a weight {key} in `base`", "none", "give the base the adapter was made for")
+            w0 = model.get(key)
+            if tuple(w0.shape) != m.weight_shape:
+                raise ShapeMismatchError(name, f"{m.weight_shape}", f"{tuple(w0.shape)} in `base`",
+                                         "give the base the adapter was made for")
+            plain, errors[name] = flatten_module(w0, m, rule, generator=gen)
+            if plain is not None:
+                modules[name] = plain
+    extra = {k: v for k, v in adapter.config.extra.items() if k != "use_dora"}
+    return adapter.with_modules(modules, extra=extra), errors
 
 
 def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str,
                  base: str | os.PathLike[str] | None = None, drop_unsupported: bool = False,
-                 force: bool = False) -> ConvertResult:
+                 force: bool = False, as_lora: bool = False, rule: RankRule | None = None) -> ConvertResult:
     """Convert the adapter at ``src`` into format ``to`` at ``dst``, checked and atomic.
 
     ``base`` (a model directory, ``config.json``, ``.safetensors`` or ``.gguf``)
     maps kohya's flattened names back to module names and gives GGUF its
     architecture and head counts; without it, a source file that records them (a
     GGUF adapter loratools wrote) stands in for it.
+
+    ``as_lora`` flattens a DoRA adapter to plain LoRA (:func:`flatten_dora`, rank by
+    ``rule``) with the weights of ``base``; kohya and GGUF hold no DoRA, so they need it.
     """
     fmt_out = get_format(to)
     src_p, dst_p = Path(src), Path(dst)
@@ -189,6 +225,12 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     adapter = fmt_in.read(src_p, base=base_m)
     if base_m is not None:
         _check_base_shapes(adapter, base_m)
+    flattened: dict[str, float] = {}
+    if as_lora:
+        if base is None or not adapter.is_dora:
+            raise InvalidOptionError("`as_lora` flattens a DoRA adapter with the weights of its base: "
+                                     + ("give `base`" if base is None else "this adapter is not DoRA"))
+        adapter, flattened = flatten_dora(adapter, base, rule if rule is not None else RankRule.from_options())
     notes = [note for fmt in FORMATS.values() for note in fmt.notes(adapter, base_m)]
     conv = convert_adapter(adapter, to=to, base=base_m, drop_unsupported=drop_unsupported)
     reference = Adapter({n: m for n, m in adapter.items() if n not in conv.dropped}, adapter.config,
@@ -200,4 +242,5 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
         fmt_out.write(conv.adapter, tmp, base=base_m)
         back = fmt_out.read(tmp, base=base_m)
         worst = check_same_deltas(reference, back)
-    return ConvertResult(dst_p, fmt_in.name, to, len(conv.adapter.modules), conv.dropped, tuple(notes), worst)
+    return ConvertResult(dst_p, fmt_in.name, to, len(conv.adapter.modules), conv.dropped, tuple(notes), worst,
+                         flattened)

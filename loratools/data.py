@@ -4,6 +4,9 @@
 - ``.jsonl`` with ``{"text": …}``: each row tokenized and followed by EOS, then packed likewise.
 - ``.jsonl`` with ``{"prompt": …, "completion": …}``: one example per row, ``prompt + completion + EOS``
   truncated to ``seq_len``; only completion tokens (and the EOS) count in the loss.
+- ``.jsonl`` with ``{"messages": [{"role": …, "content": …}, …]}`` (chat): one example per row, rendered
+  with the tokenizer's chat template and truncated to ``seq_len``; only what each assistant turn adds
+  (its content and the template's end-of-turn text) counts in the loss (:func:`encode_chat`).
 
 The order is a pure function of (seed, step): epoch ``e`` visits the training examples in the
 permutation drawn from ``seed + e``, and step ``t`` takes the next ``G`` indices of that endless stream
@@ -22,10 +25,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, UnsupportedDataError
 
 __all__ = ["Example", "IGNORE", "Row", "read_rows", "load_examples", "split_examples", "collate",
-           "global_batch_indices", "target_tokens"]
+           "global_batch_indices", "target_tokens", "encode_chat", "row_example"]
 
 #: label of positions that do not count in the loss (PyTorch's cross-entropy ignore_index)
 IGNORE = -100
@@ -51,10 +54,18 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 class Row(NamedTuple):
-    """One example of a data file: a ``text``, or a prompt (``text``) and its ``completion``."""
+    """One example of a data file: a ``text``, a prompt (``text``) and its ``completion``, or chat ``messages``."""
 
     text: str
     completion: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "chat" if self.messages is not None else ("text" if self.completion is None else "prompt/completion")
+
+
+_SCHEMAS = '{"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, …]}'
 
 
 def _json_row(p: Path, i: int, line: str) -> Row:
@@ -66,7 +77,49 @@ def _json_row(p: Path, i: int, line: str) -> Row:
         return Row(obj["text"])
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
         return Row(obj["prompt"], obj["completion"])
-    raise CorruptFileError(p, f'line {i} needs a "text" string or "prompt" and "completion" strings')
+    msgs = obj.get("messages") if isinstance(obj, dict) else None
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                               and isinstance(m.get("content"), str) for m in msgs):
+        return Row("", None, tuple({"role": m["role"], "content": m["content"]} for m in msgs))
+    keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+    raise UnsupportedDataError(p, i, f"a row with {keys or 'no keys'}", _SCHEMAS)
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], *, prompt: bool) -> str:
+    return str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=prompt))
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of a chat rendered with the tokenizer's chat template, loss on assistant turns.
+
+    The rendering is cut where each assistant turn starts (the template's render of the turns
+    before it with the generation prompt) and ends (the render up to and including it); each piece
+    is tokenized on its own, and the assistant pieces are the targets (labels = ids), the rest
+    ``IGNORE``. A template whose renders are not prefixes of one another cannot be cut so and is refused.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidOptionError("chat rows ({\"messages\": …}) need a tokenizer with a chat template; this base's "
+                                 "tokenizer has none: use {\"prompt\", \"completion\"} rows")
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, after = _render(tokenizer, messages[:i], prompt=True), _render(tokenizer, messages[:i + 1], prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise InvalidOptionError("the tokenizer's chat template renders a conversation differently from its "
+                                     "beginning, so the assistant turns cannot be cut out; use prompt/completion rows")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    whole = _render(tokenizer, messages, prompt=False)
+    pieces.append((whole[len(done):], False))
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, target in pieces:
+        t = _encode(tokenizer, text) if text else []
+        ids += t
+        labels += t if target else [IGNORE] * len(t)
+    return ids, labels
 
 
 def read_rows(path: str | Path, *, what: str = "training data", plain_text: bool = True) -> list[Row]:
@@ -89,6 +142,23 @@ def read_rows(path: str | Path, *, what: str = "training data", plain_text: bool
     return rows
 
 
+def row_example(tokenizer: Any, row: Row, *, seq_len: int) -> Example | None:
+    """One row as one example truncated to ``seq_len`` (None when nothing is left to predict): a text row
+    ``text + EOS`` (every token a target), a prompt/completion row (the completion and EOS are targets),
+    a chat row (:func:`encode_chat`)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if row.messages is not None:
+        ids, labels = encode_chat(tokenizer, row.messages)
+    elif row.completion is None:
+        ids = _encode(tokenizer, row.text) + eos
+        labels = list(ids)
+    else:
+        prompt, completion = _encode(tokenizer, row.text), _encode(tokenizer, row.completion) + eos
+        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    return Example(tuple(ids), tuple(labels)) if any(lab != IGNORE for lab in labels[1:]) else None
+
+
 def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Example]:
     """Read ``path`` (:func:`read_rows`) into examples of at most ``seq_len`` tokens (see the module docstring)."""
     if seq_len < 2:
@@ -98,18 +168,13 @@ def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Exa
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if p.suffix != ".jsonl":  # plain text: packed as it is, no EOS added
         examples = _pack(_encode(tokenizer, rows[0].text), seq_len)
-    elif all(r.completion is None for r in rows):
+    elif all(r.kind == "text" for r in rows):
         examples = _pack([t for r in rows for t in _encode(tokenizer, r.text) + eos], seq_len)
-    elif all(r.completion is not None for r in rows):
-        examples = []
-        for r in rows:
-            prompt, completion = _encode(tokenizer, r.text), _encode(tokenizer, str(r.completion)) + eos
-            ids = (prompt + completion)[:seq_len]
-            labels = ([IGNORE] * len(prompt) + completion)[:seq_len]
-            if any(lab != IGNORE for lab in labels[1:]):
-                examples.append(Example(tuple(ids), tuple(labels)))
+    elif all(r.kind == rows[0].kind for r in rows):  # prompt/completion or chat: one example a row
+        examples = [e for r in rows if (e := row_example(tokenizer, r, seq_len=seq_len)) is not None]
     else:
-        raise CorruptFileError(p, 'it mixes "text" rows and "prompt"/"completion" rows; use one kind per file')
+        raise UnsupportedDataError(p, 0, "rows of different kinds (" + ", ".join(sorted({r.kind for r in rows})) + ")",
+                                   "one kind of row per file")
     if not examples:
         raise InvalidOptionError(f"{p} gives no training example of at least 2 tokens; give it more text")
     return examples

@@ -22,6 +22,8 @@ __all__ = [
     "NotAnAdapterError",
     "UnknownFormatError",
     "CorruptFileError",
+    "InvalidFieldError",
+    "UnsupportedDataError",
     "ShapeMismatchError",
     "MissingModuleError",
     "NonFiniteError",
@@ -31,6 +33,7 @@ __all__ = [
     "UnsupportedConfigError",
     "MissingDependencyError",
     "InvalidOptionError",
+    "DoraError",
     "HubError",
     "VerificationError",
 ]
@@ -65,6 +68,32 @@ class CorruptFileError(LoraToolsError, ValueError):
     def __init__(self, path: object, why: str) -> None:
         self.path = str(path)
         super().__init__(f"{self.path} is damaged or not a valid file: {why}")
+
+
+class InvalidFieldError(CorruptFileError):
+    """A value read from a file that is not what the field needs (see :mod:`loratools.validate`)."""
+
+    def __init__(self, where: object, field: str, value: object, expected: str) -> None:
+        self.where, self.field, self.value, self.expected = str(where), field, value, expected
+        shown = "missing" if repr(value) == "MISSING" else f"= {_shown(value)}"
+        super().__init__(where, f"{field} {shown} is not valid: expected {expected}")
+
+
+def _shown(value: object) -> str:
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class UnsupportedDataError(LoraToolsError, ValueError):
+    """A data file that parses but holds rows of a schema loratools does not read (not a damaged file)."""
+
+    def __init__(self, path: object, line: int, found: str, expected: str) -> None:
+        self.path = path
+        where = f"{path} line {line}" if line else f"{path}"
+        super().__init__(f"{where}: unsupported row schema, {found}; loratools reads {expected}")
 
 
 class ShapeMismatchError(LoraToolsError, ValueError):
@@ -125,6 +154,14 @@ class MissingDependencyError(LoraToolsError, ImportError):
     def __init__(self, package: str, extra: str) -> None:
         self.package, self.extra = package, extra
         super().__init__(f"this needs the {package!r} package: pip install 'loratools[{extra}]'")
+
+
+class DoraError(LoraToolsError, ValueError):
+    """An operation that treats ΔW as a low-rank update was given a DoRA adapter (see :mod:`loratools.dora`)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}: this is a DoRA adapter, whose update diag(m/‖W0 + s·BA‖)·(W0 + s·BA) − W0 depends "
+                         f"on the base weights and is not low-rank; {fix}")
 
 
 class InvalidOptionError(LoraToolsError, ValueError):

@@ -24,6 +24,7 @@ Not run as doctests (they need a Hub; tests/test_hub.py runs them against a loca
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -144,8 +145,32 @@ def stage_upload(adapter_path: str | os.PathLike[str], folder: str | os.PathLike
     staged = read_adapter(dest, format="peft")
     _check_same(adapter, staged, src)
     report = inspect_adapter(staged, format="peft")
-    (dest / CARD_NAME).write_text(model_card(report, repo_id=repo_id, base_model=base_model), encoding="utf-8")
+    training = _training_record(src if src.is_dir() else src.parent)
+    recorded = report["base_model"]
+    # a relative local path (fixtures/tiny-llama) reads like a Hub id: the card names only what is not on disk here
+    card_report = {**report, "base_model": None} if recorded and Path(recorded).exists() else report
+    (dest / CARD_NAME).write_text(model_card(card_report, repo_id=repo_id, base_model=base_model, training=training),
+                                  encoding="utf-8")
     return report
+
+
+def _training_record(folder: Path) -> dict[str, Any] | None:
+    """``training_config.json`` beside the adapter (what ``loratools train`` writes), or None."""
+    try:
+        record = json.loads((folder / "training_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def preview_push(adapter_path: str | os.PathLike[str], repo_id: str, *,
+                 base_model: str | None = None) -> tuple[dict[str, int], str]:
+    """What :func:`push` would upload, without the network: ``({file name: bytes}, model card text)``."""
+    with tempfile.TemporaryDirectory(prefix="loratools-push-") as tmp:
+        folder = Path(tmp) / "adapter"
+        stage_upload(adapter_path, folder, repo_id=repo_id, base_model=base_model)
+        files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
+        return files, (folder / CARD_NAME).read_text(encoding="utf-8")
 
 
 def push(adapter_path: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,

@@ -7,6 +7,7 @@ downloaded (``local_files_only=True``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,29 @@ import torch
 from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError
 from .io import INDEX_NAME, WEIGHTS_NAME
 
-__all__ = ["load_causal_lm", "check_model_dir"]
+__all__ = ["load_causal_lm", "check_model_dir", "base_model_name"]
+
+
+def base_model_name(path: str | Path, given: str | None = None) -> str:
+    """What an adapter trained on the model at ``path`` stores as ``base_model_name_or_path``.
+
+    ``given`` (``--base-model``) when set; else the Hub id the model's own ``config.json`` names
+    in ``_name_or_path`` (what ``save_pretrained`` recorded, when it is a ``namespace/name`` id
+    and no such local path exists); else ``path`` made absolute — never the bare path typed
+    (``base``), which means nothing elsewhere and reads like a Hub id.
+    """
+    from .modelcard import hub_model_id
+
+    if given:
+        return given
+    p = Path(path)
+    try:
+        recorded = json.loads((p / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, str) and hub_model_id(recorded) and not Path(recorded).exists():
+        return recorded
+    return str(p.resolve())
 
 
 def check_model_dir(path: str | Path) -> Path:

@@ -35,12 +35,19 @@ from typing import Any
 
 __all__ = ["model_card", "hub_model_id"]
 
-# A Hub model id: "name" or "namespace/name" of letters, digits, "-", "_", "." (no "--", no "..").
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+# A Hub model id: "namespace/name" of letters, digits, "-", "_", "." (no "--", no ".."). A bare "name" is
+# refused: the Hub's legacy un-namespaced ids redirect to namespaced ones (gpt2 → openai-community/gpt2),
+# and a bare word is far more often a local folder typed on the command line (`base`).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def hub_model_id(name: str | None) -> str | None:
-    """``name`` if it can be a Hub model id, else None (a local path such as ``/data/llama`` or ``./base``)."""
+    """``name`` if it can be a Hub model id ``namespace/name``, else None (a local path such as
+    ``/data/llama``, ``./base`` or a bare folder name ``base``).
+
+    >>> hub_model_id("HuggingFaceTB/SmolLM2-135M"), hub_model_id("base"), hub_model_id("/data/llama")
+    ('HuggingFaceTB/SmolLM2-135M', None, None)
+    """
     if not name or name.startswith((".", "/", "~")) or "\\" in name or "--" in name or ".." in name:
         return None
     return name if _HUB_ID.match(name) and not name.endswith(".") else None
@@ -61,11 +68,13 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None = None) -> str:
+def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None = None,
+               training: dict[str, Any] | None = None) -> str:
     """README.md text (YAML metadata + Markdown) for the adapter described by ``report``.
 
     ``base_model`` overrides the report's; either is used only when it is a Hub model id
-    (a local path would leak a file name and fail the Hub's metadata check).
+    (a local path would leak a file name and fail the Hub's metadata check). ``training``
+    (``training_config.json`` written by ``loratools train``) adds a section of its settings.
     """
     method = str(report.get("method") or "lora").lower()
     base = hub_model_id(base_model or report.get("base_model"))
@@ -119,4 +128,24 @@ def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None =
     if report.get("saved_tensors"):
         lines += ["", f"Also saves {len(report['saved_tensors'])} full tensors (`modules_to_save`)."]
     lines += ["", "Figures from `loratools inspect` (scaled ΔW; stable rank = Σσ²/σ₁²).", ""]
+    if training:
+        lines += _training_section(training)
     return "\n".join(lines)
+
+
+#: training_config.json fields shown on the card, in this order (the rest stay in the file)
+_TRAINING_FIELDS = ("method", "rank", "alpha", "rslora", "init_rank", "target_rank", "targets", "lr", "warmup",
+                    "total_steps", "batch_size", "grad_accum", "world_size", "seq_len", "dropout", "seed",
+                    "eval_loss_start", "eval_loss_best", "best_step")
+
+
+def _training_section(training: dict[str, Any]) -> list[str]:
+    rows = []
+    for key in _TRAINING_FIELDS:
+        value = training.get(key)
+        if value is None or (training.get("method") != "adalora" and key in ("init_rank", "target_rank")):
+            continue
+        shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else (
+            _num(value) if isinstance(value, float) else str(value))
+        rows.append(f"| {key} | {shown} |")
+    return ["## Training", "", "Trained with `loratools train`:", "", "| setting | value |", "|---|---|", *rows, ""]

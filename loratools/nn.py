@@ -10,6 +10,7 @@
   importance scores, the cubic budget schedule and the masking.
 - :func:`inject` / :func:`adapter_state` / :func:`load_adapter`: wrap a model's modules by name,
   export the trained factors as a :class:`loratools.adapter.Adapter` (PEFT naming), load one back.
+  DoRA's layer (``LayerSpec(dora=True)``) lives in :mod:`loratools.nn_dora`.
 
 No peft at run time: everything here is written from the papers' formulas.
 """
@@ -220,8 +221,8 @@ def orthogonal_penalty(layers: Iterable[AdaLoRALinear], *, form: OrthForm = "pap
 class LayerSpec:
     """How to adapt each targeted layer.
 
-    ``method`` "lora": rank ``r``, ``alpha``, ``rslora``. "adalora": every layer starts at
-    ``init_r`` triplets; ``target_r`` is the average kept per layer at the end.
+    ``method`` "lora": rank ``r``, ``alpha``, ``rslora``, and ``dora`` for DoRA layers. "adalora": every
+    layer starts at ``init_r`` triplets; ``target_r`` is the average kept per layer at the end.
     """
 
     method: Literal["lora", "adalora"] = "lora"
@@ -231,6 +232,7 @@ class LayerSpec:
     rslora: bool = False
     init_r: int = 12
     target_r: int = 4
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "adalora"):
@@ -241,6 +243,24 @@ class LayerSpec:
             raise InvalidOptionError(f"AdaLoRA needs 0 < `target_r` ≤ `init_r`, got {self.target_r} and {self.init_r}")
         if not 0 <= self.dropout < 1:
             raise InvalidOptionError(f"`dropout` must be in [0, 1), got {self.dropout}")
+        if self.dora and self.method != "lora":  # peft 0.21.2's AdaLoraConfig refuses use_dora too
+            raise InvalidOptionError(f"`dora` works with `method` lora only, not {self.method}")
+
+
+def _adaptable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def linear_target_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of the layers ``inject`` can adapt, without the output head.
+
+    What ``targets="all-linear"`` means (peft 0.21.2 ``tuners_utils._maybe_include_all_linear_layers``:
+    every linear layer but the output embedding, ``lm_head``).
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if n and _adaptable(m) and not isinstance(m, _Adapted) and m is not head})
 
 
 def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> dict[str, _Adapted]:
@@ -261,14 +281,15 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
     chosen = [(n, m) for n, m in matched if _adaptable(m)]
     if not chosen:
         raise MissingModuleError(f"`targets` {targets}", "the model",
-                                 "no nn.Linear/Conv1D layer has such a name; pick names from the model's modules")
+                                 "no nn.Linear/Conv1D layer has such a name; its layers are "
+                                 f"{', '.join(linear_target_names(model))} (or all-linear)")
     for p in model.parameters():
         p.requires_grad_(False)
     layers: dict[str, _Adapted] = {}
     for name, base in chosen:
         layer: _Adapted
         if spec.method == "lora":
-            layer = LoRALinear(base, r=spec.r, alpha=spec.alpha, dropout=spec.dropout, rslora=spec.rslora)
+            layer = _lora_class(spec.dora)(base, r=spec.r, alpha=spec.alpha, dropout=spec.dropout, rslora=spec.rslora)
         else:
             layer = AdaLoRALinear(base, r=spec.init_r, alpha=spec.alpha, dropout=spec.dropout)
         _set_submodule(model, name, layer)
@@ -294,7 +315,17 @@ def _check_every_target_adapted(model: nn.Module, targets: str | list[str],
         unknown = [t for t in targets if not any(target_matches(n, [t]) for n in names)]
         if unknown:
             raise MissingModuleError(f"`targets` entry {unknown[0]!r}", "the model",
-                                     "no layer has such a name; pick names from the model's modules")
+                                     "no layer has such a name; its layers are "
+                                     f"{', '.join(linear_target_names(model))} (or all-linear)")
+
+
+def _lora_class(dora: bool) -> type[LoRALinear]:
+    """LoRALinear, or DoRA's subclass (imported here: nn_dora builds on this module)."""
+    if not dora:
+        return LoRALinear
+    from .nn_dora import DoRALinear
+
+    return DoRALinear
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -313,10 +344,10 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def expected_parameters(shapes: Iterable[tuple[int, int]], spec: LayerSpec) -> int:
-    """The trainable-parameter formula over (in, out) pairs: LoRA ``Σ r(in + out)``;
+    """The trainable-parameter formula over (in, out) pairs: LoRA ``Σ r(in + out)`` (DoRA ``+ out``, m);
     AdaLoRA ``Σ init_r(in + out + 1)`` (the +1 is Λ)."""
     if spec.method == "lora":
-        return sum(spec.r * (i + o) for i, o in shapes)
+        return sum(spec.r * (i + o) + (o if spec.dora else 0) for i, o in shapes)
     return sum(spec.init_r * (i + o + 1) for i, o in shapes)
 
 
@@ -356,8 +387,10 @@ def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: I
         for name, m in layers.items():
             assert isinstance(m, LoRALinear)
             rslora = rslora or abs(m.scaling - lora_scale(m.alpha, m.r)) > 1e-12 * abs(m.scaling)
+            mag = getattr(m, "lora_magnitude_vector", None)  # DoRA's m (loratools.nn_dora)
             modules[name] = Module(A=m.lora_A.detach().float().cpu().clone(), B=m.lora_B.detach().float().cpu().clone(),
-                                   alpha=m.alpha, scale=m.scaling, fan_in_fan_out=m.fan_in_fan_out)
+                                   alpha=m.alpha, scale=m.scaling, fan_in_fan_out=m.fan_in_fan_out,
+                                   magnitude=None if mag is None else mag.detach().float().cpu().clone())
         config = AdapterConfig(method="lora", use_rslora=rslora, fan_in_fan_out=fifo, base_model=base_model,
                                task_type="CAUSAL_LM", target_modules=target_list, extra=raw)
     return Adapter(modules, config)
@@ -385,7 +418,7 @@ def load_adapter(model: nn.Module, adapter: Adapter) -> dict[str, _Adapted]:
             layer = AdaLoRALinear(base, r=m.rank, alpha=m.alpha, init_r=adapter.config.init_r or m.rank)
             layer.lora_E.copy_(m.E)
         else:
-            layer = LoRALinear(base, r=m.rank, alpha=m.alpha, rslora=adapter.config.use_rslora)
+            layer = _lora_class(m.is_dora)(base, r=m.rank, alpha=m.alpha, rslora=adapter.config.use_rslora)
             layer.scaling = m.scale
         i, o, _ = _in_out(base)
         if (o, i) != m.matrix_shape:
@@ -393,6 +426,8 @@ def load_adapter(model: nn.Module, adapter: Adapter) -> dict[str, _Adapted]:
                                      "this adapter was made for another base model")
         layer.lora_A.copy_(m.A)
         layer.lora_B.copy_(m.B)
+        if m.magnitude is not None:
+            layer.lora_magnitude_vector.copy_(m.magnitude)
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers

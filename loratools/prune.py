@@ -23,12 +23,13 @@ from torch import Tensor
 from .adalora import (Sensitivity, allocate, check_betas, mask_key, module_mask, narrow_mask, triplet_scores,
                       update_sensitivity)
 from .adapter import Adapter, Module, as_lora, module_from_svd
-from .data import IGNORE, Row
+from .dora import refuse_dora
+from .data import IGNORE, Row, encode_chat
 from .errors import InvalidOptionError
 from .linalg import lowrank_svd
 
 __all__ = ["Triplets", "PruneResult", "PruneLayer", "svd_form", "magnitude_scores", "prune_adapter",
-           "triplet_gradients", "calibration_scores"]
+           "triplet_gradients", "calibration_scores", "budget_of"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,18 @@ def _report(name: str, m: Module, t: Triplets, keep: Tensor, score: Tensor) -> P
                       float(sc[keep].sum()), float(sc[~keep].sum()))
 
 
+def budget_of(adapter: Adapter, keep: float) -> int:
+    """The absolute budget a relative one means: ``round(keep · Σ ranks)`` triplets, at least 1 (0 < keep ≤ 1).
+
+    >>> budget_of(Adapter({"q": Module(A=torch.ones(4, 3), B=torch.ones(5, 4), alpha=4, scale=1.0)}), 0.5)
+    2
+    """
+    if not 0 < keep <= 1:
+        raise InvalidOptionError(f"`keep` must be a fraction in (0, 1], got {keep}")
+    total = sum(m.rank for m in adapter.modules.values())
+    return max(1, round(keep * total))
+
+
 def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Tensor] | None = None,
                   to_lora: bool = False) -> PruneResult:
     """Keep the ``budget`` most important triplets over all modules (:func:`loratools.adalora.allocate`).
@@ -134,6 +147,7 @@ def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Ten
     (2, 'magnitude')
     """
     adapter.dense_only("pruning")
+    refuse_dora(adapter, "prune", "flatten it with its base first (convert with `base` and `as_lora`)")
     trip = svd_form(adapter)
     scores = dict(importance) if importance is not None else magnitude_scores(trip)
     for name, t in trip.items():
@@ -200,9 +214,13 @@ def triplet_gradients(model: torch.nn.Module, triplets: Mapping[str, Triplets],
                 for k, v in p.items()} for n, p in params.items()}
 
 
-def _encode(tokenizer: Any, text: str, completion: str | None, device: torch.device, max_length: int) -> dict[str, Tensor]:
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    labels = list(ids)
+def _encode(tokenizer: Any, row: Row, device: torch.device, max_length: int) -> dict[str, Tensor]:
+    text, completion = row.text, row.completion
+    if row.messages is not None:
+        ids, labels = encode_chat(tokenizer, row.messages)
+    else:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        labels = list(ids)
     if completion is not None:
         extra = tokenizer(completion, add_special_tokens=False)["input_ids"]
         labels = [IGNORE] * len(ids) + list(extra)  # loss on the completion only
@@ -231,8 +249,8 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
             raise InvalidOptionError(f"the base model has no module {name}; is this the adapter's base?") from None
     kinds = {n: m.kind for n, m in adapter.items()}
     state: dict[str, dict[str, Sensitivity]] = {}
-    for text, completion in examples:
-        batch = _encode(tokenizer, text, completion, device, max_length)
+    for row in examples:
+        batch = _encode(tokenizer, Row(*row), device, max_length)  # a plain (text, completion) pair too
         if int((batch["labels"][:, 1:] != IGNORE).sum()) == 0:
             continue  # nothing to predict in this example
         grads = triplet_gradients(model, trip, batch, kinds=kinds)

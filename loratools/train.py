@@ -31,11 +31,11 @@ from .data import Example, collate, global_batch_indices, load_examples, split_e
 from . import dist
 from .device import resolve_dtype
 from .dist import Processes
-from .errors import InputNotFoundError, InvalidOptionError
+from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError
 from .io import check_output
-from .lm import load_causal_lm
-from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, orthogonal_penalty,
-                 trainable_parameters)
+from .lm import base_model_name, load_causal_lm
+from .nn import (AdaLoRALinear, LayerSpec, adapter_state, expected_parameters, inject, linear_target_names,
+                 orthogonal_penalty, trainable_parameters)
 
 __all__ = ["TrainConfig", "StepInfo", "TrainResult", "train", "lr_at", "causal_lm_loss", "evaluate"]
 
@@ -56,7 +56,7 @@ class TrainConfig:
     dropout: float = 0.0
     steps: int | None = None
     epochs: float | None = None
-    lr: float = 2e-4
+    lr: float = 1e-3  # short LoRA runs: 2e-4 left SmolLM2 worse than its base after ~100 steps (docs/experiments.md)
     warmup: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -77,6 +77,9 @@ class TrainConfig:
     beta1: float = 0.85
     beta2: float = 0.85
     save_as: Literal["auto", "lora"] = "auto"
+    eval_file: str | None = None
+    gradient_checkpointing: bool = False
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (list, str)):
@@ -87,12 +90,20 @@ class TrainConfig:
                 raise InvalidOptionError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.steps is not None and self.epochs is not None:
             raise InvalidOptionError("give `steps` or `epochs`, not both")
-        if not self.lr > 0:
-            raise InvalidOptionError(f"`lr` must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise InvalidOptionError(f"`lr` must be a finite positive number, got {self.lr}")
+        if not math.isfinite(self.alpha):
+            raise InvalidOptionError(f"`alpha` must be a finite number, got {self.alpha}")
         if not 0 <= self.eval_split < 1:
             raise InvalidOptionError(f"`eval_split` must be in [0, 1), got {self.eval_split}")
         if self.orth_form not in ("paper", "peft"):
             raise InvalidOptionError(f"`orth_form` must be paper or peft, got {self.orth_form}")
+        if self.dora and self.method != "lora":  # peft 0.21.2's AdaLoraConfig refuses use_dora too
+            raise InvalidOptionError(f"`dora` trains LoRA with a magnitude vector: use it with `method` lora, "
+                                     f"not {self.method}")
+        if self.dora and self.save_as == "lora":
+            raise InvalidOptionError("a DoRA adapter cannot be saved as plain LoRA (`save_as` lora); "
+                                     "flatten it after training with convert")
         # the rank options under this config's own names (LayerSpec checks them again under its names)
         if self.method == "lora" and self.rank < 1:
             raise InvalidOptionError(f"`rank` must be ≥ 1, got {self.rank}")
@@ -103,7 +114,7 @@ class TrainConfig:
 
     def spec(self) -> LayerSpec:
         return LayerSpec(method=self.method, r=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora,
-                         init_r=self.init_rank, target_r=self.target_rank)
+                         init_r=self.init_rank, target_r=self.target_rank, dora=self.dora)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,8 +127,18 @@ class TrainConfig:
         return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in data.items() if k in known})
 
 
+def config_of_state(state: dict[str, Any], where: Path) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint's ``state.json`` records, or one line saying it is damaged."""
+    try:
+        return TrainConfig.from_json(state["config"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        if isinstance(e, InvalidOptionError):
+            raise CorruptFileError(where, f"its config is invalid ({e})") from None
+        raise CorruptFileError(where, f"its config is damaged ({e.__class__.__name__})") from None
+
+
 #: options that may differ between a run and its resumption without changing the result
-_RESUMABLE_DIFF = {"device", "save_every", "eval_every"}
+_RESUMABLE_DIFF = {"device", "save_every", "eval_every", "gradient_checkpointing"}
 
 
 @dataclass(frozen=True)
@@ -242,6 +263,8 @@ class _Run:
     n_trainable: int
     n_expected: int
     adalora_extra: dict[str, Any]
+    targets: list[str]
+    best: tuple[int, Adapter] | None = None  # the adapter at the lowest held-out loss so far
 
 
 def _allocator(layers: dict[str, Any], cfg: TrainConfig, total: int) -> tuple[RankAllocator | None, dict[str, Any]]:
@@ -266,14 +289,21 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     assert base_dtype is not None
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(base, device=device, dtype=base_dtype)
+    if cfg.gradient_checkpointing:  # recompute activations in backward: memory for time, same gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = load_examples(data, tokenizer, seq_len=cfg.seq_len)
-    train_set, eval_set = split_examples(examples, eval_split=cfg.eval_split, seed=cfg.seed)
+    if cfg.eval_file is not None:  # a held-out file: train on all of DATA
+        train_set, eval_set = list(examples), load_examples(cfg.eval_file, tokenizer, seq_len=cfg.seq_len)
+    else:
+        train_set, eval_set = split_examples(examples, eval_split=cfg.eval_split, seed=cfg.seed)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     total = _total_steps(cfg, len(train_set), global_batch)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     torch.manual_seed(cfg.seed)  # the adapter's initial values depend on the seed alone
-    layers = inject(model, list(cfg.targets), cfg.spec())
+    # "all-linear" (as in peft) is stored as the names it stands for, which every reader understands
+    targets = linear_target_names(model) if cfg.targets == ("all-linear",) else list(cfg.targets)
+    layers = inject(model, targets, cfg.spec())
     model.train()
     shapes = [(m.in_features, m.out_features) for m in layers.values()]
     allocator, extra = _allocator(dict(layers), cfg, total)
@@ -281,7 +311,7 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return _Run(cfg, d, device, use_autocast, model, pad_id, train_set, eval_set, total, global_batch,
                 [m for m in layers.values() if isinstance(m, AdaLoRALinear)], allocator, params, optimizer,
-                trainable_parameters(model), expected_parameters(shapes, cfg.spec()), extra)
+                trainable_parameters(model), expected_parameters(shapes, cfg.spec()), extra, targets)
 
 
 def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
@@ -290,7 +320,7 @@ def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, f
         torch.manual_seed(run.cfg.seed + 1000 * run.d.rank)  # dropout streams, distinct per process
         return 0, [], []
     state = read_state(resume)
-    old, now = TrainConfig.from_json(state["config"]).to_json(), run.cfg.to_json()
+    old, now = config_of_state(state, Path(resume) / "state.json").to_json(), run.cfg.to_json()
     diff = [k for k in now if k not in _RESUMABLE_DIFF and now[k] != old[k]]
     if diff:
         raise InvalidOptionError(f"`resume` {resume} was made with other options ({', '.join(diff)}); "
@@ -325,20 +355,34 @@ def _step(run: _Run, net: nn.Module, step: int) -> tuple[float, float, float, fl
 
 
 def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]], evals: list[dict[str, float]],
-          ckpt_root: Path, on_step: Callable[[StepInfo], None] | None) -> None:
-    """Steps ``start + 1 … total``, with held-out losses and checkpoints; appends to ``losses``/``evals``."""
+          ckpt_root: Path, on_step: Callable[[StepInfo], None] | None, snapshot: Callable[[], Adapter]) -> None:
+    """Steps ``start + 1 … total``, with held-out losses and checkpoints; appends to ``losses``/``evals``.
+
+    Before the first step of a fresh run, the held-out loss of the base alone is recorded as step 0;
+    ``run.best`` keeps ``snapshot()`` of the step with the lowest held-out loss."""
     cfg, d = run.cfg, run.d
     eval_every = cfg.eval_every if cfg.eval_every > 0 else max(1, run.total // 5)
+    if start == 0 and run.eval_set and d.main:  # the base model's own held-out loss: the figure to beat
+        base_loss = evaluate(run.model, run.eval_set, batch_size=cfg.batch_size, pad_id=run.pad_id,
+                             device=run.device, autocast=run.autocast)
+        evals.append({"step": 0, "eval_loss": base_loss})
+        if on_step is not None:
+            on_step(StepInfo(0, run.total, float("nan"), 0.0, 0.0, base_loss))
     for step in range(start + 1, run.total + 1):
         step_loss, lr, tokens_all, seconds = _step(run, net, step)  # training only: eval and checkpoints excluded
+        if not math.isfinite(step_loss):
+            _diverged(step, f"the loss is {step_loss}")
         eval_loss = None
         if run.eval_set and (step % eval_every == 0 or step == run.total):
             eval_loss = evaluate(run.model, run.eval_set, batch_size=cfg.batch_size, pad_id=run.pad_id,
                                  device=run.device, autocast=run.autocast) if d.main else None
             if eval_loss is not None:
+                if all(eval_loss < e["eval_loss"] for e in evals if e["step"] > 0):
+                    run.best = (step, snapshot())
                 evals.append({"step": step, "eval_loss": eval_loss})
         losses.append({"step": step, "loss": step_loss, "lr": lr})
         if cfg.save_every and step % cfg.save_every == 0 and step < run.total:
+            _check_weights(run, step)
             rngs = dist.all_gather(rng_state(run.device), d, run.device)
             if d.main:
                 state = {"step": step, "config": cfg.to_json(), "world_size": d.world, "losses": losses,
@@ -349,45 +393,84 @@ def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]],
             on_step(StepInfo(step, run.total, step_loss, lr, tokens_all / seconds, eval_loss))
 
 
+def _diverged(step: int, why: str) -> None:
+    raise InvalidOptionError(f"training diverged at step {step}: {why}; nothing was written "
+                             "(lower `lr`)")
+
+
+def _check_weights(run: _Run, step: int) -> None:
+    """Every trainable parameter finite: a NaN/Inf adapter is never written, as a checkpoint or as OUT."""
+    for name, p in run.model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            _diverged(step, f"{name} holds NaN or Inf")
+
+
+def _checkpoint_steps(cfg: TrainConfig, start: int, total: int) -> list[int]:
+    return [s for s in range(start + 1, total) if cfg.save_every and s % cfg.save_every == 0]
+
+
+def _eval_summary(evals: list[dict[str, float]]) -> dict[str, Any]:
+    """For training_config.json and the model card: the base's held-out loss (step 0) and the best one."""
+    start = [e["eval_loss"] for e in evals if e["step"] == 0]
+    trained = [e for e in evals if e["step"] > 0]
+    best = min(trained, key=lambda e: e["eval_loss"]) if trained else None
+    return {"eval_loss_start": start[0] if start else None,
+            "eval_loss_best": best["eval_loss"] if best else None, "best_step": int(best["step"]) if best else None}
+
+
 def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
           resume: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-          on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+          on_step: Callable[[StepInfo], None] | None = None, base_model: str | None = None) -> TrainResult:
     """Train an adapter on ``base`` with ``data`` and write ``out`` (a PEFT adapter directory plus
     ``training_config.json``, ``loss_curve.json`` and, with matplotlib, ``loss.png``).
 
     Checkpoints (every ``config.save_every`` steps) go to ``checkpoint_dir`` (default ``OUT.checkpoints``).
-    Under ``torchrun`` every process runs this; process 0 writes.
+    When a held-out loss earlier than the last step was the lowest, that adapter is also written to
+    ``OUT/best`` (``best_step`` in training_config.json says which step).
+    Under ``torchrun`` every process runs this; process 0 writes. The adapter's ``base_model_name_or_path``
+    is ``base_model`` (a Hub id), else what :func:`loratools.lm.base_model_name` finds.
     """
     cfg = config
     out = Path(out)
     check_output(out, force=force, inputs=(base, data))
     if not Path(data).is_file():
         raise InputNotFoundError(data, "training data")
+    if cfg.eval_file is not None and not Path(cfg.eval_file).is_file():
+        raise InputNotFoundError(cfg.eval_file, "held-out data (`eval_file`)")
     if resume is not None and not (Path(resume) / "state.json").is_file():
         raise InputNotFoundError(Path(resume) / "state.json", "checkpoint")
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    inputs = (base, data, *([resume] if resume is not None else []))
+    check_output(ckpt_root, force=True, inputs=(base, data, out), what="`checkpoint_dir`")
     run = _setup(base, data, cfg)
     start, losses, evals = _resume(run, resume)
+    for s in _checkpoint_steps(cfg, start, run.total):  # the checkpoints obey the output rules too, up front
+        check_output(ckpt_root / f"step-{s}", force=force, inputs=inputs, what="checkpoint")
     net: nn.Module = run.model
     if run.d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(run.model, device_ids=[run.device] if run.device.type == "cuda" else None)
-    t0 = time.perf_counter()
-    _loop(run, net, start, losses, evals, ckpt_root, on_step)
-    seconds = time.perf_counter() - t0
-
     extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank, **run.adalora_extra}
-    adapter = adapter_state(run.model, base_model=str(base), targets=list(cfg.targets), extra=extra)
-    if cfg.save_as == "lora":
-        adapter = as_lora(adapter)
+    name = base_model_name(base, base_model)
+
+    def snapshot() -> Adapter:
+        a = adapter_state(run.model, base_model=name, targets=run.targets, extra=extra)
+        return as_lora(a) if cfg.save_as == "lora" else a
+
+    t0 = time.perf_counter()
+    _loop(run, net, start, losses, evals, ckpt_root, on_step, snapshot)
+    seconds = time.perf_counter() - t0
+    _check_weights(run, run.total)
+    adapter = snapshot()
     result = TrainResult(adapter, run.total, run.n_trainable, run.n_expected, losses, evals, seconds,
                          run.allocator.rank_pattern() if run.allocator is not None else None)
     if run.d.main:
         record = {**cfg.to_json(), "world_size": run.d.world, "total_steps": result.steps,
                   "trainable_parameters": result.trainable_parameters,
                   "expected_parameters": result.expected_parameters, "seconds": result.seconds,
-                  "rank_pattern": result.rank_pattern}
-        write_run(out, adapter, record, losses, evals, force=force, inputs=(base, data))
+                  "rank_pattern": result.rank_pattern, **_eval_summary(evals)}
+        best = run.best[1] if run.best is not None and run.best[0] != result.steps else None
+        write_run(out, adapter, record, losses, evals, force=force, inputs=(base, data), best=best)
     dist.finish(run.d)
     return result

@@ -41,31 +41,56 @@ print('wrote $OUT/tuned')"
 step "Extract a LoRA: per layer the smallest rank with ≤ 10% relative error (measured)" \
   loratools extract fixtures/tiny-llama "$OUT/tuned" -o "$OUT/extracted" --error 0.1 --max-rank 16
 step "Resize it to rank 3 (from the factors; exact errors)" loratools resize "$OUT/extracted" -o "$OUT/rank3" --rank 3
+step "… and what rank 2 costs on the task: held-out loss before and after (base + adapter)" \
+  loratools resize fixtures/adapters/lora -o "$OUT/lora-rank2" --rank 2 --base fixtures/tiny-llama --data fixtures/corpus.txt
 step "AdaLoRA → plain LoRA with the same ΔW (what serving engines load)" \
   loratools resize fixtures/adapters/adalora -o "$OUT/adalora-as-lora" --energy 1.0
 step "Prune the AdaLoRA to 8 triplets by magnitude" loratools prune fixtures/adapters/adalora -o "$OUT/pruned" --budget 8
+step "… or keep half of its triplets" loratools prune fixtures/adapters/adalora -o "$OUT/pruned-half" --keep 0.5
 step "Convert the rsLoRA adapter (rank/alpha patterns) to kohya's format, ΔW checked" loratools convert fixtures/adapters/rslora -o "$OUT/rslora-kohya.safetensors" --to kohya
 step "Inspect the kohya file" loratools inspect "$OUT/rslora-kohya.safetensors"
 if python -c "import gguf" 2>/dev/null; then
   step "Convert the pruned AdaLoRA adapter to a llama.cpp GGUF adapter" loratools convert fixtures/adapters/adalora -o "$OUT/adalora.gguf" --to gguf --base fixtures/tiny-llama
   step "Inspect the GGUF adapter" loratools inspect "$OUT/adalora.gguf"
   step "And back to PEFT" loratools convert "$OUT/adalora.gguf" -o "$OUT/adalora-from-gguf" --to peft --base fixtures/tiny-llama
+  step "Export the AdaLoRA adapter for llama.cpp (LoRA, scales folded for alpha/rank), checked on read-back" \
+    loratools export fixtures/adapters/adalora --for llama.cpp -o "$OUT/served-llama-cpp.gguf" --base fixtures/tiny-llama
+  step "… and for Ollama: adapter.gguf and a Modelfile" \
+    bash -c "loratools -q export fixtures/adapters/lora --for ollama -o $OUT/served-ollama --base fixtures/tiny-llama && cat $OUT/served-ollama/Modelfile"
 else
   printf '\n(GGUF steps skipped: the gguf package is absent; pip install "loratools[gguf]")\n'
 fi
-step "Train a LoRA adapter on the fixture model for a few seconds" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-lora" --steps 20 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02
+# --- serving: what each runtime will do with an adapter, and a rewrite it loads with the same ΔW ----------------
+step "Check the rsLoRA adapter (rank/alpha patterns) for vLLM: exit 1, vLLM ≤ 0.31 gives every module one scale" \
+  bash -c "loratools check fixtures/adapters/rslora --for vllm; echo \"exit code \$?\""
+step "Export it for vLLM with --max-lora-rank 8: scales folded, ranks chosen together, read back and measured" \
+  loratools export fixtures/adapters/rslora --for vllm -o "$OUT/served-vllm" --max-lora-rank 8
+step "The export passes the check" loratools check "$OUT/served-vllm" --for vllm --max-lora-rank 8
+step "Export for SGLang under a budget of 20,000 parameters (one rank for all, q/k/v stackable)" \
+  loratools export fixtures/adapters/rslora --for sglang -o "$OUT/served-sglang" --budget 20000
+step "Train a LoRA adapter on the fixture model for a few seconds (held-out loss from step 0, the base's)" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-lora" --steps 20 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02 --eval-every 5
 step "Inspect the trained adapter" loratools inspect "$OUT/trained-lora"
 step "Train AdaLoRA (12 → 4 triplets per layer on average), saved with its final rank_pattern" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-adalora" --method adalora --init-rank 12 --target-rank 4 --alpha 12 --steps 20 --lr 1e-2 --seq-len 32 --eval-split 0.02
 step "Inspect the AdaLoRA result (ranks differ per layer)" loratools inspect "$OUT/trained-adalora"
+step "Train DoRA (LoRA plus a magnitude per output row; peft's use_dora) for 10 steps" loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-dora" --dora --steps 10 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02
+step "Merge the trained DoRA (a norm pass, then the rescaled merge) and verify it" \
+  loratools merge fixtures/tiny-llama "$OUT/trained-dora" -o "$OUT/merged-dora" --verify
 step "Merge the LoRA into the base (streaming), with a record for exact un-merge, and verify it" \
   loratools merge fixtures/tiny-llama fixtures/adapters/lora -o "$OUT/merged" --record "$OUT/merged.record.safetensors" --verify
 step "Un-merge without the record: the error rounding left behind" \
   loratools unmerge "$OUT/merged" fixtures/adapters/lora -o "$OUT/unmerged"
 step "Un-merge with the record: the base comes back bit for bit" \
   loratools unmerge "$OUT/merged" fixtures/adapters/lora -o "$OUT/unmerged-exact" --record "$OUT/merged.record.safetensors"
+step "Push preview: the files and model card, nothing uploaded" bash -c "loratools push $OUT/trained-lora me/trained-lora --base-model HuggingFaceTB/SmolLM2-135M --dry-run | head -n 20"
 step "Merge into bfloat16 and un-merge: what bfloat16 rounding costs without a record" \
   bash -c "loratools -q merge fixtures/tiny-llama fixtures/adapters/lora -o $OUT/merged-bf16 --dtype bfloat16 && loratools unmerge $OUT/merged-bf16 fixtures/adapters/lora -o $OUT/unmerged-bf16"
 step "Check a merged model against base + adapter" loratools verify fixtures/tiny-llama fixtures/adapters/lora "$OUT/merged"
+step "Combine two adapters into one (no base): ΔW = ΔW_lora − ½·ΔW_rslora, exact (stacked factors, rank Σrᵢ)" \
+  loratools combine fixtures/adapters/lora fixtures/adapters/rslora --weight 1 --weight -0.5 -o "$OUT/combined"
+step "… the same sum at rank 4: the best rank-4 approximation per module, from the factors (exact errors)" \
+  loratools combine fixtures/adapters/lora fixtures/adapters/rslora --weight 1 --weight -0.5 -o "$OUT/combined-r4" --rank 4
+step "The combined adapter merges into the base like any other" \
+  loratools merge fixtures/tiny-llama "$OUT/combined" -o "$OUT/merged-combined" --verify
 step "The trained adapters feed every other command: merge the trained LoRA into the base and verify it" \
   loratools merge fixtures/tiny-llama "$OUT/trained-lora" -o "$OUT/merged-trained" --verify
 step "… prune the trained AdaLoRA to 12 triplets, as plain LoRA" \

@@ -164,12 +164,10 @@ def test_main_puts_torch_threads_back(adapters) -> None:
         torch.set_num_threads(before)
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [
-    ("--version",),
-    ("inspect", "--nope"),
     ("inspect", ADAPTERS / "lora"),
-    ("-q", "inspect", ADAPTERS / "adalora", "--json"),
     ("inspect", ADAPTERS / "missing"),
-], ids=["version", "usage-error", "table", "json", "user-error"])
+    ("inspect", "--nope"),
+], ids=["table", "user-error", "usage-error"])
 def test_the_real_entry_point_prints_what_the_in_process_runner_sees(args) -> None:
     """``python -m loratools`` (exit status, stdout, stderr) = ``run_cli`` in this process, which most tests use."""
     real, here = run_cli_subprocess(*args), run_cli(*args)

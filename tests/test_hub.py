@@ -7,6 +7,7 @@ CLI tests run with their own ``HF_HOME`` so the cache and any token file are the
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -158,12 +159,19 @@ def test_push_refuses_files_that_do_not_parse(hub: FakeHub, adapters: Path, tmp_
 # ---- the model card -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, method_tag", [("lora", "lora"), ("adalora", "adalora")])
-def test_model_card_on_the_hub(hub: FakeHub, adapters: Path, name: str, method_tag: str) -> None:
-    lthub.push(adapters / name, f"tester/card-{name}", endpoint=hub.url, token=TOKEN)
+def test_model_card_on_the_hub(hub: FakeHub, adapters: Path, name: str, method_tag: str,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(adapters.parent.parent)
+    # the fixtures name their base by a relative local path: the card must not pass it off as a Hub id
+    assert read_adapter(adapters / name).config.base_model == "fixtures/tiny-llama"
+    lthub.push(adapters / name, f"tester/card-{name}-local", endpoint=hub.url, token=TOKEN)
+    card = ModelCard(hub.file(f"tester/card-{name}-local", "README.md").decode())
+    assert card.data.base_model is None and not any(t.startswith("base_model:") for t in card.data.tags)
+    base = "HuggingFaceTB/SmolLM2-135M"
+    lthub.push(adapters / name, f"tester/card-{name}", endpoint=hub.url, token=TOKEN, base_model=base)
     card = ModelCard(hub.file(f"tester/card-{name}", "README.md").decode())
-    base = read_adapter(adapters / name).config.base_model
     assert card.data.library_name == "peft"
-    assert card.data.base_model == base == "fixtures/tiny-llama"
+    assert card.data.base_model == base
     assert method_tag in card.data.tags and f"base_model:adapter:{base}" in card.data.tags
     # the table: one row per module with its rank and parameter count, as inspect reports them
     report = inspect_adapter(read_adapter(adapters / name))
@@ -183,7 +191,8 @@ def test_model_card_base_model_override_and_local_paths() -> None:
     meta = ModelCard(model_card(report, repo_id="me/x", base_model="HuggingFaceTB/SmolLM2-135M")).data
     assert meta.base_model == "HuggingFaceTB/SmolLM2-135M"
     assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M" in meta.tags
-    assert [hub_model_id(x) for x in ("gpt2", "a/b", "./a", "a/b/c", "a--b/c")] == ["gpt2", "a/b", None, None, None]
+    # a bare name is refused: it is far more often a local folder (`base`) than a legacy Hub id
+    assert [hub_model_id(x) for x in ("gpt2", "a/b", "./a", "a/b/c", "a--b/c")] == [None, "a/b", None, None, None]
 
 
 # ---- revisions and pull requests --------------------------------------------------------------------
@@ -383,3 +392,27 @@ def test_help_and_readme(command: str) -> None:
     assert result.exit_code == 0 and "Examples:" in result.output
     readme = (Path(lthub.__file__).resolve().parent.parent / "README.md").read_text()
     assert f"### `loratools {command} " in readme
+
+
+def test_push_dry_run_shows_card_and_files_and_never_says_base_model_base(adapters: Path, tmp_path: Path,
+                                                                          cli) -> None:
+    """Issue "The practitioner's workflow", 5: a relative base path never becomes `base_model: base`."""
+    import shutil
+
+    (tmp_path / "base").mkdir()
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapters / "lora", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "base/tiny"}))
+    (tmp_path / "base" / "tiny").mkdir()
+    (folder / "training_config.json").write_text(json.dumps({"method": "lora", "rank": 8, "lr": 0.001,
+                                                             "targets": ["q_proj", "v_proj"], "total_steps": 95}))
+    res = cli("push", folder, "me/x", "--dry-run", cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr
+    assert "adapter_model.safetensors" in res.stdout and "README.md" in res.stdout
+    card = res.stdout.split("--- README.md ---\n", 1)[1]
+    meta = ModelCard(card).data
+    assert meta.base_model is None and meta.library_name == "peft"
+    assert "| lr | 0.001 |" in card and "| targets | q_proj, v_proj |" in card and "| total_steps | 95 |" in card
+    res = cli("push", folder, "me/x", "--dry-run", "--base-model", "HuggingFaceTB/SmolLM2-135M", cwd=tmp_path)
+    assert ModelCard(res.stdout.split("--- README.md ---\n", 1)[1]).data.base_model == "HuggingFaceTB/SmolLM2-135M"

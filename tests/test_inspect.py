@@ -110,3 +110,65 @@ def test_single_file_records_the_base_fingerprint(adapters, tmp_path):
     assert fp["sha256"] == adapter.fingerprint.sha256
     assert fp["shapes"]["model.layers.0.self_attn.v_proj.weight"] == [64, 128]
     assert json.loads(meta["config"])["method"] == "lora" and meta["format_version"] == "1"
+
+
+# --- totals, the rank recommendation and natural order (issue "The practitioner's workflow", 6) -----------------
+
+def _twelve_layer_adapter() -> Adapter:
+    g = torch.Generator().manual_seed(3)
+    mods = {}
+    for i in range(12):
+        for t, r in (("q_proj", 4), ("v_proj", 2)):
+            mods[f"model.layers.{i}.self_attn.{t}"] = Module(A=torch.randn(r, 16, generator=g),
+                                                             B=torch.randn(8, r, generator=g), alpha=r, scale=1.0)
+    return Adapter(mods)
+
+
+def test_layers_are_in_natural_order_and_totals_add_up():
+    from loratools.inspection import natural_key
+
+    adapter = _twelve_layer_adapter()
+    report = inspect_adapter(adapter)
+    names = [l["name"] for l in report["layers"]]
+    blocks = [int(n.split(".")[2]) for n in names]
+    assert blocks == sorted(blocks) and blocks[:4] == [0, 0, 1, 1] and blocks[-1] == 11
+    assert [r["layer"] for r in report["by_layer"]] == [str(i) for i in range(12)]
+    assert sorted(["a.10", "a.9", "a.1"], key=natural_key) == ["a.1", "a.9", "a.10"]
+    for row in report["by_layer"]:
+        mods = [m for n, m in adapter.items() if n.split(".")[2] == row["layer"]]
+        dense = sum(float(m.delta(dtype=torch.float64).pow(2).sum()) for m in mods) ** 0.5
+        assert row["modules"] == 2 and row["rank_total"] == 6
+        assert row["parameters"] == sum(m.parameters for m in mods)
+        assert row["fro_norm"] == pytest.approx(dense, rel=1e-5)
+    by_type = {r["type"]: r for r in report["by_type"]}
+    assert set(by_type) == {"q_proj", "v_proj"} and by_type["q_proj"]["rank_total"] == 48
+
+
+def test_recommended_rank_keeps_the_adapter_energy_by_dense_svd():
+    adapter = _twelve_layer_adapter()
+    report = inspect_adapter(adapter)
+    # independent reference: dense float64 SVD of every ΔW, energy kept at a common rank k
+    spectra = [torch.linalg.svdvals(m.delta(dtype=torch.float64)) for m in adapter.modules.values()]
+    total = sum(float((s**2).sum()) for s in spectra)
+
+    def kept(k: int) -> float:
+        return sum(float((s[:k] ** 2).sum()) for s in spectra) / total
+
+    for frac, key in ((0.9, "energy_90"), (0.99, "energy_99")):
+        k = report["recommended_rank"][key]
+        assert kept(k) >= frac and (k == 1 or kept(k - 1) < frac)
+
+
+def test_table_prints_totals_and_recommendation(cli, adapters):
+    res = cli("inspect", adapters / "adalora")
+    assert res.returncode == 0, res.stderr
+    assert "recommended rank:" in res.stdout and "down_proj" in res.stdout and "Σ rank" in res.stdout
+
+
+def test_resize_table_is_in_natural_order(cli, tmp_path):
+    write_adapter(_twelve_layer_adapter(), tmp_path / "a", format="peft")
+    res = cli("resize", tmp_path / "a", "-o", tmp_path / "b", "--rank", "1")
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if "model.layers." in line]
+    blocks = [int(line.split("model.layers.")[1].split(".")[0]) for line in rows]
+    assert blocks == sorted(blocks) and len(blocks) == 24

@@ -33,8 +33,8 @@ ALLOWED = {
 # CUDA and its cores, and merge/record.py holds the record's file format beside its maths: neither is listed)
 PURE_CORE = (
     "loratools.errors", "loratools.config", "loratools.linalg", "loratools.adapter", "loratools.inspection",
-    "loratools.modelcard", "loratools.nn", "loratools.adalora",
-    "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan", "loratools.merge.experts",
+    "loratools.modelcard", "loratools.nn", "loratools.nn_dora", "loratools.adalora", "loratools.dora",
+    "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan", "loratools.merge.experts", "loratools.validate",
 )
 # modules through which files are reached, and the calls that read or write them
 FILE_MODULES = frozenset({"os", "shutil", "pathlib", "tempfile", "io", "mmap", "glob", "fcntl", "safetensors",
@@ -259,3 +259,19 @@ def test_nothing_unpickles() -> None:
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert "torch.load(" not in text and "pickle.load" not in text, path
+
+
+# the jobs: each is a library entry point the CLI calls; shared pieces live in the core, not in another job
+JOBS = ("loratools.merge", "loratools.combine", "loratools.extract", "loratools.resize", "loratools.prune",
+        "loratools.convert", "loratools.train")
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_jobs_do_not_import_each_other(job: str) -> None:
+    path = _path_of(job)
+    if path is None:
+        pytest.skip(f"{job} does not exist")
+    names = imported_names(path.read_text(), job, is_package=path.name == "__init__.py")
+    others = sorted(o for o in JOBS if o != job and any(_under(n, o) for n in names) and not _under(o, job))
+    assert others == [], f"{job} imports the jobs {others}"
+

@@ -199,3 +199,20 @@ def test_command_has_help_with_an_example_and_a_readme_section(name: str) -> Non
     r = CliRunner().invoke(cli, [name, "--help"])
     assert r.exit_code == 0 and "Example" in r.output and f"loratools {name}" in r.output
     assert f"loratools {name}" in (ROOT / "README.md").read_text()
+
+
+def test_merge_to_bfloat16_is_loaded_by_transformers_as_bfloat16(cli, tiny_llama: Path, adapters: Path,
+                                                                 tmp_path: Path) -> None:
+    """Issue "The practitioner's workflow", 8: config.json must name the merged weights' dtype."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    res = cli("merge", tiny_llama, adapters / "lora", "-o", tmp_path / "m", "--dtype", "bfloat16")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tiny_llama / "config.json").read_text())["dtype"] == "float32"  # input untouched
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # without --dtype the config is copied byte for byte
+    res = cli("merge", tiny_llama, adapters / "lora", "-o", tmp_path / "same")
+    assert (tmp_path / "same" / "config.json").read_bytes() == (tiny_llama / "config.json").read_bytes()

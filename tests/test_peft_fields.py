@@ -100,8 +100,7 @@ def test_alora_is_kept_by_peft_and_loratools_formats_and_refused_where_it_would_
     ({"init_lora_weights": "pissa_niter_2"}, "init_lora_weights"),
     ({"init_lora_weights": "olora"}, "init_lora_weights"),
     ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
-    ({"use_dora": True}, "use_dora"),
-], ids=["pissa", "pissa_niter", "olora", "layer_replication", "dora"])
+], ids=["pissa", "pissa_niter", "olora", "layer_replication"])  # use_dora: implemented since the DoRA merge
 def test_adapters_peft_makes_that_loratools_cannot_compute_are_refused(lora, field, tmp_path, cli):
     from helpers import peft_adapter, tiny_llama_model
 

@@ -187,3 +187,33 @@ def test_missing_transformers_says_how_to_install(tiny_llama, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     with pytest.raises(MissingDependencyError, match=r"loratools\[train\]"):
         load_causal_lm(tiny_llama, device=torch.device("cpu"))
+
+
+# --- issue "The practitioner's workflow", 7: --keep, --max-examples, --json, calibration progress -----------------
+
+def test_prune_keep_fraction_json_and_calibration_progress(cli, tiny_llama, adapters, tmp_path):
+    import json
+
+    src = read_adapter(adapters / "adalora")
+    total = sum(m.rank for m in src.modules.values())
+    res = cli("prune", adapters / "adalora", "-o", tmp_path / "half", "--keep", "0.5", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["budget"] == round(0.5 * total) == report["kept"]
+    assert sum(m.rank for m in read_adapter(tmp_path / "half").modules.values()) == round(0.5 * total)
+    assert report["parameters"] == read_adapter(tmp_path / "half").parameters
+    # the same as the absolute budget
+    cli("prune", adapters / "adalora", "-o", tmp_path / "abs", "--budget", str(round(0.5 * total)))
+    assert {n: m.rank for n, m in read_adapter(tmp_path / "abs").modules.items()} == \
+           {n: m.rank for n, m in read_adapter(tmp_path / "half").modules.items()}
+    for bad in (["--keep", "1.5"], ["--keep", "0.5", "--budget", "3"], []):
+        r = cli("prune", adapters / "adalora", "-o", tmp_path / "bad", *bad)
+        assert r.returncode == 2 and not (tmp_path / "bad").exists(), bad
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps"}) + "\n" for i in range(30)))
+    res = cli("prune", adapters / "adalora", "-o", tmp_path / "cal", "--budget", "8", "--base", tiny_llama,
+              "--data", data, "--max-examples", "5")
+    assert res.returncode == 0, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.startswith("calibrating:")]
+    assert lines and lines[-1] == "calibrating: 5/5"  # --max-examples bounded the run, progress reported
+    assert "held-out loss on" in res.stdout and "(the calibration data)" in res.stdout

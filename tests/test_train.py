@@ -277,17 +277,25 @@ def test_data_rows_are_read_once_and_checked(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from loratools.data import Row, read_rows
-    from loratools.errors import CorruptFileError
+    from loratools.errors import CorruptFileError, UnsupportedDataError
 
     f = tmp_path / "mixed.jsonl"
     f.write_text('{"text": "a b c d e f"}\n\n{"prompt": "Q", "completion": "A"}\n')
     assert read_rows(f) == [Row("a b c d e f"), Row("Q", "A")]
     tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
-    with pytest.raises(CorruptFileError, match="mixes"):
+    with pytest.raises(UnsupportedDataError, match="different kinds"):
         load_examples(f, tok, seq_len=8)
     (tmp_path / "null.jsonl").write_text('{"text": null}\n')
-    with pytest.raises(CorruptFileError, match="line 1"):
+    with pytest.raises(UnsupportedDataError, match="line 1: unsupported row schema"):
         read_rows(tmp_path / "null.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(UnsupportedDataError, match=r"line 2: unsupported row schema, a row with instruction, output; "
+                                                    r"loratools reads .*messages"):
+        read_rows(tmp_path / "bad.jsonl")
+    assert not issubclass(UnsupportedDataError, CorruptFileError)  # it parses: not "damaged"
+    (tmp_path / "broken.jsonl").write_text('{"text": \n')
+    with pytest.raises(CorruptFileError, match="not JSON"):
+        read_rows(tmp_path / "broken.jsonl")
     txt = tmp_path / "calib.txt"
     txt.write_text('{"text": "x"}\n')
     assert read_rows(txt) == [Row('{"text": "x"}\n')]  # training: any non-.jsonl file is plain text
@@ -300,3 +308,198 @@ def test_targets_that_would_be_listed_but_not_trained_are_refused(targets, words
     r = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "o", "--steps", "1", "--targets", targets)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
     assert "--targets" in r.stderr and not (tmp_path / "o").exists()
+
+
+# --- issue "The practitioner's workflow", 5: base_model_name_or_path is a Hub id or an absolute path ------------
+
+def test_base_model_name_is_a_hub_id_or_an_absolute_path(tmp_path: Path, cli) -> None:
+    import shutil
+
+    from loratools.lm import base_model_name
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_LLAMA, base)
+    assert base_model_name(base, "HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert base_model_name("base", None) == str(Path("base").resolve())  # never the bare path typed
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "HuggingFaceTB/SmolLM2-135M"}))
+    assert base_model_name(base) == "HuggingFaceTB/SmolLM2-135M"
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "/some/local/dir"}))
+    assert base_model_name(base) == str(base.resolve())
+    # the CLI, run from the folder holding `base`, typed as `base`
+    res = cli("train", "base", CORPUS, "-o", tmp_path / "out", "--steps", "2", "--seq-len", "16", "--device", "cpu",
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    stored = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert stored == str(base.resolve())
+    res = cli("train", "base", CORPUS, "-o", tmp_path / "out2", "--steps", "1", "--seq-len", "16", "--device", "cpu",
+              "--base-model", "HuggingFaceTB/SmolLM2-135M", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    stored = json.loads((tmp_path / "out2" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert stored == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_progress_lines_off_a_terminal(tmp_path: Path, cli) -> None:
+    """Issue "The practitioner's workflow", 1: under nohup/CI/| tee, a line every N steps, not silence."""
+    import re
+
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "out", "--steps", "4", "--log-every", "2",
+              "--seq-len", "16", "--eval-every", "4", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.startswith("step ")]
+    pattern = re.compile(r"^step (\d+)/4 · loss [\d.]+ · lr [\d.e+-]+ · [\d,]+ tok/s · eta \d+(m\d\ds|s)$")
+    steps = [int(m.group(1)) for m in map(pattern.match, lines) if m]
+    assert steps == [1, 2, 4]  # the first step (a sign of life), every 2nd, the last
+    curve = json.loads((tmp_path / "out" / "loss_curve.json").read_text())
+    logged = {int(m.group(1)): l for l in lines if (m := pattern.match(l))}
+    loss_4 = [r for r in curve["train"] if r["step"] == 4][0]["loss"]
+    assert f"loss {loss_4:.4f}" in logged[4]  # the line shows the step's loss as recorded
+    assert any(re.match(r"^step 4: held-out loss [\d.]+$", l) for l in lines)
+    quiet = cli("-q", "train", TINY_LLAMA, CORPUS, "-o", tmp_path / "q", "--steps", "1", "--seq-len", "16",
+                "--device", "cpu")
+    assert quiet.returncode == 0 and "step " not in quiet.stderr
+
+
+# --- issue "The practitioner's workflow", 4: chat rows, all-linear, --targets errors -----------------------------
+
+#: a ChatML-style template (the shape of SmolLM2-Instruct's), set on the fixture tokenizer for the test
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_rows_train_on_assistant_turns_only(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from loratools.data import IGNORE, encode_chat
+
+    tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it good?"},
+            {"role": "assistant", "content": "yes it is"}, {"role": "user", "content": "sure?"},
+            {"role": "assistant", "content": "quite sure"}]
+    with pytest.raises(InvalidOptionError, match="chat template"):
+        encode_chat(tok, msgs)
+    tok.chat_template = CHATML
+    ids, labels = encode_chat(tok, msgs)
+    # independent reference: the template's text, and the assistant spans found in it by string search
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ids) == text
+    targets = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert targets == "yes it is<|im_end|>\nquite sure<|im_end|>\n"
+    assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": msgs}) for _ in range(3)) + "\n")
+    ex = load_examples(f, tok, seq_len=len(ids) - 3)
+    assert len(ex) == 3 and list(ex[0].labels) == labels[:len(ids) - 3]  # truncated to seq_len
+
+
+def test_all_linear_targets_and_unknown_target_names(tmp_path: Path, cli) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from loratools.nn import LayerSpec, inject, linear_target_names
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA)
+    names = linear_target_names(model)
+    # reference: every nn.Linear but the output head (peft 0.21.2's "all-linear" rule)
+    expected = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()})
+    assert names == expected and "lm_head" not in names and "gate_proj" in names
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "all", "--targets", "all-linear", "--steps", "1",
+              "--seq-len", "16", "--device", "cpu", "--rank", "2")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((tmp_path / "all" / "adapter_config.json").read_text())
+    trained = {k.split(".")[-3] for k in load_file(tmp_path / "all" / "adapter_model.safetensors")}
+    assert trained == set(expected)
+    assert sorted(cfg["target_modules"]) == expected
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "bad", "--targets", "q_prj", "--steps", "1")
+    assert res.returncode == 2 and not (tmp_path / "bad").exists()
+    assert "q_prj" in res.stderr and "k_proj, o_proj, q_proj, up_proj, v_proj" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    with pytest.raises(Exception, match="gate_proj"):
+        inject(AutoModelForCausalLM.from_pretrained(TINY_LLAMA), ["nothing"], LayerSpec(r=2, alpha=4))
+
+
+def test_adalora_cli_settings_and_final_allocation_printed(tmp_path: Path, cli) -> None:
+    """Issue "The practitioner's workflow", 7 and 9: AdaLoRA's schedule on the CLI; its allocation printed."""
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "ada", "--method", "adalora", "--init-rank", "4",
+              "--target-rank", "2", "--steps", "6", "--tinit", "1", "--tfinal", "2", "--delta-t", "1",
+              "--beta1", "0.8", "--beta2", "0.9", "--seq-len", "16", "--device", "cpu", "--lr", "1e-2")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
+    assert (cfg["tinit"], cfg["tfinal"], cfg["deltaT"], cfg["beta1"], cfg["beta2"]) == (1, 2, 1, 0.8, 0.9)
+    record = json.loads((tmp_path / "ada" / "training_config.json").read_text())
+    pattern = record["rank_pattern"]
+    kept, full = sum(sum(b) for b in pattern.values()), sum(len(b) for b in pattern.values())
+    assert f"AdaLoRA's final allocation: {kept} of {full} triplets kept" in res.stdout
+    for key, bits in pattern.items():
+        row = [l for l in res.stdout.splitlines() if key.removesuffix(".lora_E") + " " in l]
+        assert row and f"{sum(bits)}/{len(bits)}" in row[0]
+
+
+# --- issue "The practitioner's workflow", 3: --eval-file, the held-out loss at step 0, the best adapter kept -----
+
+def test_eval_file_step_zero_loss_and_best_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loratools.train as lt
+    from loratools.data import load_examples as load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    held = tmp_path / "held.txt"
+    held.write_text(CORPUS.read_text()[:1500])
+    cfg = TrainConfig(steps=6, rank=2, alpha=4, save_every=1, eval_file=str(held),
+                      **{**FAST, "seq_len": 16, "eval_split": 0.0, "eval_every": 2})
+    # the base model's held-out loss, computed independently of the loop: plain transformers, float64 CE
+    model, tok = AutoModelForCausalLM.from_pretrained(TINY_LLAMA), AutoTokenizer.from_pretrained(TINY_LLAMA)
+    total, count = 0.0, 0
+    for ex in load(held, tok, seq_len=16):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1].double()
+        total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ex.labels[1:]), reduction="sum"))
+        count += len(ex.labels) - 1
+    real = lt.evaluate
+    scripted = iter([None, 3.0, 1.0, 2.0])  # step 0 real, then steps 2, 4, 6: the best is step 4, not the last
+
+    def evaluate(*args, **kwargs):
+        value = next(scripted)
+        return real(*args, **kwargs) if value is None else value
+
+    monkeypatch.setattr(lt, "evaluate", evaluate)
+    res = train(TINY_LLAMA, CORPUS, tmp_path / "out", cfg)
+    assert res.evals[0]["step"] == 0 and res.evals[0]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    record = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert (record["best_step"], record["eval_loss_best"]) == (4, 1.0)
+    # best/ holds the adapter of step 4: the same tensors as the step-4 checkpoint
+    best = load_file(tmp_path / "out" / "best" / "adapter_model.safetensors")
+    ckpt = load_file(tmp_path / "out.checkpoints" / "step-4" / "trainable.safetensors")
+    for key, value in best.items():
+        name = key.removeprefix("base_model.model.").replace(".weight", "")
+        assert torch.equal(value, ckpt[name + ".weight"] if name + ".weight" in ckpt else ckpt[name]), key
+    last = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any(not torch.equal(last[k], best[k]) for k in best)
+    with pytest.raises(Exception, match="not found"):
+        train(TINY_LLAMA, CORPUS, tmp_path / "o2", TrainConfig(steps=1, eval_file=str(tmp_path / "nope.txt"), **FAST))
+
+
+# --- issue "The practitioner's workflow", 9: --resume reads its options; gradient checkpointing -------------------
+
+def test_cli_resume_takes_the_checkpoints_options(tmp_path: Path, cli) -> None:
+    args = ["--steps", "4", "--rank", "2", "--alpha", "4", "--lr", "2e-3", "--seq-len", "16", "--save-every", "2",
+            "--device", "cpu", "--eval-split", "0.03"]
+    full = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "full", *args)
+    assert full.returncode == 0, full.stderr
+    # resumed with no option retyped: the checkpoint's rank, lr, steps … are used, and the result is bit for bit
+    res = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "resumed", "--resume", tmp_path / "full.checkpoints" / "step-2")
+    assert res.returncode == 0, res.stderr
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an option typed that disagrees with the checkpoint is refused, naming it
+    bad = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "bad", "--rank", "8",
+              "--resume", tmp_path / "full.checkpoints" / "step-2")
+    assert bad.returncode == 2 and "rank" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path: Path) -> None:
+    cfg = dict(steps=2, rank=2, alpha=4, **{**FAST, "seq_len": 16})
+    a = train(TINY_LLAMA, CORPUS, tmp_path / "a", TrainConfig(**cfg)).adapter
+    b = train(TINY_LLAMA, CORPUS, tmp_path / "b", TrainConfig(gradient_checkpointing=True, **cfg)).adapter
+    for n, m in a.modules.items():
+        assert torch.allclose(m.A, b.modules[n].A, atol=1e-6) and torch.allclose(m.B, b.modules[n].B, atol=1e-6)

@@ -78,14 +78,14 @@ def test_weighted_sums_pass(tiny_llama, adapters, tmp_path, cli):
 
 
 def test_a_failed_merge_verify_leaves_nothing(tiny_llama, adapters, tmp_path, cli, monkeypatch):
-    import loratools.merge as merge_job
+    import loratools.merge.stream as stream
 
-    real = merge_job.merged_tensor
+    real = stream.factors_of
 
-    def off_by_two_percent(w0, parts, **options):  # a broken kernel: the check must catch it
-        return real(w0, [(m, 1.02 * w) for m, w in parts], **options)
+    def off_by_two_percent(parts, **options):  # a broken merge kernel: the check must catch it
+        return real([(m, 1.02 * w) for m, w in parts], **options)
 
-    monkeypatch.setattr(merge_job, "merged_tensor", off_by_two_percent)
+    monkeypatch.setattr(stream, "factors_of", off_by_two_percent)
     r = cli("merge", tiny_llama, adapters / "lora", "-o", tmp_path / "m", "--verify",
             "--record", tmp_path / "rec.safetensors")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tolerance" in r.stderr, r.stderr

@@ -15,6 +15,7 @@ imported inside the commands that use them, so ``loratools --help`` and every
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -24,6 +25,7 @@ import click
 
 from .. import __version__
 from ..errors import LoraToolsError
+from .combine import combine
 from .convert import convert
 from .extract import extract
 from .hub import pull, push
@@ -32,9 +34,14 @@ from .merge import merge, unmerge, verify
 from .options import Session
 from .prune import prune
 from .resize import resize
+from .serve import check, export
 from .train import train
 
 __all__ = ["main", "cli", "with_flags"]
+
+#: OS errors a user causes and fixes (full disk, read-only or missing directory, a name too long …)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST, errno.EXDEV, errno.EMFILE, errno.EFBIG}
 
 _BACKQUOTED = re.compile(r"`([A-Za-z_][A-Za-z0-9_-]*)`")
 
@@ -95,6 +102,11 @@ class _Group(click.Group):
                 raise
             # ctx.invoked_subcommand is set before the subcommand parses its arguments (an hf:// pull may fail there)
             raise _UserError(with_flags(str(e), self.commands.get(ctx.invoked_subcommand or ""))) from e
+        except OSError as e:  # the disk or file system refused (full, read-only, a name too long): one line
+            if e.errno not in _USER_ERRNOS or _debug():
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            raise _UserError(f"{e.strerror or e}{where}; nothing was written") from e
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -117,7 +129,8 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     ctx.obj = Session(quiet=quiet)
 
 
-for _command in (inspect, merge, unmerge, verify, extract, resize, prune, convert, train, pull, push):
+for _command in (inspect, merge, unmerge, verify, combine, extract, resize, prune, convert, check, export, train,
+                 pull, push):
     cli.add_command(_command)
 
 

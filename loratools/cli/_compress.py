@@ -8,9 +8,33 @@ from typing import Any
 
 from rich.table import Table
 
+from ..inspection import natural_key
 from .render import fmt_float
 
-__all__ = ["extract_table", "resize_table", "prune_table", "skipped_summary", "size"]
+__all__ = ["extract_table", "resize_table", "prune_table", "skipped_summary", "size", "heldout_report", "heldout_line"]
+
+
+def heldout_report(base: str | None, data: str | None, before: Any, after: Any, *,
+                   max_examples: int | None = None, device: str = "auto") -> dict[str, Any] | None:
+    """With ``--base`` and ``--data``: the held-out loss of the base alone, with the input adapter (``before``)
+    and with the output adapter (``after``), from :mod:`loratools.evaluation`; None without them."""
+    if base is None or data is None:
+        return None
+    from ..evaluation import heldout_losses
+
+    alone, loss_before, loss_after = heldout_losses(base, data, [None, before, after], max_examples=max_examples,
+                                                    device=device)
+    return {"data": str(data), "base": alone, "before": loss_before, "after": loss_after}
+
+
+def heldout_line(held: dict[str, Any]) -> str:
+    return (f"held-out loss on {held['data']}: before {held['before']:.4f} → after {held['after']:.4f} "
+            f"(base alone {held['base']:.4f})")
+
+
+def _ordered(layers: Sequence[Any]) -> list[Any]:
+    """Rows in natural module order (``layers.2`` before ``layers.10``), as in ``inspect``."""
+    return sorted(layers, key=lambda r: natural_key(r.name))
 
 
 def size(n: int) -> str:
@@ -28,7 +52,7 @@ def extract_table(layers: Sequence[Any]) -> Table:
     for col, just in [("module", "left"), ("shape", "right"), ("rank", "right"), ("rel. error", "right"),
                       ("energy kept", "right"), ("lost", "right"), ("‖ΔW‖F", "right"), ("svd", "left")]:
         t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-    for r in layers:
+    for r in _ordered(layers):
         t.add_row(r.name, "×".join(map(str, r.shape)), str(r.rank), fmt_float(r.rel_error), _pct(r.energy_kept),
                   _pct(max(0.0, 1 - r.energy_kept)), fmt_float(r.norm), r.method)
     return t
@@ -39,7 +63,7 @@ def resize_table(layers: Sequence[Any]) -> Table:
     for col, just in [("module", "left"), ("rank", "right"), ("→", "right"), ("rel. error", "right"),
                       ("energy kept", "right"), ("lost", "right")]:
         t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-    for r in layers:
+    for r in _ordered(layers):
         t.add_row(r.name, str(r.rank_before), str(r.rank_after), fmt_float(r.rel_error), _pct(r.energy_kept),
                   _pct(max(0.0, 1 - r.energy_kept)))
     return t
@@ -50,7 +74,7 @@ def prune_table(layers: Sequence[Any]) -> Table:
     for col, just in [("module", "left"), ("rank", "right"), ("→", "right"), ("kept triplets", "left"),
                       ("rel. error", "right"), ("importance kept", "right"), ("lost", "right")]:
         t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-    for r in layers:
+    for r in _ordered(layers):
         kept = ",".join(map(str, r.kept)) if len(r.kept) <= 12 else ",".join(map(str, r.kept[:12])) + ",…"
         t.add_row(r.name, str(r.rank_before), str(r.rank_after), kept or "-", fmt_float(r.rel_error),
                   fmt_float(r.importance_kept), fmt_float(r.importance_lost))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import ADAPTER, Session, force_option, output_option, pass_session
+from .options import ADAPTER, Session, force_option, output_option, pass_session, rank_rule_options
 
 
 @click.command()
@@ -17,9 +17,13 @@ from .options import ADAPTER, Session, force_option, output_option, pass_session
                    "maps kohya names back and gives GGUF its architecture and head counts.")
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) modules the target format cannot hold, instead of stopping.")
+@click.option("--as-lora", is_flag=True,
+              help="DoRA → plain LoRA: factor each layer's full update W′ − W0 (needs --base and a rank rule).")
+@rank_rule_options
 @force_option
 @pass_session
 def convert(session: Session, adapter: str, output: str, to: str, base: str | None, drop_unsupported: bool,
+            as_lora: bool, rank: int | None, energy: float | None, error: float | None, max_rank: int | None,
             force: bool) -> None:
     """Convert ADAPTER to another format; every module's ΔW is checked after writing.
 
@@ -28,21 +32,37 @@ def convert(session: Session, adapter: str, output: str, to: str, base: str | No
     it is renamed into place. AdaLoRA becomes plain LoRA for kohya and gguf.
     Modules a format cannot hold stop the conversion unless --drop-unsupported.
 
+    DoRA converts as it is between peft and loratools. Its update
+    diag(m/‖W0 + sBA‖)·(W0 + sBA) − W0 depends on the base and is not low-rank,
+    so kohya and gguf need it flattened: --as-lora --base BASE with --rank,
+    --energy or --error factors each layer's full update (the randomized SVD
+    of extract) and reports each layer's measured relative error.
+
     \b
     Examples:
       loratools convert fixtures/adapters/lora -o lora-kohya.safetensors --to kohya
       loratools convert fixtures/adapters/rslora -o rslora.gguf --to gguf --base fixtures/tiny-llama
       loratools convert lora-kohya.safetensors -o peft-dir --to peft --base fixtures/tiny-llama
+      loratools convert dora-dir -o lora-dir --to peft --base fixtures/tiny-llama --as-lora --energy 0.9
     """
     from ..convert import convert_file
     from ..device import configure_cpu_threads
+    from ..errors import InvalidOptionError
+    from ..linalg import RankRule
 
     configure_cpu_threads()
-    result = convert_file(adapter, output, to=to, base=base, drop_unsupported=drop_unsupported, force=force)
+    given = any(v is not None for v in (rank, energy, error, max_rank))
+    if given and not as_lora:
+        raise InvalidOptionError("`rank`, `energy`, `error` and `max_rank` choose the rank of `as_lora`; add `as_lora`")
+    rule = RankRule(rank=rank, energy=energy, error=error, max_rank=max_rank) if as_lora else None
+    result = convert_file(adapter, output, to=to, base=base, drop_unsupported=drop_unsupported, force=force,
+                          as_lora=as_lora, rule=rule)
     if session.quiet:
         return
     session.out.print(f"wrote {result.output} ({result.format}, from {result.source_format}): {result.modules} "
                       f"modules, ΔW checked (largest relative error {result.max_error:.1e})")
+    for name, err in result.flattened.items():
+        session.out.print(f"  {name}: DoRA update flattened to LoRA, relative error {err:.3g}")
     for name, why in result.dropped.items():
         session.err.print(f"dropped {name}: {why}")
     for note in result.notes:

@@ -62,16 +62,19 @@ def pull(session: Session, repo_id: str, output: str | None, revision: str | Non
 @click.option("--message", "-m", default=None, help="Commit message (default: a summary of the adapter).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
 @click.option("--base-model", default=None, help="Hub id of the base model for the model card (default: from the config).")
+@click.option("--dry-run", is_flag=True, help="Print the files and the model card that would be uploaded; upload nothing.")
 @pass_session
 def push(session: Session, adapter: str, repo_id: str, private: bool, revision: str | None, message: str | None,
-         create_pr: bool, base_model: str | None) -> None:
+         create_pr: bool, base_model: str | None, dry_run: bool) -> None:
     """Upload an adapter to the Hugging Face Hub in PEFT layout, with a model card, in one commit.
 
     Any format loratools reads is converted to PEFT layout first (a PEFT folder is
     uploaded byte for byte) and must read back identically; files that do not parse are
     refused. The model card (README.md) says library_name: peft, the base_model and the
-    tags lora/adalora and base_model:adapter:<base>, with a table of ranks and parameters.
-    The repo is created if needed. The token comes from HF_TOKEN or `hf auth login`
+    tags lora/adalora and base_model:adapter:<base>, with a table of ranks and parameters,
+    and the training settings when the folder holds loratools' training_config.json.
+    base_model appears only when it is a Hub id (namespace/name); a local path never does.
+    --dry-run prints the files and the card and contacts nobody. The repo is created if needed. The token comes from HF_TOKEN or `hf auth login`
     and is never printed.
 
     \b
@@ -79,11 +82,21 @@ def push(session: Session, adapter: str, repo_id: str, private: bool, revision: 
       loratools push fixtures/adapters/lora me/tiny-lora --private
       loratools push adapter.safetensors me/tiny-lora --revision dev -m "rank 4"
       loratools push adapter.safetensors me/tiny-lora --create-pr
+      loratools push out/lora me/lora --base-model HuggingFaceTB/SmolLM2-135M --dry-run
     """
     from ..device import configure_cpu_threads
+    from ..hub import preview_push
     from ..hub import push as hub_push
 
     configure_cpu_threads()
+    if dry_run:
+        files, card = preview_push(adapter, repo_id, base_model=base_model)
+        click.echo(f"would commit to {repo_id}@{revision or 'main'} (dry run: nothing uploaded):")
+        for name, nbytes in files.items():
+            click.echo(f"  {name}  {nbytes:,} bytes")
+        click.echo(f"--- {'README.md'} ---")
+        click.echo(card)
+        return
     result = hub_push(adapter, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
                       base_model=base_model, progress=not session.quiet and session.err.is_terminal)
     if not session.quiet:

@@ -21,6 +21,8 @@ weight_option = click.option("--weight", "weights", type=float, multiple=True, m
 precision_option = click.option("--precision", default="float32", show_default=True,
                                 type=click.Choice(["float32", "float64"]),
                                 help="Precision in which each ΔW is formed and added before the one cast.")
+quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16|f32",
+                             help="GGUF BASE only: the type of each adapted tensor (default same: its own type).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 
 
@@ -44,12 +46,19 @@ def _summary(out: Console, r: MergeReport) -> None:
     if r.op == "merge" and r.record:
         out.print(f"record {r.record}: {r.record_nbytes:,} bytes of patches "
                   f"({100 * r.record_nbytes / max(r.nbytes, 1):.3f}% of the model's {r.nbytes:,} bytes)")
-    if r.op == "unmerge":
+    for types, q in getattr(r, "quant", {}).items():  # a GGUF merge: the requantization per type
+        out.print(f"{types}: {q['tensors']} tensors, requantization error {q['requant_rel_error']:.3g} relative "
+                  f"(max {q['requant_max_abs_error']:.3g}); the base's own quantization ≈ {q['base_rel_error_est']:.3g}; "
+                  f"ΔW {q['delta_rel']:.3g} of W0")
+    if r.op == "unmerge" and getattr(r, "est_rel_error", None) is not None:
         if r.exact:
             out.print("exact: every restored tensor matches the base's sha256 from the record")
         else:
             out.print(f"not exact (no --record): estimated max |error| {r.est_max_abs_error:.3g}, "
                       f"relative (Frobenius) {r.est_rel_error:.3g}; bound {r.error_bound:.3g} per element")
+            if not r.vouched:
+                out.print("unchecked: MERGED's stamp does not confirm these adapters and weights; the figures above "
+                          "hold only if they are the ones merged, and the true error is otherwise unbounded")
 
 
 def _verify_lines(out: Console, v: VerifyReport) -> None:
@@ -70,6 +79,7 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @dtype_option
 @device_option
 @precision_option
+@quant_option
 @click.option("--record", type=click.Path(), default=None,
               help="Also write a small safetensors sidecar that lets `unmerge --record` restore BASE bit for bit.")
 @click.option("--verify", "do_verify", is_flag=True,
@@ -78,7 +88,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @json_option
 @pass_session
 def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], dtype: str,
-          device: str, precision: str, record: str | None, do_verify: bool, force: bool, as_json: bool) -> None:
+          device: str, precision: str, quant: str | None, record: str | None, do_verify: bool, force: bool,
+          as_json: bool) -> None:
     """Merge adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, streaming, one tensor at a time.
 
     BASE is a model directory (single or sharded safetensors) or one .safetensors
@@ -88,11 +99,16 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     the base's). PEFT modules_to_save tensors replace the base's. Everything is
     checked before a byte is written; an existing OUTPUT needs --force.
 
+    A .gguf BASE (llama.cpp model, split files too) gives a .gguf OUTPUT: each
+    adapted tensor is dequantized, ΔW added in float32 and requantized to its
+    own type (--quant same) or to --quant's.
+
     \b
     Examples:
       loratools merge fixtures/tiny-llama fixtures/adapters/lora -o merged
       loratools merge base a1 a2 --weight 0.7 --weight 0.3 -o merged --dtype bfloat16
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
+      loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant same --verify
     """
     from ..device import configure_cpu_threads, resolve_dtype
     from ..merge import merge_model
@@ -102,7 +118,8 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     inputs = _adapters(adapters, weights, base)
     with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
-                             record=record, force=force, extra_inputs=adapters, verify=do_verify, progress=advance)
+                             record=record, force=force, extra_inputs=adapters, verify=do_verify, progress=advance,
+                             quant=quant)
     for note in report.notes:
         session.err.print(f"note: {note}")
     if as_json:
@@ -120,13 +137,17 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
 @weight_option
 @device_option
 @precision_option
+@quant_option
 @click.option("--record", type=click.Path(), default=None,
               help="The record written by `merge --record`: restores the base bit for bit.")
+@click.option("--ignore-stamp", is_flag=True,
+              help="Un-merge even when MERGED's stamp names other adapters or weights (a merge by another tool).")
 @force_option
 @json_option
 @pass_session
 def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...],
-            device: str, precision: str, record: str | None, force: bool, as_json: bool) -> None:
+            device: str, precision: str, quant: str | None, record: str | None, ignore_stamp: bool, force: bool,
+            as_json: bool) -> None:
     """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, streaming.
 
     With --record (from `merge --record`) the base comes back bit for bit,
@@ -147,7 +168,8 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     inputs = _adapters(adapters, weights, merged)
     with render.progress(session.err, None, "unmerge", quiet=session.quiet or as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
-                               force=force, extra_inputs=adapters, progress=advance)
+                               force=force, extra_inputs=adapters, progress=advance, ignore_stamp=ignore_stamp,
+                               quant=quant)
     if as_json:
         render.print_json(report.to_json())
     elif not session.quiet:

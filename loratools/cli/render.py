@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "fmt_float"]
+__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "totals_table", "allocation_table", "fmt_float"]
 
 
 def console(*, stderr: bool) -> Console:
@@ -37,19 +38,43 @@ def fmt_float(x: float) -> str:
     return f"{x:.3g}" if x and (abs(x) < 1e-2 or abs(x) >= 1e4) else f"{x:.3f}".rstrip("0").rstrip(".") or "0"
 
 
+def strict(data: Any) -> Any:
+    """``data`` with every NaN/±inf float replaced by ``null``: JSON has no such numbers (RFC 8259 §6)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """``data`` as strict JSON on stdout (never a bare ``NaN`` or ``Infinity``)."""
+    sys.stdout.write(json.dumps(strict(data), indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager
 def progress(err: Console, total: int | None, description: str, *,
-             quiet: bool = False) -> Iterator[Callable[..., None]]:
+             quiet: bool = False, lines: bool = False) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n=1, *, total=None)``; a job that learns its size later passes ``total`` then.
 
-    Shows a bar on ``err`` only on a terminal and when not quiet.
+    Shows a bar on ``err`` only on a terminal and when not quiet; off a terminal, with ``lines``,
+    a plain line at every tenth of ``total`` (for slow jobs run under nohup or CI).
     """
-    if quiet or not err.is_terminal:
+    if quiet or (not err.is_terminal and not (lines and total)):
         yield lambda n=1, *, total=None: None
+        return
+    if not err.is_terminal:
+        done = [0]
+        size = total or 1
+
+        def line(n: int = 1, *, total: int | None = None) -> None:
+            before, done[0] = done[0], done[0] + n
+            if done[0] * 10 // size > before * 10 // size or done[0] == size:
+                err.print(f"{description}: {done[0]}/{size}", highlight=False, soft_wrap=True)
+
+        yield line
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -75,4 +100,27 @@ def inspect_table(report: dict[str, Any]) -> Table:
             str(layer["numerical_rank"]), f"{layer['stable_rank']:.2f}", f"{layer['effective_rank']:.2f}",
             str(layer["energy_rank_90"]), str(layer["energy_rank_99"]), sparkline(layer["singular_values"]),
         )
+    return t
+
+
+def totals_table(rows: list[dict[str, Any]], key: str) -> Table:
+    """``inspect``'s totals per block index (``key="layer"``) or per module type (``key="type"``)."""
+    t = Table(pad_edge=False)
+    for col in (key, "modules", "parameters", "Σ rank", "‖ΔW‖F"):
+        t.add_column(col, justify="left" if col == key else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(str(r[key]), str(r["modules"]), f"{r['parameters']:,}", str(r["rank_total"]), fmt_float(r["fro_norm"]))
+    return t
+
+
+def allocation_table(rank_pattern: dict[str, list[bool]]) -> Table:
+    """AdaLoRA's final allocation after ``train``: each module's kept rank and which of its init_r triplets."""
+    from ..inspection import natural_key
+
+    t = Table(pad_edge=False)
+    for col, just in (("module", "left"), ("rank", "right"), ("triplets kept", "left")):
+        t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for key in sorted(rank_pattern, key=natural_key):
+        bits = rank_pattern[key]
+        t.add_row(key.removesuffix(".lora_E"), f"{sum(bits)}/{len(bits)}", "".join("█" if b else "·" for b in bits))
     return t

@@ -18,25 +18,27 @@ So each module's true scale ``s_i`` is folded into its ``lora_b``:
 all for an ordinary LoRA), which keeps rsLoRA, ``rank_pattern``/``alpha_pattern``
 and AdaLoRA exact.
 
-For the ``llama`` architecture llama.cpp's converter permutes the rows of
-``attn_q``/``attn_k`` (``LlamaModel.permute``: per head, rows ``(2, d/2)`` →
-``(d/2, 2)``, with the KV head count for K) to match its RoPE layout; the same
-permutation applies to the rows of ``lora_b`` (``lora_a`` is untouched) and is
-inverted on reading. loratools writes ``llama.attention.head_count`` and
-``head_count_kv`` too (llama.cpp ignores them) so that its files read back
-without the base; foreign files with q/k tensors need ``--base``.
+Names and per-architecture rules come from :mod:`loratools.gguf_arch` (the ``gguf`` package's
+``TensorNameMap``, and llama.cpp's converter classes): Llama/Mistral/Mixtral (``llama``), Qwen2,
+Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3. For ``llama`` the rows of ``attn_q``/``attn_k``
+are permuted for llama.cpp's RoPE, so are the rows of ``lora_b`` (``lora_a`` is untouched), inverted on
+reading. Mixture-of-experts layers hold one 3-D tensor per projection (``blk.N.ffn_gate_exps``), so
+their adapters do too: ``lora_a`` (E, r, in), ``lora_b`` (E, out, r), the experts' factors stacked as
+llama.cpp's ``convert_lora_to_gguf.py`` stacks them, experts the adapter leaves out as zeros and smaller
+ranks padded with zero rows (ΔW unchanged); reading drops all-zero experts again.
 
-Only the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM`` → ``llama``)
-is mapped; embeddings/full tensors (``modules_to_save``) and conv layers cannot
+loratools writes ``{arch}.attention.head_count``/``head_count_kv``, ``{arch}.expert_count`` and the
+transformers name of each tensor (``loratools.hf_names``, ``gguf=transformers`` strings) too (llama.cpp
+ignores them) so that its files read back without the base and with the exact names; foreign files
+with q/k tensors need ``--base``. Embeddings/full tensors (``modules_to_save``) and conv layers cannot
 be held.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,12 @@ from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
 from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale
-from ..errors import (CorruptFileError, InvalidOptionError, MissingDependencyError, MissingModuleError,
+from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
+from ..gguf_arch import (ARCHITECTURES, NO_LORA, arch_of_hparams, gguf_target, hf_module, known_arch, permute_rows,
+                         qk_heads, unpermute_rows)
+from ..gguf_quants import require_gguf
+from ..validate import finite_number
 from .base import BaseModel, Format, register
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
@@ -56,49 +62,33 @@ __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name
            "gguf_model_info", "ARCHITECTURES", "MAGIC"]
 
 MAGIC = b"GGUF"
-#: Hugging Face ``architectures[0]`` / ``model_type`` → llama.cpp architecture (those whose tensors we map)
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "llama": "llama", "mistral": "llama"}
-_SUPPORTED_GGUF = {"llama"}
-
-# llama.cpp's tensor names for the Llama family (gguf-py TensorNameMap, MODEL_ARCH.LLAMA)
-_LAYER = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_GLOBAL = {"model.embed_tokens": "token_embd", "lm_head": "output"}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)$")
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise MissingDependencyError("gguf", "gguf") from None
-    return gguf
+_HF_NAMES = "loratools.hf_names"  # "gguf=transformers" per tensor pair, "{xid}" for the expert of a stacked one
 
 
 @dataclass(frozen=True)
 class GGUFBase:
-    """What a GGUF adapter needs of its base: llama.cpp's architecture and the head counts."""
+    """What a GGUF adapter needs of its base: llama.cpp's architecture, head and expert counts."""
 
     arch: str
     n_head: int | None = None
     n_head_kv: int | None = None
     tied_embeddings: bool = False
+    n_expert: int | None = None
 
 
 def base_from_hparams(hparams: Mapping[str, Any], *, where: str = "config.json") -> GGUFBase:
     """From a Hugging Face ``config.json`` dict."""
-    names = list(hparams.get("architectures") or []) + [str(hparams.get("model_type", ""))]
-    arch = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    arch = arch_of_hparams(hparams)
     if arch is None:
+        names = list(hparams.get("architectures") or []) + [str(hparams.get("model_type", ""))]
         raise WrongBaseError(f"{where} describes {names[0] if names[0] else 'an unknown model'}; GGUF conversion "
-                             f"maps the Llama family only ({', '.join(sorted(ARCHITECTURES))})")
+                             f"maps {', '.join(sorted(set(ARCHITECTURES.values())))} "
+                             f"({', '.join(n for n in ARCHITECTURES if n[0].isupper())})")
     n = hparams.get("num_attention_heads")
     kv = hparams.get("num_key_value_heads") or n
-    return GGUFBase(arch, int(n) if n else None, int(kv) if kv else None, bool(hparams.get("tie_word_embeddings")))
+    e = hparams.get("num_local_experts") or hparams.get("num_experts")
+    return GGUFBase(arch, int(n) if n else None, int(kv) if kv else None, bool(hparams.get("tie_word_embeddings")),
+                    int(e) if e else None)
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -112,7 +102,7 @@ def _field(reader: Any, key: str) -> Any:
 
 
 def _open(path: Path) -> Any:
-    gguf = _gguf()
+    gguf = require_gguf()
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises bare ValueError/struct errors on damaged files
@@ -131,10 +121,12 @@ def gguf_model_info(path: Path) -> tuple[GGUFBase, list[str]]:
     if not arch:
         raise CorruptFileError(path, "no general.architecture")
     n, kv = _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv")
+    e = _field(r, f"{arch}.expert_count")
     names = [t.name for t in r.tensors]
     # a model file without output.weight ties lm_head to token_embd (adapter files carry no such hint)
     tied = _field(r, "general.type") != "adapter" and "output.weight" not in names
-    return GGUFBase(str(arch), int(n) if n else None, int(kv) if kv else (int(n) if n else None), tied), names
+    return GGUFBase(str(arch), int(n) if n else None, int(kv) if kv else (int(n) if n else None), tied,
+                    int(e) if e else None), names
 
 
 def detect(path: Path) -> bool:
@@ -144,76 +136,47 @@ def detect(path: Path) -> bool:
         return f.read(4) == MAGIC
 
 
-def gguf_name(name: str) -> str | None:
-    """llama.cpp's tensor name (without ``.weight``) for a Llama module, or None.
+def gguf_name(name: str, arch: str = "llama") -> str | None:
+    """llama.cpp's tensor name (without ``.weight``) for a module of ``arch``, or None; an expert's
+    module gives its layer's stacked tensor (:func:`loratools.gguf_arch.gguf_target` has the slot).
 
-    >>> gguf_name("model.layers.3.self_attn.q_proj"), gguf_name("lm_head")
-    ('blk.3.attn_q', 'output')
+    >>> gguf_name("model.layers.3.self_attn.q_proj"), gguf_name("lm_head"), gguf_name("model.layers.0.mlp.gate_up_proj", "phi3")
+    ('blk.3.attn_q', 'output', 'blk.0.ffn_up')
     """
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER:
-        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}"
-    return None
+    t = gguf_target(name, arch)
+    return t.name if t is not None else None
 
 
-def hf_name(gname: str) -> str | None:
-    """Inverse of :func:`gguf_name`."""
-    for hf, g in _GLOBAL.items():
-        if g == gname:
-            return hf
-    m = _BLK_RE.match(gname)
-    if m:
-        for hf, g in _LAYER.items():
-            if g == m.group(2):
-                return f"model.layers.{m.group(1)}.{hf}"
-    return None
+def hf_name(gname: str, arch: str = "llama", expert: int | None = None) -> str | None:
+    """Inverse of :func:`gguf_name`: the transformers module (expert ``expert`` of a stacked tensor)."""
+    return hf_module(gname, arch, expert)
 
 
 def _heads_for(gname: str, base: GGUFBase) -> int | None:
-    """Heads to permute ``gname``'s rows by; None when it is not q/k; 0 when q/k but unknown."""
-    if gname.endswith(".attn_q"):
-        return base.n_head or 0
-    if gname.endswith(".attn_k"):
-        return base.n_head_kv or base.n_head or 0
-    return None
-
-
-def permute_rows(W: Tensor, n_head: int) -> Tensor:
-    """llama.cpp's q/k row order: per head, rows (2, d/2) become (d/2, 2) — HF's rotate-half pairs
-    (j, j+d/2) end up adjacent, as llama.cpp's RoPE expects.
-
-    >>> permute_rows(torch.arange(8.).reshape(8, 1), 2).reshape(-1).tolist()
-    [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
-    """
-    out = W.shape[0]
-    return W.reshape(n_head, 2, out // n_head // 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
-
-
-def unpermute_rows(W: Tensor, n_head: int) -> Tensor:
-    """Inverse of :func:`permute_rows`."""
-    out = W.shape[0]
-    return W.reshape(n_head, out // n_head // 2, 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
+    """Heads to permute ``gname``'s rows by; None when not permuted; 0 when permuted but unknown."""
+    return qk_heads(gname, base.arch, base.n_head, base.n_head_kv)
 
 
 def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
-    """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason."""
+    """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason (``llama`` without a base)."""
+    arch = base.arch if base is not None else "llama"
     out: dict[str, str] = {n: ALORA_WHY for n in adapter.modules} if fixed_delta_refusal(adapter.config) else {}
     for k in adapter.saved:
         out[k] = ("llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head, "
                   "trained biases, trainable tokens)")
     for name, m in adapter.items():
-        g = gguf_name(name)
+        t = gguf_target(name, arch)
         if m.bias is not None:
             out[name] = "llama.cpp adapters hold no LoRA bias (lora_bias)"
         elif m.kind == "experts":
             out[name] = "loratools does not write MoE expert LoRA (target_parameters) for llama.cpp"
         elif m.kind == "conv":
             out[name] = "llama.cpp adapters hold no conv layers"
-        elif g is None or m.fan_in_fan_out or (m.kind == "embedding") != (g == "token_embd"):
-            out[name] = "llama.cpp's llama architecture has no tensor for it"
-        elif g == "output" and base is not None and base.tied_embeddings:
+        elif t is None or m.fan_in_fan_out or (m.kind == "embedding") != (t.name == "token_embd"):
+            out[name] = f"llama.cpp's {arch} architecture has no tensor for it"
+        elif (arch, t.name) in NO_LORA:
+            out[name] = NO_LORA[(arch, t.name)]
+        elif t.name == "output" and base is not None and base.tied_embeddings:
             out[name] = "the base ties lm_head to embed_tokens, so llama.cpp has no output tensor to adapt"
     return out
 
@@ -226,16 +189,18 @@ def global_alpha(adapter: Adapter) -> float:
 
 def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) -> None:
     """Write ``adapter`` as a llama.cpp GGUF adapter (float32 tensors; AdaLoRA as plain LoRA)."""
-    gguf = _gguf()
+    gguf = require_gguf()
     if base is None:
         base = base_of_adapter(adapter)
-    if base.arch not in _SUPPORTED_GGUF:
-        raise WrongBaseError(f"GGUF conversion maps the llama architecture only, not {base.arch!r}")
+    if not known_arch(base.arch):
+        raise WrongBaseError(f"GGUF conversion maps {', '.join(sorted(set(ARCHITECTURES.values())))}, "
+                             f"not {base.arch!r}")
     adapter = as_lora(adapter)  # AdaLoRA as plain LoRA with the same ΔW
     bad = gguf_unsupported(adapter, base)
     if bad:
         raise UnsupportedModuleError("gguf", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
     alpha = global_alpha(adapter)
+    pairs = list(_pairs(adapter, base, alpha))
     w = gguf.GGUFWriter(str(path), base.arch)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -243,32 +208,77 @@ def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) ->
     if base.n_head:
         w.add_uint32(f"{base.arch}.attention.head_count", base.n_head)
         w.add_uint32(f"{base.arch}.attention.head_count_kv", base.n_head_kv or base.n_head)
+    if base.n_expert:
+        w.add_uint32(f"{base.arch}.expert_count", base.n_expert)
+    if pairs:
+        w.add_array(_HF_NAMES, [f"{g}={hf}" for g, _, _, hf in pairs])
     if adapter.config.base_model:
         w.add_string("general.name", f"LoRA for {adapter.config.base_model}")
-    for name, m in adapter.items():
-        if m.rank == 0:
-            continue
-        g = gguf_name(name)
-        assert g is not None
-        A = m.A.to(torch.float64)
-        B = m.B.to(torch.float64) * (alpha_for_scale(m.scale, m.rank) / alpha)
-        heads = _heads_for(g, base)
-        if heads is not None:
-            if heads <= 0:
-                raise InvalidOptionError(f"{name} needs the base model's head count to be written for llama.cpp: pass "
-                                         "--base (a model directory with config.json, or the base .gguf)")
-            if B.shape[0] % (2 * heads):
-                raise ShapeMismatchError(name, f"rows divisible by 2·{heads} heads", tuple(B.shape),
-                                         "check --base: its head counts do not fit this adapter")
-            B = permute_rows(B, heads)
-        if m.kind == "embedding":
-            A = A.T  # llama.cpp gathers token rows of lora_a
+    for g, A, B, _ in pairs:
         w.add_tensor(f"{g}.weight.lora_a", A.to(torch.float32).contiguous().numpy())
         w.add_tensor(f"{g}.weight.lora_b", B.to(torch.float32).contiguous().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _pairs(adapter: Adapter, base: GGUFBase, alpha: float) -> Iterator[tuple[str, Tensor, Tensor, str]]:
+    """``(llama.cpp name, lora_a, lora_b, transformers name)`` per tensor pair, in float64.
+
+    llama.cpp scales every pair by ``alpha / rank`` with the file's one alpha, so each module's own
+    scale is folded into B: ``B' = B · s · rank / alpha``. Expert modules are stacked per layer tensor.
+    """
+    experts: dict[str, dict[int, tuple[str, Module]]] = {}
+    for name, m in adapter.items():
+        t = gguf_target(name, base.arch)
+        assert t is not None  # gguf_unsupported let only mapped modules through
+        if m.rank == 0:
+            continue
+        if t.expert is not None:
+            experts.setdefault(t.name, {})[t.expert] = (name, m)
+            continue
+        A = m.A.to(torch.float64)
+        B = _permuted(name, t.name, m.B.to(torch.float64) * (alpha_for_scale(m.scale, m.rank) / alpha), base)
+        yield t.name, (A.T if m.kind == "embedding" else A), B, name  # llama.cpp gathers token rows of lora_a
+    for g, group in experts.items():
+        yield (g, *_stacked(g, group, base, alpha))
+
+
+def _permuted(name: str, g: str, B: Tensor, base: GGUFBase) -> Tensor:
+    heads = _heads_for(g, base)
+    if heads is None:
+        return B
+    if heads <= 0:
+        raise InvalidOptionError(f"{name} needs the base model's head count to be written for llama.cpp: pass "
+                                 "--base (a model directory with config.json, or the base .gguf)")
+    if B.shape[0] % (2 * heads):
+        raise ShapeMismatchError(name, f"rows divisible by 2·{heads} heads", tuple(B.shape),
+                                 "check --base: its head counts do not fit this adapter")
+    return permute_rows(B, heads)
+
+
+def _stacked(g: str, group: Mapping[int, tuple[str, Module]], base: GGUFBase,
+             alpha: float) -> tuple[Tensor, Tensor, str]:
+    """One layer's experts as llama.cpp's 3-D pair: ``lora_a`` (E, r, in), ``lora_b`` (E, out, r) with
+    ``r`` the largest rank; missing experts and the padding are zeros, so every expert's ΔW is kept."""
+    name0, m0 = group[min(group)]
+    if not base.n_expert:
+        raise InvalidOptionError(f"{name0} is one expert of a mixture-of-experts layer, which llama.cpp holds as one "
+                                 "tensor of all experts: pass --base (a model directory with config.json, or the base "
+                                 ".gguf) for their count")
+    r = max(m.rank for _, m in group.values())
+    out_f, in_f = m0.weight_shape
+    A = torch.zeros(base.n_expert, r, in_f, dtype=torch.float64)
+    B = torch.zeros(base.n_expert, out_f, r, dtype=torch.float64)
+    for e, (name, m) in group.items():
+        if e >= base.n_expert or m.weight_shape != (out_f, in_f):
+            raise ShapeMismatchError(name, f"expert < {base.n_expert} of weight shape {(out_f, in_f)} like {name0}",
+                                     f"expert {e} of {m.weight_shape}", "check --base")
+        A[e, : m.rank] = m.A.to(torch.float64)
+        B[e, :, : m.rank] = m.B.to(torch.float64) * (alpha_for_scale(m.scale, r) / alpha)
+    pre, rest = name0.rsplit(f".{min(group)}.", 1)
+    return A, B, f"{pre}.{{xid}}.{rest}"
 
 
 def base_of_adapter(adapter: Adapter) -> GGUFBase:
@@ -286,7 +296,7 @@ def base_of_adapter(adapter: Adapter) -> GGUFBase:
 
 def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     """Read a llama.cpp GGUF LoRA adapter back into module names and PEFT's layout."""
-    gguf = _gguf()
+    gguf = require_gguf()
     r = _open(path)
     gtype, atype = _field(r, "general.type"), _field(r, "adapter.type")
     if gtype != "adapter":
@@ -296,13 +306,46 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     arch = str(_field(r, "general.architecture") or "")
     if base is not None and base.arch != arch:
         raise WrongBaseError(f"{path} is a GGUF adapter for the {arch!r} architecture but the base is {base.arch!r}")
-    if arch not in _SUPPORTED_GGUF:
-        raise NotAnAdapterError(path, f"its architecture {arch!r} is not one loratools maps (llama)")
+    if not known_arch(arch):
+        raise NotAnAdapterError(path, f"its architecture {arch!r} is not one loratools maps "
+                                      f"({', '.join(sorted(set(ARCHITECTURES.values())))})")
     alpha_v = _field(r, gguf.Keys.Adapter.LORA_ALPHA)
-    alpha = float(alpha_v) if alpha_v is not None else 0.0
+    alpha = finite_number(alpha_v, where=path, field=gguf.Keys.Adapter.LORA_ALPHA) if alpha_v is not None else 0.0
     if base is None:
         n, kv = _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv")
         base = GGUFBase(arch, int(n) if n else None, int(kv) if kv else None)
+    recorded = dict(x.split("=", 1) for x in (_field(r, _HF_NAMES) or []) if "=" in x)
+    modules: dict[str, Module] = {}
+    for g, p in _tensor_pairs(r, path).items():
+        if "a" not in p or "b" not in p:
+            raise MissingModuleError(f"{g}.weight.lora_{'b' if 'a' in p else 'a'}", str(path), "the file is incomplete")
+        A, B = p["a"], p["b"]
+        stacked = A.ndim == 3
+        rank_a = A.shape[-1] if g == "token_embd" else A.shape[-2]  # llama.cpp keeps token_embd's lora_a transposed
+        if A.ndim != B.ndim or A.ndim not in (2, 3) or rank_a != B.shape[-1] or (stacked and A.shape[0] != B.shape[0]):
+            raise ShapeMismatchError(g, "lora_a (r, in) and lora_b (out, r), or (experts, …) for stacked experts",
+                                     f"{tuple(A.shape)} and {tuple(B.shape)}")
+        slots = range(A.shape[0]) if stacked else [None]
+        for e in slots:
+            Ae, Be = (A[e], B[e]) if e is not None else (A, B)
+            if e is not None and not (Ae.any() and Be.any()):
+                continue  # an expert the adapter leaves alone (stored as zeros)
+            name = recorded[g].replace("{xid}", str(e)) if g in recorded else hf_name(g, arch, e)
+            if name is None:
+                raise NotAnAdapterError(path, f"tensor {g!r} has no {arch} module loratools knows")
+            if name in modules:  # two tensors for one module: one would silently get the other's ΔW
+                raise CorruptFileError(path, f"two tensors map to the module {name!r} (the second: {g!r})")
+            modules[name] = _module(g, Ae, Be, alpha, base, path)
+    if not modules:
+        raise NotAnAdapterError(path, "it holds no lora_a/lora_b tensors")
+    adapter = Adapter(modules, AdapterConfig(method="lora", task_type="CAUSAL_LM"))
+    adapter.check_finite()
+    return adapter
+
+
+def _tensor_pairs(r: Any, path: Path) -> dict[str, dict[str, Tensor]]:
+    """``{llama.cpp name: {"a": lora_a, "b": lora_b}}`` as float32, in numpy's (reversed ggml) shapes."""
+    gguf = require_gguf()
     parts: dict[str, dict[str, Tensor]] = {}
     for t in r.tensors:
         for suffix in (".weight.lora_a", ".weight.lora_b"):
@@ -317,31 +360,24 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
                 break
         else:
             raise NotAnAdapterError(path, f"tensor {t.name!r} is not a lora_a/lora_b tensor")
-    modules: dict[str, Module] = {}
-    for g, p in parts.items():
-        name = hf_name(g)
-        if name is None:
-            raise NotAnAdapterError(path, f"tensor {g!r} has no Llama module loratools knows")
-        if "a" not in p or "b" not in p:
-            raise MissingModuleError(f"{g}.weight.lora_{'b' if 'a' in p else 'a'}", str(path), "the file is incomplete")
-        A, B = p["a"], p["b"]
-        kind = "embedding" if g == "token_embd" else "linear"
-        if kind == "embedding":
-            A = A.T.contiguous()
-        heads = _heads_for(g, base)
-        if heads is not None:
-            if heads <= 0 or B.shape[0] % (2 * heads):
-                raise InvalidOptionError(f"{path} holds {g} but its head count is unknown or does not fit: pass --base "
-                                         "(a model directory with config.json, or the base .gguf)")
-            B = unpermute_rows(B, heads)
-        rank = int(B.shape[1])
-        scale = lora_scale(alpha, rank) if alpha else 1.0
-        modules[name] = Module(A=A, B=B, alpha=alpha if alpha else float(rank), scale=scale, kind=kind)
-    if not modules:
-        raise NotAnAdapterError(path, "it holds no lora_a/lora_b tensors")
-    adapter = Adapter(modules, AdapterConfig(method="lora", task_type="CAUSAL_LM"))
-    adapter.check_finite()
-    return adapter
+    return parts
+
+
+def _module(g: str, A: Tensor, B: Tensor, alpha: float, base: GGUFBase, path: Path) -> Module:
+    """One module in PEFT's layout: embeddings' ``lora_a`` transposed back, q/k rows un-permuted,
+    llama.cpp's scale ``alpha / rank`` (1 when the file's alpha is 0)."""
+    kind = "embedding" if g == "token_embd" else "linear"
+    if kind == "embedding":
+        A = A.T
+    heads = _heads_for(g, base)
+    if heads is not None:
+        if heads <= 0 or B.shape[0] % (2 * heads):
+            raise InvalidOptionError(f"{path} holds {g} but its head count is unknown or does not fit: pass --base "
+                                     "(a model directory with config.json, or the base .gguf)")
+        B = unpermute_rows(B, heads)
+    rank = int(B.shape[1])
+    scale = lora_scale(alpha, rank) if alpha else 1.0
+    return Module(A=A.contiguous(), B=B.contiguous(), alpha=alpha if alpha else float(rank), scale=scale, kind=kind)
 
 
 def gguf_base(base: BaseModel) -> GGUFBase:
@@ -360,7 +396,7 @@ def _base_info(path: Path) -> BaseModel:
     an adapter the head counts loratools recorded in it."""
     gb, tensor_names = gguf_model_info(path)
     # shapes stay unknown (): a quantised GGUF's names still map kohya keys back
-    names = [hf_name(g[: -len(".weight")]) for g in tensor_names if g.endswith(".weight")]
+    names = [hf_name(g[: -len(".weight")], gb.arch) for g in tensor_names if g.endswith(".weight")]
     return BaseModel(path, shapes={n: () for n in names if n} or None, facts={"gguf": gb})
 
 

@@ -26,6 +26,7 @@ and written back unchanged.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import replace
@@ -36,8 +37,9 @@ from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
 from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale, stores_in_out
-from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
+from ..errors import CorruptFileError, InvalidFieldError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, save_safetensors
+from ..validate import load_json
 from .base import BaseModel, Format, peek_safetensors, register
 
 __all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
@@ -106,7 +108,10 @@ def detect(path: Path) -> bool:
 def _alpha_value(path: Path, key: str, t: Tensor) -> float:
     if t.numel() != 1:
         raise CorruptFileError(path, f"{key} holds {t.numel()} values; kohya alphas are single numbers")
-    return float(t.reshape(()).to(torch.float64).item())
+    value = float(t.reshape(()).to(torch.float64).item())
+    if not math.isfinite(value):
+        raise InvalidFieldError(path, key, value, "a finite alpha")
+    return value
 
 
 def _base_lookup(names: Iterable[str]) -> dict[str, str | None]:
@@ -121,11 +126,14 @@ def _base_lookup(names: Iterable[str]) -> dict[str, str | None]:
 def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapter:
     """Read a kohya LoRA file; ``base_names`` (module paths of the base model) maps flattened names back."""
     tensors, meta = load_safetensors(path)
-    try:
-        names: dict[str, str] = json.loads(meta[NAMES_KEY]) if NAMES_KEY in meta else {}
-        fifo = set(json.loads(meta.get(FIFO_KEY, "[]")))
-    except (TypeError, ValueError) as e:
-        raise CorruptFileError(path, f"{NAMES_KEY} metadata is not valid JSON ({e})") from None
+    names = load_json(meta.get(NAMES_KEY, "{}"), where=path)
+    if not isinstance(names, dict) or not all(isinstance(v, str) and v for v in names.values()):
+        raise InvalidFieldError(path, NAMES_KEY, names, "an object mapping kohya keys to module names")
+    fifo_list = load_json(meta.get(FIFO_KEY, "[]"), where=path)
+    if not isinstance(fifo_list, list) or not all(isinstance(v, str) for v in fifo_list):
+        raise InvalidFieldError(path, FIFO_KEY, fifo_list, "a list of module names")
+    fifo = set(fifo_list)
+    source: dict[str, str] = {}
     lookup = _base_lookup(base_names) if base_names is not None else {}
     modules: dict[str, Module] = {}
     stray = [k for k in tensors if not k.endswith((_DOWN, _UP, _ALPHA))]
@@ -144,6 +152,9 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
         else:
             found = lookup.get(_PREFIX.sub("", key))
             name = found if found is not None else key
+        if name in source:  # two keys for one module: one would silently get the other's ΔW
+            raise CorruptFileError(path, f"{source[name]!r} and {key!r} both map to the module {name!r}")
+        source[name] = key
         kind = "conv" if A.ndim in (3, 4, 5) else "linear"
         if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
             up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))

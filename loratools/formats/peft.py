@@ -6,6 +6,7 @@ Key grammar (``<m>`` is the module path, e.g. ``model.layers.0.self_attn.q_proj`
 LoRA linear / conv        ``base_model.model.<m>.lora_A.weight``, ``.lora_B.weight``
 ``lora_bias``             ``base_model.model.<m>.lora_B.bias``
 LoRA embedding            ``base_model.model.<m>.lora_embedding_A``, ``.lora_embedding_B``
+DoRA magnitude            ``base_model.model.<m>.lora_magnitude_vector`` ((out,); (1, out, 1, …) for conv)
 AdaLoRA                   ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
 older files               the same with ``.default`` after the factor (``….lora_A.default.weight``)
 modules_to_save, biases,  kept verbatim in :attr:`Adapter.saved`: full tensors that replace the base's
@@ -32,9 +33,10 @@ from ..adalora import mask_key, module_mask
 from ..config import (AdapterConfig, adalora_scale, alpha_for_scale, experts_targets, lora_scale, pattern_value,
                       target_matches)
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
-from ..io import load_safetensors, save_safetensors
+from ..io import load_safetensors, read_json, save_safetensors
 from .base import Format, register
 from .peft_fields import check_fields
+from .peft_values import check_peft_values
 
 __all__ = ["read_peft", "write_peft", "peft_config", "peft_tensors", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
@@ -44,10 +46,13 @@ PREFIX = "base_model.model."
 
 #: ``<m>.<factor>[.default][.weight|.bias]``: peft 0.21.2 saves without the adapter name
 #: (``utils/save_and_load.py`` ``_remove_adapter_name_from_key``); older files keep ``.default``, which peft still
-#: loads (``BaseTuner._remap_adapter_state_dict_for_load`` passes keys that already name the model's parameter through)
-_KEY = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B)(?:\.default)?"
-                  r"(?P<t>\.weight|\.bias)?$")
-_FACTOR = {"lora_A": "A", "lora_B": "B", "lora_E": "E", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+#: loads (``BaseTuner._remap_adapter_state_dict_for_load`` passes keys that already name the model's parameter through).
+#: DoRA's magnitude is saved without its ``.weight`` (``save_and_load.py`` ``renamed_dora_weights``).
+_KEY = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                  r"(?:\.default)?(?P<t>\.weight|\.bias)?$")
+_FACTOR = {"lora_A": "A", "lora_B": "B", "lora_E": "E", "lora_embedding_A": "A", "lora_embedding_B": "B",
+           "lora_magnitude_vector": "m"}
+_BARE_ONLY = ("lora_E", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 
 
@@ -64,9 +69,10 @@ def detect(path: Path) -> bool:
 
 
 def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
-    """(module, factor, kind hint) of a LoRA factor key; factor ``"bias"`` is lora_B's bias (``lora_bias``)."""
+    """(module, factor, kind hint) of a LoRA factor key; factor ``"bias"`` is lora_B's bias (``lora_bias``),
+    ``"m"`` DoRA's magnitude."""
     match = _KEY.match(key)
-    if match is None or (match["t"] == ".weight" and match["f"] in ("lora_E", "lora_embedding_A", "lora_embedding_B")):
+    if match is None or (match["t"] == ".weight" and match["f"] in _BARE_ONLY):
         return None
     name = match["m"][len(PREFIX):] if match["m"].startswith(PREFIX) else match["m"]
     if match["t"] == ".bias":
@@ -76,15 +82,14 @@ def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
 
 def _read_config(d: Path) -> dict[str, Any]:
     """``adapter_config.json``, checked: a LoRA/AdaLoRA config whose every field loratools honours."""
-    try:
-        raw: dict[str, Any] = json.loads((d / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(d / CONFIG_NAME, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    raw: dict[str, Any] = read_json(d / CONFIG_NAME)
     if not isinstance(raw, dict):
         raise CorruptFileError(d / CONFIG_NAME, "not a JSON object")
-    if str(raw.get("peft_type", "")).upper() not in ("LORA", "ADALORA"):
+    peft_type = str(raw.get("peft_type", "")).upper() if isinstance(raw.get("peft_type"), str) else ""
+    if peft_type not in ("LORA", "ADALORA"):
         raise NotAnAdapterError(d, f"peft_type {raw.get('peft_type')!r} is not LORA or ADALORA")
     check_fields(raw, where=str(d / CONFIG_NAME))
+    check_peft_values(raw, where=str(d / CONFIG_NAME), adalora=peft_type == "ADALORA")
     return raw
 
 
@@ -95,8 +100,6 @@ def _group(d: Path, tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Ten
     kinds: dict[str, Kind] = {}
     saved: dict[str, Tensor] = {}
     for key, t in tensors.items():
-        if "lora_magnitude_vector" in key:
-            raise NotAnAdapterError(d, "DoRA adapters are not supported")
         split = _split_key(key)
         if split is None:
             saved[key] = t
@@ -130,13 +133,18 @@ def _module(name: str, fs: dict[str, Tensor], hint: Kind | None, raw: dict[str, 
                                      else ""), f"lora_A of shape {tuple(A.shape)}")
         alpha = float(pattern_value(name, raw.get("alpha_pattern") or {}, alpha))
         scale = lora_scale(alpha, r_cfg, rslora=bool(raw.get("use_rslora", False)))
+    use_dora = bool(raw.get("use_dora", False)) and not adalora  # AdaloraConfig refuses use_dora
+    if ("m" in fs) != use_dora:  # peft would ignore a stray magnitude, or start one at ‖W0‖ for a missing one
+        raise CorruptFileError(where, f"{name} {'holds' if 'm' in fs else 'lacks'} lora_magnitude_vector but "
+                                      f"use_dora is {use_dora} in {CONFIG_NAME}")
+    magnitude = fs["m"].reshape(-1) if "m" in fs else None  # conv: peft's (1, out, 1, …)
     fifo = bool(raw.get("fan_in_fan_out", False)) and kind == "linear"
     return Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind, fan_in_fan_out=fifo,
-                  bias=fs.get("bias"), experts=n_experts)
+                  bias=fs.get("bias"), experts=n_experts, magnitude=magnitude)
 
 
 def read_peft(path: Path) -> Adapter:
-    """Read a PEFT LoRA / rsLoRA / AdaLoRA adapter directory."""
+    """Read a PEFT LoRA / rsLoRA / AdaLoRA / DoRA adapter directory."""
     d = _dir_of(Path(path))
     raw = _read_config(d)
     weights = d / WEIGHTS_NAME
@@ -227,7 +235,7 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         r=r0,
         lora_alpha=a0,
         use_rslora=cfg.use_rslora,
-        use_dora=False,
+        use_dora=adapter.is_dora,
         lora_bias=_has_lora_bias(adapter),
         rank_pattern={n: r for n, r in ranks.items() if r != r0},
         alpha_pattern={n: a for n, a in alphas.items() if a != a0},
@@ -253,6 +261,9 @@ def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
             out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.A, m.B
             if lora_bias:  # peft gives every lora_B a bias when the config says lora_bias: zero where there was none
                 out[f"{base}.lora_B.bias"] = m.bias if m.bias is not None else m.B.new_zeros(m.B.shape[0])
+        if m.magnitude is not None:
+            mag = m.magnitude.reshape(1, -1, *([1] * (m.A.ndim - 2))) if m.kind == "conv" else m.magnitude
+            out[f"{base}.lora_magnitude_vector"] = mag.contiguous()
     out.update(adapter.saved)
     return out
 

@@ -121,9 +121,8 @@ FIELDS: Mapping[str, FieldRule] = {
     "init_lora_weights": FieldRule("implemented", "plain initialisations need nothing; base-rewriting ones refused",
                                    _init_refusal),
     # --- refused until loratools computes them
-    "use_dora": FieldRule("refused", "DoRA", _refuse_when_set(
-        "DoRA's magnitude vector is not a low-rank update; loratools does not read DoRA yet — merge it with "
-        "peft (`merge_and_unload`)")),
+    "use_dora": FieldRule("implemented", "DoRA: each module's lora_magnitude_vector m, W′ = diag(m/‖W0 + s·BA‖)·(W0 + "
+                                         "s·BA) (loratools.dora)"),
     "alora_invocation_tokens": FieldRule("implemented", "activated LoRA: kept by the peft and loratools formats; "
                                                         "merge, kohya and GGUF refuse it (config.ALORA_WHY)"),
     "layer_replication": FieldRule("refused", "replicated layers", _refuse_when_set(

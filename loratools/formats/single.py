@@ -1,7 +1,8 @@
 """loratools' own single-file format: one self-describing ``.safetensors``.
 
 Tensors: ``<module>.lora_A``, ``<module>.lora_B`` and, for AdaLoRA,
-``<module>.lora_E``; peft's ``lora_bias`` as ``<module>.lora_B.bias``; full replacement tensors as ``saved::<key>``.
+``<module>.lora_E``; peft's ``lora_bias`` as ``<module>.lora_B.bias``; for DoRA ``<module>.lora_magnitude_vector``
+((out,), every kind); full replacement tensors as ``saved::<key>``.
 ``__metadata__`` (all strings, as safetensors requires):
 
 - ``format`` = ``"loratools"``, ``format_version`` = ``"1"``;
@@ -20,8 +21,9 @@ from torch import Tensor
 
 from ..adapter import Adapter, Fingerprint, Module
 from ..config import AdapterConfig
-from ..errors import CorruptFileError, MissingModuleError, NotAnAdapterError, WrongBaseError
+from ..errors import CorruptFileError, InvalidFieldError, MissingModuleError, NotAnAdapterError, WrongBaseError
 from ..io import load_safetensors, save_safetensors
+from ..validate import finite_number, get_field, load_json
 from .base import Format, peek_safetensors, register
 
 __all__ = ["read_single", "write_single", "FORMAT_VERSION"]
@@ -42,12 +44,15 @@ def read_single(path: Path) -> Adapter:
     if meta.get("format_version") != FORMAT_VERSION:
         raise NotAnAdapterError(path, f"format version {meta.get('format_version')!r} is newer than this loratools "
                                       f"reads ({FORMAT_VERSION}); upgrade loratools")
+    cfg = load_json(meta.get("config", "null"), where=path)
+    info = load_json(meta.get("modules", "null"), where=path)
+    if not isinstance(cfg, dict) or not isinstance(info, dict):
+        raise InvalidFieldError(path, "config" if not isinstance(cfg, dict) else "modules",
+                                cfg if not isinstance(cfg, dict) else info, "a JSON object in the metadata")
     try:
-        cfg = json.loads(meta["config"])
-        info = json.loads(meta["modules"])
-        fp = Fingerprint.from_json(json.loads(meta["fingerprint"])) if "fingerprint" in meta else None
+        fp = Fingerprint.from_json(load_json(meta["fingerprint"], where=path)) if "fingerprint" in meta else None
         config = AdapterConfig(**cfg)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptFileError(path, f"loratools metadata is damaged ({e.__class__.__name__}: {e})") from None
     modules: dict[str, Module] = {}
     for name, m in info.items():
@@ -58,9 +63,18 @@ def read_single(path: Path) -> Adapter:
         E = tensors.get(f"{name}.lora_E")
         if config.method == "adalora" and E is None:
             raise MissingModuleError(f"{name}.lora_E", str(path), "the adapter file is incomplete")
-        modules[name] = Module(A=A, B=B, E=E, alpha=float(m["alpha"]), scale=float(m["scale"]),
-                               kind=m.get("kind", "linear"), fan_in_fan_out=bool(m.get("fan_in_fan_out", False)),
-                               bias=tensors.get(f"{name}.lora_B.bias"), experts=int(m.get("experts", 1)))
+        at = f"{path} modules[{name!r}]"
+        modules[name] = Module(A=A, B=B, E=E, alpha=finite_number(get_field(m, "alpha", float, where=at), where=at,
+                                                                  field="alpha"),
+                               scale=finite_number(get_field(m, "scale", float, where=at), where=at, field="scale"),
+                               kind=get_field(m, "kind", str, where=at, default="linear",
+                                              check=lambda k: k in ("linear", "conv", "embedding", "experts"),
+                                              expected="linear, conv, embedding or experts"),
+                               fan_in_fan_out=get_field(m, "fan_in_fan_out", bool, where=at, default=False),
+                               bias=tensors.get(f"{name}.lora_B.bias"),
+                               experts=get_field(m, "experts", int, where=at, default=1, check=lambda n: n >= 1,
+                                                 expected="a count ≥ 1"),
+                               magnitude=tensors.get(f"{name}.lora_magnitude_vector"))
     saved = {k[len(_SAVED):]: t for k, t in tensors.items() if k.startswith(_SAVED)}
     adapter = Adapter(modules, config, saved)
     if fp is not None and fp.sha256 != adapter.fingerprint.sha256:
@@ -79,6 +93,8 @@ def write_single(adapter: Adapter, path: Path) -> None:
             tensors[f"{name}.lora_E"] = m.E
         if m.bias is not None:
             tensors[f"{name}.lora_B.bias"] = m.bias
+        if m.magnitude is not None:
+            tensors[f"{name}.lora_magnitude_vector"] = m.magnitude
         info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out,
                       **({"experts": m.experts} if m.kind == "experts" else {})}
     for key, t in adapter.saved.items():

@@ -12,14 +12,15 @@ Only safetensors is ever loaded: nothing here unpickles.
 from __future__ import annotations
 
 from .model import INDEX_NAME, WEIGHTS_NAME, ModelReader, Progress, rewrite_model
-from .paths import atomic_output, check_output
-from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, ShardWriter, Span, load_safetensors,
-                          nbytes_of, read_safetensors_header, read_safetensors_layout, read_tensor, save_safetensors,
-                          tensor_spans)
+from .paths import atomic_output, check_output, read_json
+from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, ShardWriter, Span, buffer,
+                          copy_range, load_safetensors, nbytes_of, read_safetensors_header, read_safetensors_layout,
+                          read_tensor, save_safetensors, tensor_spans, write_at)
 
 __all__ = [
-    "ModelReader", "Progress", "rewrite_model", "atomic_output", "check_output",
+    "ModelReader", "Progress", "rewrite_model", "atomic_output", "check_output", "read_json",
     "read_safetensors_header", "read_safetensors_layout", "load_safetensors", "save_safetensors",
-    "tensor_spans", "read_tensor", "Entry", "Span", "ShardWriter", "nbytes_of",
+    "tensor_spans", "read_tensor", "Entry", "Span", "ShardWriter", "nbytes_of", "RowReader", "buffer", "write_at",
+    "copy_range",
     "DTYPE_SIZES", "DTYPE_CODES", "CODE_DTYPES", "INDEX_NAME", "WEIGHTS_NAME",
 ]

@@ -11,20 +11,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections import deque
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
-from ..errors import CorruptFileError, InputNotFoundError
-from .safetensors import CODE_DTYPES, Entry, ShardWriter, Span, read_safetensors_layout, read_tensor, spans_of
+from ..device import cpu_cores
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
+from ..validate import get_field, plain_name
+from .paths import read_json
+from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
+                          header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 
 __all__ = ["ModelReader", "Progress", "rewrite_model", "INDEX_NAME", "WEIGHTS_NAME"]
 
@@ -79,11 +82,15 @@ class ModelReader:
     def _read_index(self) -> list[str]:
         index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
         if index.is_file():
-            try:
-                self.index = json.loads(index.read_text())
-                self.shard_of = {str(k): str(v) for k, v in self.index["weight_map"].items()}  # type: ignore[index]
-            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-                raise CorruptFileError(index, f"not a safetensors index ({e.__class__.__name__})") from None
+            self.index = read_json(index)
+            wmap = get_field(self.index, "weight_map", dict, where=index)
+            # a shard name is joined to the model directory, and to OUT when the model is rewritten:
+            # only a plain name inside the directory is accepted (never ``../x`` or ``/abs``)
+            self.shard_of = {str(k): plain_name(v, where=index, field=f"weight_map[{k!r}]") for k, v in wmap.items()}
+            if not self.shard_of:
+                raise CorruptFileError(index, "its weight_map lists no tensors")
+            if INDEX_NAME in self.shard_of.values():
+                raise CorruptFileError(index, f"its weight_map names {INDEX_NAME} as a shard")
             return sorted(set(self.shard_of.values()))
         if single.is_file():
             return [WEIGHTS_NAME]
@@ -138,106 +145,149 @@ class ModelReader:
         self.close()
 
 
-def _mirror_side_files(model: ModelReader, dest: Path, config: Mapping[str, Any] | None = None) -> None:
-    """Config, tokenizer, generation config …: copied as they are; ``config`` changes fields of config.json."""
+def _mirror_side_files(model: ModelReader, dest: Path, edits: Mapping[str, Callable[[bytes], bytes]]) -> None:
+    """Config, tokenizer, generation config …: copied as they are, or through ``edits[name]`` (bytes → bytes)."""
     weights = set(model.shards) | {INDEX_NAME}
     for item in model.root.iterdir():
         if item.name in weights:
             continue
-        if item.is_dir():
+        if item.name in edits and item.is_file():
+            (dest / item.name).write_bytes(edits[item.name](item.read_bytes()))
+        elif item.is_dir():
             shutil.copytree(item, dest / item.name)
-        elif item.name == "config.json" and config:
-            data = json.loads(item.read_text())
-            (dest / item.name).write_text(json.dumps({**data, **config}, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copy2(item, dest / item.name)
 
 
-def _compute_workers(device_type: str) -> int:
-    """Tensors computed at once: one per core (up to 4) on the CPU, each with one torch thread; 1 on a GPU."""
-    return 1 if device_type != "cpu" else max(1, min(4, os.cpu_count() or 1))
+Pieces = Iterable[Tensor]
 
 
 def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], metadata: Mapping[str, str],
-                  compute: Callable[[str], Tensor | None], progress: Progress | None = None,
-                  device_type: str = "cpu", added: Mapping[str, str] | None = None,
-                  config: Mapping[str, Any] | None = None) -> tuple[int, int]:
-    """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a new tensor or None (copy).
+                  compute: Callable[[str], Pieces | Tensor | None], progress: Progress | None = None,
+                  workers: int | None = None, added: Mapping[str, str] | None = None,
+                  side_edits: Mapping[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
+    """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a tensor's new bytes, or None.
 
-    ``codes`` gives each tensor's output dtype code. ``added`` maps a tensor new in the output to the
-    tensor it is written beside, in that one's shard, dtype and shape (``compute`` gives it, or None copies
-    that one's bytes); ``config`` changes fields of a model directory's config.json. Tensors are computed on a
-    few threads and written, in file order, by one writer thread at most two
-    tensors behind, so computing overlaps writing; memory holds a handful of
-    tensors at most. ``progress`` is told the tensor count first, then each
-    tensor written. Returns (tensors computed, tensors copied).
+    Side files (config, tokenizer …) are copied, except those named in ``side_edits``, whose
+    new bytes are ``side_edits[name](old bytes)`` (a merge to another dtype, or one that unties the
+    embeddings, edits ``config.json``). ``added`` maps a tensor new in the output to the tensor it is
+    written beside, in that one's shard, dtype and shape (``compute`` gives it, or None copies that one's bytes).
+
+    ``codes`` gives each tensor's output dtype code, so every offset of every
+    output shard is known before any tensor is computed: the headers are
+    written first, then each tensor goes straight to its planned offset, from
+    ``workers`` threads at once (default: the cores this process may use).
+    ``compute(key)`` returns the new tensor, or an iterable of contiguous
+    pieces whose bytes, in order, make it (a block of rows at a time, so memory
+    stays flat); it runs on the worker threads. A tensor it returns None for is
+    copied by the kernel (``copy_file_range``), or cast block by block when its
+    dtype changes. ``progress`` is told the tensor count first, then each
+    tensor done. Returns (tensors computed, tensors copied).
     """
     added = dict(added or {})
+    jobs: list[tuple[int, int, Entry]] = []
+    fds: list[int] = []
     if model.is_dir:
         dest.mkdir()
-        _mirror_side_files(model, dest, config)
-        shard_paths = {s: dest / s for s in model.shards}
-    else:
-        shard_paths = {model.shards[0]: dest}
-    if progress:
-        progress(0, total=len(model.spans) + len(added))
-    counts = [0, 0]
+        _mirror_side_files(model, dest, side_edits or {})
     total = 0
-    workers = _compute_workers(device_type)
-    with ThreadPoolExecutor(workers, thread_name_prefix="loratools-compute") as cpool, \
-            ThreadPoolExecutor(1, thread_name_prefix="loratools-writer") as wpool:
-        for shard, path in shard_paths.items():
+    try:
+        for shard in model.shards:
             keys = [k for k in model.shard_keys(shard) if k in model.spans]
             keys += [new for new, beside in added.items() if beside in keys]
-            entries = [Entry(k, codes[added.get(k, k)], model.spans[added.get(k, k)].shape) for k in keys]
+            entries = [Entry(k, codes[k], model.spans[added.get(k, k)].shape) for k in keys]
+            head = header_bytes(entries, {**model.metadata(shard), **metadata})
+            fd = os.open(dest / shard if model.is_dir else dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            offset = write_at(fd, head, 0)
+            os.ftruncate(fd, offset + sum(e.nbytes for e in entries))
+            for e in entries:
+                jobs.append((fd, offset, e))
+                offset += e.nbytes
             total += sum(e.nbytes for e in entries)
-            _write_shard(model, ShardWriter(path, entries, {**model.metadata(shard), **metadata}), entries,
-                         compute, cpool, wpool, workers, progress, counts, added)
+        changed = _run(model, jobs, compute, progress, workers or min(cpu_cores(), 8), added)
+    finally:
+        for fd in fds:
+            os.close(fd)
     if model.index is not None:
         index = json.loads(json.dumps(model.index))
         index.setdefault("metadata", {})["total_size"] = total
         index.setdefault("weight_map", {}).update({new: model.shard_of[beside] for new, beside in added.items()})
         (dest / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return counts[0], counts[1]
+    return changed, len(jobs) - changed
 
 
-def _write_shard(model: ModelReader, w: ShardWriter, entries: list[Entry], compute: Callable[[str], Tensor | None],
-                 cpool: ThreadPoolExecutor, wpool: ThreadPoolExecutor, workers: int, progress: Progress | None,
-                 counts: list[int], added: Mapping[str, str]) -> None:
-    """Tensors computed ``workers`` at a time, written in order by ``wpool``."""
-    writes: deque[Future[None]] = deque()
-    computes: deque[tuple[Entry, Future[Tensor | None]]] = deque()
+def _run(model: ModelReader, jobs: list[tuple[int, int, Entry]], compute: Callable[[str], Pieces | Tensor | None],
+         progress: Progress | None, workers: int, added: Mapping[str, str]) -> int:
+    """Every tensor written by ``workers`` threads; returns how many were computed. The first error stops the rest."""
+    if progress:
+        progress(0, total=len(jobs))
+    changed = 0
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loratools-rewrite") as pool:
+        futures = [pool.submit(_write_tensor, model.spans[added.get(e.name, e.name)], fd, offset, e, compute) for fd, offset, e in jobs]
+        try:
+            for fut in as_completed(futures):
+                changed += fut.result()
+                if progress:
+                    progress(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            wait(futures)  # the files stay open until every running tensor has stopped
+            raise
+    return changed
 
-    def write_next() -> None:
-        e, fut = computes.popleft()
-        t, span = fut.result(), model.spans[added.get(e.name, e.name)]
-        if t is not None:
-            writes.append(wpool.submit(w.write, e.name, t.to(CODE_DTYPES[e.dtype])))
-        elif e.dtype == span.dtype:
-            writes.append(wpool.submit(w.copy_from, e.name, span))
-        else:
-            writes.append(wpool.submit(w.write, e.name, read_tensor(span).to(CODE_DTYPES[e.dtype])))
-        while len(writes) > 2:
-            writes.popleft().result()
-        if progress:
-            progress(1)
-        counts[0 if t is not None else 1] += 1
 
+def _write_tensor(span: Span, fd: int, offset: int, e: Entry, compute: Callable[[str], Pieces | Tensor | None]) -> bool:
+    """Put tensor ``e`` at ``offset`` of ``fd``; True if it was computed, False if copied."""
+    pieces = compute(e.name)
+    if pieces is None and e.dtype == span.dtype:
+        copy_range(span, fd, offset)
+        return False
+    computed = pieces is not None
+    if pieces is None:
+        pieces = _cast(span, CODE_DTYPES[e.dtype], e.name)
+    elif isinstance(pieces, Tensor):
+        pieces = (pieces,)
+    written = 0
     try:
-        for e in entries:
-            computes.append((e, cpool.submit(compute, e.name)))
-            while len(computes) > workers:
-                write_next()
-        while computes:
-            write_next()
-        while writes:
-            writes.popleft().result()
-        w.close()
-    except BaseException:
-        for _, fut in computes:
-            fut.cancel()
-        for fut in [f for _, f in computes] + list(writes):  # let the threads stop before the file closes
-            with contextlib.suppress(BaseException):
-                fut.result()
-        w.abort()
-        raise
+        for t in pieces:
+            if DTYPE_CODES.get(t.dtype) != e.dtype:
+                raise RuntimeError(f"rewrite_model: {e.name} computed as {t.dtype}, planned {e.dtype}")
+            t = t.detach().to("cpu").contiguous()
+            if written + t.numel() * t.element_size() > e.nbytes:
+                raise RuntimeError(f"rewrite_model: {e.name} computed larger than its planned {e.nbytes} bytes")
+            written += write_at(fd, t, offset + written)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:  # a generator stopped early by an error releases what it holds now
+            close()
+    if written != e.nbytes:
+        raise RuntimeError(f"rewrite_model: {e.name} computed as {written} bytes, planned {e.nbytes}")
+    return computed
+
+
+def _cast(span: Span, dtype: torch.dtype, name: str = "") -> Iterator[Tensor]:
+    """The tensor at ``span`` converted to ``dtype``, block by block; refused where the cast would overflow.
+
+    A finite value beyond ``dtype``'s range (70000 in float16) would be written as ±inf: the block's
+    extremes are checked against the range first, so a cast never makes a non-finite value.
+    """
+    rows = span.shape[0] if span.shape else 1
+    cols = max(1, span.nbytes // max(1, rows) // DTYPE_SIZES[span.dtype])
+    step = max(1, (1 << 18) // cols)
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else None
+    narrows = limit is not None and limit < torch.finfo(CODE_DTYPES[span.dtype]).max
+    with RowReader(span, rows) as reader:
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            block = reader.read(i, n)
+            if narrows and block.numel():
+                big = block.abs().nan_to_num(nan=0.0, posinf=0.0).max()
+                if float(big) > limit:
+                    raise InvalidOptionError(f"{name or 'a tensor'} holds {float(big):.6g}, beyond {dtype}'s range "
+                                             f"(±{limit:.6g}): `dtype` {str(dtype).replace('torch.', '')} would "
+                                             "write ±inf; keep the base's dtype or choose bfloat16")
+            out = buffer("cast", n * cols * dtype.itemsize).view(dtype).reshape(n, -1)
+            out.copy_(block)
+            yield out

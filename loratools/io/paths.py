@@ -9,9 +9,10 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import InvalidOptionError, OutputExistsError
+from ..errors import CorruptFileError, InvalidOptionError, OutputExistsError
+from ..validate import MAX_JSON_BYTES, load_json
 
-__all__ = ["atomic_output", "check_output"]
+__all__ = ["atomic_output", "check_output", "read_json"]
 
 
 def _remove(path: Path) -> None:
@@ -55,10 +56,23 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, inputs: 
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(dest, old)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)  # the old output stays whole when the new one cannot take its place
+                raise
             _remove(old)
         else:
             os.replace(tmp, dest)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> object:
+    """The JSON file ``path``, parsed with :func:`loratools.validate.load_json`'s limits (size checked before reading)."""
+    size = os.stat(path).st_size
+    if size > max_bytes:
+        raise CorruptFileError(path, f"it is {size} bytes, over the {max_bytes}-byte limit for a JSON file")
+    with open(path, "rb") as f:
+        return load_json(f.read(), where=path, max_bytes=max_bytes)

@@ -22,12 +22,11 @@ even in bfloat16.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,15 @@ from ..adapter import Adapter
 from ..device import cpu_threads, resolve_device
 from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, ShapeMismatchError, VerificationError,
                       WrongBaseError)
-from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, read_tensor, rewrite_model
-from .kernels import (check_finite, delta_sum, jitter, low_rank, merged_tensor, tolerance, ulp,
+from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, rewrite_model
+from ..dora import merged_weight
+from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance, ulp,
                       unmerged_tensor)
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, find_tie, out_code, plan_merge,
-                   resolve_precision, saved_base_key, stamp, tie_notes)
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, content_sha256, find_tie, out_code,
+                   plan_merge, resolve_precision, saved_base_key, stamp, stamp_entries, tie_notes)
 from .experts import resolve_experts
-from .record import RecordWriter, apply_patch, make_patch, read_record, tensor_sha256
+from .record import RecordWriter, read_record
+from .stream import Arithmetic, merged_blocks, restored_blocks
 
 __all__ = [
     "AdapterInput", "TensorPlan", "MergeReport", "VerifyReport", "ModuleCheck", "Progress",
@@ -82,6 +83,8 @@ class MergeReport:
     notes: tuple[str, ...] = ()
     #: ``merge_model(verify=True)``: the check of the written model (it passed, or nothing was written)
     verify: "VerifyReport | None" = None
+    #: un-merge: the merged model's stamp (or the record) confirmed these adapters and weights went in
+    vouched: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -104,6 +107,8 @@ class VerifyReport:
     modules: list[ModuleCheck]
     untouched_mismatches: list[str]
     dtype: str
+    #: tensors holding NaN/±inf where the base holds a finite value (an overflowing cast or sum)
+    non_finite: list[str] = field(default_factory=list)
 
     @property
     def worst(self) -> ModuleCheck | None:
@@ -115,13 +120,16 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.untouched_mismatches and all(m.ratio <= 1.0 for m in self.modules)
+        return not self.untouched_mismatches and not self.non_finite and all(m.ratio <= 1.0 for m in self.modules)
 
     def check(self) -> None:
         """Raise :class:`VerificationError` naming the worst tensor unless :attr:`ok`."""
         if self.ok:
             return
         w = self.worst
+        if self.non_finite:
+            raise VerificationError(f"{self.non_finite[0]} holds NaN or ±inf where the base is finite "
+                                    f"({len(self.non_finite)} such tensors)")
         why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {self.dtype} rounding tolerance"
                if w is not None and w.ratio > 1 else f"{self.untouched_mismatches[0]} differs from the base")
         raise VerificationError(why)
@@ -130,7 +138,7 @@ class VerifyReport:
         w = self.worst
         return {"ok": self.ok, "dtype": self.dtype, "max_abs": self.max_abs, "worst": w.key if w else None,
                 "worst_ratio": w.ratio if w else 0.0, "untouched_mismatches": self.untouched_mismatches,
-                "modules": [m.__dict__ for m in self.modules]}
+                "non_finite": self.non_finite, "modules": [m.__dict__ for m in self.modules]}
 
 
 # --------------------------------------------------------------------------- the jobs
@@ -183,15 +191,20 @@ class _Job:
         p = self.plan.get(key)
         return self.model.read(p.source if p is not None and p.source is not None else key)
 
-    def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str], compute: Callable[[str], Tensor | None],
-                progress: Progress | None) -> tuple[int, int]:
-        # parallelism comes from computing whole tensors on separate threads, each with one torch thread
+    @property
+    def arithmetic(self) -> Arithmetic:
+        return Arithmetic(self.precision, self.device)
+
+    def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str],
+                compute: Callable[[str], Iterable[Tensor] | Tensor | None], progress: Progress | None,
+                side_edits: dict[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
+        # one torch thread per worker: parallelism comes from tensors on separate threads (see configure_cpu_threads);
+        # on a GPU a second worker reads and writes while the first computes
         added = self.added
-        config = {"tie_word_embeddings": False} if added else None
-        with cpu_threads(1) if self.device.type == "cpu" else contextlib.nullcontext():
+        with cpu_threads(1):
             return rewrite_model(self.model, tmp, codes={**codes, **{k: codes[s] for k, s in added.items()}},
-                                 metadata=meta, compute=compute, progress=progress, device_type=self.device.type,
-                                 added=added, config=config)
+                                 metadata=meta, compute=compute, progress=progress,
+                                 workers=None if self.device.type == "cpu" else 2, added=added, side_edits=side_edits)
 
     def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
         """What an un-merge computes for this tensor before any record is applied."""
@@ -202,10 +215,56 @@ class _Job:
         return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
 
 
+def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
+    """An edit of ``config.json`` that names ``dtype`` as the weights' dtype.
+
+    transformers 5.23 loads a model in the dtype its config's ``dtype`` names (``torch_dtype`` in
+    older files; sub-configs such as ``text_config`` carry their own), so a merge that casts the
+    weights must say so there, or the bfloat16 weights come back as float32.
+    """
+    name = str(dtype).replace("torch.", "")
+
+    def fix(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in node:
+                    node[key] = name
+            for value in node.values():
+                fix(value)
+
+    def edit(raw: bytes) -> bytes:
+        config = json.loads(raw)
+        fix(config)
+        config.setdefault("dtype", name)
+        return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+    return edit
+
+
+def _untie_edit(raw: bytes) -> bytes:
+    """config.json with ``tie_word_embeddings: false``: the merge wrote the output head as its own tensor."""
+    return (json.dumps({**json.loads(raw), "tie_word_embeddings": False}, indent=2, sort_keys=True) + "\n").encode()
+
+
+def config_edits(dtype: torch.dtype | None, *, untie: bool = False) -> dict[str, Callable[[bytes], bytes]] | None:
+    """The one ``config.json`` edit a merge makes (``rewrite_model``'s ``side_edits``): the new ``dtype``
+    (:func:`config_dtype_edit`) and/or untied embeddings, composed; None when the config is copied as it is."""
+    steps = ([config_dtype_edit(dtype)] if dtype is not None else []) + ([_untie_edit] if untie else [])
+    if not steps:
+        return None
+
+    def edit(raw: bytes) -> bytes:
+        for step in steps:
+            raw = step(raw)
+        return raw
+
+    return {"config.json": edit}
+
+
 def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
                 record: PathLike | None = None, force: bool = False, extra_inputs: Sequence[PathLike] = (),
-                verify: bool = False, progress: Progress | None = None) -> MergeReport:
+                verify: bool = False, progress: Progress | None = None, quant: str | None = None) -> MergeReport:
     """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
@@ -215,7 +274,13 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     (the output dtype must then be the base's). With ``verify``, the written model is checked by
     :func:`verify_merge` before it is renamed into place: :class:`VerificationError` leaves nothing at
     ``out`` (nor at ``record``).
+
+    A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead of ``dtype``).
     """
+    if _gguf(base, dtype=dtype, quant=quant):
+        from .gguf import merge_gguf
+        return merge_gguf(base, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
+                          force=force, extra_inputs=extra_inputs, progress=progress, verify=verify)
     job = _Job.start(base, adapters, device, precision)
     model, plan = job.model, job.plan
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
@@ -225,29 +290,22 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     meta = stamp("merge", job.inputs, job.precision, job.device)
     rec: RecordWriter | None = None
 
-    def compute(key: str) -> Tensor | None:
+    def compute(key: str) -> Iterator[Tensor] | None:
         p = plan.get(key)
         if p is None:
             return None
-        w0 = job.base(key)
-        out_dtype = CODE_DTYPES[codes[p.source or key]]
-        start = p.replace if p.replace is not None else w0
-        try:
-            w = p.apply_rows(merged_tensor(start, p.deltas, dtype=out_dtype, precision=job.precision,
-                                           device=job.device).cpu() if p.deltas else start.to(out_dtype))
-        except NonFiniteError:
-            check_finite(key, w0, "the base model")
-            raise NonFiniteError(key, f"the merge (the sum overflows {out_dtype})") from None
-        if rec is not None and p.source is None:  # a new tensor (an untied head) has no original to restore
-            rec.add(key, make_patch(w0, job.recon(w, p, w0.dtype)), tensor_sha256(w0))
-        return w
+        # a new tensor (an untied head) starts from its source and has no original for a record to restore
+        span = model.spans[p.source or key]
+        return merged_blocks(key, span, p, CODE_DTYPES[codes[p.source or key]], job.arithmetic,
+                             rec if p.source is None else None)
 
     if record_path is not None:
         check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="`record`")
     with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp:
         try:
             rec = RecordWriter(record_path) if record_path is not None else None
-            changed, copied = job.rewrite(tmp, codes, meta, compute, progress)
+            edits = config_edits(dtype, untie=bool(job.added))
+            changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits)
             checked = verify_merge(base, job.inputs, tmp, device=job.device, precision=job.precision) if verify else None
             if checked is not None:
                 checked.check()
@@ -263,16 +321,49 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
                        adapters=[i.describe() for i in job.inputs], notes=tuple(notes), verify=checked)
 
 
-def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> None:
-    """The merged model says which adapters went in: refuse a different one."""
+def _gguf(base: PathLike, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
+    """Whether ``base`` is a GGUF model (merged by :mod:`.gguf`); ``quant`` is for GGUF, ``dtype`` for safetensors."""
+    from ..io.gguf_model import is_gguf_model_path
+
+    if not is_gguf_model_path(base):
+        if quant is not None:
+            raise InvalidOptionError("`quant` applies to GGUF models; for safetensors use `dtype`")
+        return False
+    if dtype is not None:
+        raise InvalidOptionError("`dtype` applies to safetensors models; for a GGUF model use `quant`")
+    return True
+
+
+def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> bool:
+    """The merged model says which adapters, with which weights, went in: refuse any other.
+
+    Returns True when the stamp vouches for every input (same content hash and
+    weight); False when there is no stamp to check against (a merge by another
+    tool). A loratools stamp older than content hashes is checked by shapes only
+    and vouches for nothing more.
+    """
     stamped = model.metadata().get(METADATA_KEY)
     if not stamped:
-        return
-    went_in = {a["fingerprint"] for a in json.loads(stamped).get("adapters", [])}
+        return False
+    entries = stamp_entries(stamped, where=f"{merged} (metadata {METADATA_KEY})")
+    if entries is None:
+        return False
+    vouched = True
     for i in inputs:
-        if went_in and i.adapter.fingerprint.sha256 not in went_in:
-            raise WrongBaseError(f"{merged} records the adapters merged into it, and {i.label or 'this adapter'} "
-                                 "is not one of them")
+        label = i.label or "this adapter"
+        content = content_sha256(i.adapter)
+        same = [e for e in entries if (e.content or i.adapter.fingerprint.sha256) in (content, e.fingerprint)
+                and (e.content is None or e.content == content)]
+        if not same:
+            why = ("the same shapes but other factors or scales" if any(
+                e.fingerprint == i.adapter.fingerprint.sha256 for e in entries) else "other modules or shapes")
+            raise WrongBaseError(f"{merged} records the adapters merged into it, and {label} is not one of them "
+                                 f"({why}); pass `ignore_stamp` to un-merge it anyway")
+        if not any(e.weight == i.weight for e in same):
+            raise WrongBaseError(f"{merged} records {label} merged with weight {same[0].weight:g}, not {i.weight:g}; "
+                                 "give that `weight`, or pass `ignore_stamp` to un-merge it anyway")
+        vouched = vouched and any(e.content is not None for e in same)
+    return vouched
 
 
 class _ErrorStats:
@@ -307,7 +398,8 @@ class _ErrorStats:
 
 def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device: str | torch.device = "auto",
                   precision: str | torch.dtype = torch.float32, record: PathLike | None = None, force: bool = False,
-                  extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None) -> MergeReport:
+                  extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None,
+                  ignore_stamp: bool = False, quant: str | None = None) -> MergeReport:
     """Write ``out`` with W0 = cast(W − Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     With ``record`` (from ``merge_model(record=...)``) the result is the base bit
@@ -319,10 +411,22 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
     jittered by ±2 ulps first, see :func:`jitter`), plus
     ``error_bound`` = max ½ulp(W0') + :func:`~loratools.merge.kernels.tolerance` at W: the true error never
     exceeds it when W is any merge that :func:`verify_merge` accepts (loratools' own, or peft's).
+
+    Every figure assumes the adapters and weights are the ones merged. The
+    merged model's stamp (content hash and weight of each adapter) is checked
+    first and a mismatch refused; ``ignore_stamp`` skips that check (for a model
+    merged by another tool, or on purpose). ``report.vouched`` says whether the
+    stamp confirmed the inputs: when False, nothing bounds the true error.
+
+    A ``.gguf`` ``merged`` is un-merged by :func:`loratools.merge.gguf.unmerge_gguf` (``quant`` as for merging).
     """
+    if _gguf(merged, quant=quant):
+        from .gguf import unmerge_gguf
+        return unmerge_gguf(merged, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
+                            force=force, extra_inputs=extra_inputs, progress=progress)
     job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
-    _check_stamp(model, merged, job.inputs)
+    vouched = False if ignore_stamp else _check_stamp(model, merged, job.inputs)
     record_path = Path(record) if record is not None else None
     patches: dict[str, dict[str, Span]] = {}
     hashes: dict[str, str] = {}
@@ -333,6 +437,11 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         if missing:
             raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
     else:
+        dora = [k for k, p in plan.items() if any(m.is_dora for m, _ in p.deltas)]
+        if dora:
+            raise InvalidOptionError(f"{dora[0]} was merged with DoRA, whose row norms ‖W0 + s·BA‖ the merged model no "
+                                     "longer holds, so W0 cannot be solved for; un-merge with the record of the merge "
+                                     "(`record`, written by merging with `record`), or keep the base")
         replaced = [(k, "trainable_token_indices" if p.rows is not None else "modules_to_save")
                     for k, p in plan.items() if (p.replace is not None and not p.restore) or p.rows is not None]
         if replaced:
@@ -340,22 +449,20 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
                                      "the merge (`record`) can give the original back")
     stats = _ErrorStats()
 
-    def compute(key: str) -> Tensor | None:
+    def compute(key: str) -> Iterator[Tensor] | Tensor | None:
         p = plan.get(key)
         if p is None:
             return None
+        if record_path is not None:
+            return restored_blocks(key, model.spans[key], p, patches.get(key, {}), hashes[key], job.arithmetic,
+                                   record_path)
         w = model.read(key)
         try:
             r = job.recon(w, p, w.dtype)
         except NonFiniteError:
             check_finite(key, w, "the merged model")
             raise NonFiniteError(key, "the un-merge") from None
-        if record_path is not None:
-            r = apply_patch(r, {part: read_tensor(span) for part, span in patches.get(key, {}).items()})
-            if tensor_sha256(r) != hashes[key]:
-                raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
-                                                    "same kind of device as the merge (or the merged model was changed)")
-        elif p.deltas and not p.restore:
+        if p.deltas and not p.restore:
             stats.add(key, w, r, p, job)
         return r
 
@@ -364,7 +471,8 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         changed, copied = job.rewrite(tmp, {k: s.dtype for k, s in model.spans.items()}, meta, compute, progress)
     return MergeReport(Path(out), "unmerge", changed, copied, model.nbytes(), record_path,
                        record_path.stat().st_size if record_path else 0, True if record_path is not None else None,
-                       stats.max, stats.rel, stats.bound, adapters=[i.describe() for i in job.inputs])
+                       stats.max, stats.rel, stats.bound, adapters=[i.describe() for i in job.inputs],
+                       vouched=vouched or record_path is not None)
 
 
 def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device: str | torch.device = "auto",
@@ -373,8 +481,12 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
 
     For each adapted weight: the largest |merged − exact| (exact = W0 + Σ wᵢ·ΔWᵢ
     in ``precision``) and its ratio to :func:`tolerance` (> 1 fails). Every other
-    tensor must equal the base's, cast to the merged dtype.
+    tensor must equal the base's, cast to the merged dtype. A ``.gguf`` ``base`` is checked by
+    :func:`loratools.merge.gguf.verify_gguf` (the tolerance is the requantization's own error).
     """
+    if _gguf(base):
+        from .gguf import verify_gguf
+        return verify_gguf(base, adapters, merged, precision=precision, progress=progress)  # type: ignore[no-any-return]
     job = _Job.start(base, adapters, device, precision)
     b, m, plan, dev, prec = job.model, ModelReader(merged), job.plan, job.device, job.precision
     shapes = {**{k: s.shape for k, s in b.spans.items()}, **{k: b.spans[s].shape for k, s in job.added.items()}}
@@ -383,6 +495,7 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
         raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
     checks: list[ModuleCheck] = []
     bad: list[str] = []
+    non_finite: list[str] = []
     dtype_names = set()
     if progress:
         progress(0, total=len(shapes))
@@ -393,18 +506,25 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
         w0 = job.base(key)
+        if got.is_floating_point() and bool((~torch.isfinite(got) & torch.isfinite(w0)).any()):
+            non_finite.append(key)  # every tensor written is checked, adapted or not
         if p is None:
             if not torch.equal(w0.to(got.dtype), got):
                 bad.append(key)
         else:
             start = p.replace if p.replace is not None else w0
-            delta = (delta_sum(p.deltas, precision=prec, device=dev).reshape(start.shape) if p.deltas
-                     else torch.zeros(start.shape, dtype=prec, device=dev))
-            exact = p.apply_rows(start.to(device=dev, dtype=prec) + delta)
+            dora = dora_of(p.deltas)
+            if dora is not None:  # the dense W′ = diag(m/‖V‖)·V, and the update it makes
+                exact = merged_weight(w0.to(device=dev, dtype=prec), dora, precision=prec)
+                delta = exact - w0.to(device=dev, dtype=prec)
+            else:
+                delta = (delta_sum(p.deltas, precision=prec, device=dev).reshape(start.shape) if p.deltas
+                         else torch.zeros(start.shape, dtype=prec, device=dev))
+                exact = p.apply_rows(start.to(device=dev, dtype=prec) + delta)
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
             tol = tolerance(exact, start, p.deltas, got.dtype, precision=prec)
             checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,
                                       float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
         if progress:
             progress(1)
-    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)))
+    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)), non_finite)

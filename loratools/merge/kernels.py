@@ -5,26 +5,31 @@ Merging adds each adapter's low-rank update to the weight it adapts::
     W = cast(W0 + Σᵢ wᵢ·ΔWᵢ)        un-merging:   W0 ≈ cast(W − Σᵢ wᵢ·ΔWᵢ)
 
 with every ΔWᵢ formed and summed in float32 (or float64) and a single cast to
-the output dtype at the end.
+the output dtype at the end. A DoRA module (alone on its tensor, see
+:mod:`loratools.dora`) rescales each row of V = W0 + ΔW (as DoRA's matrix) by
+``m/‖V‖_row`` before that cast; its un-merge divides by the same factor first::
+
+    W = cast(f ⊙ (W0 + ΔW))                   W0 ≈ cast(W ⊘ f − ΔW),   f = m / ‖W0 + ΔW‖_row
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..adapter import Module
+from ..dora import dora_factor, norms_along_rows
 from ..errors import NonFiniteError
 
-__all__ = ["bits", "check_finite", "delta_sum", "low_rank", "merged_tensor", "unmerged_tensor", "tolerance",
-           "abs_delta", "jitter", "ulp"]
+__all__ = ["dora_of", "dora_norms", "dora_scale", "bits", "check_finite", "delta_sum", "low_rank", "factors_of",
+           "row_step", "merge_rows", "merged_tensor", "unmerged_tensor", "tolerance", "abs_delta", "jitter", "ulp"]
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BLOCK_ELEMS = 1 << 18  # rows per block so one float32 block (≈ 1 MB) stays in cache while it is updated
+_BLOCK_ELEMS = 1 << 18  # elements per block, so one float32 block (≈ 1 MB) stays in cache while it is updated
 
 
 def bits(t: Tensor) -> Tensor:
@@ -75,49 +80,142 @@ def low_rank(module: Module, coeff: float = 1.0, *, precision: torch.dtype = tor
     return B, (A * coeff if coeff != 1.0 else A)
 
 
-def _segments(module: Module, coeff: float, precision: torch.dtype,
-              device: torch.device) -> list[tuple[int, Tensor, Tensor]]:
-    """``(first row, L, R)`` of each low-rank product in the base weight's (rows, cols) view: one for a dense
-    module, one per expert for an ``experts`` module (expert e owns rows ``e·d … (e+1)·d``)."""
+def row_step(rows: int, cols: int, device: torch.device) -> int:
+    """Rows per block: ≈ 2¹⁸ elements (one float32 block stays in cache) on the CPU, all of them on a GPU.
+
+    The blocks are part of the result's definition: un-merging a record's
+    tensors recomputes the same blocks, so a merge and its un-merge agree bit for bit.
+    """
+    return rows if device.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, cols))
+
+
+def factors_of(parts: Sequence[tuple[Module, float]], *, sign: float = 1.0, precision: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:
+    """``[(L, R)]`` with ``sign·wᵢ·ΔWᵢ = L @ R`` for each part (see :func:`low_rank`)."""
+    return [_factors(m, sign * wt, precision, device) for m, wt in parts]
+
+
+def _factors(module: Module, coeff: float, precision: torch.dtype,
+             device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """:func:`low_rank`, and for an ``experts`` module one product over the base weight's (n·d, cols) view:
+    expert e owns rows ``e·d … (e+1)·d``, so ``L`` is block diagonal (Lₑ at rows e·d, columns e·r) and
+    ``R`` stacks the Rₑ — each row's sum holds its own expert's r products and exact zeros."""
     if module.kind != "experts":
-        return [(0, *low_rank(module, coeff, precision=precision, device=device))]
-    out = []
-    for e in range(module.experts):
-        L, R = low_rank(module.expert(e), coeff, precision=precision, device=device)
-        out.append((e * L.shape[0], L, R))
-    return out
+        return low_rank(module, coeff, precision=precision, device=device)
+    pairs = [low_rank(module.expert(e), coeff, precision=precision, device=device) for e in range(module.experts)]
+    d, r = pairs[0][0].shape
+    L = pairs[0][0].new_zeros(len(pairs) * d, len(pairs) * r)
+    for e, (Le, _) in enumerate(pairs):
+        L[e * d:(e + 1) * d, e * r:(e + 1) * r] = Le
+    return L, torch.cat([R for _, R in pairs])
+
+
+def dora_of(parts: Sequence[tuple[Module, float]]) -> Module | None:
+    """The DoRA module among a tensor's parts, or None (the plan allows one only, alone, with weight 1)."""
+    return next((m for m, _ in parts if m.is_dora), None)
+
+
+def dora_norms(blocks: Iterable[tuple[int, Tensor]], factors: Sequence[tuple[Tensor, Tensor]], module: Module, *,
+               precision: torch.dtype = torch.float32, acc: Callable[[int], Tensor | None] | None = None) -> Tensor:
+    """‖V‖_row (``precision``, length ``out``) for V = W0 + ΔW, from W0's blocks of stored rows ``(first, block)``.
+
+    Along stored rows (linear, conv) each block gives its rows' norms; along stored
+    columns (``fan_in_fan_out``, embeddings) the squares are summed over all blocks
+    in float64. One pass over W0, a block in memory at a time; ``acc(n)`` may give a reused
+    (n, cols) ``precision`` buffer for a block of n rows (a fresh block each time otherwise).
+    """
+    along_rows = norms_along_rows(module)
+    parts: list[Tensor] = []
+    ss: Tensor | None = None
+    for first, w in blocks:
+        v = merge_rows(w, factors, first, dtype=precision, precision=precision,
+                       acc=acc(w.shape[0]) if acc is not None else None)
+        if along_rows:
+            parts.append(torch.linalg.vector_norm(v, dim=1, dtype=torch.float64))
+        else:
+            sq = v.to(torch.float64).square().sum(0)
+            ss = sq if ss is None else ss + sq
+    norms = torch.cat(parts) if along_rows else ss.sqrt()  # type: ignore[union-attr]
+    return norms.to(precision)
+
+
+def dora_scale(module: Module, norms: Tensor) -> Tensor:
+    """``f = m/‖V‖_row`` shaped to broadcast over the stored weight as (rows, cols): (rows, 1) or (1, cols)."""
+    f = dora_factor(module, norms)
+    return f.reshape(-1, 1) if norms_along_rows(module) else f.reshape(1, -1)
+
+
+def _scale_rows(f: Tensor, first: int, n: int) -> Tensor:
+    return f[first:first + n] if f.shape[1] == 1 else f
+
+
+def merge_rows(w: Tensor, factors: Sequence[tuple[Tensor, Tensor]], first: int, *, dtype: torch.dtype,
+               precision: torch.dtype = torch.float32, acc: Tensor | None = None, out: Tensor | None = None,
+               pre_div: Tensor | None = None, post_mul: Tensor | None = None) -> Tensor:
+    """``cast(W[rows] + Σ L[rows] @ R)`` for the block ``w`` of a weight's rows ``first …``, on the factors' device.
+
+    ``acc`` (``precision``) and ``out`` (``dtype``) may be given to reuse memory
+    (CPU only); the result is ``out``, or ``acc`` itself when no cast is needed.
+    DoRA (:func:`dora_scale`): ``post_mul`` multiplies the sum before the cast
+    (merge), ``pre_div`` divides W before the products are added (un-merge).
+    Raises :class:`NonFiniteError` if the block's sum holds NaN/Inf or overflows ``dtype``.
+    """
+    n = w.shape[0]
+    dev = factors[0][0].device if factors else w.device
+    if acc is None or dev.type != "cpu":
+        acc = w.to(device=dev, dtype=precision, copy=True)
+    else:
+        acc.copy_(w)
+    if pre_div is not None:
+        acc.div_(_scale_rows(pre_div, first, n))
+    for L, R in factors:
+        acc.addmm_(L[first:first + n], R)
+    if post_mul is not None:
+        acc.mul_(_scale_rows(post_mul, first, n))
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
+    # NaN/Inf (from W0 or the sum) make the block's sum non-finite; only then (or for float16) look closer
+    if acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))):
+        lo, hi = torch.aminmax(acc)
+        if not bool((-lo <= limit) & (hi <= limit)):
+            raise NonFiniteError("the merged tensor", f"rows {first}–{first + n}")
+    if out is not None and dev.type == "cpu":
+        return out.copy_(acc)
+    return acc if dtype == precision else acc.to(dtype)
 
 
 def merged_tensor(w0: Tensor, parts: Sequence[tuple[Module, float]], *, sign: float = 1.0,
                   dtype: torch.dtype | None = None, precision: torch.dtype = torch.float32,
-                  device: torch.device | str | None = None) -> Tensor:
+                  device: torch.device | str | None = None, norms: Tensor | None = None) -> Tensor:
     """``cast(W0 + sign·Σᵢ wᵢ·ΔWᵢ)`` on ``device``: summed in ``precision``, cast once to ``dtype`` (W0's by default).
 
-    On the CPU the rows are processed in cache-sized blocks: convert, add each
-    low-rank product (``addmm``), cast — one pass over memory instead of five.
+    On the CPU the rows are processed in cache-sized blocks (:func:`row_step`):
+    convert, add each low-rank product (``addmm``), cast — one pass over memory
+    instead of five (:func:`merge_rows`). A DoRA part: merging (``sign`` > 0)
+    computes ‖V‖_row first (:func:`dora_norms`, or ``norms`` when given) and
+    rescales; un-merging needs the merge's ``norms`` (from its record).
 
     >>> m = Module(A=torch.ones(1, 2), B=torch.ones(3, 1), alpha=1, scale=1.0)
     >>> merged_tensor(torch.zeros(3, 2, dtype=torch.bfloat16), [(m, 0.5)]).tolist()
     [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
     """
     dev = torch.device(device) if device is not None else w0.device
-    segments = [seg for m, wt in parts for seg in _segments(m, sign * wt, precision, dev)]
-    rows = max((off + L.shape[0] for off, L, _ in segments), default=w0.shape[0] if w0.ndim else 1)
+    factors = factors_of(parts, sign=sign, precision=precision, device=dev)
+    rows = factors[0][0].shape[0] if factors else (w0.shape[0] if w0.ndim else 1)
     w = w0.reshape(rows, -1)
     out = torch.empty(w.shape, dtype=dtype or w0.dtype, device=dev)
-    step = rows if dev.type != "cpu" else max(1, _BLOCK_ELEMS // max(1, w.shape[1]))
-    limit = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.inf
-    narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
+    step = row_step(rows, w.shape[1], dev)
+    dora, pre, post = dora_of(parts), None, None
+    if dora is not None:
+        if norms is None:
+            if sign < 0:
+                raise ValueError("un-merging DoRA needs the merge's row norms (`norms`)")
+            norms = dora_norms(((i, w[i:i + step]) for i in range(0, rows, step)), factors, dora, precision=precision)
+        f = dora_scale(dora, norms.to(device=dev, dtype=precision))
+        pre, post = (f, None) if sign < 0 else (None, f)
     for i in range(0, rows, step):
-        acc = w[i:i + step].to(device=dev, dtype=precision, copy=True)
-        for off, L, R in segments:  # each low-rank product updates the rows it covers in this block
-            lo, hi = max(i, off), min(i + acc.shape[0], off + L.shape[0])
-            if lo < hi:
-                acc[lo - i:hi - i].addmm_(L[lo - off:hi - off], R)
-        # NaN/Inf (from W0 or the sum) make the block's sum non-finite; only then (or for float16) look closer
-        if acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))) and not bool(acc.abs().amax() <= limit):
-            raise NonFiniteError("the merged tensor", f"rows {i}–{i + acc.shape[0]}")
-        out[i:i + step] = acc
+        out[i:i + step] = merge_rows(w[i:i + step], factors, i, dtype=out.dtype, precision=precision,
+                                     pre_div=pre, post_mul=post)
     return out.reshape(w0.shape)
 
 

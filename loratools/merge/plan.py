@@ -8,9 +8,12 @@ stamp) is what the jobs agree on before streaming.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +25,11 @@ from ..adapter import TOKENS_SUFFIX, Adapter, Module, token_rows
 from ..config import ALORA_WHY, fixed_delta_refusal
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedConfigError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
+from ..validate import finite_number, get_field, load_json
 
-__all__ = ["AdapterInput", "TensorPlan", "Tie", "METADATA_KEY", "FLOAT_CODES", "HEAD_KEY", "adapter_inputs",
-           "plan_merge", "find_tie", "tie_notes", "saved_base_key", "is_base_copy", "resolve_precision", "out_code",
-           "stamp"]
+__all__ = ["content_sha256", "StampEntry", "stamp_entries", "AdapterInput", "TensorPlan", "Tie", "METADATA_KEY",
+           "FLOAT_CODES", "HEAD_KEY", "adapter_inputs", "plan_merge", "find_tie", "tie_notes", "saved_base_key",
+           "is_base_copy", "follow_peft_layout", "resolve_precision", "out_code", "stamp"]
 
 #: the metadata key of a merged model (and of a record) that says which adapters went in
 METADATA_KEY = "loratools.merge"
@@ -43,7 +47,39 @@ class AdapterInput:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.label, "weight": self.weight, "method": self.adapter.method,
-                "fingerprint": self.adapter.fingerprint.sha256}
+                "fingerprint": self.adapter.fingerprint.sha256, "content": content_sha256(self.adapter)}
+
+
+def content_sha256(adapter: Adapter) -> str:
+    """sha256 of everything that makes an adapter's ΔW: each module's name and every field of its
+    :class:`Module` (factor bytes as stored with dtype and shape, scale, kind, layout), and each full
+    tensor it replaces.
+
+    Two adapters with the same shapes but other factors or scales hash apart, so a merged model's
+    stamp says which adapter went in, not only which shapes.
+    """
+    h = hashlib.sha256()
+
+    def put(label: str, t: Tensor | None) -> None:
+        if t is None:
+            h.update(f"{label}:none;".encode())
+            return
+        c = t.detach().to("cpu").contiguous()
+        h.update(f"{label}:{str(c.dtype)}:{tuple(c.shape)};".encode())
+        h.update(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+
+    for name in sorted(adapter.modules):
+        m = adapter.modules[name]
+        h.update(f"module:{name};".encode())
+        for f in dataclasses.fields(m):  # every field, so one added later (a DoRA magnitude) is hashed too
+            v = getattr(m, f.name)
+            if isinstance(v, Tensor) or v is None:
+                put(f.name, v)
+            else:
+                h.update(f"{f.name}={float(v).hex() if isinstance(v, float) else repr(v)};".encode())
+    for key in sorted(adapter.saved):
+        put(f"saved:{key}", adapter.saved[key])
+    return h.hexdigest()
 
 
 def adapter_inputs(adapters: Sequence[AdapterInput | tuple[Adapter, float] | Adapter]) -> list[AdapterInput]:
@@ -79,6 +115,30 @@ def stamp(op: str, inputs: Sequence[AdapterInput], precision: torch.dtype, devic
     info = {"op": op, "adapters": [i.describe() for i in inputs], "precision": str(precision).replace("torch.", ""),
             "device": device.type, **extra}
     return {METADATA_KEY: json.dumps(info)}
+
+
+@dataclass(frozen=True)
+class StampEntry:
+    """One adapter a stamp says went in: its shapes' fingerprint, content hash (None in old stamps), weight."""
+
+    fingerprint: str
+    content: str | None
+    weight: float
+
+
+def stamp_entries(text: str, *, where: object) -> list[StampEntry] | None:
+    """The adapters a merge stamp lists, validated; None when the stamp is not a merge's (an un-merge's)."""
+    info = load_json(text, where=where)
+    if get_field(info, "op", str, where=where) != "merge":
+        return None
+    out = []
+    for n, e in enumerate(get_field(info, "adapters", list, where=where)):
+        at = f"{where} adapters[{n}]"
+        sha = lambda v: isinstance(v, str) and len(v) == 64  # noqa: E731
+        out.append(StampEntry(get_field(e, "fingerprint", str, where=at, check=sha, expected="a sha256"),
+                              get_field(e, "content", str, where=at, check=sha, expected="a sha256", default=None),
+                              finite_number(get_field(e, "weight", float, where=at), where=at, field="weight")))
+    return out
 
 
 def saved_base_key(key: str) -> str:
@@ -183,6 +243,7 @@ def plan_merge(shapes: Shapes, adapters: Sequence[AdapterInput], *, tie: Tie | N
     :class:`WrongBaseError` when none of an adapter's modules is in the base,
     :class:`MissingModuleError`, :class:`ShapeMismatchError`, :class:`NonFiniteError`.
     """
+    adapters = [dataclasses.replace(inp, adapter=follow_peft_layout(inp.adapter, shapes)) for inp in adapters]
     ops = _collect(adapters)
     untied = tie is not None and any(not copy and k in (tie.head, tie.embed) for copy, k, *_ in ops.saved)
     full = dict(shapes)
@@ -211,6 +272,8 @@ def plan_merge(shapes: Shapes, adapters: Sequence[AdapterInput], *, tie: Tie | N
         if tkey in replace:
             raise InvalidOptionError(f"two adapters both replace {tkey} (modules_to_save); merge them one at a time")
         replace[tkey] = t
+    for key, parts in deltas.items():
+        _check_dora(key, parts, key in replace)
     rows = _plan_rows(ops, full, target, deltas, replace)
     keys = set(deltas) | set(replace) | set(rows) | ({tie.head} if tie is not None and untied else set())
     source = {tie.head: tie.embed} if tie is not None and untied else {}
@@ -302,6 +365,69 @@ def tie_notes(plan: Mapping[str, TensorPlan], tie: Tie | None) -> list[str]:
         return [f"{tie.embed} is tied to {tie.head}: the adapter's change to it changes the output head too, "
                 "as in peft (which warns about adapters on tied embeddings)"]
     return []
+
+
+def _check_dora(key: str, parts: Sequence[tuple[Module, float]], replaced: bool) -> None:
+    """DoRA merges one adapter per tensor, unweighted: W′ = diag(m/‖V‖)·V is not an update that adds or scales.
+
+    Well defined: DoRA and LoRA adapters on disjoint tensors (each tensor gets its
+    own rule). Refused: a DoRA module sharing its tensor with any other adapter
+    (the result would depend on the order: peft merges them in turn), a weight
+    other than 1, or a tensor that a saved full tensor replaces.
+    """
+    if not any(m.is_dora for m, _ in parts):
+        return
+    if any(m.kind == "experts" for m, _ in parts):
+        raise UnsupportedConfigError(key, "use_dora", True, "peft 0.21.2 has no DoRA for MoE experts parameters "
+                                     "(target_parameters, ParamWrapper), so there is no merge to match")
+    if len(parts) > 1:
+        raise InvalidOptionError(f"{key} is adapted by a DoRA adapter and {len(parts) - 1} other adapter(s): a DoRA "
+                                 "merge rescales each row of W0 + ΔW to its magnitude, so it is not a sum with other "
+                                 "updates; merge them one at a time, in the order you mean")
+    if parts[0][1] != 1.0:
+        raise InvalidOptionError(f"a DoRA adapter on {key} has `weight` {parts[0][1]}: its merge rescales each row of "
+                                 "W0 + ΔW to the magnitude m, so a weighted DoRA update has no meaning; give it `weight` 1")
+    if replaced:
+        raise InvalidOptionError(f"{key} is replaced by a saved full tensor and adapted by DoRA; merge them one at a time")
+
+
+def follow_peft_layout(ad: Adapter, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> Adapter:
+    """``fan_in_fan_out`` as peft applies it: honoured for GPT-2's ``Conv1D`` (weight stored (in, out)),
+    ignored for ``nn.Linear`` (weight (out, in)).
+
+    peft 0.21.2 ``tuners/lora/layer.py`` ``dispatch_default``: for a ``torch.nn.Linear`` target it warns
+    and sets ``fan_in_fan_out = False``; for ``Conv1D`` it sets it True. The adapter file does not say
+    which class a module was, the base's shapes do: a non-square weight stored (out, in) is an
+    ``nn.Linear``, one stored (in, out) a ``Conv1D``. A model's adapted layers are all one or the
+    other, so a square weight follows the adapter's non-square ones; when every one is square, GPT-2's
+    ``c_*`` names mean ``Conv1D`` and anything else is refused rather than guessed.
+    """
+    fifo = {n: m for n, m in ad.items() if m.fan_in_fan_out and m.kind == "linear"}
+    if not fifo:
+        return ad
+    votes = set()
+    for n, m in fifo.items():
+        shape = tuple(shapes.get(f"{n}.weight", ("", ()))[1])
+        out_f, in_f = int(m.B.shape[0]), int(m.A.shape[1])
+        if out_f != in_f and shape in ((in_f, out_f), (out_f, in_f)):
+            votes.add("conv1d" if shape == (in_f, out_f) else "linear")
+    if not votes:
+        leaves = {n.rsplit(".", 1)[-1] for n in fifo}
+        if all(leaf.startswith("c_") for leaf in leaves):
+            votes.add("conv1d")
+        else:
+            raise InvalidOptionError(f"the adapter sets fan_in_fan_out and every weight it adapts is square "
+                                     f"(first: {next(iter(fifo))}); peft honours the flag for GPT-2's Conv1D and "
+                                     "ignores it for nn.Linear, and the shapes cannot tell which this base uses")
+    if votes == {"conv1d"}:
+        return ad
+    if votes == {"linear"}:
+        warnings.warn("fan_in_fan_out is set but the base's adapted weights are nn.Linear (out, in): ignored, "
+                      "as peft 0.21.2 does", stacklevel=2)
+        return ad.with_modules({n: (m.with_factors(fan_in_fan_out=False) if n in fifo else m)
+                                for n, m in ad.items()})
+    raise InvalidOptionError("the adapter sets fan_in_fan_out, and the base stores some adapted weights as "
+                             "(in, out) and others as (out, in); check that BASE is the adapter's model")
 
 
 def _check_module(key: str, m: Module, shapes: Shapes) -> None:

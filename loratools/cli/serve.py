@@ -1,0 +1,170 @@
+"""``loratools check --for RUNTIME`` and ``loratools export --for RUNTIME``: serving an adapter."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .options import ADAPTER, Session, force_option, output_option, pass_session
+
+RUNTIME_NAMES = ["vllm", "sglang", "llama.cpp", "ollama"]
+
+runtime_option = click.option("--for", "runtime", required=True, type=click.Choice(RUNTIME_NAMES, case_sensitive=False),
+                              help="The serving runtime.")
+max_rank_option = click.option("--max-lora-rank", "max_lora_rank", type=int, default=None, metavar="R",
+                               help="The runtime's rank limit (vLLM: 1, 8, 16, 32, 64, 128, 256, 320 or 512).")
+base_option = click.option("--base", type=click.Path(), default=None,
+                           help="Base model: a model directory (config.json and/or weights), a .safetensors, or "
+                                "a llama.cpp .gguf.")
+
+
+@click.command()
+@click.argument("adapter", type=ADAPTER)
+@runtime_option
+@max_rank_option
+@base_option
+@click.option("--runtime-version", default=None, metavar="V",
+              help="Count only the rules that hold in this version of the runtime (e.g. 0.33.0 for vLLM).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@pass_session
+def check(session: Session, adapter: str, runtime: str, max_lora_rank: int | None, base: str | None,
+          runtime_version: str | None, as_json: bool) -> None:
+    """List every rule of RUNTIME that ADAPTER breaks, with the modules and what `export` would do.
+
+    Exit code 0: the runtime loads it and computes the same ΔW for every module;
+    1: it would refuse it or compute something else; 2: bad input. The rules, with
+    the runtime version and source file each comes from, are in docs/runtimes.md.
+
+    \b
+    Examples:
+      loratools check fixtures/adapters/rslora --for vllm
+      loratools check adapter/ --for vllm --max-lora-rank 16 --json
+      loratools check adapter.gguf --for llama.cpp --base model.gguf
+    """
+    from . import render
+    from ..export import check_file
+
+    report = check_file(adapter, runtime, max_lora_rank=max_lora_rank, base=base, runtime_version=runtime_version)
+    if as_json:
+        render.print_json(report.to_json())
+    else:
+        _show_check(report, adapter, session)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _names(modules: tuple[str, ...], limit: int = 4) -> str:
+    shown = ", ".join(modules[:limit])
+    return shown + (f" … (+{len(modules) - limit})" if len(modules) > limit else "")
+
+
+def _show_check(report: Any, adapter: str, session: Session) -> None:
+    from . import render
+
+    rt = report.runtime
+    for f in report.findings:
+        mark = "✗" if f.counts else "·"
+        session.out.print(f"{mark} [bold]{f.rule.id}[/]: {f.detail}" + (f" — {_names(f.modules)}" if f.modules else ""),
+                         highlight=False)
+        if not session.quiet:
+            session.out.print(f"    {f.rule.why}", highlight=False)
+            session.out.print(f"    export: {f.rule.fix}", highlight=False)
+            until = f" (holds up to {f.rule.until})" if f.rule.until else ""
+            session.out.print(f"    source: {f.rule.source}{until}", highlight=False)
+    for note in report.notes:
+        session.out.print(f"note: {note}", highlight=False)
+    verdict = ("loads and computes the same ΔW" if report.ok else
+               f"would not load or not compute the same ΔW: `loratools export {adapter} --for {rt.name} -o OUT`")
+    session.out.print(f"{rt.title} (rules read in {rt.version}): {verdict}", highlight=False)
+
+
+@click.command()
+@click.argument("adapter", type=ADAPTER)
+@runtime_option
+@output_option
+@max_rank_option
+@click.option("--budget", type=int, default=None, metavar="PARAMS",
+              help="Total LoRA parameters of the output: ranks chosen together for the least total error.")
+@click.option("--error", type=float, default=None, metavar="E",
+              help="Relative error of the LoRA made from each full tensor (modules_to_save); needs --base.")
+@base_option
+@click.option("--drop-unsupported", is_flag=True,
+              help="Leave out (and list) what the runtime cannot hold, instead of stopping.")
+@force_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@pass_session
+def export(session: Session, adapter: str, runtime: str, output: str, max_lora_rank: int | None, budget: int | None,
+           error: float | None, base: str | None, drop_unsupported: bool, force: bool, as_json: bool) -> None:
+    """Rewrite ADAPTER so that RUNTIME loads it with the same ΔW (or the least error its limits allow).
+
+    Every module's exact scale is folded into its factors so the runtime's one
+    global scale reproduces it; AdaLoRA becomes LoRA; full tensors become a LoRA
+    of W_saved − W_base (--base, --error) or are dropped (--drop-unsupported);
+    vision-tower modules are dropped. Under --max-lora-rank or --budget every
+    module's rank is chosen together for the least total ‖ΔW − ΔW′‖²_F (exact
+    spectra from the factors), reported against a uniform-rank resize at the
+    same budget. vLLM/SGLang get a PEFT directory, llama.cpp a .gguf, Ollama a
+    directory with adapter.gguf and a Modelfile. The output is read back and each
+    module's error is measured under the runtime's own arithmetic.
+
+    \b
+    Examples:
+      loratools export fixtures/adapters/rslora --for vllm -o rslora-vllm
+      loratools export adapter/ --for vllm -o served --max-lora-rank 16
+      loratools export adapter/ --for sglang -o served --budget 2000000
+      loratools export adapter/ --for llama.cpp -o adapter.gguf --base model.gguf
+      loratools export adapter/ --for ollama -o ollama-adapter --base model.gguf
+    """
+    from . import render
+    from ..export import export_adapter
+
+    res = export_adapter(adapter, output, runtime=runtime, max_lora_rank=max_lora_rank, budget=budget, error=error,
+                         base=base, drop_unsupported=drop_unsupported, force=force)
+    if as_json:
+        render.print_json(_export_json(res))
+        return
+    _show_export(res, session)
+
+
+def _export_json(res: Any) -> dict[str, Any]:
+    alloc = res.allocation
+    return {"output": str(res.output), "runtime": res.runtime, "source_format": res.source_format,
+            "parameters": res.parameters, "total_error": res.total_error, "check_error": res.check_error,
+            "serve": res.serve_hint, "modelfile": str(res.modelfile) if res.modelfile else None,
+            "changes": list(res.changes), "dropped": dict(res.dropped),
+            "allocation": vars(alloc) if alloc is not None else None,
+            "layers": [vars(layer) for layer in res.layers]}
+
+
+def _show_export(res: Any, session: Session) -> None:
+    from rich.table import Table
+
+    from . import render
+
+    changed = [layer for layer in res.layers if layer.rank != layer.rank_before or layer.rel_error > 1e-6
+               or layer.change]
+    if changed:
+        t = Table(pad_edge=False)
+        for col, just in [("module", "left"), ("rank", "right"), ("→", "right"), ("rel. error", "right"),
+                          ("", "left")]:
+            t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+        for layer in changed:
+            t.add_row(layer.name, str(layer.rank_before), str(layer.rank), render.fmt_float(layer.rel_error),
+                      layer.change)
+        session.out.print(t)
+    if session.quiet:
+        return
+    for change in res.changes:
+        session.err.print(f"changed: {change}", highlight=False)
+    for name, why in res.dropped.items():
+        session.err.print(f"dropped {name}: {why}", highlight=False)
+    a = res.allocation
+    if a is not None:
+        session.out.print(f"ranks ({a.method}): {a.parameters:,} of {a.parameters_before:,} parameters, total relative "
+                         f"error {a.error:.4g}; a uniform rank {a.uniform_rank} at the same budget: "
+                         f"{a.uniform_parameters:,} parameters, error {a.uniform_error:.4g}", highlight=False)
+    session.out.print(f"wrote {res.output} for {res.runtime} from {res.source_format}: {res.parameters:,} parameters; "
+                     f"read back under {res.runtime}'s arithmetic: total relative error {res.total_error:.3g} "
+                     f"(write check {res.check_error:.1e}); serve with {res.serve_hint}", highlight=False)

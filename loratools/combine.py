@@ -1,0 +1,367 @@
+"""Adapters → one adapter whose update is a weighted sum of theirs, without the base.
+
+For each module, the result's update is ``ΔW = Σᵢ wᵢ·ΔWᵢ`` (modules present in
+only some inputs included; any real weights, negative too). With
+``ΔWᵢ = Bᵢ·A'ᵢ`` where ``A'ᵢ = sᵢ·(Aᵢ ⊙ Eᵢ)`` (scale and AdaLoRA's Λ folded in,
+:meth:`Module.factors`), stacking the factors
+
+    B = [B₁ B₂ … B_k]   (m × Σrᵢ),      A = [w₁A'₁; w₂A'₂; …; w_kA'_k]   (Σrᵢ × n)
+
+gives ``B·A = Σ wᵢΔWᵢ`` exactly, at rank ``R = Σrᵢ``: that is the default
+output, plain LoRA with ``alpha = R`` (scale 1). peft 0.21.2's
+``add_weighted_adapter(combination_type="cat")`` builds the same factors.
+
+With a :class:`~loratools.linalg.RankRule`, each module's sum is truncated to its
+best rank-k approximation (Eckart–Young) from the stacked factors alone: QR of
+``B`` and ``Aᵀ`` (or Cholesky of their Gram matrices when well conditioned), then
+the SVD of the R×R core, in O((m+n)·R²) — ΔW is never formed
+(:func:`~loratools.linalg.lowrank_svd_gram`). The whole spectrum of the sum comes
+out, so the relative error ``√(Σ_{i>k}σᵢ²)/√(Σσᵢ²)`` is exact.
+
+``method="ties"`` / ``"dare"`` are the task-arithmetic merges of TIES-Merging
+(Yadav et al. 2023, arXiv:2306.01708) and DARE (Yu et al. 2023,
+arXiv:2311.03099). They are defined element by element, so they work on each
+module's dense ``ΔWᵢ`` (one module at a time) and the merged matrix is then
+truncated by the rank rule (required) with :func:`~loratools.linalg.truncated_svd`.
+Their result is no longer the sum: the report gives its distance from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .adapter import Adapter, Module, as_lora, module_from_svd
+from .config import AdapterConfig
+from .device import resolve_device
+from .errors import InvalidOptionError, WrongBaseError
+from .formats.kohya import is_flattened
+from .linalg import RankRule, lowrank_svd_gram, truncated_svd
+
+__all__ = ["combine_adapters", "CombineResult", "CombineLayer", "ties_merge", "dare_merge", "METHODS"]
+
+Method = Literal["sum", "ties", "dare"]
+METHODS: tuple[str, ...] = ("sum", "ties", "dare")
+#: the fraction of entries TIES and DARE keep when ``density`` is not given: the TIES paper's k = 20 %
+DEFAULT_DENSITY = 0.2
+
+
+@dataclass(frozen=True)
+class CombineLayer:
+    """One output module.
+
+    ``input_ranks[i]`` is the rank input i contributes (0 for an AdaLoRA module
+    pruned to nothing, None where the input lacks the module). ``rel_error`` is
+    ``‖ΔW − T‖_F / ‖T‖_F`` with ``T`` the method's target (Σ wᵢΔWᵢ for ``sum``,
+    the merged dense matrix for ``ties``/``dare``); ``sum_error`` is the same
+    against ``Σ wᵢΔWᵢ`` (equal to ``rel_error`` for ``sum``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    input_ranks: tuple[int | None, ...]
+    rank: int
+    rel_error: float
+    sum_error: float
+
+
+@dataclass(frozen=True)
+class CombineResult:
+    adapter: Adapter
+    layers: list[CombineLayer]
+    weights: tuple[float, ...]
+    method: str
+    rule: RankRule | None
+    #: ``ties``/``dare`` only: the fraction of entries kept and the seed (None for ``sum``)
+    density: float | None = None
+    seed: int | None = None
+    #: notes for the user that change nothing in the result (e.g. inputs naming different base models)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        """The result's ΔW is Σ wᵢΔWᵢ (up to float32 rounding of the factors) in every module."""
+        return self.method == "sum" and all(layer.rel_error == 0.0 for layer in self.layers)
+
+
+# --- input checks -----------------------------------------------------------------------------------------------------
+
+def _pairs(inputs: Sequence[Adapter | tuple[Adapter, float]]) -> list[tuple[Adapter, float]]:
+    pairs: list[tuple[Adapter, float]] = []
+    for i, item in enumerate(inputs, 1):
+        adapter, weight = (item, 1.0) if isinstance(item, Adapter) else item
+        if not isinstance(adapter, Adapter):
+            raise InvalidOptionError(f"`inputs` item {i} is not an Adapter or an (Adapter, weight) pair")
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            raise InvalidOptionError(f"`weights`: input {i} has weight {weight!r}, not a number") from None
+        if not math.isfinite(w):
+            raise InvalidOptionError(f"`weights` must be finite numbers; input {i} has {w}")
+        pairs.append((adapter, w))
+    if not pairs:
+        raise InvalidOptionError("`inputs` is empty: give at least one adapter")
+    return pairs
+
+
+def _check_input(i: int, adapter: Adapter) -> None:
+    """Refuse what a weighted sum of low-rank updates cannot represent."""
+    if adapter.is_dora or adapter.config.extra.get("use_dora"):
+        raise InvalidOptionError(
+            f"input {i} is a DoRA adapter: its update m·(W0 + BA)/‖W0 + BA‖ − W0 depends on the base, so DoRA "
+            "updates do not add; merge it into its base and extract a plain LoRA from the difference first")
+    if adapter.saved:
+        keys = sorted(adapter.saved)
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        raise InvalidOptionError(
+            f"input {i} carries full tensors that replace base weights (modules_to_save: {shown}); a replacement "
+            "is not an update ΔW, so it has no weighted sum; write the adapter without them first")
+
+
+def _describe(m: Module) -> str:
+    layout = ", fan_in_fan_out" if m.fan_in_fan_out else ""
+    return f"a {m.kind}{layout} weight of shape {m.weight_shape}"
+
+
+def _check_same_base(pairs: Sequence[tuple[Adapter, float]]) -> None:
+    """Every module two inputs share must adapt the same base weight: same kind, layout and shape.
+
+    Module names must be comparable: a foreign kohya file read without its base keeps flattened
+    keys (``lora_te_model_layers_0_…``) that would never meet another input's dotted names.
+    """
+    flat = [i for i, (a, _) in enumerate(pairs, 1) if any(is_flattened(n) for n in a.modules)]
+    if flat and len(flat) < len(pairs):
+        i = flat[0]
+        example = next(n for n in pairs[i - 1][0].modules if is_flattened(n))
+        raise InvalidOptionError(f"input {i} keeps kohya's flattened module names ({example}), which cannot be "
+                                 "matched with the other inputs' names; convert it to peft with its base model first "
+                                 "(loratools convert --base MODEL)")
+    seen: dict[str, tuple[int, Module]] = {}
+    for i, (adapter, _) in enumerate(pairs, 1):
+        for name, m in adapter.items():
+            if name not in seen:
+                seen[name] = (i, m)
+                continue
+            j, ref = seen[name]
+            if (m.kind, m.weight_shape, m.fan_in_fan_out) != (ref.kind, ref.weight_shape, ref.fan_in_fan_out):
+                raise WrongBaseError(f"input {j} adapts {name} as {_describe(ref)} but input {i} as {_describe(m)}; "
+                                     "combine only adapters made for one base model")
+
+
+def _check_method(method: str, rule: RankRule | None, density: float | None) -> float:
+    if method not in METHODS:
+        raise InvalidOptionError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if rule is not None and not isinstance(rule, RankRule):
+        raise InvalidOptionError("`rule` must be a loratools.linalg.RankRule (rank=, energy= or error=)")
+    if method == "sum":
+        if density is not None:
+            raise InvalidOptionError("`density` applies to `method` ties or dare only")
+        return 1.0
+    if rule is None:
+        raise InvalidOptionError(f"`method` {method} gives a dense ΔW per module: give a rank rule "
+                                 "(`rank`, `energy` or `error`) for the adapter it becomes")
+    d = DEFAULT_DENSITY if density is None else float(density)
+    if not 0.0 < d <= 1.0:  # NaN fails this test too
+        raise InvalidOptionError(f"`density` is the fraction of each ΔWᵢ's entries kept, in (0, 1], got {density}")
+    return d
+
+
+# --- the element-wise merges (dense, one module at a time) ------------------------------------------------------------
+
+def ties_merge(tasks: Sequence[Tensor], density: float) -> Tensor:
+    """TIES-Merging (Yadav et al. 2023) of task updates ``τᵢ`` (already weighted: ``τᵢ = wᵢΔWᵢ``).
+
+    1. trim: keep the ``⌊density·n⌋`` entries of each ``τᵢ`` largest in magnitude, zero the rest (``τ̂ᵢ``);
+    2. elect: ``γ = sign(Σᵢ τ̂ᵢ)`` per entry (``+1`` where the sum is 0);
+    3. disjoint mean: ``τ = Σᵢ [sign τ̂ᵢ = γ]·τ̂ᵢ / max(1, #{i : sign τ̂ᵢ = γ})``.
+
+    peft 0.21.2's ``utils/merge_utils.ties`` follows the same steps but elects the sign on the
+    unweighted ``τ̂ᵢ``; here the weight is part of the task vector, so a negative weight (task
+    negation) votes with its sign. With equal positive weights the two agree.
+
+    >>> ties_merge([torch.tensor([3.0, -1.0, 2.0]), torch.tensor([1.0, 2.0, -4.0])], 2 / 3)
+    tensor([ 3.,  2., -4.])
+    """
+    trimmed = torch.stack([_keep_largest(t, density) for t in tasks])
+    gamma = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(trimmed.dtype)
+    agree = trimmed.sign() == gamma
+    return (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def _keep_largest(t: Tensor, density: float) -> Tensor:
+    k = int(density * t.numel())
+    if k >= t.numel():
+        return t
+    out = torch.zeros_like(t).reshape(-1)
+    idx = torch.topk(t.abs().reshape(-1), k).indices
+    out[idx] = t.reshape(-1)[idx]
+    return out.reshape(t.shape)
+
+
+def dare_merge(tasks: Sequence[Tensor], density: float, generator: torch.Generator) -> Tensor:
+    """DARE (Yu et al. 2023) of task updates ``τᵢ`` (already weighted): drop each entry with
+    probability ``1 − density`` and rescale the survivors, ``τ = Σᵢ τᵢ ⊙ Mᵢ / density`` with
+    ``Mᵢ ~ Bernoulli(density)`` drawn from ``generator`` (on the CPU, so a seed gives the same
+    masks on every device). ``E[τ] = Σ τᵢ``; peft 0.21.2's ``dare_linear`` is the same rule.
+    """
+    out = torch.zeros_like(tasks[0])
+    for t in tasks:
+        keep = torch.rand(t.shape, generator=generator) < density
+        out += torch.where(keep.to(t.device), t, 0.0)
+    return out / density
+
+
+def _module_seed(seed: int, name: str) -> int:
+    """A seed per module that does not depend on the order modules are visited in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# --- one module ----------------------------------------------------------------------------------------------------
+
+def _from_matrices(like: Module, B: Tensor, A: Tensor, dtype: torch.dtype) -> Module:
+    """Plain LoRA module (scale 1, alpha = rank) with ``ΔW_matrix = B @ A``, in ``like``'s kind and layout."""
+    k = int(A.shape[0])
+    if like.kind == "conv":
+        A, B = A.reshape(k, *like.A.shape[1:]), B.reshape(B.shape[0], k, 1, 1)
+    return Module(A=A.to("cpu", dtype).contiguous(), B=B.to("cpu", dtype).contiguous(), alpha=float(k), scale=1.0,
+                  kind=like.kind, fan_in_fan_out=like.fan_in_fan_out)
+
+
+def _stack(parts: Sequence[tuple[Module, float]], *, dtype: torch.dtype,
+           device: torch.device) -> tuple[Tensor, Tensor]:
+    """``B = [B₁ … B_k]``, ``A = [w₁A'₁; …; w_kA'_k]`` (matrix layout): ``B @ A = Σ wᵢΔWᵢ``."""
+    Bs, As = [], []
+    for m, w in parts:
+        B, A = m.factors(dtype=dtype, device=device)
+        Bs.append(B)
+        As.append(A * w)
+    return torch.cat(Bs, 1), torch.cat(As, 0)
+
+
+def _sum_module(parts: Sequence[tuple[Module, float]], rule: RankRule | None, dtype: torch.dtype,
+                device: torch.device) -> tuple[Module | None, float]:
+    """The module for Σ wᵢΔWᵢ, exact or truncated from the stacked factors, and its relative error."""
+    like = parts[0][0]
+    if rule is None:
+        B, A = _stack(parts, dtype=dtype, device=device)
+        return _from_matrices(like, B, A, dtype), 0.0
+    B, A = _stack(parts, dtype=torch.float64, device=device)
+    U, S, Vh = lowrank_svd_gram(B, A, top=lambda s: min(rule.choose(s), s.numel()))
+    k = int(U.shape[1])
+    e = S**2
+    total, kept = float(e.sum()), float(e[:k].sum())
+    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    if k >= B.shape[1]:
+        return _from_matrices(like, B, A, dtype), 0.0  # nothing to cut: the exact stacked factors
+    if k == 0:
+        return None, rel
+    return module_from_svd(like, U.cpu(), S[:k].cpu(), Vh.cpu(), dtype=dtype), rel
+
+
+def _dense_module(name: str, parts: Sequence[tuple[Module, float]], method: str, rule: RankRule, density: float,
+                  seed: int, dtype: torch.dtype, device: torch.device) -> tuple[Module | None, float, float]:
+    """TIES/DARE on the dense ΔWᵢ of one module, truncated by ``rule``: module, error vs target, error vs sum."""
+    tasks = []
+    for m, w in parts:
+        B, A = m.factors(dtype=torch.float32, device=device)
+        tasks.append(w * (B @ A))
+    exact = tasks[0].clone()
+    for t in tasks[1:]:
+        exact += t
+    gen = torch.Generator().manual_seed(_module_seed(seed, name))
+    target = ties_merge(tasks, density) if method == "ties" else dare_merge(tasks, density, gen)
+    del tasks
+    U, S, Vh, _ = truncated_svd(target, rank=rule.rank, energy=rule.energy, error=rule.error,
+                                max_rank=rule.max_rank, generator=torch.Generator(device=device).manual_seed(seed))
+    approx = (U * S) @ Vh
+    rel = _rel(approx, target)
+    sum_rel = _rel(approx, exact)
+    if S.numel() == 0:
+        return None, rel, sum_rel
+    return module_from_svd(parts[0][0], U.cpu(), S.cpu(), Vh.cpu(), dtype=dtype), rel, sum_rel
+
+
+def _rel(x: Tensor, ref: Tensor) -> float:
+    """``‖x − ref‖_F / ‖ref‖_F`` (0 when both are 0; inf when only ``ref`` is)."""
+    den = float(torch.linalg.vector_norm(ref))
+    num = float(torch.linalg.vector_norm(x - ref))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+# --- the job ----------------------------------------------------------------------------------------------------------
+
+def combine_adapters(inputs: Sequence[Adapter | tuple[Adapter, float]], *, rule: RankRule | None = None,
+                     method: Method = "sum", density: float | None = None, seed: int = 0,
+                     device: str | torch.device = "auto",
+                     progress: Callable[[int], None] | None = None) -> CombineResult:
+    """One plain-LoRA adapter whose update is ``Σ wᵢ·ΔWᵢ`` per module (see the module docstring).
+
+    ``inputs`` are ``(adapter, weight)`` pairs (a bare adapter has weight 1), in any
+    format loratools reads, LoRA and AdaLoRA mixed; modules two inputs share must
+    adapt the same base weight. ``rule=None`` with ``method="sum"`` is exact (rank
+    Σrᵢ); a :class:`RankRule` truncates each module's sum optimally. ``ties``/``dare``
+    need a rule; ``density`` (default 0.2) is the fraction of entries they keep, and
+    ``seed`` makes DARE's masks (and the randomized SVD) reproducible.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q = Module(A=torch.randn(2, 6, generator=g), B=torch.randn(5, 2, generator=g), alpha=2, scale=1.0)
+    >>> a = Adapter({"q": q})
+    >>> res = combine_adapters([(a, 1.0), (a, -0.5)], device="cpu")
+    >>> res.layers[0].rank, bool(torch.allclose(res.adapter.delta("q"), 0.5 * a.delta("q"), atol=1e-6))
+    (4, True)
+    """
+    pairs = _pairs(inputs)
+    for i, (adapter, _) in enumerate(pairs, 1):
+        _check_input(i, adapter)
+    _check_same_base(pairs)
+    dens = _check_method(method, rule, density)
+    dev = resolve_device(device)
+    loras = [as_lora(a) for a, _ in pairs]  # AdaLoRA → LoRA with the same ΔW; modules of rank 0 dropped
+    wide = any(m.A.dtype == torch.float64 or m.B.dtype == torch.float64 for a in loras for m in a.modules.values())
+    dtype = torch.float64 if wide else torch.float32  # 16-bit inputs come out float32: w·s·A is not exact in 16 bits
+    names = list(dict.fromkeys(name for a, _ in pairs for name in a.modules))
+
+    modules: dict[str, Module] = {}
+    layers: list[CombineLayer] = []
+    for name in names:
+        ranks = tuple((lora.modules[name].rank if name in lora.modules else 0) if name in a.modules else None
+                      for (a, _), lora in zip(pairs, loras))
+        parts = [(lora.modules[name], w) for (_, w), lora in zip(pairs, loras) if name in lora.modules and w != 0.0]
+        shape = next(a.modules[name].weight_shape for a, _ in pairs if name in a.modules)
+        module, rel, sum_rel = None, 0.0, 0.0
+        if parts and method == "sum":
+            module, rel = _sum_module(parts, rule, dtype, dev)
+            sum_rel = rel
+        elif parts:
+            assert rule is not None
+            module, rel, sum_rel = _dense_module(name, parts, method, rule, dens, seed, dtype, dev)
+        if module is not None:
+            modules[name] = module
+        layers.append(CombineLayer(name, shape, ranks, module.rank if module is not None else 0, rel, sum_rel))
+        if progress:
+            progress(1)
+    dense = method != "sum"
+    return CombineResult(Adapter(modules, _config(pairs)), layers, tuple(w for _, w in pairs), method, rule,
+                         dens if dense else None, seed if dense else None, _notes(pairs))
+
+
+def _config(pairs: Sequence[tuple[Adapter, float]]) -> AdapterConfig:
+    """A fresh plain-LoRA config: modules are named one by one (no input's target_modules covers the union)."""
+    cfgs = [a.config for a, _ in pairs]
+    return AdapterConfig(method="lora", fan_in_fan_out=any(c.fan_in_fan_out for c in cfgs),
+                         base_model=next((c.base_model for c in cfgs if c.base_model), None),
+                         task_type=next((c.task_type for c in cfgs if c.task_type), None))
+
+
+def _notes(pairs: Sequence[tuple[Adapter, float]]) -> tuple[str, ...]:
+    bases = list(dict.fromkeys(a.config.base_model for a, _ in pairs if a.config.base_model))
+    if len(bases) > 1:
+        return (f"the inputs name different base models ({', '.join(bases)}); their module shapes agree, "
+                f"the output names {bases[0]}",)
+    return ()

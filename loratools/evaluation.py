@@ -1,0 +1,67 @@
+"""Held-out loss of a base model with and without an adapter: the task-level figure beside the matrix error.
+
+``resize``/``prune``/``extract``/``combine`` report, with ``--base --data``, the token-mean next-token
+cross-entropy of ``base + adapter`` on the data's examples before and after the operation (the same
+loss ``train`` reports as its held-out loss, :func:`loratools.train.evaluate`), so that a compression's
+cost can be read in the units that matter to the task.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import Adapter
+from .data import Example, load_examples, read_rows, row_example
+from .errors import InvalidOptionError
+
+__all__ = ["HeldOut", "heldout_losses"]
+
+
+def _examples(data: str | Path, tokenizer: Any, seq_len: int) -> list[Example]:
+    """Plain text packed as for training; a ``.jsonl`` file one example a row, whatever each row's kind
+    (calibration files may mix text and prompt/completion rows)."""
+    if Path(data).suffix != ".jsonl":
+        return load_examples(data, tokenizer, seq_len=seq_len)
+    examples = [e for r in read_rows(data, what="held-out data") if (e := row_example(tokenizer, r, seq_len=seq_len))]
+    if not examples:
+        raise InvalidOptionError(f"{data} gives no example with a token to predict; give longer examples")
+    return examples
+
+
+class HeldOut:
+    """A base model and the examples of a data file, loaded once; :meth:`loss` of any adapter on them."""
+
+    def __init__(self, base: str | Path, data: str | Path, *, seq_len: int = 256, max_examples: int | None = None,
+                 device: str = "auto") -> None:
+        from .device import resolve_device
+        from .lm import load_causal_lm
+
+        self.device = resolve_device(device)
+        self.model, tokenizer = load_causal_lm(base, device=self.device, frozen=True)
+        self.examples: list[Example] = _examples(data, tokenizer, seq_len)[:max_examples]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def loss(self, adapter: Adapter | None, *, batch_size: int = 4) -> float:
+        """Token-mean held-out loss of the base with ``adapter`` applied (None: the base alone)."""
+        from .nn import load_adapter
+        from .train import evaluate
+
+        model: Any = self.model
+        if adapter is not None and adapter.modules:
+            model = copy.deepcopy(self.model)  # the base stays clean for the next adapter
+            load_adapter(model, adapter)
+        return evaluate(model, self.examples, batch_size=batch_size, pad_id=self.pad_id, device=self.device,
+                        autocast=False)
+
+
+def heldout_losses(base: str | Path, data: str | Path, adapters: Sequence[Adapter | None], *,
+                   seq_len: int = 256, max_examples: int | None = None, device: str = "auto") -> list[float]:
+    """The held-out loss of ``base`` with each of ``adapters`` (None: the base alone), on ``data``."""
+    held = HeldOut(base, data, seq_len=seq_len, max_examples=max_examples, device=device)
+    with torch.no_grad():
+        return [held.loss(a) for a in adapters]

@@ -1,0 +1,232 @@
+"""GGUF *model* files (one file or a ``-00001-of-0000N.gguf`` split set): read the layout once, and write a
+copy whose tensors are given one at a time.
+
+The GGUF layout (llama.cpp ``ggml/include/gguf.h``, version 3)::
+
+    magic "GGUF" · version u32 · n_tensors u64 · n_kv u64 · key/values · tensor infos
+    (name · n_dims u32 · dims u64… (ggml order) · type u32 · offset u64) · padding · tensor data
+
+with every tensor's offset (from the start of the data) a multiple of ``general.alignment`` (32 unless set).
+
+The key/values are copied as the source's raw bytes (``ReaderField.parts``), not re-packed through
+``gguf.GGUFWriter``: that writer drops empty strings and arrays (``add_string``/``add_array`` return on
+empty values) and puts ``general.architecture`` first, so it would not copy metadata unchanged. Tensor data
+is read and written with file reads and writes (not the memory map), so memory stays flat: one block of
+rows at a time, and untouched tensors go file to file in chunks.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import CorruptFileError, InvalidOptionError
+
+__all__ = ["GGUFTensor", "GGUFModelFile", "split_paths", "out_split_paths", "open_gguf_model", "write_gguf_model",
+           "is_gguf_model_path"]
+
+_SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+_MAGIC = 0x46554747  # b"GGUF" little-endian
+_PSEUDO = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")  # the reader's header entries, not key/values
+_STRING = 8  # GGUFValueType.STRING
+_COPY_CHUNK = 16 << 20
+
+
+def is_gguf_model_path(path: str | Path) -> bool:
+    """Whether ``path`` names a ``.gguf`` file (a model to merge into, rather than a safetensors model)."""
+    p = Path(path)
+    return p.suffix.lower() == ".gguf" and p.is_file()
+
+
+def split_paths(path: Path) -> list[Path]:
+    """Every file of the split set ``path`` belongs to (llama.cpp's ``%s-%05d-of-%05d.gguf``), or ``[path]``."""
+    m = _SPLIT.match(path.name)
+    if not m:
+        return [path]
+    n = int(m["n"])
+    paths = [path.with_name(f"{m['prefix']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    for p in paths:
+        if not p.is_file():
+            raise CorruptFileError(path, f"it is split {int(m['i'])} of {n}, and split {p.name} is missing")
+    return paths
+
+
+def out_split_paths(out: Path, n: int) -> list[Path]:
+    """Where ``n`` output splits go: ``out`` itself for one file; for a split set, ``out`` when it is named
+    like split 1 of ``n``, else ``<out without .gguf>-0000i-of-0000n.gguf``."""
+    if n == 1:
+        return [out]
+    m = _SPLIT.match(out.name)
+    prefix = m["prefix"] if m and int(m["n"]) == n and int(m["i"]) == 1 else out.name.removesuffix(".gguf")
+    return [out.with_name(f"{prefix}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF model: numpy-order ``shape``, ggml ``qtype`` name, and where its bytes lie."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    split: int
+    offset: int  # absolute, in its split file
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        n = 1
+        for d in self.shape[:-1]:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFModelFile:
+    """A GGUF model read once: per split its raw key/values and tensors, in file order."""
+
+    paths: list[Path]
+    version: int
+    alignment: int
+    kv: list[list[tuple[str, bytes]]]  # per split: (key, raw bytes of the whole entry)
+    tensors: list[list[GGUFTensor]]  # per split, in file order
+    fields: dict[str, Any]  # the first split's values (architecture, head counts …)
+
+    def all_tensors(self) -> Iterator[GGUFTensor]:
+        for ts in self.tensors:
+            yield from ts
+
+    def by_name(self) -> dict[str, GGUFTensor]:
+        return {t.name: t for t in self.all_tensors()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+    def read(self, t: GGUFTensor, first_row: int = 0, n_rows: int | None = None) -> bytes:
+        """The raw bytes of rows ``first_row …`` of ``t`` (all rows by default)."""
+        row = t.nbytes // max(1, t.rows)
+        n = t.rows - first_row if n_rows is None else n_rows
+        with self.paths[t.split].open("rb") as f:
+            f.seek(t.offset + first_row * row)
+            data = f.read(n * row)
+        if len(data) != n * row:
+            raise CorruptFileError(self.paths[t.split], f"tensor {t.name} is cut short")
+        return data
+
+
+def _value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # a damaged value: absent, the caller says what is missing
+        return None
+
+
+def open_gguf_model(path: str | Path) -> GGUFModelFile:
+    """Read the layout of a GGUF model (and of all its splits) without reading tensor data."""
+    from ..gguf_quants import require_gguf
+
+    gguf = require_gguf()
+    paths = split_paths(Path(path))
+    kv, tensors, version, alignment, first = [], [], 3, 32, {}
+    for i, p in enumerate(paths):
+        try:
+            r = gguf.GGUFReader(str(p))
+        except Exception as e:  # bare ValueError/struct errors on damaged files
+            raise CorruptFileError(p, f"not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+        if i == 0:
+            version, alignment = int(r.fields["GGUF.version"].parts[0][0]), int(r.alignment)
+            # scalars and strings only: a vocabulary's arrays take seconds to decode and no caller needs them
+            first = {k: _value(f) for k, f in r.fields.items() if k not in _PSEUDO and len(f.types) == 1}
+        elif int(r.alignment) != alignment:
+            raise CorruptFileError(p, "its alignment differs from the first split's")
+        kv.append([(k, b"".join(bytes(part.tobytes()) for part in f.parts))
+                   for k, f in r.fields.items() if k not in _PSEUDO])
+        tensors.append([GGUFTensor(t.name, tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type.name, i,
+                                   int(t.data_offset), int(t.n_bytes)) for t in r.tensors])
+        del r
+    if first.get("general.type") == "adapter":
+        raise InvalidOptionError(f"`base` {path} is a GGUF adapter, not a model")
+    return GGUFModelFile(paths, version, alignment, kv, tensors, first)
+
+
+def _pad(n: int, align: int) -> int:
+    return -n % align
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def string_kv(key: str, value: str) -> bytes:
+    """The raw bytes of a string key/value entry."""
+    return _string(key) + struct.pack("<I", _STRING) + _string(value)
+
+
+def _header(version: int, kv: list[bytes], infos: list[tuple[str, tuple[int, ...], int, int]], align: int) -> bytes:
+    out = bytearray(struct.pack("<IIQQ", _MAGIC, version, len(infos), len(kv)))
+    for entry in kv:
+        out += entry
+    for name, shape, qtype, offset in infos:
+        out += _string(name) + struct.pack("<I", len(shape))
+        out += b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        out += struct.pack("<IQ", qtype, offset)
+    out += b"\0" * _pad(len(out), align)
+    return bytes(out)
+
+
+def copy_bytes(src: Path, offset: int, n: int, dst: IO[bytes]) -> None:
+    """``n`` bytes of ``src`` from ``offset`` appended to ``dst``, a chunk at a time."""
+    with src.open("rb") as f:
+        f.seek(offset)
+        while n > 0:
+            chunk = f.read(min(n, _COPY_CHUNK))
+            if not chunk:
+                raise CorruptFileError(src, "a tensor is cut short")
+            dst.write(chunk)
+            n -= len(chunk)
+
+
+def write_gguf_model(paths: list[Path], model: GGUFModelFile, kv: list[list[bytes]],
+                     out_types: dict[str, tuple[str, int]],
+                     data: Any) -> None:
+    """Write one file per split of ``model`` to ``paths``: key/values ``kv[i]`` (raw entries), the same tensors
+    in the same order, tensor ``name`` as ``out_types[name] = (type name, nbytes)`` (its own otherwise), each
+    tensor's bytes from ``data(tensor, file)`` (which appends exactly those bytes to ``file``)."""
+    from ..gguf_quants import require_gguf
+
+    enum = require_gguf().GGMLQuantizationType
+    align = model.alignment
+    for path, entries, ts in zip(paths, kv, model.tensors):
+        infos, offset = [], 0
+        for t in ts:
+            qtype, nbytes = out_types.get(t.name, (t.qtype, t.nbytes))
+            infos.append((t.name, t.shape, int(enum[qtype]), offset))
+            offset += nbytes + _pad(nbytes, align)
+        with path.open("wb") as f:
+            f.write(_header(model.version, entries, infos, align))
+            for t in ts:
+                start = f.tell()
+                data(t, f)
+                n = f.tell() - start
+                want = out_types.get(t.name, (t.qtype, t.nbytes))[1]
+                if n != want:
+                    raise RuntimeError(f"{t.name}: wrote {n} bytes, not {want}")
+                f.write(b"\0" * _pad(n, align))
+
+
+def raw_kv(model: GGUFModelFile, extra: Iterable[tuple[str, bytes]] = ()) -> list[list[bytes]]:
+    """Each split's key/value entries as raw bytes, with ``extra`` (key, entry) set in the first split
+    (an existing key of that name is replaced in place)."""
+    out = []
+    for i, entries in enumerate(model.kv):
+        d = dict(entries)
+        if i == 0:
+            for k, v in extra:
+                d[k] = v
+        out.append(list(d.values()))
+    return out
