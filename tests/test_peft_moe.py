@@ -130,3 +130,19 @@ def test_an_expert_lora_the_base_cannot_hold_is_refused(moe, tmp_path, cli):
     r = cli("merge", "fixtures/tiny-llama", ad_dir, "-o", tmp_path / "m")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_dora_on_an_experts_parameter_is_refused_in_one_line():
+    """peft 0.21.2 has no DoRA for target_parameters (ParamWrapper), so there is no merge to match."""
+    from loratools.adapter import Adapter, Module
+    from loratools.config import AdapterConfig
+    from loratools.errors import UnsupportedConfigError
+    from loratools.merge.plan import AdapterInput, plan_merge
+
+    n, r, out, inp = 2, 1, 3, 4
+    m = Module(A=torch.ones(n * r, inp), B=torch.ones(out, n * r), alpha=1.0, scale=1.0, kind="experts", experts=n,
+               magnitude=torch.ones(out))
+    ad = Adapter({"model.layers.0.mlp.experts.gate_up_proj": m}, AdapterConfig(method="lora"))
+    with pytest.raises(UnsupportedConfigError, match="use_dora") as e:
+        plan_merge({"model.layers.0.mlp.experts.gate_up_proj": ("F32", (n, out, inp))}, [AdapterInput(ad)])
+    assert "\n" not in str(e.value)
