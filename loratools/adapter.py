@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 from .config import AdapterConfig, alpha_for_scale
-from .errors import DoraError, NonFiniteError, ShapeMismatchError
+from .errors import DoraError, InvalidOptionError, NonFiniteError, ShapeMismatchError
 from .linalg import lowrank_svd, sqrt_split
 
-__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "fold_scales",
-           "pad_rank"]
+__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
+           "TOKENS_SUFFIX", "fold_scales", "pad_rank"]
 
-Kind = Literal["linear", "conv", "embedding"]
+Kind = Literal["linear", "conv", "embedding", "experts"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,11 +40,20 @@ class Module:
 
     - ``linear``: ``A`` (r, in), ``B`` (out, r); the base weight is (out, in),
       or (in, out) when ``fan_in_fan_out`` (GPT-2's Conv1D).
-    - ``conv``: ``A`` (r, in, kh, kw), ``B`` (out, r, 1, 1); weight (out, in, kh, kw).
+    - ``conv``: ``A`` (r, in, *kernel), ``B`` (out, r, 1, …); weight (out, in, *kernel), for
+      1-, 2- and 3-D convolutions (``nn.Conv1d``/``Conv2d``/``Conv3d``).
     - ``embedding``: ``A`` (r, vocab), ``B`` (dim, r); weight (vocab, dim).
+    - ``experts``: peft's LoRA on a mixture-of-experts parameter (``target_parameters``,
+      ``lora/layer.py`` ``ParamWrapper``): ``experts`` = n low-rank updates in one pair,
+      ``A`` (r·n, in) with expert e's rows at ``A.reshape(n, r, in)[e]`` and ``B`` (out, r·n) with
+      its columns at ``B.reshape(out, r, n)[:, :, e]``; weight (n, out, in), or (n, in, out)
+      when ``fan_in_fan_out`` (transformers' ``is_transposed`` experts). :meth:`expert` gives
+      one expert as a ``linear`` module; ``rank`` is r, each expert's.
 
     ``E`` (r, 1) is AdaLoRA's Λ, None for LoRA. ``scale`` multiplies the
     product; ``alpha`` is what the file says (kept to rewrite it faithfully).
+    ``bias`` (out,) is peft's ``lora_bias`` (a bias on ``lora_B``): it adds
+    ``scale · bias`` to the base layer's bias (peft 0.21.2 ``lora/layer.py`` ``Linear.merge``).
 
     ``magnitude`` (m, one entry per row of ΔW as a matrix: ``out``, or ``dim`` for
     embeddings) makes the module DoRA (Liu et al. 2024): the merged weight is
@@ -59,6 +68,8 @@ class Module:
     E: Tensor | None = None
     kind: Kind = "linear"
     fan_in_fan_out: bool = False
+    bias: Tensor | None = None
+    experts: int = 1
     magnitude: Tensor | None = None
 
     @property
@@ -67,11 +78,11 @@ class Module:
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        return int(self.A.shape[0]) // self.experts
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        """(m, n) of ΔW as a matrix: (out, in·kh·kw), or (dim, vocab) for embeddings."""
+        """(m, n) of ΔW as a matrix: (out, in·kh·kw), or (dim, vocab) for embeddings (each expert's)."""
         return int(self.B.shape[0]), _prod(self.A.shape[1:])
 
     @property
@@ -81,16 +92,38 @@ class Module:
         if self.kind == "conv":
             return (out, *map(int, self.A.shape[1:]))
         n = int(self.A.shape[1])
+        stack = (self.experts,) if self.kind == "experts" else ()
         if self.kind == "embedding" or self.fan_in_fan_out:
-            return (n, out)
-        return (out, n)
+            return (*stack, n, out)
+        return (*stack, out, n)
+
+    def expert(self, e: int) -> "Module":
+        """Expert ``e`` of an ``experts`` module as a ``linear`` module (``fan_in_fan_out`` kept)."""
+        n, r = self.experts, self.rank
+        A = self.A.reshape(n, r, self.A.shape[1])[e]
+        B = self.B.reshape(self.B.shape[0], r, n)[:, :, e]
+        return Module(A=A, B=B, alpha=self.alpha, scale=self.scale, fan_in_fan_out=self.fan_in_fan_out)
 
     @property
     def parameters(self) -> int:
-        return sum(t.numel() for t in (self.A, self.B, self.E, self.magnitude) if t is not None)
+        return sum(t.numel() for t in (self.A, self.B, self.E, self.bias, self.magnitude) if t is not None)
+
+    def bias_delta(self) -> "Module | None":
+        """The bias update ``scale · bias`` as a rank-1 module whose (out, 1) ΔW is added to the base bias
+        (stored (out,): the merge kernels view it as a column), or None without ``lora_bias``."""
+        if self.bias is None:
+            return None
+        return Module(A=torch.ones(1, 1, dtype=self.bias.dtype), B=self.bias.reshape(-1, 1), alpha=1.0,
+                      scale=self.scale)
 
     def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``."""
+        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``.
+
+        An ``experts`` module has one pair per expert (:meth:`expert`); asking it for one raises.
+        """
+        if self.kind == "experts":
+            raise InvalidOptionError("an MoE experts module (target_parameters) holds one low-rank update per expert; "
+                                     "resizing, pruning and re-factoring work on dense modules only")
         A = self.A.to(device=device, dtype=dtype).reshape(self.rank, self.matrix_shape[1])
         if self.E is not None:
             A = A * self.E.to(device=device, dtype=dtype)
@@ -98,7 +131,9 @@ class Module:
         return B, A * self.scale
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-        """The dense ΔW, shaped and laid out like the base weight it is added to."""
+        """The dense ΔW, shaped and laid out like the base weight it is added to (experts stacked)."""
+        if self.kind == "experts":
+            return torch.stack([self.expert(e).delta(dtype=dtype, device=device) for e in range(self.experts)])
         B, A = self.factors(dtype=dtype, device=device)
         d = B @ A
         if self.kind == "conv":
@@ -132,22 +167,31 @@ def _prod(xs: tuple[int, ...] | torch.Size) -> int:
 
 def check_module(name: str, m: Module, *, finite: bool = True) -> None:
     """Raise a :class:`ShapeMismatchError`/:class:`NonFiniteError` naming ``name`` if ``m`` is malformed."""
-    want_ndim = 4 if m.kind == "conv" else 2
-    if m.A.ndim != want_ndim or m.B.ndim != want_ndim:
-        raise ShapeMismatchError(name, f"{want_ndim}-D lora_A and lora_B", f"{tuple(m.A.shape)} and {tuple(m.B.shape)}")
+    if m.kind == "experts" and (m.experts < 1 or m.A.ndim != 2 or m.A.shape[0] % m.experts):
+        raise ShapeMismatchError(name, f"a 2-D lora_A whose rows are a multiple of its {m.experts} experts",
+                                 tuple(m.A.shape))
+    if m.kind == "conv":
+        if not 3 <= m.A.ndim <= 5 or m.B.ndim != m.A.ndim:
+            raise ShapeMismatchError(name, "3- to 5-D lora_A and lora_B of the same rank (a convolution)",
+                                     f"{tuple(m.A.shape)} and {tuple(m.B.shape)}")
+    elif m.A.ndim != 2 or m.B.ndim != 2:
+        raise ShapeMismatchError(name, "2-D lora_A and lora_B", f"{tuple(m.A.shape)} and {tuple(m.B.shape)}")
     if m.B.shape[1] != m.A.shape[0]:
         raise ShapeMismatchError(
             name, f"lora_B with {m.A.shape[0]} columns (the rank of lora_A {tuple(m.A.shape)})", tuple(m.B.shape)
         )
-    if m.kind == "conv" and tuple(m.B.shape[2:]) != (1, 1):
+    if m.kind == "conv" and any(int(k) != 1 for k in m.B.shape[2:]):
         raise ShapeMismatchError(name, "a 1×1 lora_B convolution", tuple(m.B.shape))
     if m.E is not None and tuple(m.E.shape) != (m.rank, 1):
         raise ShapeMismatchError(name, f"lora_E of shape ({m.rank}, 1)", tuple(m.E.shape))
+    if m.bias is not None and tuple(m.bias.shape) != (int(m.B.shape[0]),):
+        raise ShapeMismatchError(name, f"a lora_B bias of shape ({int(m.B.shape[0])},)", tuple(m.bias.shape))
     if m.magnitude is not None and tuple(m.magnitude.shape) != (int(m.B.shape[0]),):
         raise ShapeMismatchError(name, f"lora_magnitude_vector with {int(m.B.shape[0])} entries (the rows of lora_B)",
                                  tuple(m.magnitude.shape))
     if finite:
-        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E), ("lora_magnitude_vector", m.magnitude)):
+        for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E), ("lora_B.bias", m.bias),
+                         ("lora_magnitude_vector", m.magnitude)):
             if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(name, label)
 
@@ -233,9 +277,50 @@ class Adapter:
                 raise NonFiniteError(key)
         object.__setattr__(self, "_finite", True)
 
+    def dense_only(self, what: str) -> None:
+        """Raise :class:`InvalidOptionError` when the adapter holds MoE experts modules, which ``what``
+        (a job that re-factors each module's ΔW) does not handle."""
+        experts = [n for n, m in self.modules.items() if m.kind == "experts"]
+        if experts:
+            raise InvalidOptionError(f"{what} works on dense modules, and {experts[0]} is LoRA on MoE experts "
+                                     "(target_parameters: one low-rank update per expert)")
+
     def with_modules(self, modules: Mapping[str, Module], **config_changes: object) -> "Adapter":
         config = replace(self.config, **config_changes) if config_changes else self.config  # type: ignore[arg-type]
         return Adapter(modules, config, self.saved)
+
+
+#: peft's trainable tokens (``peft/tuners/trainable_tokens/layer.py``): the saved tensor holds the *new* rows of
+#: the embedding for the token indices of ``trainable_token_indices`` in that order; merging copies them in
+#: (``W.index_copy(0, indices, rows)``: rows replaced, not added)
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+_PEFT_PREFIX = "base_model.model."
+
+
+def token_rows(adapter: Adapter) -> dict[str, tuple[tuple[int, ...], Tensor]]:
+    """Module name → (token indices, their new rows) of the adapter's trainable tokens.
+
+    The indices come from the config's ``trainable_token_indices``: a list for the input embedding,
+    or ``{module name or suffix: list}``. Raises :class:`ShapeMismatchError` when they do not match
+    the saved rows.
+    """
+    spec = adapter.config.extra.get("trainable_token_indices")
+    out: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+    for key, rows in adapter.saved.items():
+        if not key.endswith(TOKENS_SUFFIX):
+            continue
+        name = key[: -len(TOKENS_SUFFIX)]
+        name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        if isinstance(spec, Mapping):
+            found = [v for k, v in spec.items() if name == k or name.endswith("." + str(k))]
+            indices = found[0] if len(found) == 1 else None
+        else:
+            indices = spec
+        if not isinstance(indices, (list, tuple)) or rows.ndim != 2 or len(indices) != rows.shape[0]:
+            raise ShapeMismatchError(name, f"one trainable token row per index of trainable_token_indices "
+                                           f"({indices!r})", tuple(rows.shape))
+        out[name] = (tuple(int(i) for i in indices), rows)
+    return out
 
 
 def as_lora(adapter: Adapter) -> Adapter:
@@ -274,16 +359,18 @@ def module_from_svd(like: Module, U: Tensor, S: Tensor, Vh: Tensor, *, dtype: to
     """A plain LoRA module with ``ΔW = U diag(S) Vh`` (matrix layout): ``B = U√S``, ``A = √S Vh``
     (:func:`loratools.linalg.sqrt_split`), scale 1 (``alpha = rank``), in ``like``'s kind, layout and dtype.
 
-    How every job that re-factors a ΔW (resize, prune) stores the result.
+    How every job that re-factors a ΔW (resize, prune) stores the result. A ``lora_bias`` is kept, multiplied
+    by ``like.scale`` so that its update ``scale · bias`` is unchanged at scale 1.
     """
     B, A = sqrt_split(U, S, Vh)
     k = int(S.numel())
     dt = dtype or like.A.dtype
     if like.kind == "conv":
         A = A.reshape(k, *like.A.shape[1:])
-        B = B.reshape(B.shape[0], k, 1, 1)
+        B = B.reshape(B.shape[0], k, *like.B.shape[2:])
+    bias = (like.bias.to(torch.float32) * like.scale).to(dt) if like.bias is not None else None
     return Module(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), alpha=alpha_for_scale(1.0, k), scale=1.0,
-                  kind=like.kind, fan_in_fan_out=like.fan_in_fan_out)
+                  kind=like.kind, fan_in_fan_out=like.fan_in_fan_out, bias=bias)
 
 
 def fold_scales(modules: Mapping[str, Module]) -> tuple[dict[str, Module], float]:

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from .errors import InvalidOptionError
 
 __all__ = ["AdapterConfig", "Method", "lora_scale", "alpha_for_scale", "adalora_scale", "pattern_value",
-           "target_matches", "ADALORA_EPS"]
+           "target_matches", "experts_targets", "stores_in_out", "fixed_delta_refusal", "ALORA_WHY", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS"]
 
 Method = Literal["lora", "adalora"]
 
@@ -84,6 +84,48 @@ def target_matches(name: str, targets: str | Iterable[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def experts_targets(name: str, target_parameters: Any) -> list[str]:
+    """The ``target_parameters`` entries that may be the parameter a LoRA module named ``name`` adapts.
+
+    peft 0.21.2 wraps each targeted parameter in a ``ParamWrapper``; several on one module nest, and
+    the file names them by module only (``…experts.lora_A.weight``, ``…experts.base_layer.lora_A.weight``),
+    in the order of the module's own parameters (``tuners_utils.py`` ``_inject_parameters``), which only
+    the base model knows: :func:`loratools.merge.experts.resolve_experts` tells them apart by shape.
+
+    >>> experts_targets("model.layers.0.mlp.experts.base_layer", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']
+    """
+    path = re.sub(r"(\.base_layer)+$", "", name)
+    entries = [str(t) for t in (target_parameters or [])]
+    return [t for t in entries if path == t.rpartition(".")[0] or path.endswith("." + t.rpartition(".")[0])]
+
+
+#: why an activated LoRA (peft's ``alora_invocation_tokens``) has no ΔW of its own
+ALORA_WHY = ("an activated LoRA applies only after its invocation tokens, so it has no fixed ΔW to merge or to "
+             "write where only ΔW counts (peft refuses to merge it too); keep it as a peft or loratools file and "
+             "serve it with a runtime that supports aLoRA")
+
+
+def fixed_delta_refusal(config: AdapterConfig) -> tuple[str, Any] | None:
+    """``(field, value)`` of a config whose adapter does not add one fixed ΔW (aLoRA), else None: merging it,
+    or writing it in a format that holds only ΔW (kohya, GGUF), would be silently wrong."""
+    tokens = config.extra.get("alora_invocation_tokens")
+    return ("alora_invocation_tokens", tokens) if tokens else None
+
+
+#: transformers model types whose projections are ``Conv1D`` layers storing their weight (in, out) (GPT-2 style)
+FAN_IN_FAN_OUT_MODELS = frozenset({"gpt2", "gpt_bigcode", "openai-gpt"})
+
+
+def stores_in_out(hparams: Mapping[str, Any] | None) -> bool:
+    """True when a model's config.json says its projections store weights (in, out) (GPT-2's ``Conv1D``).
+
+    >>> stores_in_out({"model_type": "gpt2"}), stores_in_out({"model_type": "llama"}), stores_in_out(None)
+    (True, False, False)
+    """
+    return str((hparams or {}).get("model_type", "")) in FAN_IN_FAN_OUT_MODELS
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, Module, as_lora
+from .config import ALORA_WHY, fixed_delta_refusal
 from .dora import flatten_module
-from .errors import InvalidOptionError, LoraToolsError, ShapeMismatchError, UnsupportedModuleError
+from .errors import (InvalidOptionError, LoraToolsError, ShapeMismatchError, UnsupportedConfigError,
+                     UnsupportedModuleError)
 from .formats import FORMATS, BaseModel, Format, detect_format, get_format, load_base
 from .io import ModelReader, atomic_output
 from .linalg import RankRule, lowrank_svd
@@ -76,6 +78,9 @@ def convert_adapter(adapter: Adapter, *, to: str, base: BaseModel | None = None,
     (:func:`load_base`) is what is known of the base model (GGUF checks its architecture against it).
     """
     fmt = get_format(to)  # unknown names fail here, before any work
+    refused = fixed_delta_refusal(adapter.config)
+    if refused is not None and fmt.plain_lora_only:  # a format of plain ΔW cannot say "after these tokens only"
+        raise UnsupportedConfigError(to, *refused, ALORA_WHY)
     out = as_lora(adapter) if fmt.plain_lora_only else adapter
     if adapter.modules and not out.modules:
         raise InvalidOptionError(f"every module of this AdaLoRA adapter was pruned to rank 0 (it adds nothing): "
@@ -97,6 +102,8 @@ def delta_error(before: Module, after: Module) -> float:
     the difference is ``[B₁, −B₀] @ [A₁; A₀]``, whose singular values come from a QR of the factors."""
     if before.kind != after.kind or before.weight_shape != after.weight_shape:
         raise ShapeMismatchError("module", f"{before.kind} {before.weight_shape}", f"{after.kind} {after.weight_shape}")
+    if before.kind == "experts":  # the worst expert
+        return max(delta_error(before.expert(e), after.expert(e)) for e in range(before.experts))
     if before.rank == 0 and after.rank == 0:
         return 0.0
     B0, A0 = before.factors(dtype=torch.float64)

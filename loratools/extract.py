@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .adapter import Adapter, Kind, Module
-from .config import AdapterConfig, alpha_for_scale, lora_scale, target_matches
+from .config import AdapterConfig, alpha_for_scale, lora_scale, stores_in_out, target_matches
 from .device import resolve_device
 from .errors import InvalidOptionError, ShapeMismatchError
 from .io import ModelReader
@@ -41,8 +41,6 @@ TensorSource = ModelReader | Mapping[str, Tensor]
 _EMBED = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings)(\.|$)")
 _NORM = re.compile(r"norm|ln_\d|ln_f|layernorm", re.IGNORECASE)
 _BLOCK = re.compile(r"\.\d+\.")
-# GPT-2 style models store their projections as Conv1D: weight (in, out).
-_FAN_IN_FAN_OUT_MODELS = {"gpt2", "gpt_bigcode", "openai-gpt"}
 
 
 @dataclass(frozen=True)
@@ -225,7 +223,7 @@ def extract_adapter(base: TensorSource, tuned: TensorSource, rule: RankRule | No
     dev = resolve_device(device)
     cfg = _model_config(base)
     if fan_in_fan_out is None:
-        fan_in_fan_out = str(cfg.get("model_type", "")) in _FAN_IN_FAN_OUT_MODELS
+        fan_in_fan_out = stores_in_out(cfg)
     gen = torch.Generator(device=dev).manual_seed(seed)
     plan, skipped = _plan(base, tuned, targets, progress)
     modules: dict[str, Module] = {}

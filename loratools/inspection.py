@@ -148,7 +148,9 @@ def inspect_adapter(adapter: Adapter, *, format: str | None = None, base: BaseWe
     >>> report["modules"], report["layers"][0]["rank"], report["layers"][0]["stable_rank"]
     (1, 2, 2.0)
     """
-    layers = [layer_report(name, m, base) for name, m in sorted(adapter.items(), key=lambda kv: natural_key(kv[0]))]
+    layers = [layer_report(f"{name}[expert {e}]", m.expert(e), base) if m.kind == "experts" else layer_report(name, m, base)
+              for name, m in sorted(adapter.items(), key=lambda kv: natural_key(kv[0]))
+              for e in range(m.experts if m.kind == "experts" else 1)]
     ranks = [m.rank for m in adapter.modules.values()]
     return {
         "format": format,
@@ -158,7 +160,7 @@ def inspect_adapter(adapter: Adapter, *, format: str | None = None, base: BaseWe
         "use_rslora": adapter.config.use_rslora,
         "init_r": adapter.config.init_r,
         "fingerprint": adapter.fingerprint.sha256,
-        "modules": len(layers),
+        "modules": len(adapter.modules),
         "parameters": adapter.parameters,
         "rank_min": min(ranks) if ranks else 0,
         "rank_max": max(ranks) if ranks else 0,

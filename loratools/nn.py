@@ -275,9 +275,10 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
     ['0', '2']
     """
     targets = targets if isinstance(targets, str) else list(targets)
-    chosen = [(n, m) for n, m in model.named_modules()
-              if n and target_matches(n, targets) and not isinstance(m, _Adapted)
-              and _adaptable(m)]
+    matched = [(n, m) for n, m in model.named_modules()
+               if n and target_matches(n, targets) and not isinstance(m, _Adapted)]
+    _check_every_target_adapted(model, targets, matched)
+    chosen = [(n, m) for n, m in matched if _adaptable(m)]
     if not chosen:
         raise MissingModuleError(f"`targets` {targets}", "the model",
                                  "no nn.Linear/Conv1D layer has such a name; its layers are "
@@ -294,6 +295,28 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers
+
+
+def _adaptable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _check_every_target_adapted(model: nn.Module, targets: str | list[str],
+                                matched: list[tuple[str, nn.Module]]) -> None:
+    """A target that would be listed in the adapter's ``target_modules`` but not trained is refused by name:
+    a layer with weights that is not nn.Linear/Conv1D (an embedding, a norm), or a list entry matching nothing."""
+    odd = [(n, m) for n, m in matched if not _adaptable(m) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    if odd:
+        name, m = odd[0]
+        raise InvalidOptionError(f"`targets` names {name} ({type(m).__name__}); train adapts nn.Linear/Conv1D layers "
+                                 "only (an embedding LoRA can be made with peft); leave it out of `targets`")
+    if not isinstance(targets, str):
+        names = [n for n, _ in model.named_modules() if n]
+        unknown = [t for t in targets if not any(target_matches(n, [t]) for n in names)]
+        if unknown:
+            raise MissingModuleError(f"`targets` entry {unknown[0]!r}", "the model",
+                                     "no layer has such a name; its layers are "
+                                     f"{', '.join(linear_target_names(model))} (or all-linear)")
 
 
 def _lora_class(dora: bool) -> type[LoRALinear]:

@@ -146,6 +146,7 @@ def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Ten
     >>> res.adapter.modules["q"].rank, res.importance
     (2, 'magnitude')
     """
+    adapter.dense_only("pruning")
     refuse_dora(adapter, "prune", "flatten it with its base first (convert with `base` and `as_lora`)")
     trip = svd_form(adapter)
     scores = dict(importance) if importance is not None else magnitude_scores(trip)

@@ -62,6 +62,7 @@ def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int 
     (2, 4)
     """
     rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank)
+    adapter.dense_only("resizing")
 
     def keep(s: torch.Tensor) -> int:
         return min(rule.choose(s), s.numel())

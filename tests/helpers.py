@@ -56,3 +56,32 @@ def logits(model: torch.nn.Module, seed: int = 0, vocab: int = 100) -> torch.Ten
     ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def tiny_llama_model(path: Path, *, seed: int = 0, **config) -> Path:
+    """A 1-layer Llama (hidden 32, vocab 50) saved as safetensors; ``config`` overrides, e.g.
+    ``tie_word_embeddings=True`` or ``attention_bias=True``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=16, vocab_size=50, tie_word_embeddings=False)
+    LlamaForCausalLM(LlamaConfig(**{**cfg, **config})).eval().save_pretrained(path)
+    return path
+
+
+def peft_merged(base: Path, adapter: Path) -> torch.nn.Module:
+    """peft's reference: the base loaded in float32, the saved adapter loaded onto it, ``merge_and_unload``."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about tied embeddings; the tests check what it does instead
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -142,3 +142,40 @@ def test_write_failure_leaves_nothing(adapters, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_adapter(read_adapter(adapters / "lora"), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_bias_on_a_layer_without_a_bias_is_refused_before_writing(cli, lora_copy, tiny_llama, tmp_path):
+    # peft cannot merge it either ("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias")
+    from loratools.io import load_safetensors
+
+    tensors, meta = load_safetensors(lora_copy / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B"
+    tensors[key + ".bias"] = torch.ones(tensors[key + ".weight"].shape[0])
+    save_file(tensors, str(lora_copy / "adapter_model.safetensors"), meta)
+    cfg = json.loads((lora_copy / "adapter_config.json").read_text())
+    (lora_copy / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    assert_one_line_error(cli("merge", tiny_llama, lora_copy, "-o", tmp_path / "out"),
+                          "model.layers.0.self_attn.q_proj.bias", "lora_bias")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("alora_invocation_tokens", [5, 6], "invocation tokens"),
+    ("layer_replication", [[0, 2], [1, 3]], "replicated"),
+    ("use_bdlora", {"blocks": 2}, "variant"),
+    ("target_parameters", ["mlp.experts.gate_up_proj"], "target_parameters"),
+])
+def test_peft_configs_loratools_cannot_merge_are_refused_with_one_line(field, value, words, cli, lora_copy, tiny_llama,
+                                                                       tmp_path):
+    # an expert LoRA the base cannot place is refused as well as the variants
+    cfg = json.loads((lora_copy / "adapter_config.json").read_text())
+    (lora_copy / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
+    if field == "target_parameters":  # a module named as peft names a wrapped expert parameter
+        from loratools.io import load_safetensors
+
+        tensors, meta = load_safetensors(lora_copy / "adapter_model.safetensors")
+        tensors = {k.replace("self_attn.q_proj", "mlp.experts"): t for k, t in tensors.items()}
+        save_file(tensors, str(lora_copy / "adapter_model.safetensors"), meta)
+    r = cli("merge", tiny_llama, lora_copy, "-o", tmp_path / "out")
+    assert_one_line_error(r, words)
+    assert not (tmp_path / "out").exists()

@@ -36,7 +36,6 @@ def test_defaults_of_the_installed_peft_pass():
     ("init_lora_weights", "corda", "rewrote the base"),
     ("init_lora_weights", "lora_ga", "rewrote the base"),
     ("init_lora_weights", "loftq", "rewrote the base"),
-    ("alora_invocation_tokens", [1, 2, 3], "invocation tokens"),
     ("layer_replication", [[0, 2], [1, 3]], "replicated"),
     ("use_qalora", True, "variant"),
     ("use_bdlora", {"x": 1}, "variant"),
@@ -70,3 +69,45 @@ def test_the_cli_refuses_a_pissa_adapter_with_one_line_and_writes_nothing(adapte
     r = cli("merge", "fixtures/tiny-llama", src, "-o", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "init_lora_weights" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_alora_is_kept_by_peft_and_loratools_formats_and_refused_where_it_would_be_wrong(tmp_path, cli):
+    """peft 0.21.2 makes the aLoRA; it keeps its meaning in peft/loratools files, and merge, kohya and GGUF
+    (which hold one fixed ΔW) refuse it with one line, writing nothing."""
+    from helpers import peft_adapter, tiny_llama_model
+
+    base = tiny_llama_model(tmp_path / "base")
+    ad = peft_adapter(base, tmp_path / "ad", peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                             alora_invocation_tokens=[3, 4]))
+    for to in ("peft", "loratools"):
+        r = cli("convert", ad, "-o", tmp_path / f"out-{to}", "--to", to)
+        assert r.returncode == 0, r.stderr
+    back = json.loads((tmp_path / "out-peft" / "adapter_config.json").read_text())
+    assert back["alora_invocation_tokens"] == [3, 4]
+    assert read_adapter(tmp_path / "out-loratools").config.extra["alora_invocation_tokens"] == [3, 4]
+    for args in (("merge", base, ad, "-o", tmp_path / "m"),
+                 ("merge", base, tmp_path / "out-loratools", "-o", tmp_path / "m"),
+                 ("convert", ad, "-o", tmp_path / "k.safetensors", "--to", "kohya"),
+                 ("convert", ad, "-o", tmp_path / "g.gguf", "--to", "gguf", "--base", base)):
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "alora_invocation_tokens" in r.stderr, r.stderr
+        assert not (tmp_path / "m").exists() and not (tmp_path / "k.safetensors").exists()
+        assert not (tmp_path / "g.gguf").exists()
+
+
+@pytest.mark.parametrize("lora, field", [
+    ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"init_lora_weights": "pissa_niter_2"}, "init_lora_weights"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights"),
+    ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
+], ids=["pissa", "pissa_niter", "olora", "layer_replication"])  # use_dora: implemented since the DoRA merge
+def test_adapters_peft_makes_that_loratools_cannot_compute_are_refused(lora, field, tmp_path, cli):
+    from helpers import peft_adapter, tiny_llama_model
+
+    base = tiny_llama_model(tmp_path / "base")
+    ad = peft_adapter(base, tmp_path / "ad", peft.LoraConfig(r=2, target_modules=["q_proj"], **lora))
+    for args in (("merge", base, ad, "-o", tmp_path / "out"), ("convert", ad, "-o", tmp_path / "out", "--to", "peft"),
+                 ("inspect", ad)):
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and field in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()

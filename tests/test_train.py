@@ -302,6 +302,14 @@ def test_data_rows_are_read_once_and_checked(tmp_path: Path) -> None:
     assert read_rows(txt, plain_text=False) == [Row("x")]  # calibration: always JSON lines
 
 
+@pytest.mark.parametrize("targets, words", [("embed_tokens,q_proj", "model.embed_tokens (Embedding)"),
+                                            ("q_proj,not_a_layer", "not_a_layer")])
+def test_targets_that_would_be_listed_but_not_trained_are_refused(targets, words, tmp_path: Path, cli) -> None:
+    r = cli("train", TINY_LLAMA, CORPUS, "-o", tmp_path / "o", "--steps", "1", "--targets", targets)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert "--targets" in r.stderr and not (tmp_path / "o").exists()
+
+
 # --- issue "The practitioner's workflow", 5: base_model_name_or_path is a Hub id or an absolute path ------------
 
 def test_base_model_name_is_a_hub_id_or_an_absolute_path(tmp_path: Path, cli) -> None:

@@ -26,14 +26,18 @@ quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 
 
-def _adapters(paths: tuple[str, ...], weights: tuple[float, ...]) -> list[AdapterInput]:
-    from ..formats import read_adapter
+def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) -> list[AdapterInput]:
+    """The adapters, read against ``model`` (the base, or the merged model for unmerge) as ``convert --base``
+    reads them: kohya files of other tools get the model's module names (and GPT-2's Conv1D layout), GGUF
+    adapters of llama.cpp its architecture and head counts."""
+    from ..formats import load_base, read_adapter
     from ..merge import AdapterInput
 
     if weights and len(weights) != len(paths):
         raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
     ws = weights or (1.0,) * len(paths)
-    return [AdapterInput(read_adapter(p), w, p) for p, w in zip(paths, ws)]
+    base = load_base(model)
+    return [AdapterInput(read_adapter(p, base=base), w, p) for p, w in zip(paths, ws)]
 
 
 def _summary(out: Console, r: MergeReport) -> None:
@@ -78,7 +82,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @quant_option
 @click.option("--record", type=click.Path(), default=None,
               help="Also write a small safetensors sidecar that lets `unmerge --record` restore BASE bit for bit.")
-@click.option("--verify", "do_verify", is_flag=True, help="Check the result against BASE + adapters afterwards.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Check the result against BASE + adapters before it is put in place (nothing is left if it fails).")
 @force_option
 @json_option
 @pass_session
@@ -106,23 +111,23 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
       loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant same --verify
     """
     from ..device import configure_cpu_threads, resolve_dtype
-    from ..merge import merge_model, verify_merge
+    from ..merge import merge_model
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights)
+    inputs = _adapters(adapters, weights, base)
     with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
-                             record=record, force=force, extra_inputs=adapters, progress=advance, quant=quant)
-    v = verify_merge(base, inputs, output, device=device, precision=precision) if do_verify else None
+                             record=record, force=force, extra_inputs=adapters, verify=do_verify, progress=advance,
+                             quant=quant)
+    for note in report.notes:
+        session.err.print(f"note: {note}")
     if as_json:
-        render.print_json({**report.to_json(), **({"verify": v.to_json()} if v else {})})
+        render.print_json(report.to_json())
     elif not session.quiet:
         _summary(session.out, report)
-        if v:
-            _verify_lines(session.out, v)
-    if v:
-        v.check()
+        if report.verify:
+            _verify_lines(session.out, report.verify)
 
 
 @click.command()
@@ -160,7 +165,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights)
+    inputs = _adapters(adapters, weights, merged)
     with render.progress(session.err, None, "unmerge", quiet=session.quiet or as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
                                force=force, extra_inputs=adapters, progress=advance, ignore_stamp=ignore_stamp,
@@ -198,7 +203,7 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights)
+    inputs = _adapters(adapters, weights, base)
     with render.progress(session.err, None, "verify", quiet=session.quiet or as_json) as advance:
         v = verify_merge(base, inputs, merged, device=device, precision=precision, progress=advance)
     if as_json:

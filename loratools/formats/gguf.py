@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
-from ..config import AdapterConfig, alpha_for_scale, lora_scale
+from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
 from ..gguf_arch import (ARCHITECTURES, NO_LORA, arch_of_hparams, gguf_target, hf_module, known_arch, permute_rows,
@@ -160,12 +160,17 @@ def _heads_for(gname: str, base: GGUFBase) -> int | None:
 def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
     """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason (``llama`` without a base)."""
     arch = base.arch if base is not None else "llama"
-    out: dict[str, str] = {}
+    out: dict[str, str] = {n: ALORA_WHY for n in adapter.modules} if fixed_delta_refusal(adapter.config) else {}
     for k in adapter.saved:
-        out[k] = "llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head)"
+        out[k] = ("llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head, "
+                  "trained biases, trainable tokens)")
     for name, m in adapter.items():
         t = gguf_target(name, arch)
-        if m.kind == "conv":
+        if m.bias is not None:
+            out[name] = "llama.cpp adapters hold no LoRA bias (lora_bias)"
+        elif m.kind == "experts":
+            out[name] = "loratools does not write MoE expert LoRA (target_parameters) for llama.cpp"
+        elif m.kind == "conv":
             out[name] = "llama.cpp adapters hold no conv layers"
         elif t is None or m.fan_in_fan_out or (m.kind == "embedding") != (t.name == "token_embd"):
             out[name] = f"llama.cpp's {arch} architecture has no tensor for it"

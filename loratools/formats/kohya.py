@@ -29,13 +29,14 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Module, as_lora
-from ..config import AdapterConfig, alpha_for_scale, lora_scale
+from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale, stores_in_out
 from ..errors import CorruptFileError, InvalidFieldError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, save_safetensors
 from ..validate import load_json
@@ -83,7 +84,13 @@ def kohya_key(name: str) -> str:
 def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
     """Modules and saved tensors kohya's format cannot hold, with the reason."""
     out = {n: "kohya's format has no embedding LoRA" for n, m in adapter.items() if m.kind == "embedding"}
-    out.update({k: "kohya's format holds no full replacement tensors (modules_to_save)" for k in adapter.saved})
+    out.update({n: "kohya's format has no LoRA bias (lora_bias)" for n, m in adapter.items() if m.bias is not None})
+    if fixed_delta_refusal(adapter.config):
+        out.update({n: ALORA_WHY for n in adapter.modules})
+    out.update({n: "kohya's format has no LoRA on MoE expert tensors (target_parameters)"
+                for n, m in adapter.items() if m.kind == "experts"})
+    out.update({k: "kohya's format holds no full tensors (modules_to_save, trained biases, trainable tokens)"
+                for k in adapter.saved})
     keys: dict[str, str] = {}
     for n in adapter.modules:
         k = kohya_key(n)
@@ -148,9 +155,9 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
         if name in source:  # two keys for one module: one would silently get the other's ΔW
             raise CorruptFileError(path, f"{source[name]!r} and {key!r} both map to the module {name!r}")
         source[name] = key
-        kind = "conv" if A.ndim == 4 else "linear"
+        kind = "conv" if A.ndim in (3, 4, 5) else "linear"
         if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
-            up = up.reshape(*up.shape, 1, 1)
+            up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
         modules[name] = Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind,
                                fan_in_fan_out=name in fifo)
     orphans = [k for k in tensors if k.endswith(_UP) and k[: -len(_UP)] + _DOWN not in tensors]
@@ -212,7 +219,33 @@ def write_kohya(adapter: Adapter, path: Path) -> None:
 
 
 def _read(path: Path, base: BaseModel | None) -> Adapter:
-    return read_kohya(path, base_names=base.module_names if base is not None else None)
+    adapter = read_kohya(path, base_names=base.module_names if base is not None else None)
+    peek = peek_safetensors(path)
+    written_by_us = peek is not None and NAMES_KEY in peek[1]  # then its metadata says which are fan_in_fan_out
+    return _in_out_layout(adapter, base) if base is not None and not written_by_us else adapter
+
+
+def _in_out_layout(adapter: Adapter, base: BaseModel) -> Adapter:
+    """Modules of a GPT-2 style base (``Conv1D``, weight stored (in, out)) marked ``fan_in_fan_out``.
+
+    Other tools write these files without saying so; a module is marked when the base's config says
+    Conv1D (transformers' GPT-2 family) and its weight has the (in, out) shape, or the base has no
+    weights to look at; ``lm_head`` is an ``nn.Linear`` there and never marked.
+    """
+    if not stores_in_out(base.hparams):
+        return adapter
+
+    def in_out(name: str, m: Module) -> bool:
+        if m.kind != "linear" or m.fan_in_fan_out or is_flattened(name) or name.split(".")[-1] == "lm_head":
+            return False
+        shape = (base.shapes or {}).get(name)
+        return not shape or tuple(shape) == (int(m.A.shape[1]), int(m.B.shape[0]))
+
+    marked = {n for n, m in adapter.items() if in_out(n, m)}
+    if not marked:
+        return adapter
+    return adapter.with_modules({n: replace(m, fan_in_fan_out=True) if n in marked else m for n, m in adapter.items()},
+                                fan_in_fan_out=True)
 
 
 def _flattened_note(adapter: Adapter, base: BaseModel | None) -> tuple[str, ...]:

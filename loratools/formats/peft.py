@@ -2,13 +2,17 @@
 
 Key grammar (``<m>`` is the module path, e.g. ``model.layers.0.self_attn.q_proj``):
 
-======================  ==============================================
-LoRA linear / conv      ``base_model.model.<m>.lora_A.weight``, ``.lora_B.weight``
-LoRA embedding          ``base_model.model.<m>.lora_embedding_A``, ``.lora_embedding_B``
-DoRA magnitude          ``base_model.model.<m>.lora_magnitude_vector`` ((out,); (1, out, 1, 1) for conv)
-AdaLoRA                 ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
-modules_to_save, other  kept verbatim in :attr:`Adapter.saved`
-======================  ==============================================
+========================  ==============================================
+LoRA linear / conv        ``base_model.model.<m>.lora_A.weight``, ``.lora_B.weight``
+``lora_bias``             ``base_model.model.<m>.lora_B.bias``
+LoRA embedding            ``base_model.model.<m>.lora_embedding_A``, ``.lora_embedding_B``
+DoRA magnitude            ``base_model.model.<m>.lora_magnitude_vector`` ((out,); (1, out, 1, …) for conv)
+AdaLoRA                   ``base_model.model.<m>.lora_A``, ``.lora_B``, ``.lora_E``
+older files               the same with ``.default`` after the factor (``….lora_A.default.weight``)
+modules_to_save, biases,  kept verbatim in :attr:`Adapter.saved`: full tensors that replace the base's
+base_layer copies,        (``bias="all"``/``"lora_only"`` biases, ``….base_layer.weight`` of embeddings), and
+trainable tokens          ``<m>.token_adapter.trainable_tokens_delta`` (:func:`~loratools.adapter.token_rows`)
+========================  ==============================================
 
 AdaLoRA files pruned by PEFT hold truncated tensors (possibly rank 0) and a
 ``rank_pattern`` of boolean masks keyed ``<m>.lora_E``.
@@ -17,15 +21,17 @@ AdaLoRA files pruned by PEFT hold truncated tensors (possibly rank 0) and a
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from ..adapter import Adapter, Kind, Module
+from ..adapter import Adapter, Kind, Module, token_rows
 from ..adalora import mask_key, module_mask
-from ..config import AdapterConfig, adalora_scale, alpha_for_scale, lora_scale, pattern_value, target_matches
+from ..config import (AdapterConfig, adalora_scale, alpha_for_scale, experts_targets, lora_scale, pattern_value,
+                      target_matches)
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
 from ..io import load_safetensors, read_json, save_safetensors
 from .base import Format, register
@@ -38,17 +44,15 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-# (suffix, factor, kind-hint) — longest suffixes first so ".lora_A.weight" wins over ".lora_A"
-_SUFFIXES: list[tuple[str, str, Kind | None]] = [
-    (".lora_embedding_A", "A", "embedding"),
-    (".lora_embedding_B", "B", "embedding"),
-    (".lora_A.weight", "A", None),
-    (".lora_B.weight", "B", None),
-    (".lora_A", "A", None),
-    (".lora_B", "B", None),
-    (".lora_E", "E", None),
-    (".lora_magnitude_vector", "m", None),
-]
+#: ``<m>.<factor>[.default][.weight|.bias]``: peft 0.21.2 saves without the adapter name
+#: (``utils/save_and_load.py`` ``_remove_adapter_name_from_key``); older files keep ``.default``, which peft still
+#: loads (``BaseTuner._remap_adapter_state_dict_for_load`` passes keys that already name the model's parameter through).
+#: DoRA's magnitude is saved without its ``.weight`` (``save_and_load.py`` ``renamed_dora_weights``).
+_KEY = re.compile(r"^(?P<m>.+)\.(?P<f>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                  r"(?:\.default)?(?P<t>\.weight|\.bias)?$")
+_FACTOR = {"lora_A": "A", "lora_B": "B", "lora_E": "E", "lora_embedding_A": "A", "lora_embedding_B": "B",
+           "lora_magnitude_vector": "m"}
+_BARE_ONLY = ("lora_E", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 
 
@@ -65,16 +69,19 @@ def detect(path: Path) -> bool:
 
 
 def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
-    for suffix, factor, kind in _SUFFIXES:
-        if key.endswith(suffix):
-            name = key[: -len(suffix)]
-            return (name[len(PREFIX):] if name.startswith(PREFIX) else name), factor, kind
-    return None
+    """(module, factor, kind hint) of a LoRA factor key; factor ``"bias"`` is lora_B's bias (``lora_bias``),
+    ``"m"`` DoRA's magnitude."""
+    match = _KEY.match(key)
+    if match is None or (match["t"] == ".weight" and match["f"] in _BARE_ONLY):
+        return None
+    name = match["m"][len(PREFIX):] if match["m"].startswith(PREFIX) else match["m"]
+    if match["t"] == ".bias":
+        return (name, "bias", None) if match["f"] == "lora_B" else None
+    return name, _FACTOR[match["f"]], ("embedding" if match["f"].startswith("lora_embedding") else None)
 
 
-def read_peft(path: Path) -> Adapter:
-    """Read a PEFT LoRA / rsLoRA / AdaLoRA adapter directory."""
-    d = _dir_of(Path(path))
+def _read_config(d: Path) -> dict[str, Any]:
+    """``adapter_config.json``, checked: a LoRA/AdaLoRA config whose every field loratools honours."""
     raw: dict[str, Any] = read_json(d / CONFIG_NAME)
     if not isinstance(raw, dict):
         raise CorruptFileError(d / CONFIG_NAME, "not a JSON object")
@@ -83,14 +90,12 @@ def read_peft(path: Path) -> Adapter:
         raise NotAnAdapterError(d, f"peft_type {raw.get('peft_type')!r} is not LORA or ADALORA")
     check_fields(raw, where=str(d / CONFIG_NAME))
     check_peft_values(raw, where=str(d / CONFIG_NAME), adalora=peft_type == "ADALORA")
-    weights = d / WEIGHTS_NAME
-    if not weights.is_file():
-        if (d / "adapter_model.bin").is_file():
-            raise NotAnAdapterError(d, "only a pickled adapter_model.bin is present; loratools loads safetensors only "
-                                       "(re-save it with safe_serialization=True)")
-        raise MissingModuleError(WEIGHTS_NAME, str(d), "the weights file is missing")
-    tensors, _ = load_safetensors(weights)
+    return raw
 
+
+def _group(d: Path, tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Kind],
+                                                          dict[str, Tensor]]:
+    """The file's tensors as (factors by module, kind hints, full tensors kept as they are)."""
     parts: dict[str, dict[str, Tensor]] = {}
     kinds: dict[str, Kind] = {}
     saved: dict[str, Tensor] = {}
@@ -103,57 +108,71 @@ def read_peft(path: Path) -> Adapter:
         parts.setdefault(name, {})[factor] = t
         if kind:
             kinds[name] = kind
+    return parts, kinds, saved
 
-    method = "adalora" if peft_type == "ADALORA" else "lora"
-    rslora = bool(raw.get("use_rslora", False))
-    fifo = bool(raw.get("fan_in_fan_out", False))
+
+def _module(name: str, fs: dict[str, Tensor], hint: Kind | None, raw: dict[str, Any], where: Path) -> Module:
+    """One module from its factors and the config: rank checked, scale by the config's rule."""
+    adalora = str(raw.get("peft_type", "")).upper() == "ADALORA"
+    for f in ("A", "B", "E") if adalora else ("A", "B"):
+        if f not in fs:
+            raise MissingModuleError(f"{name}.lora_{f}", str(where), "the adapter file is incomplete")
+    A, B = fs["A"], fs["B"]
+    on_parameter = not adalora and bool(experts_targets(name, raw.get("target_parameters")))
+    kind: Kind = hint or ("experts" if on_parameter else "conv" if A.ndim in (3, 4, 5) else "linear")
     r_default = int(raw.get("r", 8))
-    alpha_default = float(raw.get("lora_alpha", r_default))
-    rank_pattern = raw.get("rank_pattern") or {}
-    alpha_pattern = raw.get("alpha_pattern") or {}
-    init_r = int(raw["init_r"]) if method == "adalora" else None
-    use_dora = bool(raw.get("use_dora", False)) and method == "lora"  # AdaloraConfig refuses use_dora
+    alpha = float(raw.get("lora_alpha", r_default))
+    n_experts = 1
+    if adalora:
+        scale = adalora_scale(alpha, int(raw["init_r"]))
+    else:
+        r_cfg = int(pattern_value(name, raw.get("rank_pattern") or {}, r_default))
+        n_experts = A.shape[0] // r_cfg if kind == "experts" and r_cfg > 0 else 1
+        if A.shape[0] != r_cfg * n_experts:
+            raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})" + (" per expert" if on_parameter
+                                     else ""), f"lora_A of shape {tuple(A.shape)}")
+        alpha = float(pattern_value(name, raw.get("alpha_pattern") or {}, alpha))
+        scale = lora_scale(alpha, r_cfg, rslora=bool(raw.get("use_rslora", False)))
+    use_dora = bool(raw.get("use_dora", False)) and not adalora  # AdaloraConfig refuses use_dora
+    if ("m" in fs) != use_dora:  # peft would ignore a stray magnitude, or start one at ‖W0‖ for a missing one
+        raise CorruptFileError(where, f"{name} {'holds' if 'm' in fs else 'lacks'} lora_magnitude_vector but "
+                                      f"use_dora is {use_dora} in {CONFIG_NAME}")
+    magnitude = fs["m"].reshape(-1) if "m" in fs else None  # conv: peft's (1, out, 1, …)
+    fifo = bool(raw.get("fan_in_fan_out", False)) and kind == "linear"
+    return Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind, fan_in_fan_out=fifo,
+                  bias=fs.get("bias"), experts=n_experts, magnitude=magnitude)
 
-    modules: dict[str, Module] = {}
-    for name, fs in parts.items():
-        needed = ("A", "B", "E") if method == "adalora" else ("A", "B")
-        for f in needed:
-            if f not in fs:
-                raise MissingModuleError(f"{name}.lora_{f}", str(weights), "the adapter file is incomplete")
-        A, B = fs["A"], fs["B"]
-        kind: Kind = kinds.get(name) or ("conv" if A.ndim == 4 else "linear")
-        if method == "adalora":
-            assert init_r is not None
-            alpha = alpha_default
-            scale = adalora_scale(alpha, init_r)
-        else:
-            r_cfg = int(pattern_value(name, rank_pattern, r_default))
-            if A.shape[0] != r_cfg:
-                raise ShapeMismatchError(name, f"rank {r_cfg} (from {CONFIG_NAME})", f"lora_A of shape {tuple(A.shape)}")
-            alpha = float(pattern_value(name, alpha_pattern, alpha_default))
-            scale = lora_scale(alpha, r_cfg, rslora=rslora)
-        if ("m" in fs) != use_dora:  # peft would ignore a stray magnitude, or start one at ‖W0‖ for a missing one
-            raise CorruptFileError(weights, f"{name} {'holds' if 'm' in fs else 'lacks'} lora_magnitude_vector but "
-                                            f"use_dora is {use_dora} in {CONFIG_NAME}")
-        magnitude = fs["m"].reshape(-1) if "m" in fs else None  # conv: peft's (1, out, 1, 1)
-        modules[name] = Module(A=A, B=B, E=fs.get("E"), alpha=alpha, scale=scale, kind=kind,
-                               fan_in_fan_out=fifo and kind == "linear", magnitude=magnitude)
+
+def read_peft(path: Path) -> Adapter:
+    """Read a PEFT LoRA / rsLoRA / AdaLoRA / DoRA adapter directory."""
+    d = _dir_of(Path(path))
+    raw = _read_config(d)
+    weights = d / WEIGHTS_NAME
+    if not weights.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise NotAnAdapterError(d, "only a pickled adapter_model.bin is present; loratools loads safetensors only "
+                                       "(re-save it with safe_serialization=True)")
+        raise MissingModuleError(WEIGHTS_NAME, str(d), "the weights file is missing")
+    parts, kinds, saved = _group(d, load_safetensors(weights)[0])
+    modules = {name: _module(name, fs, kinds.get(name), raw, weights) for name, fs in parts.items()}
     if not modules:
         raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")
+    method = "adalora" if str(raw["peft_type"]).upper() == "ADALORA" else "lora"
     target = raw.get("target_modules")
     config = AdapterConfig(
         method=method,
-        use_rslora=rslora,
-        fan_in_fan_out=fifo,
+        use_rslora=bool(raw.get("use_rslora", False)),
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         base_model=raw.get("base_model_name_or_path"),
         task_type=raw.get("task_type"),
-        init_r=init_r,
+        init_r=int(raw["init_r"]) if method == "adalora" else None,
         target_r=int(raw["target_r"]) if method == "adalora" and raw.get("target_r") is not None else None,
         target_modules=tuple(target) if isinstance(target, list) else target,
         extra=raw,
     )
     adapter = Adapter(modules, config, saved)
     adapter.check_finite()
+    token_rows(adapter)  # trainable tokens: one saved row per index of trainable_token_indices
     return adapter
 
 
@@ -172,7 +191,8 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
     """The ``adapter_config.json`` that makes PEFT rebuild exactly this adapter."""
     cfg = adapter.config
     raw = dict(cfg.extra)
-    names = list(adapter.modules)
+    # LoRA on expert parameters is targeted by target_parameters (kept in extra), not target_modules
+    names = [n for n, m in adapter.items() if m.kind != "experts"]
     target: Any = cfg.target_modules
     if not (target is not None and all(_matches_target(n, target) for n in names)):
         target = sorted(names)
@@ -216,14 +236,20 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         lora_alpha=a0,
         use_rslora=cfg.use_rslora,
         use_dora=adapter.is_dora,
+        lora_bias=_has_lora_bias(adapter),
         rank_pattern={n: r for n, r in ranks.items() if r != r0},
         alpha_pattern={n: a for n, a in alphas.items() if a != a0},
     )
     return raw
 
 
+def _has_lora_bias(adapter: Adapter) -> bool:
+    return any(m.bias is not None for m in adapter.modules.values())
+
+
 def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
+    lora_bias = _has_lora_bias(adapter)
     for name, m in adapter.items():
         base = PREFIX + name
         if m.kind == "embedding":
@@ -233,8 +259,10 @@ def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
             out[f"{base}.lora_A"], out[f"{base}.lora_B"], out[f"{base}.lora_E"] = m.A, m.B, m.E
         else:
             out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.A, m.B
+            if lora_bias:  # peft gives every lora_B a bias when the config says lora_bias: zero where there was none
+                out[f"{base}.lora_B.bias"] = m.bias if m.bias is not None else m.B.new_zeros(m.B.shape[0])
         if m.magnitude is not None:
-            mag = m.magnitude.reshape(1, -1, 1, 1) if m.kind == "conv" else m.magnitude
+            mag = m.magnitude.reshape(1, -1, *([1] * (m.A.ndim - 2))) if m.kind == "conv" else m.magnitude
             out[f"{base}.lora_magnitude_vector"] = mag.contiguous()
     out.update(adapter.saved)
     return out

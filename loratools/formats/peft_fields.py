@@ -112,24 +112,19 @@ FIELDS: Mapping[str, FieldRule] = {
     "rank_pattern": FieldRule("implemented", "per-module rank (LoRA) or kept-triplet masks (AdaLoRA)"),
     "alpha_pattern": FieldRule("implemented", "per-module alpha"),
     "fan_in_fan_out": FieldRule("implemented", "ΔW transposed for Conv1D-style (in, out) weights"),
-    "modules_to_save": FieldRule("implemented", "full tensors that replace the base's"),
+    "modules_to_save": FieldRule("implemented", "full tensors that replace the base's (a tied pair is untied)"),
+    "lora_bias": FieldRule("implemented", "lora_B's bias: scale · bias added to the base layer's bias"),
+    "bias": FieldRule("implemented", "trained biases are saved as full tensors that replace the base's"),
+    "trainable_token_indices": FieldRule("implemented", "rows of an embedding replaced by the saved rows"),
+    "target_parameters": FieldRule("implemented", "LoRA per expert of MoE expert tensors, placed on the base's "
+                                                  "tensors by shape (merge/experts.py)"),
     "init_lora_weights": FieldRule("implemented", "plain initialisations need nothing; base-rewriting ones refused",
                                    _init_refusal),
     # --- refused until loratools computes them
     "use_dora": FieldRule("implemented", "DoRA: each module's lora_magnitude_vector m, W′ = diag(m/‖W0 + s·BA‖)·(W0 + "
                                          "s·BA) (loratools.dora)"),
-    "lora_bias": FieldRule("refused", "LoRA bias", _refuse_when_set(
-        "the adapter carries lora_B biases, which loratools does not merge yet; merge it with peft")),
-    "bias": FieldRule("refused", "trained biases", _refuse_unless(
-        lambda v: v in (None, "none"), "the adapter trained bias vectors, which loratools does not merge yet; "
-                                       "merge it with peft")),
-    "trainable_token_indices": FieldRule("refused", "trainable tokens", _refuse_when_set(
-        "trainable token rows are not merged by loratools yet; merge it with peft")),
-    "target_parameters": FieldRule("refused", "LoRA on nn.Parameters (MoE experts)", _refuse_when_set(
-        "LoRA on parameters (e.g. MoE expert tensors) is not read by loratools yet; merge it with peft")),
-    "alora_invocation_tokens": FieldRule("refused", "activated LoRA", _refuse_when_set(
-        "an activated LoRA applies only after its invocation tokens, so it has no fixed ΔW to merge or convert "
-        "(peft refuses to merge it too); serve it with a runtime that supports aLoRA")),
+    "alora_invocation_tokens": FieldRule("implemented", "activated LoRA: kept by the peft and loratools formats; "
+                                                        "merge, kohya and GGUF refuse it (config.ALORA_WHY)"),
     "layer_replication": FieldRule("refused", "replicated layers", _refuse_when_set(
         "the adapter was trained on a model whose layers peft replicated, which loratools does not rebuild; "
         "merge it with peft")),

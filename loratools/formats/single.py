@@ -1,7 +1,8 @@
 """loratools' own single-file format: one self-describing ``.safetensors``.
 
 Tensors: ``<module>.lora_A``, ``<module>.lora_B`` and, for AdaLoRA,
-``<module>.lora_E``, for DoRA ``<module>.lora_magnitude_vector`` ((out,), every kind); full replacement tensors as ``saved::<key>``.
+``<module>.lora_E``; peft's ``lora_bias`` as ``<module>.lora_B.bias``; for DoRA ``<module>.lora_magnitude_vector``
+((out,), every kind); full replacement tensors as ``saved::<key>``.
 ``__metadata__`` (all strings, as safetensors requires):
 
 - ``format`` = ``"loratools"``, ``format_version`` = ``"1"``;
@@ -67,9 +68,12 @@ def read_single(path: Path) -> Adapter:
                                                                   field="alpha"),
                                scale=finite_number(get_field(m, "scale", float, where=at), where=at, field="scale"),
                                kind=get_field(m, "kind", str, where=at, default="linear",
-                                              check=lambda k: k in ("linear", "conv", "embedding"),
-                                              expected="linear, conv or embedding"),
+                                              check=lambda k: k in ("linear", "conv", "embedding", "experts"),
+                                              expected="linear, conv, embedding or experts"),
                                fan_in_fan_out=get_field(m, "fan_in_fan_out", bool, where=at, default=False),
+                               bias=tensors.get(f"{name}.lora_B.bias"),
+                               experts=get_field(m, "experts", int, where=at, default=1, check=lambda n: n >= 1,
+                                                 expected="a count ≥ 1"),
                                magnitude=tensors.get(f"{name}.lora_magnitude_vector"))
     saved = {k[len(_SAVED):]: t for k, t in tensors.items() if k.startswith(_SAVED)}
     adapter = Adapter(modules, config, saved)
@@ -87,9 +91,12 @@ def write_single(adapter: Adapter, path: Path) -> None:
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = m.A, m.B
         if m.E is not None:
             tensors[f"{name}.lora_E"] = m.E
+        if m.bias is not None:
+            tensors[f"{name}.lora_B.bias"] = m.bias
         if m.magnitude is not None:
             tensors[f"{name}.lora_magnitude_vector"] = m.magnitude
-        info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out}
+        info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out,
+                      **({"experts": m.experts} if m.kind == "experts" else {})}
     for key, t in adapter.saved.items():
         tensors[_SAVED + key] = t
     cfg = {f.name: getattr(adapter.config, f.name) for f in fields(adapter.config)}

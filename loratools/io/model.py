@@ -164,12 +164,14 @@ Pieces = Iterable[Tensor]
 
 def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], metadata: Mapping[str, str],
                   compute: Callable[[str], Pieces | Tensor | None], progress: Progress | None = None,
-                  workers: int | None = None,
+                  workers: int | None = None, added: Mapping[str, str] | None = None,
                   side_edits: Mapping[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
     """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a tensor's new bytes, or None.
 
     Side files (config, tokenizer …) are copied, except those named in ``side_edits``, whose
-    new bytes are ``side_edits[name](old bytes)`` (a merge to another dtype edits ``config.json``).
+    new bytes are ``side_edits[name](old bytes)`` (a merge to another dtype, or one that unties the
+    embeddings, edits ``config.json``). ``added`` maps a tensor new in the output to the tensor it is
+    written beside, in that one's shard, dtype and shape (``compute`` gives it, or None copies that one's bytes).
 
     ``codes`` gives each tensor's output dtype code, so every offset of every
     output shard is known before any tensor is computed: the headers are
@@ -182,6 +184,7 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
     dtype changes. ``progress`` is told the tensor count first, then each
     tensor done. Returns (tensors computed, tensors copied).
     """
+    added = dict(added or {})
     jobs: list[tuple[int, int, Entry]] = []
     fds: list[int] = []
     if model.is_dir:
@@ -190,7 +193,9 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
     total = 0
     try:
         for shard in model.shards:
-            entries = [Entry(k, codes[k], model.spans[k].shape) for k in model.shard_keys(shard) if k in model.spans]
+            keys = [k for k in model.shard_keys(shard) if k in model.spans]
+            keys += [new for new, beside in added.items() if beside in keys]
+            entries = [Entry(k, codes[k], model.spans[added.get(k, k)].shape) for k in keys]
             head = header_bytes(entries, {**model.metadata(shard), **metadata})
             fd = os.open(dest / shard if model.is_dir else dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
@@ -200,25 +205,26 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
                 jobs.append((fd, offset, e))
                 offset += e.nbytes
             total += sum(e.nbytes for e in entries)
-        changed = _run(model, jobs, compute, progress, workers or min(cpu_cores(), 8))
+        changed = _run(model, jobs, compute, progress, workers or min(cpu_cores(), 8), added)
     finally:
         for fd in fds:
             os.close(fd)
     if model.index is not None:
         index = json.loads(json.dumps(model.index))
         index.setdefault("metadata", {})["total_size"] = total
+        index.setdefault("weight_map", {}).update({new: model.shard_of[beside] for new, beside in added.items()})
         (dest / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return changed, len(jobs) - changed
 
 
 def _run(model: ModelReader, jobs: list[tuple[int, int, Entry]], compute: Callable[[str], Pieces | Tensor | None],
-         progress: Progress | None, workers: int) -> int:
+         progress: Progress | None, workers: int, added: Mapping[str, str]) -> int:
     """Every tensor written by ``workers`` threads; returns how many were computed. The first error stops the rest."""
     if progress:
         progress(0, total=len(jobs))
     changed = 0
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loratools-rewrite") as pool:
-        futures = [pool.submit(_write_tensor, model.spans[e.name], fd, offset, e, compute) for fd, offset, e in jobs]
+        futures = [pool.submit(_write_tensor, model.spans[added.get(e.name, e.name)], fd, offset, e, compute) for fd, offset, e in jobs]
         try:
             for fut in as_completed(futures):
                 changed += fut.result()

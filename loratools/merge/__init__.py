@@ -27,7 +27,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,9 @@ from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_
 from ..dora import merged_weight
 from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance, ulp,
                       unmerged_tensor)
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, content_sha256, out_code, plan_merge,
-                   resolve_precision, saved_base_key, stamp, stamp_entries)
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, content_sha256, find_tie, out_code,
+                   plan_merge, resolve_precision, saved_base_key, stamp, stamp_entries, tie_notes)
+from .experts import resolve_experts
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
 
@@ -74,15 +75,22 @@ class MergeReport:
     #: un-merge without a record: error measured by re-running merge→unmerge on the result (see unmerge_model)
     est_max_abs_error: float = 0.0
     est_rel_error: float = 0.0
-    #: un-merge without a record: a guaranteed per-element bound, ½ulp(W) + ½ulp(W0') at the worst element
+    #: un-merge without a record: a per-element bound on |W0' − W0| at the worst element, ½ulp(W0') plus the
+    #: rounding a correct merge may leave (:func:`~loratools.merge.kernels.tolerance` at W)
     error_bound: float = 0.0
     adapters: list[dict[str, Any]] = field(default_factory=list)
+    #: what the user should know, shown on stderr by the CLI (an untied embedding pair, a tied one changed)
+    notes: tuple[str, ...] = ()
+    #: ``merge_model(verify=True)``: the check of the written model (it passed, or nothing was written)
+    verify: "VerifyReport | None" = None
     #: un-merge: the merged model's stamp (or the record) confirmed these adapters and weights went in
     vouched: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["output"], d["record"] = str(self.output), (str(self.record) if self.record else None)
+        d["notes"] = list(self.notes)
+        d["verify"] = self.verify.to_json() if self.verify is not None else None
         d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
         return d
 
@@ -135,6 +143,16 @@ class VerifyReport:
 
 # --------------------------------------------------------------------------- the jobs
 
+def _hparams(model: ModelReader) -> dict[str, Any] | None:
+    """The model's config.json (beside a single file), or None."""
+    path = model.root / "config.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(path, f"not valid JSON ({e.msg})") from None
+    return data if isinstance(data, dict) else None
+
+
 @dataclass
 class _Job:
     """What every job starts from: the inputs, the model read once, the plan."""
@@ -144,14 +162,34 @@ class _Job:
     precision: torch.dtype
     model: ModelReader
     plan: dict[str, TensorPlan]
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, path: PathLike, adapters: Adapters, device: str | torch.device,
-              precision: str | torch.dtype) -> "_Job":
-        inputs = adapter_inputs(adapters)
+              precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
         dev, prec = resolve_device(device), resolve_precision(precision)
         model = ModelReader(path)
-        return cls(inputs, dev, prec, model, plan_merge(model.shapes(), inputs))
+        hparams = _hparams(model)
+        # MoE expert LoRA names modules, not parameters: placed on this model's tensors first
+        inputs = [replace(i, adapter=resolve_experts(i.adapter, model.shapes(), hparams))
+                  for i in adapter_inputs(adapters)]
+        tie = find_tie(hparams, model.spans)
+
+        def same_as_base(key: str, t: Tensor) -> bool:
+            return bool(torch.equal(model.read(key).to(torch.float64), t.to(torch.float64)))
+
+        plan = plan_merge(model.shapes(), inputs, tie=tie, same_as_base=same_as_base, unmerge=unmerge)
+        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [])
+
+    @property
+    def added(self) -> dict[str, str]:
+        """Tensors new in the output (an untied output head) → the base tensor each starts from."""
+        return {k: p.source for k, p in self.plan.items() if p.source is not None}
+
+    def base(self, key: str) -> Tensor:
+        """The base tensor ``key`` starts from (for a new tensor, its ``source``)."""
+        p = self.plan.get(key)
+        return self.model.read(p.source if p is not None and p.source is not None else key)
 
     @property
     def arithmetic(self) -> Arithmetic:
@@ -162,12 +200,16 @@ class _Job:
                 side_edits: dict[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
         # one torch thread per worker: parallelism comes from tensors on separate threads (see configure_cpu_threads);
         # on a GPU a second worker reads and writes while the first computes
+        added = self.added
         with cpu_threads(1):
-            return rewrite_model(self.model, tmp, codes=codes, metadata=meta, compute=compute, progress=progress,
-                                 workers=None if self.device.type == "cpu" else 2, side_edits=side_edits)
+            return rewrite_model(self.model, tmp, codes={**codes, **{k: codes[s] for k, s in added.items()}},
+                                 metadata=meta, compute=compute, progress=progress,
+                                 workers=None if self.device.type == "cpu" else 2, added=added, side_edits=side_edits)
 
     def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
         """What an un-merge computes for this tensor before any record is applied."""
+        if plan.restore and plan.replace is not None:
+            return plan.replace.to(dtype)
         if not plan.deltas:
             return w.to(dtype)
         return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
@@ -199,24 +241,46 @@ def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
     return edit
 
 
+def _untie_edit(raw: bytes) -> bytes:
+    """config.json with ``tie_word_embeddings: false``: the merge wrote the output head as its own tensor."""
+    return (json.dumps({**json.loads(raw), "tie_word_embeddings": False}, indent=2, sort_keys=True) + "\n").encode()
+
+
+def config_edits(dtype: torch.dtype | None, *, untie: bool = False) -> dict[str, Callable[[bytes], bytes]] | None:
+    """The one ``config.json`` edit a merge makes (``rewrite_model``'s ``side_edits``): the new ``dtype``
+    (:func:`config_dtype_edit`) and/or untied embeddings, composed; None when the config is copied as it is."""
+    steps = ([config_dtype_edit(dtype)] if dtype is not None else []) + ([_untie_edit] if untie else [])
+    if not steps:
+        return None
+
+    def edit(raw: bytes) -> bytes:
+        for step in steps:
+            raw = step(raw)
+        return raw
+
+    return {"config.json": edit}
+
+
 def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
                 record: PathLike | None = None, force: bool = False, extra_inputs: Sequence[PathLike] = (),
-                progress: Progress | None = None, quant: str | None = None) -> MergeReport:
+                verify: bool = False, progress: Progress | None = None, quant: str | None = None) -> MergeReport:
     """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
     tensors are copied byte for byte. ``modules_to_save`` tensors replace the base's.
     Everything is checked before a byte is written. With ``record``, also writes
     the sidecar that lets :func:`unmerge_model` restore ``base`` bit for bit
-    (the output dtype must then be the base's).
+    (the output dtype must then be the base's). With ``verify``, the written model is checked by
+    :func:`verify_merge` before it is renamed into place: :class:`VerificationError` leaves nothing at
+    ``out`` (nor at ``record``).
 
     A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead of ``dtype``).
     """
     if _gguf(base, dtype=dtype, quant=quant):
         from .gguf import merge_gguf
         return merge_gguf(base, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
-                          force=force, extra_inputs=extra_inputs, progress=progress)
+                          force=force, extra_inputs=extra_inputs, progress=progress, verify=verify)
     job = _Job.start(base, adapters, device, precision)
     model, plan = job.model, job.plan
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
@@ -230,22 +294,31 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
         p = plan.get(key)
         if p is None:
             return None
-        return merged_blocks(key, model.spans[key], p, CODE_DTYPES[codes[key]], job.arithmetic, rec)
+        # a new tensor (an untied head) starts from its source and has no original for a record to restore
+        span = model.spans[p.source or key]
+        return merged_blocks(key, span, p, CODE_DTYPES[codes[p.source or key]], job.arithmetic,
+                             rec if p.source is None else None)
 
     if record_path is not None:
         check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="`record`")
     with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp:
         try:
             rec = RecordWriter(record_path) if record_path is not None else None
-            edits = {"config.json": config_dtype_edit(dtype)} if dtype is not None else None
+            edits = config_edits(dtype, untie=bool(job.added))
             changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits)
+            checked = verify_merge(base, job.inputs, tmp, device=job.device, precision=job.precision) if verify else None
+            if checked is not None:
+                checked.check()
             if rec is not None:
                 rec.finish(meta, force=force, inputs=(base, *extra_inputs))
         finally:
             if rec is not None:
                 rec.close()
+    notes = list(job.notes)
+    if job.added and not model.is_dir:
+        notes.append(f"{out} is a single file: set tie_word_embeddings to false in the config that goes with it")
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record_path, rec.nbytes if rec else 0,
-                       adapters=[i.describe() for i in job.inputs])
+                       adapters=[i.describe() for i in job.inputs], notes=tuple(notes), verify=checked)
 
 
 def _gguf(base: PathLike, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
@@ -305,8 +378,13 @@ class _ErrorStats:
         opts = {"precision": job.precision, "device": job.device}
         again = unmerged_tensor(merged_tensor(probe, p.deltas, **opts), p.deltas, **opts).cpu().to(torch.float64)
         err = again - probe.to(torch.float64)
+        # |W0' − W0| ≤ ½ulp(W0') + the rounding any correct merge of these adapters may have left in W
+        # (verify's tolerance at W, whose ΔW this un-merge forms once more), W0 stored in W's dtype or wider
+        tol = tolerance(w.to(device=job.device, dtype=job.precision), r.to(job.precision), p.deltas, w.dtype,
+                        precision=job.precision)
+        bound = tol.reshape(r.shape).cpu().to(torch.float64) + 0.5 * ulp(r)
         figures = (float(err.abs().max()), float((err * err).sum()), float((r.to(torch.float64) ** 2).sum()),
-                   float((0.5 * ulp(w) + 0.5 * ulp(r)).max()))
+                   float(bound.max()))
         with self._lock:  # tensors are computed on several threads
             self.max = max(self.max, figures[0])
             self.sq += figures[1]
@@ -331,8 +409,8 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
     magnitudes to within an ulp): ``est_max_abs_error`` = max |W0'' − W0'| and
     ``est_rel_error`` = ‖W0'' − W0'‖F / ‖W0'‖F over the adapted tensors (W0'
     jittered by ±2 ulps first, see :func:`jitter`), plus
-    ``error_bound`` = max ½ulp(W) + ½ulp(W0'), which the true error never exceeds
-    (up to the float32 rounding of ΔW).
+    ``error_bound`` = max ½ulp(W0') + :func:`~loratools.merge.kernels.tolerance` at W: the true error never
+    exceeds it when W is any merge that :func:`verify_merge` accepts (loratools' own, or peft's).
 
     Every figure assumes the adapters and weights are the ones merged. The
     merged model's stamp (content hash and weight of each adapter) is checked
@@ -346,7 +424,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         from .gguf import unmerge_gguf
         return unmerge_gguf(merged, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
                             force=force, extra_inputs=extra_inputs, progress=progress)
-    job = _Job.start(merged, adapters, device, precision)
+    job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
     vouched = False if ignore_stamp else _check_stamp(model, merged, job.inputs)
     record_path = Path(record) if record is not None else None
@@ -364,10 +442,11 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
             raise InvalidOptionError(f"{dora[0]} was merged with DoRA, whose row norms ‖W0 + s·BA‖ the merged model no "
                                      "longer holds, so W0 cannot be solved for; un-merge with the record of the merge "
                                      "(`record`, written by merging with `record`), or keep the base")
-        replaced = [k for k, p in plan.items() if p.replace is not None]
+        replaced = [(k, "trainable_token_indices" if p.rows is not None else "modules_to_save")
+                    for k, p in plan.items() if (p.replace is not None and not p.restore) or p.rows is not None]
         if replaced:
-            raise InvalidOptionError(f"the adapter replaced {replaced[0]} (modules_to_save); only the record of the "
-                                     "merge (`record`) can give the original back")
+            raise InvalidOptionError(f"the adapter replaced {replaced[0][0]} ({replaced[0][1]}); only the record of "
+                                     "the merge (`record`) can give the original back")
     stats = _ErrorStats()
 
     def compute(key: str) -> Iterator[Tensor] | Tensor | None:
@@ -383,7 +462,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         except NonFiniteError:
             check_finite(key, w, "the merged model")
             raise NonFiniteError(key, "the un-merge") from None
-        if p.deltas:
+        if p.deltas and not p.restore:
             stats.add(key, w, r, p, job)
         return r
 
@@ -410,22 +489,23 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
         return verify_gguf(base, adapters, merged, precision=precision, progress=progress)  # type: ignore[no-any-return]
     job = _Job.start(base, adapters, device, precision)
     b, m, plan, dev, prec = job.model, ModelReader(merged), job.plan, job.device, job.precision
-    if set(b.spans) != set(m.spans):
-        extra = sorted(set(b.spans) ^ set(m.spans))
+    shapes = {**{k: s.shape for k, s in b.spans.items()}, **{k: b.spans[s].shape for k, s in job.added.items()}}
+    if set(shapes) != set(m.spans):
+        extra = sorted(set(shapes) ^ set(m.spans))
         raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
     checks: list[ModuleCheck] = []
     bad: list[str] = []
     non_finite: list[str] = []
     dtype_names = set()
     if progress:
-        progress(0, total=len(b.spans))
-    for key in sorted(b.spans):
-        if b.spans[key].shape != m.spans[key].shape:
-            raise ShapeMismatchError(key, b.spans[key].shape, m.spans[key].shape, "the merged model is not a merge of the base")
+        progress(0, total=len(shapes))
+    for key in sorted(shapes):
+        if shapes[key] != m.spans[key].shape:
+            raise ShapeMismatchError(key, shapes[key], m.spans[key].shape, "the merged model is not a merge of the base")
         got = m.read(key)
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
-        w0 = b.read(key)
+        w0 = job.base(key)
         if got.is_floating_point() and bool((~torch.isfinite(got) & torch.isfinite(w0)).any()):
             non_finite.append(key)  # every tensor written is checked, adapted or not
         if p is None:
@@ -438,11 +518,11 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
                 exact = merged_weight(w0.to(device=dev, dtype=prec), dora, precision=prec)
                 delta = exact - w0.to(device=dev, dtype=prec)
             else:
-                delta = (delta_sum(p.deltas, precision=prec, device=dev) if p.deltas
+                delta = (delta_sum(p.deltas, precision=prec, device=dev).reshape(start.shape) if p.deltas
                          else torch.zeros(start.shape, dtype=prec, device=dev))
-                exact = start.to(device=dev, dtype=prec) + delta
+                exact = p.apply_rows(start.to(device=dev, dtype=prec) + delta)
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
-            tol = tolerance(exact, start.to(device=dev, dtype=prec), delta, got.dtype)
+            tol = tolerance(exact, start, p.deltas, got.dtype, precision=prec)
             checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,
                                       float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
         if progress:

@@ -77,11 +77,15 @@ class GGUFMergeReport:
     record: Path | None = None
     record_nbytes: int = 0
     exact: bool | None = None
+    notes: tuple[str, ...] = ()
+    #: ``merge_model(verify=True)``: the check of the written model (it passed)
+    verify: Any = None
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["output"], d["files"] = str(self.output), [str(p) for p in self.files]
-        d["record"] = None
+        d["record"], d["notes"] = None, list(self.notes)
+        d["verify"] = self.verify.to_json() if self.verify is not None else None
         return d
 
 
@@ -238,13 +242,15 @@ def _merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qt
 def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str], *, quant: str | None = None,
                precision: str | torch.dtype = torch.float32, record: Any = None, force: bool = False,
                extra_inputs: Sequence[str | os.PathLike[str]] = (), progress: Any = None, sign: float = 1.0,
-               op: str = "merge") -> GGUFMergeReport:
+               op: str = "merge", verify: bool = False) -> GGUFMergeReport:
     """Write ``out`` = the GGUF model ``base`` with W = Q(deq(W0) + sign·Σ wᵢ·ΔWᵢ) for every adapted tensor.
 
     ``quant``: ``"same"`` (default: each tensor's own type, refused before writing where loratools cannot
     write that type), or a type name (``q8_0``, ``f16``, ``bf16``, ``f32``, or any type
     :func:`loratools.gguf_quants.can_quantize` accepts) for the adapted tensors. A split ``base`` gives
-    a split ``out`` (see :func:`loratools.io.gguf_model.out_split_paths`).
+    a split ``out`` (see :func:`loratools.io.gguf_model.out_split_paths`). With ``verify``, :func:`verify_gguf`
+    checks the written model; a single file is checked before it is renamed into place (nothing is left at
+    ``out`` when it fails), a split one once all its parts are in place.
     """
     if record is not None:
         raise InvalidOptionError("`record` is not available for GGUF models: requantization cannot be undone "
@@ -280,8 +286,14 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_output(p, force=force, inputs=ins)) for p in paths]
         write_gguf_model(tmps, model, kv, types, data)
+        checked = verify_gguf(base, inputs, tmps[0], precision=prec) if verify and len(paths) == 1 else None
+        if checked is not None:
+            checked.check()
+    if verify and checked is None:  # split parts are named after each other: checked where they now are
+        checked = verify_gguf(base, inputs, paths[0], precision=prec)
+        checked.check()
     return GGUFMergeReport(paths[0], op, len(plan), total - len(plan), model.nbytes, paths, stats.report(),
-                           [i.describe() for i in inputs])
+                           [i.describe() for i in inputs], verify=checked)
 
 
 def unmerge_gguf(merged: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str],

@@ -25,8 +25,8 @@ from ..adapter import Module
 from ..dora import dora_factor, norms_along_rows
 from ..errors import NonFiniteError
 
-__all__ = ["dora_of", "dora_norms", "dora_scale", "bits", "check_finite", "delta_sum", "low_rank", "factors_of", "row_step", "merge_rows", "merged_tensor",
-           "unmerged_tensor", "tolerance", "jitter", "ulp"]
+__all__ = ["dora_of", "dora_norms", "dora_scale", "bits", "check_finite", "delta_sum", "low_rank", "factors_of",
+           "row_step", "merge_rows", "merged_tensor", "unmerged_tensor", "tolerance", "abs_delta", "jitter", "ulp"]
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BLOCK_ELEMS = 1 << 18  # elements per block, so one float32 block (≈ 1 MB) stays in cache while it is updated
@@ -92,7 +92,22 @@ def row_step(rows: int, cols: int, device: torch.device) -> int:
 def factors_of(parts: Sequence[tuple[Module, float]], *, sign: float = 1.0, precision: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:
     """``[(L, R)]`` with ``sign·wᵢ·ΔWᵢ = L @ R`` for each part (see :func:`low_rank`)."""
-    return [low_rank(m, sign * wt, precision=precision, device=device) for m, wt in parts]
+    return [_factors(m, sign * wt, precision, device) for m, wt in parts]
+
+
+def _factors(module: Module, coeff: float, precision: torch.dtype,
+             device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """:func:`low_rank`, and for an ``experts`` module one product over the base weight's (n·d, cols) view:
+    expert e owns rows ``e·d … (e+1)·d``, so ``L`` is block diagonal (Lₑ at rows e·d, columns e·r) and
+    ``R`` stacks the Rₑ — each row's sum holds its own expert's r products and exact zeros."""
+    if module.kind != "experts":
+        return low_rank(module, coeff, precision=precision, device=device)
+    pairs = [low_rank(module.expert(e), coeff, precision=precision, device=device) for e in range(module.experts)]
+    d, r = pairs[0][0].shape
+    L = pairs[0][0].new_zeros(len(pairs) * d, len(pairs) * r)
+    for e, (Le, _) in enumerate(pairs):
+        L[e * d:(e + 1) * d, e * r:(e + 1) * r] = Le
+    return L, torch.cat([R for _, R in pairs])
 
 
 def dora_of(parts: Sequence[tuple[Module, float]]) -> Module | None:
@@ -209,16 +224,41 @@ def unmerged_tensor(w: Tensor, parts: Sequence[tuple[Module, float]], **options:
     return merged_tensor(w, parts, sign=-1.0, **options)
 
 
-def tolerance(exact: Tensor, w0: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
-    """Allowed |merged − exact| per element for a merge stored in ``dtype``.
+def abs_delta(module: Module, *, precision: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> Tensor:
+    """``|s|·(|B| |A|)`` (Λ folded into A as ``|A|·|E|``) in the base weight's layout: what bounds the rounding
+    inside the rank-r product ``s·B A`` element by element (each term of the sum is at most its share of it)."""
+    pos = module.with_factors(A=module.A.abs(), B=module.B.abs(), scale=abs(module.scale),
+                              E=module.E.abs() if module.E is not None else None)
+    return pos.delta(dtype=precision, device=device)
 
-    One ulp of ``dtype`` at the exact value (rounding to nearest gives ½; a
-    tool that adds in ``dtype`` rounds twice), plus float32 summation slack
-    8·ε₃₂·(|W0| + |ΔW|), plus ``dtype``'s smallest normal for values near 0.
+
+def tolerance(exact: Tensor, w0: Tensor, parts: Sequence[tuple[Module, float]], dtype: torch.dtype, *,
+              precision: torch.dtype = torch.float32) -> Tensor:
+    """Allowed |merged − exact| per element for ``W0 + Σᵢ wᵢ·ΔWᵢ`` stored in ``dtype``, where ``exact`` is that
+    sum formed in ``precision``, as any correct merger (loratools, peft's ``merge_and_unload``) may round it::
+
+        ε_d·(|exact| + Σᵢ |wᵢ ΔWᵢ| [+ |W0|])              the cast to ``dtype``, and a tool that casts each ΔWᵢ to
+                                                           ``dtype`` before adding (peft in 16-bit models) [or W0,
+                                                           when ``w0`` is stored in another dtype than ``dtype``]
+      + c·(|W0| + Σᵢ |wᵢ|·|sᵢ|·(|Bᵢ| |Aᵢ|))               with c = (R + n + 3)·ε_p: ``precision``'s rounding inside
+                                                           each rank-rᵢ product, the scale, the weight and the sum of
+                                                           n adapters (R = Σ rᵢ), in both the merger and this check
+                                                           (γ_k ≤ k·ε_p/2 each); + 2·ε_d when ``dtype`` is narrower
+                                                           (a tool that rounds the factors to it first)
+      + the smallest normal number of ``dtype``
+
+    with ε the machine epsilon. A ΔW off by 1 % stays far outside it in float32.
     """
-    fi = torch.finfo(dtype)
-    eps32 = torch.finfo(torch.float32).eps
-    return fi.eps * exact.abs() + 8 * eps32 * (w0.abs() + delta.abs()) + fi.smallest_normal
+    eps_d, eps_p = torch.finfo(dtype).eps, torch.finfo(precision).eps
+    dev = exact.device
+    coeff = (len(parts) + 3 + sum(m.rank for m, _ in parts)) * eps_p + (2 * eps_d if eps_d > eps_p else 0.0)
+    products = w0.to(device=dev, dtype=precision).abs()
+    cast = exact.abs() + (products if w0.dtype != dtype else 0)
+    for m, wt in parts:
+        cast = cast + abs(wt) * m.delta(dtype=precision, device=dev).abs().reshape(exact.shape)
+        products = products + abs(wt) * abs_delta(m, precision=precision, device=dev).reshape(exact.shape)
+    return eps_d * cast + coeff * products + torch.finfo(dtype).smallest_normal
 
 
 def jitter(t: Tensor, *, seed: int = 0, ulps: int = 2) -> Tensor:

@@ -14,20 +14,22 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, Module
-from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, WrongBaseError
+from ..adapter import TOKENS_SUFFIX, Adapter, Module, token_rows
+from ..config import ALORA_WHY, fixed_delta_refusal
+from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedConfigError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
 from ..validate import finite_number, get_field, load_json
 
-__all__ = ["content_sha256", "StampEntry", "stamp_entries", "AdapterInput", "TensorPlan", "METADATA_KEY", "FLOAT_CODES", "adapter_inputs", "plan_merge",
-           "saved_base_key", "resolve_precision", "out_code", "stamp"]
+__all__ = ["content_sha256", "StampEntry", "stamp_entries", "AdapterInput", "TensorPlan", "Tie", "METADATA_KEY",
+           "FLOAT_CODES", "HEAD_KEY", "adapter_inputs", "plan_merge", "find_tie", "tie_notes", "saved_base_key",
+           "is_base_copy", "follow_peft_layout", "resolve_precision", "out_code", "stamp"]
 
 #: the metadata key of a merged model (and of a record) that says which adapters went in
 METADATA_KEY = "loratools.merge"
@@ -140,60 +142,229 @@ def stamp_entries(text: str, *, where: object) -> list[StampEntry] | None:
 
 
 def saved_base_key(key: str) -> str:
-    """The base weight a PEFT ``modules_to_save`` tensor replaces.
+    """The base tensor a full tensor saved in a PEFT adapter replaces.
 
-    peft 0.21.2 saves ``base_model.model.lm_head.weight``; older files carry
-    ``…lm_head.modules_to_save.default.weight``. Both map to ``lm_head.weight``.
+    peft 0.21.2 saves ``modules_to_save`` as ``base_model.model.lm_head.weight`` (older files
+    ``…lm_head.modules_to_save.default.weight``), an embedding LoRA's own copy of the embedding as
+    ``…embed_tokens.base_layer.weight`` (``save_embedding_layers``), and trained biases (``bias="all"``/
+    ``"lora_only"``) as ``…k_proj.bias`` or ``…q_proj.base_layer.bias``. All map to the base's own name.
+
+    >>> saved_base_key("base_model.model.model.embed_tokens.base_layer.weight")
+    'model.embed_tokens.weight'
     """
     key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    key = re.sub(r"\.base_layer(?=\.(weight|bias)$)", "", key)
     return re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key)
+
+
+def is_base_copy(key: str) -> bool:
+    """True for an embedding's own weight that peft saved beside its LoRA (``….base_layer.weight``):
+    the base layer as peft had it, usually the base's own tensor."""
+    return key.endswith(".base_layer.weight")
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A base whose output head *is* its input embedding: ``head`` is absent from its files."""
+
+    head: str
+    embed: str
+
+
+#: the output head of a causal LM in transformers 5.23 (``_tied_weights_keys = {"lm_head.weight": …}``)
+HEAD_KEY = "lm_head.weight"
+_EMBED_KEYS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
+               "embed_in.weight")
+
+
+def find_tie(hparams: Mapping[str, Any] | None, keys: Collection[str]) -> Tie | None:
+    """The base's tied input/output embeddings: its config says ``tie_word_embeddings: true`` (or says
+    nothing and it is a causal LM), its files hold no ``lm_head.weight``, and they hold one input embedding."""
+    cfg = hparams or {}
+    archs = cfg.get("architectures") or []
+    tied = cfg.get("tie_word_embeddings", any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
+    if tied is not True or HEAD_KEY in keys:
+        return None
+    embeds = [k for k in keys if k.endswith(_EMBED_KEYS)]
+    return Tie(HEAD_KEY, embeds[0]) if len(embeds) == 1 else None
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """What happens to one base tensor: replaced by a saved tensor, and/or Σ wᵢ·ΔWᵢ added."""
+    """What happens to one tensor: replaced by a saved tensor, and/or Σ wᵢ·ΔWᵢ added.
+
+    ``source`` names the base tensor to start from when ``key`` is new in the output (the output
+    head of an untied embedding pair). ``restore`` (un-merge only): ``replace`` is the base tensor
+    itself (a ``base_layer`` copy the adapter saved), so it is the un-merged tensor.
+    """
 
     key: str
     deltas: tuple[tuple[Module, float], ...] = ()
     replace: Tensor | None = None
+    source: str | None = None
+    restore: bool = False
+    #: peft's trainable tokens: (row indices, new rows) copied in last (``index_copy``)
+    rows: tuple[Tensor, Tensor] | None = None
+
+    def apply_rows(self, w: Tensor) -> Tensor:
+        """``w`` with the trainable-token rows copied in (cast to ``w``'s dtype), or ``w`` itself without them."""
+        if self.rows is None:
+            return w
+        idx, values = self.rows
+        return w.index_copy(0, idx.to(w.device), values.to(device=w.device, dtype=w.dtype))
 
 
-def plan_merge(shapes: Mapping[str, tuple[str, tuple[int, ...]]], adapters: Sequence[AdapterInput]) -> dict[str, TensorPlan]:
+Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class _Ops:
+    """What the adapters do, by base key, before the tie is resolved."""
+
+    deltas: dict[str, list[tuple[Module, float]]] = field(default_factory=dict)
+    #: (base key, file key, tensor, input) of each full tensor; ``copy``: a ``base_layer`` copy
+    saved: list[tuple[bool, str, str, Tensor, AdapterInput]] = field(default_factory=list)
+    #: trainable tokens: (base key, indices, rows, input)
+    rows: list[tuple[str, tuple[int, ...], Tensor, AdapterInput]] = field(default_factory=list)
+
+
+def plan_merge(shapes: Shapes, adapters: Sequence[AdapterInput], *, tie: Tie | None = None,
+               same_as_base: Callable[[str, Tensor], bool] | None = None,
+               unmerge: bool = False) -> dict[str, TensorPlan]:
     """Check every adapter against the base's ``{key: (dtype code, shape)}`` and plan each changed tensor.
 
     Each adapter's factors are checked for NaN/Inf once (a read adapter was
-    checked when it was read). Raises, naming the first offending module:
+    checked when it was read). With ``tie`` (:func:`find_tie`), changes to the output head
+    go to the input embedding they share, as in peft, unless a ``modules_to_save`` tensor
+    replaces either: then peft unties them (``tuners_utils.py`` ``_unload_and_optionally_merge``)
+    and the plan holds the head as a new tensor (``source`` = the embedding). A ``base_layer``
+    copy for which ``same_as_base(key, tensor)`` is true changes nothing; on ``unmerge`` it is
+    the answer (``restore``). Raises, naming the first offending module:
     :class:`WrongBaseError` when none of an adapter's modules is in the base,
     :class:`MissingModuleError`, :class:`ShapeMismatchError`, :class:`NonFiniteError`.
     """
+    adapters = [dataclasses.replace(inp, adapter=follow_peft_layout(inp.adapter, shapes)) for inp in adapters]
+    ops = _collect(adapters)
+    untied = tie is not None and any(not copy and k in (tie.head, tie.embed) for copy, k, *_ in ops.saved)
+    full = dict(shapes)
+    if tie is not None and untied:
+        full[tie.head] = shapes[tie.embed]
+
+    def target(key: str) -> str:
+        return tie.embed if tie is not None and not untied and key == tie.head else key
+
+    _check_against_base(full, adapters, target)
     deltas: dict[str, list[tuple[Module, float]]] = {}
+    for key, parts in ops.deltas.items():
+        deltas.setdefault(target(key), []).extend(parts)
     replace: dict[str, Tensor] = {}
-    for inp in adapters:
-        ad = follow_peft_layout(inp.adapter, shapes)
-        ad.check_finite()
-        if not math.isfinite(inp.weight):
-            raise InvalidOptionError(f"`weight` {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
-        names = list(ad.modules)
-        if names and not any(f"{n}.weight" in shapes for n in names):
-            raise WrongBaseError(f"none of its {len(names)} modules is in the base (first: {names[0]}.weight); "
-                                 "check that BASE is the model the adapter was trained on")
-        for name, m in ad.items():
-            key = f"{name}.weight"
-            _check_module(key, m, shapes)
-            if m.rank > 0:  # a rank-0 AdaLoRA module adds exactly nothing: leave that tensor byte for byte
-                deltas.setdefault(key, []).append((m, inp.weight))
-        for skey, t in ad.saved.items():
-            key = saved_base_key(skey)
-            _check_saved(key, skey, t, shapes)
-            if inp.weight != 1.0:
-                raise InvalidOptionError(f"{inp.label or 'the adapter'} replaces {key} (modules_to_save), "
-                                         "which cannot be weighted; give it `weight` 1")
-            if key in replace:
-                raise InvalidOptionError(f"two adapters both replace {key} (modules_to_save); merge them one at a time")
-            replace[key] = t
+    restore: set[str] = set()
+    for copy, key, skey, t, inp in ops.saved:
+        tkey = target(key)
+        _check_saved(tkey, skey, t, full)
+        if copy and unmerge:
+            restore.add(tkey)
+        elif copy and same_as_base is not None and same_as_base(tkey, t):
+            continue  # the adapter's copy of the base layer is the base's own tensor: nothing to replace
+        elif inp.weight != 1.0:
+            raise InvalidOptionError(f"{inp.label or 'the adapter'} replaces {tkey} (modules_to_save), "
+                                     "which cannot be weighted; give it `weight` 1")
+        if tkey in replace:
+            raise InvalidOptionError(f"two adapters both replace {tkey} (modules_to_save); merge them one at a time")
+        replace[tkey] = t
     for key, parts in deltas.items():
         _check_dora(key, parts, key in replace)
-    return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k)) for k in sorted(set(deltas) | set(replace))}
+    rows = _plan_rows(ops, full, target, deltas, replace)
+    keys = set(deltas) | set(replace) | set(rows) | ({tie.head} if tie is not None and untied else set())
+    source = {tie.head: tie.embed} if tie is not None and untied else {}
+    return {k: TensorPlan(k, tuple(deltas.get(k, ())), replace.get(k), source.get(k), k in restore, rows.get(k))
+            for k in sorted(keys)}
+
+
+def _plan_rows(ops: _Ops, shapes: Shapes, target: Callable[[str], str], deltas: Mapping[str, object],
+               replace: Mapping[str, object]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Trainable-token rows by tensor, checked: in range, one set per tensor, nothing else changing it."""
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for key, idx, values, inp in ops.rows:
+        key = target(key)
+        if key not in shapes:
+            raise MissingModuleError(key, "the base model", "the adapter's trainable tokens (trainable_token_indices) "
+                                                            "replace rows of it")
+        shape = tuple(shapes[key][1])
+        if len(shape) != 2 or values.shape[1] != shape[1] or not all(0 <= i < shape[0] for i in idx):
+            raise ShapeMismatchError(key, f"rows < {shape[0]} of width {shape[1:]}",
+                                     f"indices {min(idx)}…{max(idx)} of width {tuple(values.shape[1:])}")
+        if inp.weight != 1.0:
+            raise InvalidOptionError(f"{inp.label or 'the adapter'} replaces rows of {key} (trainable_token_indices), "
+                                     "which cannot be weighted; give it `weight` 1")
+        if key in out or key in deltas or key in replace:
+            raise InvalidOptionError(f"{key} gets trainable-token rows and another change from the adapters; merge "
+                                     "them one at a time")
+        out[key] = (torch.tensor(idx, dtype=torch.int64), values)
+    return out
+
+
+def _collect(adapters: Sequence[AdapterInput]) -> _Ops:
+    ops = _Ops()
+    for inp in adapters:
+        ad = inp.adapter
+        ad.check_finite()
+        refused = fixed_delta_refusal(ad.config)
+        if refused is not None:
+            raise UnsupportedConfigError(inp.label or "the adapter", *refused, ALORA_WHY)
+        if not math.isfinite(inp.weight):
+            raise InvalidOptionError(f"`weight` {inp.weight} for {inp.label or 'an adapter'} is not a finite number")
+        for name, m in ad.items():
+            if m.rank > 0:  # a rank-0 AdaLoRA module adds exactly nothing: leave that tensor byte for byte
+                ops.deltas.setdefault(weight_key(name, m), []).append((m, inp.weight))
+            bias = m.bias_delta()
+            if bias is not None:
+                ops.deltas.setdefault(f"{name}.bias", []).append((bias, inp.weight))
+        tokens = token_rows(ad)
+        ops.rows.extend((f"{name}.weight", idx, rows, inp) for name, (idx, rows) in tokens.items())
+        for skey, t in ad.saved.items():
+            if not skey.endswith(TOKENS_SUFFIX):
+                ops.saved.append((is_base_copy(skey), saved_base_key(skey), skey, t, inp))
+    return ops
+
+
+def _check_against_base(shapes: Shapes, adapters: Sequence[AdapterInput], target: Callable[[str], str]) -> None:
+    for inp in adapters:
+        keys = [weight_key(n, m) for n, m in inp.adapter.items()]
+        if keys and not any(target(k) in shapes for k in keys):
+            raise WrongBaseError(f"none of its {len(keys)} modules is in the base (first: {keys[0]}); "
+                                 "check that BASE is the model the adapter was trained on")
+        for name, m in inp.adapter.items():
+            _check_module(target(weight_key(name, m)), m, shapes)
+            if m.bias is not None:
+                _check_bias(target(f"{name}.bias"), m, shapes)
+
+
+def weight_key(name: str, m: Module) -> str:
+    """The base tensor a module adapts: ``<name>.weight``, or the expert parameter ``<name>`` itself."""
+    return name if m.kind == "experts" else f"{name}.weight"
+
+
+def _check_bias(key: str, m: Module, shapes: Shapes) -> None:
+    if key not in shapes:
+        raise MissingModuleError(key, "the base model", "the adapter has a LoRA bias (lora_bias) but the base layer "
+                                                        "has no bias, which peft cannot merge either")
+    if tuple(shapes[key][1]) != (int(m.B.shape[0]),):
+        raise ShapeMismatchError(key, f"the base's {tuple(shapes[key][1])}", f"({int(m.B.shape[0])},) from lora_B.bias")
+
+
+def tie_notes(plan: Mapping[str, TensorPlan], tie: Tie | None) -> list[str]:
+    """What a merge does to a tied embedding pair, said as peft says it (it warns in both cases)."""
+    if tie is None:
+        return []
+    if tie.head in plan:
+        return [f"{tie.embed} and {tie.head} were tied and the adapter replaces one of them (modules_to_save): "
+                f"untied as peft's merge_and_unload does — {tie.head} is written as its own tensor and config.json "
+                "gets tie_word_embeddings: false"]
+    if tie.embed in plan:
+        return [f"{tie.embed} is tied to {tie.head}: the adapter's change to it changes the output head too, "
+                "as in peft (which warns about adapters on tied embeddings)"]
+    return []
 
 
 def _check_dora(key: str, parts: Sequence[tuple[Module, float]], replaced: bool) -> None:
@@ -206,6 +377,9 @@ def _check_dora(key: str, parts: Sequence[tuple[Module, float]], replaced: bool)
     """
     if not any(m.is_dora for m, _ in parts):
         return
+    if any(m.kind == "experts" for m, _ in parts):
+        raise UnsupportedConfigError(key, "use_dora", True, "peft 0.21.2 has no DoRA for MoE experts parameters "
+                                     "(target_parameters, ParamWrapper), so there is no merge to match")
     if len(parts) > 1:
         raise InvalidOptionError(f"{key} is adapted by a DoRA adapter and {len(parts) - 1} other adapter(s): a DoRA "
                                  "merge rescales each row of W0 + ΔW to its magnitude, so it is not a sum with other "
@@ -256,18 +430,21 @@ def follow_peft_layout(ad: Adapter, shapes: Mapping[str, tuple[str, tuple[int, .
                              "(in, out) and others as (out, in); check that BASE is the adapter's model")
 
 
-def _check_module(key: str, m: Module, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+def _check_module(key: str, m: Module, shapes: Shapes) -> None:
     if key not in shapes:
-        raise MissingModuleError(key, "the base model", "wrong base model, or a different architecture")
+        hint = ("an MoE experts module whose parameter the base does not hold" if m.kind == "experts" else
+                "wrong base model, or a different architecture")
+        raise MissingModuleError(key, "the base model", hint)
     code, shape = shapes[key]
-    if tuple(shape) != tuple(m.weight_shape):
-        raise ShapeMismatchError(key[:-len(".weight")], f"the base's {tuple(shape)}",
+    want = m.weight_shape[1:] if m.kind == "experts" and m.experts == 1 and len(shape) == 2 else m.weight_shape
+    if tuple(shape) != tuple(want):
+        raise ShapeMismatchError(key.removesuffix(".weight"), f"the base's {tuple(shape)}",
                                  f"{tuple(m.weight_shape)} from the adapter", "wrong base model (a different size?)")
     if CODE_DTYPES.get(code) not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise InvalidOptionError(f"{key} is stored as {code}; only float tensors can be merged into")
 
 
-def _check_saved(key: str, skey: str, t: Tensor, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+def _check_saved(key: str, skey: str, t: Tensor, shapes: Shapes) -> None:
     if key not in shapes:
         raise MissingModuleError(key, "the base model", f"the adapter's full tensor {skey} replaces it")
     if tuple(shapes[key][1]) != tuple(t.shape):

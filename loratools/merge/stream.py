@@ -36,8 +36,10 @@ class Arithmetic:
     device: torch.device
 
 
-def _shape2(span: Span) -> tuple[int, int]:
-    rows = span.shape[0] if span.shape else 1
+def _shape2(span: Span, plan: TensorPlan) -> tuple[int, int]:
+    """The (rows, cols) view a tensor is merged in: (n·d, cols) for stacked experts (see ``kernels._factors``)."""
+    experts = any(m.kind == "experts" for m, _ in plan.deltas) and len(span.shape) == 3
+    rows = (span.shape[0] * span.shape[1] if experts else span.shape[0]) if span.shape else 1
     n = 1
     for d in span.shape:
         n *= d
@@ -78,7 +80,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
     DoRA: a first pass over W0 gives ‖V‖_row (:func:`~.kernels.dora_norms`), which
     the record keeps as the patch's ``dora_norm`` part (the un-merge cannot recompute it).
     """
-    rows, cols = _shape2(span)
+    rows, cols = _shape2(span, plan)
     base = CODE_DTYPES[span.dtype]
     factors = factors_of(plan.deltas, precision=ar.precision, device=ar.device)
     back = factors_of(plan.deltas, sign=-1.0, precision=ar.precision, device=ar.device) if record else []
@@ -101,6 +103,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
             start = replace[i:i + n] if replace is not None else w0
             out = _merge(w0, start, factors, i, dtype, ar, "out", key, "the base model",
                          f"the merge (the sum overflows {dtype})", post_mul=scale)
+            out = _token_rows(out, plan, i)
             if builder is not None:
                 sha.update(memoryview(w0.reshape(-1).view(torch.uint8).numpy()))
                 recon = out if not back else _merge(out, out, back, i, base, ar, "recon", key, "the merged tensor",
@@ -112,6 +115,17 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
             if norms is not None:
                 patch["dora_norm"] = norms.cpu()
             record.add(key, patch, sha.hexdigest())
+
+
+def _token_rows(out: Tensor, plan: TensorPlan, first: int) -> Tensor:
+    """The block of rows ``first …`` with peft's trainable-token rows that fall in it copied in (last, as peft)."""
+    if plan.rows is None:
+        return out
+    idx, values = plan.rows
+    sel = (idx >= first) & (idx < first + out.shape[0])
+    if not bool(sel.any()):
+        return out
+    return out.index_copy(0, idx[sel] - first, values[sel].reshape(-1, out.shape[1]).to(out.dtype))
 
 
 def _values_at(reader: RowReader, idx: np.ndarray, step: int, cols: int) -> Tensor:
@@ -134,7 +148,7 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
     Raises :class:`CorruptFileError` after the last block if the restored bytes
     do not hash to ``sha256`` (the output is then never renamed into place).
     """
-    rows, cols = _shape2(span)
+    rows, cols = _shape2(span, plan)
     dtype = CODE_DTYPES[span.dtype]
     back = factors_of(plan.deltas, sign=-1.0, precision=ar.precision, device=ar.device)
     parts = {part: read_tensor(s) for part, s in patch.items()}
