@@ -275,3 +275,18 @@ def test_jobs_do_not_import_each_other(job: str) -> None:
     others = sorted(o for o in JOBS if o != job and any(_under(n, o) for n in names) and not _under(o, job))
     assert others == [], f"{job} imports the jobs {others}"
 
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """No module over ~400 lines, no function over 60, unless a comment at its top says why (``# long: …``)."""
+    long_modules, long_functions = [], []
+    for name, path in package_modules():
+        text = path.read_text()
+        if text.count("\n") > 420:
+            long_modules.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                first = text.splitlines()[node.body[0].lineno - 1] if node.body else ""
+                if "# long:" not in text.splitlines()[node.lineno] and "# long:" not in first:
+                    long_functions.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long_modules and not long_functions, (long_modules, long_functions)
