@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import Adapter, Module, as_lora, module_from_svd
-from .linalg import RankRule, allocate_ranks, allocation_method, lowrank_svd_gram, truncation_error, uniform_rank
+from .linalg import RankRule, lowrank_svd_gram
+from .rank_allocation import allocate_ranks, allocation_method, truncation_error, uniform_rank
 
 __all__ = ["resize_adapter", "ResizeResult", "ResizeLayer", "resize_together", "Allocation"]
 
