@@ -32,7 +32,9 @@ from common import lee_corpus, machine, smollm_dir  # noqa: E402
 
 from loratools.data import collate, global_batch_indices, load_examples, split_examples, target_tokens  # noqa: E402
 from loratools.lm import load_causal_lm  # noqa: E402
-from loratools.train import TrainConfig, causal_lm_loss, evaluate, lr_at, train  # noqa: E402
+from loratools.evaluation import causal_lm_loss, evaluate  # noqa: E402
+from loratools.train import lr_at, train  # noqa: E402
+from loratools.train_config import TrainConfig  # noqa: E402
 
 QV = ("q_proj", "v_proj")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -39,7 +39,7 @@ def child(impl: str, model_dir: str, steps: int, warmup: int, batch: int, seq_le
     from transformers import AutoModelForCausalLM
 
     from loratools.device import resolve_device
-    from loratools.train import causal_lm_loss
+    from loratools.evaluation import causal_lm_loss
 
     torch.set_num_threads(threads)
     device = resolve_device(device_name)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .nn import AdaLoRALinear, LayerSpec, LoRALinear, adapter_state, inject, load_adapter
     from .prune import prune_adapter
     from .resize import resize_adapter
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
 __version__ = "0.1.0"
 
@@ -51,7 +51,7 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["AdaLoRALinear", "LayerSpec", "LoRALinear", "adapter_state", "inject", "load_adapter"], "nn"),
     "prune_adapter": "prune",
     "resize_adapter": "resize",
-    "TrainConfig": "train",
+    "TrainConfig": "train_config",
 }
 
 __all__ = sorted(_HOMES) + ["__version__"]

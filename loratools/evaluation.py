@@ -2,7 +2,7 @@
 
 ``resize``/``prune``/``extract``/``combine`` report, with ``--base --data``, the token-mean next-token
 cross-entropy of ``base + adapter`` on the data's examples before and after the operation (the same
-loss ``train`` reports as its held-out loss, :func:`loratools.train.evaluate`), so that a compression's
+loss ``train`` reports as its held-out loss, :func:`evaluate`), so that a compression's
 cost can be read in the units that matter to the task.
 """
 
@@ -14,12 +14,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .adapter import Adapter
-from .data import Example, load_examples, read_rows, row_example
+from .data import Example, collate, load_examples, read_rows, row_example, target_tokens
 from .errors import InvalidOptionError
 
-__all__ = ["HeldOut", "heldout_losses"]
+__all__ = ["HeldOut", "heldout_losses", "causal_lm_loss", "evaluate"]
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum (not mean) of next-token cross-entropy over positions whose label is not IGNORE."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[Example], *, batch_size: int, pad_id: int, device: torch.device,
+             autocast: bool) -> float:
+    """Token-mean held-out loss."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        b = {k: v.to(device) for k, v in collate(chunk, pad_id=pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        total += float(causal_lm_loss(logits, b["labels"]))
+        count += target_tokens(chunk)
+    model.train(was)
+    return total / max(1, count)
+
 
 
 def _examples(data: str | Path, tokenizer: Any, seq_len: int) -> list[Example]:
@@ -49,7 +77,6 @@ class HeldOut:
     def loss(self, adapter: Adapter | None, *, batch_size: int = 4) -> float:
         """Token-mean held-out loss of the base with ``adapter`` applied (None: the base alone)."""
         from .nn import load_adapter
-        from .train import evaluate
 
         model: Any = self.model
         if adapter is not None and adapter.modules:

@@ -17,7 +17,8 @@ from loratools.formats import read_adapter
 from loratools.io import ModelReader
 from loratools.nn import LayerSpec, adapter_state, expected_parameters, inject, load_adapter
 from loratools.nn_dora import DoRALinear
-from loratools.train import TrainConfig, train
+from loratools.train import train
+from loratools.train_config import TrainConfig
 
 from conftest import ROOT, TINY_LLAMA
 

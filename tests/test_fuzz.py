@@ -279,7 +279,7 @@ def test_fuzz_merge_stamp(tmp_path):
 
 def test_fuzz_checkpoint_state(tmp_path):
     from loratools.checkpoint import FORMAT, read_state
-    from loratools.train import TrainConfig, config_of_state
+    from loratools.train_config import TrainConfig, config_of_state
 
     state = {"step": 2, "config": TrainConfig(steps=4).to_json(), "world_size": 1, "losses": [{"step": 1, "loss": 3.0}],
              "evals": [], "rng": [[1, 2, 3]], "format": FORMAT}

@@ -16,7 +16,8 @@ from loratools.data import IGNORE, global_batch_indices, load_examples, split_ex
 from loratools.errors import InvalidOptionError, OutputExistsError
 from loratools.formats import read_adapter
 from loratools.nn import load_adapter
-from loratools.train import TrainConfig, lr_at, train
+from loratools.train import lr_at, train
+from loratools.train_config import TrainConfig
 
 from conftest import ROOT, TINY_LLAMA
 

@@ -175,7 +175,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
       loratools train BASE data.txt -o out/dora --dora --rank 8
       torchrun --nproc-per-node 2 -m loratools train BASE data.txt -o out/ddp --batch-size 2
     """
-    from ..train import TrainConfig
+    from ..train_config import TrainConfig
     from ..train import train as run_training
 
     config = _config(click.get_current_context(), resume, TrainConfig,
