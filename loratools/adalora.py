@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -43,6 +43,7 @@ from .errors import InvalidOptionError
 __all__ = [
     "Sensitivity", "check_betas", "update_sensitivity", "triplet_scores", "allocate", "budget_schedule",
     "RankAllocator", "TripletLayer", "mask_key", "rank_pattern_masks", "module_mask", "narrow_mask",
+    "OrthForm", "orthogonal_regularizer", "orthogonal_penalty",
 ]
 
 
@@ -289,3 +290,38 @@ def narrow_mask(mask: Sequence[bool], kept: Iterable[int]) -> list[bool]:
     for i in kept:
         out[alive[i]] = True
     return out
+
+
+# --- the orthogonality penalty on P and Q (training) ------------------------------------------------------------------
+
+OrthForm = Literal["paper", "peft"]
+
+
+def orthogonal_regularizer(P: Tensor, Q: Tensor, *, form: OrthForm = "paper") -> Tensor:
+    """AdaLoRA's penalty pushing P's columns and Q's rows towards orthonormality.
+
+    ``form="paper"``: ``R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F`` (the paper's eq. 4).
+    ``form="peft"``: ``(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F) / 2`` — the unsquared norms, averaged over
+    the two matrices as PEFT (and the authors' code) do.
+
+    >>> float(orthogonal_regularizer(torch.eye(5, 3), torch.eye(3, 7)))
+    0.0
+    """
+    eye = torch.eye(P.shape[1], device=P.device, dtype=P.dtype)
+    dp = P.T @ P - eye
+    dq = Q @ Q.T - eye
+    if form == "paper":
+        return dp.pow(2).sum() + dq.pow(2).sum()
+    if form == "peft":
+        return (torch.linalg.norm(dp) + torch.linalg.norm(dq)) / 2
+    raise InvalidOptionError(f"`form` of the orthogonal regulariser must be paper or peft, got {form!r}")
+
+
+def orthogonal_penalty(layers: Iterable[TripletLayer], *, form: OrthForm = "paper") -> Tensor:
+    """The whole model's penalty: the paper sums ``R(P, Q)`` over layers; PEFT averages its norms
+    over every P and Q matrix. Multiply by the regulariser weight γ."""
+    terms = [orthogonal_regularizer(layer.lora_B, layer.lora_A, form=form) for layer in layers if layer.r > 0]
+    if not terms:
+        return torch.zeros(())
+    total = torch.stack(terms).sum()
+    return total if form == "paper" else total / len(terms)

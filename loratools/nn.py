@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adalora import RankAllocator, budget_schedule, rank_pattern_masks
+# AdaLoRA's allocator and orthogonality penalty are re-exported: they are part of the training API (__all__)
+from .adalora import (OrthForm, RankAllocator, budget_schedule, orthogonal_penalty, orthogonal_regularizer,
+                      rank_pattern_masks)
 from .adapter import Adapter, Module
 from .config import AdapterConfig, adalora_scale, lora_scale, target_matches
 from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
@@ -46,8 +48,6 @@ __all__ = [
     "trainable_parameters",
     "expected_parameters",
 ]
-
-OrthForm = Literal["paper", "peft"]
 
 
 def _in_out(base: nn.Module) -> tuple[int, int, bool]:
@@ -183,36 +183,6 @@ class AdaLoRALinear(_Adapted):
         return orthogonal_regularizer(self.lora_B, self.lora_A, form=form)
 
 
-def orthogonal_regularizer(P: Tensor, Q: Tensor, *, form: OrthForm = "paper") -> Tensor:
-    """AdaLoRA's penalty pushing P's columns and Q's rows towards orthonormality.
-
-    ``form="paper"``: ``R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F`` (the paper's eq. 4).
-    ``form="peft"``: ``(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F) / 2`` — the unsquared norms, averaged over
-    the two matrices as PEFT (and the authors' code) do.
-
-    >>> float(orthogonal_regularizer(torch.eye(5, 3), torch.eye(3, 7)))
-    0.0
-    """
-    eye = torch.eye(P.shape[1], device=P.device, dtype=P.dtype)
-    dp = P.T @ P - eye
-    dq = Q @ Q.T - eye
-    if form == "paper":
-        return dp.pow(2).sum() + dq.pow(2).sum()
-    if form == "peft":
-        return (torch.linalg.norm(dp) + torch.linalg.norm(dq)) / 2
-    raise InvalidOptionError(f"`form` of the orthogonal regulariser must be paper or peft, got {form!r}")
-
-
-def orthogonal_penalty(layers: Iterable[AdaLoRALinear], *, form: OrthForm = "paper") -> Tensor:
-    """The whole model's penalty: the paper sums ``R(P, Q)`` over layers; PEFT averages its norms
-    over every P and Q matrix. Multiply by the regulariser weight γ."""
-    terms = [layer.orthogonal_regularizer(form=form) for layer in layers if layer.r > 0]
-    if not terms:
-        return torch.zeros(())
-    total = torch.stack(terms).sum()
-    return total if form == "paper" else total / len(terms)
-
-
 # ---------------------------------------------------------------------------------------------
 # Injection and export
 
@@ -295,10 +265,6 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers
-
-
-def _adaptable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
 def _check_every_target_adapted(model: nn.Module, targets: str | list[str],

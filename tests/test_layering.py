@@ -34,7 +34,7 @@ ALLOWED = {
 PURE_CORE = (
     "loratools.errors", "loratools.config", "loratools.linalg", "loratools.adapter", "loratools.inspection",
     "loratools.modelcard", "loratools.nn", "loratools.nn_dora", "loratools.adalora", "loratools.dora",
-    "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan", "loratools.merge.experts", "loratools.validate",
+    "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan", "loratools.merge.layout", "loratools.merge.experts", "loratools.validate",
 )
 # modules through which files are reached, and the calls that read or write them
 FILE_MODULES = frozenset({"os", "shutil", "pathlib", "tempfile", "io", "mmap", "glob", "fcntl", "safetensors",

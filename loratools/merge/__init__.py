@@ -22,10 +22,7 @@ even in bfloat16.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,13 +37,16 @@ from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, Shap
                       WrongBaseError)
 from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, rewrite_model
 from ..dora import merged_weight
-from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance, ulp,
+from .config import config_edits, read_hparams
+from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance,
                       unmerged_tensor)
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, content_sha256, find_tie, out_code,
-                   plan_merge, resolve_precision, saved_base_key, stamp, stamp_entries, tie_notes)
+from .layout import find_tie
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision,
+                   saved_base_key, stamp, tie_notes)
 from .experts import resolve_experts
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
+from .unmerge import ErrorStats, check_stamp
 
 __all__ = [
     "AdapterInput", "TensorPlan", "MergeReport", "VerifyReport", "ModuleCheck", "Progress",
@@ -143,16 +143,6 @@ class VerifyReport:
 
 # --------------------------------------------------------------------------- the jobs
 
-def _hparams(model: ModelReader) -> dict[str, Any] | None:
-    """The model's config.json (beside a single file), or None."""
-    path = model.root / "config.json"
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(path, f"not valid JSON ({e.msg})") from None
-    return data if isinstance(data, dict) else None
-
-
 @dataclass
 class _Job:
     """What every job starts from: the inputs, the model read once, the plan."""
@@ -169,7 +159,7 @@ class _Job:
               precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
         dev, prec = resolve_device(device), resolve_precision(precision)
         model = ModelReader(path)
-        hparams = _hparams(model)
+        hparams = read_hparams(model)
         # MoE expert LoRA names modules, not parameters: placed on this model's tensors first
         inputs = [replace(i, adapter=resolve_experts(i.adapter, model.shapes(), hparams))
                   for i in adapter_inputs(adapters)]
@@ -213,52 +203,6 @@ class _Job:
         if not plan.deltas:
             return w.to(dtype)
         return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
-
-
-def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
-    """An edit of ``config.json`` that names ``dtype`` as the weights' dtype.
-
-    transformers 5.23 loads a model in the dtype its config's ``dtype`` names (``torch_dtype`` in
-    older files; sub-configs such as ``text_config`` carry their own), so a merge that casts the
-    weights must say so there, or the bfloat16 weights come back as float32.
-    """
-    name = str(dtype).replace("torch.", "")
-
-    def fix(node: Any) -> None:
-        if isinstance(node, dict):
-            for key in ("dtype", "torch_dtype"):
-                if key in node:
-                    node[key] = name
-            for value in node.values():
-                fix(value)
-
-    def edit(raw: bytes) -> bytes:
-        config = json.loads(raw)
-        fix(config)
-        config.setdefault("dtype", name)
-        return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-
-    return edit
-
-
-def _untie_edit(raw: bytes) -> bytes:
-    """config.json with ``tie_word_embeddings: false``: the merge wrote the output head as its own tensor."""
-    return (json.dumps({**json.loads(raw), "tie_word_embeddings": False}, indent=2, sort_keys=True) + "\n").encode()
-
-
-def config_edits(dtype: torch.dtype | None, *, untie: bool = False) -> dict[str, Callable[[bytes], bytes]] | None:
-    """The one ``config.json`` edit a merge makes (``rewrite_model``'s ``side_edits``): the new ``dtype``
-    (:func:`config_dtype_edit`) and/or untied embeddings, composed; None when the config is copied as it is."""
-    steps = ([config_dtype_edit(dtype)] if dtype is not None else []) + ([_untie_edit] if untie else [])
-    if not steps:
-        return None
-
-    def edit(raw: bytes) -> bytes:
-        for step in steps:
-            raw = step(raw)
-        return raw
-
-    return {"config.json": edit}
 
 
 def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
@@ -334,68 +278,6 @@ def _gguf(base: PathLike, *, dtype: torch.dtype | None = None, quant: str | None
     return True
 
 
-def _check_stamp(model: ModelReader, merged: PathLike, inputs: Sequence[AdapterInput]) -> bool:
-    """The merged model says which adapters, with which weights, went in: refuse any other.
-
-    Returns True when the stamp vouches for every input (same content hash and
-    weight); False when there is no stamp to check against (a merge by another
-    tool). A loratools stamp older than content hashes is checked by shapes only
-    and vouches for nothing more.
-    """
-    stamped = model.metadata().get(METADATA_KEY)
-    if not stamped:
-        return False
-    entries = stamp_entries(stamped, where=f"{merged} (metadata {METADATA_KEY})")
-    if entries is None:
-        return False
-    vouched = True
-    for i in inputs:
-        label = i.label or "this adapter"
-        content = content_sha256(i.adapter)
-        same = [e for e in entries if (e.content or i.adapter.fingerprint.sha256) in (content, e.fingerprint)
-                and (e.content is None or e.content == content)]
-        if not same:
-            why = ("the same shapes but other factors or scales" if any(
-                e.fingerprint == i.adapter.fingerprint.sha256 for e in entries) else "other modules or shapes")
-            raise WrongBaseError(f"{merged} records the adapters merged into it, and {label} is not one of them "
-                                 f"({why}); pass `ignore_stamp` to un-merge it anyway")
-        if not any(e.weight == i.weight for e in same):
-            raise WrongBaseError(f"{merged} records {label} merged with weight {same[0].weight:g}, not {i.weight:g}; "
-                                 "give that `weight`, or pass `ignore_stamp` to un-merge it anyway")
-        vouched = vouched and any(e.content is not None for e in same)
-    return vouched
-
-
-class _ErrorStats:
-    """The un-merge's error figures without a record (see :func:`unmerge_model`), summed over tensors."""
-
-    def __init__(self) -> None:
-        self.max = self.sq = self.ref = self.bound = 0.0
-        self._lock = threading.Lock()
-
-    def add(self, key: str, w: Tensor, r: Tensor, p: TensorPlan, job: _Job) -> None:
-        probe = jitter(r, seed=len(key))  # the round trip re-run on a stand-in base measures what this dtype loses
-        opts = {"precision": job.precision, "device": job.device}
-        again = unmerged_tensor(merged_tensor(probe, p.deltas, **opts), p.deltas, **opts).cpu().to(torch.float64)
-        err = again - probe.to(torch.float64)
-        # |W0' − W0| ≤ ½ulp(W0') + the rounding any correct merge of these adapters may have left in W
-        # (verify's tolerance at W, whose ΔW this un-merge forms once more), W0 stored in W's dtype or wider
-        tol = tolerance(w.to(device=job.device, dtype=job.precision), r.to(job.precision), p.deltas, w.dtype,
-                        precision=job.precision)
-        bound = tol.reshape(r.shape).cpu().to(torch.float64) + 0.5 * ulp(r)
-        figures = (float(err.abs().max()), float((err * err).sum()), float((r.to(torch.float64) ** 2).sum()),
-                   float(bound.max()))
-        with self._lock:  # tensors are computed on several threads
-            self.max = max(self.max, figures[0])
-            self.sq += figures[1]
-            self.ref += figures[2]
-            self.bound = max(self.bound, figures[3])
-
-    @property
-    def rel(self) -> float:
-        return math.sqrt(self.sq / self.ref) if self.ref else 0.0
-
-
 def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device: str | torch.device = "auto",
                   precision: str | torch.dtype = torch.float32, record: PathLike | None = None, force: bool = False,
                   extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None,
@@ -426,7 +308,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
                             force=force, extra_inputs=extra_inputs, progress=progress)
     job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
-    vouched = False if ignore_stamp else _check_stamp(model, merged, job.inputs)
+    vouched = False if ignore_stamp else check_stamp(model, merged, job.inputs)
     record_path = Path(record) if record is not None else None
     patches: dict[str, dict[str, Span]] = {}
     hashes: dict[str, str] = {}
@@ -447,7 +329,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         if replaced:
             raise InvalidOptionError(f"the adapter replaced {replaced[0][0]} ({replaced[0][1]}); only the record of "
                                      "the merge (`record`) can give the original back")
-    stats = _ErrorStats()
+    stats = ErrorStats(job.precision, job.device)
 
     def compute(key: str) -> Iterator[Tensor] | Tensor | None:
         p = plan.get(key)
@@ -463,7 +345,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
             check_finite(key, w, "the merged model")
             raise NonFiniteError(key, "the un-merge") from None
         if p.deltas and not p.restore:
-            stats.add(key, w, r, p, job)
+            stats.add(key, w, r, p)
         return r
 
     meta = stamp("unmerge", job.inputs, job.precision, job.device, exact=record_path is not None)

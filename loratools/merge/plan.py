@@ -13,8 +13,7 @@ import hashlib
 import json
 import math
 import re
-import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +25,11 @@ from ..config import ALORA_WHY, fixed_delta_refusal
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedConfigError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
 from ..validate import finite_number, get_field, load_json
+from .layout import Tie, follow_peft_layout
 
-__all__ = ["content_sha256", "StampEntry", "stamp_entries", "AdapterInput", "TensorPlan", "Tie", "METADATA_KEY",
-           "FLOAT_CODES", "HEAD_KEY", "adapter_inputs", "plan_merge", "find_tie", "tie_notes", "saved_base_key",
-           "is_base_copy", "follow_peft_layout", "resolve_precision", "out_code", "stamp"]
+__all__ = ["content_sha256", "StampEntry", "stamp_entries", "AdapterInput", "TensorPlan", "METADATA_KEY",
+           "FLOAT_CODES", "adapter_inputs", "plan_merge", "tie_notes", "saved_base_key", "is_base_copy",
+           "resolve_precision", "out_code", "stamp"]
 
 #: the metadata key of a merged model (and of a record) that says which adapters went in
 METADATA_KEY = "loratools.merge"
@@ -164,32 +164,6 @@ def is_base_copy(key: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Tie:
-    """A base whose output head *is* its input embedding: ``head`` is absent from its files."""
-
-    head: str
-    embed: str
-
-
-#: the output head of a causal LM in transformers 5.23 (``_tied_weights_keys = {"lm_head.weight": …}``)
-HEAD_KEY = "lm_head.weight"
-_EMBED_KEYS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
-               "embed_in.weight")
-
-
-def find_tie(hparams: Mapping[str, Any] | None, keys: Collection[str]) -> Tie | None:
-    """The base's tied input/output embeddings: its config says ``tie_word_embeddings: true`` (or says
-    nothing and it is a causal LM), its files hold no ``lm_head.weight``, and they hold one input embedding."""
-    cfg = hparams or {}
-    archs = cfg.get("architectures") or []
-    tied = cfg.get("tie_word_embeddings", any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
-    if tied is not True or HEAD_KEY in keys:
-        return None
-    embeds = [k for k in keys if k.endswith(_EMBED_KEYS)]
-    return Tie(HEAD_KEY, embeds[0]) if len(embeds) == 1 else None
-
-
-@dataclass(frozen=True)
 class TensorPlan:
     """What happens to one tensor: replaced by a saved tensor, and/or Σ wᵢ·ΔWᵢ added.
 
@@ -234,7 +208,7 @@ def plan_merge(shapes: Shapes, adapters: Sequence[AdapterInput], *, tie: Tie | N
     """Check every adapter against the base's ``{key: (dtype code, shape)}`` and plan each changed tensor.
 
     Each adapter's factors are checked for NaN/Inf once (a read adapter was
-    checked when it was read). With ``tie`` (:func:`find_tie`), changes to the output head
+    checked when it was read). With ``tie`` (:func:`.layout.find_tie`), changes to the output head
     go to the input embedding they share, as in peft, unless a ``modules_to_save`` tensor
     replaces either: then peft unties them (``tuners_utils.py`` ``_unload_and_optionally_merge``)
     and the plan holds the head as a new tensor (``source`` = the embedding). A ``base_layer``
@@ -389,45 +363,6 @@ def _check_dora(key: str, parts: Sequence[tuple[Module, float]], replaced: bool)
                                  "W0 + ΔW to the magnitude m, so a weighted DoRA update has no meaning; give it `weight` 1")
     if replaced:
         raise InvalidOptionError(f"{key} is replaced by a saved full tensor and adapted by DoRA; merge them one at a time")
-
-
-def follow_peft_layout(ad: Adapter, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> Adapter:
-    """``fan_in_fan_out`` as peft applies it: honoured for GPT-2's ``Conv1D`` (weight stored (in, out)),
-    ignored for ``nn.Linear`` (weight (out, in)).
-
-    peft 0.21.2 ``tuners/lora/layer.py`` ``dispatch_default``: for a ``torch.nn.Linear`` target it warns
-    and sets ``fan_in_fan_out = False``; for ``Conv1D`` it sets it True. The adapter file does not say
-    which class a module was, the base's shapes do: a non-square weight stored (out, in) is an
-    ``nn.Linear``, one stored (in, out) a ``Conv1D``. A model's adapted layers are all one or the
-    other, so a square weight follows the adapter's non-square ones; when every one is square, GPT-2's
-    ``c_*`` names mean ``Conv1D`` and anything else is refused rather than guessed.
-    """
-    fifo = {n: m for n, m in ad.items() if m.fan_in_fan_out and m.kind == "linear"}
-    if not fifo:
-        return ad
-    votes = set()
-    for n, m in fifo.items():
-        shape = tuple(shapes.get(f"{n}.weight", ("", ()))[1])
-        out_f, in_f = int(m.B.shape[0]), int(m.A.shape[1])
-        if out_f != in_f and shape in ((in_f, out_f), (out_f, in_f)):
-            votes.add("conv1d" if shape == (in_f, out_f) else "linear")
-    if not votes:
-        leaves = {n.rsplit(".", 1)[-1] for n in fifo}
-        if all(leaf.startswith("c_") for leaf in leaves):
-            votes.add("conv1d")
-        else:
-            raise InvalidOptionError(f"the adapter sets fan_in_fan_out and every weight it adapts is square "
-                                     f"(first: {next(iter(fifo))}); peft honours the flag for GPT-2's Conv1D and "
-                                     "ignores it for nn.Linear, and the shapes cannot tell which this base uses")
-    if votes == {"conv1d"}:
-        return ad
-    if votes == {"linear"}:
-        warnings.warn("fan_in_fan_out is set but the base's adapted weights are nn.Linear (out, in): ignored, "
-                      "as peft 0.21.2 does", stacklevel=2)
-        return ad.with_modules({n: (m.with_factors(fan_in_fan_out=False) if n in fifo else m)
-                                for n, m in ad.items()})
-    raise InvalidOptionError("the adapter sets fan_in_fan_out, and the base stores some adapted weights as "
-                             "(in, out) and others as (out, in); check that BASE is the adapter's model")
 
 
 def _check_module(key: str, m: Module, shapes: Shapes) -> None:
