@@ -34,7 +34,8 @@ ALLOWED = {
 PURE_CORE = (
     "loratools.errors", "loratools.config", "loratools.linalg", "loratools.adapter", "loratools.inspection",
     "loratools.modelcard", "loratools.nn", "loratools.nn_dora", "loratools.adalora", "loratools.dora",
-    "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan", "loratools.merge.layout", "loratools.merge.experts", "loratools.validate",
+    "loratools.dtypes", "loratools.merge.kernels", "loratools.merge.plan", "loratools.merge.layout",
+    "loratools.merge.experts", "loratools.validate", "loratools.rank_allocation",
 )
 # modules through which files are reached, and the calls that read or write them
 FILE_MODULES = frozenset({"os", "shutil", "pathlib", "tempfile", "io", "mmap", "glob", "fcntl", "safetensors",
@@ -277,16 +278,25 @@ def test_jobs_do_not_import_each_other(job: str) -> None:
 
 
 
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines without its docstring (a command's docstring is its ``--help``, long by design)."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1:
+        return node.end_lineno - body[1].lineno + 2  # the def line(s) count as one
+    return node.end_lineno - node.lineno + 1
+
+
 def test_modules_and_functions_stay_small() -> None:
-    """No module over ~400 lines, no function over 60, unless a comment at its top says why (``# long: …``)."""
+    """No module over ~400 lines (420 allowed), no function over 60 lines of code, unless a comment at its
+    top says why (``# long: …``)."""
     long_modules, long_functions = [], []
     for name, path in package_modules():
         text = path.read_text()
         if text.count("\n") > 420:
             long_modules.append(f"{name}: {text.count(chr(10))} lines")
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _code_lines(node) > 60:
                 first = text.splitlines()[node.body[0].lineno - 1] if node.body else ""
                 if "# long:" not in text.splitlines()[node.lineno] and "# long:" not in first:
-                    long_functions.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+                    long_functions.append(f"{name}.{node.name}: {_code_lines(node)} lines")
     assert not long_modules and not long_functions, (long_modules, long_functions)

@@ -36,10 +36,8 @@ be held.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,82 +49,20 @@ from ..adapter import Adapter, Module, as_lora
 from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
-from ..gguf_arch import (ARCHITECTURES, NO_LORA, arch_of_hparams, gguf_target, hf_module, known_arch, permute_rows,
+from ..gguf_arch import (ARCHITECTURES, NO_LORA, gguf_target, hf_module, known_arch, permute_rows,
                          qk_heads, unpermute_rows)
 from ..gguf_quants import require_gguf
 from ..validate import finite_number
 from .base import BaseModel, Format, register
+from .gguf_base import (GGUFBase, base_from_gguf, base_from_hparams, base_of_adapter, gguf_base, gguf_field,
+                        gguf_model_info, open_gguf)
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
            "unpermute_rows", "global_alpha", "base_from_hparams", "base_from_gguf", "base_of_adapter",
-           "gguf_model_info", "ARCHITECTURES", "MAGIC"]
+           "gguf_model_info", "gguf_base", "ARCHITECTURES", "MAGIC"]
 
 MAGIC = b"GGUF"
 _HF_NAMES = "loratools.hf_names"  # "gguf=transformers" per tensor pair, "{xid}" for the expert of a stacked one
-
-
-@dataclass(frozen=True)
-class GGUFBase:
-    """What a GGUF adapter needs of its base: llama.cpp's architecture, head and expert counts."""
-
-    arch: str
-    n_head: int | None = None
-    n_head_kv: int | None = None
-    tied_embeddings: bool = False
-    n_expert: int | None = None
-
-
-def base_from_hparams(hparams: Mapping[str, Any], *, where: str = "config.json") -> GGUFBase:
-    """From a Hugging Face ``config.json`` dict."""
-    arch = arch_of_hparams(hparams)
-    if arch is None:
-        names = list(hparams.get("architectures") or []) + [str(hparams.get("model_type", ""))]
-        raise WrongBaseError(f"{where} describes {names[0] if names[0] else 'an unknown model'}; GGUF conversion "
-                             f"maps {', '.join(sorted(set(ARCHITECTURES.values())))} "
-                             f"({', '.join(n for n in ARCHITECTURES if n[0].isupper())})")
-    n = hparams.get("num_attention_heads")
-    kv = hparams.get("num_key_value_heads") or n
-    e = hparams.get("num_local_experts") or hparams.get("num_experts")
-    return GGUFBase(arch, int(n) if n else None, int(kv) if kv else None, bool(hparams.get("tie_word_embeddings")),
-                    int(e) if e else None)
-
-
-def _field(reader: Any, key: str) -> Any:
-    f = reader.get_field(key)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except Exception:  # a damaged value: treat as absent, the caller says what is missing
-        return None
-
-
-def _open(path: Path) -> Any:
-    gguf = require_gguf()
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises bare ValueError/struct errors on damaged files
-        raise CorruptFileError(path, f"not a readable GGUF file ({e.__class__.__name__}: {e})") from None
-
-
-def base_from_gguf(path: Path) -> GGUFBase:
-    """From a llama.cpp ``.gguf``: the base model itself, or an adapter that records its head counts."""
-    return gguf_model_info(path)[0]
-
-
-def gguf_model_info(path: Path) -> tuple[GGUFBase, list[str]]:
-    """``(base, tensor names)`` of a ``.gguf``, parsed once (a model's vocabulary takes seconds to parse)."""
-    r = _open(path)
-    arch = _field(r, "general.architecture")
-    if not arch:
-        raise CorruptFileError(path, "no general.architecture")
-    n, kv = _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv")
-    e = _field(r, f"{arch}.expert_count")
-    names = [t.name for t in r.tensors]
-    # a model file without output.weight ties lm_head to token_embd (adapter files carry no such hint)
-    tied = _field(r, "general.type") != "adapter" and "output.weight" not in names
-    return GGUFBase(str(arch), int(n) if n else None, int(kv) if kv else (int(n) if n else None), tied,
-                    int(e) if e else None), names
 
 
 def detect(path: Path) -> bool:
@@ -281,40 +217,27 @@ def _stacked(g: str, group: Mapping[int, tuple[str, Module]], base: GGUFBase,
     return A, B, f"{pre}.{{xid}}.{rest}"
 
 
-def base_of_adapter(adapter: Adapter) -> GGUFBase:
-    """From the adapter's own ``base_model`` when that is a local directory with config.json."""
-    bm = adapter.config.base_model
-    cfg = Path(bm) / "config.json" if bm else None
-    if cfg is not None and cfg.is_file():
-        try:
-            return base_from_hparams(json.loads(cfg.read_text()), where=str(cfg))
-        except json.JSONDecodeError:
-            raise CorruptFileError(cfg, "not valid JSON") from None
-    raise InvalidOptionError("a GGUF adapter needs its base model's architecture: pass --base (a model directory "
-                             "with config.json, or the base .gguf)")
-
-
 def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     """Read a llama.cpp GGUF LoRA adapter back into module names and PEFT's layout."""
     gguf = require_gguf()
-    r = _open(path)
-    gtype, atype = _field(r, "general.type"), _field(r, "adapter.type")
+    r = open_gguf(path)
+    gtype, atype = gguf_field(r, "general.type"), gguf_field(r, "adapter.type")
     if gtype != "adapter":
         raise NotAnAdapterError(path, f"it is a GGUF {gtype or 'model'} file, not a LoRA adapter (general.type)")
     if atype != "lora":
         raise NotAnAdapterError(path, f"adapter.type is {atype!r}, not 'lora'")
-    arch = str(_field(r, "general.architecture") or "")
+    arch = str(gguf_field(r, "general.architecture") or "")
     if base is not None and base.arch != arch:
         raise WrongBaseError(f"{path} is a GGUF adapter for the {arch!r} architecture but the base is {base.arch!r}")
     if not known_arch(arch):
         raise NotAnAdapterError(path, f"its architecture {arch!r} is not one loratools maps "
                                       f"({', '.join(sorted(set(ARCHITECTURES.values())))})")
-    alpha_v = _field(r, gguf.Keys.Adapter.LORA_ALPHA)
+    alpha_v = gguf_field(r, gguf.Keys.Adapter.LORA_ALPHA)
     alpha = finite_number(alpha_v, where=path, field=gguf.Keys.Adapter.LORA_ALPHA) if alpha_v is not None else 0.0
     if base is None:
-        n, kv = _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv")
+        n, kv = gguf_field(r, f"{arch}.attention.head_count"), gguf_field(r, f"{arch}.attention.head_count_kv")
         base = GGUFBase(arch, int(n) if n else None, int(kv) if kv else None)
-    recorded = dict(x.split("=", 1) for x in (_field(r, _HF_NAMES) or []) if "=" in x)
+    recorded = dict(x.split("=", 1) for x in (gguf_field(r, _HF_NAMES) or []) if "=" in x)
     modules: dict[str, Module] = {}
     for g, p in _tensor_pairs(r, path).items():
         if "a" not in p or "b" not in p:
@@ -378,17 +301,6 @@ def _module(g: str, A: Tensor, B: Tensor, alpha: float, base: GGUFBase, path: Pa
     rank = int(B.shape[1])
     scale = lora_scale(alpha, rank) if alpha else 1.0
     return Module(A=A.contiguous(), B=B.contiguous(), alpha=alpha if alpha else float(rank), scale=scale, kind=kind)
-
-
-def gguf_base(base: BaseModel) -> GGUFBase:
-    """llama.cpp's architecture and head counts of ``base``: from a base ``.gguf`` or its config.json."""
-    known = base.facts.get("gguf")
-    if known is not None:
-        return known
-    if base.hparams is not None:
-        return base_from_hparams(base.hparams, where=str(base.path))
-    raise InvalidOptionError(f"`base` {base.path} has no config.json: GGUF needs the base's architecture and "
-                             "head counts (give the model directory or its .gguf)")
 
 
 def _base_info(path: Path) -> BaseModel:
