@@ -36,6 +36,12 @@ def timed(cmd: list[str], *, cwd: Path = ROOT) -> dict[str, float]:
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}
 
 
+def run_info() -> dict[str, object]:
+    """When and where a benchmark ran: date, Python, usable CPUs, machine and the load at the start."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+            "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "loadavg_start": os.getloadavg()}
+
+
 SMOLLM_DIR = Path(os.environ.get("LORATOOLS_SMOLLM_DIR", "/tmp/loratools-smollm2-135m"))
 
 

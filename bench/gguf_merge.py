@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 # This process stays small (no torch, no numpy): Linux keeps a process's peak RSS across fork+exec,
 # so a fat parent would inflate every child's ru_maxrss. The model is made in a child (`--make`).
 # bench/merge.py (bench/ is sys.path[0] when this runs as a script): its shapes, adapter and timing
-from common import timed  # noqa: E402
+from common import run_info, timed  # noqa: E402
 from merge import HEADS, HIDDEN, INTER, KV, TARGETS, VOCAB, llama_shapes, make_adapter  # noqa: E402
 
 Q8_BYTES = 34 / 32  # Q8_0: a float16 scale + 32 int8 per block of 32 values
@@ -170,8 +170,7 @@ def main() -> None:
         return
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
-    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "loadavg_start": os.getloadavg()}
+    info = run_info()
     try:
         result = bench(args.workdir, args.size_gb, args.runs)
     finally:

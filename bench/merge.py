@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import timed  # noqa: E402
+from common import run_info, timed  # noqa: E402
 # This process stays small (no torch): Linux keeps a process's peak RSS across fork+exec, so a fat
 # parent would inflate every child's ru_maxrss. The model is made in a child (`--make`).
 
@@ -247,8 +247,7 @@ def main() -> None:
         return
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
-    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "loadavg_start": os.getloadavg()}
+    info = run_info()
     results = []
     try:
         for size in args.sizes:
