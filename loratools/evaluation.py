@@ -3,7 +3,8 @@
 ``resize``/``prune``/``extract``/``combine`` report, with ``--base --data``, the token-mean next-token
 cross-entropy of ``base + adapter`` on the data's examples before and after the operation (the same
 loss ``train`` reports as its held-out loss, :func:`evaluate`), so that a compression's
-cost can be read in the units that matter to the task.
+cost can be read in the units that matter to the task. ``extract``'s "before" is the fine-tuned model
+itself (:meth:`HeldOut.model_loss`), on the same examples.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ class HeldOut:
         self.model, tokenizer = load_causal_lm(base, device=self.device, frozen=True)
         self.examples: list[Example] = _examples(data, tokenizer, seq_len)[:max_examples]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def model_loss(self, model_dir: str | Path, *, batch_size: int = 4) -> float:
+        """Token-mean held-out loss of another model (a full fine-tune of the base) on the same examples."""
+        from .lm import load_causal_lm
+        from .train import evaluate
+
+        model, _ = load_causal_lm(model_dir, device=self.device, frozen=True)
+        return evaluate(model, self.examples, batch_size=batch_size, pad_id=self.pad_id, device=self.device,
+                        autocast=False)
 
     def loss(self, adapter: Adapter | None, *, batch_size: int = 4) -> float:
         """Token-mean held-out loss of the base with ``adapter`` applied (None: the base alone)."""

@@ -85,3 +85,28 @@ def peft_merged(base: Path, adapter: Path) -> torch.nn.Module:
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def peft_heldout_loss(base: Path, adapter_dir: Path | None, data: Path) -> float:
+    """Reference held-out loss: PEFT (or the bare model at ``base``, e.g. a full fine-tune) on the examples of a
+    text file, token-mean next-token cross-entropy in float64, one example at a time (no padding)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loratools.data import IGNORE, load_examples
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    total, count = 0.0, 0
+    for ex in load_examples(data, AutoTokenizer.from_pretrained(base), seq_len=256):
+        ids, labels = torch.tensor([ex.input_ids]), torch.tensor(ex.labels)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].double()
+        keep = labels[1:] != IGNORE
+        total += float(F.cross_entropy(logits[keep], labels[1:][keep], reduction="sum"))
+        count += int(keep.sum())
+    return total / count

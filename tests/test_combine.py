@@ -328,3 +328,21 @@ def test_cli_refusals_write_nothing(adapters, tmp_path, cli):
         proc = cli("combine", *args, "-o", tmp_path / "out")
         assert proc.returncode == 2 and msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_heldout_loss_of_base_and_of_base_plus_combined(adapters, tmp_path, cli):
+    from helpers import peft_heldout_loss
+
+    data = tmp_path / "heldout.txt"
+    data.write_text(" ".join(f"the cat sat on mat number {i} and looked around." for i in range(40)))
+    out = tmp_path / "both"
+    proc = cli("combine", adapters / "lora", adapters / "rslora", "-o", out, "--base", TINY_LLAMA, "--data", data,
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads(proc.stdout)["heldout_loss"]
+    alone = peft_heldout_loss(TINY_LLAMA, None, data)
+    assert held["before"] == pytest.approx(alone, rel=1e-4) and held["base"] == held["before"]
+    assert held["after"] == pytest.approx(peft_heldout_loss(TINY_LLAMA, out, data), rel=1e-4)
+    assert abs(held["after"] - held["before"]) > 1e-4  # the combined adapter changes the loss
+    one = cli("combine", adapters / "lora", "-o", tmp_path / "bad", "--data", data)
+    assert one.returncode == 2 and not (tmp_path / "bad").exists() and "--base" in one.stderr

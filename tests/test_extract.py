@@ -218,3 +218,21 @@ def test_rank_rule_value_or_keywords_give_the_same_adapter():
         extract_adapter(W0, W1, RankRule(rank=2), rank=3, device="cpu")
     with pytest.raises(InvalidOptionError, match="`rank`"):
         extract_adapter(W0, W1, rank=0, device="cpu")
+
+
+def test_cli_reports_heldout_loss_of_tuned_and_of_base_plus_adapter(tiny_llama, noisy, tmp_path, cli):
+    from helpers import peft_heldout_loss
+
+    tuned, _ = noisy
+    data = tmp_path / "heldout.txt"
+    data.write_text(" ".join(f"the cat sat on mat number {i} and looked around." for i in range(40)))
+    out = tmp_path / "adapter"
+    proc = cli("extract", tiny_llama, tuned, "-o", out, "--rank", "2", "--device", "cpu", "--data", data, "--json")
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads(proc.stdout)["heldout_loss"]
+    assert held["before"] == pytest.approx(peft_heldout_loss(tuned, None, data), rel=1e-4)  # the fine-tune itself
+    assert held["after"] == pytest.approx(peft_heldout_loss(tiny_llama, out, data), rel=1e-4)
+    assert held["base"] == pytest.approx(peft_heldout_loss(tiny_llama, None, data), rel=1e-4)
+    assert len({round(v, 6) for v in (held["before"], held["after"], held["base"])}) == 3
+    table = cli("extract", tiny_llama, tuned, "-o", tmp_path / "a2", "--rank", "2", "--data", data)
+    assert table.returncode == 0 and "held-out loss on" in table.stdout and "tuned" in table.stdout

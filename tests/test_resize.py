@@ -10,6 +10,8 @@ from loratools.formats import read_adapter
 from loratools.linalg import energy_rank, error_rank
 from loratools.resize import resize_adapter
 
+from helpers import peft_heldout_loss
+
 
 def _dense_truncation(D: torch.Tensor, k: int) -> torch.Tensor:
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
@@ -119,30 +121,6 @@ def test_gram_route_equals_qr_route(case):
 
 # --- issue "The practitioner's workflow", 3: the held-out loss before and after, beside the matrix error --------
 
-def _peft_heldout_loss(base, adapter_dir, data) -> float:
-    """Reference: PEFT (or the bare base) on the same examples, token-mean next-token cross-entropy in float64."""
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loratools.data import IGNORE, load_examples
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    total, count = 0.0, 0
-    for ex in load_examples(data, AutoTokenizer.from_pretrained(base), seq_len=256):
-        ids, labels = torch.tensor([ex.input_ids]), torch.tensor(ex.labels)
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].double()
-        keep = labels[1:] != IGNORE
-        total += float(F.cross_entropy(logits[keep], labels[1:][keep], reduction="sum"))
-        count += int(keep.sum())
-    return total / count
-
-
 def test_resize_reports_heldout_loss_before_and_after(cli, tiny_llama, adapters, tmp_path):
     import json
 
@@ -152,9 +130,9 @@ def test_resize_reports_heldout_loss_before_and_after(cli, tiny_llama, adapters,
               "--data", data, "--json")
     assert res.returncode == 0, res.stderr
     held = json.loads(res.stdout)["heldout_loss"]
-    assert held["before"] == pytest.approx(_peft_heldout_loss(tiny_llama, adapters / "lora", data), rel=1e-4)
-    assert held["after"] == pytest.approx(_peft_heldout_loss(tiny_llama, tmp_path / "r2", data), rel=1e-4)
-    assert held["base"] == pytest.approx(_peft_heldout_loss(tiny_llama, None, data), rel=1e-4)
+    assert held["before"] == pytest.approx(peft_heldout_loss(tiny_llama, adapters / "lora", data), rel=1e-4)
+    assert held["after"] == pytest.approx(peft_heldout_loss(tiny_llama, tmp_path / "r2", data), rel=1e-4)
+    assert held["base"] == pytest.approx(peft_heldout_loss(tiny_llama, None, data), rel=1e-4)
     table = cli("resize", adapters / "lora", "-o", tmp_path / "r3", "--rank", "3", "--base", tiny_llama, "--data", data)
     assert table.returncode == 0 and "held-out loss on" in table.stdout
     alone = cli("resize", adapters / "lora", "-o", tmp_path / "bad", "--rank", "3", "--data", data)

@@ -1,4 +1,4 @@
-"""Tables shared by ``extract``, ``resize`` and ``prune`` (rendering only, no maths; imported inside them)."""
+"""Tables and the held-out report shared by ``extract``, ``resize``, ``prune`` and ``combine`` (imported inside them)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,26 @@ from .render import fmt_float
 __all__ = ["extract_table", "resize_table", "prune_table", "skipped_summary", "size", "heldout_report", "heldout_line"]
 
 
-def heldout_report(base: str | None, data: str | None, before: Any, after: Any, *,
+def heldout_report(base: str | None, data: str | None, before: Any, after: Any, *, tuned: str | None = None,
                    max_examples: int | None = None, device: str = "auto") -> dict[str, Any] | None:
-    """With ``--base`` and ``--data``: the held-out loss of the base alone, with the input adapter (``before``)
-    and with the output adapter (``after``), from :mod:`loratools.evaluation`; None without them."""
+    """With ``--base`` and ``--data``: the held-out loss of the base alone, with the input adapter (``before``;
+    None: the base alone, as for ``combine``; ``tuned``: that fine-tuned model itself, as for ``extract``) and
+    with the output adapter (``after``), from :mod:`loratools.evaluation`; None without them."""
     if base is None or data is None:
         return None
-    from ..evaluation import heldout_losses
+    import torch
 
-    alone, loss_before, loss_after = heldout_losses(base, data, [None, before, after], max_examples=max_examples,
-                                                    device=device)
+    from ..evaluation import HeldOut
+
+    held = HeldOut(base, data, max_examples=max_examples, device=device)
+    with torch.no_grad():
+        alone, loss_after = held.loss(None), held.loss(after)
+        loss_before = held.model_loss(tuned) if tuned is not None else alone if before is None else held.loss(before)
     return {"data": str(data), "base": alone, "before": loss_before, "after": loss_after}
 
 
-def heldout_line(held: dict[str, Any]) -> str:
-    return (f"held-out loss on {held['data']}: before {held['before']:.4f} → after {held['after']:.4f} "
+def heldout_line(held: dict[str, Any], *, before: str = "before", after: str = "after") -> str:
+    return (f"held-out loss on {held['data']}: {before} {held['before']:.4f} → {after} {held['after']:.4f} "
             f"(base alone {held['base']:.4f})")
 
 

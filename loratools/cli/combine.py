@@ -31,10 +31,15 @@ __all__ = ["combine"]
 @device_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--base", type=click.Path(), default=None, help="Base model directory: with --data, report held-out loss.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Held-out data (.txt or .jsonl as for train): the loss of the base alone (before) and of "
+                   "base + the combined adapter (after).")
 @pass_session
 def combine(session: Session, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], rank: int | None,
             energy: float | None, error: float | None, max_rank: int | None, method: str, density: float | None,
-            seed: int, fmt: str, device: str, force: bool, as_json: bool) -> None:
+            seed: int, fmt: str, device: str, force: bool, as_json: bool, base: str | None,
+            data: str | None) -> None:
     """Combine adapters into one adapter whose ΔW is Σ wᵢ·ΔWᵢ per module (the base is not needed).
 
     Exact by default: the scaled factors are stacked, B = [B₁ … B_k],
@@ -45,12 +50,15 @@ def combine(session: Session, adapters: tuple[str, ...], output: str, weights: t
     only some inputs are included; inputs may be any format loratools reads, mixed,
     but must adapt one base. --method ties|dare merge the dense ΔWᵢ element-wise
     (TIES-Merging, DARE) and truncate: the result is no longer an exact sum.
+    With --base and --data, the held-out loss of the base alone and of base + the
+    combined adapter is printed.
 
     \b
     Examples:
       loratools combine style/ task/ -o both
       loratools combine a/ b/ --weight 1 --weight -0.5 -o a-minus-half-b --rank 16
       loratools combine t1/ t2/ t3/ -o merged --method ties --density 0.2 --rank 32
+      loratools combine a/ b/ -o both --base base/ --data heldout.jsonl
     """
     from ..combine import combine_adapters
     from ..errors import InvalidOptionError
@@ -66,6 +74,8 @@ def combine(session: Session, adapters: tuple[str, ...], output: str, weights: t
         raise InvalidOptionError(f"{len(weights)} `weights` for {len(adapters)} adapters; give one per adapter or none")
     given = (rank, energy, error, max_rank) != (None, None, None, None)
     rule = RankRule(rank=rank, energy=energy, error=error, max_rank=max_rank) if given else None
+    if (base is None) != (data is None):
+        raise InvalidOptionError("--base and --data go together: give both for the held-out loss, or neither")
     check_output(output, force=force, inputs=adapters)  # fail before reading and computing
     ws = weights or (1.0,) * len(adapters)
     pairs = [(read_adapter(p), w) for p, w in zip(adapters, ws)]
@@ -73,15 +83,20 @@ def combine(session: Session, adapters: tuple[str, ...], output: str, weights: t
                          quiet=session.quiet or as_json) as advance:
         res = combine_adapters(pairs, rule=rule, method=method, density=density,  # type: ignore[arg-type]
                                seed=seed, device=device, progress=advance)
+    from ._compress import heldout_line, heldout_report
+
+    held = heldout_report(base, data, None, res.adapter, device=device)
     write_adapter(res.adapter, output, format=fmt, force=force, inputs=adapters)
     if as_json:
-        render.print_json(_json(res, adapters, output, fmt))
+        render.print_json(_json(res, adapters, output, fmt) | {"heldout_loss": held})
         return
     session.out.print(_table(res))
     for note in res.notes:
         session.err.print(f"note: {note}", highlight=False)
     if not session.quiet:
         session.out.print(_summary(res, adapters, output, fmt), highlight=False)
+    if held is not None:
+        session.out.print(heldout_line(held, before="base alone", after="base + combined"), highlight=False)
 
 
 def _json(res: Any, adapters: tuple[str, ...], output: str, fmt: str) -> dict[str, Any]:

@@ -30,10 +30,13 @@ def _split(targets: tuple[str, ...]) -> list[str] | None:
 @dtype_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Held-out data (.txt or .jsonl as for train): report the loss of TUNED itself (before) and of "
+                   "BASE + the extracted adapter (after), and of BASE alone.")
 @pass_session
 def extract(session: Session, base: str, tuned: str, output: str, rank: int | None, energy: float | None,
             error: float | None, max_rank: int | None, targets: tuple[str, ...], alpha: float | None, fmt: str,
-            device: str, dtype: str, force: bool, as_json: bool) -> None:
+            device: str, dtype: str, force: bool, as_json: bool, data: str | None) -> None:
     """Turn a full fine-tune into a LoRA adapter: truncated SVD of TUNED − BASE.
 
     For each selected weight, ΔW ≈ U_r S_r V_rᵀ is stored as B = U_r·S_r^½,
@@ -42,13 +45,16 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
     (‖ΔW − BA‖_F ≤ E·‖ΔW‖_F), capped by --max-rank. A randomized SVD (Halko et al.
     2011) is used when the rank is small against the matrix. The error printed is
     measured from the stored factors. Embeddings and norms are left out unless
-    --targets names them.
+    --targets names them. With --data, the held-out loss of TUNED (what the adapter
+    stands in for) and of BASE + adapter is printed beside the matrix error: how
+    much of the fine-tune's gain the adapter keeps.
 
     \b
     Examples:
       loratools extract base/ tuned/ -o adapter --rank 16
       loratools extract base/ tuned/ -o adapter --energy 0.9 --max-rank 64
       loratools extract base/ tuned/ -o a.safetensors --format loratools --error 0.2 --targets q_proj,v_proj
+      loratools extract base/ tuned/ -o adapter --rank 16 --data heldout.txt
     """
     from ..device import configure_cpu_threads, resolve_dtype
     from ..extract import extract_adapter
@@ -56,7 +62,7 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
     from ..formats import write_adapter
     from ..io import ModelReader, check_output
     from . import render
-    from ._compress import extract_table, size, skipped_summary
+    from ._compress import extract_table, heldout_line, heldout_report, size, skipped_summary
 
     configure_cpu_threads(device)
     check_output(output, force=force, inputs=(base, tuned))  # fail before the long computation
@@ -65,11 +71,12 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
         res = extract_adapter(base_r, tuned_r, rank=rank, energy=energy, error=error, max_rank=max_rank,
                            targets=_split(targets), alpha=alpha, device=device,
                            dtype=resolve_dtype(dtype), progress=advance)
+    held = heldout_report(base, data, None, res.adapter, tuned=tuned, device=device)
     write_adapter(res.adapter, output, format=fmt, force=force, inputs=(base, tuned))
     if as_json:
         render.print_json({
             "output": output, "parameters": res.parameters, "delta_parameters": res.delta_parameters,
-            "rel_error": res.total_rel_error,
+            "rel_error": res.total_rel_error, "heldout_loss": held,
             "layers": [vars(r) | {"shape": list(r.shape)} for r in res.layers],
             "skipped": [{"name": s.name, "shape": list(s.shape), "why": s.why} for s in res.skipped],
         })
@@ -84,3 +91,5 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
         if res.skipped:
             session.out.print(skipped_summary(res.skipped), highlight=False)
         session.out.print(f"wrote {output} ({fmt})")
+    if held is not None:
+        session.out.print(heldout_line(held, before="tuned", after="base + adapter"), highlight=False)
