@@ -445,6 +445,14 @@ def test_single_file_metadata_is_validated(cli, adapters, tmp_path, edit, fragme
     ("alpha_pattern", [1], "alpha_pattern = [1]"),
     ("use_rslora", "yes", "use_rslora = 'yes'"),
     ("target_modules", 7, "target_modules = 7"),
+    ("target_parameters", 5, "target_parameters = 5"),
+    ("trainable_token_indices", "abc", "trainable_token_indices = 'abc'"),
+    ("trainable_token_indices", {"embed_tokens": ["x"]}, "trainable_token_indices = {'embed_tokens': ['x']}"),
+    ("alora_invocation_tokens", "x", "alora_invocation_tokens = 'x'"),
+    ("lora_bias", "yes", "lora_bias = 'yes'"),
+    ("bias", "some", "bias = 'some' is not valid: expected none, all or lora_only"),
+    ("modules_to_save", 5, "modules_to_save = 5"),
+    ("use_dora", "yes", "use_dora = 'yes'"),
 ])
 def test_peft_config_values_of_the_wrong_type_are_one_line(cli, adapters, tmp_path, field, value, fragment):
     d = shutil.copytree(adapters / "lora", tmp_path / "a")

@@ -47,6 +47,34 @@ def _pattern(raw: dict[str, Any], field: str, kind: type, where: str) -> None:
                       expected="an integer ≥ 1" if kind is int else "a finite number")
 
 
+def _ints(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _token_indices(v: Any) -> bool:
+    """peft 0.21.2 ``trainable_token_indices``: a list of token ids, or ``{module name: list of token ids}``."""
+    return _ints(v) or (isinstance(v, dict) and all(isinstance(k, str) and _ints(x) for k, x in v.items()))
+
+
+def _features(raw: dict[str, Any], where: str) -> None:
+    """The fields whose meaning the reader computes beyond rank and scale (see :mod:`.peft_fields`)."""
+    for flag in ("use_dora", "lora_bias"):
+        get_field(raw, flag, bool, where=where, default=False, nullable=True)
+    get_field(raw, "bias", str, where=where, default="none", nullable=True,
+              check=lambda v: v in ("none", "all", "lora_only"), expected="none, all or lora_only")
+    for name in ("modules_to_save", "target_parameters"):
+        get_field(raw, name, list, where=where, default=None, nullable=True, check=_strings,
+                  expected="a list of names")
+    get_field(raw, "alora_invocation_tokens", list, where=where, default=None, nullable=True, check=_ints,
+              expected="a list of token ids")
+    get_field(raw, "trainable_token_indices", (list, dict), where=where, default=None, nullable=True,
+              check=_token_indices, expected="a list of token ids, or {module: list of token ids}")
+
+
 def check_peft_values(raw: dict[str, Any], *, where: str, adalora: bool) -> None:
     """Raise :class:`InvalidFieldError` for the first field loratools reads whose value has the wrong type or range."""
     get_field(raw, "r", int, where=where, default=8, check=lambda v: v >= 1, expected="an integer ≥ 1")
@@ -59,6 +87,7 @@ def check_peft_values(raw: dict[str, Any], *, where: str, adalora: bool) -> None
                         check=lambda t: _regex(t) if isinstance(t, str) else all(isinstance(x, str) for x in t),
                         expected="a regular expression or a list of module names")
     del targets
+    _features(raw, where)
     _pattern(raw, "rank_pattern", list if adalora else int, where)
     _pattern(raw, "alpha_pattern", float, where)
     if adalora:
