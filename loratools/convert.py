@@ -31,7 +31,7 @@ from .config import ALORA_WHY, fixed_delta_refusal
 from .dora import flatten_module
 from .errors import (InvalidOptionError, LoraToolsError, ShapeMismatchError, UnsupportedConfigError,
                      UnsupportedModuleError)
-from .formats import FORMATS, BaseModel, Format, detect_format, get_format, load_base
+from .formats import FORMATS, BaseModel, Format, get_format, read_with_base
 from .io import ModelReader, atomic_output
 from .linalg import RankRule, lowrank_svd
 
@@ -219,10 +219,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     """
     fmt_out = get_format(to)
     src_p, dst_p = Path(src), Path(dst)
-    fmt_in = get_format(detect_format(src_p))
     # without `base`, what the source file records of its base stands in (GGUF head counts), when it records any
-    base_m = load_base(base) if base is not None else fmt_in.base_info(src_p) if fmt_in.base_info else None
-    adapter = fmt_in.read(src_p, base=base_m)
+    adapter, base_m, fmt_in = read_with_base(src_p, base)
     if base_m is not None:
         _check_base_shapes(adapter, base_m)
     flattened: dict[str, float] = {}
@@ -242,5 +240,5 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
         fmt_out.write(conv.adapter, tmp, base=base_m)
         back = fmt_out.read(tmp, base=base_m)
         worst = check_same_deltas(reference, back)
-    return ConvertResult(dst_p, fmt_in.name, to, len(conv.adapter.modules), conv.dropped, tuple(notes), worst,
+    return ConvertResult(dst_p, fmt_in, to, len(conv.adapter.modules), conv.dropped, tuple(notes), worst,
                          flattened)

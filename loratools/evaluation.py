@@ -22,7 +22,7 @@ from .adapter import Adapter
 from .data import Example, collate, load_examples, read_rows, row_example, target_tokens
 from .errors import InvalidOptionError
 
-__all__ = ["HeldOut", "heldout_losses", "causal_lm_loss", "evaluate"]
+__all__ = ["HeldOut", "causal_lm_loss", "evaluate"]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -94,11 +94,3 @@ class HeldOut:
             load_adapter(model, adapter)
         return evaluate(model, self.examples, batch_size=batch_size, pad_id=self.pad_id, device=self.device,
                         autocast=False)
-
-
-def heldout_losses(base: str | Path, data: str | Path, adapters: Sequence[Adapter | None], *,
-                   seq_len: int = 256, max_examples: int | None = None, device: str = "auto") -> list[float]:
-    """The held-out loss of ``base`` with each of ``adapters`` (None: the base alone), on ``data``."""
-    held = HeldOut(base, data, seq_len=seq_len, max_examples=max_examples, device=device)
-    with torch.no_grad():
-        return [held.loss(a) for a in adapters]

@@ -40,8 +40,8 @@ from torch import Tensor
 from .adapter import Adapter, Module, as_lora, fold_scales, pad_rank
 from .convert import check_same_deltas, delta_error
 from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
-from .formats import BaseModel, detect_format, get_format, load_base, read_adapter
-from .formats.gguf import (GGUFBase, base_from_gguf, base_of_adapter, gguf_base as gguf_of, gguf_unsupported, read_gguf,
+from .formats import BaseModel, get_format, read_adapter, read_with_base
+from .formats.gguf import (GGUFBase, base_of_adapter, gguf_base as gguf_of, gguf_unsupported, read_gguf,
                            write_gguf)
 from .io import ModelReader, atomic_output, check_output
 from .linalg import RankRule, truncated_svd
@@ -302,22 +302,14 @@ class ExportResult:
     modelfile: Path | None = None
 
 
-def _base_info(base: str | os.PathLike[str] | None, rt: Runtime, src: Path,
-               fmt: str) -> tuple[BaseModel | None, GGUFBase | None]:
-    base_m = load_base(base) if base is not None else None
-    gguf_base: GGUFBase | None = None
-    if base_m is not None and (rt.writes == "gguf" or fmt == "gguf"):
-        gguf_base = gguf_of(base_m)
-    elif fmt == "gguf":
-        gguf_base = base_from_gguf(src)
-    return base_m, gguf_base
-
-
-def _read_source(src: Path, fmt: str, base: BaseModel | None, gguf_base: GGUFBase | None) -> Adapter:
-    """The source adapter, read with what is known of the base (kohya names; GGUF architecture and heads)."""
-    if fmt == "gguf":  # a GGUF source without a base: the head counts loratools recorded in the file
-        return read_gguf(src, base=gguf_base)
-    return get_format(fmt).read(src, base=base)
+def _read_source(src: Path, base: str | os.PathLike[str] | None,
+                 rt: Runtime) -> tuple[Adapter, BaseModel | None, GGUFBase | None, str]:
+    """The source adapter read as ``convert`` reads it (:func:`~loratools.formats.read_with_base`), the base
+    model when ``base`` is given, the GGUF architecture and heads when the source or the target is GGUF
+    (from ``base``, else from what a GGUF source records), and the source's format."""
+    adapter, known, fmt = read_with_base(src, base)
+    gguf_base = gguf_of(known) if known is not None and (rt.writes == "gguf" or fmt == "gguf") else None
+    return adapter, (known if base is not None else None), gguf_base, fmt
 
 
 def check_file(src: str | os.PathLike[str], runtime: str, *, max_lora_rank: int | None = None,
@@ -327,9 +319,7 @@ def check_file(src: str | os.PathLike[str], runtime: str, *, max_lora_rank: int 
     src_p = Path(src)
     if (src_p / "Modelfile").is_file() and (src_p / "adapter.gguf").is_file():
         src_p = src_p / "adapter.gguf"  # what `export --for ollama` writes
-    fmt = detect_format(src_p)
-    base_m, gguf_base = _base_info(base, rt, src_p, fmt)
-    adapter = _read_source(src_p, fmt, base_m, gguf_base)
+    adapter, base_m, gguf_base, fmt = _read_source(src_p, base, rt)
     return check_adapter(adapter, rt, max_lora_rank=max_lora_rank, source_format=fmt, gguf_base=gguf_base,
                          runtime_version=runtime_version)
 
@@ -372,9 +362,7 @@ def export_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, 
     rt = get_runtime(runtime)
     src_p, dst_p = Path(src), Path(dst)
     check_output(dst_p, force=force, inputs=(src_p,))
-    fmt = detect_format(src_p)
-    base_m, gguf_base = _base_info(base, rt, src_p, fmt)
-    adapter = _read_source(src_p, fmt, base_m, gguf_base)
+    adapter, base_m, gguf_base, fmt = _read_source(src_p, base, rt)
     if rt.writes == "gguf" and gguf_base is None:
         gguf_base = base_of_adapter(adapter)
     weights = ModelReader(base) if base is not None and adapter.saved and base_m is not None \

@@ -20,7 +20,7 @@ from .base import FORMATS, BaseModel, Format, load_base, peek_safetensors, regis
 from . import single, peft, kohya, gguf  # noqa: E402,F401,I001
 
 __all__ = ["Format", "FORMATS", "BaseModel", "register", "peek_safetensors", "detect_format", "get_format",
-           "load_base", "read_adapter", "write_adapter"]
+           "load_base", "read_adapter", "read_with_base", "write_adapter"]
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -47,6 +47,21 @@ def read_adapter(path: str | os.PathLike[str], *, format: str | None = None, bas
     ``base`` (:func:`load_base`) lets a format map names back (kohya) or check the architecture (GGUF)."""
     name = format or detect_format(path)
     return get_format(name).read(Path(path), base=base)
+
+
+def read_with_base(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
+                   ) -> tuple[Adapter, BaseModel | None, str]:
+    """``(adapter, what is known of its base, format name)`` for the adapter at ``path``.
+
+    What is known of the base is ``base`` (:func:`load_base`) when given, else what the file itself
+    records of its base where its format says (a GGUF adapter's architecture and head counts,
+    ``Format.base_info``), else None; the adapter is read with it (kohya names mapped back, GGUF
+    rows un-permuted).
+    """
+    p = Path(path)
+    fmt = get_format(detect_format(p))
+    known = load_base(base) if base is not None else fmt.base_info(p) if fmt.base_info else None
+    return fmt.read(p, base=known), known, fmt.name
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "peft", force: bool = False,
