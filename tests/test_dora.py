@@ -144,3 +144,20 @@ def test_dora_is_not_a_sum(llama, adapters: Path, tmp_path: Path) -> None:
 
         with pytest.raises(DoraError, match="`base` and `as_lora`"):
             convert_adapter(ad, to=to)
+
+
+@pytest.mark.parametrize("damage", ["short", "nan"])
+def test_a_record_whose_dora_norms_are_damaged_is_refused(llama, tmp_path: Path, damage: str) -> None:
+    from loratools.errors import CorruptFileError
+
+    base, ad_dir, _ = llama
+    ad = read_adapter(ad_dir)
+    rec = tmp_path / "rec.safetensors"
+    merge_model(base, [ad], tmp_path / "m", device="cpu", record=rec)
+    tensors, meta = load_safetensors(rec)
+    key = next(k for k in tensors if k.endswith("::dora_norm"))
+    tensors[key] = tensors[key][:-1] if damage == "short" else tensors[key] * float("nan")
+    save_safetensors(tensors, rec, meta)
+    with pytest.raises(CorruptFileError, match="DoRA row norms"):
+        unmerge_model(tmp_path / "m", [ad], tmp_path / "back", device="cpu", record=rec)
+    assert not (tmp_path / "back").exists()

@@ -155,6 +155,10 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
     dora, norms = dora_of(plan.deltas), parts.pop("dora_norm", None)
     if dora is not None and norms is None:
         raise CorruptFileError(record_path, f"it holds no DoRA row norms for {key}; it is the record of another merge")
+    if dora is not None and (norms.ndim != 1 or norms.numel() != dora.magnitude.numel()
+                             or not norms.is_floating_point() or not bool(torch.isfinite(norms).all())):
+        raise CorruptFileError(record_path, f"its DoRA row norms for {key} are not {dora.magnitude.numel()} finite "
+                               f"numbers (got {norms.dtype} {tuple(norms.shape)})")
     scale = dora_scale(dora, norms.to(device=ar.device, dtype=ar.precision)) if dora is not None else None
     applier = PatchApplier(parts, span.shape, dtype)
     step = row_step(rows, cols, ar.device)
