@@ -177,7 +177,7 @@ def test_the_real_entry_point_prints_what_the_in_process_runner_sees(args) -> No
 
 @pytest.mark.slow
 def test_the_installed_script_runs(tmp_path) -> None:
-    """``[project.scripts] loratools = loratools.cli:main``: the script pip wrote next to this interpreter."""
+    """``[project.scripts] loratools = loratools.cli:entry``: the script pip wrote next to this interpreter."""
     script = Path(sys.executable).with_name("loratools")
     if not script.is_file():
         pytest.skip(f"no installed loratools script next to {sys.executable}")

@@ -19,7 +19,7 @@ from loratools import Adapter, AdapterConfig, Module, read_adapter
 from loratools.io import save_safetensors
 from loratools.merge import merge_model, unmerge_model
 from loratools.merge.kernels import bits
-from loratools.merge.record import make_patch
+from loratools.merge.patch import make_patch
 
 
 def reference(w0: torch.Tensor, parts: list[tuple[Module, float]], dtype: torch.dtype) -> torch.Tensor:

@@ -150,6 +150,33 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
 
 
+def entry() -> None:
+    """The ``loratools`` script and ``python -m loratools``: :func:`main`, then leave without the interpreter's teardown.
+
+    Every output is complete, closed and renamed by the time a command returns; what
+    remains of a normal exit is freeing torch's modules and memory, which costs
+    ~0.35 s of wall time here (``python -c "import torch"``: 1.40 s, 1.06 s with
+    ``os._exit``). Streams are flushed and logging shut down first. A traceback (a bug)
+    exits normally.
+    """
+    try:
+        main()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # as Python itself does for sys.exit("message")
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        code = code or 1
+    import logging
+    logging.shutdown()
+    os._exit(code or 0)
+
+
 def _run(argv: list[str] | None) -> object:
     try:
         # the exit code of --help/--version (0) or of a ctx.exit(n), else the command's None
@@ -176,4 +203,4 @@ def _torch_threads_kept() -> Iterator[None]:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

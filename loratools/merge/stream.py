@@ -23,7 +23,8 @@ from ..errors import CorruptFileError, NonFiniteError
 from ..io import CODE_DTYPES, RowReader, Span, buffer, read_tensor
 from .kernels import check_finite, dora_norms, dora_of, dora_scale, factors_of, merge_rows, row_step
 from .plan import TensorPlan
-from .record import PatchApplier, PatchBuilder, RecordWriter
+from .patch import PatchApplier, PatchBuilder
+from .record import RecordWriter
 
 __all__ = ["Arithmetic", "merged_blocks", "restored_blocks"]
 

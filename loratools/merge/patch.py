@@ -1,0 +1,359 @@
+"""Exact un-merge: what a cast to the output dtype loses, stored compactly (the *patch*).
+
+Merging rounds: ``M = cast(W0 + ΔW)``; un-merging rounds again:
+``R = cast(M − ΔW)``. Usually ``R == W0`` bit for bit, but not everywhere
+(in bfloat16 a large share of elements differ by an ulp). A *patch* stores,
+for one tensor, exactly what is needed to turn ``R`` back into ``W0``.
+
+Scheme: the smallest exact patch, chosen per tensor (w = element width, n elements):
+
+- count, for every element, how many ulps ``W0`` lies from ``R`` on an ordering
+  of the bit patterns that keeps −0.0 and +0.0 apart (usually −1, 0 or +1);
+- store the counts that fit in b bits (b ∈ {1, 2, 4, 8}, range [−2^(b−1), 2^(b−1)))
+  bit-packed (``ulps``, n·b/8 bytes), and the elements whose count does not fit
+  as flat indices + ``W0``'s values there (``idx`` int32/int64, ``val``: (4 + w)
+  bytes each); b = 0 means indices + values only (pure sparse);
+- or ``W0`` itself (``full``, n·w bytes) if that is smaller.
+
+b is the one that minimises the bytes. Tiny updates give pure sparse (few
+elements change); updates as large as the weights (in bfloat16 a third of the
+elements may move by an ulp) give 2-bit counts plus a few exceptions.
+
+>>> w0 = torch.tensor([1.0, 2.0, 3.0]); r = torch.tensor([1.0, 2.5, 3.0])
+>>> apply_patch(r, make_patch(w0, r)).equal(w0)
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .kernels import bits
+
+__all__ = ["make_patch", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits", "tensor_sha256"]
+
+_BLOCK = 1 << 18  # elements per block: every temporary below is at most a block (a multiple of 8, for packing)
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_TORCH_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: ulp counts are differences of keys: 16-bit keys differ by less than 2¹⁷, so int32 holds them
+_WIDE = {1: np.int32, 2: np.int32, 4: np.int64, 8: np.int64}
+_CANDIDATES = (0, 1, 2, 4, 8)
+
+
+def _keys(t: Tensor) -> np.ndarray:
+    """Bit patterns as integers of the same width ordered like the values: +x ↦ bits, −x ↦ −mag − 1 (−0.0 ↦ −1).
+
+    With ``s`` the sign bit spread over the word, the key is ``bits ^ (s & 0x7f…f)``;
+    the map is its own inverse (:func:`_from_keys`).
+    """
+    b = t.contiguous().view(_TORCH_SIGNED[t.element_size()]).numpy()
+    shift = 8 * t.element_size() - 1
+    return b ^ ((b >> shift) & ((1 << shift) - 1))
+
+
+def _from_keys(k: np.ndarray, out: Tensor) -> Tensor:
+    """Write the values whose keys are ``k`` into ``out`` (a contiguous 1-D tensor); returns ``out``."""
+    shift = 8 * k.itemsize - 1
+    o = out.view(_TORCH_SIGNED[k.itemsize]).numpy()
+    np.bitwise_xor(k, (k >> shift) & ((1 << shift) - 1), out=o)
+    return out
+
+
+def _range(b: int) -> tuple[int, int]:
+    """The ulp counts a b-bit field holds: [lo, hi]."""
+    return (0, 0) if b == 0 else (-(1 << (b - 1)), (1 << (b - 1)) - 1)
+
+
+class PatchBuilder:
+    """:func:`make_patch` a block at a time: :meth:`add` each block of (W0, R) in order, then :meth:`patch`.
+
+    Two ways to keep what a patch needs, with the same result (:func:`make_patch`'s):
+
+    - *sparse* (while at most n/16 elements have moved): the index, ulp count and
+      W0's value of every element whose count is not 0 — everything any patch
+      needs, and all a b = 0 patch is (the usual case: a LoRA update moves a few
+      percent of a 16-bit tensor's elements by an ulp or two);
+    - *dense* (from the block where more moved): every count as one signed byte
+      in ``counts`` (counts beyond a byte kept aside with W0's value, as exceptions)
+      and, for each b, how many counts fit in b bits.
+    """
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, *, counts: Tensor | None = None) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
+        self.n = int(np.prod(self.shape, dtype=np.int64))
+        self.width = torch.empty((), dtype=dtype).element_size()
+        self.counts = counts
+        self.index_dtype = np.int32 if self.n < 2**31 else np.int64
+        self.sparse: tuple[list[np.ndarray], list[np.ndarray], list[Tensor]] | None = ([], [], [])
+        self.n_moved = 0
+        self.d8 = np.empty(0, np.int8)  # dense: the counts, one signed byte each
+        self.fits = dict.fromkeys(_CANDIDATES, 0)  # dense: how many counts fit in b bits, for each b
+        self.big_idx: list[np.ndarray] = []  # dense: counts beyond a byte, and W0's values there
+        self.big_val: list[Tensor] = []
+        self.pos = 0
+
+    def add(self, original: Tensor, reconstructed: Tensor) -> None:
+        """The next block (flat, in order) of W0 and of R."""
+        o, r = original.reshape(-1), reconstructed.reshape(-1)
+        d, idx = _ulp_counts(o, r, moved=self.sparse is not None)
+        if self.sparse is not None and idx is not None:
+            if self.n_moved + idx.size <= self.n // 16:
+                self.n_moved += idx.size
+                self.sparse[0].append((idx + self.pos).astype(self.index_dtype))
+                self.sparse[1].append(d[idx])
+                self.sparse[2].append(o[torch.from_numpy(idx)].clone())
+                self.pos += o.numel()
+                return
+            self._densify()
+        self._add_dense(o, d)
+
+    def _densify(self) -> None:
+        """Go dense: the counts so far written into ``d8`` from the sparse lists (zero where nothing moved)."""
+        buf = self.counts.numpy() if self.counts is not None else np.empty(self.n, np.uint8)
+        self.d8 = buf[:self.n].view(np.int8)
+        self.d8[:self.pos] = 0
+        idx, cnt, val = self._moved()
+        big = np.flatnonzero((cnt < -128) | (cnt > 127))
+        self.big_idx.append(idx[big])
+        self.big_val.append(val[torch.from_numpy(big)])
+        cnt[big] = 0
+        self.d8[idx] = cnt
+        for b in _CANDIDATES:
+            self.fits[b] = self.pos - _outside(cnt, b) - big.size
+        self.sparse = None
+
+    def _moved(self) -> tuple[np.ndarray, np.ndarray, Tensor]:
+        """The sparse lists joined: (indices as int64, counts, W0's values)."""
+        assert self.sparse is not None
+        idx, cnt, val = self.sparse
+        if not idx:
+            return np.empty(0, np.int64), np.empty(0, np.int16), torch.empty(0, dtype=self.dtype)
+        return np.concatenate(idx).astype(np.int64), np.concatenate(cnt), torch.cat(val)
+
+    def _add_dense(self, o: Tensor, d: np.ndarray) -> None:
+        n, pos, big = o.numel(), self.pos, 0
+        if n:
+            lo, hi = (int(x) for x in torch.aminmax(torch.from_numpy(d)))
+            if lo < -128 or hi > 127:
+                idx = np.flatnonzero((d < -128) | (d > 127))
+                self.big_idx.append(idx + pos)
+                self.big_val.append(o[torch.from_numpy(idx)].clone())
+                d[idx] = 0
+                big = idx.size
+        d8 = self.d8[pos:pos + n]
+        np.copyto(d8, d, casting="unsafe")  # every count left fits a byte
+        a = d8 ^ (d8 >> 7)  # d ≥ 0 ↦ d, d < 0 ↦ −d − 1: d fits b bits ⟺ a < 2^(b−1)
+        self.fits[0] += n - np.count_nonzero(d8) - big
+        self.fits[1] += n - np.count_nonzero(a) - big
+        self.fits[2] += n - np.count_nonzero(a >> 1) - big
+        self.fits[4] += n - np.count_nonzero(a >> 3) - big
+        self.fits[8] += n - big
+        self.pos += n
+
+    def bits_per_count(self) -> int:
+        """The b of the smallest patch (−1: W0 whole), with :func:`make_patch`'s costs."""
+        n, width = self.n, self.width
+        if self.sparse is not None:
+            cnt = self._moved()[1]
+            fits = {b: n - _outside(cnt, b) for b in _CANDIDATES}
+        else:
+            fits = self.fits
+        per_exception = width + (4 if n < 2**31 else 8)
+        best: tuple[float, int] = (float(n * width), -1)
+        for b in _CANDIDATES if width > 1 else (0,):
+            cost = (n * b + 7) // 8 + 16 * (b > 0) + (n - fits[b]) * per_exception
+            if cost < best[0]:
+                best = (float(cost), b)
+        return best[1]
+
+    def patch(self, values_at: Callable[[np.ndarray], Tensor]) -> dict[str, Tensor]:
+        """The patch; ``values_at(idx)`` gives W0's values at sorted flat indices (W0 whole when b = −1)."""
+        if self.pos != self.n:
+            raise ValueError(f"PatchBuilder: {self.pos} of {self.n} elements were added")
+        if self.sparse is not None and self.n_moved == 0:
+            return {}
+        b = self.bits_per_count()
+        if b < 0:
+            return {"full": values_at(np.arange(self.n)).reshape(self.shape).clone()}
+        if self.sparse is not None and b == 0:
+            idx, _, val = self._moved()
+            return {"idx": torch.from_numpy(idx.astype(self.index_dtype)), "val": val}
+        if self.sparse is not None:
+            self._densify()
+        if self.fits[0] == self.n:
+            return {}
+        idx, val = self._exceptions(b, values_at)
+        patch: dict[str, Tensor] = {}
+        if b > 0:
+            lo, _ = _range(b)
+            u8 = self.d8.view(np.uint8)
+            for start in range(0, self.n, _BLOCK):
+                u8[start:start + _BLOCK] += np.uint8(-lo & 0xFF)  # count − lo, in [0, 2^b): exceptions give −lo
+            patch["ulps"] = torch.from_numpy(_pack(u8, b))
+            patch["ulps_spec"] = torch.tensor([b, lo], dtype=torch.int64)
+        if self.big_idx:
+            idx, val = np.concatenate([idx, *self.big_idx]), torch.cat([val, *self.big_val])
+            order = np.argsort(idx, kind="stable")
+            idx, val = idx[order], val[torch.from_numpy(order)]
+        if idx.size:
+            patch["idx"] = torch.from_numpy(idx.astype(self.index_dtype))
+            patch["val"] = val
+        return patch
+
+    def _exceptions(self, b: int, values_at: Callable[[np.ndarray], Tensor]) -> tuple[np.ndarray, Tensor]:
+        """The sorted flat indices whose (byte-sized) count does not fit b bits and W0's values there (read with
+        ``values_at``); their counts in ``d8`` are set to 0."""
+        _, hi = _range(b)
+        found: list[np.ndarray] = []
+        for start in range(0, self.n, _BLOCK):
+            seg = self.d8[start:start + _BLOCK]
+            out = np.flatnonzero(seg != 0) if b == 0 else np.flatnonzero((seg ^ (seg >> 7)) > hi) if b < 8 else ()
+            if len(out):
+                found.append(out + start)
+                seg[out] = 0
+        idx = np.concatenate(found) if found else np.empty(0, np.int64)
+        return idx, values_at(idx) if idx.size else torch.empty(0, dtype=self.dtype)
+
+
+def _outside(cnt: np.ndarray, b: int) -> int:
+    """How many of the counts ``cnt`` do not fit b bits (lie outside [−2^(b−1), 2^(b−1))); all non-zero ones for b = 0."""
+    if b == 0:
+        return int(np.count_nonzero(cnt))
+    lo, hi = _range(b)
+    return int(np.count_nonzero((cnt < lo) | (cnt > hi)))
+
+
+def _ulp_counts(o: Tensor, r: Tensor, *, moved: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """key(o) − key(r) per element (see :func:`_keys`): int16 for 16-bit values, else int32/int64; with ``moved``,
+    also the flat indices where it is not 0 (else None).
+
+    For 16-bit values of one sign the difference of the raw bit patterns is the
+    count up to its sign and fits int16 (|Δ| < 2¹⁵): ``(Δ ^ m) − m`` with m the sign
+    of o spread over the word negates it for negative values. Where the signs
+    differ (never where o and r are equal, so only among the moved elements, when
+    those are sought) the count is computed in int32 and clipped to int16: a
+    count that does not fit a byte is only ever kept as an exception, whatever its size.
+    """
+    if o.element_size() != 2:
+        d = np.subtract(_keys(o), _keys(r), dtype=_WIDE[o.element_size()])
+        return d, np.flatnonzero(d != 0) if moved else None
+    bo, br = o.view(torch.int16).numpy(), r.view(torch.int16).numpy()
+    d = np.subtract(bo, br)
+    m = bo >> 15
+    np.bitwise_xor(d, m, out=d)
+    np.subtract(d, m, out=d)
+    # numpy finds the True of a bool array ~10× faster than the non-zeros of an integer array
+    idx = np.flatnonzero(d != 0) if moved else None
+    flips = np.flatnonzero(np.bitwise_xor(bo, br) < 0) if idx is None else idx[(bo[idx] ^ br[idx]) < 0]
+    if flips.size:
+        exact = np.subtract(_keys(o[torch.from_numpy(flips)]), _keys(r[torch.from_numpy(flips)]), dtype=np.int32)
+        d[flips] = np.clip(exact, -(1 << 15), (1 << 15) - 1)
+    return d, idx
+
+
+def make_patch(original: Tensor, reconstructed: Tensor) -> dict[str, Tensor]:
+    """The smallest exact patch turning ``reconstructed`` into ``original`` (same dtype and shape).
+
+    Keys: ``ulps`` + ``ulps_spec`` ([b, lo]) for bit-packed ulp counts, ``idx`` +
+    ``val`` for exceptions, or ``full``; ``{}`` if the two already agree.
+    Computed in blocks (:class:`PatchBuilder`): no temporary is larger than a block.
+    """
+    if original.dtype != reconstructed.dtype or original.shape != reconstructed.shape:
+        raise ValueError("make_patch: original and reconstructed must share dtype and shape")
+    o, r = original.contiguous().reshape(-1), reconstructed.contiguous().reshape(-1)
+    builder = PatchBuilder(original.shape, original.dtype)
+    for start in range(0, o.numel(), _BLOCK):
+        builder.add(o[start:start + _BLOCK], r[start:start + _BLOCK])
+    return builder.patch(lambda idx: o[torch.from_numpy(idx)].clone())
+
+
+#: (word, multiplier) that gathers 8/b bytes, each < 2^b, into the top byte of a word, lowest first:
+#: byte i·8 is shifted to bit (8/b − 1)·8 + i·b by the term 2^((8/b−1)·8 + i·b − 8i); the other products fall
+#: above the word (dropped) or sum below the top byte without a carry into it (checked for every input in the tests)
+_GATHER = {1: (np.dtype("<u8"), sum(1 << (56 - 7 * i) for i in range(8))), 2: (np.dtype("<u4"), sum(1 << (24 - 6 * i) for i in range(4))),
+           4: (np.dtype("<u2"), (1 << 8) + (1 << 4))}
+
+
+def _pack(v: np.ndarray, nbits: int) -> np.ndarray:
+    """Values in [0, 2^nbits) packed ``8/nbits`` to a byte, lowest bits first (a block at a time)."""
+    if nbits == 8:
+        return v.copy()
+    per = 8 // nbits
+    word, mult = _GATHER[nbits]
+    out = np.empty(-(-v.size // per), np.uint8)
+    for start in range(0, v.size, _BLOCK):
+        chunk = v[start:start + _BLOCK]
+        if chunk.size % per:
+            chunk = np.concatenate([chunk, np.zeros(-chunk.size % per, np.uint8)])
+        w = chunk.view(word) * word.type(mult)  # little-endian words: byte i is the i-th value
+        np.right_shift(w, word.type(8 * per - 8), out=w)
+        np.copyto(out[start // per:start // per + w.size], w, casting="unsafe")
+    return out
+
+
+def _unpack(packed: np.ndarray, nbits: int, start: int, n: int) -> np.ndarray:
+    """Values ``start … start + n − 1`` of a :func:`_pack` ed array."""
+    per, mask = 8 // nbits, np.uint8((1 << nbits) - 1)
+    p = packed[start // per:-(-(start + n) // per)]
+    cols = np.empty((p.size, per), np.uint8)
+    for i in range(per):
+        np.bitwise_and(p >> np.uint8(i * nbits), mask, out=cols[:, i])
+    skip = start % per
+    return cols.reshape(-1)[skip:skip + n]
+
+
+class PatchApplier:
+    """:func:`apply_patch` a block at a time: :meth:`apply` restores each block of R in place."""
+
+    def __init__(self, patch: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype) -> None:
+        self.full = patch.get("full")
+        if self.full is not None and (tuple(self.full.shape) != tuple(shape) or self.full.dtype != dtype):
+            raise ValueError("apply_patch: the patch does not fit this tensor")
+        self.full = self.full.reshape(-1) if self.full is not None else None
+        self.ulps = patch["ulps"].numpy() if "ulps" in patch else None
+        self.b, self.lo = (int(x) for x in patch["ulps_spec"]) if "ulps_spec" in patch else (0, 0)
+        idx = patch["idx"].to(torch.int64).numpy() if "idx" in patch else np.empty(0, np.int64)
+        val = patch["val"].to(dtype) if "val" in patch else torch.empty(0, dtype=dtype)
+        if idx.size > 1 and not bool(np.all(idx[1:] >= idx[:-1])):
+            order = np.argsort(idx, kind="stable")
+            idx, val = idx[order], val[torch.from_numpy(order)]
+        self.idx, self.val = idx, val
+
+    def apply(self, block: Tensor, start: int) -> Tensor:
+        """Block ``start … start + len − 1`` (flat, contiguous) of R turned into W0's, in place; returns it."""
+        n = block.numel()
+        if self.full is not None:
+            return block.copy_(self.full[start:start + n])
+        if self.ulps is not None:
+            k = _keys(block)
+            k += _unpack(self.ulps, self.b, start, n).astype(k.dtype)
+            k += k.dtype.type(self.lo)  # the true sum is a key, so wrapping intermediate values come out exact
+            _from_keys(k, block)
+        i, j = np.searchsorted(self.idx, [start, start + n])
+        if j > i:
+            block[torch.from_numpy(self.idx[i:j] - start)] = self.val[i:j]
+        return block
+
+
+def apply_patch(reconstructed: Tensor, patch: dict[str, Tensor]) -> Tensor:
+    """A new tensor: ``reconstructed`` with ``patch`` applied (see :func:`make_patch`), a block at a time."""
+    r = reconstructed.contiguous().reshape(-1).clone()
+    applier = PatchApplier(patch, reconstructed.shape, reconstructed.dtype)
+    for start in range(0, r.numel(), _BLOCK):
+        applier.apply(r[start:start + _BLOCK], start)
+    return r.reshape(reconstructed.shape)
+
+
+def patch_nbytes(patch: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in patch.values())
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's raw bytes (C order): a check that a restore is bit-exact."""
+    t = t.detach().to("cpu").contiguous()
+    return hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy())).hexdigest()
