@@ -309,10 +309,10 @@ def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str]
 
     safetensors 0.8.0's ``save_file`` writes a private (0600) temporary and renames it over ``path``:
     ``path`` is created first, as a new file is (the kernel applies the umask or a default ACL), and
-    the mode it got is given back to the file ``save_file`` leaves there. No umask is read or set
+    the mode it got (an existing file's own) is given back to the file ``save_file`` leaves there. No umask is read or set
     (``os.umask`` is process-wide and would race with other threads).
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # never truncated: its old bytes may be mapped by the tensors
     try:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
     finally:
