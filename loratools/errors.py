@@ -29,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "WrongBaseError",
     "OutputExistsError",
+    "OutputBusyError",
     "UnsupportedModuleError",
     "UnsupportedConfigError",
     "MissingDependencyError",
@@ -129,6 +130,15 @@ class OutputExistsError(LoraToolsError, FileExistsError):
     def __init__(self, path: object) -> None:
         self.path = str(path)
         super().__init__(f"{self.path} already exists; pass --force to replace it")
+
+
+class OutputBusyError(LoraToolsError, OSError):
+    """Another live process holds the lock of this output (see :func:`loratools.io.paths.output_lock`)."""
+
+    def __init__(self, path: object) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path} is being written by another loratools run; wait for it to finish "
+                         "or choose another output")
 
 
 class UnsupportedModuleError(LoraToolsError, ValueError):

@@ -152,7 +152,8 @@ def test_output_equal_to_an_input_or_existing(cli, tiny_llama: Path, adapters: P
 
 @pytest.mark.slow
 def test_killed_merge_leaves_no_output_and_inputs_unchanged(tmp_path: Path) -> None:
-    """SIGKILL in the middle of writing shards: OUT never appears, the inputs are untouched."""
+    """SIGKILL in the middle of writing shards: OUT never appears, the inputs are untouched; the next run to
+    OUT removes the temporary the killed one left."""
     g = torch.Generator().manual_seed(0)
     base = tmp_path / "base"
     base.mkdir()
@@ -188,6 +189,13 @@ def test_killed_merge_leaves_no_output_and_inputs_unchanged(tmp_path: Path) -> N
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     assert (_digest(base), _digest(tmp_path / "ad.safetensors")) == before
+    # what SIGKILL leaves (the model-sized temporary, the lock file) goes with the next run to the same OUT
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
+    assert left[0] == ".out.lock" and left[1].startswith(".out.tmp-"), left
+    r = subprocess.run([sys.executable, "-m", "loratools", "-q", "convert", str(ROOT / "fixtures/adapters/lora"), "-o",
+                        str(out), "--to", "peft"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad.safetensors", "base", "out"]
 
 
 @pytest.mark.parametrize("name", ["merge", "unmerge", "verify"])

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -30,6 +31,7 @@ from .convert import convert
 from .extract import extract
 from .hub import pull, push
 from .inspect import inspect
+from .interrupts import Interrupted, interrupts
 from .merge import merge, unmerge, verify
 from .options import Session
 from .prune import prune
@@ -88,6 +90,20 @@ class _UserError(click.ClickException):
         click.echo(f"loratools: error: {self.message}", err=True)
 
 
+class _Interrupt(click.ClickException):
+    """A command stopped by a signal (SIGINT, SIGTERM, SIGHUP): one line, exit code 128 + its number.
+
+    Raised here rather than left to click, which would print a blank line first (for a terminal's ``^C``).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted ({signal.Signals(signum).name}); nothing was written")
+        self.exit_code = 128 + signum
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"loratools: {self.message}", err=True)
+
+
 class _Group(click.Group):
     """Lists commands in the order they were added; turns a user error into its one line."""
 
@@ -97,6 +113,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
+        except Interrupted as e:
+            raise _Interrupt(e.signum) from e
         except LoraToolsError as e:
             if _debug():
                 raise
@@ -137,14 +155,16 @@ for _command in (inspect, merge, unmerge, verify, combine, extract, resize, prun
 def main(argv: list[str] | None = None) -> None:
     """Run ``loratools ARGV`` (default ``sys.argv[1:]``); return on success, else raise ``SystemExit``.
 
-    Exit codes: 2 for a user error (one line on stderr) or a usage error, 130 when
-    interrupted, 1 on a broken pipe. Nothing outlives a call: each gets a fresh
+    Exit codes: 2 for a user error (one line on stderr) or a usage error, 128 + the
+    signal's number when interrupted (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP:
+    see :mod:`.interrupts`; the outputs being written are removed first), 1 on a
+    broken pipe. Nothing outlives a call: each gets a fresh
     click context and :class:`~loratools.cli.options.Session`, whose consoles bind
     to ``sys.stdout``/``sys.stderr`` as they are during the call, and torch's
     thread count (commands set one thread on the CPU) is put back, so tests can
     run the CLI in-process.
     """
-    with _torch_threads_kept():
+    with _torch_threads_kept(), interrupts():
         code = _run(argv)
     if isinstance(code, int) and code:
         sys.exit(code)
@@ -184,9 +204,11 @@ def _run(argv: list[str] | None) -> object:
     except click.ClickException as e:  # _UserError included
         e.show()
         return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("loratools: interrupted", err=True)
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # interrupted outside a command (click's Abort wraps it)
+        signum = getattr(e, "signum", getattr(e.__cause__, "signum", signal.SIGINT))
+        interrupt = _Interrupt(signum)
+        interrupt.show()
+        return interrupt.exit_code
     except BrokenPipeError:
         return 1
 

@@ -153,10 +153,22 @@ def _mirror_side_files(model: ModelReader, dest: Path, edits: Mapping[str, Calla
             continue
         if item.name in edits and item.is_file():
             (dest / item.name).write_bytes(edits[item.name](item.read_bytes()))
-        elif item.is_dir():
-            shutil.copytree(item, dest / item.name)
         else:
-            shutil.copy2(item, dest / item.name)
+            _copy_new(item, dest / item.name)
+
+
+def _copy_new(src: Path, dst: Path) -> None:
+    """``src`` (a file, or a directory and what it holds) copied as new files: 0666/0777 less the umask.
+
+    Not ``copy2``/``copytree``, which carry the source's modes over: a 0644 config from the base
+    would be world-readable in an output written under umask 077.
+    """
+    if src.is_dir():
+        dst.mkdir()
+        for item in src.iterdir():
+            _copy_new(item, dst / item.name)
+    else:
+        shutil.copyfile(src, dst)
 
 
 Pieces = Iterable[Tensor]
@@ -197,7 +209,7 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
             keys += [new for new, beside in added.items() if beside in keys]
             entries = [Entry(k, codes[k], model.spans[added.get(k, k)].shape) for k in keys]
             head = header_bytes(entries, {**model.metadata(shard), **metadata})
-            fd = os.open(dest / shard if model.is_dir else dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(dest / shard if model.is_dir else dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             fds.append(fd)
             offset = write_at(fd, head, 0)
             os.ftruncate(fd, offset + sum(e.nbytes for e in entries))

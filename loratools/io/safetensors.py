@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import threading
 from collections.abc import Mapping, Sequence
@@ -304,8 +305,20 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` (made contiguous) to ``path``."""
+    """Write ``tensors`` (made contiguous) to ``path``, with the mode of any new file (0666 less the umask).
+
+    safetensors 0.8.0's ``save_file`` writes a private (0600) temporary and renames it over ``path``:
+    ``path`` is created first, as a new file is (the kernel applies the umask or a default ACL), and
+    the mode it got (an existing file's own) is given back to the file ``save_file`` leaves there. No umask is read or set
+    (``os.umask`` is process-wide and would race with other threads).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # never truncated: its old bytes may be mapped by the tensors
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+    os.chmod(path, mode)
 
 
 def header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -> bytes:
@@ -340,7 +353,7 @@ class ShardWriter:
         self.path = Path(path)
         self._entries = list(entries)
         self._next = 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as `cp` makes files
         head = header_bytes(self._entries, metadata)
         self._pos = write_at(self._fd, head, 0)
 

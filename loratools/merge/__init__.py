@@ -22,6 +22,7 @@ even in bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -245,16 +246,18 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
 
     if record_path is not None:
         check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="`record`")
-    with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp:
+    with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp, \
+            (atomic_output(record_path, force=force, inputs=(base, *extra_inputs)) if record_path is not None
+             else contextlib.nullcontext()) as rtmp:
         try:
-            rec = RecordWriter(record_path) if record_path is not None else None
+            rec = RecordWriter(record_path, rtmp) if record_path is not None and rtmp is not None else None
             edits = config_edits(dtype, untie=bool(job.added))
             changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits)
             checked = verify_merge(base, job.inputs, tmp, device=job.device, precision=job.precision) if verify else None
             if checked is not None:
                 checked.check()
             if rec is not None:
-                rec.finish(meta, force=force, inputs=(base, *extra_inputs))
+                rec.finish(meta)
         finally:
             if rec is not None:
                 rec.close()

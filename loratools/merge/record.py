@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CorruptFileError, InvalidFieldError, WrongBaseError
-from ..io import DTYPE_CODES, Entry, ShardWriter, Span, atomic_output, tensor_spans, write_at
+from ..io import DTYPE_CODES, Entry, ShardWriter, Span, tensor_spans, write_at
 from ..validate import load_json
 from .plan import METADATA_KEY, AdapterInput, content_sha256, stamp_entries
 
@@ -33,12 +33,15 @@ class RecordWriter:
     """Collects each tensor's patch as the merge streams, then writes the record (atomically) at the end.
 
     Patches are appended to a scratch file beside the record as they come (from
-    several threads) and copied into the record by :meth:`finish`, so memory
-    stays flat whatever the record's size. The scratch is removed on :meth:`close`.
+    several threads) and copied by :meth:`finish` into ``tmp``, the record's
+    temporary from :func:`~loratools.io.atomic_output` (whose lock, held for the
+    whole merge, covers the scratch too: a killed merge's scratch is swept by the
+    next run to the same record). Memory stays flat whatever the record's size.
+    The scratch stays private (0600) and is removed on :meth:`close`.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, tmp: Path) -> None:
+        self.path, self.tmp = path, tmp
         self.scratch = path.parent / f".{path.name}.scratch-{os.getpid()}"
         self.entries: list[Entry] = []
         self.hashes: dict[str, str] = {}
@@ -58,14 +61,13 @@ class RecordWriter:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
 
-    def finish(self, meta: dict[str, str], *, force: bool, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    def finish(self, meta: dict[str, str]) -> None:
         rmeta = {RECORD_KEY: "1", "sha256": json.dumps(self.hashes), **meta}
-        with atomic_output(self.path, force=force, inputs=tuple(inputs)) as rtmp:
-            with ShardWriter(rtmp, self.entries, rmeta) as rw:
-                pos = 0
-                for e in self.entries:
-                    rw.copy_from(e.name, Span(self.scratch, e.dtype, e.shape, pos, pos + e.nbytes))
-                    pos += e.nbytes
+        with ShardWriter(self.tmp, self.entries, rmeta) as rw:
+            pos = 0
+            for e in self.entries:
+                rw.copy_from(e.name, Span(self.scratch, e.dtype, e.shape, pos, pos + e.nbytes))
+                pos += e.nbytes
 
     def close(self) -> None:
         if self._fd >= 0:
