@@ -79,8 +79,8 @@ def combine(session: Session, adapters: tuple[str, ...], output: str, weights: t
     check_output(output, force=force, inputs=adapters)  # fail before reading and computing
     ws = weights or (1.0,) * len(adapters)
     pairs = [(read_adapter(p), w) for p, w in zip(adapters, ws)]
-    with render.progress(session.err, len({n for a, _ in pairs for n in a.modules}), "combining",
-                         quiet=session.quiet or as_json) as advance:
+    with render.progress(session, len({n for a, _ in pairs for n in a.modules}), "combining",
+                         quiet=as_json) as advance:
         res = combine_adapters(pairs, rule=rule, method=method, density=density,  # type: ignore[arg-type]
                                seed=seed, device=device, progress=advance)
     from ._compress import heldout_line, heldout_report

@@ -67,7 +67,7 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
     configure_cpu_threads(device)
     check_output(output, force=force, inputs=(base, tuned))  # fail before the long computation
     base_r, tuned_r = ModelReader(base), ModelReader(tuned)
-    with render.progress(session.err, plan_size(base_r), "extracting", quiet=session.quiet or as_json) as advance:
+    with render.progress(session, plan_size(base_r), "extracting", quiet=as_json) as advance:
         res = extract_adapter(base_r, tuned_r, rank=rank, energy=energy, error=error, max_rank=max_rank,
                            targets=_split(targets), alpha=alpha, device=device,
                            dtype=resolve_dtype(dtype), progress=advance)

@@ -116,7 +116,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
 
     configure_cpu_threads(device)
     inputs = _adapters(adapters, weights, base)
-    with render.progress(session.err, None, "merge", quiet=session.quiet or as_json) as advance:
+    with render.progress(session, None, "merge", quiet=as_json) as advance:
         report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, extra_inputs=adapters, verify=do_verify, progress=advance,
                              quant=quant)
@@ -166,7 +166,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
 
     configure_cpu_threads(device)
     inputs = _adapters(adapters, weights, merged)
-    with render.progress(session.err, None, "unmerge", quiet=session.quiet or as_json) as advance:
+    with render.progress(session, None, "unmerge", quiet=as_json) as advance:
         report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
                                force=force, extra_inputs=adapters, progress=advance, ignore_stamp=ignore_stamp,
                                quant=quant)
@@ -204,7 +204,7 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
 
     configure_cpu_threads(device)
     inputs = _adapters(adapters, weights, base)
-    with render.progress(session.err, None, "verify", quiet=session.quiet or as_json) as advance:
+    with render.progress(session, None, "verify", quiet=as_json) as advance:
         v = verify_merge(base, inputs, merged, device=device, precision=precision, progress=advance)
     if as_json:
         render.print_json(v.to_json())

@@ -70,7 +70,7 @@ def prune(session: Session, adapter: str, output: str, budget: int | None, keep:
     if base is not None and data is not None:
         examples = read_rows(data, what="calibration data", plain_text=False)[:max_examples]
         model, tokenizer = load_causal_lm(base, device=resolve_device(device), frozen=True)
-        with render.progress(session.err, len(examples), "calibrating", quiet=session.quiet or as_json,
+        with render.progress(session, len(examples), "calibrating", quiet=as_json,
                              lines=True) as advance:
             importance = calibration_scores(src, model, tokenizer, examples, beta1=beta1, beta2=beta2,
                                             progress=advance)

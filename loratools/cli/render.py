@@ -7,16 +7,21 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported when a table or a console is made: a quiet merge never loads it (~0.1 s)
+    from rich.console import Console
+    from rich.table import Table
+
+    from .options import Session
 
 __all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "totals_table", "allocation_table", "fmt_float"]
 
 
 def console(*, stderr: bool) -> Console:
     """A console on ``sys.stdout`` (or ``sys.stderr``) as it is now; see ``options.Session``."""
+    from rich.console import Console
+
     file = sys.stderr if stderr else sys.stdout
     # off a terminal (pipes, CI logs) use a wide fixed width so tables are not squeezed into 80 columns
     return Console(file=file, width=None if file.isatty() else 200)
@@ -55,14 +60,19 @@ def print_json(data: Any) -> None:
 
 
 @contextlib.contextmanager
-def progress(err: Console, total: int | None, description: str, *,
+def progress(session: Session, total: int | None, description: str, *,
              quiet: bool = False, lines: bool = False) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n=1, *, total=None)``; a job that learns its size later passes ``total`` then.
 
-    Shows a bar on ``err`` only on a terminal and when not quiet; off a terminal, with ``lines``,
-    a plain line at every tenth of ``total`` (for slow jobs run under nohup or CI).
+    Shows a bar on the session's stderr console only on a terminal and when neither
+    ``quiet`` nor ``session.quiet``; off a terminal, with ``lines``, a plain line at every
+    tenth of ``total`` (for slow jobs run under nohup or CI).
     """
-    if quiet or (not err.is_terminal and not (lines and total)):
+    if quiet or session.quiet:
+        yield lambda n=1, *, total=None: None
+        return
+    err = session.err
+    if not err.is_terminal and not (lines and total):
         yield lambda n=1, *, total=None: None
         return
     if not err.is_terminal:
@@ -87,6 +97,8 @@ def progress(err: Console, total: int | None, description: str, *,
 
 
 def inspect_table(report: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     t = Table(title=None, show_lines=False, pad_edge=False)
     for col, just in [("module", "left"), ("shape", "right"), ("rank", "right"), ("alpha", "right"),
                       ("scale", "right"), ("‖ΔW‖F", "right"), ("σ₁", "right"), ("num", "right"),
@@ -105,6 +117,8 @@ def inspect_table(report: dict[str, Any]) -> Table:
 
 def totals_table(rows: list[dict[str, Any]], key: str) -> Table:
     """``inspect``'s totals per block index (``key="layer"``) or per module type (``key="type"``)."""
+    from rich.table import Table
+
     t = Table(pad_edge=False)
     for col in (key, "modules", "parameters", "Σ rank", "‖ΔW‖F"):
         t.add_column(col, justify="left" if col == key else "right", no_wrap=True)
@@ -116,6 +130,8 @@ def totals_table(rows: list[dict[str, Any]], key: str) -> Table:
 def allocation_table(rank_pattern: dict[str, list[bool]]) -> Table:
     """AdaLoRA's final allocation after ``train``: each module's kept rank and which of its init_r triplets."""
     from ..inspection import natural_key
+
+    from rich.table import Table
 
     t = Table(pad_edge=False)
     for col, just in (("module", "left"), ("rank", "right"), ("triplets kept", "left")):
