@@ -129,3 +129,31 @@ def test_untouched_tensors_are_copied_byte_for_byte(tiny_llama: Path, adapters: 
     raw_a, raw_b = (tiny_llama / "model.safetensors").read_bytes(), (tmp_path / "m" / "model.safetensors").read_bytes()
     same = [k for k in a if raw_a[a[k].start:a[k].end] == raw_b[b[k].start:b[k].end]]
     assert len(same) == len(a) - 8  # the 8 q/v projections of the LoRA fixture changed, nothing else
+
+
+def test_a_record_from_before_xxh3_with_sha256_checksums_still_restores(bf16_base: Path, adapters: Path,
+                                                                        tmp_path: Path) -> None:
+    """Records written before 2026-11-24 keep bare sha256 hex under ``sha256``: they still restore, and are checked."""
+    import hashlib
+
+    from loratools.errors import CorruptFileError
+
+    ad = read_adapter(adapters / "lora")
+    rec = tmp_path / "rec.safetensors"
+    merge_model(bf16_base, [(ad, 1.0)], tmp_path / "m.safetensors", record=rec, device="cpu")
+    parts, meta = load_safetensors(rec)
+    base, _ = load_safetensors(bf16_base)
+    digests = json.loads(meta.pop("digests"))
+    assert all(v.startswith("xxh3_128:") for v in digests.values())
+    old = {k: hashlib.sha256(base[k].contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k in digests}
+    save_safetensors(parts, tmp_path / "old.safetensors", {**meta, "sha256": json.dumps(old)})
+    unmerge_model(tmp_path / "m.safetensors", [(ad, 1.0)], tmp_path / "u", record=tmp_path / "old.safetensors",
+                  device="cpu")
+    got, _ = load_safetensors(tmp_path / "u")
+    assert all(torch.equal(bits(got[k]), bits(base[k])) for k in base)
+    wrong = {k: hashlib.sha256(b"not it").hexdigest() for k in digests}
+    save_safetensors(parts, tmp_path / "bad.safetensors", {**meta, "sha256": json.dumps(wrong)})
+    with pytest.raises(CorruptFileError, match="did not give the base's bits back"):
+        unmerge_model(tmp_path / "m.safetensors", [(ad, 1.0)], tmp_path / "u2", record=tmp_path / "bad.safetensors",
+                      device="cpu")
+    assert not (tmp_path / "u2").exists()

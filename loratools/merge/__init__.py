@@ -288,7 +288,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
     """Write ``out`` with W0 = cast(W − Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     With ``record`` (from ``merge_model(record=...)``) the result is the base bit
-    for bit, checked against the sha256 of each restored tensor. Without it, the
+    for bit, checked against the checksum of each restored tensor. Without it, the
     report carries an honest error figure: the true W0 is unknown, so the
     merge→unmerge round trip is re-run on the result W0' (which has W0's
     magnitudes to within an ulp): ``est_max_abs_error`` = max |W0'' − W0'| and

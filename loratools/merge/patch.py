@@ -26,7 +26,6 @@ True
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from .kernels import bits
 
-__all__ = ["make_patch", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits", "tensor_sha256"]
+__all__ = ["make_patch", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits"]
 
 _BLOCK = 1 << 18  # elements per block: every temporary below is at most a block (a multiple of 8, for packing)
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -351,9 +350,3 @@ def apply_patch(reconstructed: Tensor, patch: dict[str, Tensor]) -> Tensor:
 
 def patch_nbytes(patch: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in patch.values())
-
-
-def tensor_sha256(t: Tensor) -> str:
-    """sha256 of a tensor's raw bytes (C order): a check that a restore is bit-exact."""
-    t = t.detach().to("cpu").contiguous()
-    return hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy())).hexdigest()

@@ -2,21 +2,25 @@
 
 The *record* of a merge is a safetensors file: tensor ``"<key>::<part>"`` for
 each part of each tensor's patch, and in its metadata ``loratools.record = "1"``,
-the sha256 of every base tensor it restores (``sha256``, JSON) and the merge's
-stamp (which adapters and weights). :class:`RecordWriter` writes it while the
+a checksum of every base tensor it restores (``digests``, JSON: ``"xxh3_128:<hex>"``
+each; records written before 2026-11-24 hold bare sha256 hex under ``sha256``) and
+the merge's stamp (which adapters and weights). :class:`RecordWriter` writes it while the
 merge streams; :func:`read_record` opens it for an un-merge.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import xxhash
 from torch import Tensor
 
 from ..errors import CorruptFileError, InvalidFieldError, WrongBaseError
@@ -24,9 +28,29 @@ from ..io import DTYPE_CODES, Entry, ShardWriter, Span, tensor_spans, write_at
 from ..validate import load_json
 from .plan import METADATA_KEY, AdapterInput, content_sha256, stamp_entries
 
-__all__ = ["RecordWriter", "read_record"]
+__all__ = ["RecordWriter", "read_record", "Digest"]
 
 RECORD_KEY = "loratools.record"
+#: the checksum of each restored tensor: XXH3-128 runs at 16 GB/s here, where sha256 (1.8 GB/s) was a fifth of
+#: ``merge --record``'s time; it guards against a restore that is not bit-exact (another BLAS, a changed merged
+#: model), not against an adversary, who could rewrite the record's checksums as easily as the tensors
+DIGEST = "xxh3_128"
+_DIGEST_FORM = re.compile(r"xxh3_128:[0-9a-f]{32}|[0-9a-f]{64}")
+
+
+class Digest:
+    """A running checksum of a tensor's bytes; :meth:`value` is ``"xxh3_128:<hex>"``, or bare sha256 hex
+    when made ``like`` such a value (the records of older versions)."""
+
+    def __init__(self, like: str | None = None) -> None:
+        self.sha256 = like is not None and ":" not in like
+        self._h = hashlib.sha256() if self.sha256 else xxhash.xxh3_128()
+
+    def update(self, data: memoryview) -> None:
+        self._h.update(data)
+
+    def value(self) -> str:
+        return self._h.hexdigest() if self.sha256 else f"{DIGEST}:{self._h.hexdigest()}"
 
 
 class RecordWriter:
@@ -49,9 +73,9 @@ class RecordWriter:
         self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self._pos = 0
 
-    def add(self, key: str, patch: dict[str, Tensor], sha256: str) -> None:
+    def add(self, key: str, patch: dict[str, Tensor], digest: str) -> None:
         with self._lock:
-            self.hashes[key] = sha256
+            self.hashes[key] = digest
             for part, t in patch.items():
                 t = t.contiguous()
                 self._pos += write_at(self._fd, t, self._pos)
@@ -62,7 +86,7 @@ class RecordWriter:
         return sum(e.nbytes for e in self.entries)
 
     def finish(self, meta: dict[str, str]) -> None:
-        rmeta = {RECORD_KEY: "1", "sha256": json.dumps(self.hashes), **meta}
+        rmeta = {RECORD_KEY: "1", "digests": json.dumps(self.hashes), **meta}
         with ShardWriter(self.tmp, self.entries, rmeta) as rw:
             pos = 0
             for e in self.entries:
@@ -95,7 +119,9 @@ def read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, d
     for k, t in tensors.items():
         key, _, part = k.rpartition("::")
         patches.setdefault(key, {})[part] = t
-    hashes = load_json(meta.get("sha256", "null"), where=path)
-    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
-        raise InvalidFieldError(path, "sha256", hashes, "an object of tensor hashes")
+    field = "digests" if "digests" in meta else "sha256"
+    hashes = load_json(meta.get(field, "null"), where=path)
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) and _DIGEST_FORM.fullmatch(v)
+                                               for v in hashes.values()):
+        raise InvalidFieldError(path, field, hashes, "an object of tensor checksums (xxh3_128:<32 hex> or sha256 hex)")
     return patches, hashes, info

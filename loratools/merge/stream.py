@@ -10,7 +10,6 @@ size, and the record costs one more pass over the same cached block.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..io import CODE_DTYPES, RowReader, Span, buffer, read_tensor
 from .kernels import check_finite, dora_norms, dora_of, dora_scale, factors_of, merge_rows, row_step
 from .plan import TensorPlan
 from .patch import PatchApplier, PatchBuilder
-from .record import RecordWriter
+from .record import Digest, RecordWriter
 
 __all__ = ["Arithmetic", "merged_blocks", "restored_blocks"]
 
@@ -56,14 +55,17 @@ def _block(ar: Arithmetic, slot: str, n: int, cols: int, dtype: torch.dtype) -> 
 
 def _merge(w: Tensor, start: Tensor, factors: list[tuple[Tensor, Tensor]], i: int, dtype: torch.dtype,
            ar: Arithmetic, slot: str, key: str, where: str, what: str, **dora: Tensor | None) -> Tensor:
-    """:func:`merge_rows` into this thread's buffers, naming ``key`` when the sum is not finite."""
+    """:func:`merge_rows` into this thread's buffers, naming ``key`` when the sum is not finite.
+
+    Every call shares one accumulator (free again once its result is cast into the ``slot`` buffer), so a
+    record's second pass over a block keeps the working set at the merge's size."""
     n, cols = start.shape
     if not factors:
         out = _block(ar, slot, n, cols, dtype)
         return out.copy_(start) if out is not None else start.to(dtype)
     try:
         r = merge_rows(start, factors, i, dtype=dtype, precision=ar.precision,
-                       acc=_block(ar, slot + ".acc", n, cols, ar.precision), out=_block(ar, slot, n, cols, dtype),
+                       acc=_block(ar, "acc", n, cols, ar.precision), out=_block(ar, slot, n, cols, dtype),
                        **dora)
     except NonFiniteError:
         check_finite(key, w, where)
@@ -77,7 +79,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
 
     With ``record``, each block's W0 is compared with what :func:`restored_blocks`
     will recompute from the merged block (the same blocks, the same factors),
-    and the patch and W0's sha256 go to ``record`` once the last block is out.
+    and the patch and W0's checksum go to ``record`` once the last block is out.
     DoRA: a first pass over W0 gives ‖V‖_row (:func:`~.kernels.dora_norms`), which
     the record keeps as the patch's ``dora_norm`` part (the un-merge cannot recompute it).
     """
@@ -88,7 +90,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
     replace = plan.replace.reshape(rows, cols) if plan.replace is not None else None
     step = row_step(rows, cols, ar.device)
     builder = PatchBuilder(span.shape, base, counts=buffer("counts", rows * cols)) if record else None
-    sha = hashlib.sha256()
+    sha = Digest()
     with RowReader(span, rows) as reader:
         dora, norms, scale = dora_of(plan.deltas), None, None
         if dora is not None:
@@ -96,7 +98,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
             # peak RSS (allocator arenas of the worker threads) on bench/merge.py's model
             norms = dora_norms(((i, reader.read(i, min(step, rows - i))) for i in range(0, rows, step)), factors,
                                dora, precision=ar.precision,
-                               acc=lambda n: _block(ar, "out.acc", n, cols, ar.precision))
+                               acc=lambda n: _block(ar, "acc", n, cols, ar.precision))
             scale = dora_scale(dora, norms)
         for i in range(0, rows, step):
             n = min(step, rows - i)
@@ -115,7 +117,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
             patch = builder.patch(lambda idx: _values_at(reader, idx, step, cols))
             if norms is not None:
                 patch["dora_norm"] = norms.cpu()
-            record.add(key, patch, sha.hexdigest())
+            record.add(key, patch, sha.value())
 
 
 def _token_rows(out: Tensor, plan: TensorPlan, first: int) -> Tensor:
@@ -142,12 +144,12 @@ def _values_at(reader: RowReader, idx: np.ndarray, step: int, cols: int) -> Tens
     return torch.cat(parts) if parts else torch.empty(0, dtype=reader.dtype)
 
 
-def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, Span], sha256: str, ar: Arithmetic,
+def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, Span], digest: str, ar: Arithmetic,
                     record_path: Path) -> Iterator[Tensor]:
     """The base's tensor back from the merged one: ``cast(W − Σ wᵢ·ΔWᵢ)`` and the record's patch, in blocks.
 
     Raises :class:`CorruptFileError` after the last block if the restored bytes
-    do not hash to ``sha256`` (the output is then never renamed into place).
+    do not have the checksum ``digest`` (:class:`~.record.Digest`) (the output is then never renamed into place).
     """
     rows, cols = _shape2(span, plan)
     dtype = CODE_DTYPES[span.dtype]
@@ -163,7 +165,7 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
     scale = dora_scale(dora, norms.to(device=ar.device, dtype=ar.precision)) if dora is not None else None
     applier = PatchApplier(parts, span.shape, dtype)
     step = row_step(rows, cols, ar.device)
-    sha = hashlib.sha256()
+    sha = Digest(like=digest)
     with RowReader(span, rows) as reader:
         for i in range(0, rows, step):
             n = min(step, rows - i)
@@ -172,6 +174,6 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
             r = applier.apply(r.reshape(-1), i * cols)
             sha.update(memoryview(r.view(torch.uint8).numpy()))
             yield r
-    if sha.hexdigest() != sha256:
+    if sha.value() != digest:
         raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "
                                             "same kind of device as the merge (or the merged model was changed)")
