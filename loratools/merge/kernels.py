@@ -151,14 +151,15 @@ def _scale_rows(f: Tensor, first: int, n: int) -> Tensor:
 
 def merge_rows(w: Tensor, factors: Sequence[tuple[Tensor, Tensor]], first: int, *, dtype: torch.dtype,
                precision: torch.dtype = torch.float32, acc: Tensor | None = None, out: Tensor | None = None,
-               pre_div: Tensor | None = None, post_mul: Tensor | None = None) -> Tensor:
+               pre_div: Tensor | None = None, post_mul: Tensor | None = None, check: bool = True) -> Tensor:
     """``cast(W[rows] + Σ L[rows] @ R)`` for the block ``w`` of a weight's rows ``first …``, on the factors' device.
 
     ``acc`` (``precision``) and ``out`` (``dtype``) may be given to reuse memory
     (CPU only); the result is ``out``, or ``acc`` itself when no cast is needed.
     DoRA (:func:`dora_scale`): ``post_mul`` multiplies the sum before the cast
     (merge), ``pre_div`` divides W before the products are added (un-merge).
-    Raises :class:`NonFiniteError` if the block's sum holds NaN/Inf or overflows ``dtype``.
+    Raises :class:`NonFiniteError` if the block's sum holds NaN/Inf or overflows ``dtype``, unless not
+    ``check``: an exact un-merge's blocks are patched and then checksummed, which catches anything they hold.
     """
     n = w.shape[0]
     dev = factors[0][0].device if factors else w.device
@@ -175,7 +176,7 @@ def merge_rows(w: Tensor, factors: Sequence[tuple[Tensor, Tensor]], first: int, 
     limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
     narrow = limit < 1e30  # float16 output (max 65504): a finite sum can still overflow the cast
     # NaN/Inf (from W0 or the sum) make the block's sum non-finite; only then (or for float16) look closer
-    if acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))):
+    if check and acc.numel() and (narrow or not bool(torch.isfinite(acc.sum()))):
         lo, hi = torch.aminmax(acc)
         if not bool((-lo <= limit) & (hi <= limit)):
             raise NonFiniteError("the merged tensor", f"rows {first}–{first + n}")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..io import buffer
 from .kernels import bits
 
 __all__ = ["make_patch", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits"]
@@ -242,13 +243,17 @@ def _ulp_counts(o: Tensor, r: Tensor, *, moved: bool = False) -> tuple[np.ndarra
         d = np.subtract(_keys(o), _keys(r), dtype=_WIDE[o.element_size()])
         return d, np.flatnonzero(d != 0) if moved else None
     bo, br = o.view(torch.int16).numpy(), r.view(torch.int16).numpy()
-    d = np.subtract(bo, br)
-    m = bo >> 15
+    # into this thread's reused scratch: a fresh temporary per block costs more in page faults than its arithmetic
+    d, m = (buffer(slot, 2 * bo.size).view(torch.int16).numpy() for slot in ("patch.d", "patch.m"))
+    np.subtract(bo, br, out=d)
+    np.right_shift(bo, 15, out=m)
     np.bitwise_xor(d, m, out=d)
     np.subtract(d, m, out=d)
     # numpy finds the True of a bool array ~10× faster than the non-zeros of an integer array
-    idx = np.flatnonzero(d != 0) if moved else None
-    flips = np.flatnonzero(np.bitwise_xor(bo, br) < 0) if idx is None else idx[(bo[idx] ^ br[idx]) < 0]
+    mask = buffer("patch.mask", bo.size).view(torch.bool).numpy()
+    idx = np.flatnonzero(np.not_equal(d, 0, out=mask)) if moved else None
+    flips = np.flatnonzero(np.less(np.bitwise_xor(bo, br, out=m), 0, out=mask)) if idx is None else \
+        idx[(bo[idx] ^ br[idx]) < 0]
     if flips.size:
         exact = np.subtract(_keys(o[torch.from_numpy(flips)]), _keys(r[torch.from_numpy(flips)]), dtype=np.int32)
         d[flips] = np.clip(exact, -(1 << 15), (1 << 15) - 1)

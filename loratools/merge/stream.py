@@ -54,7 +54,8 @@ def _block(ar: Arithmetic, slot: str, n: int, cols: int, dtype: torch.dtype) -> 
 
 
 def _merge(w: Tensor, start: Tensor, factors: list[tuple[Tensor, Tensor]], i: int, dtype: torch.dtype,
-           ar: Arithmetic, slot: str, key: str, where: str, what: str, **dora: Tensor | None) -> Tensor:
+           ar: Arithmetic, slot: str, key: str, where: str, what: str, check: bool = True,
+           **dora: Tensor | None) -> Tensor:
     """:func:`merge_rows` into this thread's buffers, naming ``key`` when the sum is not finite.
 
     Every call shares one accumulator (free again once its result is cast into the ``slot`` buffer), so a
@@ -66,7 +67,7 @@ def _merge(w: Tensor, start: Tensor, factors: list[tuple[Tensor, Tensor]], i: in
     try:
         r = merge_rows(start, factors, i, dtype=dtype, precision=ar.precision,
                        acc=_block(ar, "acc", n, cols, ar.precision), out=_block(ar, slot, n, cols, dtype),
-                       **dora)
+                       check=check, **dora)
     except NonFiniteError:
         check_finite(key, w, where)
         raise NonFiniteError(key, what) from None
@@ -110,7 +111,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
             if builder is not None:
                 sha.update(memoryview(w0.reshape(-1).view(torch.uint8).numpy()))
                 recon = out if not back else _merge(out, out, back, i, base, ar, "recon", key, "the merged tensor",
-                                                     "the un-merge of the merged tensor", pre_div=scale)
+                                                     "the un-merge of the merged tensor", check=False, pre_div=scale)
                 builder.add(w0, recon)
             yield out
         if record is not None and builder is not None:
@@ -170,7 +171,8 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
         for i in range(0, rows, step):
             n = min(step, rows - i)
             w = reader.read(i, n)
-            r = _merge(w, w, back, i, dtype, ar, "out", key, "the merged model", "the un-merge", pre_div=scale)
+            r = _merge(w, w, back, i, dtype, ar, "out", key, "the merged model", "the un-merge", check=False,
+                       pre_div=scale)
             r = applier.apply(r.reshape(-1), i * cols)
             sha.update(memoryview(r.view(torch.uint8).numpy()))
             yield r
