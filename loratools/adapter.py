@@ -27,7 +27,7 @@ from .errors import DoraError, InvalidOptionError, NonFiniteError, ShapeMismatch
 from .linalg import lowrank_svd, sqrt_split
 
 __all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
-           "TOKENS_SUFFIX", "fold_scales", "pad_rank"]
+           "TOKENS_SUFFIX", "fold_scales", "pad_rank", "all_finite"]
 
 Kind = Literal["linear", "conv", "embedding", "experts"]
 
@@ -165,6 +165,20 @@ def _prod(xs: tuple[int, ...] | torch.Size) -> int:
     return out
 
 
+def all_finite(t: Tensor) -> bool:
+    """True when no element of ``t`` is NaN or ±Inf (integer tensors always are).
+
+    A sum is NaN/Inf whenever an element is, and one pass of it costs far less than
+    ``isfinite`` (a bool tensor, then a second pass); only a non-finite sum (or one
+    that overflowed) is looked at element by element.
+    """
+    if not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_module(name: str, m: Module, *, finite: bool = True) -> None:
     """Raise a :class:`ShapeMismatchError`/:class:`NonFiniteError` naming ``name`` if ``m`` is malformed."""
     if m.kind == "experts" and (m.experts < 1 or m.A.ndim != 2 or m.A.shape[0] % m.experts):
@@ -192,7 +206,7 @@ def check_module(name: str, m: Module, *, finite: bool = True) -> None:
     if finite:
         for label, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_E", m.E), ("lora_B.bias", m.bias),
                          ("lora_magnitude_vector", m.magnitude)):
-            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t is not None and not all_finite(t):
                 raise NonFiniteError(name, label)
 
 
@@ -273,7 +287,7 @@ class Adapter:
         for name, m in self.modules.items():
             check_module(name, m, finite=True)
         for key, t in self.saved.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise NonFiniteError(key)
         object.__setattr__(self, "_finite", True)
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapter import Module
+from ..adapter import Module, all_finite
 from ..dora import dora_factor, norms_along_rows
 from ..errors import NonFiniteError
 
@@ -39,11 +39,7 @@ def bits(t: Tensor) -> Tensor:
 
 def check_finite(key: str, t: Tensor, where: str) -> None:
     """Raise :class:`NonFiniteError` naming ``key`` and ``where`` if ``t`` holds NaN or Inf."""
-    # a sum is NaN/Inf whenever an element is, and costs far less than isfinite() on 16-bit floats;
-    # only when the sum is not finite (or overflowed) is the element-wise check run
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-        return
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NonFiniteError(key, where)
 
 
