@@ -166,12 +166,8 @@ def _prod(xs: tuple[int, ...] | torch.Size) -> int:
 
 
 def all_finite(t: Tensor) -> bool:
-    """True when no element of ``t`` is NaN or ±Inf (integer tensors always are).
-
-    A sum is NaN/Inf whenever an element is, and one pass of it costs far less than
-    ``isfinite`` (a bool tensor, then a second pass); only a non-finite sum (or one
-    that overflowed) is looked at element by element.
-    """
+    """True when no element of ``t`` is NaN or ±Inf: one pass of a sum (NaN/Inf whenever an element is), element
+    by element only when that sum is not finite (or overflowed) — far cheaper than ``isfinite(t).all()``."""
     if not t.is_floating_point():
         return True
     if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
