@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .config import AdapterConfig, alpha_for_scale
 from .errors import DoraError, InvalidOptionError, NonFiniteError, ShapeMismatchError
-from .linalg import lowrank_svd, sqrt_split
+from .linalg import lowrank_svd, lowrank_svdvals, sqrt_split
 
 __all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
            "TOKENS_SUFFIX", "fold_scales", "pad_rank"]
@@ -149,7 +149,8 @@ class Module:
 
     def singular_values(self) -> Tensor:
         """Singular values of the scaled ΔW, descending, length ``rank`` (float64)."""
-        s = self.svd()[1]
+        B, A = self.factors(dtype=torch.float64)
+        s = lowrank_svdvals(B, A)
         if s.numel() < self.rank:  # rank larger than min(m, n): pad with exact zeros
             s = torch.cat([s, s.new_zeros(self.rank - s.numel())])
         return s

@@ -1,8 +1,9 @@
 """LoRA/AdaLoRA → smaller plain LoRA, from the factors alone.
 
 Each module's ``ΔW = B' A'`` (scale and AdaLoRA's Λ folded in) has rank ≤ r,
-so its whole spectrum comes from :meth:`Module.svd` — QR of ``B'`` and
-``A'ᵀ``, then the SVD of the r×r core — in O((m+n)r²) without forming ΔW.
+so its whole spectrum comes from :meth:`Module.svd` — R factors of ``B'`` and
+``A'ᵀ`` (Cholesky-QR or Householder, :func:`loratools.linalg.lowrank_svd`), then the
+SVD of the r×r core — in O((m+n)r²) without forming ΔW.
 Keeping the top k singular triplets gives the best rank-k approximation
 (Eckart–Young), stored like :mod:`loratools.extract` does:
 ``B = U_k S_k^½``, ``A = S_k^½ V_kᵀ``, ``alpha = k`` (scale 1). Its relative
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import Adapter, Module, as_lora, module_from_svd
-from .linalg import RankRule, lowrank_svd_gram
+from .linalg import RankRule, lowrank_svd
 from .rank_allocation import allocate_ranks, allocation_method, truncation_error, uniform_rank
 
 __all__ = ["resize_adapter", "ResizeResult", "ResizeLayer", "resize_together", "Allocation"]
@@ -78,13 +79,12 @@ def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int 
             if progress:
                 progress(1)
             continue
-        # Module.svd()'s QR route, through Gram-matrix Cholesky factors when they are well conditioned (faster);
-        # singular vectors are computed for the kept triplets only
+        # Module.svd()'s route (linalg.lowrank_svd), with singular vectors for the kept triplets only;
         # the scale is applied to S afterwards (the rank rules do not depend on it): one pass less over the factors
         r = plain.rank
         B64 = plain.B.reshape(plain.B.shape[0], r).to(torch.float64)
         A64 = plain.A.reshape(r, plain.matrix_shape[1]).to(torch.float64)
-        U, S, Vh = lowrank_svd_gram(B64, A64, top=keep)
+        U, S, Vh = lowrank_svd(B64, A64, top=keep)
         S = S * abs(plain.scale)
         if plain.scale < 0:
             U = -U
