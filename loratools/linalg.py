@@ -74,9 +74,16 @@ def _r_factor(X: Tensor, max_cond: float, *, q: bool) -> tuple[Tensor, Tensor | 
     return R, Q
 
 
-def _apply_q(X: Tensor, R: Tensor, Q: Tensor | None, W: Tensor) -> Tensor:
-    """``Q W`` for the ``(R, Q)`` of :func:`_r_factor`: ``X (R⁻¹ W)`` when Q was not formed."""
-    return Q @ W if Q is not None else X @ torch.linalg.solve_triangular(R, W, upper=True)
+def _apply_q_t(X: Tensor, R: Tensor, Q: Tensor | None, W: Tensor) -> Tensor:
+    """``(Q W)ᵀ`` for the ``(R, Q)`` of :func:`_r_factor`: ``(R⁻¹W)ᵀ Xᵀ`` when Q was not formed.
+
+    Transposed because MKL multiplies a row-major m×r factor by an r×t matrix (t ≪ m) at about half the
+    rate of the transposed product t×r · r×m (measured in float64, one thread: 1.8 ms against 0.9 ms for
+    11008×64 by 64×16).
+    """
+    if Q is not None:
+        return W.T @ Q.T
+    return torch.linalg.solve_triangular(R, W, upper=True).T @ X.T
 
 
 def lowrank_svd(B: Tensor, A: Tensor, *, dtype: torch.dtype = torch.float64, max_cond: float | None = None,
@@ -112,7 +119,7 @@ def lowrank_svd(B: Tensor, A: Tensor, *, dtype: torch.dtype = torch.float64, max
     Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
     t = top(S) if callable(top) else S.numel() if top is None else top
     t = min(t, S.numel())
-    return _apply_q(Bd, Rb, Qb, Uc[:, :t]), S, _apply_q(At, Ra, Qa, Vch[:t].T).T
+    return _apply_q_t(Bd, Rb, Qb, Uc[:, :t]).T, S, _apply_q_t(At, Ra, Qa, Vch[:t].T)
 
 
 def lowrank_svdvals(B: Tensor, A: Tensor, *, dtype: torch.dtype = torch.float64,
