@@ -116,8 +116,10 @@ class Module:
         return Module(A=torch.ones(1, 1, dtype=self.bias.dtype), B=self.bias.reshape(-1, 1), alpha=1.0,
                       scale=self.scale)
 
-    def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``.
+    def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                scaled: bool = True) -> tuple[Tensor, Tensor]:
+        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale (unless not ``scaled``) and Λ are
+        folded into ``A'``.
 
         An ``experts`` module has one pair per expert (:meth:`expert`); asking it for one raises.
         """
@@ -128,7 +130,7 @@ class Module:
         if self.E is not None:
             A = A * self.E.to(device=device, dtype=dtype)
         B = self.B.to(device=device, dtype=dtype).reshape(self.B.shape[0], self.rank)
-        return B, A * self.scale
+        return B, (A * self.scale if scaled else A)
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
         """The dense ΔW, shaped and laid out like the base weight it is added to (experts stacked)."""
@@ -148,9 +150,10 @@ class Module:
         return lowrank_svd(B, A)
 
     def singular_values(self) -> Tensor:
-        """Singular values of the scaled ΔW, descending, length ``rank`` (float64)."""
-        B, A = self.factors(dtype=torch.float64)
-        s = lowrank_svdvals(B, A)
+        """Singular values of the scaled ΔW, descending, length ``rank`` (float64): ``|s|·σ(B'A')`` with the
+        factors unscaled (r multiplications instead of a pass over A)."""
+        B, A = self.factors(dtype=torch.float64, scaled=False)
+        s = lowrank_svdvals(B, A) * abs(self.scale)
         if s.numel() < self.rank:  # rank larger than min(m, n): pad with exact zeros
             s = torch.cat([s, s.new_zeros(self.rank - s.numel())])
         return s
