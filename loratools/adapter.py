@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .config import AdapterConfig, alpha_for_scale
 from .errors import DoraError, InvalidOptionError, NonFiniteError, ShapeMismatchError
-from .linalg import lowrank_svd, sqrt_split
+from .linalg import lowrank_svd, lowrank_svdvals, sqrt_split
 
 __all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
            "TOKENS_SUFFIX", "fold_scales", "pad_rank", "all_finite"]
@@ -116,8 +116,10 @@ class Module:
         return Module(A=torch.ones(1, 1, dtype=self.bias.dtype), B=self.bias.reshape(-1, 1), alpha=1.0,
                       scale=self.scale)
 
-    def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale and Λ are folded into ``A'``.
+    def factors(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                scaled: bool = True) -> tuple[Tensor, Tensor]:
+        """``(B', A')`` as matrices with ``ΔW_matrix = B' @ A'``: the scale (unless not ``scaled``) and Λ are
+        folded into ``A'``.
 
         An ``experts`` module has one pair per expert (:meth:`expert`); asking it for one raises.
         """
@@ -128,7 +130,7 @@ class Module:
         if self.E is not None:
             A = A * self.E.to(device=device, dtype=dtype)
         B = self.B.to(device=device, dtype=dtype).reshape(self.B.shape[0], self.rank)
-        return B, A * self.scale
+        return B, (A * self.scale if scaled else A)
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
         """The dense ΔW, shaped and laid out like the base weight it is added to (experts stacked)."""
@@ -148,8 +150,10 @@ class Module:
         return lowrank_svd(B, A)
 
     def singular_values(self) -> Tensor:
-        """Singular values of the scaled ΔW, descending, length ``rank`` (float64)."""
-        s = self.svd()[1]
+        """Singular values of the scaled ΔW, descending, length ``rank`` (float64): ``|s|·σ(B'A')`` with the
+        factors unscaled (r multiplications instead of a pass over A)."""
+        B, A = self.factors(dtype=torch.float64, scaled=False)
+        s = lowrank_svdvals(B, A) * abs(self.scale)
         if s.numel() < self.rank:  # rank larger than min(m, n): pad with exact zeros
             s = torch.cat([s, s.new_zeros(self.rank - s.numel())])
         return s

@@ -15,7 +15,7 @@ With a :class:`~loratools.linalg.RankRule`, each module's sum is truncated to it
 best rank-k approximation (Eckart–Young) from the stacked factors alone: QR of
 ``B`` and ``Aᵀ`` (or Cholesky of their Gram matrices when well conditioned), then
 the SVD of the R×R core, in O((m+n)·R²) — ΔW is never formed
-(:func:`~loratools.linalg.lowrank_svd_gram`). The whole spectrum of the sum comes
+(:func:`~loratools.linalg.lowrank_svd`). The whole spectrum of the sum comes
 out, so the relative error ``√(Σ_{i>k}σᵢ²)/√(Σσᵢ²)`` is exact.
 
 ``method="ties"`` / ``"dare"`` are the task-arithmetic merges of TIES-Merging
@@ -42,7 +42,7 @@ from .config import AdapterConfig
 from .device import resolve_device
 from .errors import InvalidOptionError, WrongBaseError
 from .formats.kohya import is_flattened
-from .linalg import RankRule, lowrank_svd_gram, truncated_svd
+from .linalg import RankRule, lowrank_svd, truncated_svd
 
 __all__ = ["combine_adapters", "CombineResult", "CombineLayer", "ties_merge", "dare_merge", "METHODS"]
 
@@ -252,7 +252,7 @@ def _sum_module(parts: Sequence[tuple[Module, float]], rule: RankRule | None, dt
         B, A = _stack(parts, dtype=dtype, device=device)
         return _from_matrices(like, B, A, dtype), 0.0
     B, A = _stack(parts, dtype=torch.float64, device=device)
-    U, S, Vh = lowrank_svd_gram(B, A, top=lambda s: min(rule.choose(s), s.numel()))
+    U, S, Vh = lowrank_svd(B, A, top=lambda s: min(rule.choose(s), s.numel()))
     k = int(U.shape[1])
     e = S**2
     total, kept = float(e.sum()), float(e[:k].sum())

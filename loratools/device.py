@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from .errors import InvalidOptionError
 
-__all__ = ["resolve_device", "resolve_dtype", "DTYPES", "cpu_cores", "configure_cpu_threads", "cpu_threads"]
+__all__ = ["resolve_device", "resolve_dtype", "DTYPES", "cpu_cores", "configure_cpu_threads", "cpu_threads", "map_in_threads"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -78,3 +83,26 @@ def cpu_threads(threads: int = 1) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def map_in_threads(fn: Callable[[T], R], items: Iterable[T], *, workers: int | None = None) -> Iterator[R]:
+    """``map(fn, items)`` with up to ``workers`` (default :func:`cpu_cores`) items at once on threads; results in order.
+
+    For independent per-module linear algebra (inspect, resize): torch releases the GIL inside its
+    kernels, so modules run side by side, each on one core. torch's intra-op pool is held at one thread
+    meanwhile: each worker fanning out over every core would oversubscribe them (the barrier waits
+    issue "Speed" measured). With one worker or one item, ``fn`` runs in the calling thread. Results
+    are yielded as they are consumed, so a caller can report progress; work not yet started is
+    cancelled when the caller stops early or ``fn`` raises.
+    """
+    todo = list(items)
+    n = min(workers or cpu_cores(), len(todo))
+    if n <= 1:
+        yield from map(fn, todo)
+        return
+    with cpu_threads(1):
+        pool = ThreadPoolExecutor(n, thread_name_prefix="loratools-map")
+        try:
+            yield from pool.map(fn, todo)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

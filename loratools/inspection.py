@@ -27,7 +27,7 @@ Layers are listed in natural order (:func:`natural_key`: ``layers.2`` before ``l
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -39,6 +39,8 @@ from .linalg import spectrum_summary
 
 #: the base weight of a module, by module name (for DoRA's figures); None when no base is given
 BaseWeight = Callable[[str], Tensor]
+#: ``map``-like: applies a function to every item of a list, results in order
+Mapper = Callable[[Callable[[Any], Any], list[Any]], Iterable[Any]]
 
 __all__ = ["inspect_adapter", "layer_report", "natural_key", "group_totals", "recommended_rank"]
 
@@ -131,16 +133,18 @@ def layer_report(name: str, m: Module, base: BaseWeight | None = None) -> dict[s
         "alpha": m.alpha,
         "scale": m.scale,
         "parameters": m.parameters,
-        "fro_norm": float(s.pow(2).sum().sqrt()) if s.numel() else 0.0,
-        "sigma_max": float(s[0]) if s.numel() else 0.0,
-        "singular_values": [float(x) for x in s],
-        **spectrum_summary(s, m.matrix_shape),
+        "singular_values": s.tolist(),
+        **_spectrum(s, m.matrix_shape),
         **extra,
     }
 
 
-def inspect_adapter(adapter: Adapter, *, format: str | None = None, base: BaseWeight | None = None) -> dict[str, Any]:
+def inspect_adapter(adapter: Adapter, *, format: str | None = None, base: BaseWeight | None = None,
+                    mapper: Mapper = map) -> dict[str, Any]:
     """The whole report as JSON-ready data (``base``: each module's base weight, for DoRA's figures).
+
+    ``mapper`` maps :func:`layer_report` over the modules, in order: ``map``, or one that spreads them
+    over threads (:func:`loratools.device.map_in_threads`; each module's figures are independent).
 
     >>> import torch
     >>> A, B = torch.eye(2, 16), torch.eye(8, 2)
@@ -148,9 +152,10 @@ def inspect_adapter(adapter: Adapter, *, format: str | None = None, base: BaseWe
     >>> report["modules"], report["layers"][0]["rank"], report["layers"][0]["stable_rank"]
     (1, 2, 2.0)
     """
-    layers = [layer_report(f"{name}[expert {e}]", m.expert(e), base) if m.kind == "experts" else layer_report(name, m, base)
-              for name, m in sorted(adapter.items(), key=lambda kv: natural_key(kv[0]))
-              for e in range(m.experts if m.kind == "experts" else 1)]
+    work = [(f"{name}[expert {e}]", m.expert(e)) if m.kind == "experts" else (name, m)
+            for name, m in sorted(adapter.items(), key=lambda kv: natural_key(kv[0]))
+            for e in range(m.experts if m.kind == "experts" else 1)]
+    layers = list(mapper(lambda w: layer_report(w[0], w[1], base), work))
     ranks = [m.rank for m in adapter.modules.values()]
     return {
         "format": format,

@@ -1,8 +1,9 @@
 """LoRA/AdaLoRA → smaller plain LoRA, from the factors alone.
 
 Each module's ``ΔW = B' A'`` (scale and AdaLoRA's Λ folded in) has rank ≤ r,
-so its whole spectrum comes from :meth:`Module.svd` — QR of ``B'`` and
-``A'ᵀ``, then the SVD of the r×r core — in O((m+n)r²) without forming ΔW.
+so its whole spectrum comes from :meth:`Module.svd` — R factors of ``B'`` and
+``A'ᵀ`` (Cholesky-QR or Householder, :func:`loratools.linalg.lowrank_svd`), then the
+SVD of the r×r core — in O((m+n)r²) without forming ΔW.
 Keeping the top k singular triplets gives the best rank-k approximation
 (Eckart–Young), stored like :mod:`loratools.extract` does:
 ``B = U_k S_k^½``, ``A = S_k^½ V_kᵀ``, ``alpha = k`` (scale 1). Its relative
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import Adapter, Module, as_lora, module_from_svd
-from .linalg import RankRule, lowrank_svd_gram
+from .device import map_in_threads
+from .linalg import RankRule, lowrank_svd
 from .rank_allocation import allocate_ranks, allocation_method, truncation_error, uniform_rank
 
 __all__ = ["resize_adapter", "ResizeResult", "ResizeLayer", "resize_together", "Allocation"]
@@ -49,13 +51,14 @@ class ResizeResult:
 
 def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int | None = None,
                    energy: float | None = None, error: float | None = None, max_rank: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> ResizeResult:
+                   progress: Callable[[int], None] | None = None, workers: int | None = None) -> ResizeResult:
     """Re-truncate every module to the rank ``rule`` picks; output plain LoRA.
 
     ``rule`` is a :class:`~loratools.linalg.RankRule`, or give its options as keywords (exactly one of
     ``rank``, ``energy``, ``error``; ``max_rank`` caps). ``rank=R`` keeps ``min(R, r)``; ``energy=F``
     the smallest k with ``Σ_{i≤k}σᵢ² ≥ F·Σσᵢ²``; ``error=E`` the smallest k with
-    ``√(Σ_{i>k}σᵢ²)/√(Σσᵢ²) ≤ E``.
+    ``√(Σ_{i>k}σᵢ²)/√(Σσᵢ²) ≤ E``. Modules are resized ``workers`` at a time (default: one per usable
+    core, :func:`~loratools.device.map_in_threads`); the result does not depend on it.
 
     >>> A, B = torch.randn(4, 16), torch.randn(8, 4)
     >>> small = resize_adapter(Adapter({"q": Module(A=A, B=B, alpha=4, scale=1.0)}), rank=2)
@@ -64,41 +67,15 @@ def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int 
     """
     rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank)
     adapter.dense_only("resizing")
-
-    def keep(s: torch.Tensor) -> int:
-        return min(rule.choose(s), s.numel())
-
     lora = as_lora(adapter)
     modules: dict[str, Module] = {}
     layers: list[ResizeLayer] = []
-    for name, m in adapter.items():
-        plain = lora.modules.get(name)  # absent when an AdaLoRA module was pruned to rank 0
-        if plain is None:
-            layers.append(ResizeLayer(name, m.rank, 0, 0.0, 1.0))
-            if progress:
-                progress(1)
-            continue
-        # Module.svd()'s QR route, through Gram-matrix Cholesky factors when they are well conditioned (faster);
-        # singular vectors are computed for the kept triplets only
-        # the scale is applied to S afterwards (the rank rules do not depend on it): one pass less over the factors
-        r = plain.rank
-        B64 = plain.B.reshape(plain.B.shape[0], r).to(torch.float64)
-        A64 = plain.A.reshape(r, plain.matrix_shape[1]).to(torch.float64)
-        U, S, Vh = lowrank_svd_gram(B64, A64, top=keep)
-        S = S * abs(plain.scale)
-        if plain.scale < 0:
-            U = -U
-        k = int(U.shape[1])
-        e = S**2
-        total = float(e.sum())
-        kept = float(e[:k].sum())
-        rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
-        layers.append(ResizeLayer(name, m.rank, k if k < plain.rank else plain.rank, rel,
-                                  kept / total if total > 0 else 1.0))
-        if k >= plain.rank:
-            modules[name] = plain  # nothing to cut: keep the factors as they were
-        elif k > 0:
-            modules[name] = module_from_svd(plain, U, S[:k], Vh)
+    work = [(name, m.rank, lora.modules.get(name)) for name, m in adapter.items()]
+    for (name, _, _), (layer, module) in zip(work, map_in_threads(lambda w: _resize_module(*w, rule), work,
+                                                                  workers=workers)):
+        layers.append(layer)
+        if module is not None:
+            modules[name] = module
         if progress:
             progress(1)
     # when a module is dropped (rank 0), name the modules one by one: a target_modules suffix list would make
@@ -106,6 +83,32 @@ def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int 
     dropped = set(adapter.modules) - set(modules)
     out = lora.with_modules(modules, **({"target_modules": None} if dropped else {}))
     return ResizeResult(out, layers, adapter.parameters)
+
+
+def _resize_module(name: str, rank_before: int, plain: Module | None, rule: RankRule,
+                   ) -> tuple[ResizeLayer, Module | None]:
+    """One module's row of the report and its resized module (None when dropped); ``plain`` is its plain-LoRA
+    form, None when an AdaLoRA module was pruned to rank 0."""
+    if plain is None:
+        return ResizeLayer(name, rank_before, 0, 0.0, 1.0), None
+    # Module.svd()'s route (linalg.lowrank_svd), with singular vectors for the kept triplets only;
+    # the scale is applied to S afterwards (the rank rules do not depend on it): one pass less over the factors
+    r = plain.rank
+    B64 = plain.B.reshape(plain.B.shape[0], r).to(torch.float64)
+    A64 = plain.A.reshape(r, plain.matrix_shape[1]).to(torch.float64)
+    U, S, Vh = lowrank_svd(B64, A64, top=lambda s: min(rule.choose(s), s.numel()))
+    S = S * abs(plain.scale)
+    if plain.scale < 0:
+        U = -U
+    k = int(U.shape[1])
+    e = S**2
+    total = float(e.sum())
+    kept = float(e[:k].sum())
+    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    layer = ResizeLayer(name, rank_before, k if k < r else r, rel, kept / total if total > 0 else 1.0)
+    if k >= r:
+        return layer, plain  # nothing to cut: keep the factors as they were
+    return layer, (module_from_svd(plain, U, S[:k], Vh) if k > 0 else None)
 
 
 @dataclass(frozen=True)

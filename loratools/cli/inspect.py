@@ -33,7 +33,7 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> 
       loratools inspect fixtures/adapters/lora
       loratools inspect adapter.safetensors --json | jq '.layers[0].stable_rank'
     """
-    from ..device import configure_cpu_threads
+    from ..device import configure_cpu_threads, map_in_threads
     from ..formats import detect_format, read_adapter
     from ..inspection import inspect_adapter
     from . import render
@@ -47,7 +47,7 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> 
         with ModelReader(base) as model:
             report = inspect_adapter(ad, format=fmt, base=lambda name: model.get(f"{name}.weight"))
     else:
-        report = inspect_adapter(ad, format=fmt)
+        report = inspect_adapter(ad, format=fmt, mapper=map_in_threads)
     if as_json:
         render.print_json(report)
         return
