@@ -24,10 +24,10 @@ from torch import Tensor
 
 from .config import AdapterConfig, alpha_for_scale
 from .errors import DoraError, InvalidOptionError, NonFiniteError, ShapeMismatchError
-from .linalg import lowrank_svd, lowrank_svdvals, sqrt_split
+from .linalg import all_finite, lowrank_svd, lowrank_svdvals, sqrt_split
 
 __all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
-           "TOKENS_SUFFIX", "fold_scales", "pad_rank", "all_finite"]
+           "TOKENS_SUFFIX", "fold_scales", "pad_rank"]
 
 Kind = Literal["linear", "conv", "embedding", "experts"]
 
@@ -167,16 +167,6 @@ def _prod(xs: tuple[int, ...] | torch.Size) -> int:
     for x in xs:
         out *= int(x)
     return out
-
-
-def all_finite(t: Tensor) -> bool:
-    """True when no element of ``t`` is NaN or ±Inf: one pass of a sum (NaN/Inf whenever an element is), element
-    by element only when that sum is not finite (or overflowed) — far cheaper than ``isfinite(t).all()``."""
-    if not t.is_floating_point():
-        return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def check_module(name: str, m: Module, *, finite: bool = True) -> None:

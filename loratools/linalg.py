@@ -20,6 +20,7 @@ from torch import Tensor
 from .errors import InvalidOptionError
 
 __all__ = [
+    "all_finite",
     "lowrank_svd",
     "numerical_rank",
     "stable_rank",
@@ -398,3 +399,13 @@ def sqrt_split(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
 
 #: the name resize and combine first used; the same function
 lowrank_svd_gram = lowrank_svd
+
+
+def all_finite(t: Tensor) -> bool:
+    """True when no element of ``t`` is NaN or ±Inf: one pass of a sum (NaN/Inf whenever an element is), element
+    by element only when that sum is not finite (or overflowed) — far cheaper than ``isfinite(t).all()``."""
+    if not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapter import Module, all_finite
+from ..adapter import Module
 from ..dora import dora_factor, norms_along_rows
 from ..errors import NonFiniteError
+from ..linalg import all_finite
 
 __all__ = ["dora_of", "dora_norms", "dora_scale", "bits", "check_finite", "delta_sum", "low_rank", "factors_of",
            "row_step", "merge_rows", "merged_tensor", "unmerged_tensor", "tolerance", "abs_delta", "jitter", "ulp"]
