@@ -110,3 +110,27 @@ def peft_heldout_loss(base: Path, adapter_dir: Path | None, data: Path) -> float
         total += float(F.cross_entropy(logits[keep], labels[1:][keep], reduction="sum"))
         count += int(keep.sum())
     return total / count
+
+
+def sharded_model(root: Path, n_shards: int = 12, dim: int = 512) -> tuple[Path, Path]:
+    """A base of ``n_shards`` shards of 4 (dim, dim) float32 weights and a rank-16 adapter on every one of them."""
+    import json
+
+    from loratools import Adapter, AdapterConfig, Module, write_adapter
+    from loratools.io import save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    base = root / "base"
+    base.mkdir()
+    weight_map = {}
+    for s in range(n_shards):
+        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        keys = {f"layers.{s}.proj{j}.weight": torch.randn(dim, dim, generator=g) for j in range(4)}
+        save_safetensors(keys, base / name, {"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    mods = {k[: -len(".weight")]: Module(A=torch.randn(16, dim, generator=g), B=torch.randn(dim, 16, generator=g),
+                                         alpha=16, scale=1.0) for k in weight_map}
+    adapter = root / "ad.safetensors"
+    write_adapter(Adapter(mods, AdapterConfig()), adapter, format="loratools")
+    return base, adapter

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ADAPTERS, ROOT, TINY_LLAMA, run_cli
-from loratools import Adapter, AdapterConfig, Module, write_adapter
+from helpers import sharded_model
 from loratools.cli.interrupts import interrupts
-from loratools.io import output_lock, save_safetensors
+from loratools.io import output_lock
 
 LORA = ADAPTERS / "lora"
 
@@ -48,25 +47,6 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
-def _sharded_model(root: Path, n_shards: int = 12, dim: int = 512) -> tuple[Path, Path]:
-    """A base of ``n_shards`` shards of 4 (dim, dim) float32 weights and a rank-16 adapter on every one of them."""
-    g = torch.Generator().manual_seed(0)
-    base = root / "base"
-    base.mkdir()
-    weight_map = {}
-    for s in range(n_shards):
-        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        keys = {f"layers.{s}.proj{j}.weight": torch.randn(dim, dim, generator=g) for j in range(4)}
-        save_safetensors(keys, base / name, {"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    mods = {k[: -len(".weight")]: Module(A=torch.randn(16, dim, generator=g), B=torch.randn(dim, 16, generator=g),
-                                         alpha=16, scale=1.0) for k in weight_map}
-    adapter = root / "ad.safetensors"
-    write_adapter(Adapter(mods, AdapterConfig()), adapter, format="loratools")
-    return base, adapter
-
-
 def _default_signals() -> None:
     """In the child: the default actions, whatever the test runner ignores (a background job ignores SIGINT)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -81,7 +61,7 @@ def test_signal_mid_merge_removes_every_temporary(tmp_path: Path, sig: signal.Si
     """A real ``loratools merge --record`` sent SIGTERM/SIGHUP/SIGINT while it writes shards: exit 128 + the
     signal's number, one line, and nothing beside the inputs: no OUT, no record, no ``.out.tmp-*``, no
     scratch, no lock."""
-    base, adapter = _sharded_model(tmp_path)
+    base, adapter = sharded_model(tmp_path)
     before = _digest(base), _digest(adapter)
     out, rec = tmp_path / "out", tmp_path / "rec.safetensors"
     proc = subprocess.Popen([sys.executable, "-m", "loratools", "-q", "merge", base, adapter, "-o", out,

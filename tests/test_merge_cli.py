@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import sharded_model
 from loratools import Adapter, AdapterConfig, Module, write_adapter
 from loratools.io import load_safetensors, save_safetensors
 
@@ -154,22 +155,7 @@ def test_output_equal_to_an_input_or_existing(cli, tiny_llama: Path, adapters: P
 def test_killed_merge_leaves_no_output_and_inputs_unchanged(tmp_path: Path) -> None:
     """SIGKILL in the middle of writing shards: OUT never appears, the inputs are untouched; the next run to
     OUT removes the temporary the killed one left."""
-    g = torch.Generator().manual_seed(0)
-    base = tmp_path / "base"
-    base.mkdir()
-    n_shards, dim = 24, 512
-    weight_map = {}
-    for s in range(n_shards):
-        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        keys = {f"layers.{s}.proj{j}.weight": torch.randn(dim, dim, generator=g) for j in range(4)}
-        save_safetensors(keys, base / name, {"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    import json
-
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    mods = {k[: -len(".weight")]: Module(A=torch.randn(16, dim, generator=g), B=torch.randn(dim, 16, generator=g),
-                                         alpha=16, scale=1.0) for k in weight_map}
-    write_adapter(Adapter(mods, AdapterConfig()), tmp_path / "ad.safetensors", format="loratools")
+    base, _ = sharded_model(tmp_path, n_shards=24)
     before = _digest(base), _digest(tmp_path / "ad.safetensors")
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "loratools", "merge", str(base), str(tmp_path / "ad.safetensors"),

@@ -52,7 +52,7 @@ def _summary(out: Console, r: MergeReport) -> None:
                   f"ΔW {q['delta_rel']:.3g} of W0")
     if r.op == "unmerge" and getattr(r, "est_rel_error", None) is not None:
         if r.exact:
-            out.print("exact: every restored tensor matches the base's sha256 from the record")
+            out.print("exact: every restored tensor matches its checksum in the record")
         else:
             out.print(f"not exact (no --record): estimated max |error| {r.est_max_abs_error:.3g}, "
                       f"relative (Frobenius) {r.est_rel_error:.3g}; bound {r.error_bound:.3g} per element")
@@ -151,7 +151,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, streaming.
 
     With --record (from `merge --record`) the base comes back bit for bit,
-    checked against the sha256 of every restored tensor. Without it, the
+    checked against the checksum of every restored tensor. Without it, the
     rounding of the merge cannot be undone exactly: the estimated maximum and
     relative error, and a per-element bound, are printed.
 
