@@ -7,6 +7,7 @@ shards with an index, with a PEFT LoRA r=16 on q, k, v, o, gate, up, down of eve
 
 Paths timed, each as a child process, in alternating order (one run of every path per round):
   cp            cp -r BASE OUT (the floor: the same bytes written, base in the page cache)
+  torch         python -c "import torch": the fixed cost no merge avoids, subtracted from merge in the table
   merge         python -m loratools -q merge BASE ADAPTER -o OUT --device cpu
   merge-dora    the same merge of a DoRA adapter: the LoRA factors plus a magnitude per row
                 (m = ‖W0‖_row · (1 + 0.01·N(0, 1))); each adapted tensor also has its row norms taken
@@ -46,7 +47,7 @@ from common import run_info, timed  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV, VOCAB = 2048, 5632, 32, 4, 32000
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PATHS = ("cp", "merge", "merge-dora", "peft", "merge-record", "unmerge-record")
+PATHS = ("cp", "torch", "merge", "merge-dora", "peft", "merge-record", "unmerge-record")
 
 
 def layer_bytes() -> int:
@@ -152,6 +153,7 @@ def _commands(base: Path, adapter: Path, dora: Path, work: Path, shard: str) -> 
     rec, merged = work / "rec.safetensors", work / "merged-rec"
     return {
         "cp": ["cp", "-r", str(base), str(work / "out")],
+        "torch": [py, "-c", "import torch"],
         "merge": [*lt, "merge", str(base), str(adapter), "-o", str(work / "out"), "--device", "cpu"],
         "merge-dora": [*lt, "merge", str(base), str(dora), "-o", str(work / "out"), "--device", "cpu"],
         "peft": [py, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "out"), shard],
@@ -221,6 +223,10 @@ def table(results: list[dict[str, object]]) -> str:
             ratio = f"{m['wall_s'] / cp:.2f}×" if cp else "–"  # type: ignore[index]  # cp not timed: no ratio
             lines.append(f"| {model} | {path} | {m['wall_s']:.2f} s | {m['cpu_s']:.2f} s | {m['rss_mb']:.0f} MB | "  # type: ignore[index]
                          f"{ratio} | {' / '.join(f'{w:.2f}' for w in m['runs'])} |")  # type: ignore[index]
+        torch_s, merge_s = r["torch"]["wall_s"], r["merge"]["wall_s"]  # type: ignore[index]
+        if cp and torch_s is not None and merge_s is not None:
+            lines.append(f"| {model} | merge − import torch | {merge_s - torch_s:.2f} s | | | "
+                         f"{(merge_s - torch_s) / cp:.2f}× | |")
         if "record_bytes" in r:
             lines.append(f"| {model} | record size | {r['record_bytes'] / 1e6:.1f} MB "  # type: ignore[operator]
                          f"({100 * r['record_bytes'] / r['model_bytes']:.2f} %) | | | | |")  # type: ignore[operator]
