@@ -208,8 +208,6 @@ def test_adapter_the_model_cannot_take_is_refused_by_name(tiny: dict, tmp_path: 
     with pytest.raises(MissingModuleError, match=r"model\.layers\.1\.mlp\.up_proj \(blk\.1\.ffn_up\.weight\)"):
         merge_model(tmp_path / "less.gguf", [read_adapter(tiny["adapter"])], tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
-    with pytest.raises(InvalidOptionError, match="record"):
-        merge_model(tiny["gguf"], [read_adapter(tiny["adapter"])], tmp_path / "m.gguf", record=tmp_path / "r")
 
 
 def test_split_model_is_written_in_the_same_split_layout(tiny: dict, tmp_path: Path) -> None:
