@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from loratools import read_adapter
 from loratools.errors import CorruptFileError, InvalidOptionError, WrongBaseError
 from loratools.merge import merge_model, unmerge_model
-from loratools.merge.gguf_record import _BlockDiff
+from loratools.merge.gguf_record import _XorDiff
 
 from test_merge_gguf import _write_gguf, tiny  # noqa: F401  (the fixture)
 
@@ -68,7 +69,7 @@ def test_the_record_refuses_what_it_was_not_made_for(tiny: dict, tmp_path: Path)
     with pytest.raises(InvalidOptionError, match="`quant` comes from the record"):
         unmerge_model(tmp_path / "m.gguf", [ad], tmp_path / "u.gguf", record=tmp_path / "r.safetensors", quant="f32")
     # the merged model changed after the merge (a byte in every 64 of an F32 tensor, whose patch is sparse; a
-    # quantized tensor of this large ΔW is kept whole in the record): the restored bytes no longer hash right
+    # quantized tensor of this large ΔW may be kept whole in the record): the restored bytes no longer hash right
     m = bytearray((tmp_path / "m.gguf").read_bytes())
     t = next(t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "blk.1.ffn_gate.weight")
     for i in range(int(t.data_offset) + 2, int(t.data_offset) + int(t.n_bytes), 64):
@@ -88,17 +89,22 @@ def test_a_file_not_laid_out_as_llama_cpp_writes_is_refused_before_writing(tiny:
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "r.safetensors").exists()
 
 
-def test_block_patch_keeps_differing_blocks_or_the_whole_tensor() -> None:
-    o = np.arange(40, dtype=np.uint8).reshape(2, 20)
+def test_xor_patch_is_deflated_or_the_whole_tensor() -> None:
+    rng = np.random.default_rng(0)
+    o = rng.integers(0, 256, 4000, dtype=np.uint8)
     r = o.copy()
-    r[1, 7] ^= 1  # one byte of block 5 (flat byte 27; blocks of 5 bytes)
-    d = _BlockDiff(o.size, 5)
+    r[[7, 2000]] ^= 3  # two bytes differ: the deflated XOR is tiny, and inflates to W0 ⊕ U
+    d = _XorDiff(o.size)
     d.add(o, r)
     p = d.patch(lambda: o)
-    assert p["blocks"].tolist() == [5] and p["bytes"].numpy().tolist() == [o.reshape(-1, 5)[5].tolist()]
-    d = _BlockDiff(o.size, 5)
-    d.add(o, r + 1)  # every block differs: the whole tensor is smaller
+    assert set(p) == {"xor_deflate"} and p["xor_deflate"].numel() < 100
+    assert np.array_equal(np.frombuffer(zlib.decompress(p["xor_deflate"].numpy().tobytes()), np.uint8) ^ r, o)
+    d = _XorDiff(o.size)
+    d.add(o, rng.integers(0, 256, 4000, dtype=np.uint8))  # every byte random: the whole tensor is smaller
     assert set(d.patch(lambda: o)) == {"raw"}
+    d = _XorDiff(o.size)
+    d.add(o, o.copy())
+    assert d.patch(lambda: o) == {}
 
 
 def test_cli_gguf_record(tiny: dict, tmp_path: Path, cli) -> None:

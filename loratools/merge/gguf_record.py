@@ -8,10 +8,12 @@ stores (:class:`PatchRecorder` computes ``U`` while the merge streams, with the 
 blocks the un-merge uses, and compares):
 
 - original type F32, F16 or BF16: :mod:`.record`'s ulp patch on the values (one value is a block);
-- any quantized type: the indices of the blocks of ``U`` that differ from ``W0``'s (``blocks``, int32, flat
-  over the tensor) and ``W0``'s bytes there (``bytes``, uint8 (k, block bytes)); or ``W0``'s bytes whole
-  (``raw``) when that is smaller (a quantization block of 256 values is 144 bytes for Q4_K, 210 for Q6_K;
-  32 values are 34 bytes for Q8_0, 18 for Q4_0: llama.cpp ``ggml/src/ggml-common.h``).
+- any quantized type: ``W0 ⊕ U`` over the tensor's bytes, deflated (``xor_deflate``, zlib); or ``W0``'s bytes
+  whole (``raw``) when that is smaller. Where ``U`` differs from ``W0`` it is mostly in a block's scale bytes
+  and in a few codes, so the XOR is mostly zero bytes: on SmolLM2-135M's Q4_1 q/v tensors with a peft
+  ``init_lora_weights=False`` LoRA (ΔW 14% of W0) the deflated XOR is 20% of the tensors' bytes with the
+  types kept and 9% when the merge wrote Q8_0, where a patch of whole differing quantization blocks is 74%
+  and 100% (nearly every block's scale moves).
 
 The record is :mod:`.record`'s file (patches as tensors ``"<tensor>::<part>"``, the sha256 of each original
 tensor's bytes, the merge's stamp). Its stamp carries under ``gguf`` what the file around the tensors needs:
@@ -22,6 +24,7 @@ raw entry, or None), and the sha256 of each original file, which the un-merge ch
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,41 +40,41 @@ from .record import PatchApplier, PatchBuilder, RecordWriter
 
 __all__ = ["FLOAT_TYPES", "PatchRecorder", "PatchRestorer", "record_info"]
 
+_LEVEL = 6  # zlib's default: on these XORs level 1 gives 10-20% larger patches
+
 #: GGUF float types whose patch is :mod:`.record`'s ulp patch, as the torch dtype of their values
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class _BlockDiff:
-    """The quantization blocks where ``U`` differs from ``W0``: indices and ``W0``'s bytes, or ``W0`` whole
-    once that is no larger (then nothing more is kept: memory stays below the tensor's own bytes)."""
+class _XorDiff:
+    """``W0 ⊕ U`` over a tensor's bytes, deflated as it streams (zlib): zero where the un-merge already gives
+    ``W0`` back, so the stream is small; or ``W0``'s bytes whole once that is no larger (then nothing more is
+    kept: memory stays below the tensor's own bytes)."""
 
-    def __init__(self, nbytes: int, block_bytes: int) -> None:
-        self.nbytes, self.bb = nbytes, block_bytes
-        self.idx: list[np.ndarray] = []
-        self.val: list[np.ndarray] = []
-        self.count = 0
-        self.full = False
-        self.pos = 0  # blocks seen
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.z: Any = zlib.compressobj(_LEVEL)
+        self.out: list[bytes] = []
+        self.size = 0
+        self.differs = False
 
     def add(self, original: np.ndarray, recon: np.ndarray) -> None:
-        o, r = original.reshape(-1, self.bb), recon.reshape(-1, self.bb)
-        if not self.full:
-            d = np.flatnonzero((o != r).any(axis=1))
-            self.count += d.size
-            if self.count * (self.bb + 4) >= self.nbytes:
-                self.full, self.idx, self.val = True, [], []
-            elif d.size:
-                self.idx.append(d + self.pos)
-                self.val.append(o[d].copy())
-        self.pos += o.shape[0]
+        x = np.bitwise_xor(original.reshape(-1), recon.reshape(-1))
+        self.differs = self.differs or bool(x.any())
+        if self.z is not None:
+            self.out.append(self.z.compress(memoryview(x)))
+            self.size += len(self.out[-1])
+            if self.size >= self.nbytes:
+                self.z, self.out = None, []
 
     def patch(self, whole: Callable[[], np.ndarray]) -> dict[str, torch.Tensor]:
-        if self.full:
-            return {"raw": torch.from_numpy(np.array(whole(), np.uint8).reshape(-1))}
-        if not self.count:
+        if not self.differs:
             return {}
-        return {"blocks": torch.from_numpy(np.concatenate(self.idx).astype(np.int32)),
-                "bytes": torch.from_numpy(np.concatenate(self.val))}
+        if self.z is not None:
+            self.out.append(self.z.flush())
+            if sum(map(len, self.out)) < self.nbytes:
+                return {"xor_deflate": torch.frombuffer(bytearray(b"".join(self.out)), dtype=torch.uint8)}
+        return {"raw": torch.from_numpy(np.array(whole(), np.uint8).reshape(-1))}
 
 
 def _values(raw: bytes | np.ndarray, qtype: str) -> torch.Tensor:
@@ -91,8 +94,7 @@ class PatchRecorder:
         self.sha = hashlib.sha256()
         n = t.rows * t.shape[-1]
         self.floats = FLOAT_TYPES.get(t.qtype)
-        self.diff: Any = (PatchBuilder((n,), self.floats) if self.floats is not None
-                          else _BlockDiff(t.nbytes, block_sizes(t.qtype)[1]))
+        self.diff: Any = PatchBuilder((n,), self.floats) if self.floats is not None else _XorDiff(t.nbytes)
 
     def block(self, first: int, n: int, raw: bytes, q: np.ndarray) -> np.ndarray:
         u = self.recompute(dequantize(q, self.out_type, (n, self.t.shape[-1])), first)
@@ -130,41 +132,49 @@ class PatchRestorer:
         self.t, self.qtype, self.sha256, self.record = t, qtype, sha256, record
         self.sha = hashlib.sha256()
         parts = {k: read_tensor(s) for k, s in patch.items()}
-        n = t.rows * t.shape[-1]
         block, bb = block_sizes(qtype)
         self.row_bytes = t.shape[-1] // block * bb
-        self.bb, self.per_row = bb, t.shape[-1] // block
-        try:
-            if qtype in FLOAT_TYPES:
-                self.applier: Any = PatchApplier(parts, (n,), FLOAT_TYPES[qtype])
-            else:
-                self.raw, self.idx, self.bytes = self._blocks(parts, t.rows * self.per_row)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise CorruptFileError(record, f"its patch for {t.name} does not fit a {qtype} tensor of shape "
-                                           f"{t.shape} ({e})") from None
+        self.raw = self.xor = None
+        self.applier: Any = None
+        if qtype in FLOAT_TYPES:
+            try:
+                self.applier = PatchApplier(parts, (t.rows * t.shape[-1],), FLOAT_TYPES[qtype])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise self._bad(str(e)) from None
+        elif set(parts) - {"raw", "xor_deflate"} or any(v.dtype != torch.uint8 or v.ndim != 1 for v in parts.values()):
+            raise self._bad(f"parts {sorted(parts)}")
+        elif "raw" in parts:
+            self.raw = parts["raw"].numpy()
+            if self.raw.size != t.rows * self.row_bytes:
+                raise self._bad(f"{self.raw.size} bytes")
+        elif "xor_deflate" in parts:
+            self.xor, self.tail = zlib.decompressobj(), parts["xor_deflate"].numpy().tobytes()
 
-    def _blocks(self, parts: dict[str, torch.Tensor], nblocks: int) -> tuple[Any, np.ndarray, np.ndarray]:
-        if "raw" in parts:
-            raw = parts["raw"].numpy()
-            if raw.dtype != np.uint8 or raw.size != nblocks * self.bb:
-                raise ValueError("raw is not the tensor's bytes")
-            return raw, np.empty(0, np.int64), np.empty((0, self.bb), np.uint8)
-        idx = parts["blocks"].numpy().astype(np.int64) if parts else np.empty(0, np.int64)
-        val = parts["bytes"].numpy() if parts else np.empty((0, self.bb), np.uint8)
-        if (val.dtype != np.uint8 or val.shape != (idx.size, self.bb) or (idx.size and (
-                idx.min() < 0 or idx.max() >= nblocks or bool(np.any(idx[1:] <= idx[:-1]))))):
-            raise ValueError("block indices or bytes out of place")
-        return None, idx, val
+    def _bad(self, why: str) -> CorruptFileError:
+        return CorruptFileError(self.record, f"its patch for {self.t.name} does not fit a {self.qtype} tensor of "
+                                             f"shape {self.t.shape} ({why})")
+
+    def _xor(self, need: int) -> np.ndarray:
+        """The next ``need`` bytes of the inflated XOR stream."""
+        out = b""
+        try:
+            while len(out) < need and (self.tail or not self.xor.eof):
+                out += self.xor.decompress(self.tail, need - len(out))
+                self.tail = self.xor.unconsumed_tail
+        except zlib.error as e:
+            raise self._bad(f"xor_deflate: {e}") from None
+        if len(out) != need:
+            raise self._bad("xor_deflate ends early")
+        return np.frombuffer(out, np.uint8)
 
     def block(self, first: int, n: int, raw: bytes, q: np.ndarray) -> np.ndarray:
         q = q if q.flags.writeable else q.copy()
-        if self.qtype in FLOAT_TYPES:
+        if self.applier is not None:
             self.applier.apply(_values(q, self.qtype), first * self.t.shape[-1])
         elif self.raw is not None:
             q.reshape(-1)[:] = self.raw[first * self.row_bytes:(first + n) * self.row_bytes]
-        else:
-            lo, hi = np.searchsorted(self.idx, [first * self.per_row, (first + n) * self.per_row])
-            q.reshape(-1, self.bb)[self.idx[lo:hi] - first * self.per_row] = self.bytes[lo:hi]
+        elif self.xor is not None:
+            np.bitwise_xor(q.reshape(-1), self._xor(n * self.row_bytes), out=q.reshape(-1))
         self.sha.update(np.ascontiguousarray(q).reshape(-1))
         return q
 
