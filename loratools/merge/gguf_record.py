@@ -96,8 +96,11 @@ class PatchRecorder:
         self.floats = FLOAT_TYPES.get(t.qtype)
         self.diff: Any = PatchBuilder((n,), self.floats) if self.floats is not None else _XorDiff(t.nbytes)
 
-    def block(self, first: int, n: int, raw: bytes, q: np.ndarray) -> np.ndarray:
-        u = self.recompute(dequantize(q, self.out_type, (n, self.t.shape[-1])), first)
+    def prepare(self, first: int, n: int, raw: bytes, q: np.ndarray) -> np.ndarray:
+        """What the un-merge will compute for these rows (on the block's own thread)."""
+        return self.recompute(dequantize(q, self.out_type, (n, self.t.shape[-1])), first)
+
+    def block(self, first: int, n: int, raw: bytes, q: np.ndarray, u: np.ndarray) -> np.ndarray:
         self.sha.update(raw)
         if self.floats is not None:
             self.diff.add(_values(raw, self.t.qtype), _values(np.ascontiguousarray(u), self.t.qtype))
@@ -167,7 +170,10 @@ class PatchRestorer:
             raise self._bad("xor_deflate ends early")
         return np.frombuffer(out, np.uint8)
 
-    def block(self, first: int, n: int, raw: bytes, q: np.ndarray) -> np.ndarray:
+    def prepare(self, first: int, n: int, raw: bytes, q: np.ndarray) -> None:
+        return None
+
+    def block(self, first: int, n: int, raw: bytes, q: np.ndarray, prepared: None = None) -> np.ndarray:
         q = q if q.flags.writeable else q.copy()
         if self.applier is not None:
             self.applier.apply(_values(q, self.qtype), first * self.t.shape[-1])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import cpu_cores
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
 from ..gguf_arch import NO_LORA, gguf_target, permute_rows, qk_heads
 from ..gguf_quants import block_sizes, can_quantize, dequantize, quantize, type_name
@@ -184,29 +187,59 @@ def requant_rows(w: np.ndarray, parts: Sequence[Part], first: int, qtype: str, p
     return quantize(acc.to(torch.float32).numpy(), qtype, what=what), acc, delta
 
 
+def _merged_block(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qtype: str, precision: torch.dtype,
+                  hook: Any, s: int, n: int) -> tuple[bytes, np.ndarray, dict[str, float], Any]:
+    """Rows ``s … s + n`` of ``t`` merged: (the bytes read, the bytes to write, the report's figures, what
+    ``hook.prepare`` computes from them). Pure in its inputs, so blocks run on several threads."""
+    raw = model.read(t, s, n)
+    w0 = np.array(dequantize(np.frombuffer(raw, np.uint8), t.qtype, (n, t.shape[-1])))
+    q, acc, delta = requant_rows(w0, parts, s, qtype, precision, t.name)
+    err = dequantize(q, qtype, acc.shape).astype(np.float64) - acc.to(torch.float64).numpy()
+    figures = {"max_abs": float(np.abs(err).max()) if err.size else 0.0, "err2": float((err * err).sum()),
+               "w2": float((acc.to(torch.float64) ** 2).sum()), "d2": float((delta.to(torch.float64) ** 2).sum()),
+               "w02": float((w0.astype(np.float64) ** 2).sum())}
+    if s == 0:
+        figures["base_err2"], figures["base_w2"] = _base_error(w0, t.qtype)
+    return raw, q, figures, hook.prepare(s, n, raw, q) if hook is not None else None
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+    """``fn`` over ``items`` on ``workers`` threads, the results in order, at most ``2·workers`` in flight
+    (memory stays a few blocks per thread). numpy and torch release the GIL in the array work, so the
+    blocks of one tensor run in parallel."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="loratools-gguf")
+    try:
+        pending = deque(pool.submit(fn, x) for x in items[:2 * workers])
+        for x in items[2 * workers:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(fn, x))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qtype: str, f: IO[bytes],
-                  stats: Stats, precision: torch.dtype, hook: Any = None) -> None:
+                 stats: Stats, precision: torch.dtype, hook: Any = None) -> None:
     """Write ``Q(deq(W0) + Σ L@R)`` of ``t`` to ``f``, a block of rows at a time, and add its figures.
 
-    ``hook`` (a record's :class:`~.gguf_record.PatchRecorder` or :class:`~.gguf_record.PatchRestorer`) sees each
-    block as read and as requantized, and gives the bytes to write."""
+    Blocks are computed on :func:`loratools.device.cpu_cores` threads (up to 8) and written in order, so the
+    bytes do not depend on the thread count. ``hook`` (a record's :class:`~.gguf_record.PatchRecorder` or
+    :class:`~.gguf_record.PatchRestorer`) sees each block as read and as requantized: ``hook.prepare`` on the
+    block's thread, ``hook.block`` in order, which gives the bytes to write."""
     step = max(1, BLOCK_VALUES // t.shape[-1])
     key = f"{t.qtype}→{qtype}"
     stats.add(key, tensors=1)
-    for s in range(0, t.rows, step):
-        n = min(step, t.rows - s)
-        raw = model.read(t, s, n)
-        w0 = np.array(dequantize(np.frombuffer(raw, np.uint8), t.qtype, (n, t.shape[-1])))
-        if s == 0:
-            be, bw = _base_error(w0, t.qtype)
-            stats.add(key, base_err2=be, base_w2=bw)
-        q, acc, delta = requant_rows(w0, parts, s, qtype, precision, t.name)
-        err = dequantize(q, qtype, acc.shape).astype(np.float64) - acc.to(torch.float64).numpy()
-        stats.add(key, max_abs=float(np.abs(err).max()) if err.size else 0.0, err2=float((err * err).sum()),
-                  w2=float((acc.to(torch.float64) ** 2).sum()), d2=float((delta.to(torch.float64) ** 2).sum()),
-                  w02=float((w0.astype(np.float64) ** 2).sum()))
+    blocks = [(s, min(step, t.rows - s)) for s in range(0, t.rows, step)]
+    work = ordered_map(lambda b: _merged_block(model, t, parts, qtype, precision, hook, *b), blocks,
+                       min(cpu_cores(), 8))
+    for (s, n), (raw, q, figures, prepared) in zip(blocks, work):
+        stats.add(key, **figures)
         if hook is not None:
-            q = hook.block(s, n, raw, q)
+            q = hook.block(s, n, raw, q, prepared)
         f.write(np.ascontiguousarray(q).tobytes())
     if hook is not None:
         hook.done()
