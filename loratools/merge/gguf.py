@@ -14,6 +14,8 @@ adapter writer permutes ``lora_b``. Adapter module names map to GGUF tensor name
 
 Untouched tensors and all key/values are copied byte for byte (the merge adds one key,
 ``loratools.merge``, naming the adapters); a split model is written in the same split layout.
+The engine (planning, the block loop, the writer) is :mod:`.gguf_stream`; a merge's ``record``, with which
+:func:`unmerge_gguf` gives the base's files back byte for byte, is :mod:`.gguf_record`.
 
 The report gives, per (input type → output type), the requantization error against the exact
 ``deq(W0) + ΔW`` beside an estimate of what the base's own quantization already cost: that type's
