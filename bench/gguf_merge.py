@@ -8,8 +8,11 @@ vocabulary instead, for a quick check. The adapter is bench/merge.py's: a PEFT L
 o, gate, up, down of every layer, transformers module names (loratools maps them to GGUF names).
 
 Paths timed, each as a child process, alternating (one run of each per round):
-  cp     cp MODEL.gguf OUT.gguf (the floor: the same bytes written, the model in the page cache)
-  merge  python -m loratools -q merge MODEL.gguf ADAPTER -o OUT.gguf   (--quant same: Q8_0 stays Q8_0)
+  cp      cp MODEL.gguf OUT.gguf (the floor: the same bytes written, the model in the page cache)
+  merge   python -m loratools -q merge MODEL.gguf ADAPTER -o OUT.gguf   (--quant same: Q8_0 stays Q8_0)
+  record  the same with --record R (also replays the un-merge to write the patches); once per round after it,
+          `unmerge OUT.gguf ADAPTER -o BACK.gguf --record R` (untimed) must give MODEL.gguf's sha256 back
+The record's size is reported beside the adapted tensors' bytes (what its patches restore).
 For each: median wall time, median CPU time (the child's user + system) and median peak RSS (the
 child's ru_maxrss), from os.wait4 (bench/merge.py's `timed`). Also the merged file's size beside
 the size llama.cpp's `export-lora` would write: it writes every merged tensor as F16, so that size is
@@ -113,6 +116,18 @@ def export_lora_bytes(model_bytes: int, layers: int, vocab: int) -> int:
     return model_bytes - sum(tensor_bytes(s) for s in adapted) + sum(2 * math.prod(s) for s in adapted)
 
 
+def record_check(model: Path, adapter: Path, out: Path, rec: Path, layers: int, vocab: int) -> dict[str, object]:
+    """The record's size against the adapted tensors' bytes, and whether `unmerge --record` gives MODEL back."""
+    back = out.with_name("back.gguf")
+    subprocess.run([sys.executable, "-m", "loratools", "-q", "unmerge", str(out), str(adapter), "-o", str(back),
+                    "--record", str(rec), "--force"], check=True)
+    same = subprocess.run(["cmp", "-s", str(model), str(back)]).returncode == 0
+    back.unlink()
+    adapted = sum(tensor_bytes(s) for n, s in llama_shapes(layers, vocab)
+                  if n.endswith(tuple(t + ".weight" for t in TARGETS)))
+    return {"record_bytes": rec.stat().st_size, "adapted_bytes": adapted, "unmerge_record_identical": same}
+
+
 def bench(work: Path, size_gb: float, runs: int) -> dict[str, object]:
     layers, vocab = shape_for(size_gb)
     model, adapter, out = work / "model.gguf", work / "adapter", work / "out.gguf"
@@ -121,11 +136,14 @@ def bench(work: Path, size_gb: float, runs: int) -> dict[str, object]:
     res: dict[str, object] = {"size_gb": size_gb, "layers": layers, "vocab": vocab, "model_bytes": nbytes,
                               "export_lora_bytes_computed": export_lora_bytes(nbytes, layers, vocab)}
     subprocess.run(["cat", str(model)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    lt = [sys.executable, "-m", "loratools", "-q"]
+    rec = work / "r.safetensors"
     cmds = {"cp": ["cp", str(model), str(out)],
-            "merge": [sys.executable, "-m", "loratools", "-q", "merge", str(model), str(adapter), "-o", str(out)]}
+            "merge": [*lt, "merge", str(model), str(adapter), "-o", str(out)],
+            "record": [*lt, "merge", str(model), str(adapter), "-o", str(out), "--record", str(rec), "--force"]}
     samples: dict[str, list[dict[str, float]]] = {p: [] for p in cmds}
     for i in range(runs):
-        for path in (("cp", "merge") if i % 2 == 0 else ("merge", "cp")):
+        for path in (("cp", "merge", "record") if i % 2 == 0 else ("record", "merge", "cp")):
             out.unlink(missing_ok=True)
             subprocess.run(["sync"], check=True)
             load = os.getloadavg()[0]
@@ -133,6 +151,8 @@ def bench(work: Path, size_gb: float, runs: int) -> dict[str, object]:
             samples[path].append(s)
             if path == "merge":
                 res["merged_bytes"] = out.stat().st_size
+            if path == "record":
+                res.update(record_check(model, adapter, out, rec, layers, vocab))
             print(f"  {nbytes / 1e9:.2f} GB {path}: {s['wall_s']:.2f} s wall, {s['cpu_s']:.2f} s CPU, "
                   f"{s['rss_mb']:.0f} MB (load {load:.1f})", flush=True)
     for path, ss in samples.items():
@@ -146,12 +166,15 @@ def table(r: dict[str, object]) -> str:
     cp = r["cp"]["wall_s"]  # type: ignore[index]
     lines = ["| model | path | wall (median) | CPU (median) | peak RSS (median) | wall / cp | runs (wall, s) |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for path in ("cp", "merge"):
+    for path in ("cp", "merge", "record"):
         m = r[path]
         lines.append(f"| {model} | {path} | {m['wall_s']:.2f} s | {m['cpu_s']:.2f} s | {m['rss_mb']:.0f} MB | "  # type: ignore[index]
                      f"{m['wall_s'] / cp:.2f}× | {' / '.join(f'{w:.2f}' for w in m['runs'])} |")  # type: ignore[index]
     lines += ["", f"Output: loratools {r['merged_bytes'] / 1e9:.3f} GB (Q8_0 kept); llama.cpp export-lora "  # type: ignore[operator]
-              f"{r['export_lora_bytes_computed'] / 1e9:.3f} GB (computed: adapted tensors as F16)"]  # type: ignore[operator]
+              f"{r['export_lora_bytes_computed'] / 1e9:.3f} GB (computed: adapted tensors as F16)",  # type: ignore[operator]
+              f"Record: {r['record_bytes'] / 1e6:.1f} MB = {r['record_bytes'] / r['adapted_bytes']:.3f} of the adapted "  # type: ignore[operator]
+              f"tensors' {r['adapted_bytes'] / 1e6:.0f} MB; unmerge --record gives the model back byte for byte: "  # type: ignore[operator]
+              f"{r['unmerge_record_identical']}"]
     return "\n".join(lines)
 
 

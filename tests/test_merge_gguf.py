@@ -208,8 +208,6 @@ def test_adapter_the_model_cannot_take_is_refused_by_name(tiny: dict, tmp_path: 
     with pytest.raises(MissingModuleError, match=r"model\.layers\.1\.mlp\.up_proj \(blk\.1\.ffn_up\.weight\)"):
         merge_model(tmp_path / "less.gguf", [read_adapter(tiny["adapter"])], tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
-    with pytest.raises(InvalidOptionError, match="record"):
-        merge_model(tiny["gguf"], [read_adapter(tiny["adapter"])], tmp_path / "m.gguf", record=tmp_path / "r")
 
 
 def test_split_model_is_written_in_the_same_split_layout(tiny: dict, tmp_path: Path) -> None:
@@ -233,3 +231,17 @@ def test_cli_merge_gguf(tiny: dict, tmp_path: Path, cli) -> None:
     assert "Q4_K→Q4_K" in r.stdout and "requantization error" in r.stdout
     r = cli("merge", tiny["gguf"], tiny["adapter"], "-o", tmp_path / "x.gguf", "--dtype", "bfloat16")
     assert r.returncode == 2 and "--quant" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_threads_do_not_change_a_byte(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import loratools.merge.gguf_stream as stream
+
+    monkeypatch.setattr(stream, "BLOCK_VALUES", 4096)  # many blocks per tensor, so threads interleave
+    shas = []
+    for cores in (1, 4):
+        monkeypatch.setattr(stream, "cpu_cores", lambda cores=cores: cores)
+        merge_model(tiny["gguf"], [read_adapter(tiny["adapter"])], tmp_path / f"m{cores}.gguf")
+        shas.append(hashlib.sha256((tmp_path / f"m{cores}.gguf").read_bytes()).hexdigest())
+    assert shas[0] == shas[1]

@@ -44,12 +44,16 @@ def _summary(out: Console, r: MergeReport) -> None:
     names = ", ".join(f"{a['source']}×{a['weight']:g}" for a in r.adapters)
     out.print(f"[bold]{r.op}[/] {names} → {r.output}: {r.adapted} tensors changed, {r.copied} copied")
     if r.op == "merge" and r.record:
-        out.print(f"record {r.record}: {r.record_nbytes:,} bytes of patches "
-                  f"({100 * r.record_nbytes / max(r.nbytes, 1):.3f}% of the model's {r.nbytes:,} bytes)")
+        adapted = getattr(r, "adapted_nbytes", 0)  # a GGUF merge: its patches against the tensors they restore
+        of = (f"{100 * r.record_nbytes / adapted:.3f}% of the adapted tensors' {adapted:,} bytes" if adapted
+              else f"{100 * r.record_nbytes / max(r.nbytes, 1):.3f}% of the model's {r.nbytes:,} bytes")
+        out.print(f"record {r.record}: {r.record_nbytes:,} bytes of patches ({of})")
     for types, q in getattr(r, "quant", {}).items():  # a GGUF merge: the requantization per type
         out.print(f"{types}: {q['tensors']} tensors, requantization error {q['requant_rel_error']:.3g} relative "
                   f"(max {q['requant_max_abs_error']:.3g}); the base's own quantization ≈ {q['base_rel_error_est']:.3g}; "
                   f"ΔW {q['delta_rel']:.3g} of W0")
+    if r.op == "unmerge" and r.exact and getattr(r, "est_rel_error", None) is None:  # a GGUF model
+        out.print("exact: every restored tensor and file matches the base's sha256 from the record")
     if r.op == "unmerge" and getattr(r, "est_rel_error", None) is not None:
         if r.exact:
             out.print("exact: every restored tensor matches its checksum in the record")
@@ -81,7 +85,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @precision_option
 @quant_option
 @click.option("--record", type=click.Path(), default=None,
-              help="Also write a small safetensors sidecar that lets `unmerge --record` restore BASE bit for bit.")
+              help="Also write a safetensors sidecar that lets `unmerge --record` restore BASE bit for bit "
+                   "(a GGUF BASE: its files byte for byte).")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Check the result against BASE + adapters before it is put in place (nothing is left if it fails).")
 @force_option

@@ -17,6 +17,7 @@ rows at a time, and untouched tensors go file to file in chunks.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from collections.abc import Iterable, Iterator
@@ -27,7 +28,7 @@ from typing import IO, Any
 from ..errors import CorruptFileError, InvalidOptionError
 
 __all__ = ["GGUFTensor", "GGUFModelFile", "split_paths", "out_split_paths", "open_gguf_model", "write_gguf_model",
-           "is_gguf_model_path"]
+           "is_gguf_model_path", "layout_mismatch", "file_sha256"]
 
 _SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 _MAGIC = 0x46554747  # b"GGUF" little-endian
@@ -191,22 +192,58 @@ def copy_bytes(src: Path, offset: int, n: int, dst: IO[bytes]) -> None:
             n -= len(chunk)
 
 
+def _infos(ts: list[GGUFTensor], out_types: dict[str, tuple[str, int]],
+           align: int) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
+    """Tensor infos with the offsets :func:`write_gguf_model` gives them (each tensor padded to ``align``),
+    and the size of the data section."""
+    from ..gguf_quants import require_gguf
+
+    enum = require_gguf().GGMLQuantizationType
+    infos, offset = [], 0
+    for t in ts:
+        qtype, nbytes = out_types.get(t.name, (t.qtype, t.nbytes))
+        infos.append((t.name, t.shape, int(enum[qtype]), offset))
+        offset += nbytes + _pad(nbytes, align)
+    return infos, offset
+
+
+def layout_mismatch(model: GGUFModelFile) -> str | None:
+    """Why :func:`write_gguf_model` would not rewrite ``model``'s files byte for byte from what was read (None
+    when it would): its header as written from the key/values and tensor infos, each tensor at the next offset
+    aligned to ``general.alignment``, and nothing after the last tensor's padding. llama.cpp
+    (``ggml/src/gguf.cpp`` ``gguf_write_to_buf``) and the ``gguf`` package's ``GGUFWriter`` write files so."""
+    for path, entries, ts in zip(model.paths, model.kv, model.tensors):
+        infos, size = _infos(ts, {}, model.alignment)
+        head = _header(model.version, [raw for _, raw in entries], infos, model.alignment)
+        with path.open("rb") as f:
+            if f.read(len(head)) != head:
+                return f"{path.name}'s header is not laid out as llama.cpp writes one"
+        for t, info in zip(ts, infos):
+            if t.offset != len(head) + info[3]:
+                return f"{path.name}'s tensor {t.name} is not at the next aligned offset"
+        if path.stat().st_size != len(head) + size:
+            return f"{path.name} holds bytes after its last tensor"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file, read a chunk at a time."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_gguf_model(paths: list[Path], model: GGUFModelFile, kv: list[list[bytes]],
                      out_types: dict[str, tuple[str, int]],
                      data: Any) -> None:
     """Write one file per split of ``model`` to ``paths``: key/values ``kv[i]`` (raw entries), the same tensors
     in the same order, tensor ``name`` as ``out_types[name] = (type name, nbytes)`` (its own otherwise), each
     tensor's bytes from ``data(tensor, file)`` (which appends exactly those bytes to ``file``)."""
-    from ..gguf_quants import require_gguf
-
-    enum = require_gguf().GGMLQuantizationType
     align = model.alignment
     for path, entries, ts in zip(paths, kv, model.tensors):
-        infos, offset = [], 0
-        for t in ts:
-            qtype, nbytes = out_types.get(t.name, (t.qtype, t.nbytes))
-            infos.append((t.name, t.shape, int(enum[qtype]), offset))
-            offset += nbytes + _pad(nbytes, align)
+        infos, _ = _infos(ts, out_types, align)
         with path.open("wb") as f:
             f.write(_header(model.version, entries, infos, align))
             for t in ts:
@@ -219,14 +256,17 @@ def write_gguf_model(paths: list[Path], model: GGUFModelFile, kv: list[list[byte
                 f.write(b"\0" * _pad(n, align))
 
 
-def raw_kv(model: GGUFModelFile, extra: Iterable[tuple[str, bytes]] = ()) -> list[list[bytes]]:
+def raw_kv(model: GGUFModelFile, extra: Iterable[tuple[str, bytes | None]] = ()) -> list[list[bytes]]:
     """Each split's key/value entries as raw bytes, with ``extra`` (key, entry) set in the first split
-    (an existing key of that name is replaced in place)."""
+    (an existing key of that name is replaced in place, a new one goes last; an entry None removes the key)."""
     out = []
     for i, entries in enumerate(model.kv):
         d = dict(entries)
         if i == 0:
             for k, v in extra:
-                d[k] = v
+                if v is None:
+                    d.pop(k, None)
+                else:
+                    d[k] = v
         out.append(list(d.values()))
     return out
