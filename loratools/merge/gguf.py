@@ -25,6 +25,7 @@ float weights did), on up to 64 rows per tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from ..errors import CorruptFileError, InvalidOptionError, ShapeMismatchError, W
 from ..gguf_quants import can_quantize, dequantize, quantize
 from ..io.gguf_model import (GGUFModelFile, GGUFTensor, file_sha256, layout_mismatch, open_gguf_model, out_split_paths,
                              raw_kv, string_kv)
-from ..io.paths import check_output
+from ..io.paths import atomic_output, check_output
 from .gguf_record import PatchRecorder, PatchRestorer, record_info
 from .gguf_stream import (BLOCK_VALUES, QUANTS, Part, Stats, gguf_out_types, plan_gguf, read_rows, requant_rows,
                           write_model)
@@ -87,7 +88,7 @@ def _report(model: GGUFModelFile, plan: dict[str, list[Part]], paths: list[Path]
 
 
 def _recorder(model: GGUFModelFile, inputs: Sequence[AdapterInput], plan: dict[str, list[Part]],
-              types: dict[str, tuple[str, int]], record: Path, prec: torch.dtype, sign: float) -> tuple[Any, Any]:
+              types: dict[str, tuple[str, int]], writer: RecordWriter, prec: torch.dtype, sign: float) -> tuple[Any, Any]:
     """``(hook, finish)`` of a merge that writes a record: the hook makes each tensor's
     :class:`~.gguf_record.PatchRecorder`, replaying the un-merge (``requant_rows`` with −ΔW, to the tensor's own
     type); ``finish(meta)`` writes the record with the ``gguf`` part of its stamp (see :mod:`.gguf_record`)."""
@@ -95,19 +96,18 @@ def _recorder(model: GGUFModelFile, inputs: Sequence[AdapterInput], plan: dict[s
     if why:
         raise InvalidOptionError(f"`record` promises the base back byte for byte, and {why}; merge without `record`")
     back = plan_gguf(model, inputs, sign=-sign, precision=prec)
-    writer = RecordWriter(record)
 
     def hook(t: GGUFTensor) -> PatchRecorder:
         return PatchRecorder(model, t, types[t.name][0],
                              lambda w, s: requant_rows(w, back[t.name], s, t.qtype, prec, t.name)[0], writer)
 
-    def finish(meta: dict[str, Any], **options: Any) -> None:
+    def finish(meta: dict[str, Any]) -> None:
         entry = dict(model.kv[0]).get(METADATA_KEY)
         gguf = {"types": {n: t.qtype for n, t in model.by_name().items() if n in plan},
                 "files": [file_sha256(p) for p in model.paths], "stamp_kv": entry.hex() if entry else None}
-        writer.finish(stamp(**meta, gguf=gguf), **options)
+        writer.finish(stamp(**meta, gguf=gguf))
 
-    return hook, (finish, writer)
+    return hook, finish
 
 
 def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str], *, quant: str | None = None,
@@ -137,31 +137,35 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
     meta = {"op": op, "inputs": inputs, "precision": prec, "device": torch.device("cpu"), "quant": quant}
     kv = raw_kv(model, [(METADATA_KEY, string_kv(METADATA_KEY, stamp(**meta)[METADATA_KEY]))])
     ins = (*model.paths, *extra_inputs)
-    hook, rec = None, None
     if record is not None:
         check_output(record, force=force, inputs=(*paths, *ins), what="`record`")
-        hook, rec = _recorder(model, inputs, plan, types, Path(record), prec, sign)
-    stats, checked = Stats(), None
+    stats, checked, nbytes = Stats(), None, 0
+    # the record's temporary (and its scratch) under the record's lock for the whole merge; renamed after OUT
+    with atomic_output(record, force=force, inputs=(*paths, *ins)) if record is not None else \
+            contextlib.nullcontext() as rtmp:
+        writer = RecordWriter(Path(record), rtmp) if record is not None and rtmp is not None else None
+        hook, finish = _recorder(model, inputs, plan, types, writer, prec, sign) if writer else (None, None)
 
-    def check(tmps: list[Path]) -> None:
-        nonlocal checked
-        if verify and len(paths) == 1:
-            checked = verify_gguf(base, inputs, tmps[0], precision=prec)
-            checked.check()
-        if rec is not None:
-            rec[0](meta, force=force, inputs=ins)
+        def check(tmps: list[Path]) -> None:
+            nonlocal checked
+            if verify and len(paths) == 1:
+                checked = verify_gguf(base, inputs, tmps[0], precision=prec)
+                checked.check()
+            if finish is not None:
+                finish(meta)
 
-    try:
-        write_model(model, plan, types, kv, paths, prec, stats, force=force, inputs=ins, progress=progress, hook=hook,
-               check=check)
-    finally:
-        if rec is not None:
-            rec[1].close()
+        try:
+            write_model(model, plan, types, kv, paths, prec, stats, force=force, inputs=ins, progress=progress,
+                        hook=hook, check=check)
+        finally:
+            if writer is not None:
+                nbytes = writer.nbytes
+                writer.close()
     if verify and checked is None:  # split parts are named after each other: checked where they now are
         checked = verify_gguf(base, inputs, paths[0], precision=prec)
         checked.check()
     return _report(model, plan, paths, op, stats, inputs, verify=checked,
-                   record=Path(record) if record is not None else None, record_nbytes=rec[1].nbytes if rec else 0)
+                   record=Path(record) if record is not None else None, record_nbytes=nbytes)
 
 
 def _stamp_check(model: GGUFModelFile, merged: Any, inputs: Sequence[AdapterInput]) -> None:

@@ -15,7 +15,7 @@ blocks the un-merge uses, and compares):
   types kept and 9% when the merge wrote Q8_0, where a patch of whole differing quantization blocks is 74%
   and 100% (nearly every block's scale moves).
 
-The record is :mod:`.record`'s file (patches as tensors ``"<tensor>::<part>"``, the sha256 of each original
+The record is :mod:`.record`'s file (patches as tensors ``"<tensor>::<part>"``, the checksum of each original
 tensor's bytes, the merge's stamp). Its stamp carries under ``gguf`` what the file around the tensors needs:
 each adapted tensor's original type, the original value of the model's ``loratools.merge`` key (hex of the
 raw entry, or None), and the sha256 of each original file, which the un-merge checks its output against.
@@ -23,7 +23,6 @@ raw entry, or None), and the sha256 of each original file, which the un-merge ch
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,7 +35,8 @@ from ..errors import CorruptFileError
 from ..gguf_quants import block_sizes, dequantize
 from ..io import Span, read_tensor
 from ..io.gguf_model import GGUFModelFile, GGUFTensor
-from .record import PatchApplier, PatchBuilder, RecordWriter
+from .patch import PatchApplier, PatchBuilder
+from .record import Digest, RecordWriter
 
 __all__ = ["FLOAT_TYPES", "PatchRecorder", "PatchRestorer", "record_info"]
 
@@ -86,12 +86,12 @@ def _values(raw: bytes | np.ndarray, qtype: str) -> torch.Tensor:
 class PatchRecorder:
     """The merge side, for one adapted tensor ``t`` of the base: :meth:`block` gets each block of rows as read
     (``raw``) and as merged (``q``, of type ``out_type``) and computes what the un-merge will,
-    ``recompute(deq(q), first_row)``; :meth:`done` adds the patch and ``W0``'s sha256 to ``writer``."""
+    ``recompute(deq(q), first_row)``; :meth:`done` adds the patch and ``W0``'s checksum to ``writer``."""
 
     def __init__(self, model: GGUFModelFile, t: GGUFTensor, out_type: str,
                  recompute: Callable[[np.ndarray, int], np.ndarray], writer: RecordWriter) -> None:
         self.model, self.t, self.out_type, self.recompute, self.writer = model, t, out_type, recompute, writer
-        self.sha = hashlib.sha256()
+        self.sha = Digest()
         n = t.rows * t.shape[-1]
         self.floats = FLOAT_TYPES.get(t.qtype)
         self.diff: Any = PatchBuilder((n,), self.floats) if self.floats is not None else _XorDiff(t.nbytes)
@@ -124,16 +124,16 @@ class PatchRecorder:
             patch = self.diff.patch(self._at)
         else:
             patch = self.diff.patch(lambda: np.frombuffer(self.model.read(self.t), np.uint8))
-        self.writer.add(self.t.name, patch, self.sha.hexdigest())
+        self.writer.add(self.t.name, patch, self.sha.value())
 
 
 class PatchRestorer:
     """The un-merge side, for one tensor: :meth:`block` turns each block of rows of ``U`` (the original type's
-    bytes) into ``W0``'s with the record's patch; :meth:`done` checks ``W0``'s sha256."""
+    bytes) into ``W0``'s with the record's patch; :meth:`done` checks ``W0``'s checksum."""
 
-    def __init__(self, t: GGUFTensor, qtype: str, patch: Mapping[str, Span], sha256: str, record: Path) -> None:
-        self.t, self.qtype, self.sha256, self.record = t, qtype, sha256, record
-        self.sha = hashlib.sha256()
+    def __init__(self, t: GGUFTensor, qtype: str, patch: Mapping[str, Span], digest: str, record: Path) -> None:
+        self.t, self.qtype, self.digest, self.record = t, qtype, digest, record
+        self.sha = Digest(like=digest)
         parts = {k: read_tensor(s) for k, s in patch.items()}
         block, bb = block_sizes(qtype)
         self.row_bytes = t.shape[-1] // block * bb
@@ -185,7 +185,7 @@ class PatchRestorer:
         return q
 
     def done(self) -> None:
-        if self.sha.hexdigest() != self.sha256:
+        if self.sha.value() != self.digest:
             raise CorruptFileError(self.record, f"restoring {self.t.name} did not give the base's bytes back; "
                                                 "un-merge on the same kind of machine as the merge (or the merged "
                                                 "model was changed)")

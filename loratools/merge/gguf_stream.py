@@ -226,8 +226,9 @@ def merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qty
                  stats: Stats, precision: torch.dtype, hook: Any = None) -> None:
     """Write ``Q(deq(W0) + Σ L@R)`` of ``t`` to ``f``, a block of rows at a time, and add its figures.
 
-    Blocks are computed on :func:`loratools.device.cpu_cores` threads (up to 8) and written in order, so the
-    bytes do not depend on the thread count. ``hook`` (a record's :class:`~.gguf_record.PatchRecorder` or
+    Blocks are computed on one thread per core but one (the calling thread writes; up to 8) and written in
+    order, so the bytes do not depend on the thread count. On 2 cores that is a single thread: two workers beside
+    the writer gave no wall-time gain there for 46 % more CPU and 200 MB more memory (docs/benchmarks.md). ``hook`` (a record's :class:`~.gguf_record.PatchRecorder` or
     :class:`~.gguf_record.PatchRestorer`) sees each block as read and as requantized: ``hook.prepare`` on the
     block's thread, ``hook.block`` in order, which gives the bytes to write."""
     step = max(1, BLOCK_VALUES // t.shape[-1])
@@ -235,7 +236,7 @@ def merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qty
     stats.add(key, tensors=1)
     blocks = [(s, min(step, t.rows - s)) for s in range(0, t.rows, step)]
     work = ordered_map(lambda b: _merged_block(model, t, parts, qtype, precision, hook, *b), blocks,
-                       min(cpu_cores(), 8))
+                       min(cpu_cores() - 1, 8))
     for (s, n), (raw, q, figures, prepared) in zip(blocks, work):
         stats.add(key, **figures)
         if hook is not None:
