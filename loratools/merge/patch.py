@@ -327,6 +327,7 @@ class PatchApplier:
             order = np.argsort(idx, kind="stable")
             idx, val = idx[order], val[torch.from_numpy(order)]
         self.idx, self.val = idx, val
+        self.val_bits = val.contiguous().view(_TORCH_SIGNED[val.element_size()]).numpy()
 
     def apply(self, block: Tensor, start: int) -> Tensor:
         """Block ``start … start + len − 1`` (flat, contiguous) of R turned into W0's, in place; returns it."""
@@ -339,8 +340,9 @@ class PatchApplier:
             k += k.dtype.type(self.lo)  # the true sum is a key, so wrapping intermediate values come out exact
             _from_keys(k, block)
         i, j = np.searchsorted(self.idx, [start, start + n])
-        if j > i:
-            block[torch.from_numpy(self.idx[i:j] - start)] = self.val[i:j]
+        if j > i:  # as bit patterns through numpy: twice as fast as torch's index_put here
+            signed = _TORCH_SIGNED[block.element_size()]
+            block.view(signed).numpy()[self.idx[i:j] - start] = self.val_bits[i:j]
         return block
 
 

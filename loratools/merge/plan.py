@@ -58,6 +58,9 @@ def content_sha256(adapter: Adapter) -> str:
     Two adapters with the same shapes but other factors or scales hash apart, so a merged model's
     stamp says which adapter went in, not only which shapes.
     """
+    cached = adapter.__dict__.get("_content_sha256")  # an Adapter is never changed: hashed once (a merge asks twice)
+    if cached is not None:
+        return cached
     h = hashlib.sha256()
 
     def put(label: str, t: Tensor | None) -> None:
@@ -79,6 +82,7 @@ def content_sha256(adapter: Adapter) -> str:
                 h.update(f"{f.name}={float(v).hex() if isinstance(v, float) else repr(v)};".encode())
     for key in sorted(adapter.saved):
         put(f"saved:{key}", adapter.saved[key])
+    object.__setattr__(adapter, "_content_sha256", h.hexdigest())
     return h.hexdigest()
 
 
