@@ -147,3 +147,13 @@ def test_any_pattern_of_moves_gives_the_reference_patch(dtype: torch.dtype, n: i
     got, want = make_patch(w0, r), reference_patch(w0, r)
     assert got.keys() == want.keys() and all(torch.equal(got[k].reshape(-1).view(torch.uint8),
                                                          want[k].reshape(-1).view(torch.uint8)) for k in want)
+
+
+def test_float64_counts_that_overflow_int64_round_trip() -> None:
+    """64-bit keys of opposite signs can differ by more than int64 holds (±max, NaNs with full payloads)."""
+    w0 = torch.tensor([1.7e308, -0.0, 5.0, 0.0, 2.0]).to(torch.float64)
+    r = torch.tensor([-1.7e308, 0.0, 5.0, 0.0, 2.0]).to(torch.float64)
+    w0.view(torch.int64)[3], r.view(torch.int64)[3] = 2**63 - 1, -1  # +NaN and −NaN, every payload bit set
+    p = make_patch(w0, r)
+    assert set(p) == {"idx", "val"} and p["idx"].tolist() == [0, 1, 3]
+    assert torch.equal(bits(apply_patch(r, p)), bits(w0))

@@ -40,8 +40,6 @@ __all__ = ["make_patch", "apply_patch", "PatchBuilder", "PatchApplier", "patch_n
 _BLOCK = 1 << 18  # elements per block: every temporary below is at most a block (a multiple of 8, for packing)
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _TORCH_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-#: ulp counts are differences of keys: 16-bit keys differ by less than 2¹⁷, so int32 holds them
-_WIDE = {1: np.int32, 2: np.int32, 4: np.int64, 8: np.int64}
 _CANDIDATES = (0, 1, 2, 4, 8)
 
 
@@ -51,8 +49,12 @@ def _keys(t: Tensor) -> np.ndarray:
     With ``s`` the sign bit spread over the word, the key is ``bits ^ (s & 0x7f…f)``;
     the map is its own inverse (:func:`_from_keys`).
     """
-    b = t.contiguous().view(_TORCH_SIGNED[t.element_size()]).numpy()
-    shift = 8 * t.element_size() - 1
+    return _keys_of_bits(t.contiguous().view(_TORCH_SIGNED[t.element_size()]).numpy())
+
+
+def _keys_of_bits(b: np.ndarray) -> np.ndarray:
+    """:func:`_keys` of bit patterns already viewed as signed integers."""
+    shift = 8 * b.itemsize - 1
     return b ^ ((b >> shift) & ((1 << shift) - 1))
 
 
@@ -89,7 +91,7 @@ class PatchBuilder:
         self.width = torch.empty((), dtype=dtype).element_size()
         self.counts = counts
         self.index_dtype = np.int32 if self.n < 2**31 else np.int64
-        self.sparse: tuple[list[np.ndarray], list[np.ndarray], list[Tensor]] | None = ([], [], [])
+        self.sparse: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] | None = ([], [], [])
         self.n_moved = 0
         self.d8 = np.empty(0, np.int8)  # dense: the counts, one signed byte each
         self.fits = dict.fromkeys(_CANDIDATES, 0)  # dense: how many counts fit in b bits, for each b
@@ -100,17 +102,17 @@ class PatchBuilder:
     def add(self, original: Tensor, reconstructed: Tensor) -> None:
         """The next block (flat, in order) of W0 and of R."""
         o, r = original.reshape(-1), reconstructed.reshape(-1)
-        d, idx = _ulp_counts(o, r, moved=self.sparse is not None)
-        if self.sparse is not None and idx is not None:
+        if self.sparse is not None:
+            idx, cnt, w0_bits = _moved(o, r)
             if self.n_moved + idx.size <= self.n // 16:
                 self.n_moved += idx.size
                 self.sparse[0].append((idx + self.pos).astype(self.index_dtype))
-                self.sparse[1].append(d[idx])
-                self.sparse[2].append(o[torch.from_numpy(idx)].clone())
+                self.sparse[1].append(cnt)
+                self.sparse[2].append(w0_bits)
                 self.pos += o.numel()
                 return
             self._densify()
-        self._add_dense(o, d)
+        self._add_dense(o, _ulp_counts(o, r))
 
     def _densify(self) -> None:
         """Go dense: the counts so far written into ``d8`` from the sparse lists (zero where nothing moved)."""
@@ -130,10 +132,11 @@ class PatchBuilder:
     def _moved(self) -> tuple[np.ndarray, np.ndarray, Tensor]:
         """The sparse lists joined: (indices as int64, counts, W0's values)."""
         assert self.sparse is not None
-        idx, cnt, val = self.sparse
+        idx, cnt, w0_bits = self.sparse
         if not idx:
             return np.empty(0, np.int64), np.empty(0, np.int16), torch.empty(0, dtype=self.dtype)
-        return np.concatenate(idx).astype(np.int64), np.concatenate(cnt), torch.cat(val)
+        return (np.concatenate(idx).astype(np.int64), np.concatenate(cnt),
+                torch.from_numpy(np.concatenate(w0_bits)).view(self.dtype))
 
     def _add_dense(self, o: Tensor, d: np.ndarray) -> None:
         n, pos, big = o.numel(), self.pos, 0
@@ -228,20 +231,40 @@ def _outside(cnt: np.ndarray, b: int) -> int:
     return int(np.count_nonzero((cnt < lo) | (cnt > hi)))
 
 
-def _ulp_counts(o: Tensor, r: Tensor, *, moved: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """key(o) − key(r) per element (see :func:`_keys`): int16 for 16-bit values, else int32/int64; with ``moved``,
-    also the flat indices where it is not 0 (else None).
+def _key_diff(ko: np.ndarray, kr: np.ndarray) -> np.ndarray:
+    """``ko − kr`` in int64: exact for keys of up to 32 bits; 64-bit keys that overflow it give ±(2⁶³ − 1)
+    (such a count is only ever kept as an exception, whatever its size)."""
+    d = np.subtract(ko, kr, dtype=np.int64)
+    if ko.dtype.itemsize == 8:
+        over = np.flatnonzero(((ko ^ kr) & (ko ^ d)) < 0)  # the signs of ko and kr differ, and d's is not ko's
+        d[over] = np.where(ko[over] < 0, -(2**63 - 1), 2**63 - 1)
+    return d
+
+
+def _moved(o: Tensor, r: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The flat indices where ``o`` and ``r`` differ bit for bit — exactly where the count is not 0 —, the
+    counts there (key(o) − key(r), see :func:`_keys`) clipped to int16, and ``o``'s bit patterns there: two
+    passes over the block, then arithmetic on the few that moved (numpy's gathers: 3× torch's here)."""
+    signed = _TORCH_SIGNED[o.element_size()]
+    bo, br = o.view(signed).numpy(), r.view(signed).numpy()
+    # numpy finds the True of a bool array ~10× faster than the non-zeros of an integer array
+    idx = np.flatnonzero(np.not_equal(bo, br, out=buffer("patch.mask", bo.size).view(torch.bool).numpy()))
+    ob, rb = bo[idx], br[idx]
+    cnt = _key_diff(_keys_of_bits(ob), _keys_of_bits(rb))
+    return idx, np.clip(cnt, -(1 << 15), (1 << 15) - 1).astype(np.int16), ob
+
+
+def _ulp_counts(o: Tensor, r: Tensor) -> np.ndarray:
+    """key(o) − key(r) per element (see :func:`_keys`): int16 for 16-bit values, else int64.
 
     For 16-bit values of one sign the difference of the raw bit patterns is the
     count up to its sign and fits int16 (|Δ| < 2¹⁵): ``(Δ ^ m) − m`` with m the sign
     of o spread over the word negates it for negative values. Where the signs
-    differ (never where o and r are equal, so only among the moved elements, when
-    those are sought) the count is computed in int32 and clipped to int16: a
-    count that does not fit a byte is only ever kept as an exception, whatever its size.
+    differ the count is computed in int64 and clipped to int16: a count that
+    does not fit a byte is only ever kept as an exception, whatever its size.
     """
     if o.element_size() != 2:
-        d = np.subtract(_keys(o), _keys(r), dtype=_WIDE[o.element_size()])
-        return d, np.flatnonzero(d != 0) if moved else None
+        return _key_diff(_keys(o), _keys(r))
     bo, br = o.view(torch.int16).numpy(), r.view(torch.int16).numpy()
     # into this thread's reused scratch: a fresh temporary per block costs more in page faults than its arithmetic
     d, m = (buffer(slot, 2 * bo.size).view(torch.int16).numpy() for slot in ("patch.d", "patch.m"))
@@ -249,15 +272,12 @@ def _ulp_counts(o: Tensor, r: Tensor, *, moved: bool = False) -> tuple[np.ndarra
     np.right_shift(bo, 15, out=m)
     np.bitwise_xor(d, m, out=d)
     np.subtract(d, m, out=d)
-    # numpy finds the True of a bool array ~10× faster than the non-zeros of an integer array
     mask = buffer("patch.mask", bo.size).view(torch.bool).numpy()
-    idx = np.flatnonzero(np.not_equal(d, 0, out=mask)) if moved else None
-    flips = np.flatnonzero(np.less(np.bitwise_xor(bo, br, out=m), 0, out=mask)) if idx is None else \
-        idx[(bo[idx] ^ br[idx]) < 0]
+    flips = np.flatnonzero(np.less(np.bitwise_xor(bo, br, out=m), 0, out=mask))
     if flips.size:
-        exact = np.subtract(_keys(o[torch.from_numpy(flips)]), _keys(r[torch.from_numpy(flips)]), dtype=np.int32)
+        exact = _key_diff(_keys(o[torch.from_numpy(flips)]), _keys(r[torch.from_numpy(flips)]))
         d[flips] = np.clip(exact, -(1 << 15), (1 << 15) - 1)
-    return d, idx
+    return d
 
 
 def make_patch(original: Tensor, reconstructed: Tensor) -> dict[str, Tensor]:
