@@ -33,7 +33,6 @@ __all__ = [
     "RankRule",
     "truncated_svd",
     "sqrt_split",
-    "lowrank_svd_gram",
     "lowrank_svdvals",
     "gram_max_cond",
 ]
@@ -395,10 +394,6 @@ def sqrt_split(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     and both factors carry the same scale."""
     root = S.clamp_min(0).sqrt()
     return U * root, root[:, None] * Vh
-
-
-#: the name resize and combine first used; the same function
-lowrank_svd_gram = lowrank_svd
 
 
 def all_finite(t: Tensor) -> bool:
