@@ -114,12 +114,13 @@ class PatchBuilder:
             self._densify()
         self._add_dense(o, _ulp_counts(o, r))
 
-    def _densify(self) -> None:
-        """Go dense: the counts so far written into ``d8`` from the sparse lists (zero where nothing moved)."""
+    def _densify(self, moved: tuple[np.ndarray, np.ndarray, Tensor] | None = None) -> None:
+        """Go dense: the counts so far written into ``d8`` from the sparse lists (zero where nothing moved);
+        ``moved`` is :meth:`_moved`'s result when the caller has it already."""
         buf = self.counts.numpy() if self.counts is not None else np.empty(self.n, np.uint8)
         self.d8 = buf[:self.n].view(np.int8)
         self.d8[:self.pos] = 0
-        idx, cnt, val = self._moved()
+        idx, cnt, val = moved if moved is not None else self._moved()
         big = np.flatnonzero((cnt < -128) | (cnt > 127))
         self.big_idx.append(idx[big])
         self.big_val.append(val[torch.from_numpy(big)])
@@ -158,14 +159,10 @@ class PatchBuilder:
         self.fits[8] += n - big
         self.pos += n
 
-    def bits_per_count(self) -> int:
-        """The b of the smallest patch (−1: W0 whole), with :func:`make_patch`'s costs."""
-        n, width = self.n, self.width
-        if self.sparse is not None:
-            cnt = self._moved()[1]
-            fits = {b: n - _outside(cnt, b) for b in _CANDIDATES}
-        else:
-            fits = self.fits
+    def bits_per_count(self, fits: dict[int, int] | None = None) -> int:
+        """The b of the smallest patch (−1: W0 whole), with :func:`make_patch`'s costs, from ``fits`` (how many
+        counts fit in b bits; the dense tally by default)."""
+        n, width, fits = self.n, self.width, fits if fits is not None else self.fits
         per_exception = width + (4 if n < 2**31 else 8)
         best: tuple[float, int] = (float(n * width), -1)
         for b in _CANDIDATES if width > 1 else (0,):
@@ -178,18 +175,19 @@ class PatchBuilder:
         """The patch; ``values_at(idx)`` gives W0's values at sorted flat indices (W0 whole when b = −1)."""
         if self.pos != self.n:
             raise ValueError(f"PatchBuilder: {self.pos} of {self.n} elements were added")
-        if self.sparse is not None and self.n_moved == 0:
-            return {}
-        b = self.bits_per_count()
+        if self.sparse is not None:
+            if self.n_moved == 0:
+                return {}
+            moved = self._moved()  # joined once: the choice of b, then the patch or the dense counts
+            b = self.bits_per_count({b: self.n - _outside(moved[1], b) for b in _CANDIDATES})
+            if b == 0:
+                return {"idx": torch.from_numpy(moved[0].astype(self.index_dtype)), "val": moved[2]}
+            if b > 0:
+                self._densify(moved)
+        else:
+            b = self.bits_per_count()
         if b < 0:
             return {"full": values_at(np.arange(self.n)).reshape(self.shape).clone()}
-        if self.sparse is not None and b == 0:
-            idx, _, val = self._moved()
-            return {"idx": torch.from_numpy(idx.astype(self.index_dtype)), "val": val}
-        if self.sparse is not None:
-            self._densify()
-        if self.fits[0] == self.n:
-            return {}
         idx, val = self._exceptions(b, values_at)
         patch: dict[str, Tensor] = {}
         if b > 0:
