@@ -35,7 +35,7 @@ from ..errors import CorruptFileError
 from ..gguf_quants import block_sizes, dequantize
 from ..io import Span, read_tensor
 from ..io.gguf_model import GGUFModelFile, GGUFTensor
-from .patch import PatchApplier, PatchBuilder
+from .patch import PatchApplier, PatchBuilder, values_at
 from .record import Digest, RecordWriter
 
 __all__ = ["FLOAT_TYPES", "PatchRecorder", "PatchRestorer", "record_info"]
@@ -110,14 +110,9 @@ class PatchRecorder:
 
     def _at(self, idx: np.ndarray) -> torch.Tensor:
         """W0's values at the sorted flat indices ``idx``, read again a block of rows at a time."""
-        cols, parts = self.t.shape[-1], []
-        step = max(1, (1 << 20) // cols)
-        for s in range(0, self.t.rows, step):
-            lo, hi = np.searchsorted(idx, [s * cols, (s + step) * cols])
-            if hi > lo:
-                v = _values(self.model.read(self.t, s, min(step, self.t.rows - s)), self.t.qtype)
-                parts.append(v[torch.from_numpy(idx[lo:hi] - s * cols)].clone())
-        return torch.cat(parts) if parts else torch.empty(0, dtype=self.floats)
+        cols = self.t.shape[-1]
+        return values_at(lambda s, n: _values(self.model.read(self.t, s, n), self.t.qtype), idx, self.t.rows, cols,
+                         max(1, (1 << 20) // cols), self.floats)
 
     def done(self) -> None:
         if self.floats is not None:

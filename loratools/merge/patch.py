@@ -35,7 +35,7 @@ from torch import Tensor
 from ..io import buffer
 from .kernels import bits
 
-__all__ = ["make_patch", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits"]
+__all__ = ["make_patch", "values_at", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits"]
 
 _BLOCK = 1 << 18  # elements per block: every temporary below is at most a block (a multiple of 8, for packing)
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -276,6 +276,20 @@ def _ulp_counts(o: Tensor, r: Tensor) -> np.ndarray:
         exact = _key_diff(_keys(o[torch.from_numpy(flips)]), _keys(r[torch.from_numpy(flips)]))
         d[flips] = np.clip(exact, -(1 << 15), (1 << 15) - 1)
     return d
+
+
+def values_at(read: Callable[[int, int], Tensor], idx: np.ndarray, rows: int, cols: int, step: int,
+              dtype: torch.dtype) -> Tensor:
+    """W0's values at the sorted flat indices ``idx`` of a (rows, cols) tensor, read again ``step`` rows at a time
+    with ``read(first, n)`` (only the blocks the indices fall in): :meth:`PatchBuilder.patch`'s ``values_at``."""
+    parts: list[Tensor] = []
+    bounds = np.searchsorted(idx, np.arange(0, rows * cols + step * cols, step * cols))
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            first = b * step
+            w = read(first, min(step, rows - first)).reshape(-1)
+            parts.append(w[torch.from_numpy(idx[lo:hi] - first * cols)].clone())
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
 
 
 def make_patch(original: Tensor, reconstructed: Tensor) -> dict[str, Tensor]:

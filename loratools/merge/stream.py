@@ -14,7 +14,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,7 +21,7 @@ from ..errors import CorruptFileError, NonFiniteError
 from ..io import CODE_DTYPES, RowReader, Span, buffer, read_tensor
 from .kernels import check_finite, dora_norms, dora_of, dora_scale, factors_of, merge_rows, row_step
 from .plan import TensorPlan
-from .patch import PatchApplier, PatchBuilder
+from .patch import PatchApplier, PatchBuilder, values_at
 from .record import Digest, RecordWriter
 
 __all__ = ["Arithmetic", "merged_blocks", "restored_blocks"]
@@ -115,7 +114,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
                 builder.add(w0, recon)
             yield out
         if record is not None and builder is not None:
-            patch = builder.patch(lambda idx: _values_at(reader, idx, step, cols))
+            patch = builder.patch(lambda idx: values_at(reader.read, idx, rows, cols, step, base))
             if norms is not None:
                 patch["dora_norm"] = norms.cpu()
             record.add(key, patch, sha.value())
@@ -130,19 +129,6 @@ def _token_rows(out: Tensor, plan: TensorPlan, first: int) -> Tensor:
     if not bool(sel.any()):
         return out
     return out.index_copy(0, idx[sel] - first, values[sel].reshape(-1, out.shape[1]).to(out.dtype))
-
-
-def _values_at(reader: RowReader, idx: np.ndarray, step: int, cols: int) -> Tensor:
-    """W0's values at the sorted flat indices ``idx``, read again block by block (only the blocks they fall in)."""
-    parts: list[Tensor] = []
-    block = step * cols
-    bounds = np.searchsorted(idx, np.arange(0, reader.rows * cols + block, block))
-    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if hi > lo:
-            first = b * step
-            w = reader.read(first, min(step, reader.rows - first)).reshape(-1)
-            parts.append(w[torch.from_numpy(idx[lo:hi] - first * cols)].clone())
-    return torch.cat(parts) if parts else torch.empty(0, dtype=reader.dtype)
 
 
 def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, Span], digest: str, ar: Arithmetic,
