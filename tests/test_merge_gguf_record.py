@@ -81,6 +81,23 @@ def test_the_record_refuses_what_it_was_not_made_for(tiny: dict, tmp_path: Path)
     assert not list(tmp_path.glob(".u.gguf*"))
 
 
+def test_a_record_naming_a_type_loratools_does_not_write_is_refused(tiny: dict, tmp_path: Path) -> None:
+    """A damaged ``gguf`` stamp: one line naming the record, not a hint to choose another `quant`."""
+    from loratools.io import load_safetensors, save_safetensors
+    from loratools.merge.plan import METADATA_KEY
+
+    ad = read_adapter(tiny["adapter"])
+    merge_model(tiny["gguf"], [ad], tmp_path / "m.gguf", record=tmp_path / "r.safetensors")
+    parts, meta = load_safetensors(tmp_path / "r.safetensors")
+    stamp = json.loads(meta[METADATA_KEY])
+    name = next(iter(stamp["gguf"]["types"]))
+    stamp["gguf"]["types"][name] = "Q9_Z"
+    save_safetensors(parts, tmp_path / "bad.safetensors", {**meta, METADATA_KEY: json.dumps(stamp)})
+    with pytest.raises(CorruptFileError, match="bad.safetensors.*'Q9_Z'"):
+        unmerge_model(tmp_path / "m.gguf", [ad], tmp_path / "u.gguf", record=tmp_path / "bad.safetensors")
+    assert not (tmp_path / "u.gguf").exists()
+
+
 def test_a_file_not_laid_out_as_llama_cpp_writes_is_refused_before_writing(tiny: dict, tmp_path: Path) -> None:
     (tmp_path / "tail.gguf").write_bytes(tiny["gguf"].read_bytes() + b"\0" * 64)  # bytes after the last tensor
     with pytest.raises(InvalidOptionError, match="byte for byte.*after its last tensor"):

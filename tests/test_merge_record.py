@@ -157,3 +157,21 @@ def test_a_record_from_before_xxh3_with_sha256_checksums_still_restores(bf16_bas
         unmerge_model(tmp_path / "m.safetensors", [(ad, 1.0)], tmp_path / "u2", record=tmp_path / "bad.safetensors",
                       device="cpu")
     assert not (tmp_path / "u2").exists()
+
+
+def test_a_record_with_another_precision_is_refused_as_damaged(bf16_base: Path, adapters: Path, tmp_path: Path) -> None:
+    """The un-merge replays the merge in the record's precision: a value other than float32/float64 names the
+    record and the field, not the `precision` option the user never gave."""
+    from loratools.errors import InvalidFieldError
+    from loratools.merge.plan import METADATA_KEY
+
+    ad = read_adapter(adapters / "lora")
+    merge_model(bf16_base, [(ad, 1.0)], tmp_path / "m.safetensors", record=tmp_path / "r.safetensors", device="cpu")
+    parts, meta = load_safetensors(tmp_path / "r.safetensors")
+    stamp = json.loads(meta[METADATA_KEY])
+    assert stamp["precision"] == "float32"
+    save_safetensors(parts, tmp_path / "bad.safetensors", {**meta, METADATA_KEY: json.dumps({**stamp, "precision": "int8"})})
+    with pytest.raises(InvalidFieldError, match="bad.safetensors.*precision"):
+        unmerge_model(tmp_path / "m.safetensors", [(ad, 1.0)], tmp_path / "u", record=tmp_path / "bad.safetensors",
+                      device="cpu")
+    assert not (tmp_path / "u").exists()

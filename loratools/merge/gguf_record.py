@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import CorruptFileError
-from ..gguf_quants import block_sizes, dequantize
+from ..gguf_quants import block_sizes, can_quantize, dequantize
 from ..io import Span, read_tensor
 from ..io.gguf_model import GGUFModelFile, GGUFTensor
 from .patch import PatchApplier, PatchBuilder, values_at
@@ -196,6 +196,10 @@ def record_info(info: Mapping[str, Any], record: Path) -> tuple[dict[str, str], 
             or not isinstance(files, list) or not all(isinstance(v, str) for v in files)
             or not (kv is None or isinstance(kv, str))):
         raise CorruptFileError(record, "its `gguf` stamp is not {types, files, stamp_kv}")
+    unknown = sorted({v for v in types.values() if not can_quantize(v)})
+    if unknown:  # a merge records only types it wrote back: a damaged record, not a `quant` to choose
+        raise CorruptFileError(record, f"its `gguf` stamp names tensor types loratools does not write: "
+                                       f"{', '.join(map(repr, unknown[:4]))}")
     try:
         return types, files, (bytes.fromhex(kv) if kv is not None else None)
     except ValueError:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import CorruptFileError, InvalidFieldError, WrongBaseError
 from ..io import DTYPE_CODES, Entry, ShardWriter, Span, tensor_spans, write_at
-from ..validate import load_json
+from ..validate import get_field, load_json
 from .plan import METADATA_KEY, AdapterInput, content_sha256, stamp_entries
 
 __all__ = ["RecordWriter", "read_record", "Digest"]
@@ -108,6 +108,9 @@ def read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, d
     if meta.get(RECORD_KEY) != "1" or METADATA_KEY not in meta:
         raise CorruptFileError(path, "not a merge record (a merge writes one when given `record`)")
     info = load_json(meta[METADATA_KEY], where=path)
+    # the un-merge replays the merge's arithmetic in this precision: anything else is a damaged record
+    get_field(info, "precision", str, where=path, default="float32", check=lambda v: v in ("float32", "float64"),
+              expected='"float32" or "float64"')
     made = stamp_entries(meta[METADATA_KEY], where=path) or []
     same = len(made) == len(inputs) and all(
         e.weight == i.weight and (e.content == content_sha256(i.adapter) if e.content is not None
