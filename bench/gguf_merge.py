@@ -26,11 +26,9 @@ bytes per adapted value), not run. Not a test: run it by hand on a quiet machine
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 # This process stays small (no torch, no numpy): Linux keeps a process's peak RSS across fork+exec,
 # so a fat parent would inflate every child's ru_maxrss. The model is made in a child (`--make`).
 # bench/merge.py (bench/ is sys.path[0] when this runs as a script): its shapes, adapter and timing
-from common import run_info, timed  # noqa: E402
+from common import run_in_workdir, timed  # noqa: E402
 from merge import HEADS, HIDDEN, INTER, KV, TARGETS, VOCAB, llama_shapes, make_adapter  # noqa: E402
 
 Q8_BYTES = 34 / 32  # Q8_0: a float16 scale + 32 int8 per block of 32 values
@@ -191,19 +189,7 @@ def main() -> None:
         make_gguf(Path(args.make[0]), layers, vocab)
         make_adapter(Path(args.make[1]), layers, vocab)
         return
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    info = run_info()
-    try:
-        result = bench(args.workdir, args.size_gb, args.runs)
-    finally:
-        if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
-    info["loadavg_end"] = os.getloadavg()
-    print(json.dumps({"info": info, "result": result}, indent=2))
-    print()
-    print(table(result))
-
+    run_in_workdir(args.workdir, args.keep, lambda: bench(args.workdir, args.size_gb, args.runs), table, "result")
 
 if __name__ == "__main__":
     main()

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import run_info, timed  # noqa: E402
+from common import run_in_workdir, timed  # noqa: E402
 # This process stays small (no torch): Linux keeps a process's peak RSS across fork+exec, so a fat
 # parent would inflate every child's ru_maxrss. The model is made in a child (`--make`).
 
@@ -251,21 +251,9 @@ def main() -> None:
         make_adapter(Path(args.make[1]), layers, vocab)
         make_adapter(Path(args.make[5]), layers, vocab, base=Path(args.make[0]))
         return
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    info = run_info()
-    results = []
-    try:
-        for size in args.sizes:
-            results.append(bench(args.workdir, size, args.runs, args.peft_runs, args.shard_mb, tuple(args.paths)))
-    finally:
-        if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
-    info["loadavg_end"] = os.getloadavg()
-    print(json.dumps({"info": info, "results": results}, indent=2))
-    print()
-    print(table(results))
-
+    run_in_workdir(args.workdir, args.keep, lambda: [bench(args.workdir, size, args.runs, args.peft_runs, args.shard_mb,
+                                                           tuple(args.paths)) for size in args.sizes],
+                   table, "results")
 
 if __name__ == "__main__":
     main()
