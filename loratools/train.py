@@ -33,6 +33,7 @@ from .dist import Processes
 from .errors import InputNotFoundError, InvalidOptionError
 from .evaluation import causal_lm_loss, evaluate
 from .io import check_output
+from .linalg import all_finite
 from .lm import base_model_name, load_causal_lm
 from .train_config import TrainConfig, config_of_state
 from .nn import (AdaLoRALinear, adapter_state, expected_parameters, inject, linear_target_names,
@@ -281,7 +282,7 @@ def _diverged(step: int, why: str) -> None:
 def _check_weights(run: _Run, step: int) -> None:
     """Every trainable parameter finite: a NaN/Inf adapter is never written, as a checkpoint or as OUT."""
     for name, p in run.model.named_parameters():
-        if p.requires_grad and not bool(torch.isfinite(p).all()):
+        if p.requires_grad and not all_finite(p.detach()):
             _diverged(step, f"{name} holds NaN or Inf")
 
 
