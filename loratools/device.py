@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -88,12 +89,13 @@ def cpu_threads(threads: int = 1) -> Iterator[None]:
 def map_in_threads(fn: Callable[[T], R], items: Iterable[T], *, workers: int | None = None) -> Iterator[R]:
     """``map(fn, items)`` with up to ``workers`` (default :func:`cpu_cores`) items at once on threads; results in order.
 
-    For independent per-module linear algebra (inspect, resize): torch releases the GIL inside its
-    kernels, so modules run side by side, each on one core. torch's intra-op pool is held at one thread
-    meanwhile: each worker fanning out over every core would oversubscribe them (the barrier waits
-    issue "Speed" measured). With one worker or one item, ``fn`` runs in the calling thread. Results
-    are yielded as they are consumed, so a caller can report progress; work not yet started is
-    cancelled when the caller stops early or ``fn`` raises.
+    For independent per-module linear algebra (inspect, resize) and the blocks of a GGUF tensor: torch and
+    numpy release the GIL inside their kernels, so items run side by side, each on one core. torch's intra-op
+    pool is held at one thread meanwhile: each worker fanning out over every core would oversubscribe them
+    (the barrier waits issue "Speed" measured). With one worker or one item, ``fn`` runs in the calling
+    thread. At most ``2·workers`` results are computed ahead of the consumer (memory stays a few items per
+    thread); results are yielded as they are consumed, so a caller can report progress; work not yet started
+    is cancelled when the caller stops early or ``fn`` raises.
     """
     todo = list(items)
     n = min(workers or cpu_cores(), len(todo))
@@ -103,6 +105,11 @@ def map_in_threads(fn: Callable[[T], R], items: Iterable[T], *, workers: int | N
     with cpu_threads(1):
         pool = ThreadPoolExecutor(n, thread_name_prefix="loratools-map")
         try:
-            yield from pool.map(fn, todo)
+            pending = deque(pool.submit(fn, x) for x in todo[:2 * n])
+            for x in todo[2 * n:]:
+                yield pending.popleft().result()
+                pending.append(pool.submit(fn, x))
+            while pending:
+                yield pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..device import cpu_cores
+from ..device import cpu_cores, map_in_threads
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
 from ..gguf_arch import NO_LORA, gguf_target, permute_rows, qk_heads
 from ..gguf_quants import block_sizes, can_quantize, dequantize, quantize, type_name
@@ -203,25 +201,6 @@ def _merged_block(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qt
     return raw, q, figures, hook.prepare(s, n, raw, q) if hook is not None else None
 
 
-def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
-    """``fn`` over ``items`` on ``workers`` threads, the results in order, at most ``2·workers`` in flight
-    (memory stays a few blocks per thread). numpy and torch release the GIL in the array work, so the
-    blocks of one tensor run in parallel."""
-    if workers <= 1 or len(items) <= 1:
-        yield from map(fn, items)
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="loratools-gguf")
-    try:
-        pending = deque(pool.submit(fn, x) for x in items[:2 * workers])
-        for x in items[2 * workers:]:
-            yield pending.popleft().result()
-            pending.append(pool.submit(fn, x))
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qtype: str, f: IO[bytes],
                  stats: Stats, precision: torch.dtype, hook: Any = None) -> None:
     """Write ``Q(deq(W0) + Σ L@R)`` of ``t`` to ``f``, a block of rows at a time, and add its figures.
@@ -235,8 +214,8 @@ def merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qty
     key = f"{t.qtype}→{qtype}"
     stats.add(key, tensors=1)
     blocks = [(s, min(step, t.rows - s)) for s in range(0, t.rows, step)]
-    work = ordered_map(lambda b: _merged_block(model, t, parts, qtype, precision, hook, *b), blocks,
-                       min(cpu_cores() - 1, 8))
+    work = map_in_threads(lambda b: _merged_block(model, t, parts, qtype, precision, hook, *b), blocks,
+                          workers=max(1, min(cpu_cores() - 1, 8)))
     for (s, n), (raw, q, figures, prepared) in zip(blocks, work):
         stats.add(key, **figures)
         if hook is not None:
