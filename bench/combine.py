@@ -117,7 +117,7 @@ def errors(adapters, name: str, B_out, A_out) -> tuple[float, float]:
 def worker_factor(runs: int) -> dict:
     import torch
 
-    from loratools.combine import combine_adapters
+    from loratools.compress.combine import combine_adapters
     from loratools.linalg import RankRule
 
     names = [_name(layer, p) for layer in range(LAYERS) for p in SHAPES]

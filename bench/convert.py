@@ -66,7 +66,7 @@ def main() -> None:
         adapter = lt.read_adapter(src)
         print(f"adapter: {len(adapter.modules)} modules, {adapter.parameters:,} parameters; median of {n} runs, "
               f"1 thread, load average {os.getloadavg()}")
-        from loratools.convert import check_same_deltas
+        from loratools.deltas import check_same_deltas
 
         print(f"read the PEFT source {timed(lambda: lt.read_adapter(src), n) * 1e3:7.1f} ms | "
               f"ΔW check of 210 modules {timed(lambda: check_same_deltas(adapter, adapter), n) * 1e3:7.1f} ms")

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import _package_dir, machine, smollm_dir  # noqa: E402
 
-from loratools.data import IGNORE, Row, row_example  # noqa: E402
-from loratools.lm import load_causal_lm  # noqa: E402
-from loratools.nn import load_adapter  # noqa: E402
-from loratools.train import TrainConfig, train  # noqa: E402
+from loratools.lm.data import IGNORE, Row, row_example  # noqa: E402
+from loratools.lm.load import load_causal_lm  # noqa: E402
+from loratools.nn.inject import load_adapter  # noqa: E402
+from loratools.train.loop import TrainConfig, train_adapter  # noqa: E402
 
 LABELS = {"__label__pos": " positive", "__label__neg": " negative"}
 RUNS = [("LoRA r=8", dict(method="lora", rank=8), 2e-4), ("LoRA r=8", dict(method="lora", rank=8), 1e-3),
@@ -96,7 +96,7 @@ def main() -> None:
         t = time.perf_counter()
         cfg = TrainConfig(**spec, steps=args.steps, lr=lr, eval_file=str(held_file), eval_every=args.steps,
                           seed=0, device="cpu")
-        res = train(base, train_file, tmp / f"run{len(results['runs'])}", cfg)
+        res = train_adapter(base, train_file, tmp / f"run{len(results['runs'])}", cfg)
         tuned = copy.deepcopy(model)
         load_adapter(tuned, res.adapter)
         row = {"run": label, "lr": lr, "base_heldout_loss": res.evals[0]["eval_loss"],

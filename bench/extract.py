@@ -41,7 +41,7 @@ from loratools.adapter import Adapter, Module  # noqa: E402
 from loratools.config import AdapterConfig  # noqa: E402
 from loratools.formats import read_adapter, write_adapter  # noqa: E402
 from loratools.linalg import sqrt_split, truncated_svd  # noqa: E402
-from loratools.resize import resize_adapter  # noqa: E402
+from loratools.compress.resize import resize_adapter  # noqa: E402
 
 
 def synthetic_delta(m: int, n: int, *, k: int = 512, noise: float = 0.02, seed: int = 0) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A synthetic Llama-shaped GGUF model (hidden 2048, MLP 5632, 32 heads / 4 KV heads, vocab 32000:
 TinyLlama's shapes; ``general.architecture = llama``) of about the size asked for is written with the
-gguf package, tensor by tensor: every 2-D tensor Q8_0 (``loratools.gguf_quants.quantize`` of
+gguf package, tensor by tensor: every 2-D tensor Q8_0 (``loratools.gguf.quants.quantize`` of
 N(0, 0.02²) float32), the norms F32. 19 layers ≈ 1.03 GB; sizes under one layer shrink the
 vocabulary instead, for a quick check. The adapter is bench/merge.py's: a PEFT LoRA r=16 on q, k, v,
 o, gate, up, down of every layer, transformers module names (loratools maps them to GGUF names).
@@ -80,7 +80,7 @@ def make_gguf(path: Path, layers: int, vocab: int) -> None:
     import gguf
     import numpy as np
 
-    from loratools.gguf_quants import quantize
+    from loratools.gguf.quants import quantize
     shapes = [(gguf_name(n), s) for n, s in llama_shapes(layers, vocab)]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_uint32("llama.block_count", layers)

@@ -1,4 +1,4 @@
-"""Benchmark loratools.gguf_quants: MB/s of float32 input, one core, beside gguf.quants and llama.cpp.
+"""Benchmark loratools.gguf.quants: MB/s of float32 input, one core, beside gguf.quants and llama.cpp.
 
 For each type: loratools' `quantize` (the K-quants in numpy; the rest delegated to the gguf
 package plus loratools' checks), the gguf package's own `quantize` where it has one, and llama.cpp's
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import gguf  # noqa: E402
 from ggml_ref import load  # noqa: E402
 
-from loratools import gguf_quants as gq  # noqa: E402
+from loratools.gguf import quants as gq  # noqa: E402
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 

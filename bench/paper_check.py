@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import lee_corpus, machine, smollm_dir  # noqa: E402
 
-from loratools.data import collate, global_batch_indices, load_examples, split_examples, target_tokens  # noqa: E402
-from loratools.lm import load_causal_lm  # noqa: E402
-from loratools.evaluation import causal_lm_loss, evaluate  # noqa: E402
-from loratools.train import lr_at, train  # noqa: E402
-from loratools.train_config import TrainConfig  # noqa: E402
+from loratools.lm.data import collate, global_batch_indices, load_examples, split_examples, target_tokens  # noqa: E402
+from loratools.lm.load import load_causal_lm  # noqa: E402
+from loratools.lm.heldout import causal_lm_loss, evaluate  # noqa: E402
+from loratools.train.loop import lr_at, train_adapter  # noqa: E402
+from loratools.train.config import TrainConfig  # noqa: E402
 
 QV = ("q_proj", "v_proj")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -134,7 +134,7 @@ def main() -> None:
             lr = args.lr * spec.pop("lr_mult", 1)
             cfg = TrainConfig(**spec, steps=args.steps, lr=lr, batch_size=args.batch_size, seq_len=args.seq_len,
                               eval_split=args.eval_split, eval_every=args.steps, seed=seed, device="cpu")
-            res = train(base, data, out, cfg)
+            res = train_adapter(base, data, out, cfg)
             row = {"run": label, "trainable": res.trainable_parameters, "heldout_loss": res.evals[-1]["eval_loss"],
                    "final_params": res.adapter.parameters, "lr": lr}
             if res.rank_pattern:

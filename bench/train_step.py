@@ -39,7 +39,7 @@ def child(impl: str, model_dir: str, steps: int, warmup: int, batch: int, seq_le
     from transformers import AutoModelForCausalLM
 
     from loratools.device import resolve_device
-    from loratools.evaluation import causal_lm_loss
+    from loratools.lm.heldout import causal_lm_loss
 
     torch.set_num_threads(threads)
     device = resolve_device(device_name)
@@ -47,7 +47,7 @@ def child(impl: str, model_dir: str, steps: int, warmup: int, batch: int, seq_le
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     targets = ["q_proj", "v_proj"]
     if impl == "loratools":
-        from loratools.nn import LayerSpec, inject
+        from loratools.nn.inject import LayerSpec, inject
 
         inject(model, targets, LayerSpec(r=rank, alpha=2 * rank))
     else:

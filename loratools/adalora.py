@@ -10,7 +10,7 @@ and Q (``lora_A``) and every step t, with the sensitivity ``I = |θ · ∂L/∂�
 
 and an allocation keeps the ``b`` highest ``Sᵢ`` over all modules together, masking the others.
 :class:`RankAllocator` drives this during training (:mod:`loratools.nn`) with the cubic budget
-:func:`budget_schedule`; :mod:`loratools.prune` applies it once, after training.
+:func:`budget_schedule`; :mod:`loratools.compress.prune` applies it once, after training.
 
 Where the two uses had drifted apart, peft 0.21.2 (``peft/tuners/adalora/layer.py``,
 ``RankAllocator``) decides: β₁, β₂ lie in the open interval (0, 1) (its ``__init__`` asserts
@@ -25,7 +25,7 @@ exactly ``b`` (ties go to the earlier module, then the lower index).
 PEFT records the surviving triplets as ``rank_pattern = {"<module>.lora_E": [kept?] * init_r}``;
 :func:`rank_pattern_masks`, :func:`module_mask` and :func:`narrow_mask` are the one reader and
 writer of that encoding (used by :mod:`loratools.formats.peft`, :mod:`loratools.nn` and
-:mod:`loratools.prune`). They live here, beside the allocation that produces the masks, rather than in
+:mod:`loratools.compress.prune`). They live here, beside the allocation that produces the masks, rather than in
 :mod:`loratools.config`, whose rules hold for every method.
 """
 

@@ -18,7 +18,8 @@ from typing import Any, Literal, TypeVar
 from .errors import InvalidOptionError
 
 __all__ = ["AdapterConfig", "Method", "lora_scale", "alpha_for_scale", "adalora_scale", "pattern_value",
-           "target_matches", "experts_targets", "stores_in_out", "fixed_delta_refusal", "ALORA_WHY", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS"]
+           "target_matches", "experts_targets", "stores_in_out", "fixed_delta_refusal", "ALORA_WHY", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS",
+           "hub_model_id"]
 
 Method = Literal["lora", "adalora"]
 
@@ -160,3 +161,21 @@ class AdapterConfig:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "extra", _frozen(self.extra))
+
+
+# A Hub model id: "namespace/name" of letters, digits, "-", "_", "." (no "--", no ".."). A bare "name" is
+# refused: the Hub's legacy un-namespaced ids redirect to namespaced ones (gpt2 → openai-community/gpt2),
+# and a bare word is far more often a local folder typed on the command line (`base`).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id ``namespace/name``, else None (a local path such as
+    ``/data/llama``, ``./base`` or a bare folder name ``base``).
+
+    >>> hub_model_id("HuggingFaceTB/SmolLM2-135M"), hub_model_id("base"), hub_model_id("/data/llama")
+    ('HuggingFaceTB/SmolLM2-135M', None, None)
+    """
+    if not name or name.startswith((".", "/", "~")) or "\\" in name or "--" in name or ".." in name:
+        return None
+    return name if _HUB_ID.match(name) and not name.endswith(".") else None

@@ -5,7 +5,7 @@ format can hold (AdaLoRA → plain LoRA for formats that hold plain LoRA only, w
 the same ΔW) and refuses, or with ``drop_unsupported`` leaves out, modules the
 format cannot hold. :func:`convert_file` reads, converts, writes under a temporary
 name, reads the written file back, checks each module's ΔW against the source
-(:func:`delta_error`) and only then renames it into place. What a format can hold,
+(:func:`loratools.deltas.check_same_deltas`) and only then renames it into place. What a format can hold,
 and what it needs of the base model, is the format's own business
 (:class:`~loratools.formats.base.Format`): nothing here names a format.
 
@@ -33,21 +33,12 @@ from .errors import (InvalidOptionError, LoraToolsError, ShapeMismatchError, Uns
                      UnsupportedModuleError)
 from .formats import FORMATS, BaseModel, Format, get_format, read_with_base
 from .io import ModelReader, atomic_output
-from .linalg import RankRule, lowrank_svd
+from .deltas import check_same_deltas
+from .linalg import RankRule
 
-__all__ = ["Conversion", "ConvertResult", "ConversionCheckError", "convert_adapter", "convert_file", "delta_error",
-           "check_same_deltas", "tolerance", "TOLERANCE", "flatten_dora"]
+__all__ = ["Conversion", "ConvertResult", "convert_adapter", "convert_file", "flatten_dora"]
 
 #: relative Frobenius error allowed between a module's ΔW before and after conversion (float32 factors)
-TOLERANCE = 1e-6
-
-
-class ConversionCheckError(LoraToolsError, ValueError):
-    """The written file does not reproduce a module's ΔW: nothing is left at the output."""
-
-    def __init__(self, module: str, why: str) -> None:
-        self.module = module
-        super().__init__(f"conversion check failed for {module}: {why}; nothing was written")
 
 
 @dataclass(frozen=True)
@@ -95,61 +86,6 @@ def convert_adapter(adapter: Adapter, *, to: str, base: BaseModel | None = None,
         if not out.modules:
             raise UnsupportedModuleError(to, sorted(bad), "no module would be left")
     return Conversion(out, dict(bad))
-
-
-def delta_error(before: Module, after: Module) -> float:
-    """``‖ΔW_after − ΔW_before‖_F / ‖ΔW_before‖_F`` (absolute when ΔW_before = 0), from the factors:
-    the difference is ``[B₁, −B₀] @ [A₁; A₀]``, whose singular values come from a QR of the factors."""
-    if before.kind != after.kind or before.weight_shape != after.weight_shape:
-        raise ShapeMismatchError("module", f"{before.kind} {before.weight_shape}", f"{after.kind} {after.weight_shape}")
-    if before.kind == "experts":  # the worst expert
-        return max(delta_error(before.expert(e), after.expert(e)) for e in range(before.experts))
-    if before.rank == 0 and after.rank == 0:
-        return 0.0
-    B0, A0 = before.factors(dtype=torch.float64)
-    B1, A1 = after.factors(dtype=torch.float64)
-    diff = float(lowrank_svd(torch.cat([B1, -B0], 1), torch.cat([A1, A0], 0))[1].norm())
-    ref = float(lowrank_svd(B0, A0)[1].norm()) if before.rank else 0.0
-    return diff / ref if ref > 0 else diff
-
-
-def _eps(m: Module) -> float:
-    return max(torch.finfo(t.dtype).eps for t in (m.A, m.B) if t.is_floating_point())
-
-
-def tolerance(before: Module, after: Module) -> float:
-    """1e-6, or 8·ε of the written factors' dtype when the written file holds them with less precision
-    than the source (loratools' own writers never do: kohya keeps the dtype, GGUF writes float32)."""
-    return max(TOLERANCE, 8 * _eps(after)) if _eps(after) > _eps(before) else TOLERANCE
-
-
-def check_same_deltas(before: Adapter, after: Adapter) -> float:
-    """Raise :class:`ConversionCheckError` unless every module of ``before`` has the same ΔW in ``after``
-    (rank-0 modules may be absent) and ``after`` has nothing more. Returns the largest relative error."""
-    worst = 0.0
-    for name, m in before.items():
-        if name not in after.modules:
-            if m.rank == 0 or float(m.B.abs().max()) == 0 or float(m.A.abs().max()) == 0:
-                continue
-            raise ConversionCheckError(name, "the module is missing from the written file")
-        try:
-            err = delta_error(m, after.modules[name])
-        except ShapeMismatchError as e:
-            raise ConversionCheckError(name, f"expected {e.expected}, got {e.got}") from None
-        if m.is_dora != after.modules[name].is_dora or (
-                m.magnitude is not None and not torch.equal(m.magnitude, after.modules[name].magnitude)):
-            raise ConversionCheckError(name, "the DoRA magnitude vector differs after writing")
-        tol = tolerance(m, after.modules[name])
-        if err > tol:
-            raise ConversionCheckError(name, f"ΔW differs by {err:.3g} (relative), more than {tol:.0e}")
-        worst = max(worst, err)
-    extra = sorted(set(after.modules) - set(before.modules))
-    if extra:
-        raise ConversionCheckError(extra[0], "the written file holds a module the source lacks")
-    if set(after.saved) != set(before.saved) or any(not torch.equal(after.saved[k], before.saved[k])
-                                                    for k in before.saved):
-        raise ConversionCheckError("saved tensors", "full tensors differ after writing")
-    return worst
 
 
 def _check_base_shapes(adapter: Adapter, base: BaseModel) -> None:

@@ -36,8 +36,7 @@ __all__ = [
     "InvalidOptionError",
     "DoraError",
     "HubError",
-    "VerificationError",
-]
+    "VerificationError", "ConversionCheckError"]
 
 
 class LoraToolsError(Exception):
@@ -192,3 +191,11 @@ class VerificationError(LoraToolsError, ValueError):
 
     def __init__(self, why: str) -> None:
         super().__init__(f"verify failed: {why}")
+
+
+class ConversionCheckError(LoraToolsError, ValueError):
+    """The written file does not reproduce a module's ΔW: nothing is left at the output."""
+
+    def __init__(self, module: str, why: str) -> None:
+        self.module = module
+        super().__init__(f"conversion check failed for {module}: {why}; nothing was written")

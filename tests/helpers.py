@@ -93,7 +93,7 @@ def peft_heldout_loss(base: Path, adapter_dir: Path | None, data: Path) -> float
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loratools.data import IGNORE, load_examples
+    from loratools.lm.data import IGNORE, load_examples
 
     model = AutoModelForCausalLM.from_pretrained(base)
     if adapter_dir is not None:

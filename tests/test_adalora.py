@@ -13,8 +13,8 @@ from loratools.adalora import (RankAllocator, allocate, check_betas, mask_key, m
 from loratools.adapter import Adapter, Module
 from loratools.config import AdapterConfig
 from loratools.errors import InvalidOptionError
-from loratools.nn import LayerSpec, inject
-from loratools.prune import calibration_scores, prune_adapter
+from loratools.nn.inject import LayerSpec, inject
+from loratools.compress.prune import calibration_scores, prune_adapter
 
 
 def _peft_and_ours(beta1: float, beta2: float):

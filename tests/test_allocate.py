@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.errors import InvalidOptionError
-from loratools.rank_allocation import allocate_ranks, allocation_method, truncation_error, uniform_rank
+from loratools.compress.ranks import allocate_ranks, allocation_method, truncation_error, uniform_rank
 
 
 def _error(spectra, ranks) -> float:

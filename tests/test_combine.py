@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import loratools as lt
 from loratools.adapter import Adapter, Module
-from loratools.combine import combine_adapters, dare_merge, ties_merge
+from loratools.compress.combine import combine_adapters, dare_merge, ties_merge
 from loratools.config import AdapterConfig
 from loratools.errors import InvalidOptionError, WrongBaseError
 from loratools.formats import read_adapter, write_adapter

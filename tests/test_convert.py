@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import loratools as lt
 from loratools.adapter import Adapter, Module
-from loratools.convert import ConversionCheckError, check_same_deltas, convert_adapter, convert_file
+from loratools.convert import convert_adapter, convert_file
+from loratools.deltas import check_same_deltas
+from loratools.errors import ConversionCheckError
 from loratools.errors import UnsupportedModuleError, WrongBaseError
 from loratools.formats import load_base
 from loratools.formats.kohya import read_kohya

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 import loratools as lt
 from loratools.adapter import Adapter, Module
 from loratools.config import AdapterConfig
-from loratools.convert import check_same_deltas, convert_adapter
+from loratools.convert import convert_adapter
+from loratools.deltas import check_same_deltas
 from loratools.errors import InvalidOptionError, LoraToolsError, MissingModuleError
 from loratools.formats.gguf import permute_rows, read_gguf, unpermute_rows, write_gguf, GGUFBase
 from loratools.formats.kohya import read_kohya, write_kohya

@@ -78,12 +78,12 @@ def test_train_on_cuda_matches_cpu_and_loads_in_peft(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from loratools import TrainConfig
-    from loratools.train import train
+    from loratools.train.loop import train_adapter
 
     results = {}
     for device in ("cpu", "cuda"):
         cfg = TrainConfig(steps=3, rank=4, lr=1e-3, seq_len=16, eval_split=0.0, seed=0, device=device, dtype="float32")
-        results[device] = train(TINY_LLAMA, FIXTURES / "corpus.txt", tmp_path / device, cfg)
+        results[device] = train_adapter(TINY_LLAMA, FIXTURES / "corpus.txt", tmp_path / device, cfg)
     loss_cpu, loss_gpu = results["cpu"].losses[-1]["loss"], results["cuda"].losses[-1]["loss"]
     assert abs(loss_cpu - loss_gpu) <= 1e-2
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_LLAMA), tmp_path / "cuda")

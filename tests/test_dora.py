@@ -11,7 +11,7 @@ from loratools import read_adapter
 from loratools.errors import DoraError, InvalidOptionError
 from loratools.formats import write_adapter
 from loratools.io import ModelReader, load_safetensors, save_safetensors
-from loratools.merge import merge_model, unmerge_model, verify_merge
+from loratools.merge.jobs import merge_model, unmerge_model, verify_merge
 from loratools.merge.kernels import ulp
 
 from dora_models import gpt2_dora, llama_dora, small_dora

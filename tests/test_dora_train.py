@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from loratools.dora import magnitude_change
+from loratools.dora import magnitude_change, merged_weight
 from loratools.formats import read_adapter
 from loratools.io import ModelReader
-from loratools.nn import LayerSpec, adapter_state, expected_parameters, inject, load_adapter
-from loratools.nn_dora import DoRALinear
-from loratools.train import train
-from loratools.train_config import TrainConfig
+from loratools.nn.inject import LayerSpec, adapter_state, expected_parameters, inject, load_adapter
+from loratools.nn.layers import DoRALinear
+from loratools.train.loop import train_adapter
+from loratools.train.config import TrainConfig
 
 from conftest import ROOT, TINY_LLAMA
 
@@ -73,7 +73,8 @@ def test_layer_forward_and_gradients_equal_peft(dropout: float) -> None:
             assert torch.allclose(mine.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_layer_merge_and_unmerge() -> None:
+def test_layer_merged_explicitly_gives_its_forward() -> None:
+    """The DoRA layer's adapter merged by :func:`loratools.dora.merged_weight` is the layer's eval forward."""
     torch.manual_seed(1)
     base = nn.Linear(10, 6)
     layer = DoRALinear(base, r=3, alpha=3)
@@ -83,10 +84,10 @@ def test_layer_merge_and_unmerge() -> None:
     w0, x = base.weight.clone(), torch.randn(4, 10)
     layer.eval()
     y = layer(x)
-    layer.merge()
-    assert (layer(x) - y).abs().max() <= 1e-6 and not torch.equal(base.weight, w0)
-    layer.unmerge()
-    assert (base.weight - w0).abs().max() <= 1e-6
+    merged = merged_weight(base.weight.detach(), layer.module(detach=True))
+    assert not torch.equal(merged, w0)
+    assert (nn.functional.linear(x, merged, base.bias) - y).abs().max() <= 1e-6
+    assert torch.equal(base.weight, w0)  # the layer's own weight is never changed
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +157,10 @@ def test_dora_with_adalora_is_refused_in_one_line(tmp_path: Path, cli) -> None:
 def test_dora_resume_is_bit_for_bit(tmp_path: Path) -> None:
     cfg = TrainConfig(dora=True, steps=4, rank=2, alpha=4, save_every=2, dropout=0.1, seq_len=32, batch_size=2,
                       lr=5e-3, eval_split=0.03, device="cpu")
-    train(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
+    train_adapter(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
     ckpt = tmp_path / "full.checkpoints" / "step-2"
     assert any(k.endswith("lora_magnitude_vector") for k in load_file(ckpt / "trainable.safetensors"))
-    train(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=ckpt, checkpoint_dir=tmp_path / "ck2")
+    train_adapter(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=ckpt, checkpoint_dir=tmp_path / "ck2")
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert any(k.endswith("lora_magnitude_vector") for k in a)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratools.extract import extract_adapter
+from loratools.compress.extract import extract_adapter
 from loratools.formats import read_adapter
 from loratools.io import ModelReader, load_safetensors, save_safetensors
 from loratools.linalg import energy_rank, error_rank, truncated_svd
@@ -192,16 +192,18 @@ def test_cli_table_and_errors(tiny_llama, exact8, tmp_path, cli):
 
 
 def test_job_names_do_not_shadow_their_modules():
-    """`loratools.extract` is the module (its ExtractResult reachable); the job is `extract_adapter`."""
+    """`loratools.compress.extract` is the module (its ExtractResult reachable); the job is `extract_adapter`."""
+    import importlib
     import types
 
     import loratools
-    import loratools.extract as m
+    import loratools.compress.extract as m
 
     assert m.ExtractResult.__name__ == "ExtractResult"
     for module, job in [("extract", "extract_adapter"), ("resize", "resize_adapter"), ("prune", "prune_adapter")]:
-        assert isinstance(getattr(loratools, module), types.ModuleType), module
-        assert getattr(loratools, job) is getattr(getattr(loratools, module), job)
+        home = importlib.import_module(f"loratools.compress.{module}")
+        assert isinstance(home, types.ModuleType), module
+        assert getattr(loratools, job) is getattr(home, job)
         assert job in loratools.__all__ and module not in loratools.__all__
 
 

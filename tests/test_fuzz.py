@@ -245,9 +245,9 @@ def test_fuzz_base_model(tmp_path):
 
 def test_fuzz_merge_record(tmp_path):
     from loratools.formats import read_adapter
-    from loratools.merge import AdapterInput
+    from loratools.merge.plan import AdapterInput
     from loratools.merge.record import read_record
-    from loratools.merge import merge_model
+    from loratools.merge.jobs import merge_model
 
     rec = tmp_path / "r.safetensors"
     merge_model(TINY, [read_adapter(ADAPTERS / "lora")], tmp_path / "merged", record=rec)
@@ -264,7 +264,7 @@ def test_fuzz_merge_record(tmp_path):
 
 def test_fuzz_merge_stamp(tmp_path):
     from loratools.merge.plan import stamp_entries
-    from loratools.merge import merge_model
+    from loratools.merge.jobs import merge_model
     from loratools.formats import read_adapter
     from loratools.io import ModelReader
 
@@ -278,8 +278,8 @@ def test_fuzz_merge_stamp(tmp_path):
 
 
 def test_fuzz_checkpoint_state(tmp_path):
-    from loratools.checkpoint import FORMAT, read_state
-    from loratools.train_config import TrainConfig, config_of_state
+    from loratools.train.checkpoint import FORMAT, read_state
+    from loratools.train.config import TrainConfig, config_of_state
 
     state = {"step": 2, "config": TrainConfig(steps=4).to_json(), "world_size": 1, "losses": [{"step": 1, "loss": 3.0}],
              "evals": [], "rng": [[1, 2, 3]], "format": FORMAT}

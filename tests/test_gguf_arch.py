@@ -22,7 +22,8 @@ import torch
 import loratools as lt
 from loratools.adapter import Adapter, Module
 from loratools.config import AdapterConfig
-from loratools.convert import check_same_deltas, convert_file
+from loratools.convert import convert_file
+from loratools.deltas import check_same_deltas
 from loratools.formats import load_base
 from loratools.errors import UnsupportedModuleError
 from loratools.formats.gguf import GGUFBase, base_from_hparams, gguf_base, read_gguf, write_gguf

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loratools import gguf_quants as gq
-from loratools import kquants as kq
+from loratools.gguf import quants as gq
+from loratools.gguf import kquants as kq
 from loratools.errors import InvalidOptionError, NonFiniteError
 
 gguf = pytest.importorskip("gguf")

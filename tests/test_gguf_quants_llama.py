@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ggml_ref import LIB, load
-from loratools import gguf_quants as gq
+from loratools.gguf import quants as gq
 
 gguf = pytest.importorskip("gguf")
 GGML = load()

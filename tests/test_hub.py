@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_cli_subprocess  # noqa: E402
 from hub_server import FakeHub  # noqa: E402
 
-from loratools import hub as lthub  # noqa: E402
+from loratools.hub import client as lthub  # noqa: E402
 from loratools.errors import HubError, InvalidOptionError, LoraToolsError, OutputExistsError  # noqa: E402
 from loratools.formats import read_adapter, write_adapter  # noqa: E402
 from loratools.inspection import inspect_adapter  # noqa: E402
-from loratools.modelcard import hub_model_id, model_card  # noqa: E402
+from loratools.config import hub_model_id
+from loratools.hub.card import model_card  # noqa: E402
 
 TOKEN = "hf_loratoolsTestToken1234567890"  # the test hub's write token for user "tester"
 OTHER = "hf_someoneElseToken0987654321"
@@ -371,7 +372,7 @@ def test_stage_upload_converts_and_checks(adapters: Path, tmp_path: Path) -> Non
 def test_only_hub_module_imports_huggingface_hub() -> None:
     import ast
 
-    package = Path(lthub.__file__).resolve().parent
+    package = Path(lthub.__file__).resolve().parent.parent
     importers = set()
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -379,7 +380,7 @@ def test_only_hub_module_imports_huggingface_hub() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n.split(".")[0] in ("huggingface_hub", "httpx2", "requests") for n in names):
                 importers.add(path.relative_to(package).as_posix())
-    assert importers == {"hub.py"}
+    assert importers == {"hub/client.py"}
 
 
 @pytest.mark.parametrize("command", ["pull", "push"])
@@ -390,7 +391,7 @@ def test_help_and_readme(command: str) -> None:
 
     result = CliRunner().invoke(group, [command, "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output
-    readme = (Path(lthub.__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(lthub.__file__).resolve().parents[2] / "README.md").read_text()
     assert f"### `loratools {command} " in readme
 
 

@@ -21,7 +21,7 @@ from loratools.adapter import Adapter, Module
 from loratools.device import map_in_threads
 from loratools.inspection import inspect_adapter
 from loratools.linalg import gram_max_cond, lowrank_svd, lowrank_svdvals
-from loratools.resize import resize_adapter
+from loratools.compress.resize import resize_adapter
 
 F64 = torch.float64
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from loratools import Adapter, AdapterConfig, Module, read_adapter
 from loratools.io import save_safetensors
-from loratools.merge import merge_model, unmerge_model
+from loratools.merge.jobs import merge_model, unmerge_model
 from loratools.merge.kernels import bits
 from loratools.merge.patch import make_patch
 

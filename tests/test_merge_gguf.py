@@ -15,9 +15,9 @@ import torch
 
 from loratools import read_adapter
 from loratools.errors import InvalidOptionError, MissingModuleError
-from loratools.gguf_quants import dequantize, quantize
+from loratools.gguf.quants import dequantize, quantize
 from loratools.io.gguf_model import open_gguf_model
-from loratools.merge import merge_model, unmerge_model, verify_merge
+from loratools.merge.jobs import merge_model, unmerge_model, verify_merge
 
 gguf = pytest.importorskip("gguf")
 peft = pytest.importorskip("peft")

@@ -63,7 +63,7 @@ def _nlc() -> Path | None:
 
 def requantized(src: Path, dst: Path, qtype: str = "Q8_0") -> None:
     """``src`` with every Q4_1 tensor dequantized and quantized to ``qtype`` by loratools, all else as it is."""
-    from loratools.gguf_quants import block_sizes, dequantize, quantize
+    from loratools.gguf.quants import block_sizes, dequantize, quantize
     from loratools.io.gguf_model import copy_bytes, open_gguf_model, raw_kv, write_gguf_model
 
     m = open_gguf_model(src)

@@ -18,7 +18,7 @@ import pytest
 
 from loratools import read_adapter
 from loratools.errors import CorruptFileError, InvalidOptionError, WrongBaseError
-from loratools.merge import merge_model, unmerge_model
+from loratools.merge.jobs import merge_model, unmerge_model
 from loratools.merge.gguf_record import _XorDiff
 
 from test_merge_gguf import _write_gguf, tiny  # noqa: F401  (the fixture)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from loratools import read_adapter
 from loratools.io import load_safetensors, save_safetensors
-from loratools.merge import jitter, merge_model, unmerge_model, verify_merge
+from loratools.merge.kernels import jitter
+from loratools.merge.jobs import merge_model, unmerge_model, verify_merge
 from loratools.merge.patch import apply_patch, bits, make_patch
 from loratools.io import Entry, ShardWriter, read_tensor, tensor_spans
 

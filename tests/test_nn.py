@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from loratools.errors import InvalidOptionError, MissingModuleError
-from loratools.nn import (AdaLoRALinear, LayerSpec, LoRALinear, RankAllocator, adapter_state, budget_schedule,
-                          expected_parameters, inject, load_adapter, orthogonal_penalty, orthogonal_regularizer,
-                          trainable_parameters)
+from loratools.nn.layers import AdaLoRALinear, LoRALinear
+from loratools.nn.inject import (LayerSpec, adapter_state, expected_parameters, inject, load_adapter,
+                                 trainable_parameters)
+from loratools.adalora import RankAllocator, budget_schedule, orthogonal_penalty, orthogonal_regularizer
 
 
 def _conv1d(nx: int, nf: int) -> nn.Module:
@@ -60,21 +61,25 @@ def test_lora_init_is_peft_init() -> None:
 
 @pytest.mark.parametrize("cls", [LoRALinear, AdaLoRALinear])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_merge_unmerge_round_trip(cls: type, kind: str) -> None:
+def test_exported_adapter_merged_explicitly_gives_the_layer_forward(cls: type, kind: str) -> None:
+    """Layers never merge themselves: the adapter they export, merged by an explicit call, is their forward."""
     torch.manual_seed(1)
     base = nn.Linear(16, 12) if kind == "linear" else _conv1d(16, 12)
-    layer = cls(base, r=4, alpha=8)
+    net = nn.Sequential(base)
+    spec = LayerSpec(r=4, alpha=8) if cls is LoRALinear else LayerSpec(method="adalora", init_r=4, target_r=2, alpha=8)
+    (layer,) = inject(net, ["0"], spec).values()
+    assert isinstance(layer, cls)
     _randomise(layer)
     w_before = base.weight.detach().clone()
     x = torch.randn(7, 16)
-    y = layer(x)
-    layer.merge()
-    assert layer.merged
-    assert torch.allclose(layer(x), y, atol=1e-5)  # forward now uses W0 + ΔW alone
-    assert not torch.allclose(base.weight, w_before)
-    layer.unmerge()
-    assert torch.allclose(base.weight, w_before, atol=1e-6)
-    assert torch.allclose(layer(x), y, atol=1e-6)
+    y = net(x)
+    module = adapter_state(net).modules["0"]
+    merged = base.weight.detach() + module.delta()
+    with torch.no_grad():
+        base.weight.copy_(merged)
+    assert torch.allclose(base(x), y, atol=1e-5)  # the base alone, with W0 + ΔW, is the adapted layer
+    assert not torch.allclose(merged, w_before)
+    assert not hasattr(layer, "merge") and not hasattr(layer, "merged")  # no hidden in-place merge state
 
 
 def test_adalora_forward_equals_dense_float64() -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from helpers import peft_merged, state, tiny_llama_model
 from loratools import read_adapter
 from loratools.io import ModelReader
-from loratools.merge import merge_model, unmerge_model, verify_merge
+from loratools.merge.jobs import merge_model, unmerge_model, verify_merge
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -13,8 +13,8 @@ from loratools.adapter import Adapter, Module
 from loratools.config import AdapterConfig
 from loratools.formats import read_adapter, write_adapter
 from loratools.adalora import allocate, update_sensitivity
-from loratools.lm import load_causal_lm
-from loratools.prune import calibration_scores, prune_adapter, svd_form, triplet_gradients
+from loratools.lm.load import load_causal_lm
+from loratools.compress.prune import calibration_scores, prune_adapter, svd_form, triplet_gradients
 
 IDS = torch.tensor([[10, 20, 30, 40, 50, 60, 70]])
 

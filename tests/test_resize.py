@@ -8,7 +8,7 @@ import torch
 from loratools.adapter import Adapter, Module
 from loratools.formats import read_adapter
 from loratools.linalg import energy_rank, error_rank
-from loratools.resize import resize_adapter
+from loratools.compress.resize import resize_adapter
 
 from helpers import peft_heldout_loss
 

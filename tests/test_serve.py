@@ -15,7 +15,7 @@ import torch
 
 from loratools.adapter import Adapter, Module
 from loratools.errors import UnsupportedConfigError, InvalidOptionError, UnsupportedModuleError
-from loratools.export import check_file, export_adapter
+from loratools.serve.export import check_file, export_adapter
 from loratools.formats import read_adapter, write_adapter
 from loratools.formats.gguf import read_gguf
 from loratools.linalg import lowrank_svd
@@ -284,7 +284,7 @@ def test_truncated_modules_are_the_best_approximation(tmp_path: Path, cases) -> 
 
 
 def test_docs_list_every_rule_and_source() -> None:
-    from loratools.runtimes import RUNTIMES
+    from loratools.serve.runtimes import RUNTIMES
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "runtimes.md").read_text()
     for rt in RUNTIMES.values():

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loratools.data import IGNORE, global_batch_indices, load_examples, split_examples
+from loratools.lm.data import IGNORE, global_batch_indices, load_examples, split_examples
 from loratools.errors import InvalidOptionError, OutputExistsError
 from loratools.formats import read_adapter
-from loratools.nn import load_adapter
-from loratools.train import lr_at, train
-from loratools.train_config import TrainConfig
+from loratools.nn.inject import load_adapter
+from loratools.train.loop import lr_at, train_adapter
+from loratools.train.config import TrainConfig
 
 from conftest import ROOT, TINY_LLAMA
 
@@ -31,9 +31,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trained")
     out = {}
     out["lora"] = root / "lora"
-    train(TINY_LLAMA, CORPUS, out["lora"], TrainConfig(steps=12, rank=4, alpha=8, **FAST))
+    train_adapter(TINY_LLAMA, CORPUS, out["lora"], TrainConfig(steps=12, rank=4, alpha=8, **FAST))
     out["adalora"] = root / "adalora"
-    train(TINY_LLAMA, CORPUS, out["adalora"],
+    train_adapter(TINY_LLAMA, CORPUS, out["adalora"],
           TrainConfig(method="adalora", steps=12, init_rank=6, target_rank=2, alpha=6, targets=("q_proj", "v_proj",
                       "o_proj"), tinit=2, tfinal=3, delta_t=2, **{**FAST, "lr": 2e-2}))
     return out
@@ -100,8 +100,8 @@ def test_inspect_accepts_trained_adapters(trained: dict[str, Path], cli) -> None
 def test_save_as_lora_same_delta(tmp_path: Path) -> None:
     cfg = dict(method="adalora", steps=6, init_rank=4, target_rank=2, alpha=4, tinit=1, tfinal=2, delta_t=1,
                orth_form="paper", **FAST)
-    a = train(TINY_LLAMA, CORPUS, tmp_path / "ada", TrainConfig(**cfg))
-    b = train(TINY_LLAMA, CORPUS, tmp_path / "as-lora", TrainConfig(save_as="lora", **cfg))
+    a = train_adapter(TINY_LLAMA, CORPUS, tmp_path / "ada", TrainConfig(**cfg))
+    b = train_adapter(TINY_LLAMA, CORPUS, tmp_path / "as-lora", TrainConfig(save_as="lora", **cfg))
     ra, rb = read_adapter(tmp_path / "ada"), read_adapter(tmp_path / "as-lora")
     assert rb.method == "lora" and a.adapter.method == "adalora" and b.adapter.method == "lora"
     for name, m in rb.items():
@@ -110,10 +110,10 @@ def test_save_as_lora_same_delta(tmp_path: Path) -> None:
 
 def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=6, rank=4, alpha=8, save_every=3, dropout=0.1, grad_accum=2, **{**FAST, "batch_size": 2})
-    train(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
+    train_adapter(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
     ckpt = tmp_path / "full.checkpoints" / "step-3"
     assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.safetensors", "state.json", "trainable.safetensors"]
-    train(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=ckpt, checkpoint_dir=tmp_path / "ck2")
+    train_adapter(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=ckpt, checkpoint_dir=tmp_path / "ck2")
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -125,8 +125,8 @@ def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
 def test_resume_adalora_is_bit_for_bit(tmp_path: Path) -> None:
     cfg = TrainConfig(method="adalora", steps=8, init_rank=4, target_rank=2, alpha=4, tinit=1, tfinal=2, delta_t=2,
                       save_every=4, **FAST)
-    train(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
-    train(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=tmp_path / "full.checkpoints" / "step-4")
+    train_adapter(TINY_LLAMA, CORPUS, tmp_path / "full", cfg)
+    train_adapter(TINY_LLAMA, CORPUS, tmp_path / "resumed", cfg, resume=tmp_path / "full.checkpoints" / "step-4")
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -134,16 +134,16 @@ def test_resume_adalora_is_bit_for_bit(tmp_path: Path) -> None:
 
 def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=4, rank=2, save_every=2, **FAST)
-    train(TINY_LLAMA, CORPUS, tmp_path / "a", cfg)
+    train_adapter(TINY_LLAMA, CORPUS, tmp_path / "a", cfg)
     with pytest.raises(InvalidOptionError, match="rank"):
-        train(TINY_LLAMA, CORPUS, tmp_path / "b", TrainConfig(steps=4, rank=4, save_every=2, **FAST),
+        train_adapter(TINY_LLAMA, CORPUS, tmp_path / "b", TrainConfig(steps=4, rank=4, save_every=2, **FAST),
               resume=tmp_path / "a.checkpoints" / "step-2")
 
 
 def test_deterministic_under_seed(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=3, rank=2, dropout=0.2, **FAST)
-    a = train(TINY_LLAMA, CORPUS, tmp_path / "a", cfg).adapter
-    b = train(TINY_LLAMA, CORPUS, tmp_path / "b", cfg).adapter
+    a = train_adapter(TINY_LLAMA, CORPUS, tmp_path / "a", cfg).adapter
+    b = train_adapter(TINY_LLAMA, CORPUS, tmp_path / "b", cfg).adapter
     assert all(torch.equal(a.modules[n].A, b.modules[n].A) and torch.equal(a.modules[n].B, b.modules[n].B)
                for n in a.modules)
 
@@ -169,7 +169,7 @@ def test_prompt_completion_masks_prompt(tmp_path: Path) -> None:
     train_set, held = split_examples(ex, eval_split=0.34, seed=0)
     assert len(held) == 2 and not set(train_set) & set(held)
     out = tmp_path / "out"
-    train(TINY_LLAMA, data, out, TrainConfig(steps=2, rank=2, **{**FAST, "eval_split": 0.34}))
+    train_adapter(TINY_LLAMA, data, out, TrainConfig(steps=2, rank=2, **{**FAST, "eval_split": 0.34}))
     assert (out / "adapter_model.safetensors").is_file()
 
 
@@ -201,7 +201,7 @@ def test_missing_transformers_says_how_to_install(tmp_path: Path, cli, monkeypat
 def test_output_exists_without_force(tmp_path: Path) -> None:
     (tmp_path / "o").mkdir()
     with pytest.raises(OutputExistsError):
-        train(TINY_LLAMA, CORPUS, tmp_path / "o", TrainConfig(steps=1, **FAST))
+        train_adapter(TINY_LLAMA, CORPUS, tmp_path / "o", TrainConfig(steps=1, **FAST))
 
 
 @pytest.mark.slow
@@ -249,7 +249,7 @@ def test_text_jsonl_is_packed_with_eos(tmp_path: Path) -> None:
 
 
 def test_epochs_set_the_step_count() -> None:
-    from loratools.train import _total_steps
+    from loratools.train.loop import _total_steps
 
     assert _total_steps(TrainConfig(epochs=2), 10, 4) == 5
     assert _total_steps(TrainConfig(), 10, 4) == 3
@@ -260,7 +260,7 @@ def test_epochs_set_the_step_count() -> None:
 
 def test_base_model_with_only_pickled_weights_is_refused(tmp_path: Path, cli) -> None:
     """The one model loader (loratools.lm) loads safetensors only: a .bin-only directory is one line, exit 2."""
-    from loratools.lm import load_causal_lm
+    from loratools.lm.load import load_causal_lm
 
     d = tmp_path / "pickled"
     d.mkdir()
@@ -277,7 +277,7 @@ def test_data_rows_are_read_once_and_checked(tmp_path: Path) -> None:
     """read_rows (training and calibration): string fields only; a training file mixing kinds is refused."""
     from transformers import AutoTokenizer
 
-    from loratools.data import Row, read_rows
+    from loratools.lm.data import Row, read_rows
     from loratools.errors import CorruptFileError, UnsupportedDataError
 
     f = tmp_path / "mixed.jsonl"
@@ -316,7 +316,7 @@ def test_targets_that_would_be_listed_but_not_trained_are_refused(targets, words
 def test_base_model_name_is_a_hub_id_or_an_absolute_path(tmp_path: Path, cli) -> None:
     import shutil
 
-    from loratools.lm import base_model_name
+    from loratools.lm.load import base_model_name
 
     base = tmp_path / "base"
     shutil.copytree(TINY_LLAMA, base)
@@ -371,7 +371,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def test_chat_rows_train_on_assistant_turns_only(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from loratools.data import IGNORE, encode_chat
+    from loratools.lm.data import IGNORE, encode_chat
 
     tok = AutoTokenizer.from_pretrained(TINY_LLAMA)
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it good?"},
@@ -396,7 +396,7 @@ def test_chat_rows_train_on_assistant_turns_only(tmp_path: Path) -> None:
 def test_all_linear_targets_and_unknown_target_names(tmp_path: Path, cli) -> None:
     from transformers import AutoModelForCausalLM
 
-    from loratools.nn import LayerSpec, inject, linear_target_names
+    from loratools.nn.inject import LayerSpec, inject, linear_target_names
 
     model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA)
     names = linear_target_names(model)
@@ -439,8 +439,8 @@ def test_adalora_cli_settings_and_final_allocation_printed(tmp_path: Path, cli) 
 # --- issue "The practitioner's workflow", 3: --eval-file, the held-out loss at step 0, the best adapter kept -----
 
 def test_eval_file_step_zero_loss_and_best_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import loratools.train as lt
-    from loratools.data import load_examples as load
+    import loratools.train.loop as lt
+    from loratools.lm.data import load_examples as load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     held = tmp_path / "held.txt"
@@ -463,7 +463,7 @@ def test_eval_file_step_zero_loss_and_best_adapter(tmp_path: Path, monkeypatch: 
         return real(*args, **kwargs) if value is None else value
 
     monkeypatch.setattr(lt, "evaluate", evaluate)
-    res = train(TINY_LLAMA, CORPUS, tmp_path / "out", cfg)
+    res = train_adapter(TINY_LLAMA, CORPUS, tmp_path / "out", cfg)
     assert res.evals[0]["step"] == 0 and res.evals[0]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
     record = json.loads((tmp_path / "out" / "training_config.json").read_text())
     assert (record["best_step"], record["eval_loss_best"]) == (4, 1.0)
@@ -476,7 +476,7 @@ def test_eval_file_step_zero_loss_and_best_adapter(tmp_path: Path, monkeypatch: 
     last = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any(not torch.equal(last[k], best[k]) for k in best)
     with pytest.raises(Exception, match="not found"):
-        train(TINY_LLAMA, CORPUS, tmp_path / "o2", TrainConfig(steps=1, eval_file=str(tmp_path / "nope.txt"), **FAST))
+        train_adapter(TINY_LLAMA, CORPUS, tmp_path / "o2", TrainConfig(steps=1, eval_file=str(tmp_path / "nope.txt"), **FAST))
 
 
 # --- issue "The practitioner's workflow", 9: --resume reads its options; gradient checkpointing -------------------
@@ -500,7 +500,7 @@ def test_cli_resume_takes_the_checkpoints_options(tmp_path: Path, cli) -> None:
 
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path: Path) -> None:
     cfg = dict(steps=2, rank=2, alpha=4, **{**FAST, "seq_len": 16})
-    a = train(TINY_LLAMA, CORPUS, tmp_path / "a", TrainConfig(**cfg)).adapter
-    b = train(TINY_LLAMA, CORPUS, tmp_path / "b", TrainConfig(gradient_checkpointing=True, **cfg)).adapter
+    a = train_adapter(TINY_LLAMA, CORPUS, tmp_path / "a", TrainConfig(**cfg)).adapter
+    b = train_adapter(TINY_LLAMA, CORPUS, tmp_path / "b", TrainConfig(gradient_checkpointing=True, **cfg)).adapter
     for n, m in a.modules.items():
         assert torch.allclose(m.A, b.modules[n].A, atol=1e-6) and torch.allclose(m.B, b.modules[n].B, atol=1e-6)

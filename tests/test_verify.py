@@ -12,7 +12,7 @@ import torch
 from loratools import read_adapter
 from loratools.errors import VerificationError
 from loratools.io import ModelReader
-from loratools.merge import merge_model, unmerge_model, verify_merge
+from loratools.merge.jobs import merge_model, unmerge_model, verify_merge
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -18,12 +18,12 @@ def heldout_report(base: str | None, data: str | None, before: Any, after: Any, 
                    max_examples: int | None = None, device: str = "auto") -> dict[str, Any] | None:
     """With ``--base`` and ``--data``: the held-out loss of the base alone, with the input adapter (``before``;
     None: the base alone, as for ``combine``; ``tuned``: that fine-tuned model itself, as for ``extract``) and
-    with the output adapter (``after``), from :mod:`loratools.evaluation`; None without them."""
+    with the output adapter (``after``), from :mod:`loratools.lm.heldout`; None without them."""
     if base is None or data is None:
         return None
     import torch
 
-    from ..evaluation import HeldOut
+    from ..lm.heldout import HeldOut
 
     held = HeldOut(base, data, max_examples=max_examples, device=device)
     with torch.no_grad():

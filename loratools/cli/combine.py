@@ -60,7 +60,7 @@ def combine(session: Session, adapters: tuple[str, ...], output: str, weights: t
       loratools combine t1/ t2/ t3/ -o merged --method ties --density 0.2 --rank 32
       loratools combine a/ b/ -o both --base base/ --data heldout.jsonl
     """
-    from ..combine import combine_adapters
+    from ..compress.combine import combine_adapters
     from ..errors import InvalidOptionError
     from ..formats import read_adapter, write_adapter
     from ..io import check_output

@@ -57,8 +57,8 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
       loratools extract base/ tuned/ -o adapter --rank 16 --data heldout.txt
     """
     from ..device import configure_cpu_threads, resolve_dtype
-    from ..extract import extract_adapter
-    from ..extract import plan_size
+    from ..compress.extract import extract_adapter
+    from ..compress.extract import plan_size
     from ..formats import write_adapter
     from ..io import ModelReader, check_output
     from . import render

@@ -35,7 +35,7 @@ def pull(session: Session, repo_id: str, output: str | None, revision: str | Non
       loratools pull me/my-adapter --revision v2 -o my-adapter
       loratools inspect hf://me/my-adapter@v2
     """
-    from ..hub import pull as hub_pull
+    from ..hub.client import pull as hub_pull
 
     q = session.quiet
     path = hub_pull(repo_id, revision=revision, local_dir=output, force=force,
@@ -85,8 +85,8 @@ def push(session: Session, adapter: str, repo_id: str, private: bool, revision: 
       loratools push out/lora me/lora --base-model HuggingFaceTB/SmolLM2-135M --dry-run
     """
     from ..device import configure_cpu_threads
-    from ..hub import preview_push
-    from ..hub import push as hub_push
+    from ..hub.client import preview_push
+    from ..hub.client import push as hub_push
 
     configure_cpu_threads()
     if dry_run:

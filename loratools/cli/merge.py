@@ -12,7 +12,8 @@ from .options import ADAPTER, Session, device_option, dtype_option, force_option
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ..merge import AdapterInput, MergeReport, VerifyReport
+    from ..merge.plan import AdapterInput
+    from ..merge.report import MergeReport, VerifyReport
 
 __all__ = ["merge", "unmerge", "verify"]
 
@@ -31,7 +32,7 @@ def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) ->
     reads them: kohya files of other tools get the model's module names (and GPT-2's Conv1D layout), GGUF
     adapters of llama.cpp its architecture and head counts."""
     from ..formats import load_base, read_adapter
-    from ..merge import AdapterInput
+    from ..merge.plan import AdapterInput
 
     if weights and len(weights) != len(paths):
         raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
@@ -116,7 +117,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
       loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant same --verify
     """
     from ..device import configure_cpu_threads, resolve_dtype
-    from ..merge import merge_model
+    from ..merge.jobs import merge_model
     from . import render
 
     configure_cpu_threads(device)
@@ -166,7 +167,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
       loratools unmerge merged adapter -o base-again --record merged.record.safetensors
     """
     from ..device import configure_cpu_threads
-    from ..merge import unmerge_model
+    from ..merge.jobs import unmerge_model
     from . import render
 
     configure_cpu_threads(device)
@@ -204,7 +205,7 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
       loratools verify fixtures/tiny-llama fixtures/adapters/lora merged
     """
     from ..device import configure_cpu_threads
-    from ..merge import verify_merge
+    from ..merge.jobs import verify_merge
     from . import render
 
     configure_cpu_threads(device)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = ["Session", "pass_session", "AdapterPath", "ADAPTER", "output_option", "force_option", "device_option",
-           "dtype_option", "rank_rule_options", "format_option"]
+           "dtype_option", "rank_rule_options", "format_option", "json_option", "base_option", "data_option"]
 
 
 class Session:
@@ -53,7 +53,7 @@ class AdapterPath(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         value = str(value)
         if value.startswith("hf://"):
-            from .. import hub  # imported only when used: huggingface_hub is slow to load
+            from ..hub import client as hub  # imported only when used: huggingface_hub is slow to load
 
             repo_id, revision = hub.parse_hf_uri(value)
             return str(hub.pull(repo_id, revision=revision))
@@ -88,3 +88,18 @@ def rank_rule_options(f: Any) -> Any:
 
 format_option = click.option("--format", "fmt", default="peft", show_default=True,
                              help="Output format (any format loratools writes, e.g. peft, loratools).")
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as one JSON object (for scripts) instead of tables.")
+
+
+def base_option(purpose: str, *, required: bool = False) -> Any:
+    """The one ``--base`` option: the base model a command reads, with what this command reads it for."""
+    return click.option("--base", type=click.Path(), default=None, required=required,
+                        help=f"Base model (a directory or .safetensors file, or a .gguf): {purpose}.")
+
+
+def data_option(purpose: str) -> Any:
+    """The one ``--data`` option: a text, JSONL or chat file, with what this command uses it for."""
+    return click.option("--data", type=click.Path(), default=None,
+                        help=f"Data (plain text, .jsonl rows or chat): {purpose}.")

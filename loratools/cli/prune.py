@@ -50,9 +50,9 @@ def prune(session: Session, adapter: str, output: str, budget: int | None, keep:
     from ..device import configure_cpu_threads, resolve_device
     from ..formats import read_adapter, write_adapter
     from ..io import check_output
-    from ..data import read_rows
-    from ..lm import load_causal_lm
-    from ..prune import budget_of, calibration_scores, prune_adapter
+    from ..lm.data import read_rows
+    from ..lm.load import load_causal_lm
+    from ..compress.prune import budget_of, calibration_scores, prune_adapter
     from . import render
     from ._compress import heldout_line, heldout_report, prune_table, size
 

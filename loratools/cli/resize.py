@@ -39,7 +39,7 @@ def resize(session: Session, adapter: str, output: str, rank: int | None, energy
     from ..device import configure_cpu_threads
     from ..formats import read_adapter, write_adapter
     from ..io import check_output
-    from ..resize import resize_adapter
+    from ..compress.resize import resize_adapter
     from . import render
     from ..errors import InvalidOptionError
     from ._compress import heldout_line, heldout_report, resize_table, size

@@ -44,7 +44,7 @@ def check(session: Session, adapter: str, runtime: str, max_lora_rank: int | Non
       loratools check adapter.gguf --for llama.cpp --base model.gguf
     """
     from . import render
-    from ..export import check_file
+    from ..serve.export import check_file
 
     report = check_file(adapter, runtime, max_lora_rank=max_lora_rank, base=base, runtime_version=runtime_version)
     if as_json:
@@ -118,7 +118,7 @@ def export(session: Session, adapter: str, runtime: str, output: str, max_lora_r
       loratools export adapter/ --for ollama -o ollama-adapter --base model.gguf
     """
     from . import render
-    from ..export import export_adapter
+    from ..serve.export import export_adapter
 
     res = export_adapter(adapter, output, runtime=runtime, max_lora_rank=max_lora_rank, budget=budget, error=error,
                          base=base, drop_unsupported=drop_unsupported, force=force)

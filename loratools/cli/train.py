@@ -83,7 +83,7 @@ def _config(ctx: click.Context, resume: str | None, cls: Any, **values: Any) -> 
     on this command line (which must then agree with it, or the library refuses to resume)."""
     if resume is None:
         return cls(**values)
-    from ..checkpoint import read_state
+    from ..train.checkpoint import read_state
 
     old = read_state(resume)["config"]
     typed = {name for name in ctx.params
@@ -175,8 +175,8 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
       loratools train BASE data.txt -o out/dora --dora --rank 8
       torchrun --nproc-per-node 2 -m loratools train BASE data.txt -o out/ddp --batch-size 2
     """
-    from ..train_config import TrainConfig
-    from ..train import train as run_training
+    from ..train.config import TrainConfig
+    from ..train import train_adapter
 
     config = _config(click.get_current_context(), resume, TrainConfig,
                      method=method, rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
@@ -192,7 +192,7 @@ def train(session: Session, base: str, data: str, output: str, force: bool, meth
         def on_step(info: Any) -> None:
             advance(info)
 
-        result = run_training(base, data, output, config, force=force, resume=resume, checkpoint_dir=checkpoint_dir,
+        result = train_adapter(base, data, output, config, force=force, resume=resume, checkpoint_dir=checkpoint_dir,
                               on_step=on_step, base_model=base_model)
     import os
 

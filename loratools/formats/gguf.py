@@ -18,7 +18,7 @@ So each module's true scale ``s_i`` is folded into its ``lora_b``:
 all for an ordinary LoRA), which keeps rsLoRA, ``rank_pattern``/``alpha_pattern``
 and AdaLoRA exact.
 
-Names and per-architecture rules come from :mod:`loratools.gguf_arch` (the ``gguf`` package's
+Names and per-architecture rules come from :mod:`loratools.gguf.arch` (the ``gguf`` package's
 ``TensorNameMap``, and llama.cpp's converter classes): Llama/Mistral/Mixtral (``llama``), Qwen2,
 Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3. For ``llama`` the rows of ``attn_q``/``attn_k``
 are permuted for llama.cpp's RoPE, so are the rows of ``lora_b`` (``lora_a`` is untouched), inverted on
@@ -49,9 +49,9 @@ from ..adapter import Adapter, Module, as_lora
 from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
-from ..gguf_arch import (ARCHITECTURES, NO_LORA, gguf_target, hf_module, known_arch, permute_rows,
-                         qk_heads, unpermute_rows)
-from ..gguf_quants import require_gguf
+from ..gguf.arch import (ARCHITECTURES, NO_LORA, gguf_target, hf_module, known_arch, permute_rows, qk_heads,
+                         unpermute_rows)
+from ..gguf.quants import require_gguf
 from ..validate import finite_number
 from .base import BaseModel, Format, register
 from .gguf_base import (GGUFBase, base_from_gguf, base_from_hparams, base_of_adapter, gguf_base, gguf_field,
@@ -74,7 +74,7 @@ def detect(path: Path) -> bool:
 
 def gguf_name(name: str, arch: str = "llama") -> str | None:
     """llama.cpp's tensor name (without ``.weight``) for a module of ``arch``, or None; an expert's
-    module gives its layer's stacked tensor (:func:`loratools.gguf_arch.gguf_target` has the slot).
+    module gives its layer's stacked tensor (:func:`loratools.gguf.arch.gguf_target` has the slot).
 
     >>> gguf_name("model.layers.3.self_attn.q_proj"), gguf_name("lm_head"), gguf_name("model.layers.0.mlp.gate_up_proj", "phi3")
     ('blk.3.attn_q', 'output', 'blk.0.ffn_up')

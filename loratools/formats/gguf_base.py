@@ -16,8 +16,8 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import CorruptFileError, InvalidOptionError, WrongBaseError
-from ..gguf_arch import ARCHITECTURES, arch_of_hparams
-from ..gguf_quants import require_gguf
+from ..gguf.arch import ARCHITECTURES, arch_of_hparams
+from ..gguf.quants import require_gguf
 from .base import BaseModel
 
 __all__ = ["GGUFBase", "base_from_hparams", "base_from_gguf", "gguf_model_info", "base_of_adapter", "gguf_base",

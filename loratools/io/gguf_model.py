@@ -128,7 +128,7 @@ def _value(field: Any) -> Any:
 
 def open_gguf_model(path: str | Path) -> GGUFModelFile:
     """Read the layout of a GGUF model (and of all its splits) without reading tensor data."""
-    from ..gguf_quants import require_gguf
+    from ..gguf.quants import require_gguf
 
     gguf = require_gguf()
     paths = split_paths(Path(path))
@@ -196,7 +196,7 @@ def _infos(ts: list[GGUFTensor], out_types: dict[str, tuple[str, int]],
            align: int) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
     """Tensor infos with the offsets :func:`write_gguf_model` gives them (each tensor padded to ``align``),
     and the size of the data section."""
-    from ..gguf_quants import require_gguf
+    from ..gguf.quants import require_gguf
 
     enum = require_gguf().GGMLQuantizationType
     infos, offset = [], 0

@@ -5,12 +5,12 @@ For every adapted tensor, a block of rows at a time::
     W = Q_out( deq(W0) + Σᵢ wᵢ·ΔWᵢ )          ΔW's rows in llama.cpp's q/k order for ``llama``
 
 ``deq`` is ``gguf.quants.dequantize`` (bit-identical to llama.cpp), the sum is formed in float32,
-and ``Q_out`` is :func:`loratools.gguf_quants.quantize` (byte-identical to llama.cpp's reference
+and ``Q_out`` is :func:`loratools.gguf.quants.quantize` (byte-identical to llama.cpp's reference
 quantizers) to the tensor's own type (``quant="same"``) or to the type asked for. llama.cpp's
 converter permutes the rows of ``attn_q``/``attn_k`` for its RoPE (``LlamaModel.permute``), so
-ΔW's rows are permuted the same way (:func:`loratools.gguf_arch.permute_rows`), exactly as the GGUF
+ΔW's rows are permuted the same way (:func:`loratools.gguf.arch.permute_rows`), exactly as the GGUF
 adapter writer permutes ``lora_b``. Adapter module names map to GGUF tensor names by the model's
-``general.architecture`` (:func:`loratools.gguf_arch.gguf_target`).
+``general.architecture`` (:func:`loratools.gguf.arch.gguf_target`).
 
 Untouched tensors and all key/values are copied byte for byte (the merge adds one key,
 ``loratools.merge``, naming the adapters); a split model is written in the same split layout.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import CorruptFileError, InvalidOptionError, ShapeMismatchError, WrongBaseError
-from ..gguf_quants import can_quantize, dequantize, quantize
+from ..gguf.quants import can_quantize, dequantize, quantize
 from ..io.gguf_model import (GGUFModelFile, GGUFTensor, file_sha256, layout_mismatch, open_gguf_model, out_split_paths,
                              raw_kv, string_kv)
 from ..io.paths import atomic_output, check_output
@@ -118,7 +118,7 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
 
     ``quant``: ``"same"`` (default: each tensor's own type, refused before writing where loratools cannot
     write that type), or a type name (``q8_0``, ``f16``, ``bf16``, ``f32``, or any type
-    :func:`loratools.gguf_quants.can_quantize` accepts) for the adapted tensors. A split ``base`` gives
+    :func:`loratools.gguf.quants.can_quantize` accepts) for the adapted tensors. A split ``base`` gives
     a split ``out`` (see :func:`loratools.io.gguf_model.out_split_paths`). With ``verify``, :func:`verify_gguf`
     checks the written model; a single file is checked before it is renamed into place (nothing is left at
     ``out`` when it fails), a split one once all its parts are in place. With ``record``, also writes the
@@ -256,7 +256,7 @@ def verify_gguf(base: str | os.PathLike[str], adapters: Any, merged: str | os.Pa
     missed the q/k permutation or the scale gives far more; > 1 fails. Every other tensor must be the
     base's bytes.
     """
-    from . import ModuleCheck, VerifyReport
+    from .report import ModuleCheck, VerifyReport
 
     prec = resolve_precision(precision)
     bm, mm = open_gguf_model(base), open_gguf_model(merged)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import CorruptFileError
-from ..gguf_quants import block_sizes, can_quantize, dequantize
+from ..gguf.quants import block_sizes, can_quantize, dequantize
 from ..io import Span, read_tensor
 from ..io.gguf_model import GGUFModelFile, GGUFTensor
 from .patch import PatchApplier, PatchBuilder, values_at

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ..device import cpu_cores, map_in_threads
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
-from ..gguf_arch import NO_LORA, gguf_target, permute_rows, qk_heads
-from ..gguf_quants import block_sizes, can_quantize, dequantize, quantize, type_name
+from ..gguf.arch import NO_LORA, gguf_target, permute_rows, qk_heads
+from ..gguf.quants import block_sizes, can_quantize, dequantize, quantize, type_name
 from ..io.gguf_model import GGUFModelFile, GGUFTensor, copy_bytes, write_gguf_model
 from ..io.paths import atomic_output, check_output
 from .kernels import low_rank

@@ -5,7 +5,7 @@ A :class:`Rule` says what the runtime does with an adapter file (``why``), what
 (``source``: the runtime's version and file, read for this table). A rule that
 no longer holds in newer releases carries ``until``, the last version it was
 read in. The checks that find each rule's offenders live in
-:mod:`loratools.export`; ``docs/runtimes.md`` explains every rule at length (a
+:mod:`loratools.serve.export`; ``docs/runtimes.md`` explains every rule at length (a
 test keeps the two in step).
 
 Facts read, not guessed: vLLM 0.33.0 (and 0.31.0/0.32.0 where they differ) and
@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
 __all__ = ["Rule", "Runtime", "RUNTIMES", "get_runtime", "VLLM_MAX_LORA_RANKS", "SGLANG_TARGETS", "is_vision_module",
            "version_tuple"]

@@ -7,7 +7,7 @@
   serves from the cache only.
 - :func:`push` stages the adapter in PEFT layout in a temporary folder (any readable
   format is converted; a PEFT folder is uploaded byte for byte), checks that the staged
-  files parse back to the same adapter, writes a model card (:mod:`loratools.modelcard`),
+  files parse back to the same adapter, writes a model card (:mod:`loratools.hub.card`),
   and uploads all of it in ONE commit (``create_commit``), creating the repo if needed.
 
 Every failure of the client becomes a one-line :class:`~loratools.errors.HubError`;
@@ -41,13 +41,13 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants, snapshot_downl
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-from .adapter import Adapter
-from .errors import CorruptFileError, HubError, InvalidOptionError
-from .formats import detect_format, read_adapter, write_adapter
-from .formats.peft import CONFIG_NAME, WEIGHTS_NAME
-from .inspection import inspect_adapter
-from .io import atomic_output, check_output
-from .modelcard import model_card
+from ..adapter import Adapter
+from ..errors import CorruptFileError, HubError, InvalidOptionError
+from ..formats import detect_format, read_adapter, write_adapter
+from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME
+from ..inspection import inspect_adapter
+from ..io import atomic_output, check_output
+from .card import model_card
 
 __all__ = ["ADAPTER_FILES", "PushResult", "parse_hf_uri", "pull", "push", "stage_upload"]
 
@@ -216,7 +216,7 @@ def _check_same(a: Adapter, b: Adapter, src: Path) -> None:
 # ---- the client's errors → one line ---------------------------------------------------------
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, UnsupportedDataError
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, UnsupportedDataError
 
 __all__ = ["Example", "IGNORE", "Row", "read_rows", "load_examples", "split_examples", "collate",
            "global_batch_indices", "target_tokens", "encode_chat", "row_example"]

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .errors import InvalidOptionError
+from ..adapter import Module, module_from_svd
+from ..errors import InvalidOptionError
 
-__all__ = ["allocate_ranks", "allocation_method", "uniform_rank", "truncation_error", "DP_LIMIT"]
+__all__ = ["allocate_ranks", "allocation_method", "uniform_rank", "truncation_error", "DP_LIMIT", "Allocation",
+           "resize_together"]
 
 #: the dynamic programme's table (modules × budget units) stays below this many entries; larger problems use the
 #: greedy pick by σ² per parameter (see :func:`allocation_method`)
@@ -151,3 +154,54 @@ def uniform_rank(spectra: Mapping[str, Tensor], *, cap: int | Mapping[str, int] 
     while k < max(caps.values(), default=0) and sum(min(k + 1, caps[n]) * costs[n] for n in caps) <= budget_params:
         k += 1
     return {n: min(k, caps[n]) for n in caps}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The rank choice under a cap and/or a parameter budget, against a uniform-rank resize at the same budget.
+    Errors are relative over the whole adapter: √(Σᵢ‖ΔWᵢ − ΔWᵢ′‖²_F / Σᵢ‖ΔWᵢ‖²_F)."""
+
+    method: str
+    cap: int | None
+    budget: int | None
+    parameters_before: int
+    parameters: int
+    error: float
+    uniform_rank: int
+    uniform_parameters: int
+    uniform_error: float
+
+
+def resize_together(modules: Mapping[str, Module], *, cap: int | None = None, budget: int | None = None,
+                    ) -> tuple[dict[str, Module], dict[str, float], Allocation | None]:
+    """Every module truncated to the rank :func:`loratools.linalg.allocate_ranks` gives it — the ranks chosen
+    together for the least ``Σᵢ‖ΔWᵢ − ΔWᵢ′‖²_F`` under ``cap`` and a ``budget`` of parameters — with each
+    module's relative error (exact, from its spectrum) and the comparison with a uniform rank. Modules given
+    rank 0 are left out; modules not cut keep their factors. Nothing to do without ``cap`` and ``budget``."""
+    if cap is None and budget is None:
+        return dict(modules), {}, None
+    spectra = {n: m.singular_values() for n, m in modules.items()}
+    cost = {n: sum(m.matrix_shape) for n, m in modules.items()}
+    ranks = allocate_ranks(spectra, cap=cap, budget_params=budget, params_per_rank=cost)
+    uni = uniform_rank(spectra, cap=cap, budget_params=budget, params_per_rank=cost)
+    total = sum(float((s.double() ** 2).sum()) for s in spectra.values())
+
+    def rel(picks: Mapping[str, int]) -> float:
+        lost = sum(truncation_error(spectra[n], k) for n, k in picks.items())
+        return math.sqrt(lost / total) if total > 0 else 0.0
+
+    out: dict[str, Module] = {}
+    errors: dict[str, float] = {}
+    for n, m in modules.items():
+        k = ranks[n]
+        e = float((spectra[n].double() ** 2).sum())
+        errors[n] = math.sqrt(truncation_error(spectra[n], k) / e) if e > 0 else 0.0
+        if k >= m.rank:
+            out[n] = m
+        elif k > 0:  # the top k triplets of ΔW from the factors (Eckart–Young)
+            U, S, Vh = m.svd()
+            out[n] = module_from_svd(m, U[:, :k], S[:k], Vh[:k], dtype=m.A.dtype)
+    report = Allocation(allocation_method(cost, budget), cap, budget, sum(m.rank * cost[n] for n, m in modules.items()),
+                        sum(min(ranks[n], modules[n].rank) * cost[n] for n in modules), rel(ranks),
+                        max(uni.values(), default=0), sum(uni[n] * cost[n] for n in modules), rel(uni))
+    return out, errors, report

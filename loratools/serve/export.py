@@ -2,7 +2,7 @@
 
 :func:`plan_export` is pure: from an :class:`Adapter` it builds the adapter to
 write, step by step, each step one rule of the runtime's table
-(:mod:`loratools.runtimes`):
+(:mod:`loratools.serve.runtimes`):
 
 1. AdaLoRA → plain LoRA (:func:`as_lora`: same ΔW);
 2. vision-tower modules dropped (listed); modules the runtime has no layer for
@@ -22,7 +22,7 @@ write, step by step, each step one rule of the runtime's table
 
 :func:`export_adapter` reads, plans, writes under a temporary name, reads the
 file back, applies the runtime's own arithmetic (:func:`serving.runtime_view`),
-checks that it is exactly the planned adapter (:func:`convert.check_same_deltas`)
+checks that it is exactly the planned adapter (:func:`loratools.deltas.check_same_deltas`)
 and reports each module's error against the source as the runtime computes it.
 """
 
@@ -37,19 +37,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, Module, as_lora, fold_scales, pad_rank
-from .convert import check_same_deltas, delta_error
-from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
-from .formats import BaseModel, get_format, read_adapter, read_with_base
-from .formats.gguf import (GGUFBase, base_of_adapter, gguf_base as gguf_of, gguf_unsupported, read_gguf,
-                           write_gguf)
-from .io import ModelReader, atomic_output, check_output
-from .linalg import RankRule, truncated_svd
-from .adapter import module_from_svd
-from .resize import Allocation, resize_together
+from ..adapter import Adapter, Module, as_lora, fold_scales, pad_rank
+from ..deltas import check_same_deltas, delta_error
+from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
+from ..formats import BaseModel, get_format, read_adapter, read_with_base
+from ..formats.gguf import GGUFBase, base_of_adapter, gguf_base as gguf_of, gguf_unsupported, read_gguf, write_gguf
+from ..io import ModelReader, atomic_output, check_output
+from ..linalg import RankRule, truncated_svd
+from ..adapter import module_from_svd
+from ..compress.ranks import Allocation, resize_together
 from .runtimes import SGLANG_TARGETS, Runtime, get_runtime, is_vision_module
-from .serving import (CheckReport, check_adapter, check_max_lora_rank, full_tensors, refused_features, runtime_view,
-                      smallest_max_lora_rank, stacked_zeros)
+from .check import (CheckReport, check_adapter, check_max_lora_rank, full_tensors, refused_features, runtime_view,
+                    smallest_max_lora_rank, stacked_zeros)
 
 __all__ = ["ExportPlan", "ExportLayer", "ExportResult", "plan_export", "export_adapter", "check_file",
            "check_adapter", "CheckReport"]

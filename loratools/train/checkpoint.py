@@ -8,7 +8,7 @@ A checkpoint is a directory of safetensors files and one JSON file:
 - ``state.json``: step, config, loss history, the torch RNG state of every process (lists of bytes)
   and ``"format": "loratools-checkpoint/1"``.
 
-With these a resumed run continues bit for bit (:func:`loratools.train.train`). The finished run's
+With these a resumed run continues bit for bit (:func:`loratools.train.train_adapter`). The finished run's
 directory (:func:`write_run`) holds the adapter as PEFT writes it, ``training_config.json``,
 ``loss_curve.json`` and, with matplotlib, ``loss.png``.
 """
@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adalora import RankAllocator
-from .adapter import Adapter
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, ShapeMismatchError
-from .io import atomic_output, load_safetensors, read_json, save_safetensors
-from .nn import AdaLoRALinear, adapter_layers
-from .validate import get_field
+from ..adalora import RankAllocator
+from ..adapter import Adapter
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, ShapeMismatchError
+from ..io import atomic_output, load_safetensors, read_json, save_safetensors
+from ..nn.layers import AdaLoRALinear
+from ..nn.inject import adapter_layers
+from ..validate import get_field
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "rng_state", "set_rng_state", "write_run"]
 
@@ -127,7 +128,7 @@ def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[
               best: Adapter | None = None) -> None:
     """The finished run's directory, atomically: ``adapter`` (PEFT), ``record`` as training_config.json,
     the train and held-out losses as loss_curve.json, their plot, and ``best/`` (PEFT) when given."""
-    from .formats import get_format
+    from ..formats import get_format
 
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         get_format("peft").write(adapter, tmp)

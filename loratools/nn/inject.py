@@ -1,186 +1,30 @@
-"""LoRA and AdaLoRA as plain PyTorch modules, and AdaLoRA's rank allocator.
+"""Putting adapted layers into a model, and taking the adapter back out.
 
-- :class:`LoRALinear` (Hu et al. 2021, arXiv:2106.09685): ``y = W0 x + s · B A dropout(x)``
-  with ``W0`` frozen, ``A`` (r×in) Kaiming-uniform, ``B`` (out×r) zero, ``s = alpha/r``
-  (rsLoRA, Kalajdzievski 2023: ``alpha/√r``). The forward never forms ``ΔW``.
-- :class:`AdaLoRALinear` (Zhang et al. 2023, arXiv:2303.10512): ``ΔW = P Λ Q`` stored as PEFT
-  stores it: ``lora_B`` = P (out×r), ``lora_E`` = Λ (r×1), ``lora_A`` = Q (r×in), scaled by
-  ``alpha/(init_r + 1e-5)``; a boolean ``mask`` on Λ marks the triplets the allocator keeps.
-- :class:`RankAllocator` (from :mod:`loratools.adalora`, re-exported here with the rest of the training API):
-  importance scores, the cubic budget schedule and the masking.
-- :func:`inject` / :func:`adapter_state` / :func:`load_adapter`: wrap a model's modules by name,
-  export the trained factors as a :class:`loratools.adapter.Adapter` (PEFT naming), load one back.
-  DoRA's layer (``LayerSpec(dora=True)``) lives in :mod:`loratools.nn_dora`.
+- :func:`inject`: wrap a model's layers by name (:class:`LayerSpec` says how) and freeze the rest.
+- :func:`adapter_state`: the trained factors as a :class:`loratools.adapter.Adapter` (PEFT naming).
+- :func:`load_adapter`: an :class:`~loratools.adapter.Adapter` put back into a model's layers.
 
-No peft at run time: everything here is written from the papers' formulas.
+The layer classes live in :mod:`loratools.nn.layers`; which class a spec asks for is the table
+:data:`LORA_LAYERS`, so a new kind is an entry, not a branch.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-# AdaLoRA's allocator and orthogonality penalty are re-exported: they are part of the training API (__all__)
-from .adalora import (OrthForm, RankAllocator, budget_schedule, orthogonal_penalty, orthogonal_regularizer,
-                      rank_pattern_masks)
-from .adapter import Adapter, Module
-from .config import AdapterConfig, adalora_scale, lora_scale, target_matches
-from .errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
+from ..adalora import rank_pattern_masks
+from ..adapter import Adapter, Module
+from ..config import AdapterConfig, adalora_scale, lora_scale, target_matches
+from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
+from .layers import AdaLoRALinear, AdaptedLinear, DoRALinear, LoRALinear, in_out
 
-__all__ = [
-    "LoRALinear",
-    "AdaLoRALinear",
-    "LayerSpec",
-    "RankAllocator",
-    "budget_schedule",
-    "orthogonal_regularizer",
-    "orthogonal_penalty",
-    "inject",
-    "adapter_layers",
-    "adapter_state",
-    "load_adapter",
-    "trainable_parameters",
-    "expected_parameters",
-]
-
-
-def _in_out(base: nn.Module) -> tuple[int, int, bool]:
-    """(in, out, fan_in_fan_out) of an nn.Linear or of GPT-2's Conv1D (weight stored in×out)."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features, False
-    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
-        w = base.weight
-        return int(w.shape[0]), int(w.shape[1]), True
-    raise UnsupportedModuleError("LoRA", [type(base).__name__], "only nn.Linear and GPT-2 Conv1D layers can be adapted")
-
-
-class _Adapted(nn.Module):
-    """What LoRA and AdaLoRA layers share: the frozen base layer and the dropout on the adapter input."""
-
-    def __init__(self, base: nn.Module, *, dropout: float) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.fan_in_fan_out = _in_out(base)
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-
-    @property
-    def weight(self) -> Tensor:  # some model code reads `.weight` of its projections (dtype checks)
-        return self.base.weight  # type: ignore[return-value]
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """``(B', A')`` with ``ΔW = B' A'`` (out×in); subclasses fold in scale and Λ."""
-        raise NotImplementedError
-
-    def _adapter_out(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        return y + self._adapter_out(self.dropout(x)).to(y.dtype)
-
-    def delta_weight(self) -> Tensor:
-        """Dense ``ΔW`` in the base weight's own layout (transposed for Conv1D). For merging and tests only."""
-        B, A = self.factors()
-        d = B @ A
-        return d.T if self.fan_in_fan_out else d
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """``W0 ← W0 + ΔW`` in place; the forward then uses the base layer alone."""
-        if not self.merged:
-            w = self.base.weight
-            w.add_(self.delta_weight().to(w.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """``W0 ← W0 − ΔW``: undoes :meth:`merge` (exact up to the rounding of one add and one subtract)."""
-        if self.merged:
-            w = self.base.weight
-            w.sub_(self.delta_weight().to(w.dtype))
-            self.merged = False
-
-
-class LoRALinear(_Adapted):
-    """``y = W0 x + s · B (A · dropout(x))`` around a frozen linear layer.
-
-    ``A`` (r×in) starts Kaiming-uniform with ``a = √5`` (as nn.Linear and PEFT), ``B`` (out×r)
-    at zero, so training starts from the base model. ``s = alpha/r``, or ``alpha/√r`` with rsLoRA.
-    The adapter path is two thin matmuls: ``ΔW`` is never formed.
-
-    >>> layer = LoRALinear(nn.Linear(16, 8), r=4, alpha=8)
-    >>> layer(torch.randn(2, 16)).shape, layer.scaling
-    (torch.Size([2, 8]), 2.0)
-    """
-
-    def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
-        super().__init__(base, dropout=dropout)
-        self.r, self.alpha = int(r), float(alpha)
-        self.scaling = lora_scale(alpha, r, rslora=rslora)
-        dev = base.weight.device
-        # adapter weights stay float32 whatever the base dtype: they are what the optimizer updates
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        return self.lora_B, self.lora_A * self.scaling
-
-    def _adapter_out(self, x: Tensor) -> Tensor:
-        h = x.to(self.lora_A.dtype) if not torch.is_autocast_enabled() else x
-        return F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
-
-
-class AdaLoRALinear(_Adapted):
-    """``y = W0 x + (alpha/(init_r + 1e-5)) · P (Λ ⊙ (Q · dropout(x)))`` around a frozen linear layer.
-
-    Stored as PEFT stores it: ``lora_A`` = Q (r×in), ``lora_E`` = Λ (r×1), ``lora_B`` = P (out×r).
-    P and Q start Gaussian (std 0.02) and Λ at zero (the paper's and PEFT's initialisation).
-    ``mask`` (r×1, bool) marks the triplets kept by the allocator; :meth:`apply_mask` zeroes
-    the others' Λ so they contribute nothing until a later allocation revives them.
-
-    >>> layer = AdaLoRALinear(nn.Linear(16, 8), r=6, alpha=12)
-    >>> tuple(layer.lora_E.shape), round(layer.scaling, 4)
-    ((6, 1), 2.0)
-    """
-
-    def __init__(self, base: nn.Module, *, r: int, alpha: float, init_r: int | None = None,
-                 dropout: float = 0.0) -> None:
-        super().__init__(base, dropout=dropout)
-        self.r, self.alpha = int(r), float(alpha)
-        self.init_r = int(init_r if init_r is not None else r)
-        # PEFT's rule: the divisor is init_r (+1e-5) even for a module that keeps fewer triplets
-        self.scaling = adalora_scale(alpha, self.init_r)
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.randn(r, self.in_features, device=dev) * 0.02)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev))
-        self.lora_B = nn.Parameter(torch.randn(self.out_features, r, device=dev) * 0.02)
-        self.register_buffer("mask", torch.ones(r, 1, dtype=torch.bool, device=dev))
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        return self.lora_B, self.lora_A * self.lora_E * self.scaling
-
-    def _adapter_out(self, x: Tensor) -> Tensor:
-        h = x.to(self.lora_A.dtype) if not torch.is_autocast_enabled() else x
-        return F.linear(F.linear(h, self.lora_A * self.lora_E), self.lora_B) * self.scaling
-
-    @torch.no_grad()
-    def apply_mask(self) -> None:
-        self.lora_E.masked_fill_(~self.mask, 0.0)
-
-    def orthogonal_regularizer(self, *, form: OrthForm = "paper") -> Tensor:
-        return orthogonal_regularizer(self.lora_B, self.lora_A, form=form)
+__all__ = ["LayerSpec", "LORA_LAYERS", "inject", "adapter_layers", "adapter_state", "load_adapter",
+           "linear_target_names", "trainable_parameters", "expected_parameters"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +74,10 @@ def linear_target_names(model: nn.Module) -> list[str]:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if n and _adaptable(m) and not isinstance(m, _Adapted) and m is not head})
+                   if n and _adaptable(m) and not isinstance(m, AdaptedLinear) and m is not head})
 
 
-def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> dict[str, _Adapted]:
+def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> dict[str, AdaptedLinear]:
     """Wrap every nn.Linear/Conv1D whose name matches ``targets`` and freeze all other parameters.
 
     ``targets`` is a list of names (``["q_proj", "v_proj"]`` matches ``…self_attn.q_proj``) or
@@ -246,7 +90,7 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
     """
     targets = targets if isinstance(targets, str) else list(targets)
     matched = [(n, m) for n, m in model.named_modules()
-               if n and target_matches(n, targets) and not isinstance(m, _Adapted)]
+               if n and target_matches(n, targets) and not isinstance(m, AdaptedLinear)]
     _check_every_target_adapted(model, targets, matched)
     chosen = [(n, m) for n, m in matched if _adaptable(m)]
     if not chosen:
@@ -255,11 +99,12 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
                                  f"{', '.join(linear_target_names(model))} (or all-linear)")
     for p in model.parameters():
         p.requires_grad_(False)
-    layers: dict[str, _Adapted] = {}
+    layers: dict[str, AdaptedLinear] = {}
     for name, base in chosen:
-        layer: _Adapted
+        layer: AdaptedLinear
         if spec.method == "lora":
-            layer = _lora_class(spec.dora)(base, r=spec.r, alpha=spec.alpha, dropout=spec.dropout, rslora=spec.rslora)
+            layer = LORA_LAYERS[spec.dora](base, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+                                              rslora=spec.rslora)
         else:
             layer = AdaLoRALinear(base, r=spec.init_r, alpha=spec.alpha, dropout=spec.dropout)
         _set_submodule(model, name, layer)
@@ -285,13 +130,8 @@ def _check_every_target_adapted(model: nn.Module, targets: str | list[str],
                                      f"{', '.join(linear_target_names(model))} (or all-linear)")
 
 
-def _lora_class(dora: bool) -> type[LoRALinear]:
-    """LoRALinear, or DoRA's subclass (imported here: nn_dora builds on this module)."""
-    if not dora:
-        return LoRALinear
-    from .nn_dora import DoRALinear
-
-    return DoRALinear
+#: the layer class of a LoRA-method :class:`LayerSpec`, by its ``dora`` flag
+LORA_LAYERS: Mapping[bool, type[LoRALinear]] = {False: LoRALinear, True: DoRALinear}
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -300,9 +140,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, _Adapted]:
+def adapter_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     """The LoRA/AdaLoRA layers of ``model`` by module name (the name the wrapped layer had)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _Adapted)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -353,7 +193,7 @@ def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: I
         for name, m in layers.items():
             assert isinstance(m, LoRALinear)
             rslora = rslora or abs(m.scaling - lora_scale(m.alpha, m.r)) > 1e-12 * abs(m.scaling)
-            mag = getattr(m, "lora_magnitude_vector", None)  # DoRA's m (loratools.nn_dora)
+            mag = m.lora_magnitude_vector if isinstance(m, DoRALinear) else None
             modules[name] = Module(A=m.lora_A.detach().float().cpu().clone(), B=m.lora_B.detach().float().cpu().clone(),
                                    alpha=m.alpha, scale=m.scaling, fan_in_fan_out=m.fan_in_fan_out,
                                    magnitude=None if mag is None else mag.detach().float().cpu().clone())
@@ -363,13 +203,13 @@ def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: I
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, adapter: Adapter) -> dict[str, _Adapted]:
+def load_adapter(model: nn.Module, adapter: Adapter) -> dict[str, AdaptedLinear]:
     """Wrap ``model``'s layers named in ``adapter`` (if not wrapped yet) and load its factors.
 
     Each layer gets the adapter's own rank for that module (a truncated AdaLoRA module keeps its
     rank, and its scale stays ``alpha/(init_r + 1e-5)``). Returns the layers by name.
     """
-    layers: dict[str, _Adapted] = {}
+    layers: dict[str, AdaptedLinear] = {}
     for name, m in adapter.items():
         if m.kind != "linear":
             raise UnsupportedModuleError("loratools.nn", [name], f"{m.kind} adapters cannot be loaded for training")
@@ -377,22 +217,22 @@ def load_adapter(model: nn.Module, adapter: Adapter) -> dict[str, _Adapted]:
             current = model.get_submodule(name)
         except AttributeError:
             raise MissingModuleError(name, "the model", "this adapter was made for another base model") from None
-        base = current.base if isinstance(current, _Adapted) else current
-        layer: _Adapted
+        base = current.base if isinstance(current, AdaptedLinear) else current
+        layer: AdaptedLinear
         if adapter.method == "adalora":
             assert m.E is not None
             layer = AdaLoRALinear(base, r=m.rank, alpha=m.alpha, init_r=adapter.config.init_r or m.rank)
             layer.lora_E.copy_(m.E)
         else:
-            layer = _lora_class(m.is_dora)(base, r=m.rank, alpha=m.alpha, rslora=adapter.config.use_rslora)
+            layer = LORA_LAYERS[m.is_dora](base, r=m.rank, alpha=m.alpha, rslora=adapter.config.use_rslora)
             layer.scaling = m.scale
-        i, o, _ = _in_out(base)
+        i, o, _ = in_out(base)
         if (o, i) != m.matrix_shape:
             raise ShapeMismatchError(name, f"an adapter for a {o}×{i} layer", m.matrix_shape,
                                      "this adapter was made for another base model")
         layer.lora_A.copy_(m.A)
         layer.lora_B.copy_(m.B)
-        if m.magnitude is not None:
+        if m.magnitude is not None and isinstance(layer, DoRALinear):
             layer.lora_magnitude_vector.copy_(m.magnitude)
         _set_submodule(model, name, layer)
         layers[name] = layer

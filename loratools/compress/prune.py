@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adalora import (Sensitivity, allocate, check_betas, mask_key, module_mask, narrow_mask, triplet_scores,
-                      update_sensitivity)
-from .adapter import Adapter, Module, as_lora, module_from_svd
-from .dora import refuse_dora
-from .data import IGNORE, Row, encode_chat
-from .errors import InvalidOptionError
-from .linalg import lowrank_svd
+from ..adalora import (Sensitivity, allocate, check_betas, mask_key, module_mask, narrow_mask, triplet_scores,
+                       update_sensitivity)
+from ..adapter import Adapter, Module, as_lora, module_from_svd
+from ..dora import refuse_dora
+from ..lm.data import IGNORE, Row, encode_chat
+from ..errors import InvalidOptionError
+from ..linalg import lowrank_svd
 
 __all__ = ["Triplets", "PruneResult", "PruneLayer", "svd_form", "magnitude_scores", "prune_adapter",
            "triplet_gradients", "calibration_scores", "budget_of"]
@@ -234,8 +234,8 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
                        max_length: int = 256, progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """AdaLoRA's triplet importance ``Sᵢ`` accumulated over ``examples`` (one EMA step each).
 
-    ``examples`` are :class:`loratools.data.Row` s (``(text, None)`` or ``(prompt, completion)``, as
-    :func:`loratools.data.read_rows` gives them). Each is tokenized with the tokenizer's special tokens
+    ``examples`` are :class:`loratools.lm.data.Row` s (``(text, None)`` or ``(prompt, completion)``, as
+    :func:`loratools.lm.data.read_rows` gives them). Each is tokenized with the tokenizer's special tokens
     (BOS) and no EOS, truncated to ``max_length``; with a completion, only its tokens are scored.
     """
     check_betas(beta1, beta2)

@@ -5,7 +5,7 @@ so its whole spectrum comes from :meth:`Module.svd` — R factors of ``B'`` and
 ``A'ᵀ`` (Cholesky-QR or Householder, :func:`loratools.linalg.lowrank_svd`), then the
 SVD of the r×r core — in O((m+n)r²) without forming ΔW.
 Keeping the top k singular triplets gives the best rank-k approximation
-(Eckart–Young), stored like :mod:`loratools.extract` does:
+(Eckart–Young), stored like :mod:`loratools.compress.extract` does:
 ``B = U_k S_k^½``, ``A = S_k^½ V_kᵀ``, ``alpha = k`` (scale 1). Its relative
 error is exact: ``√(Σ_{i>k} σᵢ²) / √(Σ σᵢ²)``.
 
@@ -23,12 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import Adapter, Module, as_lora, module_from_svd
-from .device import map_in_threads
-from .linalg import RankRule, lowrank_svd
-from .rank_allocation import allocate_ranks, allocation_method, truncation_error, uniform_rank
+from ..adapter import Adapter, Module, as_lora, module_from_svd
+from ..device import map_in_threads
+from ..linalg import RankRule, lowrank_svd
 
-__all__ = ["resize_adapter", "ResizeResult", "ResizeLayer", "resize_together", "Allocation"]
+__all__ = ["resize_adapter", "ResizeResult", "ResizeLayer"]
 
 
 @dataclass(frozen=True)
@@ -111,52 +110,3 @@ def _resize_module(name: str, rank_before: int, plain: Module | None, rule: Rank
     return layer, (module_from_svd(plain, U, S[:k], Vh) if k > 0 else None)
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """The rank choice under a cap and/or a parameter budget, against a uniform-rank resize at the same budget.
-    Errors are relative over the whole adapter: √(Σᵢ‖ΔWᵢ − ΔWᵢ′‖²_F / Σᵢ‖ΔWᵢ‖²_F)."""
-
-    method: str
-    cap: int | None
-    budget: int | None
-    parameters_before: int
-    parameters: int
-    error: float
-    uniform_rank: int
-    uniform_parameters: int
-    uniform_error: float
-
-
-def resize_together(modules: Mapping[str, Module], *, cap: int | None = None, budget: int | None = None,
-                    ) -> tuple[dict[str, Module], dict[str, float], Allocation | None]:
-    """Every module truncated to the rank :func:`loratools.linalg.allocate_ranks` gives it — the ranks chosen
-    together for the least ``Σᵢ‖ΔWᵢ − ΔWᵢ′‖²_F`` under ``cap`` and a ``budget`` of parameters — with each
-    module's relative error (exact, from its spectrum) and the comparison with a uniform rank. Modules given
-    rank 0 are left out; modules not cut keep their factors. Nothing to do without ``cap`` and ``budget``."""
-    if cap is None and budget is None:
-        return dict(modules), {}, None
-    spectra = {n: m.singular_values() for n, m in modules.items()}
-    cost = {n: sum(m.matrix_shape) for n, m in modules.items()}
-    ranks = allocate_ranks(spectra, cap=cap, budget_params=budget, params_per_rank=cost)
-    uni = uniform_rank(spectra, cap=cap, budget_params=budget, params_per_rank=cost)
-    total = sum(float((s.double() ** 2).sum()) for s in spectra.values())
-
-    def rel(picks: Mapping[str, int]) -> float:
-        lost = sum(truncation_error(spectra[n], k) for n, k in picks.items())
-        return math.sqrt(lost / total) if total > 0 else 0.0
-
-    out: dict[str, Module] = {}
-    errors: dict[str, float] = {}
-    for n, m in modules.items():
-        k = ranks[n]
-        e = float((spectra[n].double() ** 2).sum())
-        errors[n] = math.sqrt(truncation_error(spectra[n], k) / e) if e > 0 else 0.0
-        if k >= m.rank:
-            out[n] = m
-        elif k > 0:  # the top k triplets of ΔW from the factors (Eckart–Young)
-            U, S, Vh = m.svd()
-            out[n] = module_from_svd(m, U[:, :k], S[:k], Vh[:k], dtype=m.A.dtype)
-    report = Allocation(allocation_method(cost, budget), cap, budget, sum(m.rank * cost[n] for n, m in modules.items()),
-                        sum(min(ranks[n], modules[n].rank) * cost[n] for n in modules), rel(ranks),
-                        max(uni.values(), default=0), sum(uni[n] * cost[n] for n in modules), rel(uni))
-    return out, errors, report

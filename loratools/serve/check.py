@@ -3,7 +3,7 @@
 Pure functions over an :class:`Adapter` (and, for PEFT files, the raw
 ``adapter_config.json`` it was read from, kept in ``adapter.config.extra``).
 :func:`check_adapter` finds, for every rule of a runtime's table
-(:mod:`loratools.runtimes`), the modules that break it. :func:`runtime_view`
+(:mod:`loratools.serve.runtimes`), the modules that break it. :func:`runtime_view`
 is the runtime's own arithmetic applied to a file's factors — the scale it
 computes for each module — so that ``export`` can state the error the runtime
 will see.
@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, Module, as_lora
-from .config import lora_scale
-from .formats import BaseModel
-from .errors import InvalidOptionError
-from .formats.gguf import GGUFBase, gguf_unsupported
-from .formats.peft import PREFIX
+from ..adapter import Adapter, Module, as_lora
+from ..config import lora_scale
+from ..formats import BaseModel
+from ..errors import InvalidOptionError
+from ..formats.gguf import GGUFBase, gguf_unsupported
+from ..formats.peft import PREFIX
 from .runtimes import SGLANG_TARGETS, Rule, Runtime, get_runtime, is_vision_module, version_tuple
 
 __all__ = ["Finding", "CheckReport", "FullTensor", "check_adapter", "full_tensors", "runtime_view", "global_scale",

@@ -20,7 +20,7 @@ Layouts of a 256-weight super-block (``QK_K``):
 - Q6_K / Q3_K: 16 sub-blocks of 16, ``w ≈ d·sc_j·(q − 32)`` / ``d·sc_j·(q − 4)`` with 6- / 3-bit
   ``q``, 8- / 6-bit signed ``sc_j`` and fp16 ``d`` (210 / 110 bytes).
 
-Callers should go through :mod:`loratools.gguf_quants`, which checks inputs and outputs.
+Callers should go through :mod:`loratools.gguf.quants`, which checks inputs and outputs.
 """
 
 from __future__ import annotations

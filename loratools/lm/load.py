@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError
-from .io import INDEX_NAME, WEIGHTS_NAME
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError
+from ..io import INDEX_NAME, WEIGHTS_NAME
 
 __all__ = ["load_causal_lm", "check_model_dir", "base_model_name"]
 
@@ -27,7 +27,7 @@ def base_model_name(path: str | Path, given: str | None = None) -> str:
     and no such local path exists); else ``path`` made absolute — never the bare path typed
     (``base``), which means nothing elsewhere and reads like a Hub id.
     """
-    from .modelcard import hub_model_id
+    from ..config import hub_model_id
 
     if given:
         return given

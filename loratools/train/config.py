@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import CorruptFileError, InvalidOptionError
-from .nn import LayerSpec
+from ..errors import CorruptFileError, InvalidOptionError
+from ..nn.inject import LayerSpec
 
 __all__ = ["TrainConfig", "config_of_state"]
 

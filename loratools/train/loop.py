@@ -3,11 +3,11 @@
 Loss: token-mean cross-entropy over every target token of the *global* batch (all
 gradient-accumulation micro-batches, all processes), so one process with batch ``G`` and
 N processes with batch ``G/N`` compute the same gradient. AdaLoRA adds
-``γ · R(P, Q)`` (see :func:`loratools.nn.orthogonal_penalty`).
+``γ · R(P, Q)`` (see :func:`loratools.adalora.orthogonal_penalty`).
 
 Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to ``lr/10`` at the last step.
 
-Checkpoints (:mod:`loratools.checkpoint`) hold only safetensors and JSON: ``resume`` continues bit for bit.
+Checkpoints (:mod:`loratools.train.checkpoint`) hold only safetensors and JSON: ``resume`` continues bit for bit.
 """
 
 from __future__ import annotations
@@ -23,23 +23,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adalora import RankAllocator
-from .adapter import Adapter, as_lora
+from ..adalora import RankAllocator
+from ..adapter import Adapter, as_lora
 from .checkpoint import load_checkpoint, read_state, rng_state, save_checkpoint, set_rng_state, write_run
-from .data import Example, collate, global_batch_indices, load_examples, split_examples, target_tokens
+from ..lm.data import Example, collate, global_batch_indices, load_examples, split_examples, target_tokens
 from . import dist
-from .device import resolve_dtype
+from ..device import resolve_dtype
 from .dist import Processes
-from .errors import InputNotFoundError, InvalidOptionError
-from .evaluation import causal_lm_loss, evaluate
-from .io import check_output
-from .linalg import all_finite
-from .lm import base_model_name, load_causal_lm
-from .train_config import TrainConfig, config_of_state
-from .nn import (AdaLoRALinear, adapter_state, expected_parameters, inject, linear_target_names,
-                 orthogonal_penalty, trainable_parameters)
+from ..errors import InputNotFoundError, InvalidOptionError
+from ..lm.heldout import causal_lm_loss, evaluate
+from ..io import check_output
+from ..linalg import all_finite
+from ..lm.load import base_model_name, load_causal_lm
+from .config import TrainConfig, config_of_state
+from ..nn.layers import AdaLoRALinear
+from ..nn.inject import adapter_state, expected_parameters, inject, linear_target_names, trainable_parameters
+from ..adalora import orthogonal_penalty
 
-__all__ = ["StepInfo", "TrainResult", "train", "lr_at"]
+__all__ = ["StepInfo", "TrainResult", "train_adapter", "lr_at"]
 
 
 #: options that may differ between a run and its resumption without changing the result
@@ -299,7 +300,7 @@ def _eval_summary(evals: list[dict[str, float]]) -> dict[str, Any]:
             "eval_loss_best": best["eval_loss"] if best else None, "best_step": int(best["step"]) if best else None}
 
 
-def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
+def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
           resume: str | Path | None = None, checkpoint_dir: str | Path | None = None,
           on_step: Callable[[StepInfo], None] | None = None, base_model: str | None = None) -> TrainResult:
     """Train an adapter on ``base`` with ``data`` and write ``out`` (a PEFT adapter directory plus
@@ -309,7 +310,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, config: TrainConf
     When a held-out loss earlier than the last step was the lowest, that adapter is also written to
     ``OUT/best`` (``best_step`` in training_config.json says which step).
     Under ``torchrun`` every process runs this; process 0 writes. The adapter's ``base_model_name_or_path``
-    is ``base_model`` (a Hub id), else what :func:`loratools.lm.base_model_name` finds.
+    is ``base_model`` (a Hub id), else what :func:`loratools.lm.load.base_model_name` finds.
     """
     cfg = config
     out = Path(out)

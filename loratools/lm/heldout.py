@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter import Adapter
+from ..adapter import Adapter
 from .data import Example, collate, load_examples, read_rows, row_example, target_tokens
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
 __all__ = ["HeldOut", "causal_lm_loss", "evaluate"]
 
@@ -67,8 +67,8 @@ class HeldOut:
 
     def __init__(self, base: str | Path, data: str | Path, *, seq_len: int = 256, max_examples: int | None = None,
                  device: str = "auto") -> None:
-        from .device import resolve_device
-        from .lm import load_causal_lm
+        from ..device import resolve_device
+        from .load import load_causal_lm
 
         self.device = resolve_device(device)
         self.model, tokenizer = load_causal_lm(base, device=self.device, frozen=True)
@@ -77,8 +77,7 @@ class HeldOut:
 
     def model_loss(self, model_dir: str | Path, *, batch_size: int = 4) -> float:
         """Token-mean held-out loss of another model (a full fine-tune of the base) on the same examples."""
-        from .lm import load_causal_lm
-        from .train import evaluate
+        from .load import load_causal_lm
 
         model, _ = load_causal_lm(model_dir, device=self.device, frozen=True)
         return evaluate(model, self.examples, batch_size=batch_size, pad_id=self.pad_id, device=self.device,
@@ -86,7 +85,7 @@ class HeldOut:
 
     def loss(self, adapter: Adapter | None, *, batch_size: int = 4) -> float:
         """Token-mean held-out loss of the base with ``adapter`` applied (None: the base alone)."""
-        from .nn import load_adapter
+        from ..nn.inject import load_adapter
 
         model: Any = self.model
         if adapter is not None and adapter.modules:

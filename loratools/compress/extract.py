@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, Kind, Module
-from .config import AdapterConfig, alpha_for_scale, lora_scale, stores_in_out, target_matches
-from .device import resolve_device
-from .errors import InvalidOptionError, ShapeMismatchError
-from .io import ModelReader
-from .linalg import RankRule, sqrt_split, truncated_svd
+from ..adapter import Adapter, Kind, Module
+from ..config import AdapterConfig, alpha_for_scale, lora_scale, stores_in_out, target_matches
+from ..device import resolve_device
+from ..errors import InvalidOptionError, ShapeMismatchError
+from ..io import ModelReader
+from ..linalg import RankRule, sqrt_split, truncated_svd
 
 __all__ = ["extract_adapter", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "plan_size"]
 

@@ -5,7 +5,7 @@ TQ1_0, TQ2_0, MXFP4) and dequantizes every type; this module delegates those to 
 and adds quantizers for the K-quants most published GGUF models use (``Q4_K_M``
 mixes Q4_K and Q6_K, ``Q5_K_M`` Q5_K and Q6_K, ``Q3_K_M``/``Q2_K`` add Q3_K and Q2_K).
 
-The K-quants (:mod:`loratools.kquants`) follow llama.cpp's reference quantizers
+The K-quants (:mod:`loratools.gguf.kquants`) follow llama.cpp's reference quantizers
 ``quantize_row_q*_K_ref`` (``ggml/src/ggml-quants.c``, llama.cpp commit 0c1e570 as vendored
 by llama-cpp-python 0.3.36) operation for operation, so their bytes equal llama.cpp's; the
 delegated types equal llama.cpp's too (gguf's Q4_1/Q5_1 minimum is corrected for the sign of a
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidOptionError, MissingDependencyError, NonFiniteError
+from ..errors import InvalidOptionError, MissingDependencyError, NonFiniteError
 from .kquants import K_QUANTS, QK_K, QUANTIZERS
 
 __all__ = ["quantize", "dequantize", "can_quantize", "block_sizes", "type_name", "require_gguf", "QK_K", "K_QUANTS"]

@@ -37,12 +37,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, Module, as_lora, module_from_svd
-from .config import AdapterConfig
-from .device import resolve_device
-from .errors import InvalidOptionError, WrongBaseError
-from .formats.kohya import is_flattened
-from .linalg import RankRule, lowrank_svd, truncated_svd
+from ..adapter import Adapter, Module, as_lora, module_from_svd
+from ..config import AdapterConfig
+from ..device import resolve_device
+from ..errors import InvalidOptionError, WrongBaseError
+from ..formats.kohya import is_flattened
+from ..linalg import RankRule, lowrank_svd, truncated_svd
 
 __all__ = ["combine_adapters", "CombineResult", "CombineLayer", "ties_merge", "dare_merge", "METHODS"]
 

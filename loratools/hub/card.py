@@ -33,25 +33,9 @@ import json
 import re
 from typing import Any
 
-__all__ = ["model_card", "hub_model_id"]
+from ..config import hub_model_id
 
-# A Hub model id: "namespace/name" of letters, digits, "-", "_", "." (no "--", no ".."). A bare "name" is
-# refused: the Hub's legacy un-namespaced ids redirect to namespaced ones (gpt2 → openai-community/gpt2),
-# and a bare word is far more often a local folder typed on the command line (`base`).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-
-
-def hub_model_id(name: str | None) -> str | None:
-    """``name`` if it can be a Hub model id ``namespace/name``, else None (a local path such as
-    ``/data/llama``, ``./base`` or a bare folder name ``base``).
-
-    >>> hub_model_id("HuggingFaceTB/SmolLM2-135M"), hub_model_id("base"), hub_model_id("/data/llama")
-    ('HuggingFaceTB/SmolLM2-135M', None, None)
-    """
-    if not name or name.startswith((".", "/", "~")) or "\\" in name or "--" in name or ".." in name:
-        return None
-    return name if _HUB_ID.match(name) and not name.endswith(".") else None
-
+__all__ = ["model_card"]
 
 _PLAIN = re.compile(r"^[A-Za-z_][\w.\-/:]*$")
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}

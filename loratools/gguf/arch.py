@@ -32,8 +32,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import MissingDependencyError
-from .gguf_quants import require_gguf
+from ..errors import MissingDependencyError
+from .quants import require_gguf
 
 __all__ = ["ARCHITECTURES", "NO_LORA", "Target", "arch_of_hparams", "gguf_target", "hf_module", "qk_heads",
            "permute_rows", "unpermute_rows", "known_arch"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .device import resolve_device
+from ..device import resolve_device
 
 __all__ = ["Processes", "start", "all_sum", "all_gather", "finish"]
 

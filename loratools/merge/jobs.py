@@ -1,0 +1,329 @@
+"""Merge adapters into a base model, take them back out, and check a merge.
+
+Merging adds each adapter's low-rank update to the weight it adapts::
+
+    W = cast(W0 + Σᵢ wᵢ·ΔWᵢ)        un-merging:   W0 ≈ cast(W − Σᵢ wᵢ·ΔWᵢ)
+
+with every ΔWᵢ formed and summed in float32 (or float64) and a single cast to
+the output dtype at the end. Each job here is the same three steps: plan
+(:mod:`.plan`, pure: every check before a byte is written), rewrite (the model
+streamed tensor by tensor through :func:`loratools.io.rewrite_model`, with the
+arithmetic of :mod:`.kernels`), report. Memory holds a few tensors plus the
+adapters whatever the model's size.
+
+A merge can also write a *record* (see :mod:`.record`): what the final cast
+lost, so that ``unmerge_model(..., record=...)`` restores the base bit for bit,
+even in bfloat16.
+
+>>> from loratools import read_adapter
+>>> ad = read_adapter("fixtures/adapters/lora")                         # doctest: +SKIP
+>>> merge_model("fixtures/tiny-llama", [(ad, 1.0)], "merged")           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter
+from ..device import cpu_threads, resolve_device
+from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, ShapeMismatchError, VerificationError,
+                      WrongBaseError)
+from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, rewrite_model
+from ..dora import merged_weight
+from .config import config_edits, read_hparams
+from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance,
+                      unmerged_tensor)
+from .layout import find_tie
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision,
+                   saved_base_key, stamp, tie_notes)
+from .experts import resolve_experts
+from .record import RecordWriter, read_record
+from .stream import Arithmetic, merged_blocks, restored_blocks
+from .report import MergeReport, ModuleCheck, VerifyReport
+from .checks import ErrorStats, check_stamp
+
+__all__ = ["Adapters", "merge_model", "unmerge_model", "verify_merge"]
+
+Adapters = Sequence[AdapterInput | tuple[Adapter, float] | Adapter]
+PathLike = str | os.PathLike[str]
+
+
+# --------------------------------------------------------------------------- the jobs
+
+@dataclass
+class _Job:
+    """What every job starts from: the inputs, the model read once, the plan."""
+
+    inputs: list[AdapterInput]
+    device: torch.device
+    precision: torch.dtype
+    model: ModelReader
+    plan: dict[str, TensorPlan]
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, path: PathLike, adapters: Adapters, device: str | torch.device,
+              precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
+        dev, prec = resolve_device(device), resolve_precision(precision)
+        model = ModelReader(path)
+        hparams = read_hparams(model)
+        # MoE expert LoRA names modules, not parameters: placed on this model's tensors first
+        inputs = [replace(i, adapter=resolve_experts(i.adapter, model.shapes(), hparams))
+                  for i in adapter_inputs(adapters)]
+        tie = find_tie(hparams, model.spans)
+
+        def same_as_base(key: str, t: Tensor) -> bool:
+            return bool(torch.equal(model.read(key).to(torch.float64), t.to(torch.float64)))
+
+        plan = plan_merge(model.shapes(), inputs, tie=tie, same_as_base=same_as_base, unmerge=unmerge)
+        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [])
+
+    @property
+    def added(self) -> dict[str, str]:
+        """Tensors new in the output (an untied output head) → the base tensor each starts from."""
+        return {k: p.source for k, p in self.plan.items() if p.source is not None}
+
+    def base(self, key: str) -> Tensor:
+        """The base tensor ``key`` starts from (for a new tensor, its ``source``)."""
+        p = self.plan.get(key)
+        return self.model.read(p.source if p is not None and p.source is not None else key)
+
+    @property
+    def arithmetic(self) -> Arithmetic:
+        return Arithmetic(self.precision, self.device)
+
+    def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str],
+                compute: Callable[[str], Iterable[Tensor] | Tensor | None], progress: Progress | None,
+                side_edits: dict[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
+        # one torch thread per worker: parallelism comes from tensors on separate threads (see configure_cpu_threads);
+        # on a GPU a second worker reads and writes while the first computes
+        added = self.added
+        with cpu_threads(1):
+            return rewrite_model(self.model, tmp, codes={**codes, **{k: codes[s] for k, s in added.items()}},
+                                 metadata=meta, compute=compute, progress=progress,
+                                 workers=None if self.device.type == "cpu" else 2, added=added, side_edits=side_edits)
+
+    def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
+        """What an un-merge computes for this tensor before any record is applied."""
+        if plan.restore and plan.replace is not None:
+            return plan.replace.to(dtype)
+        if not plan.deltas:
+            return w.to(dtype)
+        return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
+
+
+def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
+                device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
+                record: PathLike | None = None, force: bool = False, extra_inputs: Sequence[PathLike] = (),
+                verify: bool = False, progress: Progress | None = None, quant: str | None = None) -> MergeReport:
+    """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
+
+    ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
+    tensors are copied byte for byte. ``modules_to_save`` tensors replace the base's.
+    Everything is checked before a byte is written. With ``record``, also writes
+    the sidecar that lets :func:`unmerge_model` restore ``base`` bit for bit
+    (the output dtype must then be the base's). With ``verify``, the written model is checked by
+    :func:`verify_merge` before it is renamed into place: :class:`VerificationError` leaves nothing at
+    ``out`` (nor at ``record``).
+
+    A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead of ``dtype``).
+    """
+    if _gguf(base, dtype=dtype, quant=quant):
+        from .gguf import merge_gguf
+        return merge_gguf(base, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
+                          force=force, extra_inputs=extra_inputs, progress=progress, verify=verify)
+    job = _Job.start(base, adapters, device, precision)
+    model, plan = job.model, job.plan
+    codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
+    if record is not None and any(codes[k] != s.dtype for k, s in model.spans.items()):
+        raise InvalidOptionError("`record` restores the base only when `dtype` is kept; drop `dtype` or `record`")
+    record_path = Path(record) if record is not None else None
+    meta = stamp("merge", job.inputs, job.precision, job.device)
+    rec: RecordWriter | None = None
+
+    def compute(key: str) -> Iterator[Tensor] | None:
+        p = plan.get(key)
+        if p is None:
+            return None
+        # a new tensor (an untied head) starts from its source and has no original for a record to restore
+        span = model.spans[p.source or key]
+        return merged_blocks(key, span, p, CODE_DTYPES[codes[p.source or key]], job.arithmetic,
+                             rec if p.source is None else None)
+
+    if record_path is not None:
+        check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="`record`")
+    with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp, \
+            (atomic_output(record_path, force=force, inputs=(base, *extra_inputs)) if record_path is not None
+             else contextlib.nullcontext()) as rtmp:
+        try:
+            rec = RecordWriter(record_path, rtmp) if record_path is not None and rtmp is not None else None
+            edits = config_edits(dtype, untie=bool(job.added))
+            changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits)
+            checked = verify_merge(base, job.inputs, tmp, device=job.device, precision=job.precision) if verify else None
+            if checked is not None:
+                checked.check()
+            if rec is not None:
+                rec.finish(meta)
+        finally:
+            if rec is not None:
+                rec.close()
+    notes = list(job.notes)
+    if job.added and not model.is_dir:
+        notes.append(f"{out} is a single file: set tie_word_embeddings to false in the config that goes with it")
+    return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record_path, rec.nbytes if rec else 0,
+                       adapters=[i.describe() for i in job.inputs], notes=tuple(notes), verify=checked)
+
+
+def _gguf(base: PathLike, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
+    """Whether ``base`` is a GGUF model (merged by :mod:`.gguf`); ``quant`` is for GGUF, ``dtype`` for safetensors."""
+    from ..io.gguf_model import is_gguf_model_path
+
+    if not is_gguf_model_path(base):
+        if quant is not None:
+            raise InvalidOptionError("`quant` applies to GGUF models; for safetensors use `dtype`")
+        return False
+    if dtype is not None:
+        raise InvalidOptionError("`dtype` applies to safetensors models; for a GGUF model use `quant`")
+    return True
+
+
+def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device: str | torch.device = "auto",
+                  precision: str | torch.dtype = torch.float32, record: PathLike | None = None, force: bool = False,
+                  extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None,
+                  ignore_stamp: bool = False, quant: str | None = None) -> MergeReport:
+    """Write ``out`` with W0 = cast(W − Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
+
+    With ``record`` (from ``merge_model(record=...)``) the result is the base bit
+    for bit, checked against the checksum of each restored tensor. Without it, the
+    report carries an honest error figure: the true W0 is unknown, so the
+    merge→unmerge round trip is re-run on the result W0' (which has W0's
+    magnitudes to within an ulp): ``est_max_abs_error`` = max |W0'' − W0'| and
+    ``est_rel_error`` = ‖W0'' − W0'‖F / ‖W0'‖F over the adapted tensors (W0'
+    jittered by ±2 ulps first, see :func:`jitter`), plus
+    ``error_bound`` = max ½ulp(W0') + :func:`~loratools.merge.kernels.tolerance` at W: the true error never
+    exceeds it when W is any merge that :func:`verify_merge` accepts (loratools' own, or peft's).
+
+    Every figure assumes the adapters and weights are the ones merged. The
+    merged model's stamp (content hash and weight of each adapter) is checked
+    first and a mismatch refused; ``ignore_stamp`` skips that check (for a model
+    merged by another tool, or on purpose). ``report.vouched`` says whether the
+    stamp confirmed the inputs: when False, nothing bounds the true error.
+
+    A ``.gguf`` ``merged`` is un-merged by :func:`loratools.merge.gguf.unmerge_gguf` (``quant`` as for merging).
+    """
+    if _gguf(merged, quant=quant):
+        from .gguf import unmerge_gguf
+        return unmerge_gguf(merged, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
+                            force=force, extra_inputs=extra_inputs, progress=progress)
+    job = _Job.start(merged, adapters, device, precision, unmerge=True)
+    model, plan = job.model, job.plan
+    vouched = False if ignore_stamp else check_stamp(model, merged, job.inputs)
+    record_path = Path(record) if record is not None else None
+    patches: dict[str, dict[str, Span]] = {}
+    hashes: dict[str, str] = {}
+    if record_path is not None:
+        patches, hashes, info = read_record(record_path, job.inputs)
+        job.precision = resolve_precision(info.get("precision", "float32"))
+        missing = sorted(set(plan) - set(hashes))
+        if missing:
+            raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
+    else:
+        dora = [k for k, p in plan.items() if any(m.is_dora for m, _ in p.deltas)]
+        if dora:
+            raise InvalidOptionError(f"{dora[0]} was merged with DoRA, whose row norms ‖W0 + s·BA‖ the merged model no "
+                                     "longer holds, so W0 cannot be solved for; un-merge with the record of the merge "
+                                     "(`record`, written by merging with `record`), or keep the base")
+        replaced = [(k, "trainable_token_indices" if p.rows is not None else "modules_to_save")
+                    for k, p in plan.items() if (p.replace is not None and not p.restore) or p.rows is not None]
+        if replaced:
+            raise InvalidOptionError(f"the adapter replaced {replaced[0][0]} ({replaced[0][1]}); only the record of "
+                                     "the merge (`record`) can give the original back")
+    stats = ErrorStats(job.precision, job.device)
+
+    def compute(key: str) -> Iterator[Tensor] | Tensor | None:
+        p = plan.get(key)
+        if p is None:
+            return None
+        if record_path is not None:
+            return restored_blocks(key, model.spans[key], p, patches.get(key, {}), hashes[key], job.arithmetic,
+                                   record_path)
+        w = model.read(key)
+        try:
+            r = job.recon(w, p, w.dtype)
+        except NonFiniteError:
+            check_finite(key, w, "the merged model")
+            raise NonFiniteError(key, "the un-merge") from None
+        if p.deltas and not p.restore:
+            stats.add(key, w, r, p)
+        return r
+
+    meta = stamp("unmerge", job.inputs, job.precision, job.device, exact=record_path is not None)
+    with atomic_output(out, force=force, inputs=(merged, *extra_inputs, *([record_path] if record_path else []))) as tmp:
+        changed, copied = job.rewrite(tmp, {k: s.dtype for k, s in model.spans.items()}, meta, compute, progress)
+    return MergeReport(Path(out), "unmerge", changed, copied, model.nbytes(), record_path,
+                       record_path.stat().st_size if record_path else 0, True if record_path is not None else None,
+                       stats.max, stats.rel, stats.bound, adapters=[i.describe() for i in job.inputs],
+                       vouched=vouched or record_path is not None)
+
+
+def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device: str | torch.device = "auto",
+                 precision: str | torch.dtype = torch.float32, progress: Progress | None = None) -> VerifyReport:
+    """Check ``merged`` against ``base`` + Σ wᵢ·ΔWᵢ, tensor by tensor.
+
+    For each adapted weight: the largest |merged − exact| (exact = W0 + Σ wᵢ·ΔWᵢ
+    in ``precision``) and its ratio to :func:`tolerance` (> 1 fails). Every other
+    tensor must equal the base's, cast to the merged dtype. A ``.gguf`` ``base`` is checked by
+    :func:`loratools.merge.gguf.verify_gguf` (the tolerance is the requantization's own error).
+    """
+    if _gguf(base):
+        from .gguf import verify_gguf
+        return verify_gguf(base, adapters, merged, precision=precision, progress=progress)  # type: ignore[no-any-return]
+    job = _Job.start(base, adapters, device, precision)
+    b, m, plan, dev, prec = job.model, ModelReader(merged), job.plan, job.device, job.precision
+    shapes = {**{k: s.shape for k, s in b.spans.items()}, **{k: b.spans[s].shape for k, s in job.added.items()}}
+    if set(shapes) != set(m.spans):
+        extra = sorted(set(shapes) ^ set(m.spans))
+        raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
+    checks: list[ModuleCheck] = []
+    bad: list[str] = []
+    non_finite: list[str] = []
+    dtype_names = set()
+    if progress:
+        progress(0, total=len(shapes))
+    for key in sorted(shapes):
+        if shapes[key] != m.spans[key].shape:
+            raise ShapeMismatchError(key, shapes[key], m.spans[key].shape, "the merged model is not a merge of the base")
+        got = m.read(key)
+        dtype_names.add(str(got.dtype).replace("torch.", ""))
+        p = plan.get(key)
+        w0 = job.base(key)
+        if got.is_floating_point() and bool((~torch.isfinite(got) & torch.isfinite(w0)).any()):
+            non_finite.append(key)  # every tensor written is checked, adapted or not
+        if p is None:
+            if not torch.equal(w0.to(got.dtype), got):
+                bad.append(key)
+        else:
+            start = p.replace if p.replace is not None else w0
+            dora = dora_of(p.deltas)
+            if dora is not None:  # the dense W′ = diag(m/‖V‖)·V, and the update it makes
+                exact = merged_weight(w0.to(device=dev, dtype=prec), dora, precision=prec)
+                delta = exact - w0.to(device=dev, dtype=prec)
+            else:
+                delta = (delta_sum(p.deltas, precision=prec, device=dev).reshape(start.shape) if p.deltas
+                         else torch.zeros(start.shape, dtype=prec, device=dev))
+                exact = p.apply_rows(start.to(device=dev, dtype=prec) + delta)
+            dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
+            tol = tolerance(exact, start, p.deltas, got.dtype, precision=prec)
+            checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,
+                                      float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
+        if progress:
+            progress(1)
+    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)), non_finite)
