@@ -12,7 +12,7 @@ of the completion and its EOS, what `train` reports) and the accuracy of the lab
 the one of " positive"/" negative" whose continuation (with EOS) has the lower summed loss after the prompt.
 The base model's figures come first.
 
-    python bench/defaults_check.py --steps 50 --json docs/defaults_check.json
+    python bench/defaults_check.py --steps 50 --json bench/results/defaults_check.json
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from common import _package_dir, machine, smollm_dir  # noqa: E402
 from loratools.lm.data import IGNORE, Row, row_example  # noqa: E402
 from loratools.lm.load import load_causal_lm  # noqa: E402
 from loratools.nn.inject import load_adapter  # noqa: E402
-from loratools.train.loop import TrainConfig, train_adapter  # noqa: E402
+from loratools.train import TrainConfig, train_adapter  # noqa: E402
 
 LABELS = {"__label__pos": " positive", "__label__neg": " negative"}
 RUNS = [("LoRA r=8", dict(method="lora", rank=8), 2e-4), ("LoRA r=8", dict(method="lora", rank=8), 1e-3),

@@ -9,7 +9,7 @@ Runs, in priority order (the script stops starting new ones once --budget-s is s
 LoRA r = 1, 2, 4, 8 on (q, v) and on all seven projections; AdaLoRA with the same *final* budget as
 LoRA r = 2 and r = 4 (init rank 1.5× the target, as in the paper); full fine-tuning.
 
-    python bench/paper_check.py --steps 30 --json docs/paper_check.json
+    python bench/paper_check.py --steps 30 --json bench/results/paper_check.json
 """
 
 from __future__ import annotations

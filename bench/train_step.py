@@ -49,7 +49,7 @@ def child(impl: str, model_dir: str, steps: int, warmup: int, batch: int, seq_le
     if impl == "loratools":
         from loratools.nn.inject import LayerSpec, inject
 
-        inject(model, targets, LayerSpec(r=rank, alpha=2 * rank))
+        inject(model, targets, LayerSpec(rank=rank, alpha=2 * rank))
     else:
         from peft import LoraConfig, get_peft_model
 

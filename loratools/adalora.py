@@ -143,13 +143,19 @@ def budget_schedule(step: int, *, initial: int, target: int, total: int, tinit: 
 # --- the training-time allocator -------------------------------------------------------------------------------------
 
 class TripletLayer(Protocol):
-    """What the allocator needs of an AdaLoRA layer (:class:`loratools.nn.AdaLoRALinear`)."""
+    """What the allocator needs of an AdaLoRA layer (:class:`loratools.nn.AdaLoRALinear`); read-only, so that
+    a layer's ``nn.Parameter`` factors fit."""
 
-    r: int
-    lora_A: Tensor
-    lora_E: Tensor
-    lora_B: Tensor
-    mask: Tensor
+    @property
+    def rank(self) -> int: ...
+    @property
+    def lora_A(self) -> Tensor: ...
+    @property
+    def lora_E(self) -> Tensor: ...
+    @property
+    def lora_B(self) -> Tensor: ...
+    @property
+    def mask(self) -> Tensor: ...
 
     def apply_mask(self) -> None: ...
 
@@ -167,7 +173,7 @@ class RankAllocator:
     so a masked Λ stays exactly zero until a later allocation keeps it again.
     """
 
-    def __init__(self, layers: Mapping[str, TripletLayer], *, target_r: int, total_step: int,
+    def __init__(self, layers: Mapping[str, TripletLayer], *, target_rank: int, total_step: int,
                  tinit: int = 0, tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85) -> None:
         if not layers:
             raise InvalidOptionError("AdaLoRA found no layers to allocate rank over; check `targets`")
@@ -178,8 +184,8 @@ class RankAllocator:
         self.layers = dict(layers)
         self.total_step, self.tinit, self.tfinal = total_step, tinit, tfinal
         self.delta_t, self.beta1, self.beta2 = max(1, delta_t), beta1, beta2
-        self.initial_budget = sum(layer.r for layer in self.layers.values())
-        self.target_budget = min(self.initial_budget, target_r * len(self.layers))
+        self.initial_budget = sum(layer.rank for layer in self.layers.values())
+        self.target_budget = min(self.initial_budget, target_rank * len(self.layers))
         self.sensitivity: dict[str, Sensitivity] = {}
         self.final = False
 
@@ -320,7 +326,7 @@ def orthogonal_regularizer(P: Tensor, Q: Tensor, *, form: OrthForm = "paper") ->
 def orthogonal_penalty(layers: Iterable[TripletLayer], *, form: OrthForm = "paper") -> Tensor:
     """The whole model's penalty: the paper sums ``R(P, Q)`` over layers; PEFT averages its norms
     over every P and Q matrix. Multiply by the regulariser weight γ."""
-    terms = [orthogonal_regularizer(layer.lora_B, layer.lora_A, form=form) for layer in layers if layer.r > 0]
+    terms = [orthogonal_regularizer(layer.lora_B, layer.lora_A, form=form) for layer in layers if layer.rank > 0]
     if not terms:
         return torch.zeros(())
     total = torch.stack(terms).sum()

@@ -26,8 +26,8 @@ from .config import AdapterConfig, alpha_for_scale
 from .errors import DoraError, InvalidOptionError, NonFiniteError, ShapeMismatchError
 from .linalg import all_finite, lowrank_svd, lowrank_svdvals, sqrt_split
 
-__all__ = ["Adapter", "Module", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora", "token_rows",
-           "TOKENS_SUFFIX", "fold_scales", "pad_rank"]
+__all__ = ["Adapter", "Module", "LoraModule", "Kind", "Fingerprint", "fingerprint_of", "module_from_svd", "as_lora",
+           "token_rows", "TOKENS_SUFFIX", "fold_scales", "pad_rank"]
 
 Kind = Literal["linear", "conv", "embedding", "experts"]
 
@@ -162,6 +162,10 @@ class Module:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+#: :class:`Module` under a name that does not read as ``torch.nn.Module`` where both are in scope
+LoraModule = Module
+
+
 def _prod(xs: tuple[int, ...] | torch.Size) -> int:
     out = 1
     for x in xs:
@@ -212,7 +216,11 @@ class Fingerprint:
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> "Fingerprint":
-        shapes = {str(k): tuple(int(x) for x in v) for k, v in dict(data["shapes"]).items()}  # type: ignore[arg-type]
+        """The inverse of :meth:`to_json`; a KeyError, TypeError or ValueError when ``data`` is not its shape."""
+        raw = data["shapes"]
+        if not isinstance(raw, Mapping):
+            raise TypeError(f"fingerprint shapes must be a JSON object, not {type(raw).__name__}")
+        shapes = {str(k): tuple(int(x) for x in v) for k, v in raw.items()}
         return cls(MappingProxyType(shapes), str(data["sha256"]))
 
 

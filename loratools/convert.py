@@ -113,15 +113,15 @@ class ConvertResult:
     flattened: Mapping[str, float] = field(default_factory=dict)
 
 
-def flatten_dora(adapter: Adapter, base: str | os.PathLike[str], rule: RankRule, *,
+def flatten_dora(adapter: Adapter, base: str | os.PathLike[str] | ModelReader, rule: RankRule, *,
                  seed: int = 0) -> tuple[Adapter, dict[str, float]]:
     """``adapter`` with every DoRA module replaced by plain LoRA factors of its full update W′ − W0
-    (:func:`loratools.dora.flatten_module`), reading each base weight from ``base`` one at a time.
-    Returns the plain adapter and each flattened module's measured relative error."""
+    (:func:`loratools.dora.flatten_module`), reading each base weight from ``base`` (a path, or the weights
+    read already) one at a time. Returns the plain adapter and each flattened module's measured relative error."""
     gen = torch.Generator().manual_seed(seed)
     modules: dict[str, Module] = {}
     errors: dict[str, float] = {}
-    with ModelReader(base) as model:
+    with base if isinstance(base, ModelReader) else ModelReader(base) as model:
         for name, m in adapter.items():
             if not m.is_dora:
                 modules[name] = m
@@ -164,7 +164,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
         if base is None or not adapter.is_dora:
             raise InvalidOptionError("`as_lora` flattens a DoRA adapter with the weights of its base: "
                                      + ("give `base`" if base is None else "this adapter is not DoRA"))
-        adapter, flattened = flatten_dora(adapter, base, rule if rule is not None else RankRule.from_options())
+        weights = base_m.weights if base_m is not None and base_m.weights is not None else base
+        adapter, flattened = flatten_dora(adapter, weights, rule if rule is not None else RankRule.from_options())
     notes = [note for fmt in FORMATS.values() for note in fmt.notes(adapter, base_m)]
     conv = convert_adapter(adapter, to=to, base=base_m, drop_unsupported=drop_unsupported)
     reference = Adapter({n: m for n, m in adapter.items() if n not in conv.dropped}, adapter.config,

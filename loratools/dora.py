@@ -57,7 +57,8 @@ def _as_matrix(w: Tensor, module: Module) -> Tensor:
 def row_norms(w0: Tensor, module: Module, *, precision: torch.dtype = torch.float32) -> Tensor:
     """‖V‖_row = ‖W0 + s·B·A‖ per row of the matrix V, in ``precision`` (length ``out``)."""
     v = w0.to(precision) + module.delta(dtype=precision, device=w0.device)
-    return torch.linalg.vector_norm(_as_matrix(v, module), dim=1)
+    norms: Tensor = torch.linalg.vector_norm(_as_matrix(v, module), dim=1)  # torch.linalg's functions are untyped
+    return norms
 
 
 def dora_factor(module: Module, norms: Tensor) -> Tensor:

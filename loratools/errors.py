@@ -30,6 +30,7 @@ __all__ = [
     "WrongBaseError",
     "OutputExistsError",
     "OutputBusyError",
+    "UnsafePathError",
     "UnsupportedModuleError",
     "UnsupportedConfigError",
     "MissingDependencyError",
@@ -40,7 +41,13 @@ __all__ = [
 
 
 class LoraToolsError(Exception):
-    """Base of every error a user can cause; its message is one line."""
+    """Base of every error a user can cause; its message is one line.
+
+    ``command``: the loratools command whose parameters the message's backquoted names are, when its fix is
+    another command (a DoRA refusal names ``convert``'s `base` and `as_lora`); None: the command being run.
+    """
+
+    command: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
@@ -140,6 +147,15 @@ class OutputBusyError(LoraToolsError, OSError):
                          "or choose another output")
 
 
+class UnsafePathError(LoraToolsError, PermissionError):
+    """A path loratools will not write through, replace or copy: a link, a device, a FIFO, a mount point,
+    or a name planted beside an output (see docs/reliability.md, "Hostile files and servers")."""
+
+    def __init__(self, path: object, why: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path} {why}")
+
+
 class UnsupportedModuleError(LoraToolsError, ValueError):
     def __init__(self, fmt: str, modules: list[str], why: str) -> None:
         self.format, self.modules = fmt, list(modules)
@@ -167,6 +183,8 @@ class MissingDependencyError(LoraToolsError, ImportError):
 
 class DoraError(LoraToolsError, ValueError):
     """An operation that treats ΔW as a low-rank update was given a DoRA adapter (see :mod:`loratools.dora`)."""
+
+    command = "convert"  # the fix: flatten it with `convert`'s `base` and `as_lora`
 
     def __init__(self, what: str, fix: str) -> None:
         super().__init__(f"{what}: this is a DoRA adapter, whose update diag(m/‖W0 + s·BA‖)·(W0 + s·BA) − W0 depends "

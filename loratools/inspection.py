@@ -1,4 +1,4 @@
-"""What ``loratools inspect`` reports: pure functions from an :class:`Adapter` to plain data.
+"""What ``loratools inspect`` reports: pure functions from an :class:`Adapter` to a typed :class:`InspectReport`.
 
 Per module, from the singular values σ of the *scaled* ΔW (computed from the
 factors, never forming ΔW):
@@ -22,12 +22,16 @@ Over the whole adapter:
   Σ_modules Σ_{i≤k}σᵢ² ≥ F · Σ_modules Σσᵢ² — the rank to give ``resize --rank``.
 
 Layers are listed in natural order (:func:`natural_key`: ``layers.2`` before ``layers.10``).
+Every value is a frozen dataclass whose ``to_json()`` is the ``inspect --json`` object (the
+fields above, a layer's spectrum flattened into its row). Reading a file is
+:func:`loratools.inspect_job.inspect_file`'s (this module does no IO).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -42,7 +46,8 @@ BaseWeight = Callable[[str], Tensor]
 #: ``map``-like: applies a function to every item of a list, results in order
 Mapper = Callable[[Callable[[Any], Any], list[Any]], Iterable[Any]]
 
-__all__ = ["inspect_adapter", "layer_report", "natural_key", "group_totals", "recommended_rank"]
+__all__ = ["InspectReport", "LayerRow", "Spectrum", "DoraFigures", "GroupTotal", "RecommendedRank",
+           "inspect_adapter", "layer_report", "dora_report", "natural_key", "group_totals", "recommended_rank"]
 
 _DIGITS = re.compile(r"(\d+)")
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)(?:\.|$)")
@@ -64,23 +69,146 @@ def _block_of(name: str) -> str:
     return m.group(1) if m else "-"
 
 
-def group_totals(layers: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """Totals of ``layers`` (``layer_report`` rows) grouped by block index (``key="layer"``) or module type
-    (``key="type"``): modules, parameters, Σ rank and ‖ΔW‖_F = √Σ‖ΔWᵢ‖²_F, in natural order of the group."""
-    groups: dict[str, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class Spectrum:
+    """The figures of one spectrum σ₁ ≥ σ₂ ≥ … of a matrix (see the module docstring)."""
+
+    fro_norm: float
+    sigma_max: float
+    numerical_rank: int
+    stable_rank: float
+    effective_rank: float
+    energy_rank_90: int
+    energy_rank_99: int
+
+    @classmethod
+    def of(cls, s: Tensor, shape: tuple[int, int]) -> Spectrum:
+        """From the singular values ``s`` (descending) of a matrix of ``shape``.
+
+        >>> Spectrum.of(torch.tensor([3.0, 4.0]).sort(descending=True).values, (2, 2)).fro_norm
+        5.0
+        """
+        summary = spectrum_summary(s, shape)
+        return cls(fro_norm=float(s.pow(2).sum().sqrt()) if s.numel() else 0.0,
+                   sigma_max=float(s[0]) if s.numel() else 0.0,
+                   numerical_rank=int(summary["numerical_rank"]), stable_rank=float(summary["stable_rank"]),
+                   effective_rank=float(summary["effective_rank"]),
+                   energy_rank_90=int(summary["energy_rank_90"]), energy_rank_99=int(summary["energy_rank_99"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DoraFigures:
+    """A DoRA module's ‖m‖ and, given its base weight W0, ``magnitude_change`` ‖m − ‖W0‖_row‖ / ‖‖W0‖_row‖
+    and the spectrum of the full update W′ − W0."""
+
+    magnitude_norm: float
+    magnitude_change: float | None = None
+    update: Spectrum | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"magnitude_norm": self.magnitude_norm}
+        if self.update is not None:
+            out |= {"magnitude_change": self.magnitude_change, "update": self.update.to_json()}
+        return out
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One module of the report: what it is and the spectrum of its scaled ΔW (σ from the factors)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    rank: int
+    alpha: float
+    scale: float
+    parameters: int
+    singular_values: tuple[float, ...]
+    spectrum: Spectrum
+    dora: DoraFigures | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"name": self.name, "kind": self.kind, "shape": list(self.shape), "rank": self.rank,
+               "alpha": self.alpha, "scale": self.scale, "parameters": self.parameters,
+               "singular_values": list(self.singular_values), **self.spectrum.to_json()}
+        return out | ({"dora": self.dora.to_json()} if self.dora is not None else {})
+
+
+@dataclass(frozen=True)
+class GroupTotal:
+    """Totals over the modules of one group: a block index (``by="layer"``) or a module type (``by="type"``);
+    ``fro_norm`` = √Σ‖ΔWᵢ‖²_F."""
+
+    by: str
+    group: str
+    modules: int
+    parameters: int
+    rank_total: int
+    fro_norm: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {self.by: self.group, "modules": self.modules, "parameters": self.parameters,
+                "rank_total": self.rank_total, "fro_norm": self.fro_norm}
+
+
+@dataclass(frozen=True)
+class RecommendedRank:
+    """The one rank for every module that keeps 90% (99%) of the adapter's Σσ² (:func:`recommended_rank`)."""
+
+    energy_90: int
+    energy_99: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What ``loratools inspect`` shows: the adapter's description, totals and one row per module
+    (an experts module gives one row per expert), in natural order."""
+
+    format: str | None
+    method: str
+    dora: bool
+    base_model: str | None
+    use_rslora: bool
+    init_r: int | None
+    fingerprint: str
+    modules: int
+    parameters: int
+    rank_min: int
+    rank_max: int
+    rank_total: int
+    saved_tensors: tuple[str, ...]
+    recommended_rank: RecommendedRank
+    by_layer: tuple[GroupTotal, ...]
+    by_type: tuple[GroupTotal, ...]
+    layers: tuple[LayerRow, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``inspect --json`` object: these fields by name, the values' own ``to_json()``."""
+        return {"format": self.format, "method": self.method, "dora": self.dora, "base_model": self.base_model,
+                "use_rslora": self.use_rslora, "init_r": self.init_r, "fingerprint": self.fingerprint,
+                "modules": self.modules, "parameters": self.parameters, "rank_min": self.rank_min,
+                "rank_max": self.rank_max, "rank_total": self.rank_total,
+                "saved_tensors": list(self.saved_tensors), "recommended_rank": self.recommended_rank.to_json(),
+                "by_layer": [g.to_json() for g in self.by_layer], "by_type": [g.to_json() for g in self.by_type],
+                "layers": [row.to_json() for row in self.layers]}
+
+
+def group_totals(layers: Sequence[LayerRow], by: str) -> tuple[GroupTotal, ...]:
+    """Totals of ``layers`` grouped by block index (``by="layer"``: ``model.layers.3.mlp.up_proj`` → ``"3"``) or
+    module type (``by="type"``: → ``"up_proj"``): modules, parameters, Σ rank and ‖ΔW‖_F = √Σ‖ΔWᵢ‖²_F, in natural
+    order of the group."""
+    groups: dict[str, list[LayerRow]] = {}
     for row in layers:
-        g = _block_of(row["name"]) if key == "layer" else row["name"].rsplit(".", 1)[-1]
-        t = groups.setdefault(g, {key: g, "modules": 0, "parameters": 0, "rank_total": 0, "fro_sq": 0.0})
-        t["modules"] += 1
-        t["parameters"] += row["parameters"]
-        t["rank_total"] += row["rank"]
-        t["fro_sq"] += row["fro_norm"] ** 2
-    out = []
-    for g in sorted(groups, key=natural_key):
-        t = groups[g]
-        t["fro_norm"] = t.pop("fro_sq") ** 0.5
-        out.append(t)
-    return out
+        groups.setdefault(_block_of(row.name) if by == "layer" else row.name.rsplit(".", 1)[-1], []).append(row)
+    return tuple(GroupTotal(by, g, len(rows), sum(r.parameters for r in rows), sum(r.rank for r in rows),
+                            sum(r.spectrum.fro_norm ** 2 for r in rows) ** 0.5)
+                 for g, rows in sorted(groups.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def recommended_rank(spectra: list[list[float]], fraction: float) -> int:
@@ -105,43 +233,30 @@ def recommended_rank(spectra: list[list[float]], fraction: float) -> int:
     return int((cum < fraction * total * (1 - 1e-12)).sum()) + 1
 
 
-def _spectrum(s: Tensor, shape: tuple[int, int]) -> dict[str, Any]:
-    return {"fro_norm": float(s.pow(2).sum().sqrt()) if s.numel() else 0.0,
-            "sigma_max": float(s[0]) if s.numel() else 0.0, **spectrum_summary(s, shape)}
-
-
-def dora_report(name: str, m: Module, base: BaseWeight | None) -> dict[str, Any]:
+def dora_report(name: str, m: Module, base: BaseWeight | None) -> DoraFigures:
     """DoRA's figures for one module: ‖m‖, and with the base weight the magnitude's change and the full update's spectrum."""
     assert m.magnitude is not None
-    out: dict[str, Any] = {"magnitude_norm": float(m.magnitude.double().norm())}
-    if base is not None:
-        w0 = base(name)
-        D = dora_update(w0, m)
-        out["magnitude_change"] = magnitude_change(w0, m)
-        out["update"] = _spectrum(torch.linalg.svdvals(D), (int(D.shape[0]), int(D.shape[1])))
-    return out
+    norm = float(m.magnitude.double().norm())
+    if base is None:
+        return DoraFigures(norm)
+    w0 = base(name)
+    D = dora_update(w0, m)
+    return DoraFigures(norm, magnitude_change(w0, m),
+                       Spectrum.of(torch.linalg.svdvals(D), (int(D.shape[0]), int(D.shape[1]))))
 
 
-def layer_report(name: str, m: Module, base: BaseWeight | None = None) -> dict[str, Any]:
+def layer_report(name: str, m: Module, base: BaseWeight | None = None) -> LayerRow:
+    """One module's row: the spectrum of its scaled ΔW from the factors (DoRA: the LoRA part, and its figures)."""
     s = m.singular_values()
-    extra = {"dora": dora_report(name, m, base)} if m.is_dora else {}
-    return {
-        "name": name,
-        "kind": m.kind,
-        "shape": list(m.weight_shape),
-        "rank": m.rank,
-        "alpha": m.alpha,
-        "scale": m.scale,
-        "parameters": m.parameters,
-        "singular_values": s.tolist(),
-        **_spectrum(s, m.matrix_shape),
-        **extra,
-    }
+    return LayerRow(name=name, kind=m.kind, shape=tuple(m.weight_shape), rank=m.rank, alpha=m.alpha, scale=m.scale,
+                    parameters=m.parameters, singular_values=tuple(s.tolist()), spectrum=Spectrum.of(s, m.matrix_shape),
+                    dora=dora_report(name, m, base) if m.is_dora else None)
 
 
 def inspect_adapter(adapter: Adapter, *, format: str | None = None, base: BaseWeight | None = None,
-                    mapper: Mapper = map) -> dict[str, Any]:
-    """The whole report as JSON-ready data (``base``: each module's base weight, for DoRA's figures).
+                    mapper: Mapper = map) -> InspectReport:
+    """The whole report (``base``: each module's base weight, for DoRA's figures); ``to_json()`` is
+    ``inspect --json``.
 
     ``mapper`` maps :func:`layer_report` over the modules, in order: ``map``, or one that spreads them
     over threads (:func:`loratools.device.map_in_threads`; each module's figures are independent).
@@ -149,31 +264,19 @@ def inspect_adapter(adapter: Adapter, *, format: str | None = None, base: BaseWe
     >>> import torch
     >>> A, B = torch.eye(2, 16), torch.eye(8, 2)
     >>> report = inspect_adapter(Adapter({"q": Module(A=A, B=B, alpha=4, scale=2.0)}))
-    >>> report["modules"], report["layers"][0]["rank"], report["layers"][0]["stable_rank"]
+    >>> report.modules, report.layers[0].rank, report.layers[0].spectrum.stable_rank
     (1, 2, 2.0)
     """
     work = [(f"{name}[expert {e}]", m.expert(e)) if m.kind == "experts" else (name, m)
             for name, m in sorted(adapter.items(), key=lambda kv: natural_key(kv[0]))
             for e in range(m.experts if m.kind == "experts" else 1)]
-    layers = list(mapper(lambda w: layer_report(w[0], w[1], base), work))
+    layers = tuple(mapper(lambda w: layer_report(w[0], w[1], base), work))
     ranks = [m.rank for m in adapter.modules.values()]
-    return {
-        "format": format,
-        "method": adapter.method,
-        "dora": adapter.is_dora,
-        "base_model": adapter.config.base_model,
-        "use_rslora": adapter.config.use_rslora,
-        "init_r": adapter.config.init_r,
-        "fingerprint": adapter.fingerprint.sha256,
-        "modules": len(adapter.modules),
-        "parameters": adapter.parameters,
-        "rank_min": min(ranks) if ranks else 0,
-        "rank_max": max(ranks) if ranks else 0,
-        "rank_total": sum(ranks),
-        "saved_tensors": sorted(adapter.saved),
-        "recommended_rank": {"energy_90": recommended_rank([r["singular_values"] for r in layers], 0.90),
-                             "energy_99": recommended_rank([r["singular_values"] for r in layers], 0.99)},
-        "by_layer": group_totals(layers, "layer"),
-        "by_type": group_totals(layers, "type"),
-        "layers": layers,
-    }
+    spectra = [list(r.singular_values) for r in layers]
+    return InspectReport(
+        format=format, method=adapter.method, dora=adapter.is_dora, base_model=adapter.config.base_model,
+        use_rslora=adapter.config.use_rslora, init_r=adapter.config.init_r, fingerprint=adapter.fingerprint.sha256,
+        modules=len(adapter.modules), parameters=adapter.parameters, rank_min=min(ranks) if ranks else 0,
+        rank_max=max(ranks) if ranks else 0, rank_total=sum(ranks), saved_tensors=tuple(sorted(adapter.saved)),
+        recommended_rank=RecommendedRank(recommended_rank(spectra, 0.90), recommended_rank(spectra, 0.99)),
+        by_layer=group_totals(layers, "layer"), by_type=group_totals(layers, "type"), layers=layers)

@@ -50,7 +50,7 @@ def gram_max_cond(dtype: torch.dtype) -> float:
     (orthonormal to ~ε). The singular values are not what limits it: from the R factors they matched a dense
     float64 SVD to ~ε·σ₁ up to κ = 1e7 (tests/test_lowrank_svd.py).
     """
-    return float(torch.finfo(dtype).eps) ** -0.25
+    return math.pow(torch.finfo(dtype).eps, -0.25)
 
 
 def _r_factor(X: Tensor, max_cond: float, *, q: bool) -> tuple[Tensor, Tensor | None]:
@@ -84,8 +84,8 @@ def _apply_q_t(X: Tensor, R: Tensor, Q: Tensor | None, W: Tensor) -> Tensor:
     11008×64 by 64×16).
     """
     if Q is not None:
-        return W.T @ Q.T
-    return torch.linalg.solve_triangular(R, W, upper=True).T @ X.T
+        return torch.matmul(W.T, Q.T)
+    return torch.matmul(torch.linalg.solve_triangular(R, W, upper=True).T, X.T)
 
 
 def lowrank_svd(B: Tensor, A: Tensor, *, dtype: torch.dtype = torch.float64, max_cond: float | None = None,
@@ -139,7 +139,8 @@ def lowrank_svdvals(B: Tensor, A: Tensor, *, dtype: torch.dtype = torch.float64,
     cond = gram_max_cond(dtype) if max_cond is None else max_cond
     Rb = _r_factor(B.to(dtype), cond, q=False)[0]
     Ra = _r_factor(A.to(dtype).T, cond, q=False)[0]
-    return torch.linalg.svdvals(Rb @ Ra.T)
+    values: Tensor = torch.linalg.svdvals(Rb @ Ra.T)  # torch.linalg's functions are untyped (Any)
+    return values
 
 
 def numerical_rank(s: Tensor, shape: tuple[int, int], *, eps: float | None = None) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from .errors import CorruptFileError, InvalidFieldError
 
@@ -30,6 +30,7 @@ MAX_JSON_BYTES = 100 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 class _Missing:
@@ -91,8 +92,26 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def get_field(obj: Any, key: str, kind: type[T] | tuple[type, ...], *, where: object, default: Any = MISSING,
-              check: Callable[[Any], bool] | None = None, expected: str = "", nullable: bool = False) -> T:
+# The overloads give the type a caller gets: ``kind``'s, or ``default``'s when the key may be missing, or None
+# when ``nullable``; a tuple of kinds gives Any (the caller tells them apart with isinstance).
+@overload
+def get_field(obj: Any, key: str, kind: type[T], *, where: object, check: Callable[[Any], bool] | None = None,
+              expected: str = "", nullable: Literal[False] = False) -> T: ...
+@overload
+def get_field(obj: Any, key: str, kind: type[T], *, where: object, default: D,
+              check: Callable[[Any], bool] | None = None, expected: str = "", nullable: Literal[False] = False,
+              ) -> T | D: ...
+@overload
+def get_field(obj: Any, key: str, kind: type[T], *, where: object, default: D,
+              check: Callable[[Any], bool] | None = None, expected: str = "", nullable: bool) -> T | D | None: ...
+@overload
+def get_field(obj: Any, key: str, kind: type[T], *, where: object, check: Callable[[Any], bool] | None = None,
+              expected: str = "", nullable: bool) -> T | None: ...
+@overload
+def get_field(obj: Any, key: str, kind: tuple[type, ...], *, where: object, default: Any = MISSING,
+              check: Callable[[Any], bool] | None = None, expected: str = "", nullable: bool = False) -> Any: ...
+def get_field(obj: Any, key: str, kind: type | tuple[type, ...], *, where: object, default: Any = MISSING,
+              check: Callable[[Any], bool] | None = None, expected: str = "", nullable: bool = False) -> Any:
     """``obj[key]`` checked to be of ``kind`` (and to pass ``check``), else one line naming all four.
 
     ``int`` excludes ``bool``; ``float`` accepts integers (returned as ``float``).
@@ -106,15 +125,15 @@ def get_field(obj: Any, key: str, kind: type[T] | tuple[type, ...], *, where: ob
     if key not in obj:
         if default is MISSING:
             raise InvalidFieldError(where, key, MISSING, what)
-        return default  # type: ignore[no-any-return]
+        return default
     value = obj[key]
     if value is None and nullable:
-        return value  # type: ignore[no-any-return]
+        return None
     if not any(_is(value, k) for k in kinds) or (check is not None and not check(value)):
         raise InvalidFieldError(where, key, value, what)
     if kinds == (float,):
         value = float(value)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def finite_number(value: Any, *, where: object, field: str, positive: bool = False) -> float:

@@ -25,7 +25,11 @@ public repos need no token; private repos answer 401 without a valid one (as the
 writes need a token whose user owns the namespace. Faults for tests: ``hub.faults[route] =
 status`` answers that status instead (``route`` is ``"commit"``, ``"preupload"``,
 ``"resolve"`` …), and ``hub.faults["resolve"] = "drop"`` sends half of a file and then drops
-the connection (and drops every resumed request at once). Xet is not spoken: the preupload
+the connection (and drops every resumed request at once); ``hub.faults["resolve"] = "trickle"``
+sends a file's headers, then one byte every ``hub.trickle_s`` seconds. A hostile endpoint, for the
+security tests: ``hub.hostile["etag"]`` / ``["commit"]`` replace the ``ETag`` (and ``X-Linked-Etag``)
+/ ``X-Repo-Commit`` of every file reply, ``["sha"]`` is answered as the head commit's id (and
+resolves to it), ``["any_revision"]`` resolves any unknown revision to main. Xet is not spoken: the preupload
 answers ``regular`` for every file unless its suffix is in ``lfs_suffixes``, and LFS tests
 run the client with ``HF_HUB_DISABLE_XET=1``. Bounded: request bodies over ``max_body``
 and stores over ``max_bytes`` get 413.
@@ -128,6 +132,8 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
         self.faults: dict[str, int | str] = {}
+        self.hostile: dict[str, str] = {}
+        self.trickle_s = 0.5
         self.log: collections.deque[tuple[str, str]] = collections.deque(maxlen=2000)
         self._lock = threading.RLock()
         self._counter = 0
@@ -339,6 +345,9 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _commit_at(self, repo: Repo, rev: str) -> Commit:
+        hostile = self.hub.hostile
+        if rev == hostile.get("sha") or (hostile.get("any_revision") and repo.resolve(rev) is None):
+            rev = "main"
         commit = repo.resolve(rev)
         if commit is None:
             raise _HttpError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
@@ -385,7 +394,7 @@ class _Handler(BaseHTTPRequestHandler):
         commit = self._commit_at(repo, rev or "main")
         self._send_json({
             "_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-            "sha": commit.oid, "lastModified": commit.date, "createdAt": repo.history()[-1].date,
+            "sha": self.hub.hostile.get("sha", commit.oid), "lastModified": commit.date, "createdAt": repo.history()[-1].date,
             "private": repo.private, "disabled": False, "gated": False, "tags": [],
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
         })
@@ -507,13 +516,41 @@ class _Handler(BaseHTTPRequestHandler):
         blob = commit.files.get(path)
         if blob is None:
             raise _HttpError(404, f"{path} does not exist at {rev}", "EntryNotFound")
-        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{blob.etag}"', "Accept-Ranges": "bytes"}
+        hostile = self.hub.hostile
+        commit_id = hostile.get("commit", hostile.get("sha", commit.oid))
+        headers = {"X-Repo-Commit": commit_id, "ETag": f'"{blob.etag}"', "Accept-Ranges": "bytes"}
         if blob.lfs:
             headers |= {"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data))}
+        if "etag" in hostile:
+            headers |= {"ETag": f'"{hostile["etag"]}"'} | ({"X-Linked-Etag": f'"{hostile["etag"]}"'} if blob.lfs else {})
         if not head and self.hub.faults.get("resolve") == "drop":
             self._drop(blob.data, headers, resumed="Range" in self.headers)
             return
+        if not head and self.hub.faults.get("resolve") == "trickle":
+            self._trickle(blob.data, headers)
+            return
         self._send(200, blob.data, headers=headers, content_type="application/octet-stream", head=head)
+
+    def _trickle(self, data: bytes, headers: dict[str, str]) -> None:
+        """A server that never stalls long enough for a read timeout, and never finishes: a byte at a time."""
+        import time
+
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.close_connection = True
+        for i in range(len(data)):
+            if self.hub._server is None:
+                return
+            try:
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+            time.sleep(self.hub.trickle_s)
 
     def _drop(self, data: bytes, headers: dict[str, str], *, resumed: bool) -> None:
         """A network failure mid-download: half the body, then the connection goes away."""

@@ -26,7 +26,7 @@ def _peft_and_ours(beta1: float, beta2: float):
                         beta1=beta1, beta2=beta2, target_modules=["0", "2"])
     theirs = get_peft_model(copy.deepcopy(net), cfg)
     ours = copy.deepcopy(net)
-    layers = inject(ours, ["0", "2"], LayerSpec(method="adalora", init_r=6, target_r=2, alpha=6))
+    layers = inject(ours, ["0", "2"], LayerSpec(method="adalora", init_rank=6, target_rank=2, alpha=6))
     params = dict(theirs.named_parameters())
     with torch.no_grad():
         for name, layer in layers.items():
@@ -42,7 +42,7 @@ def test_allocator_equals_peft_rank_allocator() -> None:
     triplets peft's mask_to_budget keeps."""
     theirs, layers, params = _peft_and_ours(0.7, 0.6)
     peft_alloc = theirs.base_model.rankallocator
-    ours = RankAllocator(layers, target_r=2, total_step=10, beta1=0.7, beta2=0.6)
+    ours = RankAllocator(layers, target_rank=2, total_step=10, beta1=0.7, beta2=0.6)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):  # three EMA updates with fresh gradients, the same on both sides
         for name, layer in layers.items():
@@ -70,9 +70,9 @@ def test_betas_follow_peft_open_interval(beta: float) -> None:
     """peft 0.21.2 asserts 0 < β < 1; training and pruning now refuse the same values."""
     with pytest.raises(InvalidOptionError, match="`beta1`"):
         check_betas(beta, 0.5)
-    layers = inject(nn.Sequential(nn.Linear(4, 4)), ["0"], LayerSpec(method="adalora", init_r=2, target_r=1))
+    layers = inject(nn.Sequential(nn.Linear(4, 4)), ["0"], LayerSpec(method="adalora", init_rank=2, target_rank=1))
     with pytest.raises(InvalidOptionError):
-        RankAllocator(layers, target_r=1, total_step=10, beta1=0.5, beta2=beta)  # type: ignore[arg-type]
+        RankAllocator(layers, target_rank=1, total_step=10, beta1=0.5, beta2=beta)  # type: ignore[arg-type]
     adapter = Adapter({"q": Module(A=torch.randn(2, 4), B=torch.randn(3, 2), alpha=2, scale=1.0)})
     with pytest.raises(InvalidOptionError):
         calibration_scores(adapter, nn.Linear(1, 1), None, [], beta1=beta)

@@ -54,7 +54,9 @@ def test_unknown_option_is_a_usage_error(cli):
 # --------------------------------------------------------------------------- start-up: --help without torch
 
 HEAVY = {"torch", "transformers", "huggingface_hub", "gguf", "numpy", "safetensors", "peft", "rich"}
-LIGHT_OURS = {"loratools", "loratools.errors", "loratools.__main__"}  # and loratools.cli.*
+LIGHT_OURS = {"loratools", "loratools.errors", "loratools.__main__",  # and loratools.cli.*
+              # train's options are made from TrainConfig's fields: pure dataclasses, no torch
+              "loratools.train", "loratools.train.config", "loratools.nn", "loratools.nn.spec"}
 
 
 @pytest.mark.parametrize("args", [["--help"], *([name, "--help"] for name in group.commands)],
@@ -112,12 +114,12 @@ def test_with_flags_on_the_real_commands(command: str, name: str, flag: str) -> 
 
 
 def test_a_library_error_shows_the_running_commands_flags(monkeypatch, capsys, adapters) -> None:
-    import loratools.inspection
+    import loratools.inspect_job
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise InvalidOptionError("`adapter` holds nothing; `json` is fine; `rank` is not inspect's")
 
-    monkeypatch.setattr(loratools.inspection, "inspect_adapter", refuse)
+    monkeypatch.setattr(loratools.inspect_job, "inspect_file", refuse)
     with pytest.raises(SystemExit) as e:
         main(["inspect", str(adapters / "lora"), "--json"])
     assert e.value.code == 2

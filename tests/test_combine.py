@@ -346,3 +346,49 @@ def test_cli_reports_heldout_loss_of_base_and_of_base_plus_combined(adapters, tm
     assert abs(held["after"] - held["before"]) > 1e-4  # the combined adapter changes the loss
     one = cli("combine", adapters / "lora", "-o", tmp_path / "bad", "--data", data)
     assert one.returncode == 2 and not (tmp_path / "bad").exists() and "--base" in one.stderr
+
+
+def test_names_a_format_keeps_as_its_file_spells_them_are_not_mixed(monkeypatch):
+    """The check asks the format registry (Format.name_hint), not one format: a new format with names of its own
+    is refused in a mix the same way."""
+    from loratools.formats import FORMATS, Format
+
+    own = Format("odd", "a test format", ".odd", detect=lambda p: False, reader=lambda p, b: Adapter({}),
+                 writer=lambda a, p, b: None, name_hint=lambda n: "odd's own name" if n.startswith("odd_") else None)
+    monkeypatch.setitem(FORMATS, "odd", own)
+    with pytest.raises(InvalidOptionError, match="input 1 keeps odd's flattened module names \\(odd_q\\)"):
+        combine_adapters([Adapter({"odd_q": _tiny().modules["q"]}), _tiny()], device="cpu")
+
+
+# --- the path-level job: combine_files -------------------------------------------------------------------------------
+
+def test_combine_files_is_read_combine_write(adapters, tmp_path):
+    from loratools.compress.combine import combine_files
+
+    out = tmp_path / "both"
+    res = combine_files([adapters / "lora", adapters / "rslora"], out, weights=[1.0, -0.5], rank=4)
+    ref = combine_adapters([(read_adapter(adapters / "lora"), 1.0), (read_adapter(adapters / "rslora"), -0.5)],
+                           rule=RankRule(rank=4), device="cpu")
+    assert res.inputs == (str(adapters / "lora"), str(adapters / "rslora")) and res.output == str(out)
+    assert res.rule == RankRule(rank=4) and not res.exact and res.heldout is None
+    written = read_adapter(out)
+    for name, m in ref.adapter.items():
+        assert torch.allclose(written.modules[name].delta(), m.delta(), atol=1e-6)
+    report = res.to_json()
+    assert report["inputs"] == list(res.inputs) and report["rule"] == "rank 4" and report["format"] == "peft"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(weights=[1.0]), "1 `weights` for 2 adapters"),
+    (dict(method="ties"), "rank rule"),
+    (dict(max_rank=4), "exactly one"),
+    (dict(data="heldout.txt"), "`base` and `data`"),
+    (dict(format="nope"), "nope"),
+])
+def test_combine_files_writes_nothing_when_it_refuses(adapters, tmp_path, bad, match):
+    from loratools.compress.combine import combine_files
+    from loratools.errors import LoraToolsError
+
+    with pytest.raises(LoraToolsError, match=match):
+        combine_files([adapters / "lora", adapters / "rslora"], tmp_path / "out", **bad)
+    assert list(tmp_path.iterdir()) == []

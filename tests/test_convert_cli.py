@@ -125,7 +125,9 @@ def test_existing_output_needs_force(tmp_path: Path, adapters: Path, cli) -> Non
 def test_help_and_readme(cli) -> None:
     r = cli("convert", "--help")
     assert r.returncode == 0 and "--drop-unsupported" in r.stdout and "Examples" in r.stdout
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert "### `loratools convert" in readme
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert "[`loratools convert`](docs/cli.md#convert)" in readme
+    assert "\n## convert\n" in (root / "docs" / "cli.md").read_text()
     for fmt in ("kohya", "gguf"):
         assert f"| `{fmt}` |" in readme

@@ -46,7 +46,7 @@ def test_layer_forward_and_gradients_equal_peft(dropout: float) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5, bias=False))
     ours = copy.deepcopy(net)
-    layers = inject(ours, ["0", "2"], LayerSpec(r=4, alpha=8, dora=True, dropout=dropout))
+    layers = inject(ours, ["0", "2"], LayerSpec(rank=4, alpha=8, dora=True, dropout=dropout))
     for layer in layers.values():
         assert isinstance(layer, DoRALinear)
         # m starts at ‖W0‖_row (peft's update_layer with B = 0)
@@ -77,7 +77,7 @@ def test_layer_merged_explicitly_gives_its_forward() -> None:
     """The DoRA layer's adapter merged by :func:`loratools.dora.merged_weight` is the layer's eval forward."""
     torch.manual_seed(1)
     base = nn.Linear(10, 6)
-    layer = DoRALinear(base, r=3, alpha=3)
+    layer = DoRALinear(base, rank=3, alpha=3)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.2)
         layer.lora_magnitude_vector.mul_(0.8)
@@ -115,7 +115,7 @@ def test_trained_adapter_is_peft_dora_and_moved_magnitudes(trained: Path) -> Non
     assert all(c > 1e-4 for c in moved)  # training moved every m away from ‖W0‖_row
     record = json.loads((trained / "training_config.json").read_text())
     shapes = [(m.matrix_shape[1], m.matrix_shape[0]) for m in ad.modules.values()]
-    plain = expected_parameters(shapes, LayerSpec(r=4, alpha=8))
+    plain = expected_parameters(shapes, LayerSpec(rank=4, alpha=8))
     assert record["trainable_parameters"] == record["expected_parameters"] == plain + sum(o for _, o in shapes)
 
 

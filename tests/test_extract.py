@@ -238,3 +238,40 @@ def test_cli_reports_heldout_loss_of_tuned_and_of_base_plus_adapter(tiny_llama, 
     assert len({round(v, 6) for v in (held["before"], held["after"], held["base"])}) == 3
     table = cli("extract", tiny_llama, tuned, "-o", tmp_path / "a2", "--rank", "2", "--data", data)
     assert table.returncode == 0 and "held-out loss on" in table.stdout and "tuned" in table.stdout
+
+
+# --- the path-level job: extract_model -------------------------------------------------------------------------------
+
+def test_extract_model_is_read_extract_write(tiny_llama, exact8, tmp_path):
+    from loratools.compress.extract import extract_model
+
+    tuned, _ = exact8
+    out = tmp_path / "adapter.safetensors"
+    seen: list[tuple[int, int | None]] = []
+    res = extract_model(tiny_llama, tuned, out, rank=4, format="loratools", dtype="float32", device="cpu",
+                        progress=lambda n=1, *, total=None: seen.append((n, total)))
+    ref = extract_adapter(ModelReader(tiny_llama), ModelReader(tuned), rank=4, device="cpu", dtype=torch.float32)
+    written = read_adapter(out)
+    assert res.output == str(out) and res.format == "loratools" and res.heldout is None
+    assert set(written.modules) == set(ref.adapter.modules)
+    for name, m in ref.adapter.items():
+        assert torch.equal(written.modules[name].A, m.A) and torch.equal(written.modules[name].B, m.B)
+    with ModelReader(tiny_llama) as base_r:
+        assert seen[0] == (0, len(base_r.keys())) and sum(n for n, _ in seen) == len(base_r.keys())
+    report = res.to_json()
+    assert report["rel_error"] == res.total_rel_error and len(report["layers"]) == len(res.layers) == 28
+
+
+def test_extract_model_refuses_before_reading(tiny_llama, exact8, tmp_path):
+    from loratools.compress.extract import extract_model
+    from loratools.errors import InvalidOptionError, OutputExistsError
+
+    tuned, _ = exact8
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExistsError):
+        extract_model(tiny_llama, tuned, tmp_path / "exists", rank=4)
+    with pytest.raises(InvalidOptionError, match="dtype"):
+        extract_model(tiny_llama, tuned, tmp_path / "x", rank=4, dtype="float8")
+    with pytest.raises(InvalidOptionError, match="exactly one"):
+        extract_model(tiny_llama, tuned, tmp_path / "x", rank=4, error=0.1)
+    assert not (tmp_path / "x").exists() and list((tmp_path / "exists").iterdir()) == []

@@ -24,7 +24,7 @@ def strip_loratools_metadata(src: Path, dst: Path) -> Path:
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     r = ModelReader(path)
-    return {k: r.read(k) for k in r.spans}
+    return {k: r.get(k) for k in r.spans}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -25,6 +25,8 @@ from loratools.hub import client as lthub  # noqa: E402
 from loratools.errors import HubError, InvalidOptionError, LoraToolsError, OutputExistsError  # noqa: E402
 from loratools.formats import read_adapter, write_adapter  # noqa: E402
 from loratools.inspection import inspect_adapter  # noqa: E402
+from loratools.adapter import Adapter  # noqa: E402
+from loratools.config import AdapterConfig  # noqa: E402
 from loratools.config import hub_model_id
 from loratools.hub.card import model_card  # noqa: E402
 
@@ -178,14 +180,14 @@ def test_model_card_on_the_hub(hub: FakeHub, adapters: Path, name: str, method_t
     report = inspect_adapter(read_adapter(adapters / name))
     rows = {line.split("|")[1].strip(" `"): line.split("|") for line in card.text.splitlines()
             if line.startswith("| `")}
-    assert len(rows) == report["modules"]
-    for layer in report["layers"]:
-        assert int(rows[layer["name"]][3]) == layer["rank"]
-        assert int(rows[layer["name"]][6].replace(",", "")) == layer["parameters"]
+    assert len(rows) == report.modules
+    for layer in report.layers:
+        assert int(rows[layer.name][3]) == layer.rank
+        assert int(rows[layer.name][6].replace(",", "")) == layer.parameters
 
 
 def test_model_card_base_model_override_and_local_paths() -> None:
-    report = {"method": "lora", "base_model": "/home/me/models/llama", "modules": 0, "layers": []}
+    report = inspect_adapter(Adapter({}, AdapterConfig(base_model="/home/me/models/llama")))
     meta = ModelCard(model_card(report, repo_id="me/x")).data
     assert meta.library_name == "peft" and meta.base_model is None  # a local path is not a Hub id
     assert not any(t.startswith("base_model:") for t in meta.tags)
@@ -363,7 +365,7 @@ def test_stage_upload_converts_and_checks(adapters: Path, tmp_path: Path) -> Non
     write_adapter(read_adapter(adapters / "adalora"), single, format="loratools")
     report = lthub.stage_upload(single, tmp_path / "staged", repo_id="me/x")
     assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == ["README.md", *PEFT_FILES]
-    assert report["method"] == "adalora"
+    assert report.method == "adalora"
     same_factors(read_adapter(adapters / "adalora"), read_adapter(tmp_path / "staged"))
 
 
@@ -391,8 +393,9 @@ def test_help_and_readme(command: str) -> None:
 
     result = CliRunner().invoke(group, [command, "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output
-    readme = (Path(lthub.__file__).resolve().parents[2] / "README.md").read_text()
-    assert f"### `loratools {command} " in readme
+    root = Path(lthub.__file__).resolve().parents[2]
+    assert f"[`loratools {command}`](docs/cli.md#{command})" in (root / "README.md").read_text()
+    assert f"\n## {command}\n" in (root / "docs" / "cli.md").read_text()
 
 
 def test_push_dry_run_shows_card_and_files_and_never_says_base_model_base(adapters: Path, tmp_path: Path,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools import Adapter, AdapterConfig, Module, read_adapter, write_adapter
-from loratools.inspection import inspect_adapter
+from loratools.inspection import LayerRow, inspect_adapter
 
 
 def dense_reference(m: Module) -> dict[str, float | int | list[float]]:
@@ -32,29 +32,29 @@ def dense_reference(m: Module) -> dict[str, float | int | list[float]]:
     }
 
 
-def assert_layer_matches(layer: dict, m: Module) -> None:
+def assert_layer_matches(layer: LayerRow, m: Module) -> None:
     ref = dense_reference(m)
-    s_ours, s_ref = torch.tensor(layer["singular_values"]), torch.tensor(ref["singular_values"])
+    s_ours, s_ref = torch.tensor(layer.singular_values), torch.tensor(ref["singular_values"])
     top = float(s_ref[0]) if s_ref.numel() else 0.0
-    assert len(layer["singular_values"]) == m.rank
+    assert len(layer.singular_values) == m.rank
     # relative to σ₁: tiny trailing values are exactly where a relative-per-value test is meaningless
     diff = float((s_ours - s_ref).abs().max()) if s_ref.numel() else 0.0
     assert diff <= 1e-5 * max(top, 1e-30)
     for key in ("stable_rank", "effective_rank"):
-        assert layer[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
+        assert getattr(layer.spectrum, key) == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
     for key in ("energy_rank_90", "energy_rank_99"):
-        assert layer[key] == ref[key], key
+        assert getattr(layer.spectrum, key) == ref[key], key
 
 
 @pytest.mark.parametrize("name", ["lora", "rslora", "adalora", "lora.safetensors"])
 def test_fixture_adapters_match_dense_svd(name, adapters):
     adapter = read_adapter(adapters / name)
     report = inspect_adapter(adapter)
-    assert report["modules"] == len(adapter.modules)
-    assert report["parameters"] == sum(m.A.numel() + m.B.numel() + (m.E.numel() if m.E is not None else 0)
-                                       for m in adapter.modules.values())
-    for layer in report["layers"]:
-        assert_layer_matches(layer, adapter.modules[layer["name"]])
+    assert report.modules == len(adapter.modules)
+    assert report.parameters == sum(m.A.numel() + m.B.numel() + (m.E.numel() if m.E is not None else 0)
+                                    for m in adapter.modules.values())
+    for layer in report.layers:
+        assert_layer_matches(layer, adapter.modules[layer.name])
 
 
 @settings(max_examples=40, deadline=None)
@@ -76,7 +76,7 @@ def test_spectrum_matches_dense_svd_property(out, inp, r, kind, seed, decay):
         E = torch.randn(r, 1, generator=g)
     m = Module(A=A, B=B, E=E, alpha=2.0 * r, scale=2.0, fan_in_fan_out=kind == "fifo",
                kind="conv" if kind == "conv" else "embedding" if kind == "embedding" else "linear")
-    assert_layer_matches(inspect_adapter(Adapter({"m": m}))["layers"][0], m)
+    assert_layer_matches(inspect_adapter(Adapter({"m": m})).layers[0], m)
 
 
 def test_json_output_has_the_documented_fields(cli, adapters):
@@ -89,6 +89,28 @@ def test_json_output_has_the_documented_fields(cli, adapters):
         assert key in data["layers"][0]
     zero = [l for l in data["layers"] if l["rank"] == 0]
     assert zero and zero[0]["singular_values"] == [] and zero[0]["stable_rank"] == 0
+
+
+#: the keys of `inspect --json` (top level, a layer, a totals row), as they were before the report was typed
+TOP_KEYS = ["format", "method", "dora", "base_model", "use_rslora", "init_r", "fingerprint", "modules", "parameters",
+            "rank_min", "rank_max", "rank_total", "saved_tensors", "recommended_rank", "by_layer", "by_type", "layers"]
+LAYER_KEYS = ["name", "kind", "shape", "rank", "alpha", "scale", "parameters", "singular_values", "fro_norm",
+              "sigma_max", "numerical_rank", "stable_rank", "effective_rank", "energy_rank_90", "energy_rank_99"]
+
+
+def test_report_is_typed_and_its_json_keeps_the_keys(cli, adapters):
+    from loratools.inspect_job import inspect_file
+
+    report = inspect_file(adapters / "rslora")
+    assert report == inspect_adapter(read_adapter(adapters / "rslora"), format="peft")  # the CLI's one call
+    data = report.to_json()
+    assert list(data) == TOP_KEYS and list(data["layers"][0]) == LAYER_KEYS
+    assert list(data["recommended_rank"]) == ["energy_90", "energy_99"]
+    assert list(data["by_layer"][0]) == ["layer", "modules", "parameters", "rank_total", "fro_norm"]
+    assert list(data["by_type"][0]) == ["type", "modules", "parameters", "rank_total", "fro_norm"]
+    assert isinstance(data["layers"][0]["shape"], list) and isinstance(data["saved_tensors"], list)
+    res = cli("inspect", adapters / "rslora", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == json.loads(json.dumps(data))
 
 
 def test_table_output_names_every_module(cli, adapters):
@@ -129,19 +151,19 @@ def test_layers_are_in_natural_order_and_totals_add_up():
 
     adapter = _twelve_layer_adapter()
     report = inspect_adapter(adapter)
-    names = [l["name"] for l in report["layers"]]
+    names = [l.name for l in report.layers]
     blocks = [int(n.split(".")[2]) for n in names]
     assert blocks == sorted(blocks) and blocks[:4] == [0, 0, 1, 1] and blocks[-1] == 11
-    assert [r["layer"] for r in report["by_layer"]] == [str(i) for i in range(12)]
+    assert [r.group for r in report.by_layer] == [str(i) for i in range(12)]
     assert sorted(["a.10", "a.9", "a.1"], key=natural_key) == ["a.1", "a.9", "a.10"]
-    for row in report["by_layer"]:
-        mods = [m for n, m in adapter.items() if n.split(".")[2] == row["layer"]]
+    for row in report.by_layer:
+        mods = [m for n, m in adapter.items() if n.split(".")[2] == row.group]
         dense = sum(float(m.delta(dtype=torch.float64).pow(2).sum()) for m in mods) ** 0.5
-        assert row["modules"] == 2 and row["rank_total"] == 6
-        assert row["parameters"] == sum(m.parameters for m in mods)
-        assert row["fro_norm"] == pytest.approx(dense, rel=1e-5)
-    by_type = {r["type"]: r for r in report["by_type"]}
-    assert set(by_type) == {"q_proj", "v_proj"} and by_type["q_proj"]["rank_total"] == 48
+        assert row.modules == 2 and row.rank_total == 6
+        assert row.parameters == sum(m.parameters for m in mods)
+        assert row.fro_norm == pytest.approx(dense, rel=1e-5)
+    by_type = {r.group: r for r in report.by_type}
+    assert set(by_type) == {"q_proj", "v_proj"} and by_type["q_proj"].rank_total == 48
 
 
 def test_recommended_rank_keeps_the_adapter_energy_by_dense_svd():
@@ -155,7 +177,7 @@ def test_recommended_rank_keeps_the_adapter_energy_by_dense_svd():
         return sum(float((s[:k] ** 2).sum()) for s in spectra) / total
 
     for frac, key in ((0.9, "energy_90"), (0.99, "energy_99")):
-        k = report["recommended_rank"][key]
+        k = getattr(report.recommended_rank, key)
         assert kept(k) >= frac and (k == 1 or kept(k - 1) < frac)
 
 

@@ -81,3 +81,74 @@ def test_atomic_output_refuses_existing_and_inputs(tmp_path):
         tmp.mkdir()
         (tmp / "x").write_text("new")
     assert (dest / "x").read_text() == "new"
+
+
+# ---- config.json: one reader, one failure ---------------------------------------------------------
+
+BAD_CONFIGS = {"non-utf8": b'{"model_type": "\xff\xfe"}', "deep": b"[" * 5000 + b"]" * 5000,
+               "nested-object": b'{"a": ' * 70 + b"1" + b"}" * 70, "list": b'[{"model_type": "llama"}]',
+               "bad-json": b'{"model_type": '}
+
+
+def _base_with_config(tiny_llama, tmp_path, raw: bytes):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").symlink_to(tiny_llama / "model.safetensors")
+    (base / "config.json").write_bytes(raw)
+    return base
+
+
+def test_read_config_finds_the_config_of_a_directory_a_weights_file_and_itself(tiny_llama, tmp_path):
+    from loratools.io import read_config
+
+    want = json.loads((tiny_llama / "config.json").read_text())
+    assert read_config(tiny_llama) == want
+    assert read_config(tiny_llama / "model.safetensors") == want
+    assert read_config(tiny_llama / "config.json") == want
+    assert read_config(tmp_path) is None  # no config.json: None, never an error
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CONFIGS))
+def test_read_config_refuses_a_damaged_config_naming_it(kind, tiny_llama, tmp_path):
+    from loratools.io import read_config
+
+    base = _base_with_config(tiny_llama, tmp_path, BAD_CONFIGS[kind])
+    with pytest.raises(CorruptFileError) as e:
+        read_config(base)
+    assert str(base / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["non-utf8", "deep", "list"])
+@pytest.mark.parametrize("command", ["merge", "convert", "inspect"])
+def test_a_damaged_config_is_one_line_and_exit_2_for_every_command(command, kind, tiny_llama, adapters, tmp_path,
+                                                                    cli):
+    base = _base_with_config(tiny_llama, tmp_path, BAD_CONFIGS[kind])
+    if command == "merge":
+        args = ["merge", base, adapters / "lora", "-o", tmp_path / "out"]
+    elif command == "convert":
+        args = ["convert", adapters / "lora", "-o", tmp_path / "out.safetensors", "--to", "kohya", "--base", base]
+    else:  # inspect reads a base for a DoRA adapter only
+        from dora_models import llama_dora
+
+        llama_dora(tiny_llama, tmp_path / "dora", targets=["q_proj"])
+        args = ["inspect", tmp_path / "dora", "--base", base]
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{base / 'config.json'} is damaged" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_gguf_head_counts_are_typed(tmp_path):
+    from loratools.errors import InvalidFieldError
+    from loratools.gguf.arch import base_from_hparams
+    from loratools.io.gguf_model import gguf_heads
+
+    assert gguf_heads({"llama.attention.head_count": 8}, "llama", where="m.gguf") == (8, 8)
+    assert gguf_heads({}, "llama", where="m.gguf") == (None, None)
+    for bad in ("8", [8], 8.0, True, -1):
+        with pytest.raises(InvalidFieldError, match="head_count"):
+            gguf_heads({"llama.attention.head_count": bad}, "llama", where="m.gguf")
+        with pytest.raises(InvalidFieldError, match="num_attention_heads"):
+            base_from_hparams({"model_type": "llama", "num_attention_heads": bad})

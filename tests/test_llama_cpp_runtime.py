@@ -91,7 +91,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_llama_cpp_computes_peft_delta_with_the_exported_adapter(tmp_path: Path) -> None:
-    from loratools.serve.export import check_adapter, export_adapter
+    from loratools.serve.check import check_adapter
+    from loratools.serve.export import export_adapter
     from loratools.formats import read_adapter
     from loratools.formats.gguf import base_from_gguf, write_gguf
 

@@ -38,7 +38,7 @@ def _randomise(layer: nn.Module) -> None:
 def test_lora_forward_equals_dense_float64(kind: str, rslora: bool) -> None:
     torch.manual_seed(0)
     base = nn.Linear(24, 10) if kind == "linear" else _conv1d(24, 10)
-    layer = LoRALinear(base, r=4, alpha=6, rslora=rslora)
+    layer = LoRALinear(base, rank=4, alpha=6, rslora=rslora)
     _randomise(layer)
     x = torch.randn(3, 5, 24)
     W0 = base.weight.detach().double()
@@ -52,7 +52,7 @@ def test_lora_forward_equals_dense_float64(kind: str, rslora: bool) -> None:
 
 def test_lora_init_is_peft_init() -> None:
     torch.manual_seed(3)
-    layer = LoRALinear(nn.Linear(64, 32), r=8, alpha=16)
+    layer = LoRALinear(nn.Linear(64, 32), rank=8, alpha=16)
     assert torch.equal(layer.lora_B, torch.zeros(32, 8))
     bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=√5) on fan_in 64 gives U(−1/√64, 1/√64)
     assert float(layer.lora_A.detach().abs().max()) <= bound
@@ -66,7 +66,8 @@ def test_exported_adapter_merged_explicitly_gives_the_layer_forward(cls: type, k
     torch.manual_seed(1)
     base = nn.Linear(16, 12) if kind == "linear" else _conv1d(16, 12)
     net = nn.Sequential(base)
-    spec = LayerSpec(r=4, alpha=8) if cls is LoRALinear else LayerSpec(method="adalora", init_r=4, target_r=2, alpha=8)
+    spec = (LayerSpec(rank=4, alpha=8) if cls is LoRALinear
+            else LayerSpec(method="adalora", init_rank=4, target_rank=2, alpha=8))
     (layer,) = inject(net, ["0"], spec).values()
     assert isinstance(layer, cls)
     _randomise(layer)
@@ -85,7 +86,7 @@ def test_exported_adapter_merged_explicitly_gives_the_layer_forward(cls: type, k
 def test_adalora_forward_equals_dense_float64() -> None:
     torch.manual_seed(2)
     base = nn.Linear(20, 9)
-    layer = AdaLoRALinear(base, r=6, alpha=12)
+    layer = AdaLoRALinear(base, rank=6, alpha=12)
     _randomise(layer)
     with torch.no_grad():
         layer.mask[[1, 4]] = False
@@ -118,7 +119,7 @@ def test_orthogonal_regulariser() -> None:
 def test_orthogonal_penalty_matches_peft_formula() -> None:
     """PEFT: orth_reg_weight × mean over every lora_A and lora_B of ‖·‖_F (compute it here by hand)."""
     torch.manual_seed(0)
-    layers = [AdaLoRALinear(nn.Linear(8, 6), r=3, alpha=3), AdaLoRALinear(nn.Linear(8, 4), r=3, alpha=3)]
+    layers = [AdaLoRALinear(nn.Linear(8, 6), rank=3, alpha=3), AdaLoRALinear(nn.Linear(8, 4), rank=3, alpha=3)]
     norms = []
     for m in layers:
         A, B = m.lora_A.detach(), m.lora_B.detach()
@@ -145,14 +146,14 @@ def test_budget_schedule_matches_paper_at_every_step(b0: int, bT: int, T: int, t
 def _ada_model(seed: int = 0) -> tuple[nn.Module, dict[str, AdaLoRALinear]]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8))
-    layers = inject(net, ["0", "2"], LayerSpec(method="adalora", init_r=6, target_r=2, alpha=6))
+    layers = inject(net, ["0", "2"], LayerSpec(method="adalora", init_rank=6, target_rank=2, alpha=6))
     return net, layers  # type: ignore[return-value]
 
 
 def test_allocator_masks_stay_until_reallocated() -> None:
     net, layers = _ada_model()
     T, ti, tf, dt = 30, 3, 6, 4
-    alloc = RankAllocator(layers, target_r=2, total_step=T, tinit=ti, tfinal=tf, delta_t=dt)
+    alloc = RankAllocator(layers, target_rank=2, total_step=T, tinit=ti, tfinal=tf, delta_t=dt)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     x, y = torch.randn(64, 12), torch.randn(64, 8)
     prev_masks = None
@@ -185,7 +186,7 @@ def test_allocator_scores_follow_the_paper() -> None:
     with torch.no_grad():
         for m in layers.values():
             m.lora_E.normal_()
-    alloc = RankAllocator(layers, target_r=2, total_step=10, beta1=0.7, beta2=0.6)
+    alloc = RankAllocator(layers, target_rank=2, total_step=10, beta1=0.7, beta2=0.6)
     ((net(torch.randn(8, 12)) ** 2).sum()).backward()
     alloc.update_importance()
     scores = alloc.triplet_scores()
@@ -201,14 +202,14 @@ def test_allocator_scores_follow_the_paper() -> None:
 def test_allocator_rejects_bad_schedule() -> None:
     _, layers = _ada_model()
     with pytest.raises(InvalidOptionError):
-        RankAllocator(layers, target_r=2, total_step=10, tinit=5, tfinal=5)
+        RankAllocator(layers, target_rank=2, total_step=10, tinit=5, tfinal=5)
 
 
 def test_inject_freezes_and_counts(tiny_llama) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    spec = LayerSpec(r=4, alpha=8)
+    spec = LayerSpec(rank=4, alpha=8)
     layers = inject(model, ["q_proj", "v_proj"], spec)
     assert len(layers) == 8
     # hidden 128: q is 128→128, v is 128→64 (GQA)
@@ -221,7 +222,7 @@ def test_inject_adalora_counts(tiny_llama) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    spec = LayerSpec(method="adalora", init_r=6, target_r=2, alpha=6)
+    spec = LayerSpec(method="adalora", init_rank=6, target_rank=2, alpha=6)
     inject(model, ["o_proj", "down_proj"], spec)
     assert trainable_parameters(model) == 4 * 6 * ((128 + 128 + 1) + (256 + 128 + 1))
 
@@ -242,7 +243,7 @@ def test_adapter_state_round_trip_truncates_adalora() -> None:
         m.apply_mask()
     x = torch.randn(5, 12)
     y = net(x)
-    ad = adapter_state(net, targets=["0", "2"], extra={"target_r": 2})
+    ad = adapter_state(net, targets=["0", "2"], target_rank=2)
     assert ad.modules["0"].rank == 3 and ad.modules["2"].rank == 0
     assert ad.config.extra["rank_pattern"]["0.lora_E"] == [False, True, False, True, True, False]
     assert ad.modules["0"].scale == pytest.approx(6 / (6 + 1e-5))
@@ -264,7 +265,7 @@ def test_gpt2_conv1d_adapter_matches_peft(tmp_path) -> None:
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path / "gpt2")
     ours = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
-    layers = inject(ours, ["c_attn"], LayerSpec(r=3, alpha=5))
+    layers = inject(ours, ["c_attn"], LayerSpec(rank=3, alpha=5))
     assert all(m.fan_in_fan_out for m in layers.values())
     for m in layers.values():
         _randomise(m)

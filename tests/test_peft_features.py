@@ -102,7 +102,7 @@ def test_embedding_lora_with_its_saved_base_layer_merges_weighted_and_unmerges_e
     merge_model(base, [(ad, 1.0)], tmp_path / "m1", device="cpu")
     unmerge_model(tmp_path / "m1", [(ad, 1.0)], tmp_path / "u", device="cpu")
     back = ModelReader(tmp_path / "u")
-    assert torch.equal(back.read("model.embed_tokens.weight"), w0["model.embed_tokens.weight"])  # the saved copy
+    assert torch.equal(back.get("model.embed_tokens.weight"), w0["model.embed_tokens.weight"])  # the saved copy
 
 
 def test_a_saved_base_layer_that_differs_replaces_the_base_as_peft_loads_it(bases, tmp_path):
@@ -195,11 +195,11 @@ def test_conv1d_conv2d_conv3d(lora_bias, tmp_path):
     assert {m.A.ndim for m in ad.modules.values()} == {3, 4, 5}
     merge_model(tmp_path / "base.safetensors", [ad], tmp_path / "m.safetensors", device="cpu")
     ours = ModelReader(tmp_path / "m.safetensors")
-    assert max(float((ours.read(k) - ref[k]).abs().max()) for k in ref) < TOL
+    assert max(float((ours.get(k) - ref[k]).abs().max()) for k in ref) < TOL
     assert verify_merge(tmp_path / "base.safetensors", [ad], tmp_path / "m.safetensors", device="cpu").ok
     unmerge_model(tmp_path / "m.safetensors", [ad], tmp_path / "u.safetensors", device="cpu")
     back = ModelReader(tmp_path / "u.safetensors")
-    assert max(float((back.read(k) - v).abs().max()) for k, v in w0.items()) < TOL
+    assert max(float((back.get(k) - v).abs().max()) for k, v in w0.items()) < TOL
     if not lora_bias:  # kohya holds convolutions of every dimension (checked ΔW by ΔW on the way)
         assert read_adapter(tmp_path / "ad").modules["c3"].A.ndim == 5
         from loratools.convert import convert_file
@@ -208,7 +208,7 @@ def test_conv1d_conv2d_conv3d(lora_bias, tmp_path):
         merge_model(tmp_path / "base.safetensors", [read_adapter(tmp_path / "k.safetensors")], tmp_path / "mk.safetensors",
                     device="cpu")
         mk = ModelReader(tmp_path / "mk.safetensors")
-        assert max(float((mk.read(k) - ref[k]).abs().max()) for k in ref) < TOL
+        assert max(float((mk.get(k) - ref[k]).abs().max()) for k in ref) < TOL
 
 
 @pytest.mark.parametrize("base_name, lora", [
@@ -233,7 +233,7 @@ def test_trainable_tokens(base_name, lora, bases, tmp_path, cli):
     assert not (tmp_path / "w").exists() and not (tmp_path / "u").exists()
     assert cli("unmerge", tmp_path / "m", ad, "-o", tmp_path / "u", "--record", rec).returncode == 0
     w0, back = ModelReader(base), ModelReader(tmp_path / "u")
-    assert all(torch.equal(back.read(k), w0.read(k)) for k in w0.spans)
+    assert all(torch.equal(back.get(k), w0.get(k)) for k in w0.spans)
     r = cli("convert", ad, "-o", tmp_path / "k.safetensors", "--to", "kohya")
     assert r.returncode == 2 and "trainable tokens" in r.stderr, r.stderr
 

@@ -217,3 +217,55 @@ def test_prune_keep_fraction_json_and_calibration_progress(cli, tiny_llama, adap
     lines = [l for l in res.stderr.splitlines() if l.startswith("calibrating:")]
     assert lines and lines[-1] == "calibrating: 5/5"  # --max-examples bounded the run, progress reported
     assert "held-out loss on" in res.stdout and "(the calibration data)" in res.stdout
+
+
+# --- the path-level job: prune_file ----------------------------------------------------------------------------------
+
+def test_prune_file_is_read_prune_write(adapters, tmp_path):
+    from loratools.compress.prune import budget_of, prune_file
+
+    src = read_adapter(adapters / "adalora")
+    res = prune_file(adapters / "adalora", tmp_path / "half", keep=0.5, to_lora=True)
+    ref = prune_adapter(src, budget=budget_of(src, 0.5), to_lora=True)
+    assert res.budget == budget_of(src, 0.5) == res.kept and res.rank_pattern == ref.rank_pattern
+    assert (res.importance, res.method_before, res.parameters_before) == ("magnitude", "adalora", src.parameters)
+    assert res.output == str(tmp_path / "half") and res.heldout is None
+    written = read_adapter(tmp_path / "half")
+    for name, m in ref.adapter.items():
+        assert torch.allclose(written.modules[name].delta(), m.delta())
+    report = res.to_json()
+    assert report["kept"] == res.kept and report["method"] == "lora" and report["heldout_loss"] is None
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(), "`budget` N or `keep` F"),
+    (dict(budget=3, keep=0.5), "`budget` N or `keep` F"),
+    (dict(keep=1.5), "keep"),
+    (dict(budget=1000), "budget"),
+    (dict(budget=4, data="calib.jsonl"), "`base` and `data`"),
+    (dict(budget=4, max_examples=0), "max_examples"),
+    (dict(budget=4, format="nope"), "nope"),
+])
+def test_prune_file_writes_nothing_when_it_refuses(adapters, tmp_path, bad, error):
+    from loratools.compress.prune import prune_file
+    from loratools.errors import LoraToolsError
+
+    with pytest.raises(LoraToolsError, match=error):
+        prune_file(adapters / "lora", tmp_path / "out", **bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_encodes_rows_as_training_does(tiny_llama):
+    """One encoder for a data row (lm.data.row_example): text + EOS, completion-only targets."""
+    from loratools.compress.prune import _encode
+    from loratools.lm.data import IGNORE, Row
+
+    _, tok = load_causal_lm(tiny_llama, device=torch.device("cpu"), frozen=True)
+    text = _encode(tok, Row("the cat sat"), torch.device("cpu"), 256)
+    ids = tok("the cat sat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert text is not None and text["input_ids"][0].tolist() == ids == text["labels"][0].tolist()
+    pc = _encode(tok, Row("the cat", " sat"), torch.device("cpu"), 256)
+    assert pc is not None
+    prompt = tok("the cat", add_special_tokens=False)["input_ids"]
+    assert pc["labels"][0, :len(prompt)].tolist() == [IGNORE] * len(prompt)
+    assert _encode(tok, Row("a"), torch.device("cpu"), 1) is None  # nothing left to predict

@@ -137,3 +137,66 @@ def test_resize_reports_heldout_loss_before_and_after(cli, tiny_llama, adapters,
     assert table.returncode == 0 and "held-out loss on" in table.stdout
     alone = cli("resize", adapters / "lora", "-o", tmp_path / "bad", "--rank", "3", "--data", data)
     assert alone.returncode == 2 and not (tmp_path / "bad").exists()
+
+
+# --- the path-level job: resize_file ---------------------------------------------------------------------------------
+
+def _same_adapter(a, b) -> bool:
+    return set(a.modules) == set(b.modules) and all(
+        torch.equal(a.modules[n].A, b.modules[n].A) and torch.equal(a.modules[n].B, b.modules[n].B)
+        and a.modules[n].scale == b.modules[n].scale for n in a.modules)
+
+
+def test_resize_file_writes_what_the_command_writes(cli, adapters, tmp_path):
+    import json
+
+    from loratools.compress.resize import resize_file
+
+    proc = cli("resize", adapters / "adalora", "-o", tmp_path / "by-cli", "--energy", "0.9", "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = resize_file(adapters / "adalora", tmp_path / "by-call", energy=0.9)
+    assert res.output == str(tmp_path / "by-call") and res.format == "peft" and res.heldout is None
+    assert res.method_before == "adalora" and res.adapter.method == "lora"
+    assert _same_adapter(read_adapter(tmp_path / "by-cli"), read_adapter(tmp_path / "by-call"))
+    # the command prints the job's own report
+    assert json.loads(proc.stdout) == json.loads(json.dumps(res.to_json())) | {"output": str(tmp_path / "by-cli")}
+
+
+def test_resize_file_refuses_an_existing_output_unless_forced(adapters, tmp_path):
+    from loratools.compress.resize import resize_file
+    from loratools.errors import OutputExistsError
+
+    out = tmp_path / "small"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        resize_file(adapters / "lora", out, rank=2)
+    assert (out / "keep.txt").read_text() == "mine"  # untouched
+    res = resize_file(adapters / "lora", out, rank=2, force=True, format="loratools")
+    assert out.is_file() and all(m.rank == 2 for m in read_adapter(out).modules.values())
+    assert res.format == "loratools"
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(energy=1.5), "energy"),                            # a rule out of range
+    (dict(rank=2, format="nope"), "nope"),                   # an unknown output format
+    (dict(rank=2, data="heldout.txt"), "`base` and `data`"),  # data without a base
+    (dict(rank=2, energy=0.5), "exactly one"),
+])
+def test_resize_file_writes_nothing_when_it_refuses(adapters, tmp_path, bad, error):
+    from loratools.compress.resize import resize_file
+    from loratools.errors import LoraToolsError
+
+    with pytest.raises(LoraToolsError, match=error):
+        resize_file(adapters / "lora", tmp_path / "out", **bad)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary
+
+
+def test_resize_file_reports_progress_with_its_size(adapters, tmp_path):
+    from loratools.compress.resize import resize_file
+
+    calls: list[tuple[int, int | None]] = []
+    resize_file(adapters / "lora", tmp_path / "out", rank=2,
+                progress=lambda n=1, *, total=None: calls.append((n, total)))
+    n = len(read_adapter(adapters / "lora").modules)
+    assert calls[0] == (0, n) and calls[1:] == [(1, None)] * n

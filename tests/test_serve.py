@@ -15,7 +15,8 @@ import torch
 
 from loratools.adapter import Adapter, Module
 from loratools.errors import UnsupportedConfigError, InvalidOptionError, UnsupportedModuleError
-from loratools.serve.export import check_file, export_adapter
+from loratools.serve.check import check_file
+from loratools.serve.export import export_adapter
 from loratools.formats import read_adapter, write_adapter
 from loratools.formats.gguf import read_gguf
 from loratools.linalg import lowrank_svd
@@ -291,3 +292,46 @@ def test_docs_list_every_rule_and_source() -> None:
         assert f"`--for {rt.name}`" in doc
         for rule in rt.rules:
             assert f"`{rule.id}`" in doc and rule.source in doc and rule.why in doc, (rt.name, rule.id)
+
+
+def test_serve_never_branches_on_a_runtime_name() -> None:
+    """check and export read the runtime's fields (serve/runtimes.py), never its name: no runtime's name or title
+    as a string in their code, no comparison with a runtime's `.name`, `.title` or `.writes`."""
+    import ast
+
+    from loratools.serve.runtimes import RUNTIMES
+
+    names = {n for rt in RUNTIMES.values() for n in (rt.name, rt.title)}
+    for module in ("check", "export"):
+        tree = ast.parse((Path(__file__).resolve().parent.parent / "loratools" / "serve" / f"{module}.py").read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        named = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docstrings
+                 and n.value in names]
+        compared = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                    and any(isinstance(x, ast.Attribute) and x.attr in ("name", "title", "writes")
+                            for x in (n.left, *n.comparators))]
+        assert named == [] and compared == [], (module, named, compared)
+
+
+def test_cli_offers_every_runtime() -> None:
+    from loratools.cli.serve import RUNTIME_NAMES
+    from loratools.serve.runtimes import RUNTIMES
+
+    assert RUNTIME_NAMES == list(RUNTIMES)
+
+
+@pytest.mark.parametrize("command", ["check", "export"])
+def test_dora_refusal_names_the_flags_of_convert(tmp_path: Path, cli, command: str) -> None:
+    """The DoRA refusal's fix is `convert`'s `base` and `as_lora`: the CLI writes them as convert's flags, even
+    under `check`/`export` (which have no --as-lora), never as the library's backquoted names."""
+    pytest.importorskip("peft")
+    from dora_models import llama_dora
+
+    llama_dora(TINY, tmp_path / "dora", targets=["q_proj", "v_proj"], seed=1)
+    out = ["-o", tmp_path / "o"] if command == "export" else []
+    res = cli(command, tmp_path / "dora", "--for", "vllm", *out)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "DoRA" in res.stderr and "convert with --base and --as-lora" in res.stderr, res.stderr
+    assert "`" not in res.stderr and not (tmp_path / "o").exists()

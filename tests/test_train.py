@@ -179,6 +179,28 @@ def test_lr_schedule() -> None:
     assert lr_at(2, lr=1.0, warmup=4, total=10) == pytest.approx(0.5)
 
 
+def test_train_options_are_the_config_fields() -> None:
+    """Each TrainConfig field is one option of `loratools train`, named as the field, with its default and help."""
+    from dataclasses import fields
+
+    from click.testing import CliRunner
+
+    from loratools.cli.train import train
+
+    params = {p.name: p for p in train.params}
+    for f in fields(TrainConfig):
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        assert params[f.name].default == default and f.metadata["help"].split("`")[0] in params[f.name].help, f.name
+    assert params["orth_reg_weight"].opts == ["--orth-reg"]
+    assert "(instead of --steps)" in params["epochs"].help  # a field named in a help text is shown as its flag
+    # the rank options are checked once, by LayerSpec, under the command line's names
+    with pytest.raises(InvalidOptionError, match="`init_rank`"):
+        TrainConfig(method="adalora", init_rank=2, target_rank=3)
+    assert TrainConfig(targets="q_proj,,v_proj").targets == ("q_proj", "v_proj")
+    res = CliRunner().invoke(train, [str(TINY_LLAMA), str(CORPUS), "-o", "x", "--rank", "0"])
+    assert res.exit_code != 0 and "rank" in str(res.exception)
+
+
 def test_cli_train_errors(tmp_path: Path, cli) -> None:
     r = cli("train", TINY_LLAMA, tmp_path / "missing.txt", "-o", tmp_path / "o", "--steps", "1")
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
@@ -416,7 +438,7 @@ def test_all_linear_targets_and_unknown_target_names(tmp_path: Path, cli) -> Non
     assert "q_prj" in res.stderr and "k_proj, o_proj, q_proj, up_proj, v_proj" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     with pytest.raises(Exception, match="gate_proj"):
-        inject(AutoModelForCausalLM.from_pretrained(TINY_LLAMA), ["nothing"], LayerSpec(r=2, alpha=4))
+        inject(AutoModelForCausalLM.from_pretrained(TINY_LLAMA), ["nothing"], LayerSpec(rank=2, alpha=4))
 
 
 def test_adalora_cli_settings_and_final_allocation_printed(tmp_path: Path, cli) -> None:

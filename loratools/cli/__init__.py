@@ -90,18 +90,20 @@ class _UserError(click.ClickException):
         click.echo(f"loratools: error: {self.message}", err=True)
 
 
-class _Interrupt(click.ClickException):
+def _interrupt(signum: int) -> click.ClickException:
     """A command stopped by a signal (SIGINT, SIGTERM, SIGHUP): one line, exit code 128 + its number.
 
     Raised here rather than left to click, which would print a blank line first (for a terminal's ``^C``).
+    A class per signal: click declares ``exit_code`` on the class (a ``ClassVar``), not per exception.
     """
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted ({signal.Signals(signum).name}); nothing was written")
-        self.exit_code = 128 + signum
+    class _Interrupt(click.ClickException):
+        exit_code = 128 + signum
 
-    def show(self, file: object = None) -> None:
-        click.echo(f"loratools: {self.message}", err=True)
+        def show(self, file: object = None) -> None:
+            click.echo(f"loratools: {self.message}", err=True)
+
+    return _Interrupt(f"interrupted ({signal.Signals(signum).name}); nothing was written")
 
 
 class _Group(click.Group):
@@ -114,12 +116,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except Interrupted as e:
-            raise _Interrupt(e.signum) from e
+            raise _interrupt(e.signum) from e
         except LoraToolsError as e:
             if _debug():
                 raise
-            # ctx.invoked_subcommand is set before the subcommand parses its arguments (an hf:// pull may fail there)
-            raise _UserError(with_flags(str(e), self.commands.get(ctx.invoked_subcommand or ""))) from e
+            # ctx.invoked_subcommand is set before the subcommand parses its arguments (an hf:// pull may fail there);
+            # an error whose fix is another command names that command's parameters (e.command)
+            raise _UserError(with_flags(str(e), self.commands.get(e.command or ctx.invoked_subcommand or ""))) from e
         except OSError as e:  # the disk or file system refused (full, read-only, a name too long): one line
             if e.errno not in _USER_ERRNOS or _debug():
                 raise
@@ -206,7 +209,7 @@ def _run(argv: list[str] | None) -> object:
         return e.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # interrupted outside a command (click's Abort wraps it)
         signum = getattr(e, "signum", getattr(e.__cause__, "signum", signal.SIGINT))
-        interrupt = _Interrupt(signum)
+        interrupt = _interrupt(signum)
         interrupt.show()
         return interrupt.exit_code
     except BrokenPipeError:

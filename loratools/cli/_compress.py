@@ -1,40 +1,55 @@
-"""Tables and the held-out report shared by ``extract``, ``resize``, ``prune`` and ``combine`` (imported inside them)."""
+"""Tables, summaries and progress shared by ``extract``, ``resize``, ``prune`` and ``combine`` (imported inside them).
+
+The jobs (:mod:`loratools.compress`) return typed results; this module only renders them.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from ..inspection import natural_key
+from . import render
 from .render import fmt_float
 
-__all__ = ["extract_table", "resize_table", "prune_table", "skipped_summary", "size", "heldout_report", "heldout_line"]
+if TYPE_CHECKING:
+    from ..compress.combine import CombineResult
+    from ..compress.extract import LayerReport, Skipped
+    from ..compress.prune import PruneLayer
+    from ..compress.resize import ResizeLayer
+    from ..lm.heldout import HeldOutReport
+    from .options import Session
+
+__all__ = ["extract_table", "resize_table", "prune_table", "combine_table", "combine_summary", "skipped_summary",
+           "size", "heldout_line", "job_progress"]
 
 
-def heldout_report(base: str | None, data: str | None, before: Any, after: Any, *, tuned: str | None = None,
-                   max_examples: int | None = None, device: str = "auto") -> dict[str, Any] | None:
-    """With ``--base`` and ``--data``: the held-out loss of the base alone, with the input adapter (``before``;
-    None: the base alone, as for ``combine``; ``tuned``: that fine-tuned model itself, as for ``extract``) and
-    with the output adapter (``after``), from :mod:`loratools.lm.heldout`; None without them."""
-    if base is None or data is None:
-        return None
-    import torch
+@contextmanager
+def job_progress(session: Session, description: str, *, quiet: bool = False,
+                 lines: bool = False) -> Iterator[Callable[..., None]]:
+    """:func:`render.progress` for a job that says its size when it starts (``progress(0, total=n)``, the
+    :class:`loratools.io.Progress` protocol): the bar, or with ``lines`` the lines, opens at that first call."""
+    with ExitStack() as stack:
+        shown: list[Callable[..., None]] = []
 
-    from ..lm.heldout import HeldOut
+        def advance(n: int = 1, *, total: int | None = None) -> None:
+            if not shown:
+                shown.append(stack.enter_context(render.progress(session, total, description, quiet=quiet,
+                                                                 lines=lines)))
+                total = None  # given to the bar as it opened
+            if n or total is not None:
+                shown[0](n, **({"total": total} if total is not None else {}))
 
-    held = HeldOut(base, data, max_examples=max_examples, device=device)
-    with torch.no_grad():
-        alone, loss_after = held.loss(None), held.loss(after)
-        loss_before = held.model_loss(tuned) if tuned is not None else alone if before is None else held.loss(before)
-    return {"data": str(data), "base": alone, "before": loss_before, "after": loss_after}
+        yield advance
 
 
-def heldout_line(held: dict[str, Any], *, before: str = "before", after: str = "after") -> str:
-    return (f"held-out loss on {held['data']}: {before} {held['before']:.4f} → {after} {held['after']:.4f} "
-            f"(base alone {held['base']:.4f})")
+def heldout_line(held: HeldOutReport, *, before: str = "before", after: str = "after") -> str:
+    return (f"held-out loss on {held.data}: {before} {held.before:.4f} → {after} {held.after:.4f} "
+            f"(base alone {held.base:.4f})")
 
 
 def _ordered(layers: Sequence[Any]) -> list[Any]:
@@ -52,7 +67,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%" if x >= 1e-4 else f"{100 * x:.1e}%"
 
 
-def extract_table(layers: Sequence[Any]) -> Table:
+def extract_table(layers: Sequence[LayerReport]) -> Table:
     t = Table(pad_edge=False)
     for col, just in [("module", "left"), ("shape", "right"), ("rank", "right"), ("rel. error", "right"),
                       ("energy kept", "right"), ("lost", "right"), ("‖ΔW‖F", "right"), ("svd", "left")]:
@@ -63,7 +78,7 @@ def extract_table(layers: Sequence[Any]) -> Table:
     return t
 
 
-def resize_table(layers: Sequence[Any]) -> Table:
+def resize_table(layers: Sequence[ResizeLayer]) -> Table:
     t = Table(pad_edge=False)
     for col, just in [("module", "left"), ("rank", "right"), ("→", "right"), ("rel. error", "right"),
                       ("energy kept", "right"), ("lost", "right")]:
@@ -74,7 +89,7 @@ def resize_table(layers: Sequence[Any]) -> Table:
     return t
 
 
-def prune_table(layers: Sequence[Any]) -> Table:
+def prune_table(layers: Sequence[PruneLayer]) -> Table:
     t = Table(pad_edge=False)
     for col, just in [("module", "left"), ("rank", "right"), ("→", "right"), ("kept triplets", "left"),
                       ("rel. error", "right"), ("importance kept", "right"), ("lost", "right")]:
@@ -86,7 +101,7 @@ def prune_table(layers: Sequence[Any]) -> Table:
     return t
 
 
-def skipped_summary(skipped: Sequence[Any]) -> str:
+def skipped_summary(skipped: Sequence[Skipped]) -> str:
     """One line per reason: how many tensors were left out and a few of their names."""
     by: Counter[str] = Counter(s.why for s in skipped)
     lines = []
@@ -95,3 +110,34 @@ def skipped_summary(skipped: Sequence[Any]) -> str:
         shown = ", ".join(names[:3]) + (f" … (+{n - 3})" if n > 3 else "")
         lines.append(f"  left out {n}: {why} — {shown}")
     return "\n".join(lines)
+
+
+def combine_table(res: CombineResult) -> Table:
+    dense = res.method != "sum"
+    t = Table(pad_edge=False)
+    cols = [("module", "left"), ("input ranks", "right"), ("rank", "right"), ("rel. error", "right")]
+    for col, just in cols + ([("vs Σ wᵢΔWᵢ", "right")] if dense else []):
+        t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for layer in res.layers:
+        ranks = " + ".join("—" if r is None else str(r) for r in layer.input_ranks)
+        row = [layer.name, ranks, str(layer.rank), fmt_float(layer.rel_error)]
+        t.add_row(*row, *([fmt_float(layer.sum_error)] if dense else []))
+    return t
+
+
+def combine_summary(res: CombineResult) -> str:
+    """What was combined, how exactly, and where it was written."""
+    terms = ", ".join(f"{a}×{w:g}" for a, w in zip(res.inputs, res.weights))
+    worst = max((layer.rel_error for layer in res.layers), default=0.0)
+    tail = (f"\n{len(res.adapter.modules)} modules · {size(res.adapter.parameters)} parameters · "
+            f"wrote {res.output} ({res.format})")
+    if res.method == "sum" and res.exact:
+        return f"exact sum of {terms} (rank Σrᵢ per module){tail}"
+    rule = res.rule.describe() if res.rule else ""
+    if res.method == "sum":
+        return (f"sum of {terms}, truncated ({rule}): the best rank-k approximation per module, "
+                f"relative error ≤ {fmt_float(worst)}{tail}")
+    off = max((layer.sum_error for layer in res.layers), default=0.0)
+    return (f"{res.method} (density {res.density:g}, seed {res.seed}) of {terms}, truncated ({rule}): "
+            f"not an exact sum — relative error vs "
+            f"Σ wᵢΔWᵢ up to {fmt_float(off)} (vs the {res.method} merge up to {fmt_float(worst)}){tail}")

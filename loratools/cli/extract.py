@@ -6,8 +6,8 @@ import re
 
 import click
 
-from .options import (Session, device_option, dtype_option, force_option, format_option, output_option,
-                      pass_session, rank_rule_options)
+from .options import (Session, data_option, device_option, dtype_option, force_option, format_option, json_option,
+                      output_option, pass_session, rank_rule_options)
 
 
 def _split(targets: tuple[str, ...]) -> list[str] | None:
@@ -29,10 +29,9 @@ def _split(targets: tuple[str, ...]) -> list[str] | None:
 @device_option
 @dtype_option
 @force_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--data", type=click.Path(), default=None,
-              help="Held-out data (.txt or .jsonl as for train): report the loss of TUNED itself (before) and of "
-                   "BASE + the extracted adapter (after), and of BASE alone.")
+@json_option
+@data_option("held-out data (.txt or .jsonl as for train): the loss of TUNED itself (before), of "
+             "BASE + the extracted adapter (after) and of BASE alone")
 @pass_session
 def extract(session: Session, base: str, tuned: str, output: str, rank: int | None, energy: float | None,
             error: float | None, max_rank: int | None, targets: tuple[str, ...], alpha: float | None, fmt: str,
@@ -56,30 +55,18 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
       loratools extract base/ tuned/ -o a.safetensors --format loratools --error 0.2 --targets q_proj,v_proj
       loratools extract base/ tuned/ -o adapter --rank 16 --data heldout.txt
     """
-    from ..device import configure_cpu_threads, resolve_dtype
-    from ..compress.extract import extract_adapter
-    from ..compress.extract import plan_size
-    from ..formats import write_adapter
-    from ..io import ModelReader, check_output
+    from ..compress.extract import extract_model
+    from ..device import configure_cpu_threads
     from . import render
-    from ._compress import extract_table, heldout_line, heldout_report, size, skipped_summary
+    from ._compress import extract_table, heldout_line, job_progress, size, skipped_summary
 
     configure_cpu_threads(device)
-    check_output(output, force=force, inputs=(base, tuned))  # fail before the long computation
-    base_r, tuned_r = ModelReader(base), ModelReader(tuned)
-    with render.progress(session, plan_size(base_r), "extracting", quiet=as_json) as advance:
-        res = extract_adapter(base_r, tuned_r, rank=rank, energy=energy, error=error, max_rank=max_rank,
-                           targets=_split(targets), alpha=alpha, device=device,
-                           dtype=resolve_dtype(dtype), progress=advance)
-    held = heldout_report(base, data, None, res.adapter, tuned=tuned, device=device)
-    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(base, tuned))
+    with job_progress(session, "extracting", quiet=as_json) as advance:
+        res = extract_model(base, tuned, output, rank=rank, energy=energy, error=error, max_rank=max_rank,
+                            targets=_split(targets), alpha=alpha, format=fmt, dtype=dtype, device=device,
+                            force=force, data=data, progress=advance)
     if as_json:
-        render.print_json({
-            "output": output, "parameters": res.parameters, "delta_parameters": res.delta_parameters,
-            "rel_error": res.total_rel_error, "heldout_loss": held,
-            "layers": [vars(r) | {"shape": list(r.shape)} for r in res.layers],
-            "skipped": [{"name": s.name, "shape": list(s.shape), "why": s.why} for s in res.skipped],
-        })
+        render.print_json(res.to_json())
         return
     session.out.print(extract_table(res.layers))
     if not session.quiet:
@@ -91,5 +78,5 @@ def extract(session: Session, base: str, tuned: str, output: str, rank: int | No
         if res.skipped:
             session.out.print(skipped_summary(res.skipped), highlight=False)
         session.out.print(f"wrote {output} ({fmt})")
-    if held is not None:
-        session.out.print(heldout_line(held, before="tuned", after="base + adapter"), highlight=False)
+    if res.heldout is not None:
+        session.out.print(heldout_line(res.heldout, before="tuned", after="base + adapter"), highlight=False)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from .options import ADAPTER, Session, force_option, pass_session
 
+if TYPE_CHECKING:
+    from ..inspection import InspectReport
 
-def _summary(report: dict[str, object]) -> str:
-    return (f"{report['method']} · base {report['base_model'] or 'unknown'} · {report['modules']} modules · "
-            f"{report['parameters']:,} parameters · rank {report['rank_min']}–{report['rank_max']} "
-            f"(total {report['rank_total']}) · fingerprint {str(report['fingerprint'])[:12]}")
+
+def _summary(report: InspectReport) -> str:
+    return (f"{report.method} · base {report.base_model or 'unknown'} · {report.modules} modules · "
+            f"{report.parameters:,} parameters · rank {report.rank_min}–{report.rank_max} "
+            f"(total {report.rank_total}) · fingerprint {report.fingerprint[:12]}")
 
 
 @click.command()

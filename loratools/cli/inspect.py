@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import click
 
-from .options import ADAPTER, Session, pass_session
+from .options import ADAPTER, Session, base_option, json_option, pass_session
 
 
 @click.command()
 @click.argument("adapter", type=ADAPTER)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--base", type=click.Path(), default=None,
-              help="Base model: for DoRA, each layer's magnitude change and the spectrum of its full update.")
+@json_option
+@base_option("for DoRA, each layer's magnitude change and the spectrum of its full update")
 @pass_session
 def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> None:
     """Show an adapter's layers: rank, scale, spectrum and effective rank.
@@ -33,44 +32,26 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> 
       loratools inspect fixtures/adapters/lora
       loratools inspect adapter.safetensors --json | jq '.layers[0].stable_rank'
     """
-    from ..device import configure_cpu_threads, map_in_threads
-    from ..formats import detect_format, read_adapter
-    from ..inspection import inspect_adapter
+    from ..device import configure_cpu_threads
+    from ..inspect_job import inspect_file
     from . import render
 
     configure_cpu_threads()
-    fmt = detect_format(adapter)
-    ad = read_adapter(adapter, format=fmt)
-    if base is not None and ad.is_dora:
-        from ..io import ModelReader
-
-        with ModelReader(base) as model:
-            report = inspect_adapter(ad, format=fmt, base=lambda name: model.get(f"{name}.weight"))
-    else:
-        report = inspect_adapter(ad, format=fmt, mapper=map_in_threads)
+    report = inspect_file(adapter, base=base)
     if as_json:
-        render.print_json(report)
+        render.print_json(report.to_json())
         return
     if not session.quiet:
-        session.out.print(f"[bold]{adapter}[/]  {fmt} · {report['method']} · base {report['base_model'] or 'unknown'}"
-                          f" · fingerprint {report['fingerprint'][:12]}")
+        session.out.print(f"[bold]{adapter}[/]  {render.inspect_summary(report)}")
     session.out.print(render.inspect_table(report))
-    for layer in report["layers"]:
-        d = layer.get("dora")
-        if d is None:
-            continue
-        line = f"DoRA {layer['name']}: ‖m‖ {d['magnitude_norm']:.4g}"
-        if "update" in d:
-            u = d["update"]
-            line += (f" · magnitude change {d['magnitude_change']:.3g} · update ‖W′−W0‖F {u['fro_norm']:.4g}, "
-                     f"σ₁ {u['sigma_max']:.4g}, num rank {u['numerical_rank']}, entropy {u['effective_rank']:.1f}")
+    for line in render.dora_lines(report):
         session.out.print(line)
     if not session.quiet:
-        session.out.print(render.totals_table(report["by_layer"], "layer"))
-        session.out.print(render.totals_table(report["by_type"], "type"))
-        rec = report["recommended_rank"]
-        session.out.print(f"recommended rank: {rec['energy_90']} keeps 90% of the adapter's energy, "
-                          f"{rec['energy_99']} keeps 99% (loratools resize --rank K)")
-        session.out.print(f"{report['modules']} modules · {report['parameters']:,} parameters · rank "
-                          f"{report['rank_min']}–{report['rank_max']} (total {report['rank_total']})"
-                          + (f" · {len(report['saved_tensors'])} full tensors saved" if report["saved_tensors"] else ""))
+        session.out.print(render.totals_table(report.by_layer, "layer"))
+        session.out.print(render.totals_table(report.by_type, "type"))
+        rec = report.recommended_rank
+        session.out.print(f"recommended rank: {rec.energy_90} keeps 90% of the adapter's energy, "
+                          f"{rec.energy_99} keeps 99% (loratools resize --rank K)")
+        session.out.print(f"{report.modules} modules · {report.parameters:,} parameters · rank "
+                          f"{report.rank_min}–{report.rank_max} (total {report.rank_total})"
+                          + (f" · {len(report.saved_tensors)} full tensors saved" if report.saved_tensors else ""))

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import InvalidOptionError
-from .options import ADAPTER, Session, device_option, dtype_option, force_option, output_option, pass_session
+from .options import (ADAPTER, Session, device_option, dtype_option, force_option, json_option, output_option,
+                      pass_session)
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from ..formats import BaseModel
     from ..merge.plan import AdapterInput
     from ..merge.report import MergeReport, VerifyReport
 
@@ -24,13 +26,12 @@ precision_option = click.option("--precision", default="float32", show_default=T
                                 help="Precision in which each ΔW is formed and added before the one cast.")
 quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16|f32",
                              help="GGUF BASE only: the type of each adapted tensor (default same: its own type).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 
 
-def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) -> list[AdapterInput]:
-    """The adapters, read against ``model`` (the base, or the merged model for unmerge) as ``convert --base``
-    reads them: kohya files of other tools get the model's module names (and GPT-2's Conv1D layout), GGUF
-    adapters of llama.cpp its architecture and head counts."""
+def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) -> tuple[BaseModel, list[AdapterInput]]:
+    """The model (the base, or the merged model for unmerge), read once, and the adapters read against it as
+    ``convert --base`` reads them: kohya files of other tools get the model's module names (and GPT-2's Conv1D
+    layout), GGUF adapters of llama.cpp its architecture and head counts. The job is given the model as read."""
     from ..formats import load_base, read_adapter
     from ..merge.plan import AdapterInput
 
@@ -38,32 +39,34 @@ def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) ->
         raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
     ws = weights or (1.0,) * len(paths)
     base = load_base(model)
-    return [AdapterInput(read_adapter(p, base=base), w, p) for p, w in zip(paths, ws)]
+    return base, [AdapterInput(read_adapter(p, base=base), w, p) for p, w in zip(paths, ws)]
 
 
 def _summary(out: Console, r: MergeReport) -> None:
     names = ", ".join(f"{a['source']}×{a['weight']:g}" for a in r.adapters)
     out.print(f"[bold]{r.op}[/] {names} → {r.output}: {r.adapted} tensors changed, {r.copied} copied")
     if r.op == "merge" and r.record:
-        adapted = getattr(r, "adapted_nbytes", 0)  # a GGUF merge: its patches against the tensors they restore
+        adapted = r.adapted_nbytes  # a GGUF merge: its patches against the tensors they restore
         of = (f"{100 * r.record_nbytes / adapted:.3f}% of the adapted tensors' {adapted:,} bytes" if adapted
               else f"{100 * r.record_nbytes / max(r.nbytes, 1):.3f}% of the model's {r.nbytes:,} bytes")
         out.print(f"record {r.record}: {r.record_nbytes:,} bytes of patches ({of})")
-    for types, q in getattr(r, "quant", {}).items():  # a GGUF merge: the requantization per type
+    for types, q in r.quant.items():  # a GGUF merge: the requantization per type
         out.print(f"{types}: {q['tensors']} tensors, requantization error {q['requant_rel_error']:.3g} relative "
                   f"(max {q['requant_max_abs_error']:.3g}); the base's own quantization ≈ {q['base_rel_error_est']:.3g}; "
                   f"ΔW {q['delta_rel']:.3g} of W0")
-    if r.op == "unmerge" and r.exact and getattr(r, "est_rel_error", None) is None:  # a GGUF model
-        out.print("exact: every restored tensor and file matches the base's sha256 from the record")
-    if r.op == "unmerge" and getattr(r, "est_rel_error", None) is not None:
+    if r.op != "unmerge":
+        return
+    if r.is_gguf:
         if r.exact:
-            out.print("exact: every restored tensor matches its checksum in the record")
-        else:
-            out.print(f"not exact (no --record): estimated max |error| {r.est_max_abs_error:.3g}, "
-                      f"relative (Frobenius) {r.est_rel_error:.3g}; bound {r.error_bound:.3g} per element")
-            if not r.vouched:
-                out.print("unchecked: MERGED's stamp does not confirm these adapters and weights; the figures above "
-                          "hold only if they are the ones merged, and the true error is otherwise unbounded")
+            out.print("exact: every restored tensor and file matches the base's sha256 from the record")
+    elif r.exact:
+        out.print("exact: every restored tensor matches its checksum in the record")
+    else:
+        out.print(f"not exact (no --record): estimated max |error| {r.est_max_abs_error:.3g}, "
+                  f"relative (Frobenius) {r.est_rel_error:.3g}; bound {r.error_bound:.3g} per element")
+        if not r.vouched:
+            out.print("unchecked: MERGED's stamp does not confirm these adapters and weights; the figures above "
+                      "hold only if they are the ones merged, and the true error is otherwise unbounded")
 
 
 def _verify_lines(out: Console, v: VerifyReport) -> None:
@@ -121,11 +124,10 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights, base)
+    model, inputs = _adapters(adapters, weights, base)
     with render.progress(session, None, "merge", quiet=as_json) as advance:
-        report = merge_model(base, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
-                             record=record, force=force, extra_inputs=adapters, verify=do_verify, progress=advance,
-                             quant=quant)
+        report = merge_model(model, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
+                             record=record, force=force, verify=do_verify, progress=advance, quant=quant)
     for note in report.notes:
         session.err.print(f"note: {note}")
     if as_json:
@@ -171,11 +173,10 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights, merged)
+    model, inputs = _adapters(adapters, weights, merged)
     with render.progress(session, None, "unmerge", quiet=as_json) as advance:
-        report = unmerge_model(merged, inputs, output, device=device, precision=precision, record=record,
-                               force=force, extra_inputs=adapters, progress=advance, ignore_stamp=ignore_stamp,
-                               quant=quant)
+        report = unmerge_model(model, inputs, output, device=device, precision=precision, record=record,
+                               force=force, progress=advance, ignore_stamp=ignore_stamp, quant=quant)
     if as_json:
         render.print_json(report.to_json())
     elif not session.quiet:
@@ -209,9 +210,9 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
     from . import render
 
     configure_cpu_threads(device)
-    inputs = _adapters(adapters, weights, base)
+    model, inputs = _adapters(adapters, weights, base)
     with render.progress(session, None, "verify", quiet=as_json) as advance:
-        v = verify_merge(base, inputs, merged, device=device, precision=precision, progress=advance)
+        v = verify_merge(model, inputs, merged, device=device, precision=precision, progress=advance)
     if as_json:
         render.print_json(v.to_json())
     else:

@@ -7,12 +7,16 @@ Only click is imported here: every command module imports this at start-up, so
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+#: a command function being decorated (the decorators here return it with one more parameter)
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["Session", "pass_session", "AdapterPath", "ADAPTER", "output_option", "force_option", "device_option",
            "dtype_option", "rank_rule_options", "format_option", "json_option", "base_option", "data_option"]
@@ -51,13 +55,13 @@ class AdapterPath(click.ParamType):
     name = "adapter"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        value = str(value)
-        if value.startswith("hf://"):
+        text = str(value)
+        if text.startswith("hf://"):
             from ..hub import client as hub  # imported only when used: huggingface_hub is slow to load
 
-            repo_id, revision = hub.parse_hf_uri(value)
+            repo_id, revision = hub.parse_hf_uri(text)
             return str(hub.pull(repo_id, revision=revision))
-        return value
+        return text
 
 
 ADAPTER = AdapterPath()
@@ -72,7 +76,7 @@ dtype_option = click.option("--dtype", default="auto", show_default=True,
                             help="Output dtype; auto keeps the input's.")
 
 
-def rank_rule_options(f: Any) -> Any:
+def rank_rule_options(f: F) -> F:
     """--rank / --energy / --error / --max-rank (exactly one of the first three)."""
     for opt in reversed([
         click.option("--rank", type=int, default=None, help="Keep this rank in every layer."),
@@ -93,13 +97,13 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as one JSON object (for scripts) instead of tables.")
 
 
-def base_option(purpose: str, *, required: bool = False) -> Any:
+def base_option(purpose: str, *, required: bool = False) -> Callable[[F], F]:
     """The one ``--base`` option: the base model a command reads, with what this command reads it for."""
     return click.option("--base", type=click.Path(), default=None, required=required,
                         help=f"Base model (a directory or .safetensors file, or a .gguf): {purpose}.")
 
 
-def data_option(purpose: str) -> Any:
+def data_option(purpose: str) -> Callable[[F], F]:
     """The one ``--data`` option: a text, JSONL or chat file, with what this command uses it for."""
     return click.option("--data", type=click.Path(), default=None,
                         help=f"Data (plain text, .jsonl rows or chat): {purpose}.")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..errors import InvalidOptionError
-from .options import ADAPTER, Session, device_option, force_option, format_option, output_option, pass_session
+from .options import (ADAPTER, Session, base_option, data_option, device_option, force_option, format_option,
+                      json_option, output_option, pass_session)
 
 
 @click.command()
@@ -15,10 +15,9 @@ from .options import ADAPTER, Session, device_option, force_option, format_optio
 @click.option("--keep", type=float, default=None, metavar="F",
               help="Instead of --budget: keep this fraction of the adapter's triplets, round(F·Σ ranks) (0 < F ≤ 1).")
 @click.option("--max-examples", type=int, default=None, help="Calibrate on at most this many rows of --data (the first).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--base", type=click.Path(), default=None, help="Base model directory (for gradient importance).")
-@click.option("--data", type=click.Path(), default=None,
-              help='Calibration JSON lines: {"text": ...} or {"prompt": ..., "completion": ...}.')
+@json_option
+@base_option("a model directory, for gradient importance with --data")
+@data_option('calibration rows, {"text": ...} or {"prompt": ..., "completion": ...} (JSON lines), with --base')
 @click.option("--beta1", type=float, default=0.85, show_default=True, help="EMA factor of the sensitivity.")
 @click.option("--beta2", type=float, default=0.85, show_default=True, help="EMA factor of the uncertainty.")
 @click.option("--to", "to", type=click.Choice(["same", "lora"]), default="same", show_default=True,
@@ -47,52 +46,27 @@ def prune(session: Session, adapter: str, output: str, budget: int | None, keep:
       loratools prune adapter/ -o half --keep 0.5 --json
       loratools prune adapter/ -o pruned --budget 64 --base base/ --data calib.jsonl --to lora
     """
-    from ..device import configure_cpu_threads, resolve_device
-    from ..formats import read_adapter, write_adapter
-    from ..io import check_output
-    from ..lm.data import read_rows
-    from ..lm.load import load_causal_lm
-    from ..compress.prune import budget_of, calibration_scores, prune_adapter
+    from ..compress.prune import prune_file
+    from ..device import configure_cpu_threads
     from . import render
-    from ._compress import heldout_line, heldout_report, prune_table, size
+    from ._compress import heldout_line, job_progress, prune_table, size
 
     configure_cpu_threads(device)
-    check_output(output, force=force, inputs=(adapter,))  # fail before the long computation
-    if (base is None) != (data is None):
-        raise InvalidOptionError("--base and --data go together: give both for gradient importance, or neither")
-    if (budget is None) == (keep is None):
-        raise InvalidOptionError("give --budget N or --keep F (one of them)")
-    if max_examples is not None and max_examples < 1:
-        raise InvalidOptionError(f"--max-examples must be at least 1, got {max_examples}")
-    src = read_adapter(adapter)
-    budget = budget if budget is not None else budget_of(src, keep or 0.0)
-    importance = None
-    if base is not None and data is not None:
-        examples = read_rows(data, what="calibration data", plain_text=False)[:max_examples]
-        model, tokenizer = load_causal_lm(base, device=resolve_device(device), frozen=True)
-        with render.progress(session, len(examples), "calibrating", quiet=as_json,
-                             lines=True) as advance:
-            importance = calibration_scores(src, model, tokenizer, examples, beta1=beta1, beta2=beta2,
-                                            progress=advance)
-    elif not session.quiet and not as_json:
+    with job_progress(session, "calibrating", quiet=as_json, lines=True) as advance:
+        res = prune_file(adapter, output, budget=budget, keep=keep, base=base, data=data, max_examples=max_examples,
+                         beta1=beta1, beta2=beta2, to_lora=to == "lora", format=fmt, force=force, device=device,
+                         progress=advance)
+    if as_json:
+        render.print_json(res.to_json())
+        return
+    if res.importance == "magnitude" and not session.quiet:
         session.err.print("importance: |λᵢ| (magnitude only); pass --base and --data for AdaLoRA's "
                           "gradient-based importance")
-    res = prune_adapter(src, budget=budget, importance=importance, to_lora=to == "lora")
-    # on the calibration data itself: the loss the pruning was scored on (give other data to resize for a test set)
-    held = heldout_report(base, data, src, res.adapter, max_examples=max_examples, device=device)
-    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,) + ((base,) if base else ()))
-    if as_json:
-        render.print_json({"output": output, "importance": res.importance, "budget": budget, "heldout_loss": held,
-                           "kept": sum(res.rank_pattern.values()), "parameters_before": src.parameters,
-                           "parameters": res.adapter.parameters, "method": res.adapter.method,
-                           "rank_pattern": res.rank_pattern, "layers": [vars(r) for r in res.layers]})
-        return
     session.out.print(prune_table(res.layers))
     if not session.quiet:
-        pattern = {n: r for n, r in res.rank_pattern.items()}
-        session.out.print(f"importance: {res.importance} · kept {sum(pattern.values())} triplets · "
-                          f"{size(src.parameters)} → {size(res.adapter.parameters)} parameters · "
-                          f"{src.method} → {res.adapter.method} · wrote {output} ({fmt})")
-        session.out.print(f"rank_pattern: {pattern}", highlight=False)
-    if held is not None:
-        session.out.print(heldout_line(held) + " (the calibration data)", highlight=False)
+        session.out.print(f"importance: {res.importance} · kept {res.kept} triplets · "
+                          f"{size(res.parameters_before)} → {size(res.adapter.parameters)} parameters · "
+                          f"{res.method_before} → {res.adapter.method} · wrote {output} ({fmt})")
+        session.out.print(f"rank_pattern: {res.rank_pattern}", highlight=False)
+    if res.heldout is not None:
+        session.out.print(heldout_line(res.heldout) + " (the calibration data)", highlight=False)

@@ -13,9 +13,11 @@ if TYPE_CHECKING:  # rich is imported when a table or a console is made: a quiet
     from rich.console import Console
     from rich.table import Table
 
+    from ..inspection import GroupTotal, InspectReport
     from .options import Session
 
-__all__ = ["console", "sparkline", "progress", "print_json", "inspect_table", "totals_table", "allocation_table", "fmt_float"]
+__all__ = ["console", "sparkline", "progress", "print_json", "inspect_summary", "inspect_table", "dora_lines",
+           "totals_table", "allocation_table", "fmt_float"]
 
 
 def console(*, stderr: bool) -> Console:
@@ -96,7 +98,14 @@ def progress(session: Session, total: int | None, description: str, *,
         yield lambda n=1, *, total=None: bar.update(task, advance=n, **({"total": total} if total is not None else {}))
 
 
-def inspect_table(report: dict[str, Any]) -> Table:
+def inspect_summary(report: InspectReport) -> str:
+    """``peft · lora · base fixtures/tiny-llama · fingerprint 0123456789ab``: what an inspect report is of."""
+    return (f"{report.format} · {report.method} · base {report.base_model or 'unknown'} · "
+            f"fingerprint {report.fingerprint[:12]}")
+
+
+def inspect_table(report: InspectReport) -> Table:
+    """One row per module of ``report``: shape, rank, alpha, scale and its spectrum's figures."""
     from rich.table import Table
 
     t = Table(title=None, show_lines=False, pad_edge=False)
@@ -105,17 +114,34 @@ def inspect_table(report: dict[str, Any]) -> Table:
                       ("stable", "right"), ("entropy", "right"), ("e90", "right"), ("e99", "right"),
                       ("spectrum", "left")]:
         t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-    for layer in report["layers"]:
+    for layer in report.layers:
+        s = layer.spectrum
         t.add_row(
-            layer["name"], "×".join(map(str, layer["shape"])), str(layer["rank"]), fmt_float(layer["alpha"]),
-            fmt_float(layer["scale"]), fmt_float(layer["fro_norm"]), fmt_float(layer["sigma_max"]),
-            str(layer["numerical_rank"]), f"{layer['stable_rank']:.2f}", f"{layer['effective_rank']:.2f}",
-            str(layer["energy_rank_90"]), str(layer["energy_rank_99"]), sparkline(layer["singular_values"]),
+            layer.name, "×".join(map(str, layer.shape)), str(layer.rank), fmt_float(layer.alpha),
+            fmt_float(layer.scale), fmt_float(s.fro_norm), fmt_float(s.sigma_max), str(s.numerical_rank),
+            f"{s.stable_rank:.2f}", f"{s.effective_rank:.2f}", str(s.energy_rank_90), str(s.energy_rank_99),
+            sparkline(layer.singular_values),
         )
     return t
 
 
-def totals_table(rows: list[dict[str, Any]], key: str) -> Table:
+def dora_lines(report: InspectReport) -> list[str]:
+    """One line per DoRA module: ‖m‖ and, when the base was read, the magnitude change and the full update."""
+    lines = []
+    for layer in report.layers:
+        d = layer.dora
+        if d is None:
+            continue
+        line = f"DoRA {layer.name}: ‖m‖ {d.magnitude_norm:.4g}"
+        if d.update is not None:
+            u = d.update
+            line += (f" · magnitude change {d.magnitude_change:.3g} · update ‖W′−W0‖F {u.fro_norm:.4g}, "
+                     f"σ₁ {u.sigma_max:.4g}, num rank {u.numerical_rank}, entropy {u.effective_rank:.1f}")
+        lines.append(line)
+    return lines
+
+
+def totals_table(rows: Sequence[GroupTotal], key: str) -> Table:
     """``inspect``'s totals per block index (``key="layer"``) or per module type (``key="type"``)."""
     from rich.table import Table
 
@@ -123,7 +149,7 @@ def totals_table(rows: list[dict[str, Any]], key: str) -> Table:
     for col in (key, "modules", "parameters", "Σ rank", "‖ΔW‖F"):
         t.add_column(col, justify="left" if col == key else "right", no_wrap=True)
     for r in rows:
-        t.add_row(str(r[key]), str(r["modules"]), f"{r['parameters']:,}", str(r["rank_total"]), fmt_float(r["fro_norm"]))
+        t.add_row(r.group, str(r.modules), f"{r.parameters:,}", str(r.rank_total), fmt_float(r.fro_norm))
     return t
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import ADAPTER, Session, force_option, format_option, output_option, pass_session, rank_rule_options
+from .options import (ADAPTER, Session, base_option, data_option, force_option, format_option, json_option,
+                      output_option, pass_session, rank_rule_options)
 
 
 @click.command()
@@ -13,10 +14,9 @@ from .options import ADAPTER, Session, force_option, format_option, output_optio
 @rank_rule_options
 @format_option
 @force_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--base", type=click.Path(), default=None, help="Base model directory: with --data, report held-out loss.")
-@click.option("--data", type=click.Path(), default=None,
-              help="Held-out data (.txt or .jsonl as for train): the loss of base + adapter before and after.")
+@json_option
+@base_option("a model directory; with --data, the held-out loss of base + adapter before and after")
+@data_option("held-out data (.txt or .jsonl as for train), with --base")
 @pass_session
 def resize(session: Session, adapter: str, output: str, rank: int | None, energy: float | None, error: float | None,
            max_rank: int | None, fmt: str, force: bool, as_json: bool, base: str | None, data: str | None) -> None:
@@ -36,30 +36,21 @@ def resize(session: Session, adapter: str, output: str, rank: int | None, energy
       loratools resize adalora/ -o lora --energy 1.0
       loratools resize adapter/ -o small --rank 4 --base base/ --data heldout.jsonl
     """
+    from ..compress.resize import resize_file
     from ..device import configure_cpu_threads
-    from ..formats import read_adapter, write_adapter
-    from ..io import check_output
-    from ..compress.resize import resize_adapter
     from . import render
-    from ..errors import InvalidOptionError
-    from ._compress import heldout_line, heldout_report, resize_table, size
+    from ._compress import heldout_line, job_progress, resize_table, size
 
     configure_cpu_threads()
-    check_output(output, force=force, inputs=(adapter,))  # fail before the long computation
-    if (base is None) != (data is None):
-        raise InvalidOptionError("--base and --data go together: give both for the held-out loss, or neither")
-    src = read_adapter(adapter)
-    res = resize_adapter(src, rank=rank, energy=energy, error=error, max_rank=max_rank)
-    held = heldout_report(base, data, src, res.adapter)
-    write_adapter(res.adapter, output, format=fmt, force=force, inputs=(adapter,))
+    with job_progress(session, "resizing", quiet=as_json) as advance:
+        res = resize_file(adapter, output, rank=rank, energy=energy, error=error, max_rank=max_rank, format=fmt,
+                          force=force, base=base, data=data, progress=advance)
     if as_json:
-        render.print_json({"output": output, "parameters_before": res.parameters_before,
-                           "parameters": res.adapter.parameters, "heldout_loss": held,
-                           "layers": [vars(r) for r in res.layers]})
+        render.print_json(res.to_json())
         return
     session.out.print(resize_table(res.layers))
     if not session.quiet:
-        session.out.print(f"{src.method} → lora · {size(res.parameters_before)} → {size(res.adapter.parameters)} "
-                          f"parameters · wrote {output} ({fmt})")
-    if held is not None:
-        session.out.print(heldout_line(held), highlight=False)
+        session.out.print(f"{res.method_before} → lora · {size(res.parameters_before)} → "
+                          f"{size(res.adapter.parameters)} parameters · wrote {output} ({fmt})")
+    if res.heldout is not None:
+        session.out.print(heldout_line(res.heldout), highlight=False)

@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from .options import ADAPTER, Session, force_option, output_option, pass_session
+from .options import ADAPTER, Session, base_option, force_option, json_option, output_option, pass_session
 
+if TYPE_CHECKING:
+    from ..serve.check import CheckReport
+    from ..serve.export import ExportResult
+
+#: the names of serve/runtimes.py's RUNTIMES (not imported: `--help` imports click only; a test keeps them equal)
 RUNTIME_NAMES = ["vllm", "sglang", "llama.cpp", "ollama"]
 
 runtime_option = click.option("--for", "runtime", required=True, type=click.Choice(RUNTIME_NAMES, case_sensitive=False),
                               help="The serving runtime.")
 max_rank_option = click.option("--max-lora-rank", "max_lora_rank", type=int, default=None, metavar="R",
                                help="The runtime's rank limit (vLLM: 1, 8, 16, 32, 64, 128, 256, 320 or 512).")
-base_option = click.option("--base", type=click.Path(), default=None,
-                           help="Base model: a model directory (config.json and/or weights), a .safetensors, or "
-                                "a llama.cpp .gguf.")
 
 
 @click.command()
 @click.argument("adapter", type=ADAPTER)
 @runtime_option
 @max_rank_option
-@base_option
+@base_option("its architecture, head counts and shapes, for the rules that need them")
 @click.option("--runtime-version", default=None, metavar="V",
               help="Count only the rules that hold in this version of the runtime (e.g. 0.33.0 for vLLM).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@json_option
 @pass_session
 def check(session: Session, adapter: str, runtime: str, max_lora_rank: int | None, base: str | None,
           runtime_version: str | None, as_json: bool) -> None:
@@ -44,7 +46,7 @@ def check(session: Session, adapter: str, runtime: str, max_lora_rank: int | Non
       loratools check adapter.gguf --for llama.cpp --base model.gguf
     """
     from . import render
-    from ..serve.export import check_file
+    from ..serve.check import check_file
 
     report = check_file(adapter, runtime, max_lora_rank=max_lora_rank, base=base, runtime_version=runtime_version)
     if as_json:
@@ -60,9 +62,7 @@ def _names(modules: tuple[str, ...], limit: int = 4) -> str:
     return shown + (f" … (+{len(modules) - limit})" if len(modules) > limit else "")
 
 
-def _show_check(report: Any, adapter: str, session: Session) -> None:
-    from . import render
-
+def _show_check(report: CheckReport, adapter: str, session: Session) -> None:
     rt = report.runtime
     for f in report.findings:
         mark = "✗" if f.counts else "·"
@@ -89,11 +89,11 @@ def _show_check(report: Any, adapter: str, session: Session) -> None:
               help="Total LoRA parameters of the output: ranks chosen together for the least total error.")
 @click.option("--error", type=float, default=None, metavar="E",
               help="Relative error of the LoRA made from each full tensor (modules_to_save); needs --base.")
-@base_option
+@base_option("its weights for full tensors (--error), its architecture for llama.cpp, its path for Ollama's FROM")
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) what the runtime cannot hold, instead of stopping.")
 @force_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@json_option
 @pass_session
 def export(session: Session, adapter: str, runtime: str, output: str, max_lora_rank: int | None, budget: int | None,
            error: float | None, base: str | None, drop_unsupported: bool, force: bool, as_json: bool) -> None:
@@ -123,22 +123,12 @@ def export(session: Session, adapter: str, runtime: str, output: str, max_lora_r
     res = export_adapter(adapter, output, runtime=runtime, max_lora_rank=max_lora_rank, budget=budget, error=error,
                          base=base, drop_unsupported=drop_unsupported, force=force)
     if as_json:
-        render.print_json(_export_json(res))
+        render.print_json(res.to_json())
         return
     _show_export(res, session)
 
 
-def _export_json(res: Any) -> dict[str, Any]:
-    alloc = res.allocation
-    return {"output": str(res.output), "runtime": res.runtime, "source_format": res.source_format,
-            "parameters": res.parameters, "total_error": res.total_error, "check_error": res.check_error,
-            "serve": res.serve_hint, "modelfile": str(res.modelfile) if res.modelfile else None,
-            "changes": list(res.changes), "dropped": dict(res.dropped),
-            "allocation": vars(alloc) if alloc is not None else None,
-            "layers": [vars(layer) for layer in res.layers]}
-
-
-def _show_export(res: Any, session: Session) -> None:
+def _show_export(res: ExportResult, session: Session) -> None:
     from rich.table import Table
 
     from . import render

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,10 +42,12 @@ from ..adapter import Adapter, Module, as_lora, module_from_svd
 from ..config import AdapterConfig
 from ..device import resolve_device
 from ..errors import InvalidOptionError, WrongBaseError
-from ..formats.kohya import is_flattened
+from ..formats import FORMATS, get_format, read_adapter, write_adapter
+from ..io import Progress, check_output
 from ..linalg import RankRule, lowrank_svd, truncated_svd
+from ..lm.heldout import HeldOutReport, heldout_inputs, heldout_report
 
-__all__ = ["combine_adapters", "CombineResult", "CombineLayer", "ties_merge", "dare_merge", "METHODS"]
+__all__ = ["combine_adapters", "combine_files", "CombineResult", "CombineLayer", "ties_merge", "dare_merge", "METHODS"]
 
 Method = Literal["sum", "ties", "dare"]
 METHODS: tuple[str, ...] = ("sum", "ties", "dare")
@@ -83,11 +86,26 @@ class CombineResult:
     seed: int | None = None
     #: notes for the user that change nothing in the result (e.g. inputs naming different base models)
     notes: tuple[str, ...] = ()
+    #: from :func:`combine_files`: the input paths, where the result was written (in ``format``), and the
+    #: held-out loss of the base alone (before) and of base + the combined adapter (after)
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
+    format: str | None = None
+    heldout: HeldOutReport | None = None
 
     @property
     def exact(self) -> bool:
         """The result's ΔW is Σ wᵢΔWᵢ (up to float32 rounding of the factors) in every module."""
         return self.method == "sum" and all(layer.rel_error == 0.0 for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "format": self.format, "method": self.method, "inputs": list(self.inputs),
+                "weights": list(self.weights), "rule": self.rule.describe() if self.rule else None,
+                "exact": self.exact, "density": self.density, "seed": self.seed,
+                "parameters": self.adapter.parameters, "notes": list(self.notes),
+                "layers": [asdict(layer) | {"shape": list(layer.shape), "input_ranks": list(layer.input_ranks)}
+                           for layer in self.layers],
+                "heldout_loss": self.heldout.to_json() if self.heldout else None}
 
 
 # --- input checks -----------------------------------------------------------------------------------------------------
@@ -129,17 +147,22 @@ def _describe(m: Module) -> str:
     return f"a {m.kind}{layout} weight of shape {m.weight_shape}"
 
 
+def _file_form(name: str) -> str | None:
+    """The format whose reader kept ``name`` as its file spells it (``Format.name_hint``: kohya's flattened
+    keys), or None for a module name of the model."""
+    return next((f.name for f in FORMATS.values() if f.name_hint(name)), None)
+
+
 def _check_same_base(pairs: Sequence[tuple[Adapter, float]]) -> None:
     """Every module two inputs share must adapt the same base weight: same kind, layout and shape.
 
-    Module names must be comparable: a foreign kohya file read without its base keeps flattened
-    keys (``lora_te_model_layers_0_…``) that would never meet another input's dotted names.
+    Module names must be comparable: a file whose format keeps its own names when read without its
+    base (kohya's flattened ``lora_te_model_layers_0_…``) never meets another input's dotted names.
     """
-    flat = [i for i, (a, _) in enumerate(pairs, 1) if any(is_flattened(n) for n in a.modules)]
-    if flat and len(flat) < len(pairs):
-        i = flat[0]
-        example = next(n for n in pairs[i - 1][0].modules if is_flattened(n))
-        raise InvalidOptionError(f"input {i} keeps kohya's flattened module names ({example}), which cannot be "
+    kept = [(i, n, fmt) for i, (a, _) in enumerate(pairs, 1) for n in a.modules if (fmt := _file_form(n))]
+    if kept and len({i for i, _, _ in kept}) < len(pairs):
+        i, example, fmt = kept[0]
+        raise InvalidOptionError(f"input {i} keeps {fmt}'s flattened module names ({example}), which cannot be "
                                  "matched with the other inputs' names; convert it to peft with its base model first "
                                  "(loratools convert --base MODEL)")
     seen: dict[str, tuple[int, Module]] = {}
@@ -365,3 +388,38 @@ def _notes(pairs: Sequence[tuple[Adapter, float]]) -> tuple[str, ...]:
         return (f"the inputs name different base models ({', '.join(bases)}); their module shapes agree, "
                 f"the output names {bases[0]}",)
     return ()
+
+
+def combine_files(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                  weights: Sequence[float] | None = None, rule: RankRule | None = None, rank: int | None = None,
+                  energy: float | None = None, error: float | None = None, max_rank: int | None = None,
+                  method: Method = "sum", density: float | None = None, seed: int = 0, format: str = "peft",
+                  device: str = "auto", force: bool = False, base: str | os.PathLike[str] | None = None,
+                  data: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> CombineResult:
+    """Read the adapters at ``inputs`` (any formats, mixed), :func:`combine_adapters` them with ``weights``
+    (one per input; default 1 each) and write the result to ``out`` in ``format``.
+
+    A rank rule (``rule``, or ``rank``/``energy``/``error`` with ``max_rank``) truncates each module's sum;
+    none keeps it exact. With ``base`` and ``data``, ``heldout`` holds the held-out loss of the base alone
+    (before) and of base + the combined adapter (after). The options are checked and ``out`` refused before
+    anything is read; the write is atomic (nothing appears at ``out`` unless it completes).
+
+    >>> combine_files(["style/", "task/"], "both", weights=[1.0, -0.5]).exact  # doctest: +SKIP
+    True
+    """
+    paths = tuple(os.fspath(p) for p in inputs)
+    if weights and len(weights) != len(paths):
+        raise InvalidOptionError(f"{len(weights)} `weights` for {len(paths)} adapters; give one per adapter or none")
+    loose = (rank, energy, error, max_rank) != (None, None, None, None)
+    rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank) if loose else rule
+    get_format(format)
+    held = heldout_inputs(base, data)
+    check_output(out, force=force, inputs=paths)  # fail before reading and computing
+    pairs = [(read_adapter(p), w) for p, w in zip(paths, weights or (1.0,) * len(paths))]
+    if progress:
+        progress(0, total=len({n for a, _ in pairs for n in a.modules}))
+    res = combine_adapters(pairs, rule=rule, method=method, density=density, seed=seed, device=device,
+                           progress=progress)
+    report = heldout_report(*held, after=res.adapter, device=device) if held else None
+    write_adapter(res.adapter, out, format=format, force=force, inputs=paths)
+    return replace(res, inputs=paths, output=os.fspath(out), format=format, heldout=report)

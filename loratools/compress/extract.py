@@ -17,23 +17,26 @@ Only two weights (base and tuned) and their difference are in memory at a time.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module
 from ..config import AdapterConfig, alpha_for_scale, lora_scale, stores_in_out, target_matches
-from ..device import resolve_device
+from ..device import resolve_device, resolve_dtype
 from ..errors import InvalidOptionError, ShapeMismatchError
-from ..io import ModelReader
+from ..formats import get_format, write_adapter
+from ..io import ModelReader, Progress, check_output, read_config
 from ..linalg import RankRule, sqrt_split, truncated_svd
+from ..lm.heldout import HeldOutReport, heldout_report
 
-__all__ = ["extract_adapter", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "plan_size"]
+__all__ = ["extract_adapter", "extract_model", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "plan_size"]
 
 TensorSource = ModelReader | Mapping[str, Tensor]
 
@@ -66,11 +69,24 @@ class Skipped:
 
 @dataclass(frozen=True)
 class ExtractResult:
+    """The adapter, a row per extracted layer and the tensors left out (with why); from :func:`extract_model`,
+    also where it was written (``output``, in ``format``) and the held-out loss of the fine-tune itself
+    (before) and of base + adapter (after) (``heldout``, when data was given)."""
+
     adapter: Adapter
     layers: list[LayerReport]
     skipped: list[Skipped] = field(default_factory=list)
     #: number of entries of all the dense ΔW the adapter replaces
     delta_parameters: int = 0
+    output: str | None = None
+    format: str | None = None
+    heldout: HeldOutReport | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "parameters": self.parameters, "delta_parameters": self.delta_parameters,
+                "rel_error": self.total_rel_error, "heldout_loss": self.heldout.to_json() if self.heldout else None,
+                "layers": [asdict(r) | {"shape": list(r.shape)} for r in self.layers],
+                "skipped": [{"name": s.name, "shape": list(s.shape), "why": s.why} for s in self.skipped]}
 
     @property
     def parameters(self) -> int:
@@ -119,13 +135,7 @@ def _get(src: TensorSource, key: str) -> Tensor:
 
 
 def _model_config(src: TensorSource) -> dict[str, object]:
-    if isinstance(src, ModelReader) and (src.root / "config.json").is_file():
-        try:
-            data = json.loads((src.root / "config.json").read_text())
-            return data if isinstance(data, dict) else {}
-        except json.JSONDecodeError:
-            return {}
-    return {}
+    return (read_config(src.path) or {}) if isinstance(src, ModelReader) else {}
 
 
 def _kind(name: str, shape: tuple[int, ...]) -> Kind:
@@ -246,8 +256,8 @@ def extract_adapter(base: TensorSource, tuned: TensorSource, rule: RankRule | No
         del D
         if progress:
             progress(1)
-    archs = cfg.get("architectures") or []
-    task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None  # type: ignore[union-attr]
+    archs = cfg.get("architectures")
+    task = "CAUSAL_LM" if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs) else None
     base_name = str(base.path) if isinstance(base, ModelReader) else None
     config = AdapterConfig(method="lora", fan_in_fan_out=bool(fan_in_fan_out), base_model=base_name, task_type=task)
     return ExtractResult(Adapter(modules, config), layers, skipped, delta_params)
@@ -257,3 +267,33 @@ def plan_size(base: TensorSource) -> int:
     """Number of tensors in ``base`` (for a progress bar)."""
     return len(_keys(base))
 
+
+def extract_model(base: str | os.PathLike[str], tuned: str | os.PathLike[str], out: str | os.PathLike[str],
+                  rule: RankRule | None = None, *, rank: int | None = None, energy: float | None = None,
+                  error: float | None = None, max_rank: int | None = None, targets: Sequence[str] | None = None,
+                  alpha: float | None = None, format: str = "peft", dtype: str | torch.dtype | None = None,
+                  device: str = "auto", force: bool = False, data: str | os.PathLike[str] | None = None,
+                  progress: Progress | None = None) -> ExtractResult:
+    """Extract the LoRA adapter of ``tuned − base`` from the model files (:func:`extract_adapter`, reading two
+    weights at a time) and write it to ``out`` in ``format``.
+
+    ``dtype`` is the factors' dtype (a name: ``"bfloat16"``…; ``"auto"``/None keeps the tuned weights').
+    With ``data``, ``heldout`` holds the held-out loss of ``tuned`` itself (before), of ``base + adapter``
+    (after) and of ``base`` alone (:func:`loratools.lm.heldout.heldout_report`). The options are checked
+    and ``out`` refused before anything is read; the write is atomic.
+
+    >>> extract_model("base/", "tuned/", "adapter", rank=16).output  # doctest: +SKIP
+    'adapter'
+    """
+    rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank)
+    factor_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
+    get_format(format)
+    check_output(out, force=force, inputs=(base, tuned))  # fail before the long computation
+    with ModelReader(base) as base_r, ModelReader(tuned) as tuned_r:
+        if progress:
+            progress(0, total=plan_size(base_r))
+        res = extract_adapter(base_r, tuned_r, rule, targets=targets, alpha=alpha, device=device,
+                              dtype=factor_dtype, progress=progress)
+    held = heldout_report(base, data, after=res.adapter, tuned=tuned, device=device) if data is not None else None
+    write_adapter(res.adapter, out, format=format, force=force, inputs=(base, tuned))
+    return replace(res, output=os.fspath(out), format=format, heldout=held)

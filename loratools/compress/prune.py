@@ -13,8 +13,10 @@ EMA step per calibration example. Without calibration data, ``Sᵢ = |λᵢ|``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,13 +25,19 @@ from torch import Tensor
 from ..adalora import (Sensitivity, allocate, check_betas, mask_key, module_mask, narrow_mask, triplet_scores,
                        update_sensitivity)
 from ..adapter import Adapter, Module, as_lora, module_from_svd
+from ..device import resolve_device
 from ..dora import refuse_dora
-from ..lm.data import IGNORE, Row, encode_chat
 from ..errors import InvalidOptionError
+from ..formats import get_format, read_adapter, write_adapter
+from ..io import Progress, check_output
 from ..linalg import lowrank_svd
+from ..lm.data import Row, read_rows, row_example
+from ..lm.heldout import HeldOutReport, heldout_report
 
-__all__ = ["Triplets", "PruneResult", "PruneLayer", "svd_form", "magnitude_scores", "prune_adapter",
+__all__ = ["Triplets", "PruneResult", "PruneLayer", "svd_form", "magnitude_scores", "prune_adapter", "prune_file",
            "triplet_gradients", "calibration_scores", "budget_of"]
+
+PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -84,13 +92,35 @@ class PruneLayer:
 
 @dataclass(frozen=True)
 class PruneResult:
+    """The pruned adapter, a row per module, the importance used (``"gradient"`` or ``"magnitude"``), the
+    ``budget`` kept and the input's size and method; from :func:`prune_file`, also where it was written
+    (``output``, in ``format``) and the held-out loss on the calibration data before and after (``heldout``)."""
+
     adapter: Adapter
     layers: list[PruneLayer]
-    importance: str  # "gradient" or "magnitude"
+    importance: str
+    budget: int = 0
+    parameters_before: int = 0
+    method_before: str = "lora"
+    output: str | None = None
+    format: str | None = None
+    heldout: HeldOutReport | None = None
 
     @property
     def rank_pattern(self) -> dict[str, int]:
         return {layer.name: layer.rank_after for layer in self.layers}
+
+    @property
+    def kept(self) -> int:
+        """Triplets kept over all modules."""
+        return sum(self.rank_pattern.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "importance": self.importance, "budget": self.budget,
+                "heldout_loss": self.heldout.to_json() if self.heldout else None, "kept": self.kept,
+                "parameters_before": self.parameters_before, "parameters": self.adapter.parameters,
+                "method": self.adapter.method, "rank_pattern": self.rank_pattern,
+                "layers": [asdict(r) for r in self.layers]}
 
 
 def _fro(P: Tensor, lam: Tensor, Q: Tensor, scale: float) -> float:
@@ -178,7 +208,8 @@ def prune_adapter(adapter: Adapter, *, budget: int, importance: Mapping[str, Ten
     if set(out.modules) != set(adapter.modules):
         # name the modules one by one: a suffix list would make PEFT create layers for the dropped ones
         out = out.with_modules(out.modules, target_modules=None)
-    return PruneResult(out, layers, "magnitude" if importance is None else "gradient")
+    return PruneResult(out, layers, "magnitude" if importance is None else "gradient", budget, adapter.parameters,
+                       adapter.method)
 
 
 # --- calibration: gradients of the base model with the adapter applied -----------------------------------------------
@@ -214,19 +245,14 @@ def triplet_gradients(model: torch.nn.Module, triplets: Mapping[str, Triplets],
                 for k, v in p.items()} for n, p in params.items()}
 
 
-def _encode(tokenizer: Any, row: Row, device: torch.device, max_length: int) -> dict[str, Tensor]:
-    text, completion = row.text, row.completion
-    if row.messages is not None:
-        ids, labels = encode_chat(tokenizer, row.messages)
-    else:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        labels = list(ids)
-    if completion is not None:
-        extra = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        labels = [IGNORE] * len(ids) + list(extra)  # loss on the completion only
-        ids = ids + extra
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device)}
+def _encode(tokenizer: Any, row: Row, device: torch.device, max_length: int) -> dict[str, Tensor] | None:
+    """One row as a batch of one, encoded as training encodes it (:func:`loratools.lm.data.row_example`);
+    None when nothing is left to predict."""
+    ex = row_example(tokenizer, row, seq_len=max_length)
+    if ex is None:
+        return None
+    return {"input_ids": torch.tensor([ex.input_ids], device=device),
+            "labels": torch.tensor([ex.labels], device=device)}
 
 
 def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
@@ -234,9 +260,10 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
                        max_length: int = 256, progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """AdaLoRA's triplet importance ``Sᵢ`` accumulated over ``examples`` (one EMA step each).
 
-    ``examples`` are :class:`loratools.lm.data.Row` s (``(text, None)`` or ``(prompt, completion)``, as
-    :func:`loratools.lm.data.read_rows` gives them). Each is tokenized with the tokenizer's special tokens
-    (BOS) and no EOS, truncated to ``max_length``; with a completion, only its tokens are scored.
+    ``examples`` are :class:`loratools.lm.data.Row` s (``(text, None)``, ``(prompt, completion)`` or chat,
+    as :func:`loratools.lm.data.read_rows` gives them). Each is one example encoded as training encodes a
+    row (:func:`loratools.lm.data.row_example`: ``text + EOS``; with a completion, only it and the EOS are
+    scored; chat, the assistant turns), truncated to ``max_length``.
     """
     check_betas(beta1, beta2)
     device = next(model.parameters()).device
@@ -251,7 +278,7 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
     state: dict[str, dict[str, Sensitivity]] = {}
     for row in examples:
         batch = _encode(tokenizer, Row(*row), device, max_length)  # a plain (text, completion) pair too
-        if int((batch["labels"][:, 1:] != IGNORE).sum()) == 0:
+        if batch is None:
             continue  # nothing to predict in this example
         grads = triplet_gradients(model, trip, batch, kinds=kinds)
         for name, g in grads.items():
@@ -264,10 +291,66 @@ def calibration_scores(adapter: Adapter, model: torch.nn.Module, tokenizer: Any,
         raise InvalidOptionError("the calibration data gave no token to predict; give longer examples")
     out: dict[str, Tensor] = {}
     for name, t in trip.items():
-        st = state.get(name)
-        if st is None:
+        got = state.get(name)
+        if got is None:
             out[name] = torch.zeros(t.rank)
         else:
-            out[name] = triplet_scores(st["lam"].score, st["P"].score, st["Q"].score).cpu()
+            out[name] = triplet_scores(got["lam"].score, got["P"].score, got["Q"].score).cpu()
     return out
 
+
+def _check_prune_options(base: PathLike | None, data: PathLike | None, budget: int | None, keep: float | None,
+                         max_examples: int | None) -> None:
+    if (base is None) != (data is None):
+        raise InvalidOptionError("`base` and `data` go together: give both for gradient importance, or neither")
+    if (budget is None) == (keep is None):
+        raise InvalidOptionError("give `budget` N or `keep` F (one of them)")
+    if max_examples is not None and max_examples < 1:
+        raise InvalidOptionError(f"`max_examples` must be at least 1, got {max_examples}")
+
+
+def _file_scores(adapter: Adapter, base: PathLike, data: PathLike, *, max_examples: int | None, beta1: float,
+                 beta2: float, device: str, progress: Progress | None) -> dict[str, Tensor]:
+    """:func:`calibration_scores` over the first ``max_examples`` rows of the file ``data``, ``base`` loaded."""
+    from ..lm.load import load_causal_lm
+
+    examples = read_rows(Path(data), what="calibration data", plain_text=False)[:max_examples]
+    model, tokenizer = load_causal_lm(Path(base), device=resolve_device(device), frozen=True)
+    if progress:
+        progress(0, total=len(examples))
+    return calibration_scores(adapter, model, tokenizer, examples, beta1=beta1, beta2=beta2, progress=progress)
+
+
+def prune_file(src: PathLike, out: PathLike, *, budget: int | None = None, keep: float | None = None,
+               base: PathLike | None = None, data: PathLike | None = None, max_examples: int | None = None,
+               beta1: float = 0.85, beta2: float = 0.85, to_lora: bool = False, format: str = "peft",
+               force: bool = False, device: str = "auto", progress: Progress | None = None) -> PruneResult:
+    """Read the adapter at ``src``, keep its ``budget`` most important triplets (:func:`prune_adapter`), write
+    it to ``out`` in ``format``.
+
+    Give ``budget`` (triplets kept over all modules) or ``keep`` (a fraction of them, :func:`budget_of`).
+    With ``base`` and ``data`` (calibration rows, :func:`loratools.lm.data.read_rows`; the first
+    ``max_examples``) the importance is AdaLoRA's gradient score (:func:`calibration_scores`, ``progress``
+    told each example), and ``heldout`` holds the loss of ``base + adapter`` on that data before and after;
+    without them, ``|λᵢ|``. The options are checked and ``out`` refused before anything is read; the write
+    is atomic (nothing appears at ``out`` unless it completes).
+
+    >>> prune_file("adalora/", "pruned", keep=0.5).kept  # doctest: +SKIP
+    12
+    """
+    _check_prune_options(base, data, budget, keep, max_examples)
+    get_format(format)
+    check_output(out, force=force, inputs=(src,))  # fail before the long computation
+    adapter = read_adapter(src)
+    n = budget if budget is not None else budget_of(adapter, keep or 0.0)
+    scores, held = None, None
+    if base is not None and data is not None:
+        scores = _file_scores(adapter, base, data, max_examples=max_examples, beta1=beta1, beta2=beta2,
+                              device=device, progress=progress)
+    res = prune_adapter(adapter, budget=n, importance=scores, to_lora=to_lora)
+    if base is not None and data is not None:
+        # on the calibration data itself: the loss the pruning was scored on (resize takes other data for a test set)
+        held = heldout_report(base, data, before=adapter, after=res.adapter, max_examples=max_examples,
+                              device=device)
+    write_adapter(res.adapter, out, format=format, force=force, inputs=(src,) + ((base,) if base else ()))
+    return replace(res, output=os.fspath(out), format=format, heldout=held)

@@ -77,7 +77,7 @@ def allocate_ranks(spectra: Mapping[str, Tensor], *, cap: int | Mapping[str, int
     exactly by dynamic programming over the budget in units of ``g = gcd(pᵢ)``
     (``dp[b] = maxₖ dp′[b − k·pᵢ/g] + Eᵢ(k)``), or, when that table would be too
     large, by the greedy pick by σ²/pᵢ (:func:`allocation_method` says which).
-    Zero singular values are never bought. ``prune.allocate`` is the count-only
+    Zero singular values are never bought. :func:`loratools.adalora.allocate` is the count-only
     form of the same greedy pick, over importance scores.
 
     >>> s = {"a": torch.tensor([3.0, 2.0]), "b": torch.tensor([2.5, 0.5])}
@@ -174,7 +174,7 @@ class Allocation:
 
 def resize_together(modules: Mapping[str, Module], *, cap: int | None = None, budget: int | None = None,
                     ) -> tuple[dict[str, Module], dict[str, float], Allocation | None]:
-    """Every module truncated to the rank :func:`loratools.linalg.allocate_ranks` gives it — the ranks chosen
+    """Every module truncated to the rank :func:`loratools.compress.ranks.allocate_ranks` gives it — the ranks chosen
     together for the least ``Σᵢ‖ΔWᵢ − ΔWᵢ′‖²_F`` under ``cap`` and a ``budget`` of parameters — with each
     module's relative error (exact, from its spectrum) and the comparison with a uniform rank. Modules given
     rank 0 are left out; modules not cut keep their factors. Nothing to do without ``cap`` and ``budget``."""

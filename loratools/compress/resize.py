@@ -18,16 +18,21 @@ AdaLoRA modules become LoRA with the same ΔW, see :func:`loratools.adapter.as_l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
 from ..adapter import Adapter, Module, as_lora, module_from_svd
 from ..device import map_in_threads
+from ..formats import get_format, read_adapter, write_adapter
+from ..io import Progress, check_output
 from ..linalg import RankRule, lowrank_svd
+from ..lm.heldout import HeldOutReport, heldout_inputs, heldout_report
 
-__all__ = ["resize_adapter", "ResizeResult", "ResizeLayer"]
+__all__ = ["resize_adapter", "resize_file", "ResizeResult", "ResizeLayer"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,22 @@ class ResizeLayer:
 
 @dataclass(frozen=True)
 class ResizeResult:
+    """The resized adapter and a row per module; from :func:`resize_file`, also where it was written (``output``,
+    in ``format``) and the held-out loss before and after (``heldout``, when a base and data were given)."""
+
     adapter: Adapter
     layers: list[ResizeLayer]
     parameters_before: int
+    method_before: str = "lora"
+    output: str | None = None
+    format: str | None = None
+    heldout: HeldOutReport | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "parameters_before": self.parameters_before,
+                "parameters": self.adapter.parameters,
+                "heldout_loss": self.heldout.to_json() if self.heldout else None,
+                "layers": [asdict(r) for r in self.layers]}
 
 
 def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int | None = None,
@@ -81,7 +99,7 @@ def resize_adapter(adapter: Adapter, rule: RankRule | None = None, *, rank: int 
     # PEFT create (zero) layers for the dropped ones and warn about missing keys
     dropped = set(adapter.modules) - set(modules)
     out = lora.with_modules(modules, **({"target_modules": None} if dropped else {}))
-    return ResizeResult(out, layers, adapter.parameters)
+    return ResizeResult(out, layers, adapter.parameters, adapter.method)
 
 
 def _resize_module(name: str, rank_before: int, plain: Module | None, rule: RankRule,
@@ -110,3 +128,29 @@ def _resize_module(name: str, rank_before: int, plain: Module | None, rule: Rank
     return layer, (module_from_svd(plain, U, S[:k], Vh) if k > 0 else None)
 
 
+def resize_file(src: str | os.PathLike[str], out: str | os.PathLike[str], rule: RankRule | None = None, *,
+                rank: int | None = None, energy: float | None = None, error: float | None = None,
+                max_rank: int | None = None, format: str = "peft", force: bool = False,
+                base: str | os.PathLike[str] | None = None, data: str | os.PathLike[str] | None = None,
+                device: str = "auto", progress: Progress | None = None) -> ResizeResult:
+    """Read the adapter at ``src`` (any format), :func:`resize_adapter` it, write it to ``out`` in ``format``.
+
+    The options are checked and ``out`` refused (when it exists and not ``force``, or is an input) before
+    anything is read; the write is atomic, so nothing appears at ``out`` unless it completes. With ``base``
+    and ``data``, ``heldout`` holds the loss of ``base + adapter`` before and after
+    (:func:`loratools.lm.heldout.heldout_report`).
+
+    >>> resize_file("adapter/", "small", rank=8).output  # doctest: +SKIP
+    'small'
+    """
+    rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank)
+    get_format(format)
+    held = heldout_inputs(base, data)
+    check_output(out, force=force, inputs=(src,))  # fail before the long computation
+    adapter = read_adapter(src)
+    if progress:
+        progress(0, total=len(adapter.modules))
+    res = resize_adapter(adapter, rule, progress=progress)
+    report = heldout_report(*held, before=adapter, after=res.adapter, device=device) if held else None
+    write_adapter(res.adapter, out, format=format, force=force, inputs=(src,))
+    return replace(res, output=os.fspath(out), format=format, heldout=report)

@@ -9,7 +9,6 @@ base model (``None`` when nothing is). Adding a format is one module that calls 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, LoraToolsError
-from ..io import ModelReader, read_safetensors_header
+from ..errors import InputNotFoundError, InvalidOptionError, LoraToolsError
+from ..io import INDEX_NAME, WEIGHTS_NAME, ModelReader, read_config, read_safetensors_header
 
 __all__ = ["BaseModel", "Format", "FORMATS", "register", "peek_safetensors", "load_base"]
 
@@ -28,7 +27,8 @@ class BaseModel:
     """What is known of the base model an adapter belongs to; every part may be missing.
 
     ``hparams`` is its ``config.json``; ``shapes`` maps module name → base weight shape (``()`` when
-    only the name is known, as for a quantised ``.gguf``); ``facts`` holds what a format read from a
+    only the name is known, as for a quantised ``.gguf``); ``weights`` is the :class:`~loratools.io.ModelReader`
+    the shapes came from (headers only; nothing stays open); ``facts`` holds what a format read from a
     base file of its own kind, keyed by the format's name (``"gguf"``: llama.cpp's architecture and
     head counts), so that only that format needs to know what the value is.
     """
@@ -37,6 +37,8 @@ class BaseModel:
     hparams: Mapping[str, Any] | None = None
     shapes: Mapping[str, tuple[int, ...]] | None = None
     facts: Mapping[str, Any] = field(default_factory=dict)
+    #: the safetensors weights' headers, when read (a merge reuses them rather than parse them again)
+    weights: ModelReader | None = field(default=None, compare=False, repr=False)
 
     @property
     def module_names(self) -> list[str] | None:
@@ -130,19 +132,11 @@ def peek_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None
         return None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(path, f"not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise CorruptFileError(path, "not a JSON object")
-    return data
-
-
-def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    with ModelReader(path) as model:
-        return {k[: -len(".weight")]: model.shape(k) for k in model.keys() if k.endswith(".weight")}
+def _with_weights(path: Path, hparams: Mapping[str, Any] | None) -> BaseModel:
+    """A base whose weights are read (their headers): the module shapes, and the reader kept."""
+    model = ModelReader(path)
+    shapes = {k[: -len(".weight")]: model.shape(k) for k in model.keys() if k.endswith(".weight")}
+    return BaseModel(path, hparams=hparams, shapes=shapes, weights=model)
 
 
 def load_base(path: str | os.PathLike[str]) -> BaseModel:
@@ -156,12 +150,10 @@ def load_base(path: str | os.PathLike[str]) -> BaseModel:
         if own is not None and own.base_info is not None:
             return own.base_info(p)
         if p.suffix == ".json":
-            return BaseModel(p, hparams=_read_config(p))
-        cfg = p.parent / "config.json"
-        return BaseModel(p, hparams=_read_config(cfg) if cfg.is_file() else None, shapes=_weight_shapes(p))
-    cfg = p / "config.json"
-    hparams = _read_config(cfg) if cfg.is_file() else None
-    has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+            return BaseModel(p, hparams=read_config(p) or {})
+        return _with_weights(p, read_config(p))
+    hparams = read_config(p)
+    has_weights = (p / WEIGHTS_NAME).is_file() or (p / INDEX_NAME).is_file()
     if hparams is None and not has_weights:
         raise InvalidOptionError(f"`base` {p} holds neither config.json nor model.safetensors")
-    return BaseModel(p, hparams=hparams, shapes=_weight_shapes(p) if has_weights else None)
+    return _with_weights(p, hparams) if has_weights else BaseModel(p, hparams=hparams)

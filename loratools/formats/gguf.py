@@ -45,17 +45,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, Module, as_lora
+from ..adapter import Adapter, Kind, Module, as_lora
 from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
-from ..gguf.arch import (ARCHITECTURES, NO_LORA, gguf_target, hf_module, known_arch, permute_rows, qk_heads,
-                         unpermute_rows)
+from ..gguf.arch import (ARCHITECTURES, NO_LORA, GGUFBase, base_from_hparams, gguf_target, hf_module, known_arch,
+                         permute_rows, qk_heads, unpermute_rows)
 from ..gguf.quants import require_gguf
-from ..validate import finite_number
+from ..io import read_config
+from ..io.gguf_model import gguf_field, gguf_heads, gguf_model_info, gguf_scalars, open_gguf
+from ..validate import finite_number, get_field
 from .base import BaseModel, Format, register
-from .gguf_base import (GGUFBase, base_from_gguf, base_from_hparams, base_of_adapter, gguf_base, gguf_field,
-                        gguf_model_info, open_gguf)
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
            "unpermute_rows", "global_alpha", "base_from_hparams", "base_from_gguf", "base_of_adapter",
@@ -221,23 +221,23 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     """Read a llama.cpp GGUF LoRA adapter back into module names and PEFT's layout."""
     gguf = require_gguf()
     r = open_gguf(path)
-    gtype, atype = gguf_field(r, "general.type"), gguf_field(r, "adapter.type")
+    fields = gguf_scalars(r)
+    gtype, atype = fields.get("general.type"), fields.get("adapter.type")
     if gtype != "adapter":
         raise NotAnAdapterError(path, f"it is a GGUF {gtype or 'model'} file, not a LoRA adapter (general.type)")
     if atype != "lora":
         raise NotAnAdapterError(path, f"adapter.type is {atype!r}, not 'lora'")
-    arch = str(gguf_field(r, "general.architecture") or "")
+    arch = get_field(fields, "general.architecture", str, where=path, default="", nullable=True) or ""
     if base is not None and base.arch != arch:
         raise WrongBaseError(f"{path} is a GGUF adapter for the {arch!r} architecture but the base is {base.arch!r}")
     if not known_arch(arch):
         raise NotAnAdapterError(path, f"its architecture {arch!r} is not one loratools maps "
                                       f"({', '.join(sorted(set(ARCHITECTURES.values())))})")
-    alpha_v = gguf_field(r, gguf.Keys.Adapter.LORA_ALPHA)
+    alpha_v = fields.get(gguf.Keys.Adapter.LORA_ALPHA)
     alpha = finite_number(alpha_v, where=path, field=gguf.Keys.Adapter.LORA_ALPHA) if alpha_v is not None else 0.0
     if base is None:
-        n, kv = gguf_field(r, f"{arch}.attention.head_count"), gguf_field(r, f"{arch}.attention.head_count_kv")
-        base = GGUFBase(arch, int(n) if n else None, int(kv) if kv else None)
-    recorded = dict(x.split("=", 1) for x in (gguf_field(r, _HF_NAMES) or []) if "=" in x)
+        base = GGUFBase(arch, *gguf_heads(fields, arch, where=path))
+    recorded = dict(x.split("=", 1) for x in (gguf_field(r, _HF_NAMES) or []) if isinstance(x, str) and "=" in x)
     modules: dict[str, Module] = {}
     for g, p in _tensor_pairs(r, path).items():
         if "a" not in p or "b" not in p:
@@ -289,7 +289,7 @@ def _tensor_pairs(r: Any, path: Path) -> dict[str, dict[str, Tensor]]:
 def _module(g: str, A: Tensor, B: Tensor, alpha: float, base: GGUFBase, path: Path) -> Module:
     """One module in PEFT's layout: embeddings' ``lora_a`` transposed back, q/k rows un-permuted,
     llama.cpp's scale ``alpha / rank`` (1 when the file's alpha is 0)."""
-    kind = "embedding" if g == "token_embd" else "linear"
+    kind: Kind = "embedding" if g == "token_embd" else "linear"
     if kind == "embedding":
         A = A.T
     heads = _heads_for(g, base)
@@ -310,6 +310,32 @@ def _base_info(path: Path) -> BaseModel:
     # shapes stay unknown (): a quantised GGUF's names still map kohya keys back
     names = [hf_name(g[: -len(".weight")], gb.arch) for g in tensor_names if g.endswith(".weight")]
     return BaseModel(path, shapes={n: () for n in names if n} or None, facts={"gguf": gb})
+
+
+def base_from_gguf(path: Path) -> GGUFBase:
+    """From a llama.cpp ``.gguf``: the base model itself, or an adapter that records its head counts."""
+    return gguf_model_info(path)[0]
+
+
+def base_of_adapter(adapter: Adapter) -> GGUFBase:
+    """From the adapter's own ``base_model`` when that is a local directory with config.json."""
+    bm = adapter.config.base_model
+    hparams = read_config(bm) if bm and Path(bm).is_dir() else None
+    if hparams is not None:
+        return base_from_hparams(hparams, where=Path(bm or "") / "config.json")
+    raise InvalidOptionError("a GGUF adapter needs its base model's architecture: pass --base (a model directory "
+                             "with config.json, or the base .gguf)")
+
+
+def gguf_base(base: BaseModel) -> GGUFBase:
+    """llama.cpp's architecture and head counts of ``base``: from a base ``.gguf`` or its config.json."""
+    known = base.facts.get("gguf")
+    if isinstance(known, GGUFBase):
+        return known
+    if base.hparams is not None:
+        return base_from_hparams(base.hparams, where=base.path)
+    raise InvalidOptionError(f"`base` {base.path} has no config.json: GGUF needs the base's architecture and "
+                             "head counts (give the model directory or its .gguf)")
 
 
 def _read(path: Path, base: BaseModel | None) -> Adapter:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, Module, as_lora
+from ..adapter import Adapter, Kind, Module, as_lora
 from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale, stores_in_out
 from ..errors import CorruptFileError, InvalidFieldError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
 from ..io import load_safetensors, save_safetensors
@@ -155,7 +155,7 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
         if name in source:  # two keys for one module: one would silently get the other's ΔW
             raise CorruptFileError(path, f"{source[name]!r} and {key!r} both map to the module {name!r}")
         source[name] = key
-        kind = "conv" if A.ndim in (3, 4, 5) else "linear"
+        kind: Kind = "conv" if A.ndim in (3, 4, 5) else "linear"
         if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
             up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
         modules[name] = Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind,
@@ -188,7 +188,9 @@ def write_kohya(adapter: Adapter, path: Path) -> None:
         raise UnsupportedModuleError("kohya", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
     tensors: dict[str, Tensor] = {}
     names: dict[str, str] = {}
-    ranks, alphas, conv = [], [], []
+    ranks: list[int] = []
+    alphas: list[float] = []
+    conv: list[int] = []
     for name, m in adapter.items():
         if m.rank == 0:
             continue

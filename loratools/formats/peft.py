@@ -24,7 +24,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -82,9 +82,10 @@ def _split_key(key: str) -> tuple[str, str, Kind | None] | None:
 
 def _read_config(d: Path) -> dict[str, Any]:
     """``adapter_config.json``, checked: a LoRA/AdaLoRA config whose every field loratools honours."""
-    raw: dict[str, Any] = read_json(d / CONFIG_NAME)
-    if not isinstance(raw, dict):
+    loaded = read_json(d / CONFIG_NAME)
+    if not isinstance(loaded, dict):
         raise CorruptFileError(d / CONFIG_NAME, "not a JSON object")
+    raw: dict[str, Any] = loaded
     peft_type = str(raw.get("peft_type", "")).upper() if isinstance(raw.get("peft_type"), str) else ""
     if peft_type not in ("LORA", "ADALORA"):
         raise NotAnAdapterError(d, f"peft_type {raw.get('peft_type')!r} is not LORA or ADALORA")
@@ -157,7 +158,7 @@ def read_peft(path: Path) -> Adapter:
     modules = {name: _module(name, fs, kinds.get(name), raw, weights) for name, fs in parts.items()}
     if not modules:
         raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")
-    method = "adalora" if str(raw["peft_type"]).upper() == "ADALORA" else "lora"
+    method: Literal["lora", "adalora"] = "adalora" if str(raw["peft_type"]).upper() == "ADALORA" else "lora"
     target = raw.get("target_modules")
     config = AdapterConfig(
         method=method,
@@ -209,8 +210,8 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
     raw.setdefault("bias", "none")
     if adapter.method == "adalora":
         scales = {m.scale for m in adapter.modules.values()}
-        alphas = {m.alpha for m in adapter.modules.values()}
-        if len(alphas) > 1 or len(scales) > 1:
+        one_alpha = {m.alpha for m in adapter.modules.values()}
+        if len(one_alpha) > 1 or len(scales) > 1:
             raise InvalidOptionError("AdaLoRA in PEFT has one alpha for all modules; write it as LoRA instead (--to lora)")
         init_r = cfg.init_r or max(m.rank for m in adapter.modules.values())
         masks: dict[str, list[bool]] = {}
@@ -219,7 +220,7 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
                 raise ShapeMismatchError(name, f"rank ≤ init_r = {init_r}", m.rank)
             if m.rank < init_r:
                 masks[mask_key(name)] = module_mask(raw.get("rank_pattern"), name, rank=m.rank, init_r=init_r)
-        raw.update(peft_type="ADALORA", init_r=init_r, target_r=cfg.target_r or init_r, lora_alpha=next(iter(alphas)),
+        raw.update(peft_type="ADALORA", init_r=init_r, target_r=cfg.target_r or init_r, lora_alpha=next(iter(one_alpha)),
                    rank_pattern=masks or None, r=raw.get("r", 8))
         raw.setdefault("total_step", 1)
         raw.pop("alpha_pattern", None)

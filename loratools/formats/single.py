@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
+from typing import cast
 
 from torch import Tensor
 
-from ..adapter import Adapter, Fingerprint, Module
+from ..adapter import Adapter, Fingerprint, Kind, Module
 from ..config import AdapterConfig
 from ..errors import CorruptFileError, InvalidFieldError, MissingModuleError, NotAnAdapterError, WrongBaseError
 from ..io import load_safetensors, save_safetensors
@@ -29,6 +30,7 @@ from .base import Format, peek_safetensors, register
 __all__ = ["read_single", "write_single", "FORMAT_VERSION"]
 
 FORMAT_VERSION = "1"
+_KINDS = ("linear", "conv", "embedding", "experts")
 _SAVED = "saved::"
 
 
@@ -67,9 +69,9 @@ def read_single(path: Path) -> Adapter:
         modules[name] = Module(A=A, B=B, E=E, alpha=finite_number(get_field(m, "alpha", float, where=at), where=at,
                                                                   field="alpha"),
                                scale=finite_number(get_field(m, "scale", float, where=at), where=at, field="scale"),
-                               kind=get_field(m, "kind", str, where=at, default="linear",
-                                              check=lambda k: k in ("linear", "conv", "embedding", "experts"),
-                                              expected="linear, conv, embedding or experts"),
+                               kind=cast(Kind, get_field(m, "kind", str, where=at, default="linear",
+                                                         check=lambda k: k in _KINDS,
+                                                         expected="linear, conv, embedding or experts")),
                                fan_in_fan_out=get_field(m, "fan_in_fan_out", bool, where=at, default=False),
                                bias=tensors.get(f"{name}.lora_B.bias"),
                                experts=get_field(m, "experts", int, where=at, default=1, check=lambda n: n >= 1,

@@ -32,11 +32,12 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, WrongBaseError
+from ..validate import get_field
 from .quants import require_gguf
 
-__all__ = ["ARCHITECTURES", "NO_LORA", "Target", "arch_of_hparams", "gguf_target", "hf_module", "qk_heads",
-           "permute_rows", "unpermute_rows", "known_arch"]
+__all__ = ["ARCHITECTURES", "NO_LORA", "GGUFBase", "Target", "arch_of_hparams", "base_from_hparams", "gguf_target",
+           "hf_module", "qk_heads", "permute_rows", "unpermute_rows", "known_arch"]
 
 #: transformers ``architectures[0]`` / ``model_type`` → llama.cpp architecture, as llama.cpp's converter
 #: registers them (``conversion/__init__.py``: llama.py, qwen.py, gemma.py, phi.py); the ones loratools maps
@@ -69,10 +70,49 @@ def known_arch(arch: str) -> bool:
     return arch in set(ARCHITECTURES.values())
 
 
-def arch_of_hparams(hparams: Mapping[str, Any]) -> str | None:
+def _model_names(hparams: Mapping[str, Any], where: object) -> list[str]:
+    """``architectures`` then ``model_type`` of a ``config.json`` dict, checked to be strings."""
+    archs = get_field(hparams, "architectures", list, where=where, default=[], nullable=True) or []
+    kind = get_field(hparams, "model_type", str, where=where, default="", nullable=True) or ""
+    return [n for n in archs if isinstance(n, str)] + [kind]
+
+
+def arch_of_hparams(hparams: Mapping[str, Any], *, where: object = "config.json") -> str | None:
     """llama.cpp's architecture for a transformers ``config.json`` dict, or None when not mapped."""
-    names = list(hparams.get("architectures") or []) + [str(hparams.get("model_type", ""))]
-    return next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    return next((ARCHITECTURES[n] for n in _model_names(hparams, where) if n in ARCHITECTURES), None)
+
+
+@dataclass(frozen=True)
+class GGUFBase:
+    """What a GGUF adapter needs of its base: llama.cpp's architecture, head and expert counts."""
+
+    arch: str
+    n_head: int | None = None
+    n_head_kv: int | None = None
+    tied_embeddings: bool = False
+    n_expert: int | None = None
+
+
+def _count(hparams: Mapping[str, Any], key: str, where: object) -> int | None:
+    """A count field (heads, experts): a non-negative integer, 0 or absent as None; else one line naming it."""
+    n = get_field(hparams, key, int, where=where, default=None, nullable=True, check=lambda v: v >= 0,
+                  expected="a non-negative integer")
+    return n or None
+
+
+def base_from_hparams(hparams: Mapping[str, Any], *, where: object = "config.json") -> GGUFBase:
+    """From a Hugging Face ``config.json`` dict; a count that is not an integer is refused naming the field."""
+    arch = arch_of_hparams(hparams, where=where)
+    if arch is None:
+        names = _model_names(hparams, where)
+        raise WrongBaseError(f"{where} describes {names[0] if names[0] else 'an unknown model'}; GGUF conversion "
+                             f"maps {', '.join(sorted(set(ARCHITECTURES.values())))} "
+                             f"({', '.join(n for n in ARCHITECTURES if n[0].isupper())})")
+    n = _count(hparams, "num_attention_heads", where)
+    kv = _count(hparams, "num_key_value_heads", where) or n
+    e = _count(hparams, "num_local_experts", where) or _count(hparams, "num_experts", where)
+    tied = get_field(hparams, "tie_word_embeddings", bool, where=where, default=False, nullable=True)
+    return GGUFBase(arch, n, kv, bool(tied), e)
 
 
 @dataclass(frozen=True)

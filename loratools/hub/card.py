@@ -1,4 +1,4 @@
-"""The model card ``loratools push`` uploads: pure text from an :func:`~loratools.inspection.inspect_adapter` report.
+"""The model card ``loratools push`` uploads: pure text from an :class:`~loratools.inspection.InspectReport`.
 
 The YAML header says what the Hub needs to list the repo as an adapter, the way
 PEFT's ``save_pretrained`` card does (``PeftModel.push_to_hub`` would replace it with
@@ -15,7 +15,10 @@ a generic ``library_name: transformers`` card, so loratools writes its own)::
 
 followed by a table of each module's rank, alpha, scale and parameter count.
 
->>> report = {"method": "lora", "base_model": "HuggingFaceTB/SmolLM2-135M", "modules": 0, "layers": []}
+>>> from loratools.adapter import Adapter
+>>> from loratools.config import AdapterConfig
+>>> from loratools.inspection import inspect_adapter
+>>> report = inspect_adapter(Adapter({}, AdapterConfig(base_model="HuggingFaceTB/SmolLM2-135M")))
 >>> print("\\n".join(model_card(report, repo_id="me/my-adapter").splitlines()[:8]))
 ---
 library_name: peft
@@ -34,6 +37,7 @@ import re
 from typing import Any
 
 from ..config import hub_model_id
+from ..inspection import InspectReport
 
 __all__ = ["model_card"]
 
@@ -52,7 +56,7 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None = None,
+def model_card(report: InspectReport, *, repo_id: str, base_model: str | None = None,
                training: dict[str, Any] | None = None) -> str:
     """README.md text (YAML metadata + Markdown) for the adapter described by ``report``.
 
@@ -60,8 +64,8 @@ def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None =
     (a local path would leak a file name and fail the Hub's metadata check). ``training``
     (``training_config.json`` written by ``loratools train``) adds a section of its settings.
     """
-    method = str(report.get("method") or "lora").lower()
-    base = hub_model_id(base_model or report.get("base_model"))
+    method = (report.method or "lora").lower()
+    base = hub_model_id(base_model or report.base_model)
     tags = ["adalora" if method == "adalora" else "lora"]
     if base:
         tags.append(f"base_model:adapter:{base}")
@@ -75,7 +79,7 @@ def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None =
     meta.append("---")
 
     name = repo_id.split("/")[-1]
-    kind = "AdaLoRA" if method == "adalora" else ("rsLoRA" if report.get("use_rslora") else "LoRA")
+    kind = "AdaLoRA" if method == "adalora" else ("rsLoRA" if report.use_rslora else "LoRA")
     lines = [
         *meta,
         "",
@@ -94,23 +98,23 @@ def model_card(report: dict[str, Any], *, repo_id: str, base_model: str | None =
         "",
         "## Adapter",
         "",
-        f"- method: {kind}" + (f" (init_r = {report['init_r']})" if method == "adalora" and report.get("init_r") else ""),
-        f"- modules: {report.get('modules', 0)}",
-        f"- parameters: {int(report.get('parameters', 0)):,}",
-        f"- rank: {report.get('rank_min', 0)}–{report.get('rank_max', 0)} (total {report.get('rank_total', 0)})",
-        f"- fingerprint of the base weights it needs: `{str(report.get('fingerprint', ''))[:16]}`",
+        f"- method: {kind}" + (f" (init_r = {report.init_r})" if method == "adalora" and report.init_r else ""),
+        f"- modules: {report.modules}",
+        f"- parameters: {report.parameters:,}",
+        f"- rank: {report.rank_min}–{report.rank_max} (total {report.rank_total})",
+        f"- fingerprint of the base weights it needs: `{report.fingerprint[:16]}`",
         "",
         "| module | shape | rank | alpha | scale | parameters | ‖ΔW‖F | stable rank |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for layer in report.get("layers", []):
+    for layer in report.layers:
         lines.append(
-            f"| `{layer['name']}` | {'×'.join(map(str, layer['shape']))} | {layer['rank']} | {_num(layer['alpha'])} "
-            f"| {_num(layer['scale'])} | {int(layer['parameters']):,} | {_num(layer['fro_norm'])} "
-            f"| {layer['stable_rank']:.2f} |"
+            f"| `{layer.name}` | {'×'.join(map(str, layer.shape))} | {layer.rank} | {_num(layer.alpha)} "
+            f"| {_num(layer.scale)} | {layer.parameters:,} | {_num(layer.spectrum.fro_norm)} "
+            f"| {layer.spectrum.stable_rank:.2f} |"
         )
-    if report.get("saved_tensors"):
-        lines += ["", f"Also saves {len(report['saved_tensors'])} full tensors (`modules_to_save`)."]
+    if report.saved_tensors:
+        lines += ["", f"Also saves {len(report.saved_tensors)} full tensors (`modules_to_save`)."]
     lines += ["", "Figures from `loratools inspect` (scaled ΔW; stable rank = Σσ²/σ₁²).", ""]
     if training:
         lines += _training_section(training)

@@ -10,6 +10,13 @@
   files parse back to the same adapter, writes a model card (:mod:`loratools.hub.card`),
   and uploads all of it in ONE commit (``create_commit``), creating the repo if needed.
 
+:func:`pull` trusts nothing the endpoint says (``HF_ENDPOINT`` may be a mirror): before
+huggingface_hub builds a cache path from a value, the value is checked here (:class:`_Guard`,
+hooked into its HTTP session): a commit id must be 40 (or 64) hex digits, an ETag one plain
+name, a revision the user gives a branch, tag or commit id (:func:`check_revision`); every
+reply is bounded in bytes (``max_bytes``) and the whole pull in time (``timeout``, default
+``LORATOOLS_HUB_TIMEOUT`` or one hour), so a server that trickles bytes cannot hold it forever.
+
 Every failure of the client becomes a one-line :class:`~loratools.errors.HubError`;
 messages never contain the token (it is scrubbed from them as a last guard). The
 endpoint is ``endpoint=`` or ``HF_ENDPOINT``, the token ``token=`` or ``HF_TOKEN`` / the
@@ -27,11 +34,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +49,37 @@ import httpx2
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, constants, snapshot_download
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, get_session
 
 from ..adapter import Adapter
 from ..errors import CorruptFileError, HubError, InvalidOptionError
 from ..formats import detect_format, read_adapter, write_adapter
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME
-from ..inspection import inspect_adapter
+from ..inspection import InspectReport, inspect_adapter
 from ..io import atomic_output, check_output
 from .card import model_card
 
-__all__ = ["ADAPTER_FILES", "PushResult", "parse_hf_uri", "pull", "push", "stage_upload"]
+__all__ = ["ADAPTER_FILES", "PushResult", "check_revision", "parse_hf_uri", "pull", "push", "stage_upload"]
 
 CARD_NAME = "README.md"
 #: What :func:`pull` downloads; nothing else of a repo (no full models, no pickles).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 HF_SCHEME = "hf://"
+
+#: a revision a user names (branch, tag, ``refs/pr/N``, commit id): ``/``-separated parts of letters,
+#: digits and ``._+-``, none starting with ``.`` or ``-`` (so never ``..``, never absolute)
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*(?:/[A-Za-z0-9_][A-Za-z0-9._+-]*)*")
+#: a commit id as the Hub gives it (git's sha1; sha256 repos have 64 digits)
+_COMMIT = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+#: an ETag, once the client strips ``W/`` and quotes, names a file in the cache: one plain name
+_ETAG = re.compile(r"[0-9A-Za-z_-]{8,128}")
+#: the replies whose JSON ``sha`` names a cache folder (repo info, at a revision or not)
+_INFO = re.compile(r"/api/(?:models|datasets|spaces)/[^/]+/[^/]+(?:/revision/[^/]+)?$")
+#: one reply that is not a file (JSON held in memory) is at most this many bytes
+MAX_REPLY_BYTES = 64 << 20
+#: what one pull may receive in all
+PULL_MAX_BYTES = 32 << 30
+_TIMEOUT_ENV = os.environ.get("LORATOOLS_HUB_TIMEOUT", "")  # read once, like huggingface_hub's own variables
 
 
 @dataclass(frozen=True)
@@ -80,30 +105,67 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None]:
     repo_id = repo_id.strip("/")
     if not repo_id or repo_id.count("/") > 1 or (_ and not rev):
         raise InvalidOptionError(f"{uri!r} is not an hf:// adapter; write hf://NAMESPACE/NAME or hf://NAMESPACE/NAME@REVISION")
-    return repo_id, rev or None
+    return repo_id, check_revision(rev) if rev else None
+
+
+def check_revision(revision: str) -> str:
+    """``revision`` if it can only be a branch, tag or commit id; it becomes a file name under the cache's ``refs/``.
+
+    >>> check_revision("refs/pr/1")
+    'refs/pr/1'
+    """
+    if len(revision) > 255 or not _REVISION.fullmatch(revision) or ".." in revision:
+        raise InvalidOptionError(f"`revision` {revision!r} is not a branch, tag or commit id (parts of letters, "
+                                 "digits and ._+- separated by /, none starting with . or -); check it")
+    return revision
+
+
+def _pull_timeout(timeout: float | None) -> float:
+    if timeout is None:
+        try:
+            timeout = float(_TIMEOUT_ENV) if _TIMEOUT_ENV else 3600.0
+        except ValueError:
+            timeout = float("nan")
+        if not timeout > 0:
+            raise InvalidOptionError(f"LORATOOLS_HUB_TIMEOUT={_TIMEOUT_ENV!r} is not a number of seconds > 0; fix or "
+                                     "unset it")
+    if not timeout > 0:
+        raise InvalidOptionError(f"`timeout` must be a number of seconds > 0, not {timeout!r}")
+    return timeout
 
 
 # ---- pull ------------------------------------------------------------------------------------
 
 def pull(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathLike[str] | None = None,
          force: bool = False, endpoint: str | None = None, token: str | bool | None = None,
-         cache_dir: str | os.PathLike[str] | None = None, offline: bool = False, progress: bool = False) -> Path:
+         cache_dir: str | os.PathLike[str] | None = None, offline: bool = False, progress: bool = False,
+         timeout: float | None = None, max_bytes: int = PULL_MAX_BYTES) -> Path:
     """Download the adapter files of ``repo_id`` at ``revision``; return the folder holding them.
 
     The files go to the Hub cache (``cache_dir``, default ``HF_HUB_CACHE`` under ``HF_HOME``)
     and the snapshot folder is returned; with ``local_dir`` they are also copied there
     (written under a temporary name and renamed when complete, so a failed pull leaves no
     ``local_dir``). The adapter is read once to check it parses before anything is returned.
+    The whole download may take ``timeout`` seconds (default ``LORATOOLS_HUB_TIMEOUT``, else
+    3600) and receive ``max_bytes``; what the endpoint answers is checked before it names a path.
     """
+    if revision is not None:
+        check_revision(revision)
+    seconds = _pull_timeout(timeout)
     if local_dir is not None:
         check_output(local_dir, force=force)  # before any download
+    where = (endpoint or constants.ENDPOINT).rstrip("/")
+    guard = _Guard(where, seconds=seconds, max_bytes=max_bytes)
     with _client(progress), _hub_errors(repo_id, revision=revision, token=token, endpoint=endpoint,
-                                        action="download", offline=offline):
+                                        action="download", offline=offline, guard=guard), _guarded(guard):
         snapshot = Path(snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, endpoint=endpoint, token=token,
             allow_patterns=list(ADAPTER_FILES), local_files_only=offline,
             library_name="loratools", library_version=_version(),
         ))
+    if guard.refused is not None:  # raised inside the client, and caught there by something
+        raise HubError(repo_id, guard.refused)
+    _check_inside(repo_id, snapshot, Path(cache_dir or constants.HF_HUB_CACHE))
     at = f" at {revision}" if revision else ""
     if not (snapshot / CONFIG_NAME).is_file():
         raise HubError(repo_id, f"no {CONFIG_NAME}{at}: loratools pulls PEFT-layout adapters "
@@ -122,10 +184,127 @@ def pull(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathL
     return Path(local_dir)
 
 
+def _check_inside(repo_id: str, snapshot: Path, cache: Path) -> None:
+    """The last guard: the snapshot and each file it holds lie inside the cache (checked values make this hold)."""
+    root = cache.resolve()
+    for path in (snapshot, *(snapshot / name for name in ADAPTER_FILES)):
+        if os.path.lexists(path) and root not in path.resolve().parents:
+            raise HubError(repo_id, f"the download put {path} outside the cache {root}; delete it, and do not "
+                                    "pull from this endpoint again")
+
+
+# ---- what an endpoint answers, checked before huggingface_hub uses it ------------------------
+
+class _Refused(Exception):
+    """A reply the guard refuses: raised inside the client, turned into a :class:`HubError` by :func:`_hub_errors`."""
+
+
+class _Guard:
+    """The checks of one pull, run by huggingface_hub's HTTP session on every request and reply.
+
+    A request's timeouts are cut to what is left of the pull's time; a reply's commit id
+    (``X-Repo-Commit``), ETag (``X-Linked-Etag`` or, for a file, ``ETag``) and repo-info
+    ``sha`` must have their shapes (:data:`_COMMIT`, :data:`_ETAG`) before the client makes a
+    path of them; the bytes of each reply are counted (the pull's ``max_bytes``, and
+    :data:`MAX_REPLY_BYTES` for an ``/api/`` reply) and the clock read at every chunk.
+    """
+
+    def __init__(self, where: str, *, seconds: float, max_bytes: int) -> None:
+        self.where, self.seconds, self.max_bytes = where, seconds, max_bytes
+        self.deadline = time.monotonic() + seconds
+        self.received = 0
+        self.refused: str | None = None
+        self._lock = threading.Lock()
+
+    def refuse(self, why: str) -> _Refused:
+        with self._lock:
+            self.refused = self.refused or why
+            return _Refused(self.refused)
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.refuse(f"the download from {self.where} took longer than {self.seconds:g} s "
+                              "(LORATOOLS_HUB_TIMEOUT); nothing was written, try again or raise it")
+        return left
+
+    def count(self, n: int, so_far: int, cap: int) -> None:
+        with self._lock:
+            self.received += n
+            total = self.received
+        if so_far > cap or total > self.max_bytes:
+            raise self.refuse(f"{self.where} sent more than {min(cap, self.max_bytes)} bytes in "
+                              f"{'one reply' if so_far > cap else 'all'}; nothing was written")
+        self.left()
+
+    def on_request(self, request: httpx2.Request) -> None:
+        left = self.left()
+        asked = dict(request.extensions.get("timeout") or {})
+        cut = {k: left if asked.get(k) is None else min(asked[k], left) for k in ("connect", "read", "write", "pool")}
+        request.extensions = {**request.extensions, "timeout": cut}
+
+    def on_response(self, response: httpx2.Response) -> None:
+        headers, path = response.headers, response.request.url.path
+        commit = headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
+        if commit is not None and not _COMMIT.fullmatch(commit):
+            raise self.refuse(f"{self.where} answered the commit id {commit[:80]!r}, which is not 40 hex digits; "
+                              "nothing was written (is HF_ENDPOINT a Hub?)")
+        etag = headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_ETAG)
+        if etag is None and "/resolve/" in path:
+            etag = headers.get("ETag")
+        if etag is not None and not _ETAG.fullmatch(etag.removeprefix("W/").strip('"')):
+            raise self.refuse(f"{self.where} answered the ETag {etag[:80]!r}, which is not a plain hash; "
+                              "nothing was written (is HF_ENDPOINT a Hub?)")
+        cap = MAX_REPLY_BYTES if "/api/" in path else self.max_bytes  # JSON kept in memory, or a file's bytes
+        response.stream = _Counted(response.stream, self, cap)
+        if response.status_code == 200 and _INFO.search(path):
+            response.read()
+            try:
+                info = json.loads(response.content)
+            except ValueError:
+                return  # the client says what is wrong with it
+            sha = info.get("sha") if isinstance(info, dict) else None
+            if sha is not None and not (isinstance(sha, str) and _COMMIT.fullmatch(sha)):
+                raise self.refuse(f"{self.where} answered the commit id {str(sha)[:80]!r}, which is not 40 hex "
+                                  "digits; nothing was written (is HF_ENDPOINT a Hub?)")
+
+
+class _Counted(httpx2.SyncByteStream):
+    """A reply's body, counted against the guard's bounds and clock chunk by chunk."""
+
+    def __init__(self, inner: Any, guard: _Guard, cap: int) -> None:
+        self.inner, self.guard, self.cap = inner, guard, cap
+
+    def __iter__(self) -> Iterator[bytes]:
+        seen = 0
+        for chunk in self.inner:
+            seen += len(chunk)
+            self.guard.count(len(chunk), seen, self.cap)
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@contextlib.contextmanager
+def _guarded(guard: _Guard) -> Iterator[None]:
+    """Hook ``guard`` into the session huggingface_hub downloads with (one per process), for the pull."""
+    session = get_session()
+    hooks = session.event_hooks
+    session.event_hooks = {"request": [*hooks["request"], guard.on_request],
+                           "response": [*hooks["response"], guard.on_response]}
+    try:
+        yield
+    finally:
+        hooks = session.event_hooks
+        session.event_hooks = {"request": [h for h in hooks["request"] if h != guard.on_request],
+                               "response": [h for h in hooks["response"] if h != guard.on_response]}
+
+
 # ---- push ------------------------------------------------------------------------------------
 
 def stage_upload(adapter_path: str | os.PathLike[str], folder: str | os.PathLike[str], *, repo_id: str,
-                 base_model: str | None = None) -> dict[str, Any]:
+                 base_model: str | None = None) -> InspectReport:
     """Write what :func:`push` uploads into the new folder ``folder``; return the inspect report.
 
     A PEFT folder's config and weights are copied as they are; any other readable format is
@@ -146,9 +325,9 @@ def stage_upload(adapter_path: str | os.PathLike[str], folder: str | os.PathLike
     _check_same(adapter, staged, src)
     report = inspect_adapter(staged, format="peft")
     training = _training_record(src if src.is_dir() else src.parent)
-    recorded = report["base_model"]
+    recorded = report.base_model
     # a relative local path (fixtures/tiny-llama) reads like a Hub id: the card names only what is not on disk here
-    card_report = {**report, "base_model": None} if recorded and Path(recorded).exists() else report
+    card_report = replace(report, base_model=None) if recorded and Path(recorded).exists() else report
     (dest / CARD_NAME).write_text(model_card(card_report, repo_id=repo_id, base_model=base_model, training=training),
                                   encoding="utf-8")
     return report
@@ -186,8 +365,8 @@ def push(adapter_path: str | os.PathLike[str], repo_id: str, *, private: bool = 
         folder = Path(tmp) / "adapter"
         report = stage_upload(adapter_path, folder, repo_id=repo_id, base_model=base_model)
         files = tuple(sorted(p.name for p in folder.iterdir()))
-        title = message or f"Upload {report['method']} adapter ({report['modules']} modules, rank "\
-                           f"{report['rank_min']}–{report['rank_max']}) with loratools"
+        title = message or f"Upload {report.method} adapter ({report.modules} modules, rank "\
+                           f"{report.rank_min}–{report.rank_max}) with loratools"
         with _client(progress), _hub_errors(repo_id, revision=revision, token=token, endpoint=endpoint,
                                             action="upload"):
             api = HfApi(endpoint=endpoint, token=token, library_name="loratools", library_version=_version())
@@ -313,12 +492,14 @@ def _why(e: BaseException, *, revision: str | None, endpoint: str, action: str, 
 
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, *, revision: str | None, token: str | bool | None, endpoint: str | None, action: str,
-                offline: bool = False) -> Iterator[None]:
+                offline: bool = False, guard: _Guard | None = None) -> Iterator[None]:
     try:
         yield
     except HubError:
         raise
     except Exception as e:
+        if guard is not None and guard.refused is not None:  # whatever the client made of the refusal
+            raise HubError(repo_id, guard.refused) from None
         # the LFS uploader wraps failures in RuntimeError; look down the cause chain for the real one
         chain: list[BaseException] = []
         cur: BaseException | None = e

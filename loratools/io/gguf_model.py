@@ -18,16 +18,20 @@ rows at a time, and untouched tensors go file to file in chunks.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from ..errors import CorruptFileError, InvalidOptionError
+from ..gguf.arch import GGUFBase
+from ..validate import get_field
 
-__all__ = ["GGUFTensor", "GGUFModelFile", "split_paths", "out_split_paths", "open_gguf_model", "write_gguf_model",
+__all__ = ["GGUFTensor", "GGUFModelFile", "split_paths", "out_split_paths", "open_gguf", "open_gguf_model",
+           "gguf_field", "gguf_scalars", "gguf_count", "gguf_heads", "gguf_model_info", "write_gguf_model",
            "is_gguf_model_path", "layout_mismatch", "file_sha256"]
 
 _SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -120,28 +124,74 @@ class GGUFModelFile:
 
 
 def _value(field: Any) -> Any:
+    """A field's value, or None when it is damaged (absent to every caller, which says what is missing)."""
     try:
         return field.contents()
     except Exception:  # a damaged value: absent, the caller says what is missing
         return None
 
 
-def open_gguf_model(path: str | Path) -> GGUFModelFile:
-    """Read the layout of a GGUF model (and of all its splits) without reading tensor data."""
+def open_gguf(path: str | os.PathLike[str]) -> Any:
+    """A ``gguf.GGUFReader`` of ``path``; a damaged file is one :class:`CorruptFileError` naming it."""
     from ..gguf.quants import require_gguf
 
     gguf = require_gguf()
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises bare ValueError/struct errors on damaged files
+        raise CorruptFileError(path, f"not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+
+
+def gguf_field(reader: Any, key: str) -> Any:
+    """The value of ``key`` in an open reader (arrays too), or None when absent or damaged."""
+    f = reader.get_field(key)
+    return _value(f) if f is not None else None
+
+
+def gguf_scalars(reader: Any) -> dict[str, Any]:
+    """Every scalar and string key/value of an open reader (damaged ones as None). Arrays are left out: a
+    vocabulary takes seconds to decode and no caller needs it here (:func:`gguf_field` reads one array)."""
+    return {k: _value(f) for k, f in reader.fields.items() if k not in _PSEUDO and len(f.types) == 1}
+
+
+def gguf_count(fields: Mapping[str, Any], key: str, *, where: object) -> int | None:
+    """A count key/value (heads, experts) as an int; absent, damaged or 0 is None. Any other type (a string,
+    a float, a list) is a damaged file: :class:`~loratools.errors.InvalidFieldError` naming ``where`` and ``key``."""
+    n = get_field(fields, key, int, where=where, default=None, nullable=True, check=lambda v: v >= 0,
+                  expected="a non-negative integer")
+    return n or None
+
+
+def gguf_heads(fields: Mapping[str, Any], arch: str, *, where: object) -> tuple[int | None, int | None]:
+    """``(head_count, head_count_kv)`` of ``arch`` (the kv count defaults to the head count), typed."""
+    n = gguf_count(fields, f"{arch}.attention.head_count", where=where)
+    return n, gguf_count(fields, f"{arch}.attention.head_count_kv", where=where) or n
+
+
+def gguf_model_info(path: Path) -> tuple[GGUFBase, list[str]]:
+    """``(base, tensor names)`` of a ``.gguf`` (a model, or an adapter that records its head counts), parsed once
+    (a model's vocabulary takes seconds to parse)."""
+    r = open_gguf(path)
+    fields = gguf_scalars(r)
+    arch = get_field(fields, "general.architecture", str, where=path, default=None, nullable=True)
+    if not arch:
+        raise CorruptFileError(path, "no general.architecture")
+    n, kv = gguf_heads(fields, arch, where=path)
+    names = [str(t.name) for t in r.tensors]
+    # a model file without output.weight ties lm_head to token_embd (adapter files carry no such hint)
+    tied = fields.get("general.type") != "adapter" and "output.weight" not in names
+    return GGUFBase(arch, n, kv, tied, gguf_count(fields, f"{arch}.expert_count", where=path)), names
+
+
+def open_gguf_model(path: str | os.PathLike[str]) -> GGUFModelFile:
+    """Read the layout of a GGUF model (and of all its splits) without reading tensor data."""
     paths = split_paths(Path(path))
     kv, tensors, version, alignment, first = [], [], 3, 32, {}
     for i, p in enumerate(paths):
-        try:
-            r = gguf.GGUFReader(str(p))
-        except Exception as e:  # bare ValueError/struct errors on damaged files
-            raise CorruptFileError(p, f"not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+        r = open_gguf(p)
         if i == 0:
             version, alignment = int(r.fields["GGUF.version"].parts[0][0]), int(r.alignment)
-            # scalars and strings only: a vocabulary's arrays take seconds to decode and no caller needs them
-            first = {k: _value(f) for k, f in r.fields.items() if k not in _PSEUDO and len(f.types) == 1}
+            first = gguf_scalars(r)
         elif int(r.alignment) != alignment:
             raise CorruptFileError(p, "its alignment differs from the first split's")
         kv.append([(k, b"".join(bytes(part.tobytes()) for part in f.parts))

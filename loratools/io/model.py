@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
@@ -23,16 +24,47 @@ import torch
 from torch import Tensor
 
 from ..device import cpu_cores
-from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
-from ..validate import get_field, plain_name
-from .paths import read_json
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, UnsafePathError
+from ..validate import MAX_JSON_BYTES, get_field, plain_name
+from .paths import copy_opened, read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
                           header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 
-__all__ = ["ModelReader", "Progress", "rewrite_model", "INDEX_NAME", "WEIGHTS_NAME"]
+__all__ = ["ModelReader", "Progress", "config_path", "read_config", "rewrite_model", "INDEX_NAME", "WEIGHTS_NAME",
+           "CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+
+def config_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where the ``config.json`` of ``model_path`` lies: inside a model directory, beside a single weights file,
+    or ``model_path`` itself when it is a ``.json`` file."""
+    p = Path(model_path)
+    if p.is_dir():
+        return p / CONFIG_NAME
+    return p if p.suffix == ".json" else p.parent / CONFIG_NAME
+
+
+def read_config(model_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The model's ``config.json`` (see :func:`config_path`) as a dict, or None when there is no such file.
+
+    The one reader of a model config: bounded like every JSON file (:func:`loratools.io.read_json`), so
+    non-UTF-8 bytes, bad JSON, deep nesting or a value that is not an object raise one
+    :class:`CorruptFileError` naming the file; a missing file is None (a base given by its weights alone).
+
+    >>> read_config("fixtures/tiny-llama")["model_type"]          # doctest: +SKIP
+    'llama'
+    """
+    path = config_path(model_path)
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CorruptFileError(path, f"it holds a JSON {type(data).__name__}, not an object; "
+                                     "a model's config.json is one {...} object")
+    return data
 
 
 class Progress(Protocol):
@@ -82,8 +114,9 @@ class ModelReader:
     def _read_index(self) -> list[str]:
         index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
         if index.is_file():
-            self.index = read_json(index)
-            wmap = get_field(self.index, "weight_map", dict, where=index)
+            raw = read_json(index)
+            wmap = get_field(raw, "weight_map", dict, where=index)  # refuses a file that is not an object
+            self.index = raw if isinstance(raw, dict) else None
             # a shard name is joined to the model directory, and to OUT when the model is rewritten:
             # only a plain name inside the directory is accepted (never ``../x`` or ``/abs``)
             self.shard_of = {str(k): plain_name(v, where=index, field=f"weight_map[{k!r}]") for k, v in wmap.items()}
@@ -133,8 +166,6 @@ class ModelReader:
         """The tensor ``key``, read alone into fresh memory."""
         return read_tensor(self.spans[key])
 
-    read = get
-
     def close(self) -> None:
         """Nothing stays open between reads; kept so a reader can be used in ``with``."""
 
@@ -146,29 +177,85 @@ class ModelReader:
 
 
 def _mirror_side_files(model: ModelReader, dest: Path, edits: Mapping[str, Callable[[bytes], bytes]]) -> None:
-    """Config, tokenizer, generation config …: copied as they are, or through ``edits[name]`` (bytes → bytes)."""
+    """Config, tokenizer, generation config …: copied as they are, or through ``edits[name]`` (bytes → bytes).
+
+    Only regular files inside the model's folder are copied (see :func:`_open_side`); a symbolic link
+    leading out of it, a link to a directory, a FIFO, device or socket is refused with one line before
+    anything is copied through it. An edited file is read up to :data:`~loratools.validate.MAX_JSON_BYTES`.
+    """
     weights = set(model.shards) | {INDEX_NAME}
-    for item in model.root.iterdir():
+    roots = _side_roots(model.root)
+    for item in sorted(model.root.iterdir()):
         if item.name in weights:
             continue
-        if item.name in edits and item.is_file():
-            (dest / item.name).write_bytes(edits[item.name](item.read_bytes()))
+        if item.name in edits and not stat.S_ISDIR(os.lstat(item).st_mode):
+            fd = _open_side(item, roots)
+            with open(fd, "rb") as f:
+                size = os.fstat(fd).st_size
+                if size > MAX_JSON_BYTES:
+                    raise CorruptFileError(item, f"it is {size} bytes, over the {MAX_JSON_BYTES}-byte limit "
+                                                 "for a file loratools edits")
+                data = f.read(MAX_JSON_BYTES + 1)
+            (dest / item.name).write_bytes(edits[item.name](data))
         else:
-            _copy_new(item, dest / item.name)
+            _copy_new(item, dest / item.name, roots)
 
 
-def _copy_new(src: Path, dst: Path) -> None:
-    """``src`` (a file, or a directory and what it holds) copied as new files: 0666/0777 less the umask.
+def _side_roots(root: Path) -> tuple[Path, ...]:
+    """Where a side file's link may lead: the model's folder, and for a Hub cache snapshot
+    (``…/snapshots/REV/``, whose files are links to ``../../blobs/``) that repo's ``blobs/``."""
+    real = root.resolve()
+    return (real, real.parent.parent / "blobs") if real.parent.name == "snapshots" else (real,)
+
+
+def _open_side(item: Path, roots: tuple[Path, ...]) -> int:
+    """A read-only descriptor of the side file ``item``: a regular file, or a link to a regular file inside ``roots``."""
+    fix = ("loratools copies only regular files inside the base model's folder: replace it by a copy of the file, "
+           "or remove it")
+    st = os.lstat(item)
+    target = item
+    if stat.S_ISLNK(st.st_mode):
+        target = item.resolve()
+        if not any(target == r or r in target.parents for r in roots):
+            raise UnsafePathError(item, f"is a symbolic link to {target}, outside {roots[0]}; {fix}")
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            raise UnsafePathError(item, f"is a symbolic link to {target}, which does not exist; {fix}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory reached through a symbolic link" if stat.S_ISDIR(st.st_mode) else \
+            "a FIFO, device or socket"
+        raise UnsafePathError(item, f"is {kind}; {fix}")
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            raise UnsafePathError(item, f"changed into a link or special file while it was opened; {fix}") from None
+        raise
+    if not os.path.samestat(os.fstat(fd), st):
+        os.close(fd)
+        raise UnsafePathError(item, f"changed while it was opened; {fix}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _copy_new(src: Path, dst: Path, roots: tuple[Path, ...]) -> None:
+    """``src`` (a regular file, or a real directory and what it holds) copied as new files: 0666/0777 less the umask.
 
     Not ``copy2``/``copytree``, which carry the source's modes over: a 0644 config from the base
-    would be world-readable in an output written under umask 077.
+    would be world-readable in an output written under umask 077. Each file is copied at the size
+    it has when opened (:func:`~loratools.io.paths.copy_opened`); links and special files as in :func:`_open_side`.
     """
-    if src.is_dir():
+    if stat.S_ISDIR(os.lstat(src).st_mode):
         dst.mkdir()
-        for item in src.iterdir():
-            _copy_new(item, dst / item.name)
-    else:
-        shutil.copyfile(src, dst)
+        for item in sorted(src.iterdir()):
+            _copy_new(item, dst / item.name, roots)
+        return
+    fd = _open_side(src, roots)
+    try:
+        copy_opened(fd, dst, where=src)
+    finally:
+        os.close(fd)
 
 
 Pieces = Iterable[Tensor]
@@ -296,7 +383,7 @@ def _cast(span: Span, dtype: torch.dtype, name: str = "") -> Iterator[Tensor]:
             block = reader.read(i, n)
             if narrows and block.numel():
                 big = block.abs().nan_to_num(nan=0.0, posinf=0.0).max()
-                if float(big) > limit:
+                if limit is not None and float(big) > limit:
                     raise InvalidOptionError(f"{name or 'a tensor'} holds {float(big):.6g}, beyond {dtype}'s range "
                                              f"(±{limit:.6g}): `dtype` {str(dtype).replace('torch.', '')} would "
                                              "write ±inf; keep the base's dtype or choose bfloat16")

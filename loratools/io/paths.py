@@ -5,20 +5,29 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import CorruptFileError, InvalidOptionError, OutputBusyError, OutputExistsError
+from ..errors import CorruptFileError, InvalidOptionError, OutputBusyError, OutputExistsError, UnsafePathError
 from ..validate import MAX_JSON_BYTES, load_json
 
-__all__ = ["atomic_output", "check_output", "output_lock", "read_json", "temporary_names"]
+__all__ = ["atomic_output", "check_output", "copy_opened", "open_regular", "output_lock", "read_json", "temporary_names",
+           "temporary_path"]
 
 #: file systems where flock is not offered (some network mounts): outputs are written unlocked and nothing is swept
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+#: the longest name a directory entry may have on the file systems loratools writes to (ext4, xfs, btrfs, tmpfs)
+NAME_MAX = 255
+#: room kept after a temporary's stem for its longest suffix, ``.scratch-<pid of up to 10 digits>``
+_SUFFIX_ROOM = len(".scratch-") + 10
+#: a directory ``force`` may replace holds at most this many entries (loratools never writes more)
+_MAX_REPLACED_ENTRIES = 100_000
 
 
 def _remove(path: Path) -> None:
@@ -32,23 +41,89 @@ def _remove(path: Path) -> None:
 def check_output(path: str | os.PathLike[str], *, force: bool = False,
                  inputs: Sequence[str | os.PathLike[str]] = (), what: str = "output") -> None:
     """Refuse ``path`` up front, before any long work: when it is, contains or lies inside
-    one of ``inputs``, or when it exists and ``force`` is not given."""
+    one of ``inputs``, when it exists and ``force`` is not given, or when ``force`` would
+    replace something loratools could not have written (see :func:`check_replaceable`)."""
     dest = Path(path)
     real = dest.resolve()
     for inp in inputs:
         ri = Path(inp).resolve()
         if real == ri or ri in real.parents or real in ri.parents:
             raise InvalidOptionError(f"{what} {dest} overlaps the input {inp}; choose another path")
-    if dest.exists() and not force:
-        raise OutputExistsError(dest)
+    if os.path.lexists(dest):
+        if not force:
+            raise OutputExistsError(dest)
+        check_replaceable(dest)
+
+
+def check_replaceable(dest: Path) -> None:
+    """``force`` replaces only a regular file, or a directory of regular files and directories that is
+    no mount point and holds no mount point, nor the current directory: what loratools could have written.
+
+    Anything else (``-o /dev/null``, a FIFO, a symbolic link, ``/`` …) is refused with
+    :class:`UnsafePathError`: a replaced output is renamed aside and deleted, and deleting a device
+    node, a link's target folder or a mounted file system is never what ``--force`` means.
+    """
+    fix = "--force replaces only a regular file or a directory loratools could have written; choose another path"
+    st = os.lstat(dest)
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(dest, f"is a symbolic link; {fix}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(dest, f"is a device, FIFO or socket, not a file; {fix}")
+    here = Path.cwd().resolve()
+    real = dest.resolve()
+    if real == here or real in here.parents:
+        raise UnsafePathError(dest, f"holds the current directory; {fix}")
+    count = 0
+    pending = [dest]
+    while pending:
+        folder = pending.pop()
+        if os.lstat(folder).st_dev != st.st_dev or os.path.ismount(folder):
+            raise UnsafePathError(dest, f"is or holds a mount point ({folder}); {fix}")
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                count += 1
+                if count > _MAX_REPLACED_ENTRIES:
+                    raise UnsafePathError(dest, f"holds over {_MAX_REPLACED_ENTRIES} entries; {fix}")
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif not entry.is_file(follow_symlinks=False):
+                    raise UnsafePathError(dest, f"holds {entry.path}, which is not a regular file or a directory; "
+                                                f"{fix}")
+
+
+def _stem(dest: Path) -> str:
+    """What the names of ``dest``'s temporaries start with: ``.NAME``, or, when a suffix would not fit in
+    :data:`NAME_MAX` bytes, the first bytes of NAME, ``~`` and 16 hex of NAME's sha256."""
+    name = dest.name
+    if len(os.fsencode(f".{name}")) + _SUFFIX_ROOM <= NAME_MAX:
+        return f".{name}"
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    room = NAME_MAX - _SUFFIX_ROOM - len(os.fsencode(f".~{digest}"))
+    head = ""
+    for ch in name:
+        if len(os.fsencode(head + ch)) > room:
+            break
+        head += ch
+    return f".{head}~{digest}"
+
+
+def temporary_path(dest: Path, kind: str) -> Path:
+    """A temporary beside ``dest``: ``kind`` is ``tmp`` or ``old`` (8 random hex follow), ``scratch``
+    (this process id follows) or ``lock``. Fits in :data:`NAME_MAX` whatever ``dest``'s name."""
+    tail = {"tmp": lambda: f"tmp-{uuid.uuid4().hex[:8]}", "old": lambda: f"old-{uuid.uuid4().hex[:8]}",
+            "scratch": lambda: f"scratch-{os.getpid()}", "lock": lambda: "lock"}[kind]()
+    return dest.parent / f"{_stem(dest)}.{tail}"
 
 
 def temporary_names(dest: Path) -> re.Pattern[str]:
     """The names of the temporaries kept beside ``dest`` while it is written: ``.NAME.tmp-<8 hex>``
     (the output being written), ``.NAME.old-<8 hex>`` (the replaced output, during a ``force`` rename)
     and ``.NAME.scratch-<pid>`` (a merge record's patches). Matched whole, so ``.a.tmp-…`` of an
-    output ``a`` never matches the temporaries of an output named ``a.tmp-1``."""
-    return re.compile(rf"\.{re.escape(dest.name)}\.(?:(tmp|old)-[0-9a-f]{{8}}|scratch-[0-9]+)")
+    output ``a`` never matches the temporaries of an output named ``a.tmp-1``. For a NAME too long
+    to take a suffix, ``.NAME`` is shortened (see :func:`temporary_path`)."""
+    return re.compile(rf"{re.escape(_stem(dest))}\.(?:(tmp|old)-[0-9a-f]{{8}}|scratch-[0-9]+)")
 
 
 @contextlib.contextmanager
@@ -68,7 +143,7 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     system without ``flock`` writes unlocked and sweeps nothing (a live run's temporary could not be told apart).
     """
     dest = Path(path)
-    lock = dest.parent / f".{dest.name}.lock"
+    lock = temporary_path(dest, "lock")
     fd = _acquire(lock, dest)
     try:
         if fd >= 0:
@@ -82,12 +157,26 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
 
 
 def _acquire(lock: Path, dest: Path) -> int:
-    """An open descriptor of ``lock`` holding its ``flock``, or -1 where the file system has no locks."""
+    """An open descriptor of ``lock`` holding its ``flock``, or -1 where the file system has no locks.
+
+    Opened without following a link (``O_NOFOLLOW``) and without waiting for a writer
+    (``O_NONBLOCK``), and only a regular file is locked: a link, FIFO or device planted at
+    ``.NAME.lock`` is refused with one line, never created through or waited on.
+    """
+    planted = ("is not the lock file loratools makes (a link, FIFO, device or directory planted beside the "
+               f"output {dest}); remove it, or choose another output")
     while True:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise UnsafePathError(lock, planted) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePathError(lock, planted)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = os.path.samestat(os.fstat(fd), os.stat(lock))
+            held = os.path.samestat(os.fstat(fd), os.lstat(lock))
         except BlockingIOError:
             os.close(fd)
             raise OutputBusyError(dest) from None
@@ -113,7 +202,10 @@ def _sweep(dest: Path) -> None:
         m = names.fullmatch(item.name)
         if m is None:
             continue
-        if m.group(1) == "old" and not os.path.lexists(dest):
+        mode = os.lstat(item).st_mode
+        # only a regular file or a real directory can be an output loratools renamed aside; a link
+        # (or anything else) under that name was planted: it is removed, never put back as the output
+        if m.group(1) == "old" and not os.path.lexists(dest) and (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             os.replace(item, dest)
         else:
             _remove(item)
@@ -141,13 +233,14 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, inputs: 
 
 def _replace_when_written(dest: Path) -> Iterator[Path]:
     """The body of :func:`atomic_output`, under its lock: yield the temporary, rename it into place."""
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(dest, "tmp")
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {tmp}")
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        if os.path.lexists(dest):
+            check_replaceable(dest)  # again, just before: what is at ``dest`` may have changed during the write
+            old = temporary_path(dest, "old")
             os.replace(dest, old)
             try:
                 os.replace(tmp, dest)
@@ -162,10 +255,59 @@ def _replace_when_written(dest: Path) -> Iterator[Path]:
         raise
 
 
+def open_regular(path: str | os.PathLike[str], *, follow: bool = True) -> int:
+    """A read-only descriptor of the regular file ``path``; a FIFO, device, socket or directory is refused
+    with :class:`CorruptFileError` (opened ``O_NONBLOCK``, so a FIFO without a writer never blocks). With
+    ``follow=False`` a symbolic link is refused too (``O_NOFOLLOW``)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            raise CorruptFileError(path, "it is a symbolic link or special file, not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptFileError(path, "it is a FIFO, device, socket or directory, not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def copy_opened(fd: int, dst: Path, *, where: object) -> None:
+    """Copy the regular file open at ``fd`` into the new file ``dst`` (0666 less the umask, never through a
+    link): exactly the size ``fstat`` gives when the copy starts, so a file that grows meanwhile cannot fill
+    the disk; one that changed size during the copy is refused (``where`` names it)."""
+    size = os.fstat(fd).st_size
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        pos = 0
+        while pos < size:
+            want = min(size - pos, 1 << 26)
+            try:
+                n = os.copy_file_range(fd, out, want, pos, pos)
+            except OSError:
+                n = -1
+            if n < 0:  # not offered across these file systems: through user space
+                chunk = os.pread(fd, want, pos)
+                n = len(chunk)
+                os.pwrite(out, chunk, pos)
+            if n == 0:
+                break
+            pos += n
+    finally:
+        os.close(out)
+    if pos != size or os.fstat(fd).st_size != size:
+        raise CorruptFileError(where, f"it changed size while it was copied ({size} bytes when the copy began); "
+                                      "try again once nothing writes it")
+
+
 def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> object:
-    """The JSON file ``path``, parsed with :func:`loratools.validate.load_json`'s limits (size checked before reading)."""
-    size = os.stat(path).st_size
-    if size > max_bytes:
-        raise CorruptFileError(path, f"it is {size} bytes, over the {max_bytes}-byte limit for a JSON file")
-    with open(path, "rb") as f:
-        return load_json(f.read(), where=path, max_bytes=max_bytes)
+    """The JSON file ``path``, parsed with :func:`loratools.validate.load_json`'s limits (size checked before
+    reading; never more than ``max_bytes`` + 1 bytes read, and only from a regular file)."""
+    fd = open_regular(path)
+    with open(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise CorruptFileError(path, f"it is {size} bytes, over the {max_bytes}-byte limit for a JSON file")
+        data = f.read(max_bytes + 1)
+    return load_json(data, where=path, max_bytes=max_bytes)

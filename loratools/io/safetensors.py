@@ -187,7 +187,7 @@ def read_tensor(span: Span) -> Tensor:
     buf = torch.empty(span.nbytes, dtype=torch.uint8)
     fd = os.open(span.path, os.O_RDONLY)
     try:
-        _pread_into(fd, memoryview(buf.numpy()), span.start, span.path)
+        _pread_into(fd, buf.numpy().data, span.start, span.path)
     finally:
         os.close(fd)
     return buf.view(dtype).reshape(span.shape)
@@ -223,7 +223,7 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
 
 def _bytes_of(t: Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def write_at(fd: int, data: Tensor | bytes, offset: int) -> int:
@@ -249,7 +249,7 @@ def copy_range(span: Span, fd: int, offset: int) -> None:
             if n <= 0:  # not supported across these file systems, or EOF: copy through user space
                 n = min(left, _PIECE)
                 buf = buffer("copy", n)
-                _pread_into(src, memoryview(buf.numpy()), pos, span.path)
+                _pread_into(src, buf.numpy().data, pos, span.path)
                 write_at(fd, buf, dst)
             pos, dst, left = pos + n, dst + n, left - n
     finally:
@@ -276,7 +276,7 @@ class RowReader:
         n = count * self.row_bytes
         buf = buffer(slot, n)
         if n:
-            _pread_into(self._fd, memoryview(buf.numpy()), self.span.start + first * self.row_bytes, self.span.path)
+            _pread_into(self._fd, buf.numpy().data, self.span.start + first * self.row_bytes, self.span.path)
         return buf.view(self.dtype).reshape(count, -1) if n else torch.empty((count, 0), dtype=self.dtype)
 
     def close(self) -> None:

@@ -1,16 +1,19 @@
 """Held-out loss of a base model with and without an adapter: the task-level figure beside the matrix error.
 
-``resize``/``prune``/``extract``/``combine`` report, with ``--base --data``, the token-mean next-token
-cross-entropy of ``base + adapter`` on the data's examples before and after the operation (the same
-loss ``train`` reports as its held-out loss, :func:`evaluate`), so that a compression's
-cost can be read in the units that matter to the task. ``extract``'s "before" is the fine-tuned model
-itself (:meth:`HeldOut.model_loss`), on the same examples.
+The compression jobs (``resize_file``, ``prune_file``, ``extract_model``, ``combine_files``) report, given a
+base model and data, the token-mean next-token cross-entropy of ``base + adapter`` on the data's examples
+before and after the operation (the same loss ``train`` reports as its held-out loss, :func:`evaluate`),
+as a :class:`HeldOutReport` (:func:`heldout_report`), so that a compression's cost can be read in the units
+that matter to the task. ``extract``'s "before" is the fine-tuned model itself (:meth:`HeldOut.model_loss`),
+on the same examples.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from ..adapter import Adapter
 from .data import Example, collate, load_examples, read_rows, row_example, target_tokens
 from ..errors import InvalidOptionError
 
-__all__ = ["HeldOut", "causal_lm_loss", "evaluate"]
+__all__ = ["HeldOut", "HeldOutReport", "heldout_report", "heldout_inputs", "causal_lm_loss", "evaluate"]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -93,3 +96,55 @@ class HeldOut:
             load_adapter(model, adapter)
         return evaluate(model, self.examples, batch_size=batch_size, pad_id=self.pad_id, device=self.device,
                         autocast=False)
+
+
+@dataclass(frozen=True)
+class HeldOutReport:
+    """Token-mean held-out loss (nats per target token) on ``data``: the base alone, ``before`` and ``after`` a job.
+
+    ``before`` is the job's input (the input adapter; the base alone for ``combine``, which has no single
+    input; the fine-tuned model itself for ``extract``), ``after`` the base with the job's output adapter.
+    ``after − before`` is what the compression cost on this data.
+
+    >>> HeldOutReport("heldout.txt", base=3.5, before=2.25, after=2.5).to_json()["after"]
+    2.5
+    """
+
+    data: str
+    base: float
+    before: float
+    after: float
+
+    def to_json(self) -> dict[str, str | float]:
+        return {"data": self.data, "base": self.base, "before": self.before, "after": self.after}
+
+
+PathLike = str | os.PathLike[str]
+
+
+def heldout_inputs(base: PathLike | None, data: PathLike | None) -> tuple[PathLike, PathLike] | None:
+    """``(base, data)`` when both are given (a held-out report is asked), None when neither; one alone is refused.
+
+    >>> heldout_inputs(None, None) is None
+    True
+    """
+    if (base is None) != (data is None):
+        raise InvalidOptionError("`base` and `data` go together: give both for the held-out loss, or neither")
+    return (base, data) if base is not None and data is not None else None
+
+
+def heldout_report(base: PathLike, data: PathLike, *, after: Adapter, before: Adapter | None = None,
+                   tuned: PathLike | None = None, max_examples: int | None = None,
+                   device: str = "auto") -> HeldOutReport:
+    """The held-out loss on ``data`` (its first ``max_examples`` examples) of ``base`` alone, of ``base + after``,
+    and before: of ``tuned`` (a fine-tune of the base) when given, else of ``base + before`` (None: the base alone).
+
+    Each loss is ``Σ CE(next token) / #target tokens`` over the examples (:func:`evaluate`); the base is loaded
+    once and stays clean between adapters.
+    """
+    held = HeldOut(Path(base), Path(data), max_examples=max_examples, device=device)
+    with torch.no_grad():
+        alone, loss_after = held.loss(None), held.loss(after)
+        loss_before = (held.model_loss(Path(tuned)) if tuned is not None else
+                       alone if before is None else held.loss(before))
+    return HeldOutReport(str(data), alone, loss_before, loss_after)

@@ -7,14 +7,13 @@ downloaded (``local_files_only=True``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, MissingDependencyError
-from ..io import INDEX_NAME, WEIGHTS_NAME
+from ..io import INDEX_NAME, WEIGHTS_NAME, read_config
 
 __all__ = ["load_causal_lm", "check_model_dir", "base_model_name"]
 
@@ -32,10 +31,7 @@ def base_model_name(path: str | Path, given: str | None = None) -> str:
     if given:
         return given
     p = Path(path)
-    try:
-        recorded = json.loads((p / "config.json").read_text()).get("_name_or_path")
-    except (OSError, ValueError):
-        recorded = None
+    recorded = (read_config(p) or {}).get("_name_or_path") if p.is_dir() else None
     if isinstance(recorded, str) and hub_model_id(recorded) and not Path(recorded).exists():
         return recorded
     return str(p.resolve())
@@ -72,8 +68,8 @@ def load_causal_lm(path: str | Path, *, device: torch.device | str = "cpu", dtyp
     p = check_model_dir(path)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True,
-                                                              use_safetensors=True)
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True,
+                                                                   use_safetensors=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if frozen:
         model.requires_grad_(False)

@@ -18,7 +18,13 @@ from ..io import ModelReader
 from .kernels import jitter, merged_tensor, tolerance, ulp, unmerged_tensor
 from .plan import METADATA_KEY, AdapterInput, TensorPlan, content_sha256, stamp_entries
 
-__all__ = ["check_stamp", "ErrorStats"]
+__all__ = ["check_stamp", "ErrorStats", "input_paths"]
+
+
+def input_paths(inputs: Sequence[AdapterInput]) -> tuple[str, ...]:
+    """The adapters' labels that name files or directories (what the CLI gives: the path each was read from):
+    the inputs an output may not overwrite or lie inside."""
+    return tuple(i.label for i in inputs if i.label and os.path.exists(i.label))
 
 
 def check_stamp(model: ModelReader, merged: str | os.PathLike[str], inputs: Sequence[AdapterInput]) -> bool:
@@ -63,8 +69,9 @@ class ErrorStats:
 
     def add(self, key: str, w: Tensor, r: Tensor, p: TensorPlan) -> None:
         probe = jitter(r, seed=len(key))  # the round trip re-run on a stand-in base measures what this dtype loses
-        opts = {"precision": self.precision, "device": self.device}
-        again = unmerged_tensor(merged_tensor(probe, p.deltas, **opts), p.deltas, **opts).cpu().to(torch.float64)
+        prec, dev = self.precision, self.device
+        again = unmerged_tensor(merged_tensor(probe, p.deltas, precision=prec, device=dev), p.deltas,
+                                precision=prec, device=dev).cpu().to(torch.float64)
         err = again - probe.to(torch.float64)
         # |W0' − W0| ≤ ½ulp(W0') + the rounding any correct merge of these adapters may have left in W
         # (verify's tolerance at W, whose ΔW this un-merge forms once more), W0 stored in W's dtype or wider

@@ -1,8 +1,8 @@
-"""The model's ``config.json`` as a merge reads it and as it writes it back.
+"""The model's ``config.json`` as a merge writes it back.
 
-A merge reads the config for the architecture (MoE experts, tied embeddings) and edits it when
-the weights change dtype or the output head is untied; :mod:`loratools.io` applies the edit
-(``rewrite_model``'s ``side_edits``) while the rest of the model is copied.
+A merge reads the config (:func:`loratools.io.read_config`) for the architecture (MoE experts, tied
+embeddings) and edits it when the weights change dtype or the output head is untied; :mod:`loratools.io`
+applies the edit (``rewrite_model``'s ``side_edits``) while the rest of the model is copied.
 """
 
 from __future__ import annotations
@@ -13,20 +13,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptFileError
-from ..io import ModelReader
+__all__ = ["config_dtype_edit", "untie_edit", "config_edits"]
 
-__all__ = ["read_hparams", "config_dtype_edit", "untie_edit", "config_edits"]
-
-
-def read_hparams(model: ModelReader) -> dict[str, Any] | None:
-    """The model's config.json (beside a single file), or None."""
-    path = model.root / "config.json"
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(path, f"not valid JSON ({e.msg})") from None
-    return data if isinstance(data, dict) else None
 
 def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
     """An edit of ``config.json`` that names ``dtype`` as the weights' dtype.

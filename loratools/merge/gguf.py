@@ -30,7 +30,6 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,49 +41,23 @@ from ..gguf.quants import can_quantize, dequantize, quantize
 from ..io.gguf_model import (GGUFModelFile, GGUFTensor, file_sha256, layout_mismatch, open_gguf_model, out_split_paths,
                              raw_kv, string_kv)
 from ..io.paths import atomic_output, check_output
+from .checks import input_paths
 from .gguf_record import PatchRecorder, PatchRestorer, record_info
 from .gguf_stream import (BLOCK_VALUES, QUANTS, Part, Stats, gguf_out_types, plan_gguf, read_rows, requant_rows,
                           write_model)
 from .plan import METADATA_KEY, AdapterInput, adapter_inputs, resolve_precision, stamp
 from .record import RecordWriter, read_record
+from .report import MergeReport, ModuleCheck, VerifyReport
 
-__all__ = ["GGUFMergeReport", "merge_gguf", "unmerge_gguf", "verify_gguf", "plan_gguf", "gguf_out_types", "QUANTS"]
+__all__ = ["merge_gguf", "unmerge_gguf", "verify_gguf", "plan_gguf", "gguf_out_types", "QUANTS"]
 
-
-@dataclass(frozen=True)
-class GGUFMergeReport:
-    """What a GGUF merge or un-merge did, with the requantization figures per type."""
-
-    output: Path
-    op: str
-    adapted: int
-    copied: int
-    nbytes: int
-    files: list[Path]
-    quant: dict[str, dict[str, Any]] = field(default_factory=dict)
-    adapters: list[dict[str, Any]] = field(default_factory=list)
-    record: Path | None = None
-    record_nbytes: int = 0
-    #: the bytes of the adapted tensors in the input model (what a record's patches restore)
-    adapted_nbytes: int = 0
-    exact: bool | None = None
-    notes: tuple[str, ...] = ()
-    #: ``merge_model(verify=True)``: the check of the written model (it passed)
-    verify: Any = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["output"], d["files"] = str(self.output), [str(p) for p in self.files]
-        d["record"], d["notes"] = (str(self.record) if self.record else None), list(self.notes)
-        d["verify"] = self.verify.to_json() if self.verify is not None else None
-        return d
 
 def _report(model: GGUFModelFile, plan: dict[str, list[Part]], paths: list[Path], op: str, stats: Stats,
-            inputs: Sequence[AdapterInput], **more: Any) -> GGUFMergeReport:
+            inputs: Sequence[AdapterInput], **more: Any) -> MergeReport:
     by = model.by_name()
-    return GGUFMergeReport(paths[0], op, len(plan), sum(len(ts) for ts in model.tensors) - len(plan), model.nbytes,
-                           paths, stats.report(), [i.describe() for i in inputs],
-                           adapted_nbytes=sum(by[n].nbytes for n in plan), **more)
+    return MergeReport(paths[0], op, len(plan), sum(len(ts) for ts in model.tensors) - len(plan), model.nbytes,
+                       files=tuple(paths), quant=stats.report(), adapters=[i.describe() for i in inputs],
+                       adapted_nbytes=sum(by[n].nbytes for n in plan), **more)
 
 
 def _recorder(model: GGUFModelFile, inputs: Sequence[AdapterInput], plan: dict[str, list[Part]],
@@ -112,8 +85,8 @@ def _recorder(model: GGUFModelFile, inputs: Sequence[AdapterInput], plan: dict[s
 
 def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str], *, quant: str | None = None,
                precision: str | torch.dtype = torch.float32, record: Any = None, force: bool = False,
-               extra_inputs: Sequence[str | os.PathLike[str]] = (), progress: Any = None, sign: float = 1.0,
-               op: str = "merge", verify: bool = False) -> GGUFMergeReport:
+               progress: Any = None, sign: float = 1.0,
+               op: str = "merge", verify: bool = False) -> MergeReport:
     """Write ``out`` = the GGUF model ``base`` with W = Q(deq(W0) + sign·Σ wᵢ·ΔWᵢ) for every adapted tensor.
 
     ``quant``: ``"same"`` (default: each tensor's own type, refused before writing where loratools cannot
@@ -134,9 +107,9 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
     plan = plan_gguf(model, inputs, sign=sign, precision=prec)
     types = gguf_out_types(model, plan, quant)
     paths = out_split_paths(Path(out), len(model.paths))
-    meta = {"op": op, "inputs": inputs, "precision": prec, "device": torch.device("cpu"), "quant": quant}
+    meta: dict[str, Any] = {"op": op, "inputs": inputs, "precision": prec, "device": torch.device("cpu"), "quant": quant}
     kv = raw_kv(model, [(METADATA_KEY, string_kv(METADATA_KEY, stamp(**meta)[METADATA_KEY]))])
-    ins = (*model.paths, *extra_inputs)
+    ins: tuple[str | os.PathLike[str], ...] = (*model.paths, *input_paths(inputs))
     if record is not None:
         check_output(record, force=force, inputs=(*paths, *ins), what="`record`")
     stats, checked, nbytes = Stats(), None, 0
@@ -180,7 +153,7 @@ def _stamp_check(model: GGUFModelFile, merged: Any, inputs: Sequence[AdapterInpu
 
 
 def unmerge_gguf(merged: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str], *, record: Any = None,
-                 **options: Any) -> GGUFMergeReport:
+                 **options: Any) -> MergeReport:
     """Write ``out`` with W0 ≈ Q(deq(W) − Σ wᵢ·ΔWᵢ): without ``record``, the base again up to one more
     requantization (never exact; the report's figures say how far). With the ``record`` of the merge, the base's
     files byte for byte (each restored tensor and each file checked against the sha256 the record holds), each
@@ -196,7 +169,7 @@ def unmerge_gguf(merged: str | os.PathLike[str], adapters: Any, out: str | os.Pa
 
 def _restore(model: GGUFModelFile, inputs: Sequence[AdapterInput], out: Path, record: Path, *,
              quant: str | None = None, precision: Any = None, force: bool = False,
-             extra_inputs: Sequence[str | os.PathLike[str]] = (), progress: Any = None) -> GGUFMergeReport:
+             progress: Any = None) -> MergeReport:
     """:func:`unmerge_gguf` with a record (see :mod:`.gguf_record`)."""
     if quant is not None:
         raise InvalidOptionError("`quant` comes from the record when un-merging with `record`; drop `quant`")
@@ -219,7 +192,7 @@ def _restore(model: GGUFModelFile, inputs: Sequence[AdapterInput], out: Path, re
 
     stats = Stats()
     write_model(model, plan, types, raw_kv(model, [(METADATA_KEY, entry)]), paths, prec, stats, force=force,
-           inputs=(*model.paths, *extra_inputs, record), progress=progress, check=check,
+           inputs=(*model.paths, *input_paths(inputs), record), progress=progress, check=check,
            hook=lambda t: PatchRestorer(by[t.name], orig[t.name], patches.get(t.name, {}), hashes[t.name], record))
     return _report(model, plan, paths, "unmerge", stats, inputs, record=record, record_nbytes=record.stat().st_size,
                    exact=True)
@@ -248,7 +221,7 @@ def _deviation(base: GGUFModelFile, merged: GGUFModelFile, b: GGUFTensor, m: GGU
 
 
 def verify_gguf(base: str | os.PathLike[str], adapters: Any, merged: str | os.PathLike[str], *,
-                precision: str | torch.dtype = torch.float32, progress: Any = None) -> Any:
+                precision: str | torch.dtype = torch.float32, progress: Any = None) -> VerifyReport:
     """Check the GGUF ``merged`` against ``base`` + Σ wᵢ·ΔWᵢ, tensor by tensor (a ``VerifyReport``).
 
     An adapted tensor's ratio is ‖merged − exact‖F / (1.5·‖Q(exact) − exact‖F), exact = deq(W0) + ΔW in
@@ -256,8 +229,6 @@ def verify_gguf(base: str | os.PathLike[str], adapters: Any, merged: str | os.Pa
     missed the q/k permutation or the scale gives far more; > 1 fails. Every other tensor must be the
     base's bytes.
     """
-    from .report import ModuleCheck, VerifyReport
-
     prec = resolve_precision(precision)
     bm, mm = open_gguf_model(base), open_gguf_model(merged)
     plan = plan_gguf(bm, adapter_inputs(adapters), precision=prec)

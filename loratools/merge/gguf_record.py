@@ -110,9 +110,11 @@ class PatchRecorder:
 
     def _at(self, idx: np.ndarray) -> torch.Tensor:
         """W0's values at the sorted flat indices ``idx``, read again a block of rows at a time."""
-        cols = self.t.shape[-1]
+        cols, floats = self.t.shape[-1], self.floats
+        if floats is None:
+            raise RuntimeError(f"{self.t.name}: a {self.t.qtype} tensor has no values to read again")
         return values_at(lambda s, n: _values(self.model.read(self.t, s, n), self.t.qtype), idx, self.t.rows, cols,
-                         max(1, (1 << 20) // cols), self.floats)
+                         max(1, (1 << 20) // cols), floats)
 
     def done(self) -> None:
         if self.floats is not None:
@@ -132,7 +134,8 @@ class PatchRestorer:
         parts = {k: read_tensor(s) for k, s in patch.items()}
         block, bb = block_sizes(qtype)
         self.row_bytes = t.shape[-1] // block * bb
-        self.raw = self.xor = None
+        self.raw: np.ndarray | None = None
+        self.xor: Any = None  # a zlib decompressor of the "xor_deflate" part
         self.applier: Any = None
         if qtype in FLOAT_TYPES:
             try:
@@ -176,7 +179,7 @@ class PatchRestorer:
             q.reshape(-1)[:] = self.raw[first * self.row_bytes:(first + n) * self.row_bytes]
         elif self.xor is not None:
             np.bitwise_xor(q.reshape(-1), self._xor(n * self.row_bytes), out=q.reshape(-1))
-        self.sha.update(np.ascontiguousarray(q).reshape(-1))
+        self.sha.update(np.ascontiguousarray(q).reshape(-1).data)
         return q
 
     def done(self) -> None:

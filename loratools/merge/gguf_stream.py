@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..device import cpu_cores, map_in_threads
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
 from ..gguf.arch import NO_LORA, gguf_target, permute_rows, qk_heads
 from ..gguf.quants import block_sizes, can_quantize, dequantize, quantize, type_name
-from ..io.gguf_model import GGUFModelFile, GGUFTensor, copy_bytes, write_gguf_model
+from ..io.gguf_model import GGUFModelFile, GGUFTensor, copy_bytes, gguf_heads, write_gguf_model
 from ..io.paths import atomic_output, check_output
 from .kernels import low_rank
 from .plan import AdapterInput
@@ -45,12 +46,6 @@ class Part:
     R: Tensor
 
 
-def _heads(model: GGUFModelFile, arch: str) -> tuple[int | None, int | None]:
-    n = model.fields.get(f"{arch}.attention.head_count")
-    kv = model.fields.get(f"{arch}.attention.head_count_kv")
-    return (int(n) if n else None), (int(kv) if kv else (int(n) if n else None))
-
-
 def plan_gguf(model: GGUFModelFile, inputs: Sequence[AdapterInput], *, sign: float = 1.0,
               precision: torch.dtype = torch.float32) -> dict[str, list[Part]]:
     """``{GGUF tensor name: [Part]}``: every adapter module placed on the model's tensors, or refused by name.
@@ -59,7 +54,7 @@ def plan_gguf(model: GGUFModelFile, inputs: Sequence[AdapterInput], *, sign: flo
     :class:`ShapeMismatchError`, :class:`UnsupportedModuleError` (conv layers, full tensors).
     """
     arch = str(model.fields.get("general.architecture") or "")
-    n_head, n_kv = _heads(model, arch)
+    n_head, n_kv = gguf_heads(model.fields, arch, where=model.paths[0])
     tensors = model.by_name()
     plan: dict[str, list[Part]] = {}
     missing: list[str] = []
@@ -225,9 +220,10 @@ def merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qty
         hook.done()
 
 
-def write_model(model: GGUFModelFile, plan: dict[str, list[Part]], types: dict[str, tuple[str, int]], kv: list[list[bytes]],
-           paths: list[Path], prec: torch.dtype, stats: Stats, *, force: bool, inputs: Sequence[Any], progress: Any,
-           hook: Any = None, check: Any = None) -> None:
+def write_model(model: GGUFModelFile, plan: dict[str, list[Part]], types: dict[str, tuple[str, int]],
+                kv: list[list[bytes]], paths: list[Path], prec: torch.dtype, stats: Stats, *, force: bool,
+                inputs: tuple[str | os.PathLike[str], ...], progress: Any, hook: Any = None,
+                check: Any = None) -> None:
     """Write the model to ``paths`` (through temporary names): adapted tensors merged by :func:`merge_tensor`
     (with ``hook(tensor)`` when given), the others copied; ``check(temporary paths)`` runs before the renames."""
     total = sum(len(ts) for ts in model.tensors)

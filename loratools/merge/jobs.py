@@ -36,9 +36,10 @@ from ..adapter import Adapter
 from ..device import cpu_threads, resolve_device
 from ..errors import (CorruptFileError, InvalidOptionError, NonFiniteError, ShapeMismatchError, VerificationError,
                       WrongBaseError)
-from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, rewrite_model
+from ..formats.base import BaseModel
+from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, read_config, rewrite_model
 from ..dora import merged_weight
-from .config import config_edits, read_hparams
+from .config import config_edits
 from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance,
                       unmerged_tensor)
 from .layout import find_tie
@@ -48,7 +49,7 @@ from .experts import resolve_experts
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
 from .report import MergeReport, ModuleCheck, VerifyReport
-from .checks import ErrorStats, check_stamp
+from .checks import ErrorStats, check_stamp, input_paths
 
 __all__ = ["Adapters", "merge_model", "unmerge_model", "verify_merge"]
 
@@ -70,21 +71,25 @@ class _Job:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, path: PathLike, adapters: Adapters, device: str | torch.device,
+    def start(cls, base: PathLike | BaseModel, adapters: Adapters, device: str | torch.device,
               precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
         dev, prec = resolve_device(device), resolve_precision(precision)
-        model = ModelReader(path)
-        hparams = read_hparams(model)
+        model, hparams = _open(base)
         # MoE expert LoRA names modules, not parameters: placed on this model's tensors first
         inputs = [replace(i, adapter=resolve_experts(i.adapter, model.shapes(), hparams))
                   for i in adapter_inputs(adapters)]
         tie = find_tie(hparams, model.spans)
 
         def same_as_base(key: str, t: Tensor) -> bool:
-            return bool(torch.equal(model.read(key).to(torch.float64), t.to(torch.float64)))
+            return bool(torch.equal(model.get(key).to(torch.float64), t.to(torch.float64)))
 
         plan = plan_merge(model.shapes(), inputs, tie=tie, same_as_base=same_as_base, unmerge=unmerge)
         return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [])
+
+    @property
+    def inputs_on_disk(self) -> tuple[PathLike, ...]:
+        """The model and the adapters' files: what an output may not overwrite."""
+        return (self.model.path, *input_paths(self.inputs))
 
     @property
     def added(self) -> dict[str, str]:
@@ -94,7 +99,7 @@ class _Job:
     def base(self, key: str) -> Tensor:
         """The base tensor ``key`` starts from (for a new tensor, its ``source``)."""
         p = self.plan.get(key)
-        return self.model.read(p.source if p is not None and p.source is not None else key)
+        return self.model.get(p.source if p is not None and p.source is not None else key)
 
     @property
     def arithmetic(self) -> Arithmetic:
@@ -120,10 +125,23 @@ class _Job:
         return unmerged_tensor(w, plan.deltas, dtype=dtype, precision=self.precision, device=self.device).cpu()
 
 
-def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
+def _open(base: PathLike | BaseModel) -> tuple[ModelReader, dict[str, Any] | None]:
+    """The model's weights and config.json: those the caller read already (a :class:`BaseModel` from
+    :func:`loratools.formats.load_base`), else read here, once."""
+    if isinstance(base, BaseModel) and base.weights is not None:
+        return base.weights, dict(base.hparams) if base.hparams is not None else None
+    model = ModelReader(_path(base))
+    return model, read_config(model.path)
+
+
+def _path(model: PathLike | BaseModel) -> Path:
+    return model.path if isinstance(model, BaseModel) else Path(model)
+
+
+def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
-                record: PathLike | None = None, force: bool = False, extra_inputs: Sequence[PathLike] = (),
-                verify: bool = False, progress: Progress | None = None, quant: str | None = None) -> MergeReport:
+                record: PathLike | None = None, force: bool = False, verify: bool = False,
+                progress: Progress | None = None, quant: str | None = None) -> MergeReport:
     """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
@@ -134,12 +152,15 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     :func:`verify_merge` before it is renamed into place: :class:`VerificationError` leaves nothing at
     ``out`` (nor at ``record``).
 
-    A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead of ``dtype``).
+    ``base`` is a path, or the :class:`~loratools.formats.BaseModel` the adapters were read against (its weights
+    and config are then not read again). An adapter whose label names a path is an input too: ``out`` may not
+    overwrite it. A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead
+    of ``dtype``).
     """
-    if _gguf(base, dtype=dtype, quant=quant):
+    if _gguf(_path(base), dtype=dtype, quant=quant):
         from .gguf import merge_gguf
-        return merge_gguf(base, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
-                          force=force, extra_inputs=extra_inputs, progress=progress, verify=verify)
+        return merge_gguf(_path(base), adapters, out, quant=quant, precision=precision, record=record,
+                          force=force, progress=progress, verify=verify)
     job = _Job.start(base, adapters, device, precision)
     model, plan = job.model, job.plan
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
@@ -158,16 +179,17 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
         return merged_blocks(key, span, p, CODE_DTYPES[codes[p.source or key]], job.arithmetic,
                              rec if p.source is None else None)
 
+    ins = job.inputs_on_disk
     if record_path is not None:
-        check_output(record_path, force=force, inputs=(out, base, *extra_inputs), what="`record`")
-    with atomic_output(out, force=force, inputs=(base, *extra_inputs, *([record_path] if record_path else []))) as tmp, \
-            (atomic_output(record_path, force=force, inputs=(base, *extra_inputs)) if record_path is not None
+        check_output(record_path, force=force, inputs=(out, *ins), what="`record`")
+    with atomic_output(out, force=force, inputs=(*ins, *([record_path] if record_path else []))) as tmp, \
+            (atomic_output(record_path, force=force, inputs=ins) if record_path is not None
              else contextlib.nullcontext()) as rtmp:
         try:
             rec = RecordWriter(record_path, rtmp) if record_path is not None and rtmp is not None else None
             edits = config_edits(dtype, untie=bool(job.added))
             changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits)
-            checked = verify_merge(base, job.inputs, tmp, device=job.device, precision=job.precision) if verify else None
+            checked = _check(job, ModelReader(tmp)) if verify else None
             if checked is not None:
                 checked.check()
             if rec is not None:
@@ -178,11 +200,12 @@ def merge_model(base: PathLike, adapters: Adapters, out: PathLike, *, dtype: tor
     notes = list(job.notes)
     if job.added and not model.is_dir:
         notes.append(f"{out} is a single file: set tie_word_embeddings to false in the config that goes with it")
-    return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record_path, rec.nbytes if rec else 0,
-                       adapters=[i.describe() for i in job.inputs], notes=tuple(notes), verify=checked)
+    return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record=record_path,
+                       record_nbytes=rec.nbytes if rec else 0, adapters=[i.describe() for i in job.inputs],
+                       notes=tuple(notes), verify=checked)
 
 
-def _gguf(base: PathLike, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
+def _gguf(base: Path, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
     """Whether ``base`` is a GGUF model (merged by :mod:`.gguf`); ``quant`` is for GGUF, ``dtype`` for safetensors."""
     from ..io.gguf_model import is_gguf_model_path
 
@@ -195,9 +218,9 @@ def _gguf(base: PathLike, *, dtype: torch.dtype | None = None, quant: str | None
     return True
 
 
-def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device: str | torch.device = "auto",
-                  precision: str | torch.dtype = torch.float32, record: PathLike | None = None, force: bool = False,
-                  extra_inputs: Sequence[PathLike] = (), progress: Progress | None = None,
+def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLike, *,
+                  device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
+                  record: PathLike | None = None, force: bool = False, progress: Progress | None = None,
                   ignore_stamp: bool = False, quant: str | None = None) -> MergeReport:
     """Write ``out`` with W0 = cast(W − Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
@@ -219,13 +242,13 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
 
     A ``.gguf`` ``merged`` is un-merged by :func:`loratools.merge.gguf.unmerge_gguf` (``quant`` as for merging).
     """
-    if _gguf(merged, quant=quant):
+    if _gguf(_path(merged), quant=quant):
         from .gguf import unmerge_gguf
-        return unmerge_gguf(merged, adapters, out, quant=quant, precision=precision, record=record,  # type: ignore[return-value]
-                            force=force, extra_inputs=extra_inputs, progress=progress)
+        return unmerge_gguf(_path(merged), adapters, out, quant=quant, precision=precision, record=record,
+                            force=force, progress=progress)
     job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
-    vouched = False if ignore_stamp else check_stamp(model, merged, job.inputs)
+    vouched = False if ignore_stamp else check_stamp(model, model.path, job.inputs)
     record_path = Path(record) if record is not None else None
     patches: dict[str, dict[str, Span]] = {}
     hashes: dict[str, str] = {}
@@ -255,7 +278,7 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         if record_path is not None:
             return restored_blocks(key, model.spans[key], p, patches.get(key, {}), hashes[key], job.arithmetic,
                                    record_path)
-        w = model.read(key)
+        w = model.get(key)
         try:
             r = job.recon(w, p, w.dtype)
         except NonFiniteError:
@@ -266,28 +289,36 @@ def unmerge_model(merged: PathLike, adapters: Adapters, out: PathLike, *, device
         return r
 
     meta = stamp("unmerge", job.inputs, job.precision, job.device, exact=record_path is not None)
-    with atomic_output(out, force=force, inputs=(merged, *extra_inputs, *([record_path] if record_path else []))) as tmp:
+    with atomic_output(out, force=force, inputs=(*job.inputs_on_disk, *([record_path] if record_path else []))) as tmp:
         changed, copied = job.rewrite(tmp, {k: s.dtype for k, s in model.spans.items()}, meta, compute, progress)
-    return MergeReport(Path(out), "unmerge", changed, copied, model.nbytes(), record_path,
-                       record_path.stat().st_size if record_path else 0, True if record_path is not None else None,
-                       stats.max, stats.rel, stats.bound, adapters=[i.describe() for i in job.inputs],
+    return MergeReport(Path(out), "unmerge", changed, copied, model.nbytes(), record=record_path,
+                       record_nbytes=record_path.stat().st_size if record_path else 0,
+                       exact=True if record_path is not None else None, est_max_abs_error=stats.max,
+                       est_rel_error=stats.rel, error_bound=stats.bound, adapters=[i.describe() for i in job.inputs],
                        vouched=vouched or record_path is not None)
 
 
-def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device: str | torch.device = "auto",
-                 precision: str | torch.dtype = torch.float32, progress: Progress | None = None) -> VerifyReport:
+def verify_merge(base: PathLike | BaseModel, adapters: Adapters, merged: PathLike, *,
+                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
+                 progress: Progress | None = None) -> VerifyReport:
     """Check ``merged`` against ``base`` + Σ wᵢ·ΔWᵢ, tensor by tensor.
 
     For each adapted weight: the largest |merged − exact| (exact = W0 + Σ wᵢ·ΔWᵢ
     in ``precision``) and its ratio to :func:`tolerance` (> 1 fails). Every other
-    tensor must equal the base's, cast to the merged dtype. A ``.gguf`` ``base`` is checked by
+    tensor must equal the base's, cast to the merged dtype. ``base`` is a path or a
+    :class:`~loratools.formats.BaseModel` read already. A ``.gguf`` ``base`` is checked by
     :func:`loratools.merge.gguf.verify_gguf` (the tolerance is the requantization's own error).
     """
-    if _gguf(base):
+    if _gguf(_path(base)):
         from .gguf import verify_gguf
-        return verify_gguf(base, adapters, merged, precision=precision, progress=progress)  # type: ignore[no-any-return]
-    job = _Job.start(base, adapters, device, precision)
-    b, m, plan, dev, prec = job.model, ModelReader(merged), job.plan, job.device, job.precision
+        return verify_gguf(_path(base), adapters, merged, precision=precision, progress=progress)
+    return _check(_Job.start(base, adapters, device, precision), ModelReader(merged), progress)
+
+
+def _check(job: _Job, m: ModelReader, progress: Progress | None = None) -> VerifyReport:
+    """:func:`verify_merge` of the model ``m`` against the job's base and plan (a merge checks what it wrote
+    with the plan it wrote it from: the base is not read again)."""
+    b, plan, dev, prec = job.model, job.plan, job.device, job.precision
     shapes = {**{k: s.shape for k, s in b.spans.items()}, **{k: b.spans[s].shape for k, s in job.added.items()}}
     if set(shapes) != set(m.spans):
         extra = sorted(set(shapes) ^ set(m.spans))
@@ -301,7 +332,7 @@ def verify_merge(base: PathLike, adapters: Adapters, merged: PathLike, *, device
     for key in sorted(shapes):
         if shapes[key] != m.spans[key].shape:
             raise ShapeMismatchError(key, shapes[key], m.spans[key].shape, "the merged model is not a merge of the base")
-        got = m.read(key)
+        got = m.get(key)
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
         w0 = job.base(key)

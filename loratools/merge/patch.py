@@ -27,6 +27,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,10 +153,10 @@ class PatchBuilder:
         d8 = self.d8[pos:pos + n]
         np.copyto(d8, d, casting="unsafe")  # every count left fits a byte
         a = d8 ^ (d8 >> 7)  # d ≥ 0 ↦ d, d < 0 ↦ −d − 1: d fits b bits ⟺ a < 2^(b−1)
-        self.fits[0] += n - np.count_nonzero(d8) - big
-        self.fits[1] += n - np.count_nonzero(a) - big
-        self.fits[2] += n - np.count_nonzero(a >> 1) - big
-        self.fits[4] += n - np.count_nonzero(a >> 3) - big
+        self.fits[0] += n - int(np.count_nonzero(d8)) - big
+        self.fits[1] += n - int(np.count_nonzero(a)) - big
+        self.fits[2] += n - int(np.count_nonzero(a >> 1)) - big
+        self.fits[4] += n - int(np.count_nonzero(a >> 3)) - big
         self.fits[8] += n - big
         self.pos += n
 
@@ -213,7 +214,9 @@ class PatchBuilder:
         found: list[np.ndarray] = []
         for start in range(0, self.n, _BLOCK):
             seg = self.d8[start:start + _BLOCK]
-            out = np.flatnonzero(seg != 0) if b == 0 else np.flatnonzero((seg ^ (seg >> 7)) > hi) if b < 8 else ()
+            if b >= 8:
+                continue
+            out = np.flatnonzero(seg != 0) if b == 0 else np.flatnonzero((seg ^ (seg >> 7)) > hi)
             if len(out):
                 found.append(out + start)
                 seg[out] = 0
@@ -311,8 +314,10 @@ def make_patch(original: Tensor, reconstructed: Tensor) -> dict[str, Tensor]:
 #: (word, multiplier) that gathers 8/b bytes, each < 2^b, into the top byte of a word, lowest first:
 #: byte i·8 is shifted to bit (8/b − 1)·8 + i·b by the term 2^((8/b−1)·8 + i·b − 8i); the other products fall
 #: above the word (dropped) or sum below the top byte without a carry into it (checked for every input in the tests)
-_GATHER = {1: (np.dtype("<u8"), sum(1 << (56 - 7 * i) for i in range(8))), 2: (np.dtype("<u4"), sum(1 << (24 - 6 * i) for i in range(4))),
-           4: (np.dtype("<u2"), (1 << 8) + (1 << 4))}
+_GATHER: dict[int, tuple[np.dtype[Any], int]] = {
+    1: (np.dtype("<u8"), sum(1 << (56 - 7 * i) for i in range(8))),
+    2: (np.dtype("<u4"), sum(1 << (24 - 6 * i) for i in range(4))),
+    4: (np.dtype("<u2"), (1 << 8) + (1 << 4))}
 
 
 def _pack(v: np.ndarray, nbits: int) -> np.ndarray:

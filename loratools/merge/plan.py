@@ -69,7 +69,7 @@ def content_sha256(adapter: Adapter) -> str:
             return
         c = t.detach().to("cpu").contiguous()
         h.update(f"{label}:{str(c.dtype)}:{tuple(c.shape)};".encode())
-        h.update(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+        h.update(c.reshape(-1).view(torch.uint8).numpy().data)
 
     for name in sorted(adapter.modules):
         m = adapter.modules[name]

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..errors import CorruptFileError, InvalidFieldError, WrongBaseError
 from ..io import DTYPE_CODES, Entry, ShardWriter, Span, tensor_spans, write_at
+from ..io.paths import temporary_path
 from ..validate import get_field, load_json
 from .plan import METADATA_KEY, AdapterInput, content_sha256, stamp_entries
 
@@ -46,7 +47,7 @@ class Digest:
         self.sha256 = like is not None and ":" not in like
         self._h = hashlib.sha256() if self.sha256 else xxhash.xxh3_128()
 
-    def update(self, data: memoryview) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self._h.update(data)
 
     def value(self) -> str:
@@ -66,11 +67,11 @@ class RecordWriter:
 
     def __init__(self, path: Path, tmp: Path) -> None:
         self.path, self.tmp = path, tmp
-        self.scratch = path.parent / f".{path.name}.scratch-{os.getpid()}"
+        self.scratch = temporary_path(path, "scratch")  # fits NAME_MAX whatever the record's name
         self.entries: list[Entry] = []
         self.hashes: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         self._pos = 0
 
     def add(self, key: str, patch: dict[str, Tensor], digest: str) -> None:

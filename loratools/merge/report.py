@@ -3,8 +3,8 @@ and the :class:`VerifyReport` of ``verify``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import VerificationError
 
@@ -16,7 +16,12 @@ __all__ = ["MergeReport", "ModuleCheck", "VerifyReport"]
 
 @dataclass(frozen=True)
 class MergeReport:
-    """What a merge or an un-merge did and, for an un-merge, how exact it is."""
+    """What a merge or an un-merge did (a safetensors or a GGUF model) and, for an un-merge, how exact it is.
+
+    Some fields mean something for one kind of model only: ``files``, ``quant`` and ``adapted_nbytes`` for a
+    GGUF model (``files`` is never empty then: :attr:`is_gguf`), the un-merge estimates and ``vouched`` for a
+    safetensors one. :meth:`to_json` gives each kind its own keys.
+    """
 
     output: Path
     op: str
@@ -39,13 +44,31 @@ class MergeReport:
     verify: "VerifyReport | None" = None
     #: un-merge: the merged model's stamp (or the record) confirmed these adapters and weights went in
     vouched: bool | None = None
+    #: GGUF: every file written (one, or each split)
+    files: tuple[Path, ...] = ()
+    #: GGUF: the requantization figures per "input type → output type"
+    quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: GGUF: the bytes of the adapted tensors in the input model (what a record's patches restore)
+    adapted_nbytes: int = 0
+
+    _GGUF_ONLY: ClassVar[frozenset[str]] = frozenset({"files", "quant", "adapted_nbytes"})
+    _SAFETENSORS_ONLY: ClassVar[frozenset[str]] = frozenset({"est_max_abs_error", "est_rel_error", "error_bound",
+                                                             "vouched"})
+
+    @property
+    def is_gguf(self) -> bool:
+        return bool(self.files)
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        skip = self._SAFETENSORS_ONLY if self.is_gguf else self._GGUF_ONLY
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["output"], d["record"] = str(self.output), (str(self.record) if self.record else None)
         d["notes"] = list(self.notes)
         d["verify"] = self.verify.to_json() if self.verify is not None else None
-        d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
+        if self.is_gguf:
+            d["files"] = [str(p) for p in self.files]
+        else:
+            d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
         return d
 
 

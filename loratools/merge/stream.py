@@ -108,7 +108,7 @@ def merged_blocks(key: str, span: Span, plan: TensorPlan, dtype: torch.dtype, ar
                          f"the merge (the sum overflows {dtype})", post_mul=scale)
             out = _token_rows(out, plan, i)
             if builder is not None:
-                sha.update(memoryview(w0.reshape(-1).view(torch.uint8).numpy()))
+                sha.update(w0.reshape(-1).view(torch.uint8).numpy().data)
                 recon = out if not back else _merge(out, out, back, i, base, ar, "recon", key, "the merged tensor",
                                                      "the un-merge of the merged tensor", check=False, pre_div=scale)
                 builder.add(w0, recon)
@@ -143,13 +143,17 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
     back = factors_of(plan.deltas, sign=-1.0, precision=ar.precision, device=ar.device)
     parts = {part: read_tensor(s) for part, s in patch.items()}
     dora, norms = dora_of(plan.deltas), parts.pop("dora_norm", None)
-    if dora is not None and norms is None:
-        raise CorruptFileError(record_path, f"it holds no DoRA row norms for {key}; it is the record of another merge")
-    if dora is not None and (norms.ndim != 1 or norms.numel() != dora.magnitude.numel()
-                             or not norms.is_floating_point() or not bool(torch.isfinite(norms).all())):
-        raise CorruptFileError(record_path, f"its DoRA row norms for {key} are not {dora.magnitude.numel()} finite "
-                               f"numbers (got {norms.dtype} {tuple(norms.shape)})")
-    scale = dora_scale(dora, norms.to(device=ar.device, dtype=ar.precision)) if dora is not None else None
+    scale = None
+    if dora is not None:
+        if norms is None:
+            raise CorruptFileError(record_path, f"it holds no DoRA row norms for {key}; it is the record of another "
+                                   "merge")
+        rows_m = dora.magnitude.numel() if dora.magnitude is not None else 0  # is_dora: a magnitude is there
+        if (norms.ndim != 1 or norms.numel() != rows_m or not norms.is_floating_point()
+                or not bool(torch.isfinite(norms).all())):
+            raise CorruptFileError(record_path, f"its DoRA row norms for {key} are not {rows_m} "
+                                   f"finite numbers (got {norms.dtype} {tuple(norms.shape)})")
+        scale = dora_scale(dora, norms.to(device=ar.device, dtype=ar.precision))
     applier = PatchApplier(parts, span.shape, dtype)
     step = row_step(rows, cols, ar.device)
     sha = Digest(like=digest)
@@ -160,7 +164,7 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
             r = _merge(w, w, back, i, dtype, ar, "out", key, "the merged model", "the un-merge", check=False,
                        pre_div=scale)
             r = applier.apply(r.reshape(-1), i * cols)
-            sha.update(memoryview(r.view(torch.uint8).numpy()))
+            sha.update(r.view(torch.uint8).numpy().data)
             yield r
     if sha.value() != digest:
         raise CorruptFileError(record_path, f"restoring {key} did not give the base's bits back; un-merge on the "

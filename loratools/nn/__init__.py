@@ -1,12 +1,41 @@
-"""LoRA, AdaLoRA and DoRA as PyTorch layers (:mod:`.layers`), and putting them into a model and taking the
-trained adapter back out (:mod:`.inject`)."""
+"""LoRA, AdaLoRA and DoRA as PyTorch layers (:mod:`.layers`), how to adapt a layer (:mod:`.spec`, no torch), and
+putting them into a model and taking the trained adapter back out (:mod:`.inject`).
+
+The names load on first use (PEP 562), so :class:`LayerSpec` is read without importing torch.
+"""
 
 from __future__ import annotations
 
-from .inject import (LORA_LAYERS, LayerSpec, adapter_layers, adapter_state, expected_parameters, inject,
-                     linear_target_names, load_adapter, trainable_parameters)
-from .layers import AdaLoRALinear, AdaptedLinear, DoRALinear, LoRALinear
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .inject import (LORA_LAYERS, adapter_layers, adapter_state, expected_parameters, inject,
+                         linear_target_names, load_adapter, trainable_parameters)
+    from .layers import AdaLoRALinear, AdaptedLinear, DoRALinear, LoRALinear
+    from .spec import LayerSpec
+
+#: public name → the module of this package that defines it
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(["LORA_LAYERS", "inject", "adapter_layers", "adapter_state", "load_adapter",
+                     "linear_target_names", "trainable_parameters", "expected_parameters"], "inject"),
+    **dict.fromkeys(["AdaptedLinear", "LoRALinear", "AdaLoRALinear", "DoRALinear"], "layers"),
+    "LayerSpec": "spec",
+}
 
 __all__ = ["AdaptedLinear", "LoRALinear", "AdaLoRALinear", "DoRALinear", "LayerSpec", "LORA_LAYERS", "inject",
            "adapter_layers", "adapter_state", "load_adapter", "linear_target_names", "trainable_parameters",
            "expected_parameters"]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

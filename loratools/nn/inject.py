@@ -11,9 +11,6 @@ The layer classes live in :mod:`loratools.nn.layers`; which class a spec asks fo
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
@@ -22,6 +19,7 @@ from ..adapter import Adapter, Module
 from ..config import AdapterConfig, adalora_scale, lora_scale, target_matches
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
 from .layers import AdaLoRALinear, AdaptedLinear, DoRALinear, LoRALinear, in_out
+from .spec import LayerSpec
 
 __all__ = ["LayerSpec", "LORA_LAYERS", "inject", "adapter_layers", "adapter_state", "load_adapter",
            "linear_target_names", "trainable_parameters", "expected_parameters"]
@@ -29,36 +27,6 @@ __all__ = ["LayerSpec", "LORA_LAYERS", "inject", "adapter_layers", "adapter_stat
 
 # ---------------------------------------------------------------------------------------------
 # Injection and export
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """How to adapt each targeted layer.
-
-    ``method`` "lora": rank ``r``, ``alpha``, ``rslora``, and ``dora`` for DoRA layers. "adalora": every
-    layer starts at ``init_r`` triplets; ``target_r`` is the average kept per layer at the end.
-    """
-
-    method: Literal["lora", "adalora"] = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    init_r: int = 12
-    target_r: int = 4
-    dora: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in ("lora", "adalora"):
-            raise InvalidOptionError(f"`method` must be lora or adalora, got {self.method!r}")
-        if self.method == "lora" and self.r <= 0:
-            raise InvalidOptionError(f"`r` must be ≥ 1, got {self.r}")
-        if self.method == "adalora" and not 0 < self.target_r <= self.init_r:
-            raise InvalidOptionError(f"AdaLoRA needs 0 < `target_r` ≤ `init_r`, got {self.target_r} and {self.init_r}")
-        if not 0 <= self.dropout < 1:
-            raise InvalidOptionError(f"`dropout` must be in [0, 1), got {self.dropout}")
-        if self.dora and self.method != "lora":  # peft 0.21.2's AdaLoraConfig refuses use_dora too
-            raise InvalidOptionError(f"`dora` works with `method` lora only, not {self.method}")
 
 
 def _adaptable(m: nn.Module) -> bool:
@@ -85,7 +53,7 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
     ``model`` (that is what injecting means); the base weights themselves are untouched.
 
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    >>> sorted(inject(net, ["0", "2"], LayerSpec(r=2, alpha=4)))
+    >>> sorted(inject(net, ["0", "2"], LayerSpec(rank=2, alpha=4)))
     ['0', '2']
     """
     targets = targets if isinstance(targets, str) else list(targets)
@@ -103,10 +71,10 @@ def inject(model: nn.Module, targets: str | Iterable[str], spec: LayerSpec) -> d
     for name, base in chosen:
         layer: AdaptedLinear
         if spec.method == "lora":
-            layer = LORA_LAYERS[spec.dora](base, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-                                              rslora=spec.rslora)
+            layer = LORA_LAYERS[spec.dora](base, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
+                                           rslora=spec.rslora)
         else:
-            layer = AdaLoRALinear(base, r=spec.init_r, alpha=spec.alpha, dropout=spec.dropout)
+            layer = AdaLoRALinear(base, rank=spec.init_rank, alpha=spec.alpha, dropout=spec.dropout)
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers
@@ -150,19 +118,20 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def expected_parameters(shapes: Iterable[tuple[int, int]], spec: LayerSpec) -> int:
-    """The trainable-parameter formula over (in, out) pairs: LoRA ``Σ r(in + out)`` (DoRA ``+ out``, m);
-    AdaLoRA ``Σ init_r(in + out + 1)`` (the +1 is Λ)."""
+    """The trainable-parameter formula over (in, out) pairs: LoRA ``Σ rank(in + out)`` (DoRA ``+ out``, m);
+    AdaLoRA ``Σ init_rank(in + out + 1)`` (the +1 is Λ)."""
     if spec.method == "lora":
-        return sum(spec.r * (i + o) + (o if spec.dora else 0) for i, o in shapes)
-    return sum(spec.init_r * (i + o + 1) for i, o in shapes)
+        return sum(spec.rank * (i + o) + (o if spec.dora else 0) for i, o in shapes)
+    return sum(spec.init_rank * (i + o + 1) for i, o in shapes)
 
 
 def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: Iterable[str] | str | None = None,
-                  extra: Mapping[str, object] | None = None) -> Adapter:
+                  target_rank: int | None = None, extra: Mapping[str, object] | None = None) -> Adapter:
     """The model's trained adapter as an :class:`Adapter` (PEFT naming), detached float32 copies.
 
     AdaLoRA layers are truncated to their kept triplets (mask), as PEFT saves them; the
-    masks go to ``rank_pattern`` and the scale stays ``alpha/(init_r + 1e-5)``.
+    masks go to ``rank_pattern`` and the scale stays ``alpha/(init_r + 1e-5)``. ``target_rank`` is the
+    AdaLoRA run's (PEFT's ``target_r``); ``extra`` goes into adapter_config.json as it is.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -175,27 +144,26 @@ def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: I
     target_list = targets if targets is None or isinstance(targets, str) else tuple(targets)
     fifo = any(m.fan_in_fan_out for m in layers.values())
     if ada:
-        init_r = max(m.init_r for m in ada.values())
+        init_r = max(m.init_rank for m in ada.values())
         alpha = next(iter(ada.values())).alpha
         for name, m in ada.items():
             keep = m.mask.reshape(-1).cpu()
             A, E, B = (t.detach().float().cpu() for t in (m.lora_A, m.lora_E, m.lora_B))
             modules[name] = Module(A=A[keep].clone(), E=E[keep].clone(), B=B[:, keep].clone(), alpha=m.alpha,
-                                   scale=adalora_scale(m.alpha, m.init_r), fan_in_fan_out=m.fan_in_fan_out)
+                                   scale=adalora_scale(m.alpha, m.init_rank), fan_in_fan_out=m.fan_in_fan_out)
         raw["rank_pattern"] = rank_pattern_masks({n: m.mask for n, m in ada.items()}) or None
         raw["lora_alpha"] = alpha
-        target_r = raw.pop("target_r", None)
         config = AdapterConfig(method="adalora", fan_in_fan_out=fifo, base_model=base_model, task_type="CAUSAL_LM",
-                               init_r=init_r, target_r=int(target_r) if target_r is not None else None,  # type: ignore[arg-type]
-                               target_modules=target_list, extra=raw)
+                               init_r=init_r, target_r=target_rank, target_modules=target_list, extra=raw)
     else:
         rslora = False
-        for name, m in layers.items():
-            assert isinstance(m, LoRALinear)
-            rslora = rslora or abs(m.scaling - lora_scale(m.alpha, m.r)) > 1e-12 * abs(m.scaling)
-            mag = m.lora_magnitude_vector if isinstance(m, DoRALinear) else None
-            modules[name] = Module(A=m.lora_A.detach().float().cpu().clone(), B=m.lora_B.detach().float().cpu().clone(),
-                                   alpha=m.alpha, scale=m.scaling, fan_in_fan_out=m.fan_in_fan_out,
+        for name, layer in layers.items():
+            assert isinstance(layer, LoRALinear)
+            rslora = rslora or abs(layer.scaling - lora_scale(layer.alpha, layer.rank)) > 1e-12 * abs(layer.scaling)
+            mag = layer.lora_magnitude_vector if isinstance(layer, DoRALinear) else None
+            modules[name] = Module(A=layer.lora_A.detach().float().cpu().clone(),
+                                   B=layer.lora_B.detach().float().cpu().clone(),
+                                   alpha=layer.alpha, scale=layer.scaling, fan_in_fan_out=layer.fan_in_fan_out,
                                    magnitude=None if mag is None else mag.detach().float().cpu().clone())
         config = AdapterConfig(method="lora", use_rslora=rslora, fan_in_fan_out=fifo, base_model=base_model,
                                task_type="CAUSAL_LM", target_modules=target_list, extra=raw)
@@ -221,10 +189,10 @@ def load_adapter(model: nn.Module, adapter: Adapter) -> dict[str, AdaptedLinear]
         layer: AdaptedLinear
         if adapter.method == "adalora":
             assert m.E is not None
-            layer = AdaLoRALinear(base, r=m.rank, alpha=m.alpha, init_r=adapter.config.init_r or m.rank)
+            layer = AdaLoRALinear(base, rank=m.rank, alpha=m.alpha, init_rank=adapter.config.init_r or m.rank)
             layer.lora_E.copy_(m.E)
         else:
-            layer = LORA_LAYERS[m.is_dora](base, r=m.rank, alpha=m.alpha, rslora=adapter.config.use_rslora)
+            layer = LORA_LAYERS[m.is_dora](base, rank=m.rank, alpha=m.alpha, rslora=adapter.config.use_rslora)
             layer.scaling = m.scale
         i, o, _ = in_out(base)
         if (o, i) != m.matrix_shape:

@@ -1,11 +1,11 @@
 """The adapted layers: LoRA, AdaLoRA and DoRA as plain PyTorch modules around a frozen base layer.
 
 - :class:`LoRALinear` (Hu et al. 2021, arXiv:2106.09685): ``y = W0 x + s · B A dropout(x)``
-  with ``W0`` frozen, ``A`` (r×in) Kaiming-uniform, ``B`` (out×r) zero, ``s = alpha/r``
+  with ``W0`` frozen, ``A`` (r×in) Kaiming-uniform, ``B`` (out×r) zero, ``s = alpha/r`` for rank r
   (rsLoRA, Kalajdzievski 2023: ``alpha/√r``). The forward never forms ``ΔW``.
 - :class:`AdaLoRALinear` (Zhang et al. 2023, arXiv:2303.10512): ``ΔW = P Λ Q`` stored as PEFT
   stores it: ``lora_B`` = P (out×r), ``lora_E`` = Λ (r×1), ``lora_A`` = Q (r×in), scaled by
-  ``alpha/(init_r + 1e-5)``; a boolean ``mask`` on Λ marks the triplets the allocator keeps.
+  ``alpha/(init_rank + 1e-5)``; a boolean ``mask`` on Λ marks the triplets the allocator keeps.
 - :class:`DoRALinear` (Liu et al. 2024, arXiv:2402.09353): a LoRA layer plus a trainable magnitude
   ``m`` (one entry per output row)::
 
@@ -28,6 +28,7 @@ Layers never merge themselves: merging is an explicit call over the adapter they
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +43,17 @@ from ..errors import UnsupportedModuleError
 __all__ = ["AdaptedLinear", "LoRALinear", "AdaLoRALinear", "DoRALinear", "in_out"]
 
 
+def _weight(base: nn.Module) -> Tensor:
+    """The base layer's weight (nn.Module's attribute lookup types it loosely)."""
+    return typing.cast(Tensor, base.weight)
+
+
 def in_out(base: nn.Module) -> tuple[int, int, bool]:
     """(in, out, fan_in_fan_out) of an nn.Linear or of GPT-2's Conv1D (weight stored in×out)."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features, False
     if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
-        w = base.weight
+        w = _weight(base)
         return int(w.shape[0]), int(w.shape[1]), True
     raise UnsupportedModuleError("LoRA", [type(base).__name__], "only nn.Linear and GPT-2 Conv1D layers can be adapted")
 
@@ -65,7 +71,7 @@ class AdaptedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:  # some model code reads `.weight` of its projections (dtype checks)
-        return self.base.weight  # type: ignore[return-value]
+        return _weight(self.base)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(B', A')`` with ``ΔW = B' A'`` (out×in); subclasses fold in scale and Λ."""
@@ -83,22 +89,23 @@ class LoRALinear(AdaptedLinear):
     """``y = W0 x + s · B (A · dropout(x))`` around a frozen linear layer.
 
     ``A`` (r×in) starts Kaiming-uniform with ``a = √5`` (as nn.Linear and PEFT), ``B`` (out×r)
-    at zero, so training starts from the base model. ``s = alpha/r``, or ``alpha/√r`` with rsLoRA.
-    The adapter path is two thin matmuls: ``ΔW`` is never formed.
+    at zero, so training starts from the base model. ``s = alpha/r`` (r = ``rank``), or ``alpha/√r`` with
+    rsLoRA. The adapter path is two thin matmuls: ``ΔW`` is never formed.
 
-    >>> layer = LoRALinear(nn.Linear(16, 8), r=4, alpha=8)
+    >>> layer = LoRALinear(nn.Linear(16, 8), rank=4, alpha=8)
     >>> layer(torch.randn(2, 16)).shape, layer.scaling
     (torch.Size([2, 8]), 2.0)
     """
 
-    def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+    def __init__(self, base: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False) -> None:
         super().__init__(base, dropout=dropout)
-        self.r, self.alpha = int(r), float(alpha)
-        self.scaling = lora_scale(alpha, r, rslora=rslora)
-        dev = base.weight.device
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scaling = lora_scale(alpha, rank, rslora=rslora)
+        dev = _weight(base).device
         # adapter weights stay float32 whatever the base dtype: they are what the optimizer updates
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def factors(self) -> tuple[Tensor, Tensor]:
@@ -110,30 +117,33 @@ class LoRALinear(AdaptedLinear):
 
 
 class AdaLoRALinear(AdaptedLinear):
-    """``y = W0 x + (alpha/(init_r + 1e-5)) · P (Λ ⊙ (Q · dropout(x)))`` around a frozen linear layer.
+    """``y = W0 x + (alpha/(init_rank + 1e-5)) · P (Λ ⊙ (Q · dropout(x)))`` around a frozen linear layer.
 
     Stored as PEFT stores it: ``lora_A`` = Q (r×in), ``lora_E`` = Λ (r×1), ``lora_B`` = P (out×r).
     P and Q start Gaussian (std 0.02) and Λ at zero (the paper's and PEFT's initialisation).
     ``mask`` (r×1, bool) marks the triplets kept by the allocator; :meth:`apply_mask` zeroes
-    the others' Λ so they contribute nothing until a later allocation revives them.
+    the others' Λ so they contribute nothing until a later allocation revives them. ``rank`` is the triplets
+    this layer holds; ``init_rank`` (default ``rank``) those it started with, which sets the scale.
 
-    >>> layer = AdaLoRALinear(nn.Linear(16, 8), r=6, alpha=12)
+    >>> layer = AdaLoRALinear(nn.Linear(16, 8), rank=6, alpha=12)
     >>> tuple(layer.lora_E.shape), round(layer.scaling, 4)
     ((6, 1), 2.0)
     """
 
-    def __init__(self, base: nn.Module, *, r: int, alpha: float, init_r: int | None = None,
+    mask: Tensor  # a buffer (register_buffer), declared for the type checker
+
+    def __init__(self, base: nn.Module, *, rank: int, alpha: float, init_rank: int | None = None,
                  dropout: float = 0.0) -> None:
         super().__init__(base, dropout=dropout)
-        self.r, self.alpha = int(r), float(alpha)
-        self.init_r = int(init_r if init_r is not None else r)
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.init_rank = int(init_rank if init_rank is not None else rank)
         # PEFT's rule: the divisor is init_r (+1e-5) even for a module that keeps fewer triplets
-        self.scaling = adalora_scale(alpha, self.init_r)
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.randn(r, self.in_features, device=dev) * 0.02)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev))
-        self.lora_B = nn.Parameter(torch.randn(self.out_features, r, device=dev) * 0.02)
-        self.register_buffer("mask", torch.ones(r, 1, dtype=torch.bool, device=dev))
+        self.scaling = adalora_scale(alpha, self.init_rank)
+        dev = _weight(base).device
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=dev) * 0.02)
+        self.lora_E = nn.Parameter(torch.zeros(rank, 1, device=dev))
+        self.lora_B = nn.Parameter(torch.randn(self.out_features, rank, device=dev) * 0.02)
+        self.register_buffer("mask", torch.ones(rank, 1, dtype=torch.bool, device=dev))
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_B, self.lora_A * self.lora_E * self.scaling
@@ -154,15 +164,16 @@ class DoRALinear(LoRALinear):
     """A :class:`~loratools.nn.LoRALinear` with DoRA's magnitude ``lora_magnitude_vector`` (float32, length out).
 
     >>> _ = torch.manual_seed(0); base = nn.Linear(16, 8)
-    >>> layer = DoRALinear(base, r=4, alpha=8)
+    >>> layer = DoRALinear(base, rank=4, alpha=8)
     >>> bool(torch.allclose(layer.lora_magnitude_vector, base.weight.norm(dim=1)))   # m starts at ‖W0‖_row
     True
     >>> x = torch.randn(3, 16); bool(torch.allclose(layer(x), base(x)))              # and y starts at W0 x + b
     True
     """
 
-    def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
-        super().__init__(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    def __init__(self, base: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False) -> None:
+        super().__init__(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
 
     def module(self, *, detach: bool = False) -> Module:
@@ -175,12 +186,12 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def weight_norm(self) -> Tensor:
         """``‖W0 + s·BA‖_row`` in float32, outside the autograd graph (peft detaches it)."""
-        return row_norms(self.base.weight.detach(), self.module(detach=True))
+        return row_norms(_weight(self.base).detach(), self.module(detach=True))
 
     def _base_matrix(self) -> Tensor:
         """W0 as (out, in), whatever the stored layout."""
-        w = self.base.weight
-        return w.T if self.fan_in_fan_out else w  # type: ignore[return-value]
+        w = _weight(self.base)
+        return w.T if self.fan_in_fan_out else w
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)

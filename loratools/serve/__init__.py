@@ -2,8 +2,8 @@
 
 - :mod:`.runtimes`: the runtimes as data (vLLM, SGLang, llama.cpp, Ollama): their rules, each with its source
   and the versions it holds for, and the per-runtime behaviour as fields, never as name branches;
-- :mod:`.check`: :func:`~loratools.serve.check.check_adapter` and ``check_file``: what a runtime would refuse,
-  drop or change;
-- :mod:`.export`: :func:`~loratools.serve.export.export_adapter`: the adapter rewritten so that it loads there
-  with the same ΔW.
+- :mod:`.check`: :func:`~loratools.serve.check.check_file` (``loratools check``) and ``check_adapter``: what a
+  runtime would refuse, drop or change;
+- :mod:`.export`: :func:`~loratools.serve.export.export_adapter` (``loratools export``): the adapter rewritten
+  so that it loads there with the same ΔW.
 """

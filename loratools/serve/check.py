@@ -12,24 +12,27 @@ will see.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..adapter import Adapter, Module, as_lora
 from ..config import lora_scale
-from ..formats import BaseModel
+from ..dora import refuse_dora
 from ..errors import InvalidOptionError
-from ..formats.gguf import GGUFBase, gguf_unsupported
+from ..formats import BaseModel, read_with_base
+from ..formats.gguf import GGUFBase, gguf_base as gguf_of, gguf_unsupported
 from ..formats.peft import PREFIX
-from .runtimes import SGLANG_TARGETS, Rule, Runtime, get_runtime, is_vision_module, version_tuple
+from .runtimes import Rule, Runtime, get_runtime, is_vision_module, version_tuple
 
-__all__ = ["Finding", "CheckReport", "FullTensor", "check_adapter", "full_tensors", "runtime_view", "global_scale",
-           "smallest_max_lora_rank", "check_max_lora_rank", "BASE_FIELDS", "refused_features", "missing_stacked",
-           "stacked_zeros"]
+__all__ = ["Finding", "CheckReport", "FullTensor", "check_file", "check_adapter", "refuse_dora_for", "read_source", "full_tensors",
+           "runtime_view", "global_scale", "smallest_max_lora_rank", "check_max_lora_rank", "BASE_FIELDS",
+           "refused_features", "missing_stacked", "stacked_zeros"]
 
 #: raw PEFT config fields that make an adapter mean more than a low-rank ΔW (vLLM refuses them)
 BASE_FIELDS = {"lora_bias": "LoRA bias", "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -65,6 +68,11 @@ def full_tensors(adapter: Adapter) -> list[FullTensor]:
     return out
 
 
+def loaded_whole(t: FullTensor, runtime: Runtime) -> bool:
+    """True when ``runtime`` loads the full tensor ``t`` as it is (vLLM: a classifier's ``score.weight``)."""
+    return t.kind == "weight" and t.module.rsplit(".", 1)[-1] in runtime.whole_heads
+
+
 @dataclass(frozen=True)
 class Finding:
     """A rule the adapter breaks: the modules (or tensor keys) concerned and a detail.
@@ -95,6 +103,13 @@ class CheckReport:
                 "notes": list(self.notes)}
 
 
+def refuse_dora_for(adapter: Adapter, runtime: Runtime) -> None:
+    """Refuse a DoRA adapter (:class:`~loratools.errors.DoraError`): check and export serve plain LoRA factors,
+    and a DoRA update is not one; its message names ``convert``'s parameters, which flatten it."""
+    refuse_dora(adapter, f"check/export for {runtime.title}", "flatten it with its base first (convert with `base` "
+                "and `as_lora`), then check or export the result")
+
+
 def smallest_max_lora_rank(rank: int, runtime: Runtime) -> int | None:
     """The smallest allowed ``--max-lora-rank`` that holds ``rank`` (None when none does)."""
     if runtime.max_lora_ranks is None:
@@ -113,11 +128,12 @@ def check_max_lora_rank(max_lora_rank: int | None, runtime: Runtime) -> None:
 
 
 def global_scale(raw: Mapping[str, Any], runtime: Runtime) -> float:
-    """The one scale vLLM ≤ 0.31 or SGLang gives every module of a PEFT config: ``lora_alpha / r``
-    (vLLM: ``/ √r`` with use_rslora; SGLang ignores use_rslora)."""
+    """The one scale a runtime that reads one scale (``runtime.scales == "one"``: vLLM ≤ 0.31, SGLang) gives every
+    module of a PEFT config: ``lora_alpha / r``, or ``lora_alpha / √r`` with use_rslora where the runtime reads it
+    (``runtime.reads_rslora``: vLLM; SGLang ignores it). ``{"r": 16, "lora_alpha": 32}`` → 2.0."""
     r = int(raw.get("r", 8))
     alpha = float(raw.get("lora_alpha", r))
-    return lora_scale(alpha, r, rslora=bool(raw.get("use_rslora")) and runtime.name == "vllm")
+    return lora_scale(alpha, r, rslora=bool(raw.get("use_rslora")) and runtime.reads_rslora)
 
 
 def runtime_view(adapter: Adapter, raw: Mapping[str, Any] | None, runtime: Runtime) -> dict[str, Adapter]:
@@ -125,15 +141,18 @@ def runtime_view(adapter: Adapter, raw: Mapping[str, Any] | None, runtime: Runti
 
     ``adapter`` is a file read back by loratools (PEFT's meaning, which is vLLM
     0.32+'s: it reads the patterns as PEFT does; GGUF's meaning, alpha/rank per
-    tensor, which is llama.cpp's). vLLM ≤ 0.31 and SGLang give every module the
-    :func:`global_scale` of ``raw``.
+    tensor, which is llama.cpp's). A runtime that reads one scale gives every
+    module the :func:`global_scale` of ``raw``: every version of it (SGLang), or
+    those up to ``runtime.one_scale_until`` (vLLM ≤ 0.31.0: two readings,
+    ``"vllm > 0.31.0"`` and ``"vllm ≤ 0.31.0"``).
     """
-    if runtime.writes == "gguf" or raw is None:
+    if runtime.scales != "one" or raw is None:
         return {runtime.name: adapter}
     g = global_scale(raw, runtime)
     flat = adapter.with_modules({n: m.with_factors(scale=g) for n, m in adapter.items()})
-    if runtime.name == "vllm":
-        return {"vllm ≥ 0.32": adapter, "vllm ≤ 0.31": flat}
+    until = runtime.one_scale_until
+    if until is not None:
+        return {f"{runtime.name} > {until}": adapter, f"{runtime.name} ≤ {until}": flat}
     return {runtime.name: flat}
 
 
@@ -153,11 +172,14 @@ class _Ctx:
 Detected = tuple[Sequence[str], str] | None
 
 
+_FILE_KINDS = {"peft": "a PEFT directory", "gguf": "a GGUF adapter"}
+
+
 def _wrong_format(ctx: _Ctx) -> Detected:
     want = ctx.runtime.writes
     if ctx.source_format is None or ctx.source_format == want:
         return None
-    return (), f"this adapter is a {ctx.source_format} file, not {'a PEFT directory' if want == 'peft' else 'GGUF'}"
+    return (), f"this adapter is a {ctx.source_format} file, not {_FILE_KINDS.get(want, want)}"
 
 
 def _adalora(ctx: _Ctx) -> Detected:
@@ -167,9 +189,8 @@ def _adalora(ctx: _Ctx) -> Detected:
 
 
 def _full(ctx: _Ctx) -> Detected:
-    allowed = ("classifier", "score") if ctx.runtime.name == "vllm" else ()
     bad = [t.key for t in full_tensors(ctx.adapter)
-           if t.kind != "base-copy" and not (t.kind == "weight" and t.module.rsplit(".", 1)[-1] in allowed)]
+           if t.kind != "base-copy" and not loaded_whole(t, ctx.runtime)]
     return (bad, f"{len(bad)} full tensor(s) (modules_to_save or biases)") if bad else None
 
 
@@ -244,13 +265,14 @@ def _conv(ctx: _Ctx) -> Detected:
     return (bad, "convolution modules") if bad else None
 
 
-def _sglang_targets(ctx: _Ctx) -> Detected:
+def _targets(ctx: _Ctx) -> Detected:
+    targets = ctx.runtime.targets
     bad = [n for n, m in ctx.lora.items() if not is_vision_module(n)
-           and (n.rsplit(".", 1)[-1] not in SGLANG_TARGETS or m.kind == "conv")]
+           and ((targets is not None and n.rsplit(".", 1)[-1] not in targets) or m.kind == "conv")]
     tm = ctx.raw.get("target_modules") if ctx.raw is not None else None
-    detail = "module types SGLang has no LoRA layer for"
-    if isinstance(tm, str) and tm not in ("all-linear", "all"):
-        detail += f"; target_modules is the pattern {tm!r}, which SGLang refuses"
+    detail = f"module types {ctx.runtime.title} has no LoRA layer for"
+    if ctx.runtime.target_list and isinstance(tm, str) and tm not in ("all-linear", "all"):
+        detail += f"; target_modules is the pattern {tm!r}, which {ctx.runtime.title} refuses"
         return bad, detail
     return (bad, detail) if bad else None
 
@@ -302,7 +324,7 @@ def _ollama_import(ctx: _Ctx) -> Detected:
 _DETECTORS: dict[str, Callable[[_Ctx], Detected]] = {
     "peft-directory": _wrong_format, "gguf-file": _wrong_format, "plain-lora-keys": _adalora, "full-tensors": _full,
     "peft-features": _peft_features, "max-lora-rank": _max_rank, "one-scale": _scales, "one-alpha": _one_alpha,
-    "uniform-rank": _uniform_rank, "linear-modules": _conv, "target-modules": _sglang_targets,
+    "uniform-rank": _uniform_rank, "linear-modules": _conv, "target-modules": _targets,
     "stacked-qkv": _stacked, "vision-tower": _vision, "tensor-exists": _tensor_exists,
     "safetensors-import": _ollama_import, "modelfile": lambda ctx: None,
 }
@@ -322,6 +344,7 @@ def check_adapter(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: in
     """
     rt = get_runtime(runtime) if isinstance(runtime, str) else runtime
     check_max_lora_rank(max_lora_rank, rt)
+    refuse_dora_for(adapter, rt)
     raw = adapter.config.extra if source_format == "peft" else None
     ctx = _Ctx(adapter, as_lora(adapter), rt, raw, source_format, max_lora_rank, gguf_base)
     findings = []
@@ -343,7 +366,7 @@ def _notes(ctx: _Ctx) -> list[str]:
         notes.append(f"{', '.join(copies)}: PEFT's copy of the base weight; the runtime does not read it (export "
                      "drops it, after checking it against `base` when given)")
     ranks = [m.rank for m in ctx.lora.modules.values()]
-    if ranks and ctx.runtime.name in ("vllm", "sglang"):
+    if ranks and ctx.runtime.rank_flag:
         need = smallest_max_lora_rank(max(ranks), ctx.runtime)
         if ctx.max_lora_rank is None and need is not None:
             notes.append(f"serve with --max-lora-rank {need} (the adapter's largest rank is {max(ranks)})")
@@ -376,12 +399,12 @@ def _weight_shape(parent: str, leaf: str, modules: Mapping[str, Module], base: B
         head_dim = int(hp.get("head_dim") or int(hp["hidden_size"]) // heads)
         n = heads if leaf == "q_proj" else int(hp.get("num_key_value_heads") or heads)
         return n * head_dim, hidden
-    raise InvalidOptionError(f"SGLang needs a (zero) LoRA on {name}, and its shape is unknown: pass `base` "
-                             "(a model directory with config.json)")
+    raise InvalidOptionError(f"q/k/v are stacked: a (zero) LoRA on {name} is needed, and its shape is unknown: "
+                             "pass `base` (a model directory with config.json)")
 
 
 def stacked_zeros(modules: Mapping[str, Module], base: BaseModel | None) -> dict[str, Module]:
-    """SGLang: zero modules for the q/v/gate that stacked siblings need (ΔW = 0)."""
+    """Zero modules for the q/v/gate that stacked siblings need (ΔW = 0), for a runtime that stacks them."""
     out = {}
     for parent, leaves in missing_stacked(list(modules)).items():
         like = next(m for n, m in modules.items() if n.rpartition(".")[0] == parent)
@@ -391,3 +414,30 @@ def stacked_zeros(modules: Mapping[str, Module], base: BaseModel | None) -> dict
                                              B=torch.zeros(o, 1, dtype=like.B.dtype), alpha=like.scale,
                                              scale=like.scale)
     return out
+
+
+def read_source(src: Path, base: str | os.PathLike[str] | None,
+                rt: Runtime) -> tuple[Adapter, BaseModel | None, GGUFBase | None, str]:
+    """The source adapter read as ``convert`` reads it (:func:`~loratools.formats.read_with_base`), the base
+    model when ``base`` is given, the GGUF architecture and heads when the source is GGUF or the runtime maps
+    modules to the base's GGUF tensors (from ``base``, else from what a GGUF source records), and the format."""
+    adapter, known, fmt = read_with_base(src, base)
+    gguf_base = gguf_of(known) if known is not None and (rt.base_tensors or fmt == "gguf") else None
+    return adapter, (known if base is not None else None), gguf_base, fmt
+
+
+def check_file(src: str | os.PathLike[str], runtime: str, *, max_lora_rank: int | None = None,
+               base: str | os.PathLike[str] | None = None, runtime_version: str | None = None) -> CheckReport:
+    """:func:`check_adapter` on the adapter at ``src`` (any format; ``base`` as for ``convert``); the one call
+    of ``loratools check``. A directory that ``export --for ollama`` wrote is read through its ``adapter.gguf``.
+
+    >>> check_file("fixtures/adapters/lora", "vllm").ok  # doctest: +SKIP
+    True
+    """
+    rt = get_runtime(runtime)
+    src_p = Path(src)
+    if (src_p / "Modelfile").is_file() and (src_p / "adapter.gguf").is_file():
+        src_p = src_p / "adapter.gguf"
+    adapter, _, gguf_base, fmt = read_source(src_p, base, rt)
+    return check_adapter(adapter, rt, max_lora_rank=max_lora_rank, source_format=fmt, gguf_base=gguf_base,
+                         runtime_version=runtime_version)

@@ -13,15 +13,19 @@ write, step by step, each step one rule of the runtime's table
    ``.base_layer.weight`` copies of the base are dropped;
 4. ranks over ``max_lora_rank`` or a parameter ``budget``: every module's rank
    chosen together for the least ``Σᵢ ‖ΔWᵢ − ΔWᵢ′‖²_F``
-   (:func:`loratools.linalg.allocate_ranks` over the exact spectra from the
+   (:func:`loratools.compress.ranks.allocate_ranks` over the exact spectra from the
    factors), each module truncated to its top triplets (Eckart–Young);
-5. SGLang: zero modules for q/v/gate missing beside stacked siblings;
+5. a runtime that stacks q/k/v (SGLang): zero modules for q/v/gate missing
+   beside stacked siblings;
 6. every module's exact scale folded into its ``lora_B`` so that the runtime's
    one global scale (``lora_alpha / r``) reproduces it (GGUF: the writer folds
-   per tensor, ``alpha/rank``); SGLang: zero padding to one rank.
+   per tensor, ``alpha/rank``); a runtime of one rank (SGLang): zero padding.
+
+Each step reads a field of the runtime's row (:class:`~loratools.serve.runtimes.Runtime`),
+never its name.
 
 :func:`export_adapter` reads, plans, writes under a temporary name, reads the
-file back, applies the runtime's own arithmetic (:func:`serving.runtime_view`),
+file back, applies the runtime's own arithmetic (:func:`loratools.serve.check.runtime_view`),
 checks that it is exactly the planned adapter (:func:`loratools.deltas.check_same_deltas`)
 and reports each module's error against the source as the runtime computes it.
 """
@@ -30,9 +34,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,18 +45,17 @@ from torch import Tensor
 from ..adapter import Adapter, Module, as_lora, fold_scales, pad_rank
 from ..deltas import check_same_deltas, delta_error
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
-from ..formats import BaseModel, get_format, read_adapter, read_with_base
-from ..formats.gguf import GGUFBase, base_of_adapter, gguf_base as gguf_of, gguf_unsupported, read_gguf, write_gguf
+from ..formats import BaseModel, get_format, read_adapter
+from ..formats.gguf import GGUFBase, base_of_adapter, gguf_unsupported, read_gguf, write_gguf
 from ..io import ModelReader, atomic_output, check_output
 from ..linalg import RankRule, truncated_svd
 from ..adapter import module_from_svd
 from ..compress.ranks import Allocation, resize_together
-from .runtimes import SGLANG_TARGETS, Runtime, get_runtime, is_vision_module
-from .check import (CheckReport, check_adapter, check_max_lora_rank, full_tensors, refused_features, runtime_view,
-                    smallest_max_lora_rank, stacked_zeros)
+from .runtimes import Runtime, get_runtime, is_vision_module
+from .check import (check_max_lora_rank, full_tensors, loaded_whole, read_source, refuse_dora_for, refused_features,
+                    runtime_view, smallest_max_lora_rank, stacked_zeros)
 
-__all__ = ["ExportPlan", "ExportLayer", "ExportResult", "plan_export", "export_adapter", "check_file",
-           "check_adapter", "CheckReport"]
+__all__ = ["ExportPlan", "ExportLayer", "ExportResult", "plan_export", "export_adapter", "full_to_lora"]
 
 TensorSource = ModelReader | Mapping[str, Tensor]
 _EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embeddings")
@@ -88,12 +92,12 @@ def _drop(adapter: Adapter, names: Mapping[str, str]) -> Adapter:
 def _unsupported(lora: Adapter, rt: Runtime, gguf_base: GGUFBase | None) -> dict[str, str]:
     """Modules (not full tensors) the runtime has no layer for."""
     mods = Adapter(lora.modules, lora.config)
-    if rt.writes == "gguf":
+    if rt.base_tensors:
         return gguf_unsupported(mods, gguf_base)
-    if rt.name == "sglang":
-        return {n: "SGLang has no LoRA layer for this module type" for n, m in mods.items()
-                if n.rsplit(".", 1)[-1] not in SGLANG_TARGETS or m.kind == "conv"}
-    return {n: "vLLM has no convolution LoRA layer" for n, m in mods.items() if m.kind == "conv"}
+    out = {n: f"{rt.title} has no LoRA layer for this module type" for n in mods.modules
+           if rt.targets is not None and n.rsplit(".", 1)[-1] not in rt.targets}
+    return out | {n: f"{rt.title} has no convolution LoRA layer" for n, m in mods.items()
+                  if m.kind == "conv" and n not in out}
 
 
 def _base_tensor(base: TensorSource | None, module: str) -> Tensor:
@@ -135,8 +139,8 @@ def _full_tensors(lora: Adapter, rt: Runtime, base_weights: TensorSource | None,
     dropped: dict[str, str] = {}
     notes: list[str] = []
     for t in full_tensors(lora):
-        if t.kind == "weight" and rt.name == "vllm" and t.module.rsplit(".", 1)[-1] in ("classifier", "score"):
-            continue  # vLLM loads a classification head whole
+        if loaded_whole(t, rt):
+            continue  # a classification head the runtime loads whole (vLLM)
         if t.kind in ("bias", "other"):
             if not drop:
                 raise UnsupportedModuleError(rt.title, [t.key], f"a {t.kind} tensor cannot be written as a LoRA")
@@ -170,6 +174,7 @@ def _full_tensors(lora: Adapter, rt: Runtime, base_weights: TensorSource | None,
 def _validate(rt: Runtime, adapter: Adapter, max_lora_rank: int | None, budget: int | None,
               error: float | None) -> None:
     check_max_lora_rank(max_lora_rank, rt)
+    refuse_dora_for(adapter, rt)
     if budget is not None and not (isinstance(budget, int) and budget >= 1):
         raise InvalidOptionError(f"`budget` is a number of parameters ≥ 1, got {budget}")
     if error is not None:
@@ -236,27 +241,28 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
 
 def _for_runtime(modules: dict[str, Module], rt: Runtime,
                  base: BaseModel | None) -> tuple[dict[str, Module], set[str], dict[str, int], list[str]]:
-    """The last, ΔW-keeping steps: SGLang's zero modules for stacking, one scale for the PEFT runtimes (folded
-    into lora_B), SGLang's zero padding to one rank. Returns the modules, the added and padded ones, the steps."""
+    """The last, ΔW-keeping steps: zero modules for a runtime that stacks q/k/v, one scale for a runtime that
+    reads one (folded into lora_B), zero padding for a runtime of one rank. Returns the modules, the added and
+    padded ones, the steps."""
     steps: list[str] = []
-    added: dict[str, Module] = stacked_zeros(modules, base) if rt.name == "sglang" else {}
+    added: dict[str, Module] = stacked_zeros(modules, base) if rt.stacks_qkv else {}
     if added:
-        steps.append(f"zero LoRA added on {', '.join(sorted(added))} (SGLang stacks q/k/v and gate/up)")
+        steps.append(f"zero LoRA added on {', '.join(sorted(added))} ({rt.title} stacks q/k/v and gate/up)")
         modules = {**modules, **added}
     padded: dict[str, int] = {}  # module → the rank it keeps under the zero padding
-    if rt.writes == "gguf":
+    if rt.scales == "alpha/rank":  # the GGUF writer folds each module's scale for alpha/rank
         if len({m.scale * m.rank for m in modules.values()}) > 1:
-            steps.append("each module's scale folded into its lora_b for llama.cpp's alpha/rank")
+            steps.append(f"each module's scale folded into its lora_b for {rt.title}'s alpha/rank")
         return modules, set(added), padded, steps
     folded, c = fold_scales(modules)
     moved = [n for n in modules if folded[n] is not modules[n]]
     if moved:
         steps.append(f"the scales of {len(moved)} module(s) folded into lora_B: one scale {c:g} for all (lora_alpha/r)")
-    if rt.name == "sglang" and folded:
+    if rt.one_rank and folded:
         top = max(m.rank for m in folded.values())
         padded = {n: m.rank for n, m in folded.items() if m.rank < top}
         if padded:
-            steps.append(f"{len(padded)} module(s) padded with zeros to SGLang's one rank {top}")
+            steps.append(f"{len(padded)} module(s) padded with zeros to {rt.title}'s one rank {top}")
         folded = {n: pad_rank(m, top) for n, m in folded.items()}
     return folded, set(added), padded, steps
 
@@ -269,13 +275,12 @@ def _layer(name: str, src: Module | None, m: Module | None, err: float, nonzero:
 
 
 def _output(lora: Adapter, modules: Mapping[str, Module], rt: Runtime, renamed: bool) -> Adapter:
-    saved = {t.key: lora.saved[t.key] for t in full_tensors(lora)
-             if rt.name == "vllm" and t.kind == "weight" and t.module.rsplit(".", 1)[-1] in ("classifier", "score")}
+    saved = {t.key: lora.saved[t.key] for t in full_tensors(lora) if loaded_whole(t, rt)}
     extra = dict(lora.config.extra)
     extra.update(modules_to_save=sorted({t.module.rsplit(".", 1)[-1] for t in full_tensors(lora) if t.key in saved})
                  or None, use_dora=False)
     target = lora.config.target_modules
-    if renamed or (rt.name == "sglang" and isinstance(target, str)):
+    if renamed or (rt.target_list and isinstance(target, str)):
         target = None  # the module names, one by one
     cfg = replace(lora.config, method="lora", use_rslora=False, init_r=None, target_r=None, target_modules=target,
                   extra=extra)
@@ -300,27 +305,15 @@ class ExportResult:
     serve_hint: str
     modelfile: Path | None = None
 
-
-def _read_source(src: Path, base: str | os.PathLike[str] | None,
-                 rt: Runtime) -> tuple[Adapter, BaseModel | None, GGUFBase | None, str]:
-    """The source adapter read as ``convert`` reads it (:func:`~loratools.formats.read_with_base`), the base
-    model when ``base`` is given, the GGUF architecture and heads when the source or the target is GGUF
-    (from ``base``, else from what a GGUF source records), and the source's format."""
-    adapter, known, fmt = read_with_base(src, base)
-    gguf_base = gguf_of(known) if known is not None and (rt.writes == "gguf" or fmt == "gguf") else None
-    return adapter, (known if base is not None else None), gguf_base, fmt
-
-
-def check_file(src: str | os.PathLike[str], runtime: str, *, max_lora_rank: int | None = None,
-               base: str | os.PathLike[str] | None = None, runtime_version: str | None = None) -> CheckReport:
-    """:func:`check_adapter` on the adapter at ``src`` (any format; ``base`` as for ``convert``)."""
-    rt = get_runtime(runtime)
-    src_p = Path(src)
-    if (src_p / "Modelfile").is_file() and (src_p / "adapter.gguf").is_file():
-        src_p = src_p / "adapter.gguf"  # what `export --for ollama` writes
-    adapter, base_m, gguf_base, fmt = _read_source(src_p, base, rt)
-    return check_adapter(adapter, rt, max_lora_rank=max_lora_rank, source_format=fmt, gguf_base=gguf_base,
-                         runtime_version=runtime_version)
+    def to_json(self) -> dict[str, Any]:
+        """The ``export --json`` object: the fields above (``serve_hint`` as ``serve``), paths as strings."""
+        alloc = self.allocation
+        return {"output": str(self.output), "runtime": self.runtime, "source_format": self.source_format,
+                "parameters": self.parameters, "total_error": self.total_error, "check_error": self.check_error,
+                "serve": self.serve_hint, "modelfile": str(self.modelfile) if self.modelfile else None,
+                "changes": list(self.changes), "dropped": dict(self.dropped),
+                "allocation": asdict(alloc) if alloc is not None else None,
+                "layers": [asdict(layer) for layer in self.layers]}
 
 
 def _measure(plan: ExportPlan, view: Adapter) -> tuple[dict[str, float], float]:
@@ -347,8 +340,31 @@ def _modelfile(base: str | os.PathLike[str] | None, adapter: Adapter) -> str:
     src = Path(base).resolve() if base is not None else adapter.config.base_model
     if src is None:
         raise InvalidOptionError("an Ollama Modelfile needs the base model for its FROM line: pass `base`")
+    text = str(src)
+    # a Modelfile holds one directive a line: a line break (or another control character) would add directives
+    if any(ch < " " or ch == "\x7f" for ch in text) or text != text.strip() or text.startswith('"'):
+        raise InvalidOptionError(f"the base model {text!r} cannot be written on a Modelfile's FROM line (a line "
+                                 "break, a control character, a leading quote or edge spaces); rename it")
     return (f"# written by loratools export --for ollama: the base model, then the adapter (GGUF, llama.cpp's rules)\n"
             f"FROM {src}\nADAPTER ./adapter.gguf\n")
+
+
+WriteBack = Callable[[Adapter, Path, Runtime, GGUFBase | None], dict[str, Adapter]]
+
+
+def _peft_back(adapter: Adapter, path: Path, rt: Runtime, gguf_base: GGUFBase | None) -> dict[str, Adapter]:
+    get_format("peft").write(adapter, path)
+    back = read_adapter(path, format="peft")
+    return runtime_view(back, back.config.extra, rt)
+
+
+def _gguf_back(adapter: Adapter, path: Path, rt: Runtime, gguf_base: GGUFBase | None) -> dict[str, Adapter]:
+    write_gguf(adapter, path, base=gguf_base)
+    return runtime_view(read_gguf(path, base=gguf_base), None, rt)
+
+
+#: ``Runtime.writes`` → write the planned adapter at a path, read it back as the runtime computes it (by reading)
+_WRITE_BACK: dict[str, WriteBack] = {"peft": _peft_back, "gguf": _gguf_back}
 
 
 def export_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, runtime: str,
@@ -361,8 +377,8 @@ def export_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, 
     rt = get_runtime(runtime)
     src_p, dst_p = Path(src), Path(dst)
     check_output(dst_p, force=force, inputs=(src_p,))
-    adapter, base_m, gguf_base, fmt = _read_source(src_p, base, rt)
-    if rt.writes == "gguf" and gguf_base is None:
+    adapter, base_m, gguf_base, fmt = read_source(src_p, base, rt)
+    if rt.base_tensors and gguf_base is None:
         gguf_base = base_of_adapter(adapter)
     weights = ModelReader(base) if base is not None and adapter.saved and base_m is not None \
         and "gguf" not in base_m.facts and base_m.shapes is not None else None
@@ -372,27 +388,19 @@ def export_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, 
     finally:
         if weights is not None:
             weights.close()
-    modelfile = None
     with atomic_output(dst_p, force=force, inputs=(src_p,)) as tmp:
-        if rt.writes == "peft":
-            get_format("peft").write(plan.adapter, tmp)
-            back = read_adapter(tmp, format="peft")
-            views = runtime_view(back, back.config.extra, rt)
-        else:
-            path = tmp
-            if rt.name == "ollama":
-                tmp.mkdir()
-                path = tmp / "adapter.gguf"
-                (tmp / "Modelfile").write_text(_modelfile(base, adapter))
-                modelfile = dst_p / "Modelfile"
-            write_gguf(plan.adapter, path, base=gguf_base)
-            views = runtime_view(read_gguf(path, base=gguf_base), None, rt)
+        path = tmp
+        if rt.modelfile:
+            tmp.mkdir()
+            path = tmp / "adapter.gguf"
+            (tmp / "Modelfile").write_text(_modelfile(base, adapter))
+        views = _WRITE_BACK[rt.writes](plan.adapter, path, rt, gguf_base)
         check = max(check_same_deltas(plan.adapter, v) for v in views.values())
         measured = [_measure(plan, v) for v in views.values()]
     rel = {n: max(m[0][n] for m in measured) for n in plan.reference}
     layers = tuple(replace(layer, rel_error=rel.get(layer.name, layer.rel_error)) for layer in plan.layers)
     top = max(m.rank for m in plan.adapter.modules.values())
-    hint = (f"--max-lora-rank {smallest_max_lora_rank(top, rt)}" if rt.name in ("vllm", "sglang") else
-            f"ollama create NAME -f {modelfile}" if modelfile else f"--lora {dst_p}")
+    hint = rt.serve_hint.format(rank=smallest_max_lora_rank(top, rt), output=dst_p)
     return ExportResult(dst_p, rt.name, fmt, layers, plan.dropped, plan.changes, plan.allocation,
-                        max(m[1] for m in measured), check, plan.adapter.parameters, hint, modelfile)
+                        max(m[1] for m in measured), check, plan.adapter.parameters, hint,
+                        dst_p / "Modelfile" if rt.modelfile else None)

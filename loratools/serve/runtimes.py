@@ -5,7 +5,7 @@ A :class:`Rule` says what the runtime does with an adapter file (``why``), what
 (``source``: the runtime's version and file, read for this table). A rule that
 no longer holds in newer releases carries ``until``, the last version it was
 read in. The checks that find each rule's offenders live in
-:mod:`loratools.serve.export`; ``docs/runtimes.md`` explains every rule at length (a
+:mod:`loratools.serve.check`; ``docs/runtimes.md`` explains every rule at length (a
 test keeps the two in step).
 
 Facts read, not guessed: vLLM 0.33.0 (and 0.31.0/0.32.0 where they differ) and
@@ -65,20 +65,57 @@ class Rule:
 
 @dataclass(frozen=True)
 class Runtime:
-    """A serving runtime: its rules, the format ``export`` writes for it, and its rank limit."""
+    """A serving runtime: its rules, and what it does with a file as fields that ``check`` and ``export`` read
+    (they never branch on a runtime's name; a new runtime is a new row).
+
+    - ``writes``: the format ``export`` writes (``"peft"``: a PEFT directory; ``"gguf"``: a GGUF adapter);
+    - ``max_lora_ranks``: the allowed ``--max-lora-rank`` values, None when any integer is (or no flag);
+    - ``rank_flag``: the server is started with ``--max-lora-rank R`` and refuses a module of rank > R;
+    - ``scales``: ``"one"``: one scale ``lora_alpha / r`` (``/ √r`` with ``reads_rslora``) for every module,
+      from the config (the rule ``one-scale`` says up to which version, see :attr:`one_scale_until`);
+      ``"alpha/rank"``: one alpha for the file, each tensor's scale ``alpha / rank``;
+    - ``whole_heads``: last name components of full weights it loads whole (vLLM: a classifier head);
+    - ``targets``: last name components it has a LoRA layer for; None: any linear or embedding layer;
+    - ``base_tensors``: every module must be a tensor of the base model's GGUF (llama.cpp's names);
+    - ``one_rank``: every module must have the config's ``r`` (export pads with zeros);
+    - ``stacks_qkv``: q/k/v and gate/up are stacked per layer (export adds zero members);
+    - ``target_list``: ``target_modules`` must be a list of names, not a pattern;
+    - ``modelfile``: export writes a directory with ``adapter.gguf`` and a ``Modelfile``;
+    - ``serve_hint``: how to serve the export, with ``{rank}`` (the smallest ``--max-lora-rank``) and ``{output}``.
+
+    >>> get_runtime("vllm").one_scale_until, get_runtime("sglang").one_scale_until
+    ('0.31.0', None)
+    """
 
     name: str
     title: str
     version: str
-    writes: str  # "peft" (a PEFT directory) or "gguf"
+    writes: str
     rules: tuple[Rule, ...]
-    max_lora_ranks: tuple[int, ...] | None = None  # allowed --max-lora-rank values; None: no fixed set
+    max_lora_ranks: tuple[int, ...] | None = None
+    rank_flag: bool = False
+    scales: str = "one"
+    reads_rslora: bool = False
+    whole_heads: tuple[str, ...] = ()
+    targets: frozenset[str] | None = None
+    base_tensors: bool = False
+    one_rank: bool = False
+    stacks_qkv: bool = False
+    target_list: bool = False
+    modelfile: bool = False
+    serve_hint: str = ""
 
     def rule(self, rule_id: str) -> Rule:
         for r in self.rules:
             if r.id == rule_id:
                 return r
         raise KeyError(rule_id)
+
+    @property
+    def one_scale_until(self) -> str | None:
+        """The last version that reads one scale for every module, when newer ones read the patterns as PEFT
+        does; None when every version reads one scale (or none does)."""
+        return next((r.until for r in self.rules if r.id == "one-scale"), None)
 
 
 _V = "vLLM 0.33.0"
@@ -131,7 +168,8 @@ VLLM = Runtime("vllm", "vLLM", "0.33.0", "peft", (
          "vision-tower modules are dropped and listed",
          f"{_V} vllm/lora/model_manager.py (_create_lora_modules, _get_punica_wrapper), vllm/config/lora.py "
          "(enable_tower_connector_lora)"),
-), VLLM_MAX_LORA_RANKS)
+), max_lora_ranks=VLLM_MAX_LORA_RANKS, rank_flag=True, reads_rslora=True, whole_heads=("classifier", "score"),
+   serve_hint="--max-lora-rank {rank}")
 
 _S = "SGLang 0.5.10.post1"
 SGLANG = Runtime("sglang", "SGLang", "0.5.10.post1", "peft", (
@@ -181,7 +219,8 @@ SGLANG = Runtime("sglang", "SGLang", "0.5.10.post1", "peft", (
          "language model's layer N: its ΔW lands on the wrong weights.",
          "vision-tower modules are dropped and listed",
          f"{_S} sglang/srt/lora/lora.py (_process_weight), sglang/srt/layers/utils/common.py (get_layer_id)"),
-))
+), rank_flag=True, targets=SGLANG_TARGETS, one_rank=True, stacks_qkv=True, target_list=True,
+   serve_hint="--max-lora-rank {rank}")
 
 _L = "llama.cpp src/llama-adapter.cpp (master at fdfa89f), src/llama-adapter.h (master at d66c5cd)"
 _LLAMA_CPP_RULES = (
@@ -213,7 +252,8 @@ _LLAMA_CPP_RULES = (
          "vision-tower modules are dropped and listed",
          f"{_L} (llama_adapter_lora_init_impl); names: gguf-py TensorNameMap (MODEL_ARCH.LLAMA)"),
 )
-LLAMA_CPP = Runtime("llama.cpp", "llama.cpp", "master (fdfa89f)", "gguf", _LLAMA_CPP_RULES)
+LLAMA_CPP = Runtime("llama.cpp", "llama.cpp", "master (fdfa89f)", "gguf", _LLAMA_CPP_RULES, scales="alpha/rank",
+                    base_tensors=True, serve_hint="--lora {output}")
 
 _O = "Ollama v0.33.0-rc2"
 OLLAMA = Runtime("ollama", "Ollama", "0.33.0-rc2", "gguf", (
@@ -229,7 +269,7 @@ OLLAMA = Runtime("ollama", "Ollama", "0.33.0-rc2", "gguf", (
          "writes a GGUF adapter instead (checked in llama.cpp by the tests)",
          f"{_O} convert/convert.go (AdapterParameters, ConvertAdapter), convert/convert_llama_adapter.go"),
     *_LLAMA_CPP_RULES,
-))
+), scales="alpha/rank", base_tensors=True, modelfile=True, serve_hint="ollama create NAME -f {output}/Modelfile")
 
 RUNTIMES = MappingProxyType({r.name: r for r in (VLLM, SGLANG, LLAMA_CPP, OLLAMA)})
 

@@ -16,6 +16,7 @@ directory (:func:`write_run`) holds the adapter as PEFT writes it, ``training_co
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from ..io import atomic_output, load_safetensors, read_json, save_safetensors
 from ..nn.layers import AdaLoRALinear
 from ..nn.inject import adapter_layers
 from ..validate import get_field
+from .config import TrainConfig, config_of_state
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "rng_state", "set_rng_state", "write_run"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "resumed_config", "rng_state", "set_rng_state",
+           "write_run"]
 
 FORMAT = "loratools-checkpoint/1"
 
@@ -91,6 +94,12 @@ def read_state(path: str | Path) -> dict[str, Any]:
         isinstance(r, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in r)
         for r in v))
     return state
+
+
+def resumed_config(path: str | Path, **given: Any) -> TrainConfig:
+    """The :class:`TrainConfig` the checkpoint at ``path`` was made with, the ``given`` options replacing its own
+    (:func:`~loratools.train.train_adapter` then refuses any that would change the result)."""
+    return replace(config_of_state(read_state(path), Path(path) / "state.json"), **given)
 
 
 @torch.no_grad()

@@ -1,63 +1,96 @@
-"""What shapes a training run: :class:`TrainConfig`, validated on construction, and how a checkpoint records it."""
+"""What shapes a training run: :class:`TrainConfig`, validated on construction, and how a checkpoint records it.
+
+Each field is written once, with its help in the field's metadata (``field(default=…, metadata={"help": …})``,
+as transformers' ``HfArgumentParser`` reads dataclasses): ``loratools train`` makes its options from them.
+Help texts name other fields in backquotes (```steps```), which the command line shows as its flags.
+No torch here: ``loratools train --help`` reads this module.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import CorruptFileError, InvalidOptionError
-from ..nn.inject import LayerSpec
+from ..nn.spec import LayerSpec, Method
 
 __all__ = ["TrainConfig", "config_of_state"]
+
+
+def _option(default: Any, help: str, **cli: str) -> Any:
+    """A field with its help (and, in ``cli``, a ``flag`` or ``metavar`` of its own on the command line)."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Every choice that shapes a run. ``batch_size`` is per process and micro-batch; the global
     batch is ``batch_size · grad_accum · world_size``. AdaLoRA's ``tinit``/``tfinal``/``delta_t``
-    default to 10 %, 30 % and 2 % of the steps."""
+    default to 10 %, 30 % and 2 % of the steps. The adapter's own options (``method``, the ranks,
+    ``alpha``, ``dropout``, ``rslora``, ``dora``) are checked by the :class:`~loratools.nn.LayerSpec`
+    it makes (:meth:`spec`); ``targets`` may be given as one comma-separated string.
 
-    method: Literal["lora", "adalora"] = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    init_rank: int = 12
-    target_rank: int = 4
-    rslora: bool = False
-    dropout: float = 0.0
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-3  # short LoRA runs: half 2e-4's held-out loss on SmolLM2 after 50 steps (docs/experiments.md)
-    warmup: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 128
-    eval_split: float = 0.1
-    eval_every: int = 0
-    save_every: int = 0
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    orth_reg_weight: float = 0.5
-    orth_form: Literal["paper", "peft"] = "peft"
-    tinit: int | None = None
-    tfinal: int | None = None
-    delta_t: int | None = None
-    beta1: float = 0.85
-    beta2: float = 0.85
-    save_as: Literal["auto", "lora"] = "auto"
-    eval_file: str | None = None
-    gradient_checkpointing: bool = False
-    dora: bool = False
+    >>> TrainConfig(rank=4, targets="q_proj,v_proj").spec().rank
+    4
+    """
+
+    method: Method = _option("lora", "lora, or adalora (rank allocated by importance during training).")
+    rank: int = _option(8, "LoRA rank r.")
+    alpha: float = _option(16.0, "Scale numerator: s = alpha/r (LoRA).")
+    targets: tuple[str, ...] = _option(("q_proj", "v_proj"), "Comma-separated module names to adapt (matched on "
+                                       "the last name components), or all-linear: every linear layer but the "
+                                       "output head.")
+    rslora: bool = _option(False, "Scale by alpha/√r instead of alpha/r.")
+    dropout: float = _option(0.0, "Dropout on the adapter input.")
+    dora: bool = _option(False, "Train DoRA: LoRA plus a magnitude per output row (peft's use_dora).")
+    init_rank: int = _option(12, "AdaLoRA: initial triplets per layer.")
+    target_rank: int = _option(4, "AdaLoRA: final average rank per layer.")
+    orth_reg_weight: float = _option(0.5, "AdaLoRA: orthogonal regulariser weight γ.", flag="--orth-reg")
+    orth_form: Literal["peft", "paper"] = _option("peft", "AdaLoRA regulariser: peft = mean of ‖·‖_F; "
+                                                  "paper = Σ ‖·‖²_F.")
+    tinit: int | None = _option(None, "AdaLoRA: steps before pruning starts [default: 10% of the steps].")
+    tfinal: int | None = _option(None, "AdaLoRA: last steps trained at the final allocation "
+                                 "[default: 30% of the steps].")
+    delta_t: int | None = _option(None, "AdaLoRA: steps between allocations [default: 2% of the steps].")
+    beta1: float = _option(0.85, "AdaLoRA: EMA factor of the sensitivity.")
+    beta2: float = _option(0.85, "AdaLoRA: EMA factor of the uncertainty.")
+    steps: int | None = _option(None, "Optimizer steps (default: one epoch).")
+    epochs: float | None = _option(None, "Epochs over the training split (instead of `steps`).")
+    # short LoRA runs: 1e-3 halves 2e-4's held-out loss on SmolLM2 after 50 steps (docs/experiments.md)
+    lr: float = _option(1e-3, "Peak learning rate; for a short LoRA run 1e-3. AdaLoRA needs 5–10× LoRA's "
+                        "(5e-3 to 1e-2).")
+    warmup: int = _option(0, "Linear warm-up steps (then cosine to lr/10).")
+    weight_decay: float = _option(0.0, "AdamW's weight decay.")
+    max_grad_norm: float | None = _option(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    batch_size: int = _option(4, "Sequences per process and micro-batch.")
+    grad_accum: int = _option(1, "Micro-batches per optimizer step.")
+    seq_len: int = _option(128, "Tokens per sequence (text is packed into blocks of this length).")
+    eval_split: float = _option(0.1, "Fraction held out for eval loss.")
+    eval_file: str | None = _option(None, "Held-out data file (same formats as the training data); then all of "
+                                    "the training data trains and `eval_split` is unused.", metavar="PATH")
+    eval_every: int = _option(0, "Held-out loss every N steps (default: 5 times a run).")
+    save_every: int = _option(0, "Write a checkpoint every N steps (0: none).")
+    gradient_checkpointing: bool = _option(False, "Recompute activations in the backward pass: less memory, "
+                                           "about a third more time.")
+    seed: int = _option(0, "Seeds the adapter's initial values, the data split and order, and dropout.")
+    device: str = _option("auto", "Where to compute: auto picks CUDA when present, else CPU.",
+                          metavar="auto|cpu|cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = _option("auto", "Base weights' dtype; auto = float32 on CPU, "
+                                                            "bfloat16 + autocast on CUDA.")
+    save_as: Literal["auto", "lora"] = _option("auto", "lora writes an AdaLoRA result as plain LoRA (same ΔW).")
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, (list, str)):
-            object.__setattr__(self, "targets", tuple(self.targets.split(",")) if isinstance(self.targets, str)
-                               else tuple(self.targets))
+        if isinstance(self.targets, (list, str)):  # "q_proj,v_proj" (the command line's spelling) or a list
+            names = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+            object.__setattr__(self, "targets", tuple(t for t in names if t))
+        self.spec()  # the adapter's options: checked once, by LayerSpec
+        for f in fields(self):  # the other closed choices
+            choices = typing.get_args(_HINTS[f.name]) if typing.get_origin(_HINTS[f.name]) is Literal else ()
+            if choices and f.name not in _SPEC_FIELDS and getattr(self, f.name) not in choices:
+                raise InvalidOptionError(f"`{f.name}` must be {' or '.join(choices)}, got {getattr(self, f.name)!r}")
         for name in ("batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
                 raise InvalidOptionError(f"`{name}` must be at least 1, got {getattr(self, name)}")
@@ -65,29 +98,15 @@ class TrainConfig:
             raise InvalidOptionError("give `steps` or `epochs`, not both")
         if not 0 < self.lr < math.inf:
             raise InvalidOptionError(f"`lr` must be a finite positive number, got {self.lr}")
-        if not math.isfinite(self.alpha):
-            raise InvalidOptionError(f"`alpha` must be a finite number, got {self.alpha}")
         if not 0 <= self.eval_split < 1:
             raise InvalidOptionError(f"`eval_split` must be in [0, 1), got {self.eval_split}")
-        if self.orth_form not in ("paper", "peft"):
-            raise InvalidOptionError(f"`orth_form` must be paper or peft, got {self.orth_form}")
-        if self.dora and self.method != "lora":  # peft 0.21.2's AdaLoraConfig refuses use_dora too
-            raise InvalidOptionError(f"`dora` trains LoRA with a magnitude vector: use it with `method` lora, "
-                                     f"not {self.method}")
         if self.dora and self.save_as == "lora":
             raise InvalidOptionError("a DoRA adapter cannot be saved as plain LoRA (`save_as` lora); "
                                      "flatten it after training with convert")
-        # the rank options under this config's own names (LayerSpec checks them again under its names)
-        if self.method == "lora" and self.rank < 1:
-            raise InvalidOptionError(f"`rank` must be ≥ 1, got {self.rank}")
-        if self.method == "adalora" and not 0 < self.target_rank <= self.init_rank:
-            raise InvalidOptionError(f"AdaLoRA's target rank (`target_rank`) must lie between 1 and its init rank "
-                                     f"(`init_rank`), got {self.target_rank} and {self.init_rank}")
-        self.spec()
 
     def spec(self) -> LayerSpec:
-        return LayerSpec(method=self.method, r=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora,
-                         init_r=self.init_rank, target_r=self.target_rank, dora=self.dora)
+        """How each targeted layer is adapted: this config's adapter options, under the same names."""
+        return LayerSpec(**{name: getattr(self, name) for name in _SPEC_FIELDS})
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,7 +116,13 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in data.items() if k in known})
+        values: dict[str, Any] = {k: (tuple(v) if k == "targets" else v) for k, v in data.items() if k in known}
+        return cls(**values)
+
+
+#: the fields a LayerSpec takes, which TrainConfig passes on under the same names
+_SPEC_FIELDS = tuple(f.name for f in fields(LayerSpec))
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 def config_of_state(state: dict[str, Any], where: Path) -> TrainConfig:

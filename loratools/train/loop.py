@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from ..nn.layers import AdaLoRALinear
 from ..nn.inject import adapter_state, expected_parameters, inject, linear_target_names, trainable_parameters
 from ..adalora import orthogonal_penalty
 
-__all__ = ["StepInfo", "TrainResult", "train_adapter", "lr_at"]
+__all__ = ["StepInfo", "TrainResult", "HeldOutSummary", "train_adapter", "lr_at"]
 
 
 #: options that may differ between a run and its resumption without changing the result
@@ -57,8 +57,20 @@ class StepInfo:
     eval_loss: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class HeldOutSummary:
+    """The held-out losses in short: the base model's (step 0) and the lowest after training, with its step."""
+
+    eval_loss_start: float | None = None
+    eval_loss_best: float | None = None
+    best_step: int | None = None
+
+
+@dataclass(frozen=True)
 class TrainResult:
+    """What a run made: the adapter (of the last step), its size, the loss curves, the held-out summary, and
+    ``best_dir`` (``OUT/best``) when an earlier step's adapter had the lowest held-out loss and was written there."""
+
     adapter: Adapter
     steps: int
     trainable_parameters: int
@@ -67,6 +79,13 @@ class TrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     rank_pattern: dict[str, list[bool]] | None = None
+    held_out: HeldOutSummary = HeldOutSummary()
+    best_dir: Path | None = None
+
+    @property
+    def train_loss(self) -> float:
+        """The last step's training loss (NaN before any step)."""
+        return self.losses[-1]["loss"] if self.losses else float("nan")
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
@@ -157,7 +176,7 @@ def _allocator(layers: dict[str, Any], cfg: TrainConfig, total: int) -> tuple[Ra
     tinit = cfg.tinit if cfg.tinit is not None else round(0.1 * total)
     tfinal = cfg.tfinal if cfg.tfinal is not None else round(0.3 * total)
     delta_t = cfg.delta_t if cfg.delta_t is not None else max(1, total // 50)
-    allocator = RankAllocator(ada, target_r=cfg.target_rank, total_step=total, tinit=tinit, tfinal=tfinal,
+    allocator = RankAllocator(ada, target_rank=cfg.target_rank, total_step=total, tinit=tinit, tfinal=tfinal,
                               delta_t=delta_t, beta1=cfg.beta1, beta2=cfg.beta2)
     return allocator, dict(tinit=tinit, tfinal=tfinal, deltaT=delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
                            orth_reg_weight=cfg.orth_reg_weight, total_step=total)
@@ -291,13 +310,14 @@ def _checkpoint_steps(cfg: TrainConfig, start: int, total: int) -> list[int]:
     return [s for s in range(start + 1, total) if cfg.save_every and s % cfg.save_every == 0]
 
 
-def _eval_summary(evals: list[dict[str, float]]) -> dict[str, Any]:
-    """For training_config.json and the model card: the base's held-out loss (step 0) and the best one."""
+def _eval_summary(evals: list[dict[str, float]]) -> HeldOutSummary:
+    """The base's held-out loss (step 0) and the lowest one after training (the first such step), once for
+    training_config.json, the model card and the command's last line."""
     start = [e["eval_loss"] for e in evals if e["step"] == 0]
     trained = [e for e in evals if e["step"] > 0]
     best = min(trained, key=lambda e: e["eval_loss"]) if trained else None
-    return {"eval_loss_start": start[0] if start else None,
-            "eval_loss_best": best["eval_loss"] if best else None, "best_step": int(best["step"]) if best else None}
+    return HeldOutSummary(start[0] if start else None, best["eval_loss"] if best else None,
+                          int(best["step"]) if best else None)
 
 
 def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, force: bool = False,
@@ -333,11 +353,11 @@ def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: T
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(run.model, device_ids=[run.device] if run.device.type == "cuda" else None)
-    extra = {"lora_dropout": cfg.dropout, "target_r": cfg.target_rank, **run.adalora_extra}
+    extra = {"lora_dropout": cfg.dropout, **run.adalora_extra}
     name = base_model_name(base, base_model)
 
     def snapshot() -> Adapter:
-        a = adapter_state(run.model, base_model=name, targets=run.targets, extra=extra)
+        a = adapter_state(run.model, base_model=name, targets=run.targets, target_rank=cfg.target_rank, extra=extra)
         return as_lora(a) if cfg.save_as == "lora" else a
 
     t0 = time.perf_counter()
@@ -345,14 +365,15 @@ def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: T
     seconds = time.perf_counter() - t0
     _check_weights(run, run.total)
     adapter = snapshot()
+    best = run.best[1] if run.best is not None and run.best[0] != run.total else None
     result = TrainResult(adapter, run.total, run.n_trainable, run.n_expected, losses, evals, seconds,
-                         run.allocator.rank_pattern() if run.allocator is not None else None)
+                         run.allocator.rank_pattern() if run.allocator is not None else None, _eval_summary(evals),
+                         out / "best" if best is not None and run.d.main else None)
     if run.d.main:
         record = {**cfg.to_json(), "world_size": run.d.world, "total_steps": result.steps,
                   "trainable_parameters": result.trainable_parameters,
                   "expected_parameters": result.expected_parameters, "seconds": result.seconds,
-                  "rank_pattern": result.rank_pattern, **_eval_summary(evals)}
-        best = run.best[1] if run.best is not None and run.best[0] != result.steps else None
+                  "rank_pattern": result.rank_pattern, **asdict(result.held_out)}
         write_run(out, adapter, record, losses, evals, force=force, inputs=(base, data), best=best)
     dist.finish(run.d)
     return result
