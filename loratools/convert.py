@@ -29,16 +29,13 @@ import torch
 from .adapter import Adapter, Module, as_lora
 from .config import ALORA_WHY, fixed_delta_refusal
 from .dora import flatten_module
-from .errors import (InvalidOptionError, LoraToolsError, ShapeMismatchError, UnsupportedConfigError,
-                     UnsupportedModuleError)
+from .errors import InvalidOptionError, ShapeMismatchError, UnsupportedConfigError, UnsupportedModuleError
 from .formats import FORMATS, BaseModel, Format, get_format, read_with_base
 from .io import ModelReader, atomic_output
 from .deltas import check_same_deltas
 from .linalg import RankRule
 
 __all__ = ["Conversion", "ConvertResult", "convert_adapter", "convert_file", "flatten_dora"]
-
-#: relative Frobenius error allowed between a module's ΔW before and after conversion (float32 factors)
 
 
 @dataclass(frozen=True)

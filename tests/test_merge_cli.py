@@ -210,3 +210,17 @@ def test_merge_to_bfloat16_is_loaded_by_transformers_as_bfloat16(cli, tiny_llama
     # without --dtype the config is copied byte for byte
     res = cli("merge", tiny_llama, adapters / "lora", "-o", tmp_path / "same")
     assert (tmp_path / "same" / "config.json").read_bytes() == (tiny_llama / "config.json").read_bytes()
+
+
+def test_one_merge_report_keeps_the_json_keys_of_each_kind() -> None:
+    from loratools.merge import MergeReport
+
+    common = {"output", "op", "adapted", "copied", "nbytes", "record", "record_nbytes", "exact", "adapters", "notes",
+              "verify"}
+    st = MergeReport(Path("m"), "merge", 3, 5, 100, record_nbytes=10)
+    gguf = MergeReport(Path("m.gguf"), "merge", 3, 5, 100, files=(Path("m.gguf"),), adapted_nbytes=40)
+    assert not st.is_gguf and gguf.is_gguf
+    assert set(st.to_json()) == common | {"est_max_abs_error", "est_rel_error", "error_bound", "vouched",
+                                          "record_fraction"}
+    assert set(gguf.to_json()) == common | {"files", "quant", "adapted_nbytes"}
+    assert gguf.to_json()["files"] == ["m.gguf"] and st.to_json()["record_fraction"] == 0.1

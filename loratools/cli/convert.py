@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import ADAPTER, Session, force_option, output_option, pass_session, rank_rule_options
+from .options import ADAPTER, Session, base_option, force_option, output_option, pass_session, rank_rule_options
 
 
 @click.command()
@@ -12,9 +12,7 @@ from .options import ADAPTER, Session, force_option, output_option, pass_session
 @output_option
 @click.option("--to", "to", required=True, metavar="FORMAT",
               help="Target format: peft, loratools, kohya or gguf.")
-@click.option("--base", type=click.Path(), default=None,
-              help="Base model (directory with config.json and/or weights, a .safetensors, or a llama.cpp .gguf): "
-                   "maps kohya names back and gives GGUF its architecture and head counts.")
+@base_option("maps kohya names back and gives GGUF its architecture and head counts")
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) modules the target format cannot hold, instead of stopping.")
 @click.option("--as-lora", is_flag=True,

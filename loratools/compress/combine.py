@@ -44,7 +44,8 @@ from ..device import resolve_device
 from ..errors import InvalidOptionError, WrongBaseError
 from ..formats import FORMATS, get_format, read_adapter, write_adapter
 from ..io import Progress, check_output
-from ..linalg import RankRule, lowrank_svd, truncated_svd
+from ..linalg import RankRule, all_finite, lowrank_svd, truncated_svd
+from .checks import check_result
 from ..lm.heldout import HeldOutReport, heldout_inputs, heldout_report
 
 __all__ = ["combine_adapters", "combine_files", "CombineResult", "CombineLayer", "ties_merge", "dare_merge", "METHODS"]
@@ -263,8 +264,16 @@ def _stack(parts: Sequence[tuple[Module, float]], *, dtype: torch.dtype,
     for m, w in parts:
         B, A = m.factors(dtype=dtype, device=device)
         Bs.append(B)
-        As.append(A * w)
+        As.append(_finite(A * w, w, dtype))
     return torch.cat(Bs, 1), torch.cat(As, 0)
+
+
+def _finite(t: Tensor, w: float, dtype: torch.dtype) -> Tensor:
+    """``t`` (a factor or update times the weight ``w``), or one line when it overflowed ``dtype``."""
+    if not all_finite(t):
+        raise InvalidOptionError(f"`weights`: weight {w:g} times an input's update overflows {dtype} (±inf); "
+                                 "nothing was written: use smaller weights")
+    return t
 
 
 def _sum_module(parts: Sequence[tuple[Module, float]], rule: RankRule | None, dtype: torch.dtype,
@@ -293,7 +302,7 @@ def _dense_module(name: str, parts: Sequence[tuple[Module, float]], method: str,
     tasks = []
     for m, w in parts:
         B, A = m.factors(dtype=torch.float32, device=device)
-        tasks.append(w * (B @ A))
+        tasks.append(_finite(w * (B @ A), w, torch.float32))
     exact = tasks[0].clone()
     for t in tasks[1:]:
         exact += t
@@ -420,6 +429,10 @@ def combine_files(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLi
         progress(0, total=len({n for a, _ in pairs for n in a.modules}))
     res = combine_adapters(pairs, rule=rule, method=method, density=density, seed=seed, device=device,
                            progress=progress)
+    zero = all(w == 0.0 for _, w in pairs)
+    check_result(res.adapter, cause="use smaller `weights`",
+                 empty="every weight is zero" if zero else "no module keeps a nonzero update (the inputs cancel, "
+                 "or the rank rule keeps rank 0 everywhere)")
     report = heldout_report(*held, after=res.adapter, device=device) if held else None
     write_adapter(res.adapter, out, format=format, force=force, inputs=paths)
     return replace(res, inputs=paths, output=os.fspath(out), format=format, heldout=report)

@@ -33,7 +33,8 @@ from ..device import resolve_device, resolve_dtype
 from ..errors import InvalidOptionError, ShapeMismatchError
 from ..formats import get_format, write_adapter
 from ..io import ModelReader, Progress, check_output, read_config
-from ..linalg import RankRule, sqrt_split, truncated_svd
+from .checks import check_result
+from ..linalg import RankRule, all_finite, sqrt_split, truncated_svd
 from ..lm.heldout import HeldOutReport, heldout_report
 
 __all__ = ["extract_adapter", "extract_model", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "plan_size"]
@@ -196,6 +197,11 @@ def _factor(name: str, D: Tensor, rule: RankRule, *, alpha: float | None, fan_in
     B, A = (B / math.sqrt(scale)).to(out_dtype), (A / math.sqrt(scale)).to(out_dtype)
     # the error of the factors as they will be stored, not an estimate
     resid = float(torch.linalg.vector_norm(M - scale * (B.float() @ A.float())))
+    if not (math.isfinite(resid) and all_finite(A) and all_finite(B) and bool(A.abs().amax() > 0)
+            and bool(B.abs().amax() > 0)):  # ΔW ≠ 0, so zero factors are underflow, not a result
+        raise InvalidOptionError(f"{name}: with `alpha` {mod_alpha:g} the scale alpha/r is {scale:g}, and the factors "
+                                 f"ΔW/scale split in two do not fit {out_dtype} (±inf or 0); nothing was written: "
+                                 "choose an `alpha` near the rank")
     energy_kept = float((S.double() ** 2).sum()) / norm**2
     if kind == "conv":
         A, B = A.reshape(r, *shape[1:]), B.reshape(shape[0], r, 1, 1)
@@ -228,8 +234,13 @@ def extract_adapter(base: TensorSource, tuned: TensorSource, rule: RankRule | No
     (2, True)
     """
     rule = RankRule.from_options(rule, rank=rank, energy=energy, error=error, max_rank=max_rank)
-    if alpha is not None and not alpha > 0:
-        raise InvalidOptionError(f"`alpha` must be positive, got {alpha}")
+    for t in targets or ():
+        try:
+            re.compile(t)
+        except re.error as e:
+            raise InvalidOptionError(f"`targets` {t!r} is not a regular expression ({e})") from None
+    if alpha is not None and not 0 < alpha < math.inf:
+        raise InvalidOptionError(f"`alpha` must be a finite positive number, got {alpha}")
     dev = resolve_device(device)
     cfg = _model_config(base)
     if fan_in_fan_out is None:
@@ -268,6 +279,14 @@ def plan_size(base: TensorSource) -> int:
     return len(_keys(base))
 
 
+def _why_empty(res: ExtractResult, base: object, tuned: object) -> str:
+    """Why no module was extracted, from what each selected weight was left out for."""
+    whys = {s.why for s in res.skipped}
+    if "unchanged (ΔW = 0)" in whys and "rank 0 meets the target" not in whys:
+        return f"{tuned} does not differ from {base} in any selected weight (ΔW = 0)"
+    return "the rank rule keeps rank 0 in every selected weight (ΔW is 0 or within `error`)"
+
+
 def extract_model(base: str | os.PathLike[str], tuned: str | os.PathLike[str], out: str | os.PathLike[str],
                   rule: RankRule | None = None, *, rank: int | None = None, energy: float | None = None,
                   error: float | None = None, max_rank: int | None = None, targets: Sequence[str] | None = None,
@@ -294,6 +313,8 @@ def extract_model(base: str | os.PathLike[str], tuned: str | os.PathLike[str], o
             progress(0, total=plan_size(base_r))
         res = extract_adapter(base_r, tuned_r, rule, targets=targets, alpha=alpha, device=device,
                               dtype=factor_dtype, progress=progress)
+    check_result(res.adapter, empty=_why_empty(res, base, tuned),
+                 cause="choose an `alpha` near the rank, or check that both models hold finite weights")
     held = heldout_report(base, data, after=res.adapter, tuned=tuned, device=device) if data is not None else None
     write_adapter(res.adapter, out, format=format, force=force, inputs=(base, tuned))
     return replace(res, output=os.fspath(out), format=format, heldout=held)

@@ -29,6 +29,7 @@ from ..device import resolve_device
 from ..dora import refuse_dora
 from ..errors import InvalidOptionError
 from ..formats import get_format, read_adapter, write_adapter
+from .checks import check_result
 from ..io import Progress, check_output
 from ..linalg import lowrank_svd
 from ..lm.data import Row, read_rows, row_example
@@ -348,6 +349,7 @@ def prune_file(src: PathLike, out: PathLike, *, budget: int | None = None, keep:
         scores = _file_scores(adapter, base, data, max_examples=max_examples, beta1=beta1, beta2=beta2,
                               device=device, progress=progress)
     res = prune_adapter(adapter, budget=n, importance=scores, to_lora=to_lora)
+    check_result(res.adapter, empty=f"a budget of {n} triplets keeps none", cause="check the input adapter")
     if base is not None and data is not None:
         # on the calibration data itself: the loss the pruning was scored on (resize takes other data for a test set)
         held = heldout_report(base, data, before=adapter, after=res.adapter, max_examples=max_examples,

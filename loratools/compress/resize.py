@@ -28,6 +28,7 @@ import torch
 from ..adapter import Adapter, Module, as_lora, module_from_svd
 from ..device import map_in_threads
 from ..formats import get_format, read_adapter, write_adapter
+from .checks import check_result
 from ..io import Progress, check_output
 from ..linalg import RankRule, lowrank_svd
 from ..lm.heldout import HeldOutReport, heldout_inputs, heldout_report
@@ -151,6 +152,7 @@ def resize_file(src: str | os.PathLike[str], out: str | os.PathLike[str], rule: 
     if progress:
         progress(0, total=len(adapter.modules))
     res = resize_adapter(adapter, rule, progress=progress)
+    check_result(res.adapter, empty="the rank rule keeps rank 0 in every module", cause="check the input adapter")
     report = heldout_report(*held, before=adapter, after=res.adapter, device=device) if held else None
     write_adapter(res.adapter, out, format=format, force=force, inputs=(src,))
     return replace(res, output=os.fspath(out), format=format, heldout=report)

@@ -26,7 +26,6 @@ float weights did), on up to 64 rows per tensor.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from ..gguf.quants import can_quantize, dequantize, quantize
 from ..io.gguf_model import (GGUFModelFile, GGUFTensor, file_sha256, layout_mismatch, open_gguf_model, out_split_paths,
                              raw_kv, string_kv)
 from ..io.paths import atomic_output, check_output
+from ..validate import get_field, load_json
 from .checks import input_paths
 from .gguf_record import PatchRecorder, PatchRestorer, record_info
 from .gguf_stream import (BLOCK_VALUES, QUANTS, Part, Stats, gguf_out_types, plan_gguf, read_rows, requant_rows,
@@ -145,7 +145,9 @@ def _stamp_check(model: GGUFModelFile, merged: Any, inputs: Sequence[AdapterInpu
     """Refuse adapters the merged model's stamp says did not go in."""
     stamped = model.fields.get(METADATA_KEY)
     if stamped:
-        went_in = {a["fingerprint"] for a in json.loads(stamped).get("adapters", [])}
+        where = f"{merged} ({METADATA_KEY})"
+        entries = get_field(load_json(str(stamped), where=where), "adapters", list, where=where, default=[])
+        went_in = {a.get("fingerprint") for a in entries if isinstance(a, dict)}
         for i in inputs:
             if went_in and i.adapter.fingerprint.sha256 not in went_in:
                 raise WrongBaseError(f"{merged} records the adapters merged into it, and {i.label or 'this adapter'} "

@@ -40,11 +40,10 @@ from ..formats.base import BaseModel
 from ..io import CODE_DTYPES, ModelReader, Progress, Span, atomic_output, check_output, read_config, rewrite_model
 from ..dora import merged_weight
 from .config import config_edits
-from .kernels import (check_finite, delta_sum, dora_of, jitter, low_rank, merged_tensor, tolerance,
-                      unmerged_tensor)
+from .kernels import check_finite, delta_sum, dora_of, jitter, tolerance, unmerged_tensor
 from .layout import find_tie
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision,
-                   saved_base_key, stamp, tie_notes)
+from .plan import (AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision, stamp,
+                   tie_notes)
 from .experts import resolve_experts
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
