@@ -30,7 +30,7 @@ from .adapter import Adapter, Module, as_lora
 from .config import ALORA_WHY, fixed_delta_refusal
 from .dora import flatten_module
 from .errors import InvalidOptionError, ShapeMismatchError, UnsupportedConfigError, UnsupportedModuleError
-from .formats import FORMATS, BaseModel, Format, get_format, read_with_base
+from .formats import FORMATS, BaseModel, Format, check_base_shapes, get_format, read_with_base
 from .io import ModelReader, atomic_output
 from .deltas import check_same_deltas
 from .linalg import RankRule
@@ -83,16 +83,6 @@ def convert_adapter(adapter: Adapter, *, to: str, base: BaseModel | None = None,
         if not out.modules:
             raise UnsupportedModuleError(to, sorted(bad), "no module would be left")
     return Conversion(out, dict(bad))
-
-
-def _check_base_shapes(adapter: Adapter, base: BaseModel) -> None:
-    if not base.shapes:
-        return
-    for name, m in adapter.items():
-        want = base.shapes.get(name)
-        if want and tuple(want) != m.weight_shape:
-            raise ShapeMismatchError(name, f"a weight of shape {tuple(want)} (from `base`)", m.weight_shape,
-                                     "this adapter was made for another base model")
 
 
 @dataclass(frozen=True)
@@ -155,7 +145,7 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     # without `base`, what the source file records of its base stands in (GGUF head counts), when it records any
     adapter, base_m, fmt_in = read_with_base(src_p, base)
     if base_m is not None:
-        _check_base_shapes(adapter, base_m)
+        check_base_shapes(adapter, base_m)
     flattened: dict[str, float] = {}
     if as_lora:
         if base is None or not adapter.is_dora:

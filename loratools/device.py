@@ -35,9 +35,12 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidOptionError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise InvalidOptionError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):  # meta holds no data; mps, xla … are not supported here
+        raise InvalidOptionError(f"unsupported device {name!r}; use auto, cpu or cuda")
+    return device
 
 
 def resolve_dtype(name: str | None, *, default: torch.dtype | None = None) -> torch.dtype | None:

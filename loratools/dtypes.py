@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DTYPE_SIZES", "DTYPE_CODES", "CODE_DTYPES"]
+from .errors import InvalidOptionError
+
+__all__ = ["DTYPE_SIZES", "DTYPE_CODES", "CODE_DTYPES", "check_fits"]
 
 #: bytes per element of each safetensors dtype code
 DTYPE_SIZES = {
@@ -23,3 +25,24 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.uint32: "U32", torch.uint64: "U64",
 }
 CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def check_fits(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse ``t``, bound for a tensor stored as ``dtype``, when a finite value of it lies beyond ``dtype``'s range:
+    the cast would write ±inf (70000 in float16). Every cast to an output dtype goes through here.
+
+    >>> check_fits("w", torch.tensor([7e4]), torch.float16)
+    Traceback (most recent call last):
+    ...
+    loratools.errors.InvalidOptionError: w holds 70000, beyond torch.float16's range (±65504): `dtype` float16 would write ±inf; keep the base's dtype or choose bfloat16
+    """
+    if not dtype.is_floating_point or not t.is_floating_point() or not t.numel():
+        return
+    limit = torch.finfo(dtype).max
+    if limit >= torch.finfo(t.dtype).max:
+        return
+    big = float(t.abs().nan_to_num(nan=0.0, posinf=0.0).max())
+    if big > limit:
+        raise InvalidOptionError(f"{name or 'a tensor'} holds {big:.6g}, beyond {dtype}'s range (±{limit:.6g}): "
+                                 f"`dtype` {str(dtype).replace('torch.', '')} would write ±inf; keep the base's "
+                                 "dtype or choose bfloat16")

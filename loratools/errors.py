@@ -30,6 +30,7 @@ __all__ = [
     "WrongBaseError",
     "OutputExistsError",
     "OutputBusyError",
+    "WriteFailedError",
     "UnsafePathError",
     "UnsupportedModuleError",
     "UnsupportedConfigError",
@@ -145,6 +146,16 @@ class OutputBusyError(LoraToolsError, OSError):
         self.path = str(path)
         super().__init__(f"{self.path} is being written by another loratools run; wait for it to finish "
                          "or choose another output")
+
+
+class WriteFailedError(LoraToolsError, OSError):
+    """The disk refused an output while it was written (full, a quota, a file too large, an I/O error, busy):
+    the output's temporaries are removed (see :func:`loratools.io.paths.atomic_output`)."""
+
+    def __init__(self, path: object, code: int, reason: str) -> None:
+        self.path, self.code = str(path), code
+        super().__init__(f"{reason} while writing {self.path}; nothing was written")
+        self.errno = code
 
 
 class UnsafePathError(LoraToolsError, PermissionError):

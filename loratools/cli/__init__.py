@@ -204,6 +204,9 @@ def _run(argv: list[str] | None) -> object:
     try:
         # the exit code of --help/--version (0) or of a ctx.exit(n), else the command's None
         return cli.main(args=argv, prog_name="loratools", standalone_mode=False)
+    except click.UsageError as e:  # click's own three lines (usage, hint, blank line, error) made one
+        _usage_line(e)
+        return e.exit_code
     except click.ClickException as e:  # _UserError included
         e.show()
         return e.exit_code
@@ -214,6 +217,13 @@ def _run(argv: list[str] | None) -> object:
         return interrupt.exit_code
     except BrokenPipeError:
         return 1
+
+
+def _usage_line(e: click.UsageError) -> None:
+    """``loratools COMMAND: <what click says> (see loratools COMMAND --help)`` on stderr, one line."""
+    path = e.ctx.command_path if e.ctx is not None else "loratools"
+    message = " ".join(e.format_message().split())
+    click.echo(f"{path}: {message} (see {path} --help)", err=True)
 
 
 @contextlib.contextmanager

@@ -257,20 +257,20 @@ def _from_matrices(like: Module, B: Tensor, A: Tensor, dtype: torch.dtype) -> Mo
                   kind=like.kind, fan_in_fan_out=like.fan_in_fan_out)
 
 
-def _stack(parts: Sequence[tuple[Module, float]], *, dtype: torch.dtype,
-           device: torch.device) -> tuple[Tensor, Tensor]:
+def _stack(parts: Sequence[tuple[Module, float]], *, dtype: torch.dtype, device: torch.device,
+           out: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``B = [B₁ … B_k]``, ``A = [w₁A'₁; …; w_kA'_k]`` (matrix layout): ``B @ A = Σ wᵢΔWᵢ``."""
     Bs, As = [], []
     for m, w in parts:
         B, A = m.factors(dtype=dtype, device=device)
         Bs.append(B)
-        As.append(_finite(A * w, w, dtype))
+        As.append(_finite(A * w, w, out or dtype))
     return torch.cat(Bs, 1), torch.cat(As, 0)
 
 
 def _finite(t: Tensor, w: float, dtype: torch.dtype) -> Tensor:
     """``t`` (a factor or update times the weight ``w``), or one line when it overflowed ``dtype``."""
-    if not all_finite(t):
+    if not all_finite(t if t.dtype == dtype else t.to(dtype)):  # computed wider: must fit the output's dtype
         raise InvalidOptionError(f"`weights`: weight {w:g} times an input's update overflows {dtype} (±inf); "
                                  "nothing was written: use smaller weights")
     return t
@@ -283,7 +283,7 @@ def _sum_module(parts: Sequence[tuple[Module, float]], rule: RankRule | None, dt
     if rule is None:
         B, A = _stack(parts, dtype=dtype, device=device)
         return _from_matrices(like, B, A, dtype), 0.0
-    B, A = _stack(parts, dtype=torch.float64, device=device)
+    B, A = _stack(parts, dtype=torch.float64, device=device, out=dtype)
     U, S, Vh = lowrank_svd(B, A, top=lambda s: min(rule.choose(s), s.numel()))
     k = int(U.shape[1])
     e = S**2

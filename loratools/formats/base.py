@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import InputNotFoundError, InvalidOptionError, LoraToolsError
+from ..errors import InputNotFoundError, InvalidOptionError, LoraToolsError, ShapeMismatchError
 from ..io import INDEX_NAME, WEIGHTS_NAME, ModelReader, read_config, read_safetensors_header
 
-__all__ = ["BaseModel", "Format", "FORMATS", "register", "peek_safetensors", "load_base"]
+__all__ = ["BaseModel", "Format", "FORMATS", "register", "peek_safetensors", "load_base", "check_base_shapes"]
 
 
 @dataclass(frozen=True)
@@ -157,3 +157,17 @@ def load_base(path: str | os.PathLike[str]) -> BaseModel:
     if hparams is None and not has_weights:
         raise InvalidOptionError(f"`base` {p} holds neither config.json nor model.safetensors")
     return _with_weights(p, hparams) if has_weights else BaseModel(p, hparams=hparams)
+
+
+def check_base_shapes(adapter: Adapter, base: BaseModel) -> None:
+    """Refuse ``base`` when a module's weight there has another shape than the adapter's: the adapter was made
+    for another model, and whatever is written with ``base``'s facts (GGUF q/k rows permuted for its head
+    counts) would be wrong. The one check of "does this base match this adapter" that ``convert`` and
+    ``export`` share; a module ``base`` does not name (a vision tower) is left to the format's own rules."""
+    if not base.shapes:
+        return
+    for name, m in adapter.items():
+        want = base.shapes.get(name)
+        if want and tuple(want) != m.weight_shape:
+            raise ShapeMismatchError(name, f"a weight of shape {tuple(want)} (from `base`)", m.weight_shape,
+                                     "this adapter was made for another base model")

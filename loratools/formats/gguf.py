@@ -138,6 +138,15 @@ def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) ->
     alpha = global_alpha(adapter)
     pairs = list(_pairs(adapter, base, alpha))
     w = gguf.GGUFWriter(str(path), base.arch)
+    try:
+        _fill(w, adapter, base, alpha, pairs)
+    finally:  # closed on a refused write too (a full disk): no descriptor outlives the removed temporary
+        w.close()
+
+
+def _fill(w: Any, adapter: Adapter, base: GGUFBase, alpha: float, pairs: list[tuple[str, Tensor, Tensor, str]]) -> None:
+    """Write the header, the KV data and the tensors of :func:`write_gguf`'s file with the writer ``w``."""
+    gguf = require_gguf()
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -156,7 +165,6 @@ def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) ->
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
-    w.close()
 
 
 def _pairs(adapter: Adapter, base: GGUFBase, alpha: float) -> Iterator[tuple[str, Tensor, Tensor, str]]:
@@ -235,11 +243,17 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
                                       f"({', '.join(sorted(set(ARCHITECTURES.values())))})")
     alpha_v = fields.get(gguf.Keys.Adapter.LORA_ALPHA)
     alpha = finite_number(alpha_v, where=path, field=gguf.Keys.Adapter.LORA_ALPHA) if alpha_v is not None else 0.0
-    if base is None:
-        base = GGUFBase(arch, *gguf_heads(fields, arch, where=path))
+    own = GGUFBase(arch, *gguf_heads(fields, arch, where=path))
+    if (base is not None and own.n_head and base.n_head
+            and (own.n_head, own.n_head_kv) != (base.n_head, base.n_head_kv or base.n_head)):
+        raise WrongBaseError(f"{path} records {own.n_head}/{own.n_head_kv} attention heads (head_count/"
+                             f"head_count_kv) but the base has {base.n_head}/{base.n_head_kv}")
+    base = base if base is not None else own
     recorded = dict(x.split("=", 1) for x in (gguf_field(r, _HF_NAMES) or []) if isinstance(x, str) and "=" in x)
+    pairs = _tensor_pairs(r, path)
+    _check_heads(path, pairs, base)
     modules: dict[str, Module] = {}
-    for g, p in _tensor_pairs(r, path).items():
+    for g, p in pairs.items():
         if "a" not in p or "b" not in p:
             raise MissingModuleError(f"{g}.weight.lora_{'b' if 'a' in p else 'a'}", str(path), "the file is incomplete")
         A, B = p["a"], p["b"]
@@ -256,6 +270,11 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
             name = recorded[g].replace("{xid}", str(e)) if g in recorded else hf_name(g, arch, e)
             if name is None:
                 raise NotAnAdapterError(path, f"tensor {g!r} has no {arch} module loratools knows")
+            target = gguf_target(name, arch)
+            if g in recorded and (target is None or target.name != g):  # the tensor's own name says which layer
+                raise CorruptFileError(path, f"its {_HF_NAMES} metadata names {name!r} for the tensor {g!r}, which "
+                                             f"is {target.name if target else 'no'} {arch} tensor: the metadata "
+                                             "and the tensors disagree")
             if name in modules:  # two tensors for one module: one would silently get the other's ΔW
                 raise CorruptFileError(path, f"two tensors map to the module {name!r} (the second: {g!r})")
             modules[name] = _module(g, Ae, Be, alpha, base, path)
@@ -264,6 +283,25 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     adapter = Adapter(modules, AdapterConfig(method="lora", task_type="CAUSAL_LM"))
     adapter.check_finite()
     return adapter
+
+
+def _check_heads(path: Path, pairs: Mapping[str, Mapping[str, Tensor]], base: GGUFBase) -> None:
+    """Refuse head counts the tensors contradict: q's rows are ``n_head`` heads, k's and v's ``n_head_kv`` heads
+    of the same size, so in a layer holding q and k (or v), q rows · n_head_kv = k rows · n_head (a wrong count
+    that still divides the rows would un-permute q/k silently wrong). Only for architectures whose q/k llama.cpp
+    permutes (those whose head counts the reader uses)."""
+    for g, p in pairs.items():
+        nq = _heads_for(g, base) if g.endswith(".attn_q") else None
+        nk = _heads_for(g[: -len("q")] + "k", base)
+        if not nq or not nk or "b" not in p or p["b"].ndim != 2:
+            continue
+        for other in (g[: -len("q")] + "k", g[: -len("q")] + "v"):
+            b = pairs.get(other, {}).get("b")
+            if b is not None and b.ndim == 2 and p["b"].shape[0] * nk != b.shape[0] * nq:
+                raise CorruptFileError(path, f"its head counts ({nq} query, {nk} key/value heads) do not fit its "
+                                             f"tensors: {g} has {p['b'].shape[0]} rows and {other} {b.shape[0]}, "
+                                             "not heads of one size; pass --base (a model directory with "
+                                             "config.json, or the base .gguf)")
 
 
 def _tensor_pairs(r: Any, path: Path) -> dict[str, dict[str, Tensor]]:

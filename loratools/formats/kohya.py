@@ -160,6 +160,11 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
             up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
         modules[name] = Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind,
                                fan_in_fan_out=name in fifo)
+    for name, key in source.items():  # the tensors' own key names the layer: the metadata may not move it
+        if key in names and _PREFIX.sub("", kohya_key(name)) != _PREFIX.sub("", key):
+            raise CorruptFileError(path, f"its {NAMES_KEY} metadata maps the tensors {key!r} to the module {name!r}, "
+                                         f"whose kohya key is {kohya_key(name)!r}: the metadata and the tensors "
+                                         "disagree")
     orphans = [k for k in tensors if k.endswith(_UP) and k[: -len(_UP)] + _DOWN not in tensors]
     if orphans:
         raise MissingModuleError(orphans[0][: -len(_UP)] + _DOWN, str(path), "the adapter file is incomplete")

@@ -14,6 +14,8 @@ Tensors: ``<module>.lora_A``, ``<module>.lora_B`` and, for AdaLoRA,
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import cast
@@ -78,12 +80,37 @@ def read_single(path: Path) -> Adapter:
                                                  expected="a count ≥ 1"),
                                magnitude=tensors.get(f"{name}.lora_magnitude_vector"))
     saved = {k[len(_SAVED):]: t for k, t in tensors.items() if k.startswith(_SAVED)}
+    _check_listed(path, tensors, modules)
     adapter = Adapter(modules, config, saved)
     if fp is not None and fp.sha256 != adapter.fingerprint.sha256:
         raise WrongBaseError(f"{path} records base fingerprint {fp.sha256[:12]} but its factors imply "
                              f"{adapter.fingerprint.sha256[:12]}; the file was altered")
     adapter.check_finite()
     return adapter
+
+
+#: the tensors of one module, after its name
+_PARTS = (".lora_A", ".lora_B", ".lora_E", ".lora_B.bias", ".lora_magnitude_vector")
+#: the last name component of an input embedding (a square (vocab, dim) pair is not told apart by shape)
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|tok_embeddings|embed_in|shared)$")
+
+
+def _check_listed(path: Path, tensors: Mapping[str, Tensor], modules: Mapping[str, Module]) -> None:
+    """Refuse a file whose ``modules`` metadata says one thing and whose tensors another: a tensor of a module
+    the list leaves out (dropped silently otherwise), or ``kind: embedding`` on a square pair whose name is a
+    projection's (its ΔW would be applied transposed)."""
+    listed = {f"{n}{p}" for n in modules for p in _PARTS}
+    stray = sorted(k for k in tensors if k not in listed and not k.startswith(_SAVED))
+    if stray:
+        raise CorruptFileError(path, f"it holds the tensor {stray[0]!r}, of a module its `modules` metadata does not "
+                                     "list: the metadata and the tensors disagree")
+    for n, m in modules.items():
+        if m.kind == "embedding" and m.A.ndim == 2 and m.B.ndim == 2 and m.A.shape[1] == m.B.shape[0] \
+                and not _EMBEDDING.search(n):
+            raise CorruptFileError(path, f"its `modules` metadata says {n} is an embedding, but its factors "
+                                         f"{tuple(m.A.shape)} and {tuple(m.B.shape)} are a square projection's "
+                                         "(an embedding's ΔW is applied transposed): the metadata and the tensors "
+                                         "disagree")
 
 
 def write_single(adapter: Adapter, path: Path) -> None:

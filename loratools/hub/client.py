@@ -493,6 +493,11 @@ def _why(e: BaseException, *, revision: str | None, endpoint: str, action: str, 
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, *, revision: str | None, token: str | bool | None, endpoint: str | None, action: str,
                 offline: bool = False, guard: _Guard | None = None) -> Iterator[None]:
+    # an HTTP header carries printable ASCII only: say so here, not as an encoder's traceback mid-request
+    if token is not False and any(not (s.isascii() and s.isprintable()) for s in _secrets(token)):
+        raise HubError(repo_id, "the token (token=, HF_TOKEN, HUGGING_FACE_HUB_TOKEN or the stored login) holds "
+                       "characters other than printable ASCII, which an HTTP header cannot carry; a Hub token is "
+                       "hf_ and ASCII letters: set HF_TOKEN to the token as the Hub shows it")
     try:
         yield
     except HubError:

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..device import cpu_cores
-from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, UnsafePathError
+from ..dtypes import check_fits
+from ..errors import CorruptFileError, InputNotFoundError, UnsafePathError
 from ..validate import MAX_JSON_BYTES, get_field, plain_name
 from .paths import copy_opened, read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
@@ -375,18 +376,11 @@ def _cast(span: Span, dtype: torch.dtype, name: str = "") -> Iterator[Tensor]:
     rows = span.shape[0] if span.shape else 1
     cols = max(1, span.nbytes // max(1, rows) // DTYPE_SIZES[span.dtype])
     step = max(1, (1 << 18) // cols)
-    limit = torch.finfo(dtype).max if dtype.is_floating_point else None
-    narrows = limit is not None and limit < torch.finfo(CODE_DTYPES[span.dtype]).max
     with RowReader(span, rows) as reader:
         for i in range(0, rows, step):
             n = min(step, rows - i)
             block = reader.read(i, n)
-            if narrows and block.numel():
-                big = block.abs().nan_to_num(nan=0.0, posinf=0.0).max()
-                if limit is not None and float(big) > limit:
-                    raise InvalidOptionError(f"{name or 'a tensor'} holds {float(big):.6g}, beyond {dtype}'s range "
-                                             f"(±{limit:.6g}): `dtype` {str(dtype).replace('torch.', '')} would "
-                                             "write ±inf; keep the base's dtype or choose bfloat16")
+            check_fits(name, block, dtype)
             out = buffer("cast", n * cols * dtype.itemsize).view(dtype).reshape(n, -1)
             out.copy_(block)
             yield out

@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import CorruptFileError, InvalidOptionError, OutputBusyError, OutputExistsError, UnsafePathError
+from ..errors import (CorruptFileError, InvalidOptionError, LoraToolsError, OutputBusyError, OutputExistsError,
+                      UnsafePathError, WriteFailedError)
 from ..validate import MAX_JSON_BYTES, load_json
 
 __all__ = ["atomic_output", "check_output", "copy_opened", "open_regular", "output_lock", "read_json", "temporary_names",
@@ -250,9 +251,51 @@ def _replace_when_written(dest: Path) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        failed = _write_failure(e, dest)
+        if failed is not None:
+            raise failed from e
         raise
+
+
+#: what a disk answers a write with that the user fixes (room, quota, a file size limit, the device itself)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBUSY, errno.EROFS}
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust side reports an errno in its message
+
+
+def _write_failure(e: BaseException, dest: Path) -> WriteFailedError | None:
+    """The one-line error for a write the disk refused, wherever the writer put the errno: an ``OSError``'s own,
+    safetensors' ``SafetensorError`` text (``… (os error 28)``), or numpy's errno-less short write (``tofile``
+    in the ``gguf`` package: ``N requested and M written``, read as a full disk when ``dest``'s file system has no
+    room left), at most a few causes deep. None for anything else (a bug stays loud)."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None or isinstance(seen, LoraToolsError):
+            return None
+        code: int | None = None
+        if isinstance(seen, OSError) and seen.errno is not None:
+            code = seen.errno
+        elif isinstance(seen, OSError) and "requested and" in str(seen) and "written" in str(seen):
+            code = errno.ENOSPC if _full(dest) else errno.EIO
+        elif type(seen).__name__ == "SafetensorError":
+            m = _OS_ERROR_CODE.search(str(seen))
+            code = int(m.group(1)) if m else None
+        if code in _WRITE_ERRNOS:
+            assert code is not None
+            reason = os.strerror(code)
+            return WriteFailedError(dest, code, reason[:1].lower() + reason[1:])
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _full(dest: Path) -> bool:
+    """Whether the file system ``dest`` is written to has less than 1 MiB left for this user."""
+    try:
+        st = os.statvfs(dest.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def open_regular(path: str | os.PathLike[str], *, follow: bool = True) -> int:

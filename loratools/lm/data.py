@@ -133,7 +133,12 @@ def read_rows(path: str | Path, *, what: str = "training data", plain_text: bool
     p = Path(path)
     if not p.is_file():
         raise InputNotFoundError(p, what)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise CorruptFileError(p, f"it is not UTF-8 text (byte {e.object[e.start]:#04x} at line {line}); "
+                               "save it as UTF-8") from None
     if plain_text and p.suffix != ".jsonl":
         return [Row(text)]
     rows = [_json_row(p, i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]

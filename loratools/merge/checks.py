@@ -27,18 +27,20 @@ def input_paths(inputs: Sequence[AdapterInput]) -> tuple[str, ...]:
     return tuple(i.label for i in inputs if i.label and os.path.exists(i.label))
 
 
-def check_stamp(model: ModelReader, merged: str | os.PathLike[str], inputs: Sequence[AdapterInput]) -> bool:
+def check_stamp(model: ModelReader | str | None, merged: str | os.PathLike[str],
+                inputs: Sequence[AdapterInput]) -> bool:
     """The merged model says which adapters, with which weights, went in: refuse any other.
 
-    Returns True when the stamp vouches for every input (same content hash and
+    ``model`` is the safetensors model, or the stamp's text itself (a GGUF model's ``loratools.merge`` key;
+    None without one). Returns True when the stamp vouches for every input (same content hash and
     weight); False when there is no stamp to check against (a merge by another
     tool). A loratools stamp older than content hashes is checked by shapes only
     and vouches for nothing more.
     """
-    stamped = model.metadata().get(METADATA_KEY)
+    stamped = model.metadata().get(METADATA_KEY) if isinstance(model, ModelReader) else model
     if not stamped:
         return False
-    entries = stamp_entries(stamped, where=f"{merged} (metadata {METADATA_KEY})")
+    entries = stamp_entries(stamped, where=f"{merged} ({METADATA_KEY})")
     if entries is None:
         return False
     vouched = True

@@ -40,8 +40,7 @@ from ..gguf.quants import can_quantize, dequantize, quantize
 from ..io.gguf_model import (GGUFModelFile, GGUFTensor, file_sha256, layout_mismatch, open_gguf_model, out_split_paths,
                              raw_kv, string_kv)
 from ..io.paths import atomic_output, check_output
-from ..validate import get_field, load_json
-from .checks import input_paths
+from .checks import check_stamp, input_paths
 from .gguf_record import PatchRecorder, PatchRestorer, record_info
 from .gguf_stream import (BLOCK_VALUES, QUANTS, Part, Stats, gguf_out_types, plan_gguf, read_rows, requant_rows,
                           write_model)
@@ -141,29 +140,19 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
                    record=Path(record) if record is not None else None, record_nbytes=nbytes)
 
 
-def _stamp_check(model: GGUFModelFile, merged: Any, inputs: Sequence[AdapterInput]) -> None:
-    """Refuse adapters the merged model's stamp says did not go in."""
-    stamped = model.fields.get(METADATA_KEY)
-    if stamped:
-        where = f"{merged} ({METADATA_KEY})"
-        entries = get_field(load_json(str(stamped), where=where), "adapters", list, where=where, default=[])
-        went_in = {a.get("fingerprint") for a in entries if isinstance(a, dict)}
-        for i in inputs:
-            if went_in and i.adapter.fingerprint.sha256 not in went_in:
-                raise WrongBaseError(f"{merged} records the adapters merged into it, and {i.label or 'this adapter'} "
-                                     "is not one of them")
-
-
 def unmerge_gguf(merged: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str], *, record: Any = None,
-                 **options: Any) -> MergeReport:
+                 ignore_stamp: bool = False, **options: Any) -> MergeReport:
     """Write ``out`` with W0 ≈ Q(deq(W) − Σ wᵢ·ΔWᵢ): without ``record``, the base again up to one more
     requantization (never exact; the report's figures say how far). With the ``record`` of the merge, the base's
     files byte for byte (each restored tensor and each file checked against the sha256 the record holds), each
-    tensor in its original type (``quant`` is then the record's). Refuses adapters the merged model's stamp
-    says did not go in."""
+    tensor in its original type (``quant`` is then the record's).
+
+    The merged model's stamp (each adapter's content hash and weight) is checked first, as for safetensors
+    (:func:`~.checks.check_stamp`), and a mismatch refused; ``ignore_stamp`` skips that check."""
     model = open_gguf_model(merged)
     inputs = adapter_inputs(adapters)
-    _stamp_check(model, merged, inputs)
+    if not ignore_stamp:
+        check_stamp(str(model.fields.get(METADATA_KEY) or "") or None, merged, inputs)
     if record is None:
         return merge_gguf(merged, inputs, out, sign=-1.0, op="unmerge", **options)
     return _restore(model, inputs, Path(out), Path(record), **options)

@@ -36,7 +36,7 @@ from ..gguf.quants import block_sizes, can_quantize, dequantize
 from ..io import Span, read_tensor
 from ..io.gguf_model import GGUFModelFile, GGUFTensor
 from .patch import PatchApplier, PatchBuilder, values_at
-from .record import Digest, RecordWriter
+from .record import Digest, RecordWriter, read_patch
 
 __all__ = ["FLOAT_TYPES", "PatchRecorder", "PatchRestorer", "record_info"]
 
@@ -131,18 +131,18 @@ class PatchRestorer:
     def __init__(self, t: GGUFTensor, qtype: str, patch: Mapping[str, Span], digest: str, record: Path) -> None:
         self.t, self.qtype, self.digest, self.record = t, qtype, digest, record
         self.sha = Digest(like=digest)
-        parts = {k: read_tensor(s) for k, s in patch.items()}
         block, bb = block_sizes(qtype)
         self.row_bytes = t.shape[-1] // block * bb
         self.raw: np.ndarray | None = None
         self.xor: Any = None  # a zlib decompressor of the "xor_deflate" part
         self.applier: Any = None
         if qtype in FLOAT_TYPES:
-            try:
-                self.applier = PatchApplier(parts, (t.rows * t.shape[-1],), FLOAT_TYPES[qtype])
-            except (ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise self._bad(str(e)) from None
-        elif set(parts) - {"raw", "xor_deflate"} or any(v.dtype != torch.uint8 or v.ndim != 1 for v in parts.values()):
+            shape = (t.rows * t.shape[-1],)
+            self.applier = PatchApplier(read_patch(record, t.name, patch, shape, FLOAT_TYPES[qtype]), shape,
+                                        FLOAT_TYPES[qtype])
+            return
+        parts = {k: read_tensor(s) for k, s in patch.items()}
+        if set(parts) - {"raw", "xor_deflate"} or any(v.dtype != torch.uint8 or v.ndim != 1 for v in parts.values()):
             raise self._bad(f"parts {sorted(parts)}")
         elif "raw" in parts:
             self.raw = parts["raw"].numpy()
@@ -159,9 +159,12 @@ class PatchRestorer:
         """The next ``need`` bytes of the inflated XOR stream."""
         out = b""
         try:
-            while len(out) < need and (self.tail or not self.xor.eof):
-                out += self.xor.decompress(self.tail, need - len(out))
+            while len(out) < need and not self.xor.eof:
+                got = self.xor.decompress(self.tail, need - len(out))
                 self.tail = self.xor.unconsumed_tail
+                if not got and not self.tail:  # all input taken and no byte more: a truncated (or empty) stream
+                    break
+                out += got
         except zlib.error as e:
             raise self._bad(f"xor_deflate: {e}") from None
         if len(out) != need:

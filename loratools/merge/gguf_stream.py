@@ -20,13 +20,14 @@ import torch
 from torch import Tensor
 
 from ..device import cpu_cores, map_in_threads
-from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedModuleError
+from ..errors import (InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedConfigError,
+                      UnsupportedModuleError)
 from ..gguf.arch import NO_LORA, gguf_target, permute_rows, qk_heads
 from ..gguf.quants import block_sizes, can_quantize, dequantize, quantize, type_name
 from ..io.gguf_model import GGUFModelFile, GGUFTensor, copy_bytes, gguf_heads, write_gguf_model
 from ..io.paths import atomic_output, check_output
 from .kernels import low_rank
-from .plan import AdapterInput
+from .plan import AdapterInput, check_bias
 
 __all__ = ["Part", "plan_gguf", "gguf_out_types", "Stats", "read_rows", "requant_rows", "merge_tensor",
            "write_model", "QUANTS", "BLOCK_VALUES"]
@@ -35,6 +36,8 @@ __all__ = ["Part", "plan_gguf", "gguf_out_types", "Stats", "read_rows", "requant
 QUANTS = ("same", "q8_0", "f16", "bf16", "f32")
 BLOCK_VALUES = 1 << 20  # values per block of rows (4 MB of float32): memory stays flat whatever the tensor
 _SAMPLE_ROWS = 64  # rows per tensor for the estimate of the base's own quantization error
+_DORA_WHY = ("a GGUF merge would add only its ΔW, without DoRA's rescaling of each row to the magnitude m; merge it "
+             "into the safetensors model and convert that to GGUF, or flatten it first (`convert --as-lora`)")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,10 @@ def plan_gguf(model: GGUFModelFile, inputs: Sequence[AdapterInput], *, sign: flo
               precision: torch.dtype = torch.float32) -> dict[str, list[Part]]:
     """``{GGUF tensor name: [Part]}``: every adapter module placed on the model's tensors, or refused by name.
 
-    Raises :class:`MissingModuleError` naming the modules the model has no tensor for,
-    :class:`ShapeMismatchError`, :class:`UnsupportedModuleError` (conv layers, full tensors).
+    A ``lora_bias`` goes to the layer's bias tensor (``blk.N.attn_q.bias``), refused as the safetensors merge
+    refuses it (:func:`~.plan.check_bias`) where the model has none. Raises :class:`MissingModuleError` naming
+    the modules the model has no tensor for, :class:`ShapeMismatchError`, :class:`UnsupportedModuleError`
+    (conv layers, full tensors), :class:`UnsupportedConfigError` for DoRA (a merge of its ΔW alone would be wrong).
     """
     arch = str(model.fields.get("general.architecture") or "")
     n_head, n_kv = gguf_heads(model.fields, arch, where=model.paths[0])
@@ -67,15 +72,23 @@ def plan_gguf(model: GGUFModelFile, inputs: Sequence[AdapterInput], *, sign: flo
             raise UnsupportedModuleError("merging into a GGUF model", sorted(ad.saved),
                                          "full tensors (modules_to_save) are not merged into GGUF models")
         for name, m in ad.items():
-            if m.rank == 0:
+            if m.is_dora:
+                raise UnsupportedConfigError(name, "use_dora", True, _DORA_WHY)
+            if m.rank == 0 and m.bias is None:
                 continue
             t = gguf_target(name, arch) if m.kind == "linear" or m.kind == "embedding" else None
             gname = f"{t.name}.weight" if t is not None else None
             if t is None or gname not in tensors or (arch, t.name) in NO_LORA:
                 missing.append(f"{name}" + (f" ({gname})" if gname else ""))
                 continue
-            plan.setdefault(gname, []).append(_part(name, m, inp.weight * sign, t.expert, tensors[gname],
-                                                    qk_heads(t.name, arch, n_head, n_kv), precision))
+            heads = qk_heads(t.name, arch, n_head, n_kv)
+            if m.rank > 0:
+                plan.setdefault(gname, []).append(_part(name, m, inp.weight * sign, t.expert, tensors[gname],
+                                                        heads, precision))
+            if m.bias is not None:
+                bname = f"{t.name}.bias"
+                check_bias(bname, m, {n: (x.qtype, x.shape) for n, x in tensors.items()})
+                plan.setdefault(bname, []).append(_bias_part(m, inp.weight * sign, tensors[bname], heads, precision))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise MissingModuleError(f"{missing[0]}{more}", f"the {arch or 'unknown'} GGUF model {model.paths[0]}",
@@ -98,10 +111,25 @@ def _part(name: str, m: Any, coeff: float, expert: int | None, t: GGUFTensor, he
     return Part((expert or 0) * want[0], L.contiguous(), R.contiguous())
 
 
+def _bias_part(m: Any, coeff: float, t: GGUFTensor, heads: int | None, precision: torch.dtype) -> Part:
+    """``coeff·scale·bias`` (peft's ``lora_bias``) added to the base's bias ``t`` (out,): one row of ``out`` values,
+    permuted as llama.cpp's converter permutes the q/k biases with their weights."""
+    bias = m.bias_delta()
+    L, R = low_rank(bias, coeff, precision=precision)  # (out, 1) @ (1, 1): ΔW as a column
+    col = L @ R
+    if heads is not None:
+        if heads <= 0 or col.shape[0] % (2 * heads):
+            raise InvalidOptionError(f"{t.name} needs the model's head count ({t.name} length {col.shape[0]}, "
+                                     f"heads {heads}); the GGUF model lacks a usable attention.head_count")
+        col = permute_rows(col, heads)
+    return Part(0, torch.ones(1, 1, dtype=precision), col.T.contiguous())
+
+
 def _out_type(t: GGUFTensor, quant: str | Mapping[str, str]) -> str:
     if not isinstance(quant, str):
         return type_name(quant[t.name])
-    return t.qtype if quant.lower() == "same" else type_name(quant)
+    # a bias (one row) keeps its own type whatever `quant` says: llama.cpp keeps biases in float
+    return t.qtype if quant.lower() == "same" or len(t.shape) == 1 else type_name(quant)
 
 
 def gguf_out_types(model: GGUFModelFile, plan: dict[str, list[Part]],

@@ -244,7 +244,7 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
     if _gguf(_path(merged), quant=quant):
         from .gguf import unmerge_gguf
         return unmerge_gguf(_path(merged), adapters, out, quant=quant, precision=precision, record=record,
-                            force=force, progress=progress)
+                            force=force, progress=progress, ignore_stamp=ignore_stamp)
     job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
     vouched = False if ignore_stamp else check_stamp(model, model.path, job.inputs)

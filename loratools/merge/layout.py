@@ -35,7 +35,8 @@ def find_tie(hparams: Mapping[str, Any] | None, keys: Collection[str]) -> Tie | 
     """The base's tied input/output embeddings: its config says ``tie_word_embeddings: true`` (or says
     nothing and it is a causal LM), its files hold no ``lm_head.weight``, and they hold one input embedding."""
     cfg = hparams or {}
-    archs = cfg.get("architectures") or []
+    archs = cfg.get("architectures")
+    archs = archs if isinstance(archs, list) else []  # a damaged list says nothing of the head
     tied = cfg.get("tie_word_embeddings", any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
     if tied is not True or HEAD_KEY in keys:
         return None

@@ -26,7 +26,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from torch import Tensor
 from ..io import buffer
 from .kernels import bits
 
-__all__ = ["make_patch", "values_at", "apply_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits"]
+__all__ = ["make_patch", "values_at", "apply_patch", "check_patch", "PatchBuilder", "PatchApplier", "patch_nbytes", "bits"]
 
 _BLOCK = 1 << 18  # elements per block: every temporary below is at most a block (a multiple of 8, for packing)
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -348,13 +348,59 @@ def _unpack(packed: np.ndarray, nbits: int, start: int, n: int) -> np.ndarray:
     return cols.reshape(-1)[skip:skip + n]
 
 
+#: the parts a patch may hold (see :func:`make_patch`)
+PARTS = frozenset({"full", "ulps", "ulps_spec", "idx", "val"})
+
+
+def check_patch(patch: Mapping[str, Tensor], shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Refuse a patch that :class:`PatchApplier` could not apply to a ``dtype`` tensor of ``shape`` as
+    :func:`make_patch` writes it: ``ValueError("part `P`: …")`` naming the first part that does not fit (an
+    unknown part, a wrong dtype or shape, a ``ulps_spec`` b outside {1, 2, 4, 8}, an index outside the tensor).
+    Every check reads at most the indices once: a damaged record never reaches the applier's arithmetic."""
+    n = int(np.prod(tuple(shape), dtype=np.int64))
+
+    def bad(part: str, why: str) -> ValueError:
+        t = patch[part]
+        return ValueError(f"part `{part}` ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}) {why}")
+
+    unknown = sorted(set(patch) - PARTS)
+    if unknown:
+        raise bad(unknown[0], f"is not a part of a patch (expected {', '.join(sorted(PARTS))})")
+    if "full" in patch:
+        if len(patch) > 1:
+            raise bad("full", "comes with other parts")
+        if patch["full"].dtype != dtype or tuple(patch["full"].shape) != tuple(shape):
+            raise bad("full", f"is not a {str(dtype).removeprefix('torch.')} tensor of shape {tuple(shape)}")
+        return
+    for one, other in (("ulps", "ulps_spec"), ("idx", "val")):
+        if (one in patch) != (other in patch):
+            raise bad(one if one in patch else other, f"comes without `{other if one in patch else one}`")
+    if "ulps_spec" in patch:
+        spec = patch["ulps_spec"]
+        if spec.dtype != torch.int64 or tuple(spec.shape) != (2,):
+            raise bad("ulps_spec", "is not two int64 values [b, lo]")
+        b, lo = (int(x) for x in spec)
+        if b not in _CANDIDATES[1:] or lo != _range(b)[0] or 8 * torch.empty((), dtype=dtype).element_size() < b:
+            raise bad("ulps_spec", f"holds b = {b}, lo = {lo}: expected b in 1, 2, 4, 8 and lo = −2^(b−1)")
+        ulps = patch["ulps"]
+        if ulps.dtype != torch.uint8 or ulps.ndim != 1 or ulps.numel() != -(-n * b // 8):
+            raise bad("ulps", f"is not {-(-n * b // 8)} bytes of {b}-bit counts for {n} elements")
+    if "idx" in patch:
+        idx, val = patch["idx"], patch["val"]
+        if idx.dtype not in (torch.int32, torch.int64) or idx.ndim != 1:
+            raise bad("idx", "is not a 1-D int32 or int64 tensor of flat indices")
+        if val.dtype != dtype or val.ndim != 1 or val.numel() != idx.numel():
+            raise bad("val", f"is not {idx.numel()} {str(dtype).removeprefix('torch.')} values (one per index)")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise bad("idx", f"holds indices outside the tensor's {n} elements")
+
+
 class PatchApplier:
     """:func:`apply_patch` a block at a time: :meth:`apply` restores each block of R in place."""
 
-    def __init__(self, patch: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype) -> None:
+    def __init__(self, patch: Mapping[str, Tensor], shape: Sequence[int], dtype: torch.dtype) -> None:
+        check_patch(patch, shape, dtype)  # ValueError naming the part: nothing below indexes out of bounds
         self.full = patch.get("full")
-        if self.full is not None and (tuple(self.full.shape) != tuple(shape) or self.full.dtype != dtype):
-            raise ValueError("apply_patch: the patch does not fit this tensor")
         self.full = self.full.reshape(-1) if self.full is not None else None
         self.ulps = patch["ulps"].numpy() if "ulps" in patch else None
         self.b, self.lo = (int(x) for x in patch["ulps_spec"]) if "ulps_spec" in patch else (0, 0)

@@ -29,7 +29,7 @@ from .layout import Tie, follow_peft_layout
 
 __all__ = ["content_sha256", "StampEntry", "stamp_entries", "AdapterInput", "TensorPlan", "METADATA_KEY",
            "FLOAT_CODES", "adapter_inputs", "plan_merge", "tie_notes", "saved_base_key", "is_base_copy",
-           "resolve_precision", "out_code", "stamp"]
+           "resolve_precision", "out_code", "stamp", "check_bias"]
 
 #: the metadata key of a merged model (and of a record) that says which adapters went in
 METADATA_KEY = "loratools.merge"
@@ -315,7 +315,7 @@ def _check_against_base(shapes: Shapes, adapters: Sequence[AdapterInput], target
         for name, m in inp.adapter.items():
             _check_module(target(weight_key(name, m)), m, shapes)
             if m.bias is not None:
-                _check_bias(target(f"{name}.bias"), m, shapes)
+                check_bias(target(f"{name}.bias"), m, shapes)
 
 
 def weight_key(name: str, m: Module) -> str:
@@ -323,7 +323,9 @@ def weight_key(name: str, m: Module) -> str:
     return name if m.kind == "experts" else f"{name}.weight"
 
 
-def _check_bias(key: str, m: Module, shapes: Shapes) -> None:
+def check_bias(key: str, m: Module, shapes: Shapes) -> None:
+    """Refuse a ``lora_bias`` whose base layer has no bias ``key`` (peft cannot merge it either) or one of
+    another length: the one check, for safetensors (base keys) and GGUF models (``blk.N.attn_q.bias``)."""
     if key not in shapes:
         raise MissingModuleError(key, "the base model", "the adapter has a LoRA bias (lora_bias) but the base layer "
                                                         "has no bias, which peft cannot merge either")

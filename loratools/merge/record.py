@@ -16,20 +16,22 @@ import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import xxhash
 from torch import Tensor
 
 from ..errors import CorruptFileError, InvalidFieldError, WrongBaseError
-from ..io import DTYPE_CODES, Entry, ShardWriter, Span, tensor_spans, write_at
+from ..io import DTYPE_CODES, Entry, ShardWriter, Span, read_tensor, tensor_spans, write_at
 from ..io.paths import temporary_path
 from ..validate import get_field, load_json
+from .patch import check_patch
 from .plan import METADATA_KEY, AdapterInput, content_sha256, stamp_entries
 
-__all__ = ["RecordWriter", "read_record", "Digest"]
+__all__ = ["RecordWriter", "read_record", "read_patch", "Digest"]
 
 RECORD_KEY = "loratools.record"
 #: the checksum of each restored tensor: XXH3-128 runs at 16 GB/s here, where sha256 (1.8 GB/s) was a fifth of
@@ -71,12 +73,16 @@ class RecordWriter:
         self.entries: list[Entry] = []
         self.hashes: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # made at the first patch: a merge refused before it writes anything (a layout `record` cannot restore,
+        # an adapter GGUF refuses) leaves no scratch beside the record, whatever its caller's order of cleanup
+        self._fd = -1
         self._pos = 0
 
     def add(self, key: str, patch: dict[str, Tensor], digest: str) -> None:
         with self._lock:
             self.hashes[key] = digest
+            if patch and self._fd < 0:
+                self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             for part, t in patch.items():
                 t = t.contiguous()
                 self._pos += write_at(self._fd, t, self._pos)
@@ -122,6 +128,8 @@ def read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, d
     patches: dict[str, dict[str, Span]] = {}
     for k, t in tensors.items():
         key, _, part = k.rpartition("::")
+        if not key or not part:
+            raise CorruptFileError(path, f"its tensor {k[:80]!r} is not named <tensor>::<part>")
         patches.setdefault(key, {})[part] = t
     field = "digests" if "digests" in meta else "sha256"
     hashes = load_json(meta.get(field, "null"), where=path)
@@ -129,3 +137,18 @@ def read_record(path: Path, inputs: Sequence[AdapterInput]) -> tuple[dict[str, d
                                                for v in hashes.values()):
         raise InvalidFieldError(path, field, hashes, "an object of tensor checksums (xxh3_128:<32 hex> or sha256 hex)")
     return patches, hashes, info
+
+
+def read_patch(record: Path, key: str, spans: Mapping[str, Span], shape: Sequence[int], dtype: torch.dtype, *,
+               extra: Sequence[str] = ()) -> dict[str, Tensor]:
+    """The record's patch for the tensor ``key`` (``dtype``, ``shape``), read and checked part by part
+    (:func:`~.patch.check_patch`): a damaged part is one :class:`CorruptFileError` naming the record, the tensor
+    and the part, before anything is written. Parts named in ``extra`` (``dora_norm``) come back unchecked,
+    for the caller to check."""
+    parts = {part: read_tensor(s) for part, s in spans.items()}
+    try:
+        check_patch({p: t for p, t in parts.items() if p not in extra}, shape, dtype)
+    except ValueError as e:
+        raise CorruptFileError(record, f"its patch for {key} does not fit a {str(dtype).removeprefix('torch.')} "
+                                       f"tensor of shape {tuple(shape)}: {e}") from None
+    return parts

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..dtypes import check_fits
 from ..errors import CorruptFileError, NonFiniteError
-from ..io import CODE_DTYPES, RowReader, Span, buffer, read_tensor
+from ..io import CODE_DTYPES, RowReader, Span, buffer
 from .kernels import check_finite, dora_norms, dora_of, dora_scale, factors_of, merge_rows, row_step
 from .plan import TensorPlan
 from .patch import PatchApplier, PatchBuilder, values_at
-from .record import Digest, RecordWriter
+from .record import Digest, RecordWriter, read_patch
 
 __all__ = ["Arithmetic", "merged_blocks", "restored_blocks"]
 
@@ -61,6 +62,8 @@ def _merge(w: Tensor, start: Tensor, factors: list[tuple[Tensor, Tensor]], i: in
     record's second pass over a block keeps the working set at the merge's size."""
     n, cols = start.shape
     if not factors:
+        if check:  # a full tensor (modules_to_save) or an untied head's source, cast as it is
+            check_fits(key, start, dtype)
         out = _block(ar, slot, n, cols, dtype)
         return out.copy_(start) if out is not None else start.to(dtype)
     try:
@@ -128,6 +131,7 @@ def _token_rows(out: Tensor, plan: TensorPlan, first: int) -> Tensor:
     sel = (idx >= first) & (idx < first + out.shape[0])
     if not bool(sel.any()):
         return out
+    check_fits(f"{plan.key} (trainable_token_indices rows)", values[sel], out.dtype)
     return out.index_copy(0, idx[sel] - first, values[sel].reshape(-1, out.shape[1]).to(out.dtype))
 
 
@@ -141,7 +145,7 @@ def restored_blocks(key: str, span: Span, plan: TensorPlan, patch: Mapping[str, 
     rows, cols = _shape2(span, plan)
     dtype = CODE_DTYPES[span.dtype]
     back = factors_of(plan.deltas, sign=-1.0, precision=ar.precision, device=ar.device)
-    parts = {part: read_tensor(s) for part, s in patch.items()}
+    parts = read_patch(record_path, key, patch, span.shape, dtype, extra=("dora_norm",))
     dora, norms = dora_of(plan.deltas), parts.pop("dora_norm", None)
     scale = None
     if dora is not None:

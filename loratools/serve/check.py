@@ -25,7 +25,7 @@ from ..adapter import Adapter, Module, as_lora
 from ..config import lora_scale
 from ..dora import refuse_dora
 from ..errors import InvalidOptionError
-from ..formats import BaseModel, read_with_base
+from ..formats import BaseModel, check_base_shapes, read_with_base
 from ..formats.gguf import GGUFBase, gguf_base as gguf_of, gguf_unsupported
 from ..formats.peft import PREFIX
 from .runtimes import Rule, Runtime, get_runtime, is_vision_module, version_tuple
@@ -419,9 +419,13 @@ def stacked_zeros(modules: Mapping[str, Module], base: BaseModel | None) -> dict
 def read_source(src: Path, base: str | os.PathLike[str] | None,
                 rt: Runtime) -> tuple[Adapter, BaseModel | None, GGUFBase | None, str]:
     """The source adapter read as ``convert`` reads it (:func:`~loratools.formats.read_with_base`), the base
-    model when ``base`` is given, the GGUF architecture and heads when the source is GGUF or the runtime maps
-    modules to the base's GGUF tensors (from ``base``, else from what a GGUF source records), and the format."""
+    model when ``base`` is given (refused as ``convert`` refuses it where its shapes are not the adapter's:
+    :func:`~loratools.formats.base.check_base_shapes`), the GGUF architecture and heads when the source is GGUF
+    or the runtime maps modules to the base's GGUF tensors (from ``base``, else from what a GGUF source records),
+    and the format."""
     adapter, known, fmt = read_with_base(src, base)
+    if base is not None and known is not None:  # as `convert`: another model's head counts would permute q/k wrongly
+        check_base_shapes(adapter, known)
     gguf_base = gguf_of(known) if known is not None and (rt.base_tensors or fmt == "gguf") else None
     return adapter, (known if base is not None else None), gguf_base, fmt
 

@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from ..adalora import RankAllocator
 from ..adapter import Adapter
-from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, ShapeMismatchError
+from ..errors import (CorruptFileError, InputNotFoundError, InvalidFieldError, NonFiniteError,
+                      ShapeMismatchError)
+from ..linalg import all_finite
 from ..io import atomic_output, load_safetensors, read_json, save_safetensors
 from ..nn.layers import AdaLoRALinear
 from ..nn.inject import adapter_layers
@@ -33,6 +35,7 @@ from ..validate import get_field
 from .config import TrainConfig, config_of_state
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "resumed_config", "rng_state", "set_rng_state",
+           "set_rng_state_checked",
            "write_run"]
 
 FORMAT = "loratools-checkpoint/1"
@@ -90,10 +93,40 @@ def read_state(path: str | Path) -> dict[str, Any]:
     for name in ("losses", "evals"):
         get_field(state, name, list, where=where, check=lambda v: all(isinstance(x, dict) for x in v),
                   expected="a list of objects")
-    get_field(state, "rng", list, where=where, expected="a list of byte lists", check=lambda v: all(
-        isinstance(r, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in r)
-        for r in v))
+    n = torch.get_rng_state().numel()
+    get_field(state, "rng", list, where=where, expected=f"one list of {n} to {n + _MAX_DEVICE_RNG} bytes per process",
+              check=lambda v: len(v) == state.get("world_size", 1) and all(
+                  isinstance(r, list) and n <= len(r) <= n + _MAX_DEVICE_RNG
+                  and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in r) for r in v))
+    step = state["step"]
+    _check_records(state["losses"], where, "losses", {"step": int, "loss": float, "lr": float}, exactly=step)
+    _check_records(state["evals"], where, "evals", {"step": int, "eval_loss": float}, exactly=None, most=step + 1)
     return state
+
+
+#: the most bytes a device's generator state adds to the CPU's (CUDA's Philox state is 16)
+_MAX_DEVICE_RNG = 64
+
+
+def _check_records(rows: list[Any], where: Path, name: str, kinds: dict[str, type], *, exactly: int | None,
+                   most: int | None = None) -> None:
+    """``losses``/``evals``: one object a step (``exactly`` of them, or at most ``most``) with these typed fields."""
+    if (exactly is not None and len(rows) != exactly) or (most is not None and len(rows) > most):
+        count = f"{exactly}" if exactly is not None else f"at most {most}"
+        raise InvalidFieldError(where, name, f"<{len(rows)} entries>", f"{count} entries, one per step")
+    for i, row in enumerate(rows):
+        for key, kind in kinds.items():
+            get_field(row, key, kind, where=where, expected=f"{name}[{i}].{key} as a number" if kind is float
+                      else f"{name}[{i}].{key} as an integer")
+
+
+def set_rng_state_checked(state: list[int], device: torch.device, where: Path) -> None:
+    """:func:`set_rng_state` of a checkpoint's byte list, or one line when torch refuses it as a generator state."""
+    try:
+        set_rng_state(torch.tensor(state, dtype=torch.uint8), device)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidFieldError(where, "rng", f"<{len(state)} bytes>",
+                                f"a torch generator state ({str(e).splitlines()[0][:80]})") from None
 
 
 def resumed_config(path: str | Path, **given: Any) -> TrainConfig:
@@ -105,31 +138,88 @@ def resumed_config(path: str | Path, **given: Any) -> TrainConfig:
 @torch.no_grad()
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     allocator: RankAllocator | None) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote into ``model``/``optimizer``/``allocator``; returns state.json."""
+    """Restore what :func:`save_checkpoint` wrote into ``model``/``optimizer``/``allocator``; returns state.json.
+
+    Everything is checked before anything is restored: the checkpoint must hold every trainable tensor (and
+    AdaLoRA mask) with this model's shape and dtype, an AdamW state of exactly its slots for every one of
+    them at the checkpoint's step, and (AdaLoRA) the allocator's EMAs; all finite. Otherwise one line names
+    the file and the tensor, and the model is left as it was: a resumed run is bit for bit the uninterrupted
+    one, or refused."""
     p = Path(path)
     state = read_state(p)
-    tensors, _ = load_safetensors(p / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    targets = {**params, **{f"{n}.mask": m.mask for n, m in adapter_layers(model).items()
+                            if isinstance(m, AdaLoRALinear)}}
+    tensors = _exactly(p / "trainable.safetensors", targets, lambda k: targets[k])
+    opt = _optimizer_state(p / "optimizer.safetensors", params, optimizer, step=int(state["step"]))
+    alloc = _allocator_state(p / "allocator.safetensors", allocator) if allocator is not None else None
     for k, v in tensors.items():
-        target = params.get(k, buffers.get(k))
-        if target is None:
-            raise InvalidOptionError(f"checkpoint {p} holds {k}, which this model does not have; resume with the same "
-                                     "base model and options")
-        if tuple(target.shape) != tuple(v.shape):
-            raise ShapeMismatchError(k, tuple(target.shape), tuple(v.shape), f"checkpoint {p} is for other options")
-        target.copy_(v)
-    opt, _ = load_safetensors(p / "optimizer.safetensors")
-    for key, v in opt.items():
-        name, _, slot = key.rpartition("::")
-        q = params.get(name)
-        if q is None:
-            raise CorruptFileError(p / "optimizer.safetensors", f"{key} names no parameter of this model")
+        targets[k].copy_(v)
+    for (name, slot), v in opt.items():
+        q = params[name]
         optimizer.state[q][slot] = v.to(q.device) if slot != "step" else v
-    if allocator is not None and (p / "allocator.safetensors").is_file():
-        alloc, _ = load_safetensors(p / "allocator.safetensors")
+    if allocator is not None and alloc is not None:
         allocator.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in alloc.items()})
     return state
+
+
+def _load(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise InputNotFoundError(path, "checkpoint file")
+    tensors, _ = load_safetensors(path)
+    for k, v in tensors.items():
+        if not all_finite(v):
+            raise NonFiniteError(k, str(path))
+    return tensors
+
+
+def _exactly(path: Path, want: dict[str, Tensor], like: Any) -> dict[str, Tensor]:
+    """The tensors of ``path``: exactly the keys of ``want``, each of ``like(key)``'s shape and dtype."""
+    tensors = _load(path)
+    missing = [k for k in want if k not in tensors]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CorruptFileError(path, f"{missing[0]}{more} missing: a checkpoint holds every trainable tensor "
+                               "(resume with the same base model and options)")
+    for k, v in tensors.items():
+        if k not in want:
+            raise CorruptFileError(path, f"it holds {k}, which this model does not have (resume with the same base "
+                                   "model and options)")
+        ref = like(k)
+        if tuple(v.shape) != tuple(ref.shape) or v.dtype != ref.dtype:
+            raise ShapeMismatchError(k, f"{tuple(ref.shape)} {ref.dtype}", f"{tuple(v.shape)} {v.dtype}",
+                                     f"in {path}")
+    return tensors
+
+
+def _optimizer_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, *,
+                     step: int) -> dict[tuple[str, str], Tensor]:
+    """AdamW's state from ``path``: for every parameter exactly its slots, the moments of its shape, ``step``."""
+    amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+    slots = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    want = {f"{n}::{s}": q for n in params for s in slots for q in (params[n],)}
+    tensors = _exactly(path, want, lambda k: _slot_like(want[k], k.rpartition("::")[2]))
+    for k, v in tensors.items():
+        if k.endswith("::step") and float(v) != step:
+            raise InvalidFieldError(path, k, float(v), f"the checkpoint's step, {step}")
+    return {tuple(k.rsplit("::", 1)): v for k, v in tensors.items()}  # type: ignore[misc]
+
+
+def _slot_like(q: Tensor, slot: str) -> Tensor:
+    """What AdamW keeps in ``slot`` for ``q``: its step (a float32 scalar) or a moment shaped and typed as ``q``."""
+    return torch.zeros((), dtype=torch.float32) if slot == "step" else q
+
+
+def _allocator_state(path: Path, allocator: RankAllocator) -> dict[str, Tensor]:
+    """AdaLoRA's EMAs: ``ipt.K``/``unc.K`` for every part K of every layer (or for none, before any update)."""
+    parts = {f"{name}.{part}": getattr(layer, part) for name, layer in allocator.layers.items()
+             for part in ("lora_A", "lora_E", "lora_B")}
+    tensors = _load(path)
+    if any(k.startswith(("ipt.", "unc.")) for k in tensors):
+        want = {f"{e}.{k}": t for k, t in parts.items() for e in ("ipt", "unc")} | {"final": torch.zeros(1, dtype=torch.int64)}
+    else:
+        want = {"final": torch.zeros(1, dtype=torch.int64)}
+    return _exactly(path, want, lambda k: want[k])
 
 
 def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[dict[str, float]],

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import CorruptFileError, InvalidOptionError
+from ..errors import CorruptFileError, InvalidFieldError, InvalidOptionError
 from ..nn.spec import LayerSpec, Method
 
 __all__ = ["TrainConfig", "config_of_state"]
@@ -86,6 +86,16 @@ class TrainConfig:
         if isinstance(self.targets, (list, str)):  # "q_proj,v_proj" (the command line's spelling) or a list
             names = self.targets.split(",") if isinstance(self.targets, str) else self.targets
             object.__setattr__(self, "targets", tuple(t for t in names if t))
+        for f in fields(self):  # every value of its field's type (a checkpoint's JSON may hold anything)
+            value = _typed(f.name, getattr(self, f.name))
+            if value is not getattr(self, f.name):
+                object.__setattr__(self, f.name, value)
+        for name, (low, high) in _BOUNDS.items():  # ranges that keep a run's memory and time finite
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise InvalidOptionError(f"`{name}` must lie between {low} and {high}, got {value}")
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise InvalidOptionError(f"`epochs` must be a finite positive number, got {self.epochs}")
         self.spec()  # the adapter's options: checked once, by LayerSpec
         for f in fields(self):  # the other closed choices
             choices = typing.get_args(_HINTS[f.name]) if typing.get_origin(_HINTS[f.name]) is Literal else ()
@@ -124,12 +134,75 @@ class TrainConfig:
 _SPEC_FIELDS = tuple(f.name for f in fields(LayerSpec))
 _HINTS = typing.get_type_hints(TrainConfig)
 
+#: bounds on the integer fields: far beyond any run (a rank of 65 536, a million-token sequence, 2³¹ steps), near
+#: enough that a typo or a crafted checkpoint fails here, not after exhausting memory; a seed torch.manual_seed takes
+_BOUNDS: dict[str, tuple[int, int]] = {
+    "rank": (0, 2**16), "init_rank": (0, 2**16), "target_rank": (0, 2**16), "batch_size": (1, 2**16),
+    "grad_accum": (1, 2**16), "seq_len": (1, 2**20), "steps": (1, 2**31), "warmup": (0, 2**31),
+    "tinit": (0, 2**31), "tfinal": (0, 2**31), "delta_t": (1, 2**31), "eval_every": (0, 2**31),
+    "save_every": (0, 2**31), "seed": (0, 2**63 - 2**20)}
+
+
+class FieldTypeError(InvalidOptionError):
+    """A TrainConfig value of the wrong type; ``field``, ``value`` and ``expected`` say which (for a checkpoint's
+    message, which names the file's field rather than an option)."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        self.field, self.value, self.expected = field, value, expected
+        shown = repr(value)
+        super().__init__(f"`{field}` must be {expected}, got {shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+
+def _typed(name: str, value: Any) -> Any:
+    """``value`` checked against the field's annotation (an int is not a bool; a float field takes an int and
+    returns a float), else :class:`FieldTypeError`."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is Literal:
+        if isinstance(value, str) and value in typing.get_args(hint):
+            return value
+        raise FieldTypeError(name, value, " or ".join(typing.get_args(hint)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise FieldTypeError(name, value, "true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise FieldTypeError(name, value, "an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise FieldTypeError(name, value, "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise FieldTypeError(name, value, "a string")
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            return value
+        raise FieldTypeError(name, value, "a list of names")
+    raise AssertionError(f"TrainConfig.{name}: no check for {hint}")  # a new field's type needs a branch above
+
 
 def config_of_state(state: dict[str, Any], where: Path) -> TrainConfig:
     """The :class:`TrainConfig` a checkpoint's ``state.json`` records, or one line saying it is damaged."""
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise InvalidFieldError(where, "config", config, "an object")
+    if isinstance(config.get("targets"), list) and not all(isinstance(t, str) for t in config["targets"]):
+        raise InvalidFieldError(where, "config.targets", config["targets"], "a list of names")
+    if "targets" in config and not isinstance(config["targets"], list):
+        raise InvalidFieldError(where, "config.targets", config["targets"], "a list of names")
     try:
-        return TrainConfig.from_json(state["config"])
+        return TrainConfig.from_json(config)
+    except FieldTypeError as e:
+        raise InvalidFieldError(where, f"config.{e.field}", e.value, e.expected) from None
+    except InvalidOptionError as e:  # a value out of range: the file's field, not an option the user typed
+        raise CorruptFileError(where, f"its config is invalid ({str(e).replace('`', '')})") from None
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
-        if isinstance(e, InvalidOptionError):
-            raise CorruptFileError(where, f"its config is invalid ({e})") from None
         raise CorruptFileError(where, f"its config is damaged ({e.__class__.__name__})") from None

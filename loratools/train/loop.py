@@ -25,12 +25,12 @@ from torch import nn
 
 from ..adalora import RankAllocator
 from ..adapter import Adapter, as_lora
-from .checkpoint import load_checkpoint, read_state, rng_state, save_checkpoint, set_rng_state, write_run
+from .checkpoint import load_checkpoint, read_state, rng_state, save_checkpoint, set_rng_state_checked, write_run
 from ..lm.data import Example, collate, global_batch_indices, load_examples, split_examples, target_tokens
 from . import dist
 from ..device import resolve_dtype
 from .dist import Processes
-from ..errors import InputNotFoundError, InvalidOptionError
+from ..errors import InputNotFoundError, InvalidFieldError, InvalidOptionError
 from ..lm.heldout import causal_lm_loss, evaluate
 from ..io import check_output
 from ..linalg import all_finite
@@ -111,7 +111,11 @@ def _total_steps(cfg: TrainConfig, n_train: int, global_batch: int) -> int:
             raise InvalidOptionError(f"`steps` must be at least 1, got {cfg.steps}")
         return cfg.steps
     epochs = cfg.epochs if cfg.epochs is not None else 1.0
-    return max(1, math.ceil(epochs * n_train / global_batch))
+    total = max(1, math.ceil(epochs * n_train / global_batch))
+    if total > 2**31:  # as `steps` is bounded (TrainConfig)
+        raise InvalidOptionError(f"`epochs` {epochs:g} makes {total:.3g} steps of {global_batch} sequences, over the "
+                                 f"limit of 2^31; give fewer epochs")
+    return total
 
 
 def _backward_global_batch(net: nn.Module, batch: Sequence[Example], *, cfg: TrainConfig, d: Processes,
@@ -228,8 +232,11 @@ def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, f
                                  "resume with the options of the first run")
     if int(state["world_size"]) != run.d.world:
         raise InvalidOptionError(f"`resume` {resume} was made with {state['world_size']} processes, not {run.d.world}")
+    if int(state["step"]) >= run.total:  # checkpoints are written before the last step only
+        raise InvalidFieldError(Path(resume) / "state.json", "step", state["step"],
+                                f"a step before the run's last, {run.total}")
     load_checkpoint(resume, model=run.model, optimizer=run.optimizer, allocator=run.allocator)
-    set_rng_state(torch.tensor(state["rng"][run.d.rank], dtype=torch.uint8), run.device)
+    set_rng_state_checked(state["rng"][run.d.rank], run.device, Path(resume) / "state.json")
     return int(state["step"]), list(state["losses"]), list(state["evals"])
 
 
