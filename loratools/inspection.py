@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .adapter import Adapter, Module
 from .dora import dora_update, magnitude_change
-from .linalg import spectrum_summary
+from .linalg import choose_rank, spectrum_summary
 
 #: the base weight of a module, by module name (for DoRA's figures); None when no base is given
 BaseWeight = Callable[[str], Tensor]
@@ -219,18 +219,12 @@ def recommended_rank(spectra: list[list[float]], fraction: float) -> int:
     (1, 2)
     """
     width = max((len(s) for s in spectra), default=0)
-    if width == 0:
-        return 0
     energy = torch.zeros(width, dtype=torch.float64)
     for s in spectra:
         if s:
             energy[: len(s)] += torch.tensor(s, dtype=torch.float64) ** 2
-    total = float(energy.sum())
-    if total == 0:
-        return 0
-    cum = energy.cumsum(0)
-    # a relative tolerance so that F = 1 is met by the full rank despite rounding in the cumulative sum
-    return int((cum < fraction * total * (1 - 1e-12)).sum()) + 1
+    # the adapter-wide spectrum: position i holds √(Σ_m σ_{m,i}²); one energy rule over it (the one rank rule)
+    return choose_rank(energy.sqrt(), energy=fraction)
 
 
 def dora_report(name: str, m: Module, base: BaseWeight | None) -> DoraFigures:

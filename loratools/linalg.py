@@ -25,8 +25,6 @@ __all__ = [
     "numerical_rank",
     "stable_rank",
     "entropy_effective_rank",
-    "energy_rank",
-    "error_rank",
     "spectrum_summary",
     "randomized_svd",
     "choose_rank",
@@ -171,43 +169,14 @@ def entropy_effective_rank(s: Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
-def energy_rank(s: Tensor, fraction: float) -> int:
-    """Smallest k with ``Σ_{i≤k} σᵢ² ≥ fraction · Σ σᵢ²`` (0 for a zero matrix)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"energy fraction must lie in [0, 1], got {fraction}")
-    e = s.double() ** 2
-    total = float(e.sum()) if e.numel() else 0.0
-    if total == 0.0:
-        return 0
-    cum = torch.cumsum(e, 0)
-    # a relative slack so that fraction=1.0 is met despite rounding in cumsum
-    need = fraction * total * (1 - 1e-12)
-    return min(int((cum < need).sum()) + 1, s.numel())
-
-
-def error_rank(s: Tensor, rel_error: float) -> int:
-    """Smallest k whose truncation error ``√(Σ_{i>k} σᵢ²) / ‖σ‖`` is ≤ ``rel_error``."""
-    if rel_error < 0:
-        raise ValueError(f"relative error must be ≥ 0, got {rel_error}")
-    e = s.double() ** 2
-    total = float(e.sum()) if e.numel() else 0.0
-    if total == 0.0:
-        return 0
-    # tail[k] = Σ_{i≥k} σᵢ² ; error of keeping k values is sqrt(tail[k] / total)
-    tail = torch.flip(torch.cumsum(torch.flip(e, [0]), 0), [0])
-    tail = torch.cat([tail, tail.new_zeros(1)])
-    ok = (tail / total).sqrt() <= rel_error
-    return int(torch.nonzero(ok)[0])
-
-
 def spectrum_summary(s: Tensor, shape: tuple[int, int]) -> dict[str, float | int]:
     """The effective-rank figures that ``loratools inspect`` reports."""
     return {
         "numerical_rank": numerical_rank(s, shape),
         "stable_rank": stable_rank(s),
         "effective_rank": entropy_effective_rank(s),
-        "energy_rank_90": energy_rank(s, 0.90),
-        "energy_rank_99": energy_rank(s, 0.99),
+        "energy_rank_90": choose_rank(s, energy=0.90),
+        "energy_rank_99": choose_rank(s, energy=0.99),
     }
 
 

@@ -12,7 +12,7 @@ import torch
 from loratools.compress.extract import extract_adapter
 from loratools.formats import read_adapter
 from loratools.io import ModelReader, load_safetensors, save_safetensors
-from loratools.linalg import energy_rank, error_rank, truncated_svd
+from loratools.linalg import choose_rank, truncated_svd
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -80,7 +80,7 @@ def test_noisy_error_is_within_one_percent_of_optimal(tiny_llama, noisy):
 
 def test_energy_and_error_rules_pick_the_smallest_rank(tiny_llama, noisy):
     tuned, deltas = noisy
-    for kw, rule in ((dict(energy=0.9), lambda s: energy_rank(s, 0.9)), (dict(error=0.3), lambda s: error_rank(s, 0.3))):
+    for kw, rule in ((dict(energy=0.9), lambda s: choose_rank(s, energy=0.9)), (dict(error=0.3), lambda s: choose_rank(s, error=0.3))):
         res = extract_adapter(ModelReader(tiny_llama), ModelReader(tuned), device="cpu", **kw)
         for layer in res.layers:
             s = torch.linalg.svdvals(deltas[f"{layer.name}.weight"].double())
@@ -109,9 +109,9 @@ def test_randomized_path_meets_targets_on_a_bigger_matrix(kw):
     if "rank" in kw:
         assert k == 12 and err <= float(exact[k:].square().sum().sqrt() / exact.norm()) * 1.01
     elif "error" in kw:
-        assert err <= 0.2 + 1e-6 and k in (error_rank(exact, 0.2), error_rank(exact, 0.2) + 1)
+        assert err <= 0.2 + 1e-6 and k in (choose_rank(exact, error=0.2), choose_rank(exact, error=0.2) + 1)
     else:
-        assert 1 - err**2 >= 0.8 - 1e-6 and k in (energy_rank(exact, 0.8), energy_rank(exact, 0.8) + 1)
+        assert 1 - err**2 >= 0.8 - 1e-6 and k in (choose_rank(exact, energy=0.8), choose_rank(exact, energy=0.8) + 1)
 
 
 def test_conv_and_conv1d_layouts():

@@ -10,14 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.config import alpha_for_scale, lora_scale, pattern_value
-from loratools.linalg import energy_rank, entropy_effective_rank, error_rank, lowrank_svd, numerical_rank, stable_rank
+from loratools.linalg import choose_rank, entropy_effective_rank, lowrank_svd, numerical_rank, stable_rank
 
 
 def test_effective_ranks_of_a_flat_spectrum_equal_its_length():
     s = torch.ones(5, dtype=torch.float64)
     assert stable_rank(s) == pytest.approx(5)
     assert entropy_effective_rank(s) == pytest.approx(5)
-    assert energy_rank(s, 0.9) == 5 and energy_rank(s, 0.8) == 4
+    assert choose_rank(s, energy=0.9) == 5 and choose_rank(s, energy=0.8) == 4
     assert numerical_rank(s, (10, 10)) == 5
 
 
@@ -26,14 +26,14 @@ def test_known_spectrum():
     assert stable_rank(s) == pytest.approx(10 / 9)
     p = torch.tensor([0.75, 0.25])
     assert entropy_effective_rank(s) == pytest.approx(math.exp(float(-(p * p.log()).sum())))
-    assert energy_rank(s, 0.9) == 1 and energy_rank(s, 0.95) == 2
-    assert error_rank(s, math.sqrt(0.1)) == 1 and error_rank(s, 0.3) == 2 and error_rank(s, 0.0) == 2
+    assert choose_rank(s, energy=0.9) == 1 and choose_rank(s, energy=0.95) == 2
+    assert choose_rank(s, error=math.sqrt(0.1)) == 1 and choose_rank(s, error=0.3) == 2 and choose_rank(s, error=0.0) == 2
     assert numerical_rank(s, (4, 4)) == 2
 
 
 def test_zero_spectrum_reports_zero():
     s = torch.zeros(3, dtype=torch.float64)
-    assert (stable_rank(s), entropy_effective_rank(s), energy_rank(s, 0.9), error_rank(s, 0.1)) == (0, 0, 0, 0)
+    assert (stable_rank(s), entropy_effective_rank(s), choose_rank(s, energy=0.9), choose_rank(s, error=0.1)) == (0, 0, 0, 0)
 
 
 @settings(max_examples=30, deadline=None)

@@ -7,7 +7,7 @@ import torch
 
 from loratools.adapter import Adapter, Module
 from loratools.formats import read_adapter
-from loratools.linalg import energy_rank, error_rank
+from loratools.linalg import choose_rank
 from loratools.compress.resize import resize_adapter
 
 from helpers import peft_heldout_loss
@@ -43,7 +43,7 @@ def test_reduction_matches_dense_float64_svd(adapters, k):
 
 def test_energy_and_error_rules_follow_the_dense_spectrum(adapters):
     src = read_adapter(adapters / "lora")
-    for kw, rule in ((dict(energy=0.8), lambda s: energy_rank(s, 0.8)), (dict(error=0.4), lambda s: error_rank(s, 0.4))):
+    for kw, rule in ((dict(energy=0.8), lambda s: choose_rank(s, energy=0.8)), (dict(error=0.4), lambda s: choose_rank(s, error=0.4))):
         res = resize_adapter(src, **kw)
         for name, m in src.items():
             s = torch.linalg.svdvals(m.delta(dtype=torch.float64))

@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-import torch
 from huggingface_hub import CommitOperationAdd, HfApi, constants, snapshot_download
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, get_session
 
 from ..adapter import Adapter
-from ..errors import CorruptFileError, HubError, InvalidOptionError
+from ..deltas import check_same_deltas
+from ..errors import ConversionCheckError, CorruptFileError, HubError, InvalidOptionError
 from ..formats import detect_format, read_adapter, write_adapter
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from ..inspection import InspectReport, inspect_adapter
@@ -380,16 +380,12 @@ def push(adapter_path: str | os.PathLike[str], repo_id: str, *, private: bool = 
 
 
 def _check_same(a: Adapter, b: Adapter, src: Path) -> None:
-    """The staged PEFT files must hold the adapter that was read: same modules, ranks, factors."""
-    if sorted(a.modules) != sorted(b.modules) or sorted(a.saved) != sorted(b.saved):
-        raise CorruptFileError(src, "its PEFT conversion lost or renamed modules; nothing was uploaded")
-    for name, m in a.modules.items():
-        n = b.modules[name]
-        same = m.rank == n.rank and all(
-            x.shape == y.shape and torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-8)
-            for x, y in zip(m.factors(), n.factors()))
-        if not same:
-            raise CorruptFileError(src, f"its PEFT conversion changed {name}; nothing was uploaded")
+    """The staged PEFT files must hold the adapter that was read: the one ΔW check every rewrite makes
+    (:func:`loratools.deltas.check_same_deltas`), named as the upload's failure."""
+    try:
+        check_same_deltas(a, b)
+    except ConversionCheckError as e:
+        raise CorruptFileError(src, f"its PEFT conversion changed {e.module}; nothing was uploaded") from None
 
 
 # ---- the client's errors → one line ---------------------------------------------------------
