@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,7 @@ def _load(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _exactly(path: Path, want: dict[str, Tensor], like: Any) -> dict[str, Tensor]:
+def _exactly(path: Path, want: Mapping[str, Tensor], like: Any) -> dict[str, Tensor]:
     """The tensors of ``path``: exactly the keys of ``want``, each of ``like(key)``'s shape and dtype."""
     tensors = _load(path)
     missing = [k for k in want if k not in tensors]
