@@ -69,8 +69,7 @@ demo: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
 test: dev
-	# the types first (`make typecheck`); enabled once mypy reports no errors on the package
-	# $(PY) -m mypy
+	$(PY) -m mypy  # the types first: the package must type-check ([tool.mypy] in pyproject.toml)
 	$(PY) -m pytest -rs  # -rs: say why a test was skipped (no npm: the llama.cpp runtime test)
 
 # mypy over the package, as [tool.mypy] in pyproject.toml configures it (run from this directory)

@@ -14,9 +14,9 @@ under a name that does not read as ``torch.nn.Module``.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import TYPE_CHECKING
+
+from .lazy import attach
 
 if TYPE_CHECKING:
     # the value types
@@ -114,17 +114,4 @@ _HOMES: dict[str, str] = {
 __all__ = sorted(_HOMES) + ["__version__"]
 
 if not TYPE_CHECKING:  # hidden from type checkers, which read the imports above instead
-
-    def __getattr__(name: str) -> object:
-        home = _HOMES.get(name)
-        if home is None:  # a submodule not imported yet (``loratools.compress.resize``), as an eager package has it
-            if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-                return importlib.import_module(f".{name}", __name__)
-            raise AttributeError(f"module 'loratools' has no attribute {name!r}")
-        value = getattr(importlib.import_module(f".{home}", __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    __getattr__, __dir__ = attach(__name__, _HOMES, submodules=True)

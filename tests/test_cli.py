@@ -54,7 +54,7 @@ def test_unknown_option_is_a_usage_error(cli):
 # --------------------------------------------------------------------------- start-up: --help without torch
 
 HEAVY = {"torch", "transformers", "huggingface_hub", "gguf", "numpy", "safetensors", "peft", "rich"}
-LIGHT_OURS = {"loratools", "loratools.errors", "loratools.__main__",  # and loratools.cli.*
+LIGHT_OURS = {"loratools", "loratools.lazy", "loratools.errors", "loratools.__main__",  # and loratools.cli.*
               # train's options are made from TrainConfig's fields: pure dataclasses, no torch
               "loratools.train", "loratools.train.config", "loratools.nn", "loratools.nn.spec"}
 

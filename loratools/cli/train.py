@@ -168,7 +168,7 @@ def _summary(result: TrainResult, output: str) -> str:
 @click.option("--base-model", default=None, metavar="HUB_ID",
               help="Hub id stored as base_model_name_or_path [default: the base's _name_or_path, else its absolute path].")
 @pass_session
-def train(session: Session, base: str, data: str, output: str, force: bool, log_every: int,
+def train(session: Session, /, base: str, data: str, output: str, force: bool, log_every: int,
           checkpoint_dir: str | None, resume: str | None, base_model: str | None, **options: Any) -> None:
     """Train a LoRA, DoRA or AdaLoRA adapter on a local causal LM and write it as a PEFT directory.
 

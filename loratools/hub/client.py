@@ -159,7 +159,8 @@ def pull(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathL
     with _client(progress), _hub_errors(repo_id, revision=revision, token=token, endpoint=endpoint,
                                         action="download", offline=offline, guard=guard), _guarded(guard):
         snapshot = Path(snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, endpoint=endpoint, token=token,
+            repo_id, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir), endpoint=endpoint,
+            token=token,
             allow_patterns=list(ADAPTER_FILES), local_files_only=offline,
             library_name="loratools", library_version=_version(),
         ))

@@ -6,8 +6,9 @@ The names load on first use (PEP 562), so :class:`LayerSpec` is read without imp
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import attach
 
 if TYPE_CHECKING:
     from .inject import (LORA_LAYERS, adapter_layers, adapter_state, expected_parameters, inject,
@@ -28,14 +29,5 @@ __all__ = ["AdaptedLinear", "LoRALinear", "AdaLoRALinear", "DoRALinear", "LayerS
            "expected_parameters"]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+if not TYPE_CHECKING:  # type checkers read the imports above
+    __getattr__, __dir__ = attach(__name__, _HOMES)

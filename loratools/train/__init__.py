@@ -12,8 +12,9 @@ The names load on first use (PEP 562), so reading :class:`TrainConfig` does not 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import attach
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -25,14 +26,5 @@ _HOMES = {"TrainConfig": "config", "TrainResult": "loop", "StepInfo": "loop", "t
 __all__ = ["TrainConfig", "TrainResult", "StepInfo", "train_adapter"]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+if not TYPE_CHECKING:  # type checkers read the imports above
+    __getattr__, __dir__ = attach(__name__, _HOMES)
