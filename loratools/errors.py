@@ -38,7 +38,7 @@ __all__ = [
     "InvalidOptionError",
     "DoraError",
     "HubError",
-    "VerificationError", "ConversionCheckError"]
+    "VerificationError", "ConversionCheckError", "LossyMergeError"]
 
 
 class LoraToolsError(Exception):
@@ -228,3 +228,13 @@ class ConversionCheckError(LoraToolsError, ValueError):
     def __init__(self, module: str, why: str) -> None:
         self.module = module
         super().__init__(f"conversion check failed for {module}: {why}; nothing was written")
+
+
+class LossyMergeError(LoraToolsError, ValueError):
+    """A quantized merge whose written model would carry too little of the adapters' update ΔW (its
+    requantization rounds it away): refused before anything is put in place, unless ``allow_lossy``."""
+
+    def __init__(self, rel_error: float, kept: float, what: str, fix: str) -> None:
+        self.rel_error, self.kept = rel_error, kept
+        super().__init__(f"the merged model {what}: its requantization rounds the update away; {fix}, or serve "
+                         "the adapter unmerged, or pass `allow_lossy` to write it anyway; nothing was written")

@@ -222,5 +222,5 @@ def test_one_merge_report_keeps_the_json_keys_of_each_kind() -> None:
     assert not st.is_gguf and gguf.is_gguf
     assert set(st.to_json()) == common | {"est_max_abs_error", "est_rel_error", "error_bound", "vouched",
                                           "record_fraction"}
-    assert set(gguf.to_json()) == common | {"files", "quant", "adapted_nbytes"}
+    assert set(gguf.to_json()) == common | {"files", "quant", "adapted_nbytes", "update", "allowed_lossy"}
     assert gguf.to_json()["files"] == ["m.gguf"] and st.to_json()["record_fraction"] == 0.1

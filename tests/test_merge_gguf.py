@@ -7,6 +7,7 @@ projection; the reference permutes q/k rows with llama.cpp's formula (convert_hf
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,105 @@ def test_threads_do_not_change_a_byte(tiny: dict, tmp_path: Path, monkeypatch: p
         merge_model(tiny["gguf"], [read_adapter(tiny["adapter"])], tmp_path / f"m{cores}.gguf")
         shas.append(hashlib.sha256((tmp_path / f"m{cores}.gguf").read_bytes()).hexdigest())
     assert shas[0] == shas[1]
+
+
+# --- how much of ΔW the written model keeps (requantizing to 4 bits can round a small ΔW away) -----------------
+
+def _gguf_deq(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor dequantized by llama.cpp's own Python package (gguf.quants.dequantize), as float64."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    r = gguf.GGUFReader(str(path))
+    return {t.name: gguf_dequantize(t.data, t.tensor_type).astype(np.float64)
+            .reshape(tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors}
+
+
+@pytest.fixture(scope="module")
+def q4(tiny: dict) -> dict:
+    """The tiny model with every adapted tensor Q4_0 or Q4_1, and ΔW of the adapter (weight 1) per tensor:
+    peft's merge minus the base it merged into, in float64 (independent of loratools)."""
+    base = _gguf_deq(tiny["gguf"])
+    delta = {n: e - base[n] for n, e in tiny["exact"].items()}
+    weights = {n: (a, ("Q4_0", "Q4_1")[i % 2] if n in tiny["exact"] else t)
+               for i, (n, (a, t)) in enumerate(tiny["weights"].items())}
+    _write_gguf(tiny["dir"] / "q4.gguf", weights)
+    return {"gguf": tiny["dir"] / "q4.gguf", "delta": delta}
+
+
+def _kept(base: Path, merged: Path, delta: dict[str, np.ndarray], w: float) -> tuple[float, float]:
+    """(‖realized − w·ΔW‖F/‖w·ΔW‖F, ⟨realized, w·ΔW⟩/‖w·ΔW‖F²) over every adapted tensor, in float64."""
+    b, m = _gguf_deq(base), _gguf_deq(merged)
+    e2 = dot = d2 = 0.0
+    for n, d in delta.items():
+        realized, want = m[n] - b[n], w * d
+        e2 += float(((realized - want) ** 2).sum())
+        dot += float((realized * want).sum())
+        d2 += float((want * want).sum())
+    return float(np.sqrt(e2 / d2)), dot / d2
+
+
+SMALL = 0.005  # the adapter's weight: ΔW ≈ 1 % of W0, below the 4-bit step (realistic for a trained LoRA)
+
+
+def test_q4_same_merge_that_rounds_a_small_update_away_is_refused(tiny: dict, q4: dict, tmp_path: Path,
+                                                                  cli) -> None:
+    out, rec = tmp_path / "m.gguf", tmp_path / "r.safetensors"
+    r = cli("merge", q4["gguf"], tiny["adapter"], "--weight", SMALL, "-o", out, "--record", rec, "--verify")
+    assert r.returncode == 2, r.stdout
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and not out.exists() and not rec.exists() and not list(tmp_path.iterdir())
+    r = cli("merge", q4["gguf"], tiny["adapter"], "--weight", SMALL, "-o", out, "--allow-lossy", "--json")
+    assert r.returncode == 0, r.stderr
+    rel, kept = _kept(q4["gguf"], out, q4["delta"], SMALL)  # llama.cpp's dequantizer, float64
+    assert kept < 0.1 and rel > 1.0  # the merge keeps a few % of ΔW: right to refuse it
+    assert f"keeps {100 * kept:.3g}% of the adapters' update" in line, line
+    assert "--quant q8_0 or f16" in line and "--allow-lossy" in line and "nothing was written" in line
+    u = json.loads(r.stdout)["update"]
+    assert u["lossy"] and json.loads(r.stdout)["allowed_lossy"]
+    assert u["kept"] == pytest.approx(kept, rel=1e-6) and u["rel_error"] == pytest.approx(rel, rel=1e-6)
+    # verify reports the same figure and fails on it, unless the same flag
+    v = cli("verify", q4["gguf"], tiny["adapter"], out, "--weight", SMALL)
+    assert v.returncode == 2 and f"keeps {100 * kept:.3g}%" in v.stderr and "--allow-lossy" in v.stderr, v.stderr
+    v = cli("verify", q4["gguf"], tiny["adapter"], out, "--weight", SMALL, "--allow-lossy")
+    assert v.returncode == 0 and f"keeps {100 * kept:.3g}%" in v.stdout, v.stderr
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "f16"])
+def test_q4_merge_to_a_finer_type_keeps_the_small_update(tiny: dict, q4: dict, tmp_path: Path, cli,
+                                                         quant: str) -> None:
+    out = tmp_path / "m.gguf"
+    r = cli("merge", q4["gguf"], tiny["adapter"], "--weight", SMALL, "-o", out, "--quant", quant, "--verify", "--json")
+    assert r.returncode == 0, r.stderr
+    rel, kept = _kept(q4["gguf"], out, q4["delta"], SMALL)
+    assert kept == pytest.approx(1, abs=0.01)
+    rep = json.loads(r.stdout)
+    assert rep["update"]["kept"] == pytest.approx(kept, rel=1e-6) and not rep["allowed_lossy"]
+    assert rep["update"]["rel_error"] == pytest.approx(rel, rel=1e-6)
+    assert rep["verify"]["update"]["kept"] == pytest.approx(kept, rel=1e-6)
+    for q in rep["quant"].values():
+        assert q["update_kept"] == pytest.approx(1, abs=0.02)
+    r = cli("merge", q4["gguf"], tiny["adapter"], "--weight", SMALL, "-o", tmp_path / "t.gguf", "--quant", quant)
+    assert r.returncode == 0 and f"update: the written model keeps {100 * rep['update']['kept']:.3g}%" in r.stdout, \
+        r.stdout
+
+
+def test_q4_same_merge_of_a_large_update_passes(tiny: dict, q4: dict, tmp_path: Path) -> None:
+    ad = read_adapter(tiny["adapter"])
+    rep = merge_model(q4["gguf"], [ad], tmp_path / "m.gguf", verify=True)
+    rel, kept = _kept(q4["gguf"], tmp_path / "m.gguf", q4["delta"], 1.0)
+    assert rep.update is not None and not rep.update.lossy and not rep.allowed_lossy
+    assert rep.update.kept == pytest.approx(kept, rel=1e-6) and kept > 0.95
+    assert rep.update.rel_error == pytest.approx(rel, rel=1e-6) and rel < 0.2
+    assert rep.verify is not None and rep.verify.ok
+
+
+def test_lossy_refusal_in_python_leaves_nothing_and_names_the_figure(tiny: dict, q4: dict, tmp_path: Path) -> None:
+    from loratools.errors import LossyMergeError
+
+    ad = read_adapter(tiny["adapter"])
+    _write_gguf(tmp_path / "sp.gguf", {n: (a, "Q4_1" if n in tiny["exact"] else t)
+                                       for n, (a, t) in tiny["weights"].items()}, split=6)
+    with pytest.raises(LossyMergeError) as e:  # a split model: refused before any part is renamed into place
+        merge_model(tmp_path / "sp-00001-of-00003.gguf", [(ad, SMALL)], tmp_path / "out.gguf")
+    assert e.value.kept < 0.1 and "`quant` q8_0 or f16" in str(e.value)
+    assert not list(tmp_path.glob("out*"))

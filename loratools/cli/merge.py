@@ -26,6 +26,9 @@ precision_option = click.option("--precision", default="float32", show_default=T
                                 help="Precision in which each ΔW is formed and added before the one cast.")
 quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16|f32",
                              help="GGUF BASE only: the type of each adapted tensor (default same: its own type).")
+lossy_option = click.option("--allow-lossy", is_flag=True,
+                            help="GGUF BASE only: accept a merged model that keeps too little of the adapters' "
+                                 "update (its requantization rounds ΔW away; refused otherwise).")
 
 
 def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) -> tuple[BaseModel, list[AdapterInput]]:
@@ -51,9 +54,14 @@ def _summary(out: Console, r: MergeReport) -> None:
               else f"{100 * r.record_nbytes / max(r.nbytes, 1):.3f}% of the model's {r.nbytes:,} bytes")
         out.print(f"record {r.record}: {r.record_nbytes:,} bytes of patches ({of})")
     for types, q in r.quant.items():  # a GGUF merge: the requantization per type
+        kept = (f"; keeps {100 * q['update_kept']:.3g}% of ΔW (‖written − ΔW‖/‖ΔW‖ {q['update_rel_error']:.3g})"
+                if q.get("update_kept") is not None else "")
         out.print(f"{types}: {q['tensors']} tensors, requantization error {q['requant_rel_error']:.3g} relative "
                   f"(max {q['requant_max_abs_error']:.3g}); the base's own quantization ≈ {q['base_rel_error_est']:.3g}; "
-                  f"ΔW {q['delta_rel']:.3g} of W0")
+                  f"ΔW {q['delta_rel']:.3g} of W0{kept}")
+    if r.update is not None:
+        lossy = " — LOSSY, written because of --allow-lossy" if r.allowed_lossy else ""
+        out.print(f"update: the written model {r.update.describe()}{lossy}")
     if r.op != "unmerge":
         return
     if r.is_gguf:
@@ -74,6 +82,9 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
     if w is not None:
         out.print(f"verify: {len(v.modules)} merged tensors ({v.dtype}); largest deviation {v.max_abs:.3g}; "
                   f"worst {w.key} at {w.ratio:.3g}× the rounding tolerance")
+    if v.update is not None:
+        allowed = " (allowed: --allow-lossy)" if v.update.lossy and v.allow_lossy else ""
+        out.print(f"verify: the merged model {v.update.describe()}{allowed}")
     if v.untouched_mismatches:
         out.print(f"verify: {len(v.untouched_mismatches)} tensors the adapters do not touch differ from the "
                   f"base (first: {v.untouched_mismatches[0]})")
@@ -88,6 +99,7 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @device_option
 @precision_option
 @quant_option
+@lossy_option
 @click.option("--record", type=click.Path(), default=None,
               help="Also write a safetensors sidecar that lets `unmerge --record` restore BASE bit for bit "
                    "(a GGUF BASE: its files byte for byte).")
@@ -97,8 +109,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @json_option
 @pass_session
 def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], dtype: str,
-          device: str, precision: str, quant: str | None, record: str | None, do_verify: bool, force: bool,
-          as_json: bool) -> None:
+          device: str, precision: str, quant: str | None, allow_lossy: bool, record: str | None, do_verify: bool,
+          force: bool, as_json: bool) -> None:
     """Merge adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, streaming, one tensor at a time.
 
     BASE is a model directory (single or sharded safetensors) or one .safetensors
@@ -110,14 +122,18 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
 
     A .gguf BASE (llama.cpp model, split files too) gives a .gguf OUTPUT: each
     adapted tensor is dequantized, ΔW added in float32 and requantized to its
-    own type (--quant same) or to --quant's.
+    own type (--quant same) or to --quant's. The summary says how much of ΔW
+    the written model keeps: requantizing to a 4-bit type rounds a trained
+    adapter's small ΔW mostly away, so a merge that keeps less than half of
+    ΔW is refused before anything is written; merge to q8_0 or f16, serve
+    the adapter unmerged, or pass --allow-lossy.
 
     \b
     Examples:
       loratools merge fixtures/tiny-llama fixtures/adapters/lora -o merged
       loratools merge base a1 a2 --weight 0.7 --weight 0.3 -o merged --dtype bfloat16
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
-      loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant same --verify
+      loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant q8_0 --verify
     """
     from ..device import configure_cpu_threads, resolve_dtype
     from ..merge.jobs import merge_model
@@ -127,7 +143,8 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     model, inputs = _adapters(adapters, weights, base)
     with render.progress(session, None, "merge", quiet=as_json) as advance:
         report = merge_model(model, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
-                             record=record, force=force, verify=do_verify, progress=advance, quant=quant)
+                             record=record, force=force, verify=do_verify, progress=advance, quant=quant,
+                             allow_lossy=allow_lossy)
     for note in report.notes:
         session.err.print(f"note: {note}")
     if as_json:
@@ -190,16 +207,19 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
 @weight_option
 @device_option
 @precision_option
+@lossy_option
 @json_option
 @pass_session
 def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, weights: tuple[float, ...], device: str,
-           precision: str, as_json: bool) -> None:
+           precision: str, allow_lossy: bool, as_json: bool) -> None:
     """Check that MERGED is BASE with the adapters merged in, tensor by tensor.
 
     Prints the largest deviation |merged − (W0 + Σ wᵢ·ΔWᵢ)| and exits with code 2
     if any element exceeds the rounding tolerance of MERGED's dtype (one ulp of
     the exact value plus float32 summation slack), or if a tensor the adapters
-    do not touch differs from the base.
+    do not touch differs from the base. A GGUF MERGED must also carry the
+    adapters' update: one that keeps too little of ΔW (the figure `merge`
+    refuses on) fails unless --allow-lossy.
 
     \b
     Examples:
@@ -212,7 +232,8 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
     configure_cpu_threads(device)
     model, inputs = _adapters(adapters, weights, base)
     with render.progress(session, None, "verify", quiet=as_json) as advance:
-        v = verify_merge(model, inputs, merged, device=device, precision=precision, progress=advance)
+        v = verify_merge(model, inputs, merged, device=device, precision=precision, progress=advance,
+                         allow_lossy=allow_lossy)
     if as_json:
         render.print_json(v.to_json())
     else:

@@ -20,7 +20,12 @@ The engine (planning, the block loop, the writer) is :mod:`.gguf_stream`; a merg
 The report gives, per (input type → output type), the requantization error against the exact
 ``deq(W0) + ΔW`` beside an estimate of what the base's own quantization already cost: that type's
 error on the base's values shuffled within each row (so they lie off its grid, as the original
-float weights did), on up to 64 rows per tensor.
+float weights did), on up to 64 rows per tensor. It also gives how much of ΔW the written model carries
+(:class:`~.report.UpdateFit`: realized = deq(W) − deq(W0) against ΔW). Requantizing to the base's own
+type rounds W0 + ΔW back onto W0's grid where ΔW is below the type's step (a trained adapter on a 4-bit
+model), so a merge can keep a small share of ΔW while every other figure looks fine: a merge that keeps
+too little (less than :data:`~.report.MIN_KEPT` of ΔW) is refused before anything is put in place, unless
+``allow_lossy``; :func:`verify_gguf` fails on the same figure.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CorruptFileError, InvalidOptionError, ShapeMismatchError, WrongBaseError
+from ..errors import CorruptFileError, InvalidOptionError, LossyMergeError, ShapeMismatchError, WrongBaseError
 from ..gguf.quants import can_quantize, dequantize, quantize
 from ..io.gguf_model import (GGUFModelFile, GGUFTensor, file_sha256, layout_mismatch, open_gguf_model, out_split_paths,
                              raw_kv, string_kv)
@@ -46,9 +51,17 @@ from .gguf_stream import (BLOCK_VALUES, QUANTS, Part, Stats, gguf_out_types, pla
                           write_model)
 from .plan import METADATA_KEY, AdapterInput, adapter_inputs, resolve_precision, stamp
 from .record import RecordWriter, read_record
-from .report import MergeReport, ModuleCheck, VerifyReport
+from .report import MergeReport, ModuleCheck, UpdateFit, VerifyReport
 
 __all__ = ["merge_gguf", "unmerge_gguf", "verify_gguf", "plan_gguf", "gguf_out_types", "QUANTS"]
+
+
+def _lossy(fit: UpdateFit, types: dict[str, tuple[str, int]]) -> LossyMergeError:
+    """The refusal of a merge that keeps too little of ΔW, offering finer types than the ones written."""
+    out = {q.upper() for q, _ in types.values()}
+    finer = ("q8_0 or f16" if out - {"Q8_0", "F16", "BF16", "F32"} else "f16 or f32" if out & {"Q8_0", "BF16"}
+             else "f32")
+    return LossyMergeError(fit.rel_error, fit.kept, fit.describe(), f"merge with `quant` {finer}")
 
 
 def _report(model: GGUFModelFile, plan: dict[str, list[Part]], paths: list[Path], op: str, stats: Stats,
@@ -85,7 +98,7 @@ def _recorder(model: GGUFModelFile, inputs: Sequence[AdapterInput], plan: dict[s
 def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str], *, quant: str | None = None,
                precision: str | torch.dtype = torch.float32, record: Any = None, force: bool = False,
                progress: Any = None, sign: float = 1.0,
-               op: str = "merge", verify: bool = False) -> MergeReport:
+               op: str = "merge", verify: bool = False, allow_lossy: bool = False) -> MergeReport:
     """Write ``out`` = the GGUF model ``base`` with W = Q(deq(W0) + sign·Σ wᵢ·ΔWᵢ) for every adapted tensor.
 
     ``quant``: ``"same"`` (default: each tensor's own type, refused before writing where loratools cannot
@@ -95,6 +108,11 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
     checks the written model; a single file is checked before it is renamed into place (nothing is left at
     ``out`` when it fails), a split one once all its parts are in place. With ``record``, also writes the
     record (:mod:`.gguf_record`) that lets :func:`unmerge_gguf` give ``base`` back byte for byte.
+
+    A merge whose written model carries too little of ΔW (``report.update``, see :class:`~.report.UpdateFit`:
+    a share of ΔW below :data:`~.report.MIN_KEPT`, typically ``quant="same"`` on a 4-bit model with an
+    adapter below its step) raises :class:`~loratools.errors.LossyMergeError` before anything is renamed into
+    place; ``allow_lossy`` writes it anyway (``report.allowed_lossy``). An un-merge only reports the figure.
     """
     quant = quant or "same"
     if quant.lower() != "same" and not can_quantize(quant):
@@ -120,8 +138,11 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
 
         def check(tmps: list[Path]) -> None:
             nonlocal checked
+            fit = stats.update()
+            if op == "merge" and fit is not None and fit.lossy and not allow_lossy:
+                raise _lossy(fit, types)
             if verify and len(paths) == 1:
-                checked = verify_gguf(base, inputs, tmps[0], precision=prec)
+                checked = verify_gguf(base, inputs, tmps[0], precision=prec, allow_lossy=allow_lossy)
                 checked.check()
             if finish is not None:
                 finish(meta)
@@ -134,10 +155,12 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
                 nbytes = writer.nbytes
                 writer.close()
     if verify and checked is None:  # split parts are named after each other: checked where they now are
-        checked = verify_gguf(base, inputs, paths[0], precision=prec)
+        checked = verify_gguf(base, inputs, paths[0], precision=prec, allow_lossy=allow_lossy)
         checked.check()
+    fit = stats.update()
     return _report(model, plan, paths, op, stats, inputs, verify=checked,
-                   record=Path(record) if record is not None else None, record_nbytes=nbytes)
+                   record=Path(record) if record is not None else None, record_nbytes=nbytes, update=fit,
+                   allowed_lossy=op == "merge" and fit is not None and fit.lossy)
 
 
 def unmerge_gguf(merged: str | os.PathLike[str], adapters: Any, out: str | os.PathLike[str], *, record: Any = None,
@@ -190,35 +213,44 @@ def _restore(model: GGUFModelFile, inputs: Sequence[AdapterInput], out: Path, re
 
 
 def _deviation(base: GGUFModelFile, merged: GGUFModelFile, b: GGUFTensor, m: GGUFTensor, parts: Sequence[Part],
-               prec: torch.dtype) -> tuple[float, float, float]:
-    """(max |merged − exact|, ‖merged − exact‖², ‖Q(exact) − exact‖²) with exact = deq(W0) + ΔW and Q the
-    merged tensor's own type, a block of rows at a time."""
+               prec: torch.dtype) -> tuple[float, float, float, float, float]:
+    """(max |merged − exact|, ‖merged − exact‖², ‖Q(exact) − exact‖², ⟨realized, ΔW⟩, ‖ΔW‖²) with
+    exact = deq(W0) + ΔW, realized = deq(merged) − deq(W0) and Q the merged tensor's own type, a block of rows at
+    a time (‖merged − exact‖² is ‖realized − ΔW‖²: the :class:`~.report.UpdateFit` sums)."""
     cols, step = b.shape[-1], max(1, BLOCK_VALUES // b.shape[-1])
-    mx = e2 = r2 = 0.0
+    mx = e2 = r2 = dot = d2 = 0.0
     for s in range(0, b.rows, step):
         n = min(step, b.rows - s)
-        acc = torch.from_numpy(read_rows(base, b, s, n)).to(prec)
+        w0 = read_rows(base, b, s, n)
+        delta = torch.zeros(n, cols, dtype=prec)
         for p in parts:
             lo, hi = max(s, p.first), min(s + n, p.first + p.L.shape[0])
             if lo < hi:
-                acc[lo - s:hi - s].addmm_(p.L[lo - p.first:hi - p.first].to(prec), p.R.to(prec))
-        exact = acc.to(torch.float64).numpy()
-        got = read_rows(merged, m, s, n).astype(np.float64) - exact
+                delta[lo - s:hi - s].addmm_(p.L[lo - p.first:hi - p.first].to(prec), p.R.to(prec))
+        acc = torch.from_numpy(w0).to(prec) + delta  # as requant_rows forms the merged sum
+        d64 = delta.to(torch.float64).numpy()
+        exact = w0.astype(np.float64) + d64
+        out = read_rows(merged, m, s, n).astype(np.float64)
+        got = out - exact
+        dot += float(((out - w0.astype(np.float64)) * d64).sum())
+        d2 += float((d64 * d64).sum())
         ref = dequantize(quantize(acc.to(torch.float32).numpy(), m.qtype), m.qtype, (n, cols)) - exact
         mx = max(mx, float(np.abs(got).max()) if got.size else 0.0)
         e2 += float((got * got).sum())
         r2 += float((ref * ref).sum()) + (1e-6 ** 2) * float((exact * exact).sum())
-    return mx, e2, r2
+    return mx, e2, r2, dot, d2
 
 
 def verify_gguf(base: str | os.PathLike[str], adapters: Any, merged: str | os.PathLike[str], *,
-                precision: str | torch.dtype = torch.float32, progress: Any = None) -> VerifyReport:
+                precision: str | torch.dtype = torch.float32, progress: Any = None,
+                allow_lossy: bool = False) -> VerifyReport:
     """Check the GGUF ``merged`` against ``base`` + Σ wᵢ·ΔWᵢ, tensor by tensor (a ``VerifyReport``).
 
     An adapted tensor's ratio is ‖merged − exact‖F / (1.5·‖Q(exact) − exact‖F), exact = deq(W0) + ΔW in
     float32 and Q the merged tensor's type: requantizing the exact sum itself gives 1/1.5, a merge that
     missed the q/k permutation or the scale gives far more; > 1 fails. Every other tensor must be the
-    base's bytes.
+    base's bytes. The merged model must also carry ΔW (``update``, the figure a merge refuses on, see
+    :class:`~.report.UpdateFit`): a lossy one fails unless ``allow_lossy``.
     """
     prec = resolve_precision(precision)
     bm, mm = open_gguf_model(base), open_gguf_model(merged)
@@ -228,6 +260,7 @@ def verify_gguf(base: str | os.PathLike[str], adapters: Any, merged: str | os.Pa
         raise WrongBaseError(f"the merged model and the base hold different tensors "
                              f"(first: {sorted(set(bt) ^ set(mt))[0]})")
     checks, bad, types = [], [], set()
+    sums: dict[str, tuple[float, float, float]] = {}
     if progress:
         progress(0, total=len(bt))
     for name in sorted(bt):
@@ -236,10 +269,12 @@ def verify_gguf(base: str | os.PathLike[str], adapters: Any, merged: str | os.Pa
             raise ShapeMismatchError(name, b.shape, m.shape, "the merged model is not a merge of the base")
         if name in plan:
             types.add(m.qtype)
-            mx, e2, r2 = _deviation(bm, mm, b, m, plan[name], prec)
+            mx, e2, r2, dot, d2 = _deviation(bm, mm, b, m, plan[name], prec)
+            sums[name] = (e2, dot, d2)
             checks.append(ModuleCheck(name, mx, math.sqrt(e2) / (1.5 * math.sqrt(r2)) if r2 else 0.0))
         elif b.qtype != m.qtype or bm.read(b) != mm.read(m):
             bad.append(name)
         if progress:
             progress(1)
-    return VerifyReport(checks, bad, ",".join(sorted(types)))
+    return VerifyReport(checks, bad, ",".join(sorted(types)), update=UpdateFit.from_sums(sums),
+                        allow_lossy=allow_lossy)

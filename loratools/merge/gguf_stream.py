@@ -28,6 +28,7 @@ from ..io.gguf_model import GGUFModelFile, GGUFTensor, copy_bytes, gguf_heads, w
 from ..io.paths import atomic_output, check_output
 from .kernels import low_rank
 from .plan import AdapterInput, check_bias
+from .report import UpdateFit
 
 __all__ = ["Part", "plan_gguf", "gguf_out_types", "Stats", "read_rows", "requant_rows", "merge_tensor",
            "write_model", "QUANTS", "BLOCK_VALUES"]
@@ -159,23 +160,34 @@ def gguf_out_types(model: GGUFModelFile, plan: dict[str, list[Part]],
 
 
 class Stats:
-    """Σ of squared errors and norms per (input type → output type), for the report."""
+    """Σ of squared errors and norms per (input type → output type), and per tensor the sums that say how much
+    of ΔW the written tensor carries (:class:`~.report.UpdateFit`), for the report."""
 
     def __init__(self) -> None:
         self.by: dict[str, dict[str, float]] = {}
+        self.update_sums: dict[str, tuple[float, float, float]] = {}
 
     def add(self, key: str, **figures: float) -> None:
         d = self.by.setdefault(key, {"tensors": 0.0, "max_abs": 0.0, "err2": 0.0, "w2": 0.0, "d2": 0.0, "w02": 0.0,
-                                     "base_err2": 0.0, "base_w2": 0.0})
+                                     "base_err2": 0.0, "base_w2": 0.0, "u_err2": 0.0, "u_dot": 0.0})
         for k, v in figures.items():
             d[k] = max(d[k], v) if k == "max_abs" else d[k] + v
+
+    def add_update(self, tensor: str, err2: float, dot: float, d2: float) -> None:
+        """One tensor's ‖realized − ΔW‖², ⟨realized, ΔW⟩ and ‖ΔW‖² (float64 sums over its blocks)."""
+        self.update_sums[tensor] = (err2, dot, d2)
+
+    def update(self) -> UpdateFit | None:
+        return UpdateFit.from_sums(self.update_sums)
 
     def report(self) -> dict[str, dict[str, Any]]:
         def rel(a: float, b: float) -> float:
             return math.sqrt(a / b) if b else 0.0
         return {k: {"tensors": int(d["tensors"]), "requant_rel_error": rel(d["err2"], d["w2"]),
                     "requant_max_abs_error": d["max_abs"], "base_rel_error_est": rel(d["base_err2"], d["base_w2"]),
-                    "delta_rel": rel(d["d2"], d["w02"])} for k, d in self.by.items()}
+                    "delta_rel": rel(d["d2"], d["w02"]),
+                    "update_rel_error": rel(d["u_err2"], d["d2"]) if d["d2"] else None,
+                    "update_kept": d["u_dot"] / d["d2"] if d["d2"] else None} for k, d in self.by.items()}
 
 
 def _base_error(w0: np.ndarray, qtype: str) -> tuple[float, float]:
@@ -215,10 +227,16 @@ def _merged_block(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qt
     raw = model.read(t, s, n)
     w0 = np.array(dequantize(np.frombuffer(raw, np.uint8), t.qtype, (n, t.shape[-1])))
     q, acc, delta = requant_rows(w0, parts, s, qtype, precision, t.name)
-    err = dequantize(q, qtype, acc.shape).astype(np.float64) - acc.to(torch.float64).numpy()
+    out = dequantize(q, qtype, acc.shape).astype(np.float64)
+    err = out - acc.to(torch.float64).numpy()
+    # what the written block really adds to the base, against the ΔW it was meant to add (float64)
+    d64 = delta.to(torch.float64).numpy()
+    realized = out - w0.astype(np.float64)
+    miss = realized - d64
     figures = {"max_abs": float(np.abs(err).max()) if err.size else 0.0, "err2": float((err * err).sum()),
-               "w2": float((acc.to(torch.float64) ** 2).sum()), "d2": float((delta.to(torch.float64) ** 2).sum()),
-               "w02": float((w0.astype(np.float64) ** 2).sum())}
+               "w2": float((acc.to(torch.float64) ** 2).sum()), "d2": float((d64 * d64).sum()),
+               "w02": float((w0.astype(np.float64) ** 2).sum()), "u_err2": float((miss * miss).sum()),
+               "u_dot": float((realized * d64).sum())}
     if s == 0:
         figures["base_err2"], figures["base_w2"] = _base_error(w0, t.qtype)
     return raw, q, figures, hook.prepare(s, n, raw, q) if hook is not None else None
@@ -239,11 +257,14 @@ def merge_tensor(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qty
     blocks = [(s, min(step, t.rows - s)) for s in range(0, t.rows, step)]
     work = map_in_threads(lambda b: _merged_block(model, t, parts, qtype, precision, hook, *b), blocks,
                           workers=max(1, min(cpu_cores() - 1, 8)))
+    e2 = dot = d2 = 0.0
     for (s, n), (raw, q, figures, prepared) in zip(blocks, work):
         stats.add(key, **figures)
+        e2, dot, d2 = e2 + figures["u_err2"], dot + figures["u_dot"], d2 + figures["d2"]
         if hook is not None:
             q = hook.block(s, n, raw, q, prepared)
         f.write(np.ascontiguousarray(q).tobytes())
+    stats.add_update(t.name, e2, dot, d2)
     if hook is not None:
         hook.done()
 

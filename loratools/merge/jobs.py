@@ -140,7 +140,8 @@ def _path(model: PathLike | BaseModel) -> Path:
 def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
                 record: PathLike | None = None, force: bool = False, verify: bool = False,
-                progress: Progress | None = None, quant: str | None = None) -> MergeReport:
+                progress: Progress | None = None, quant: str | None = None,
+                allow_lossy: bool = False) -> MergeReport:
     """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
@@ -154,12 +155,12 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
     ``base`` is a path, or the :class:`~loratools.formats.BaseModel` the adapters were read against (its weights
     and config are then not read again). An adapter whose label names a path is an input too: ``out`` may not
     overwrite it. A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead
-    of ``dtype``).
+    of ``dtype``; ``allow_lossy`` writes a merge whose requantization keeps too little of ΔW, refused otherwise).
     """
     if _gguf(_path(base), dtype=dtype, quant=quant):
         from .gguf import merge_gguf
         return merge_gguf(_path(base), adapters, out, quant=quant, precision=precision, record=record,
-                          force=force, progress=progress, verify=verify)
+                          force=force, progress=progress, verify=verify, allow_lossy=allow_lossy)
     job = _Job.start(base, adapters, device, precision)
     model, plan = job.model, job.plan
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
@@ -299,18 +300,20 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
 
 def verify_merge(base: PathLike | BaseModel, adapters: Adapters, merged: PathLike, *,
                  device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
-                 progress: Progress | None = None) -> VerifyReport:
+                 progress: Progress | None = None, allow_lossy: bool = False) -> VerifyReport:
     """Check ``merged`` against ``base`` + Σ wᵢ·ΔWᵢ, tensor by tensor.
 
     For each adapted weight: the largest |merged − exact| (exact = W0 + Σ wᵢ·ΔWᵢ
     in ``precision``) and its ratio to :func:`tolerance` (> 1 fails). Every other
     tensor must equal the base's, cast to the merged dtype. ``base`` is a path or a
     :class:`~loratools.formats.BaseModel` read already. A ``.gguf`` ``base`` is checked by
-    :func:`loratools.merge.gguf.verify_gguf` (the tolerance is the requantization's own error).
+    :func:`loratools.merge.gguf.verify_gguf` (the tolerance is the requantization's own error, and a merged model
+    that keeps too little of ΔW fails unless ``allow_lossy``).
     """
     if _gguf(_path(base)):
         from .gguf import verify_gguf
-        return verify_gguf(_path(base), adapters, merged, precision=precision, progress=progress)
+        return verify_gguf(_path(base), adapters, merged, precision=precision, progress=progress,
+                           allow_lossy=allow_lossy)
     return _check(_Job.start(base, adapters, device, precision), ModelReader(merged), progress)
 
 
