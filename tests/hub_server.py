@@ -29,7 +29,11 @@ the connection (and drops every resumed request at once); ``hub.faults["resolve"
 sends a file's headers, then one byte every ``hub.trickle_s`` seconds. A hostile endpoint, for the
 security tests: ``hub.hostile["etag"]`` / ``["commit"]`` replace the ``ETag`` (and ``X-Linked-Etag``)
 / ``X-Repo-Commit`` of every file reply, ``["sha"]`` is answered as the head commit's id (and
-resolves to it), ``["any_revision"]`` resolves any unknown revision to main. Xet is not spoken: the preupload
+resolves to it), ``["any_revision"]`` resolves any unknown revision to main. For fuzzing,
+``hub.mangle = fn(route, method, status, headers, body)`` sees every reply before it is sent and
+may return ``(status, [(name, value), …], body)`` as bytes, written raw (any header bytes, a
+lying or missing ``Content-Length``, a cut body; the connection then closes), or None to send
+it unchanged. Xet is not spoken: the preupload
 answers ``regular`` for every file unless its suffix is in ``lfs_suffixes``, and LFS tests
 run the client with ``HF_HUB_DISABLE_XET=1``. Bounded: request bodies over ``max_body``
 and stores over ``max_bytes`` get 413.
@@ -134,6 +138,7 @@ class FakeHub:
         self.faults: dict[str, int | str] = {}
         self.hostile: dict[str, str] = {}
         self.trickle_s = 0.5
+        self.mangle: Any = None  # see the module docstring
         self.log: collections.deque[tuple[str, str]] = collections.deque(maxlen=2000)
         self._lock = threading.RLock()
         self._counter = 0
@@ -264,12 +269,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
+        self.route = ""
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.hub.log.append((method, url.path))
         try:
             for m, name, pattern in _ROUTES:
                 match = pattern.match(url.path)
                 if m == method and match:
+                    self.route = name
                     fault = self.hub.faults.get(name)
                     if isinstance(fault, int):
                         raise _HttpError(fault, f"injected fault on {name}")
@@ -310,6 +317,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, *, headers: dict[str, str] | None = None,
               content_type: str = "application/json", head: bool = False) -> None:
+        if self.hub.mangle is not None:
+            mangled = self.hub.mangle(self.route, self.command, status,
+                                      {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})},
+                                      b"" if head else body)
+            if mangled is not None:
+                self._send_raw(*mangled)
+                return
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -318,6 +332,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+    def _send_raw(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A reply written byte for byte, as a hostile server may (the connection closes after it)."""
+        self.close_connection = True
+        lines = b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+        try:
+            self.wfile.write(b"HTTP/1.1 %d Fuzzed\r\n%b\r\n%b" % (status, lines, body))
+            self.wfile.flush()
+        except OSError:  # the client gave up
+            pass
 
     def _send_json(self, data: Any, *, status: int = 200, headers: dict[str, str] | None = None,
                    head: bool = False) -> None:

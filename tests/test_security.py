@@ -8,6 +8,7 @@ to lie (``hub.hostile``) or to trickle (``hub.faults["resolve"] = "trickle"``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -303,3 +304,75 @@ def test_temporaries_of_long_names_fit_and_stay_apart():
                     assert temporary_names(dest).fullmatch(tmp.name)
     long_a, long_b = Path("/x") / ("a" * 250), Path("/x") / ("a" * 249 + "b")
     assert not temporary_names(long_b).fullmatch(temporary_path(long_a, "tmp").name)
+
+
+# ---- found by tests/test_fuzz.py::test_fuzz_pull_from_a_hostile_hub -----------------------------
+
+def _pull_in_process(hub: FakeHub, tmp_path: Path) -> Path:
+    # the cache as HF_HOME=tmp_path/home makes it: ESCAPE from its blobs/ … is tmp_path
+    return lthub.pull("tester/a", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "home" / "hub", timeout=20)
+
+
+def _reply(route: str, method: str, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"",
+           *, times: int = 1_000):
+    """A ``FakeHub.mangle`` answering the first ``times`` replies of ``route`` with this reply, raw."""
+    left = [times]
+
+    def mangle(name, verb, *_):
+        if (name, verb) != (route, method) or left[0] <= 0:
+            return None
+        left[0] -= 1
+        length = [] if any(k == b"Content-Length" for k, _ in headers) else [(b"Content-Length", str(len(body)).encode())]
+        return status, headers + length, body
+
+    return mangle
+
+
+def test_a_connection_error_mid_pull_does_not_drop_the_guard(hub, tmp_path):
+    """huggingface_hub closes its HTTP session after a connection error and makes a new one; the guard was hooked
+    into the first only, so after a redirect to a closed port every later reply went unchecked (this ETag then
+    named a file outside the cache). The pull now guards every session it makes."""
+    closed = hub.url.replace("127.0.0.1", "127.0.0.2") + "/x"  # the fake Hub listens on 127.0.0.1 only
+    hub.mangle = _reply("tree", "GET", 307, [(b"Location", closed.encode())], times=1)
+    hub.hostile["etag"] = ESCAPE + ".pth"
+    with pytest.raises(HubError, match="answered the ETag .*planted.pth.*nothing was written"):
+        _pull_in_process(hub, tmp_path)
+    assert set(listing(tmp_path)) <= {"home"}
+    assert len(hub.calls("GET", "/tree/")) == 2  # the listing was asked again, through the new session
+
+
+@pytest.mark.parametrize("route,status,body", [
+    ("tree", 200, b'[{"type": "file", "path": 7, "oid": "x", "size": 1}]'),   # was TypeError in sorted()
+    ("tree", 200, b'[{"type": "file", "path": "a", "oid": "x", "size": -1}]'),
+    ("tree", 200, b'[{"path": "a", "oid": "x"}]'),                            # was KeyError 'type'
+    ("tree", 200, b'{"type": "file"}'),
+    ("tree", 304, b""),                                                       # was JSONDecodeError
+    ("tree", 200, b"\xf8\x07not json"),
+    ("info", 200, b'{"id": "tester/a"}'),                                     # was AssertionError (no sha)
+    ("info", 200, b'{"id": 5, "sha": "SHA"}'),
+    ("info", 200, b'{"id": "tester/a", "sha": "SHA", "lastModified": 7, "siblings": 3, "cardData": []}'),
+    ("info", 204, b""),
+    ("info", 200, b"[" * 100_000),
+])
+def test_a_listing_or_repo_info_the_client_cannot_read_is_one_line(hub, tmp_path, route, status, body):
+    body = body.replace(b"SHA", hub.repos["tester/a"].refs["main"].encode())
+    hub.mangle = _reply(route, "GET", status, [(b"Content-Type", b"application/json")], body)
+    if b"lastModified" in body:  # odd fields the pull never reads: dropped before the client parses them
+        assert (_pull_in_process(hub, tmp_path) / "adapter_config.json").is_file()
+        return
+    with pytest.raises(HubError, match=f"answered (a file listing|repo info) that is not .*nothing was written"):
+        _pull_in_process(hub, tmp_path)
+    assert set(listing(tmp_path)) <= {"home"}
+
+
+@pytest.mark.parametrize("header,value,needle", [
+    ("Content-Length", b"9223372036854775808", "sent more than 34359738368 bytes in one reply (Content-Length"),
+    ("X-Linked-Size", b"-1", "announced X-Linked-Size: '-1', not a number of bytes"),
+    ("X-Linked-Size", b"1e3", "announced X-Linked-Size: '1e3', not a number of bytes")])
+def test_a_size_announced_beyond_the_bounds_is_one_line(hub, tmp_path, header, value, needle):
+    """A HEAD whose size was 2**63 made the client raise ValueError ("too large … install hf_xet")."""
+    commit = hub.repos["tester/a"].refs["main"]
+    hub.mangle = _reply("resolve", "HEAD", 200, [(b"X-Repo-Commit", commit.encode()), (b"ETag", b'"' + b"a" * 40 + b'"'),
+                                                 (header.encode(), value)])
+    with pytest.raises(HubError, match=re.escape(needle)):
+        _pull_in_process(hub, tmp_path)

@@ -12,8 +12,10 @@
 
 :func:`pull` trusts nothing the endpoint says (``HF_ENDPOINT`` may be a mirror): before
 huggingface_hub builds a cache path from a value, the value is checked here (:class:`_Guard`,
-hooked into its HTTP session): a commit id must be 40 (or 64) hex digits, an ETag one plain
-name, a revision the user gives a branch, tag or commit id (:func:`check_revision`); every
+hooked into every HTTP session the pull makes): a commit id must be 40 (or 64) hex digits, an ETag one plain
+name, a revision the user gives a branch, tag or commit id (:func:`check_revision`), the repo info
+and file listing the client parses are read by :meth:`_Guard.api_reply` (and reduced to the fields it
+checks), sizes announced in headers must be numbers within the bounds; every
 reply is bounded in bytes (``max_bytes``) and the whole pull in time (``timeout``, default
 ``LORATOOLS_HUB_TIMEOUT`` or one hour), so a server that trickles bytes cannot hold it forever.
 
@@ -40,15 +42,15 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, constants, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, constants, set_client_factory, snapshot_download
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, get_session
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from ..adapter import Adapter
 from ..deltas import check_same_deltas
@@ -242,7 +244,11 @@ class _Guard:
         left = self.left()
         asked = dict(request.extensions.get("timeout") or {})
         cut = {k: left if asked.get(k) is None else min(asked[k], left) for k in ("connect", "read", "write", "pool")}
-        request.extensions = {**request.extensions, "timeout": cut}
+        # what was asked for, kept across redirects (which copy the extensions): a reply is read as that
+        path = request.url.path
+        asked_for = request.extensions.get(_ASKED) or (
+            "info" if _INFO.search(path) else "tree" if _TREE.search(path) else "api" if "/api/" in path else "file")
+        request.extensions = {**request.extensions, "timeout": cut, _ASKED: asked_for}
 
     def on_response(self, response: httpx2.Response) -> None:
         headers, path = response.headers, response.request.url.path
@@ -256,18 +262,77 @@ class _Guard:
         if etag is not None and not _ETAG.fullmatch(etag.removeprefix("W/").strip('"')):
             raise self.refuse(f"{self.where} answered the ETag {etag[:80]!r}, which is not a plain hash; "
                               "nothing was written (is HF_ENDPOINT a Hub?)")
-        cap = MAX_REPLY_BYTES if "/api/" in path else self.max_bytes  # JSON kept in memory, or a file's bytes
+        kind = response.request.extensions.get(_ASKED, "file")
+        cap = MAX_REPLY_BYTES if kind != "file" or "/api/" in path else self.max_bytes  # JSON in memory, or a file
+        for name in ("Content-Length", constants.HUGGINGFACE_HEADER_X_LINKED_SIZE):  # sizes the client plans with
+            size, bound = headers.get(name), min(cap, self.max_bytes)
+            if size is not None and not re.fullmatch(r"[0-9]{1,19}", size):
+                raise self.refuse(f"{self.where} announced {name}: {size[:80]!r}, not a number of bytes; nothing "
+                                  "was written (is HF_ENDPOINT a Hub?)")
+            if size is not None and int(size) > bound:
+                raise self.refuse(f"{self.where} sent more than {bound} bytes in one reply ({name}: {size}); "
+                                  "nothing was written")
         response.stream = _Counted(response.stream, self, cap)
-        if response.status_code == 200 and _INFO.search(path):
+        if kind in ("info", "tree") and response.status_code < 400 and not response.has_redirect_location:  # what the client parses
             response.read()
-            try:
-                info = json.loads(response.content)
-            except ValueError:
-                return  # the client says what is wrong with it
-            sha = info.get("sha") if isinstance(info, dict) else None
-            if sha is not None and not (isinstance(sha, str) and _COMMIT.fullmatch(sha)):
+            # the client builds objects (and cache paths) from these: it gets only the fields checked here
+            response._content = json.dumps(self.api_reply(kind, response.content)).encode()
+
+    def api_reply(self, kind: str, body: bytes) -> Any:
+        """The reader of the JSON a pull uses: repo info (``id``, ``sha``) or a tree listing (``type``, ``path``,
+        ``oid``, ``size``, ``lfs``, ``xetHash`` of each entry), checked and reduced to those fields; else refused.
+        """
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            data = _NOT_JSON
+        if kind == "info":
+            sha = data.get("sha") if isinstance(data, dict) else None
+            if isinstance(data, dict) and sha is not None and not (isinstance(sha, str) and _COMMIT.fullmatch(sha)):
                 raise self.refuse(f"{self.where} answered the commit id {str(sha)[:80]!r}, which is not 40 hex "
                                   "digits; nothing was written (is HF_ENDPOINT a Hub?)")
+            if isinstance(data, dict) and isinstance(data.get("id"), str) and sha is not None:
+                return {"id": data["id"], "sha": sha}
+            raise self.refuse(f"{self.where} answered repo info that is not a JSON object with an id and a commit "
+                              "id (sha); nothing was written (is HF_ENDPOINT a Hub?)")
+        entries = data if isinstance(data, list) else []
+        kept = [_tree_entry(e) for e in entries]
+        if not isinstance(data, list) or any(e is None for e in kept):
+            raise self.refuse(f"{self.where} answered a file listing that is not a JSON list of files and folders "
+                              "(type, path, oid; size and lfs for a file); nothing was written (is HF_ENDPOINT a Hub?)")
+        return kept
+
+
+_NOT_JSON = object()
+#: the request extension that says what a request (and each redirect of it) asked for: info, tree, api or file
+_ASKED = "loratools.asked_for"
+#: the replies listing a revision's files (``trees/<sha>.json`` in the cache is made of them)
+_TREE = re.compile(r"/api/(?:models|datasets|spaces)/[^/]+/[^/]+/tree/")
+
+
+def _is_size(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def _tree_entry(e: object) -> dict[str, Any] | None:
+    """One entry of a tree listing with only the fields the client reads, or None when one is missing or odd."""
+    if not (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("oid"), str)
+            and len(e["path"]) <= 4096 and len(e["oid"]) <= 128):
+        return None
+    if e.get("type") == "directory":
+        return {"type": "directory", "path": e["path"], "oid": e["oid"]}
+    lfs, xet = e.get("lfs"), e.get("xetHash")
+    if e.get("type") != "file" or not _is_size(e.get("size")) or not (xet is None or isinstance(xet, str)):
+        return None
+    out = {"type": "file", "path": e["path"], "oid": e["oid"], "size": e["size"]}
+    if xet is not None:
+        out["xetHash"] = xet
+    if lfs is not None:
+        if not (isinstance(lfs, dict) and isinstance(lfs.get("oid"), str) and _ETAG.fullmatch(lfs["oid"])
+                and _is_size(lfs.get("size")) and _is_size(lfs.get("pointerSize"))):
+            return None
+        out["lfs"] = {"oid": lfs["oid"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
+    return out
 
 
 class _Counted(httpx2.SyncByteStream):
@@ -289,17 +354,27 @@ class _Counted(httpx2.SyncByteStream):
 
 @contextlib.contextmanager
 def _guarded(guard: _Guard) -> Iterator[None]:
-    """Hook ``guard`` into the session huggingface_hub downloads with (one per process), for the pull."""
-    session = get_session()
-    hooks = session.event_hooks
-    session.event_hooks = {"request": [*hooks["request"], guard.on_request],
-                           "response": [*hooks["response"], guard.on_response]}
+    """Hook ``guard`` into every HTTP session huggingface_hub makes during the pull.
+
+    Not only the session of the moment: the client closes its session after a connection error (a redirect
+    to a closed port is enough) and makes a new one, which must be guarded as well. So the session factory is
+    wrapped for the pull (the current session closed, the next made through it) and put back after."""
+    from huggingface_hub.utils import _http as hf_http
+
+    before: Callable[[], httpx2.Client] = getattr(hf_http, "_GLOBAL_CLIENT_FACTORY", hf_http.default_client_factory)
+
+    def guarded() -> httpx2.Client:
+        client = before()
+        hooks = client.event_hooks
+        client.event_hooks = {"request": [*hooks["request"], guard.on_request],
+                              "response": [*hooks["response"], guard.on_response]}
+        return client
+
+    set_client_factory(guarded)
     try:
         yield
     finally:
-        hooks = session.event_hooks
-        session.event_hooks = {"request": [h for h in hooks["request"] if h != guard.on_request],
-                               "response": [h for h in hooks["response"] if h != guard.on_response]}
+        set_client_factory(before)  # closes the guarded session too
 
 
 # ---- push ------------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def read_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CorruptFileError(where, "not a loratools training checkpoint")
     get_field(state, "step", int, where=where, check=lambda v: v >= 0, expected="an integer ≥ 0")
-    get_field(state, "world_size", int, where=where, default=1, check=lambda v: v >= 1, expected="an integer ≥ 1")
+    # a default is filled in: what reads the state after this (resume) finds every field
+    state["world_size"] = get_field(state, "world_size", int, where=where, default=1, check=lambda v: v >= 1,
+                                    expected="an integer ≥ 1")
     get_field(state, "config", dict, where=where)
     for name in ("losses", "evals"):
         get_field(state, name, list, where=where, check=lambda v: all(isinstance(x, dict) for x in v),
