@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test typecheck install dev node fixtures bench clean llama-ref
+.PHONY: demo test typecheck install dev node fixtures bench clean llama-ref mlx
 
 # llama.cpp's own ggml library (its reference quantizers), built from the llama-cpp-python sdist
 # for the slow tests that check loratools.gguf_quants against it; never a runtime dependency.
@@ -35,8 +35,20 @@ $(VENV)/.dev: $(VENV)/.installed
 	touch $@
 	# best effort: without it the byte-equality tests against llama.cpp skip with the reason
 	-$(MAKE) llama-ref
+	# best effort: mlx-lm for the tests that compare the mlx format with mlx-lm itself (skipped without it)
+	-$(MAKE) mlx
 
 llama-ref: $(LLAMA_REF_LIB)
+
+# mlx-lm (the producer of mlx adapters) in its own git-ignored venv: it pins its own transformers and numpy.
+# mlx-cpu is the Linux CPU backend; mlx is its Python module. tests/mlx_producer.py runs in it, never pytest.
+MLX_VENV := .venv-mlx
+mlx: $(MLX_VENV)/.installed
+
+$(MLX_VENV)/.installed:
+	$(PYTHON) -m venv $(MLX_VENV)
+	$(MLX_VENV)/bin/python -m pip -q --disable-pip-version-check install mlx-cpu==0.32.4 mlx==0.32.4 mlx-lm==0.32.2
+	touch $@
 
 $(LLAMA_REF_LIB):
 	mkdir -p $(LLAMA_REF)

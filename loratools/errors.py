@@ -22,6 +22,7 @@ __all__ = [
     "NotAnAdapterError",
     "UnknownFormatError",
     "CorruptFileError",
+    "LfsPointerError",
     "InvalidFieldError",
     "UnsupportedDataError",
     "ShapeMismatchError",
@@ -76,6 +77,24 @@ class CorruptFileError(LoraToolsError, ValueError):
     def __init__(self, path: object, why: str) -> None:
         self.path = str(path)
         super().__init__(f"{self.path} is damaged or not a valid file: {why}")
+
+
+class LfsPointerError(LoraToolsError, ValueError):
+    """A Git LFS pointer where a file should be (a clone made without git-lfs): the file is not damaged,
+    it is not there yet."""
+
+    #: how every pointer file starts (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md)
+    MAGIC = b"version https://git-lfs.github.com/spec/v1"
+
+    def __init__(self, path: object) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path} is a Git LFS pointer, not the file: run `git lfs pull` (or download it)")
+
+    @classmethod
+    def check(cls, path: object, head: bytes) -> None:
+        """Raise for ``path`` when ``head`` (its first bytes) begins a pointer file."""
+        if head.startswith(cls.MAGIC):
+            raise cls(path)
 
 
 class InvalidFieldError(CorruptFileError):

@@ -32,7 +32,7 @@ def test_convert_is_the_module_and_convert_adapter_the_function() -> None:
 
 
 def test_format_modules_import_only_base_and_convert_no_format_module() -> None:
-    formats = ("peft", "single", "kohya", "gguf")
+    formats = ("peft", "single", "kohya", "gguf", "mlx")
     for name in formats:
         for level, module, names in _imports(PACKAGE / "formats" / f"{name}.py"):
             if level == 1:  # from .X import … inside loratools/formats: base, or a helper of this format alone

@@ -11,7 +11,7 @@ from .options import ADAPTER, Session, base_option, force_option, output_option,
 @click.argument("adapter", type=ADAPTER)
 @output_option
 @click.option("--to", "to", required=True, metavar="FORMAT",
-              help="Target format: peft, loratools, kohya or gguf.")
+              help="Target format: peft, loratools, kohya, gguf or mlx.")
 @base_option("maps kohya names back and gives GGUF its architecture and head counts")
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) modules the target format cannot hold, instead of stopping.")

@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter
-from ..errors import InputNotFoundError, NotAnAdapterError, UnknownFormatError
+from ..errors import InputNotFoundError, LfsPointerError, NotAnAdapterError, UnknownFormatError
 from ..io import atomic_output
 from .base import FORMATS, BaseModel, Format, check_base_shapes, load_base, peek_safetensors, register
 
 # Registration order is detection order: the most specific formats first.
-from . import single, peft, kohya, gguf  # noqa: E402,F401,I001
+from . import single, mlx, peft, kohya, gguf  # noqa: E402,F401,I001
 
 __all__ = ["Format", "FORMATS", "BaseModel", "register", "peek_safetensors", "detect_format", "get_format",
            "check_base_shapes", "load_base", "read_adapter", "read_with_base", "write_adapter"]
@@ -32,8 +32,25 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if fmt.detect(p):
             return fmt.name
     if p.is_dir():
-        raise NotAnAdapterError(p, "no adapter_config.json or adapter file in this directory")
+        raise NotAnAdapterError(p, _why_not_a_directory(p))
+    with p.open("rb") as f:
+        LfsPointerError.check(p, f.read(len(LfsPointerError.MAGIC)))
     raise NotAnAdapterError(p, f"not a format loratools reads ({', '.join(FORMATS)})")
+
+
+def _why_not_a_directory(p: Path) -> str:
+    """Why the directory ``p`` is no adapter, naming the subfolders to pass when the adapters lie one level down:
+    a transformers Trainer checkpoint (``trainer_state.json`` beside the adapter's folder) or peft's
+    ``save_pretrained(selected_adapters=…)``, which writes each adapter but ``default`` to a folder of its name."""
+    subs = sorted(s for s in p.iterdir() if s.is_dir() and not s.name.startswith(".")
+                  and ((s / "adapter_config.json").is_file() or (s / "adapter_model.safetensors").is_file()
+                       or any(fmt.detect(s) for fmt in FORMATS.values())))
+    if not subs:
+        return "no adapter_config.json or adapter file in this directory"
+    shown = ", ".join(str(s) for s in subs[:5]) + (f" and {len(subs) - 5} more" if len(subs) > 5 else "")
+    if (p / "trainer_state.json").is_file():
+        return f"it is a Trainer checkpoint; pass its adapter folder instead: {shown}"
+    return f"it holds adapters in subfolders (one per adapter name, as peft saves selected_adapters); pass one: {shown}"
 
 
 def get_format(name: str) -> Format:

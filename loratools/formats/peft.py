@@ -144,6 +144,22 @@ def _module(name: str, fs: dict[str, Tensor], hint: Kind | None, raw: dict[str, 
                   bias=fs.get("bias"), experts=n_experts, magnitude=magnitude)
 
 
+_MAGNITUDE = re.compile(r"\.(lora_magnitude_vector|magnitude)(\.default)?(\.weight)?$")
+
+
+def _refuse_torchtune_dora(d: Path, raw: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Refuse torchtune's DoRA export by name. peft writes ``use_dora`` in every config since DoRA exists;
+    torchtune's ``tune_to_peft_adapter_config`` (torchtune/models/convert_weights.py) writes only ``r``,
+    ``lora_alpha``, ``target_modules`` and ``peft_type``, and its ``tune_to_peft_adapter_weights`` permutes the
+    q_proj/k_proj ``lora_B`` rows to transformers' order but not their magnitudes, which are per row: read as
+    DoRA, those modules would be wrong."""
+    magnitudes = sorted(k for k in tensors if _MAGNITUDE.search(k))
+    if magnitudes and "use_dora" not in raw:
+        raise NotAnAdapterError(d, f"it is a torchtune DoRA adapter ({magnitudes[0]}, and no use_dora in "
+                                   f"{CONFIG_NAME}), which loratools does not read: torchtune's export leaves the "
+                                   "q_proj/k_proj magnitudes in its own row order; merge it with torchtune instead")
+
+
 def read_peft(path: Path) -> Adapter:
     """Read a PEFT LoRA / rsLoRA / AdaLoRA / DoRA adapter directory."""
     d = _dir_of(Path(path))
@@ -154,7 +170,9 @@ def read_peft(path: Path) -> Adapter:
             raise NotAnAdapterError(d, "only a pickled adapter_model.bin is present; loratools loads safetensors only "
                                        "(re-save it with safe_serialization=True)")
         raise MissingModuleError(WEIGHTS_NAME, str(d), "the weights file is missing")
-    parts, kinds, saved = _group(d, load_safetensors(weights)[0])
+    tensors = load_safetensors(weights)[0]
+    _refuse_torchtune_dora(d, raw, tensors)
+    parts, kinds, saved = _group(d, tensors)
     modules = {name: _module(name, fs, kinds.get(name), raw, weights) for name, fs in parts.items()}
     if not modules:
         raise NotAnAdapterError(weights, "it holds no lora_A/lora_B tensors")

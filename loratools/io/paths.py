@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import (CorruptFileError, InvalidOptionError, LoraToolsError, OutputBusyError, OutputExistsError,
-                      UnsafePathError, WriteFailedError)
+from ..errors import (CorruptFileError, InvalidOptionError, LfsPointerError, LoraToolsError, OutputBusyError,
+                      OutputExistsError, UnsafePathError, WriteFailedError)
 from ..validate import MAX_JSON_BYTES, load_json
 
 __all__ = ["atomic_output", "check_output", "copy_opened", "open_regular", "output_lock", "read_json", "temporary_names",
@@ -353,4 +353,5 @@ def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) 
         if size > max_bytes:
             raise CorruptFileError(path, f"it is {size} bytes, over the {max_bytes}-byte limit for a JSON file")
         data = f.read(max_bytes + 1)
+    LfsPointerError.check(path, data)
     return load_json(data, where=path, max_bytes=max_bytes)

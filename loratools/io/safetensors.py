@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..dtypes import CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES
-from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError
+from ..errors import CorruptFileError, InputNotFoundError, InvalidOptionError, LfsPointerError
 from ..validate import load_json
 
 __all__ = [
@@ -114,6 +114,8 @@ def read_safetensors_layout(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     size = p.stat().st_size
     with p.open("rb") as f:
         head = f.read(8)
+        if head.startswith(b"version "):  # a Git LFS pointer, not a damaged file
+            LfsPointerError.check(p, head + f.read(len(LfsPointerError.MAGIC)))
         if len(head) < 8:
             raise CorruptFileError(p, "shorter than a safetensors header")
         (n,) = struct.unpack("<Q", head)
