@@ -21,6 +21,9 @@ in this order of preference: the ``loratools_module_names`` metadata this writer
 adds (exact); else a match against the base model's weight names (``--base``);
 else the flattened key is kept as the module name (``lora_te_model_layers_0_…``)
 and written back unchanged.
+
+LyCORIS LoHa and LoKr modules in the same layout (``<key>.hada_w1_a``…, ``<key>.lokr_w1``…) are read
+as the LoRA that holds them exactly, and LyCORIS's other kinds refused by name (:mod:`.kohya_lycoris`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from ..errors import CorruptFileError, InvalidFieldError, MissingModuleError, No
 from ..io import load_safetensors, save_safetensors
 from ..validate import load_json
 from .base import BaseModel, Format, peek_safetensors, register
+from .kohya_lycoris import LYCORIS_KEYS, REFUSED_KEYS, lycoris_factors, lycoris_refusal
 
 __all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
 
@@ -51,6 +55,7 @@ FIFO_KEY = "loratools_fan_in_fan_out"
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 #: a name that is already a kohya key base (foreign file read without a base model)
 _FLAT = re.compile(r"^lora_(unet|te\d*)_[^.]*$")
+_LYCORIS_NAMES = frozenset(LYCORIS_KEYS) | REFUSED_KEYS
 _PREFIX = re.compile(r"^lora_(unet|te\d*)_")
 #: first path components of diffusers / original-SD U-Net modules
 _UNET_HEADS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
@@ -102,7 +107,13 @@ def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
 
 def detect(path: Path) -> bool:
     peek = peek_safetensors(path)
-    return peek is not None and any(k.endswith(_DOWN) for k in peek[0]) and any(k.endswith(_UP) for k in peek[0])
+    if peek is None:
+        return False
+    keys = peek[0]
+    if any(k.endswith(_DOWN) for k in keys) and any(k.endswith(_UP) for k in keys):
+        return True
+    # a LyCORIS file: read (LoHa, LoKr) or refused by its kind's name rather than "not an adapter"
+    return any(_PREFIX.match(k) and k.partition(".")[2] in _LYCORIS_NAMES for k in keys)
 
 
 def _alpha_value(path: Path, key: str, t: Tensor) -> float:
@@ -123,8 +134,13 @@ def _base_lookup(names: Iterable[str]) -> dict[str, str | None]:
     return table
 
 
-def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapter:
-    """Read a kohya LoRA file; ``base_names`` (module paths of the base model) maps flattened names back."""
+def read_kohya(path: Path, *, base_names: Iterable[str] | None = None,
+               base_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Adapter:
+    """Read a kohya LoRA file; ``base_names`` (module paths of the base model) maps flattened names back.
+
+    LyCORIS LoHa and LoKr modules are read as the LoRA that holds them exactly (:mod:`.kohya_lycoris`);
+    ``base_shapes`` (module name → weight shape) gives a convolution its kernel when the file does not.
+    """
     tensors, meta = load_safetensors(path)
     names = load_json(meta.get(NAMES_KEY, "{}"), where=path)
     if not isinstance(names, dict) or not all(isinstance(v, str) and v for v in names.values()):
@@ -134,19 +150,25 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
         raise InvalidFieldError(path, FIFO_KEY, fifo_list, "a list of module names")
     fifo = set(fifo_list)
     source: dict[str, str] = {}
-    lookup = _base_lookup(base_names) if base_names is not None else {}
+    known = base_names if base_names is not None else base_shapes
+    lookup = _base_lookup(known) if known is not None else {}
+    groups: dict[str, set[str]] = {}
+    for k in tensors:
+        key, _, rest = k.partition(".")
+        groups.setdefault(key, set()).add(rest)
     modules: dict[str, Module] = {}
-    stray = [k for k in tensors if not k.endswith((_DOWN, _UP, _ALPHA))]
-    if stray:
-        raise NotAnAdapterError(path, f"unexpected tensor {stray[0]!r} (LoHa/LoKr and other LyCORIS kinds are not LoRA)")
-    for key in sorted(k[: -len(_DOWN)] for k in tensors if k.endswith(_DOWN)):
-        up = tensors.get(key + _UP)
-        if up is None:
-            raise MissingModuleError(key + _UP, str(path), "the adapter file is incomplete")
-        A = tensors[key + _DOWN]
-        r = int(A.shape[0])
-        alpha_t = tensors.get(key + _ALPHA)
-        alpha = float(r) if alpha_t is None else _alpha_value(path, key + _ALPHA, alpha_t)
+    for key in sorted(groups):
+        why = lycoris_refusal(groups[key])
+        if why is not None:
+            raise NotAnAdapterError(path, f"its module {key} is {why}")
+        stray = sorted(groups[key] - {_DOWN[1:], _UP[1:], _ALPHA[1:], *LYCORIS_KEYS})
+        if stray:
+            raise NotAnAdapterError(path, f"unexpected tensor {key + '.' + stray[0]!r} (not a LoRA, LoHa or LoKr "
+                                          "tensor)")
+        if groups[key] & set(LYCORIS_KEYS) and groups[key] & {_DOWN[1:], _UP[1:]}:
+            raise CorruptFileError(path, f"{key} holds both LoRA (lora_down/lora_up) and LyCORIS tensors")
+        if groups[key] <= {_ALPHA[1:]}:
+            continue  # an alpha alone: the orphan check below or "no tensors" names it
         if key in names:
             name = names[key]
         else:
@@ -155,11 +177,9 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
         if name in source:  # two keys for one module: one would silently get the other's ΔW
             raise CorruptFileError(path, f"{source[name]!r} and {key!r} both map to the module {name!r}")
         source[name] = key
-        kind: Kind = "conv" if A.ndim in (3, 4, 5) else "linear"
-        if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
-            up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
-        modules[name] = Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind,
-                               fan_in_fan_out=name in fifo)
+        module = _module(path, key, tensors, (base_shapes or {}).get(name))
+        if module is not None:
+            modules[name] = replace(module, fan_in_fan_out=name in fifo)
     for name, key in source.items():  # the tensors' own key names the layer: the metadata may not move it
         if key in names and _PREFIX.sub("", kohya_key(name)) != _PREFIX.sub("", key):
             raise CorruptFileError(path, f"its {NAMES_KEY} metadata maps the tensors {key!r} to the module {name!r}, "
@@ -169,12 +189,42 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None) -> Adapte
     if orphans:
         raise MissingModuleError(orphans[0][: -len(_UP)] + _DOWN, str(path), "the adapter file is incomplete")
     if not modules:
-        raise NotAnAdapterError(path, "it holds no lora_down/lora_up tensors")
+        raise NotAnAdapterError(path, "it holds no lora_down/lora_up (or LyCORIS LoHa/LoKr) tensors")
     # ss_* training metadata is not PEFT config: it is not carried into other formats
     config = AdapterConfig(method="lora", base_model=meta.get("ss_sd_model_name") or None)
     adapter = Adapter(modules, config)
     adapter.check_finite()
     return adapter
+
+
+def _module(path: Path, key: str, tensors: dict[str, Tensor], shape: tuple[int, ...] | None) -> Module | None:
+    """The module under ``key``: kohya LoRA, or LyCORIS LoHa/LoKr as its exact LoRA; None when it has no up/down."""
+    alpha_t = tensors.get(key + _ALPHA)
+    if key + _DOWN not in tensors:
+        if key + _UP in tensors:
+            return None  # the orphan check names it
+        own = {k.partition(".")[2]: t for k, t in tensors.items() if k.partition(".")[0] == key}
+        try:
+            f = lycoris_factors(own, None if alpha_t is None else _alpha_value(path, key + _ALPHA, alpha_t))
+        except ValueError as e:
+            raise CorruptFileError(path, f"{key}: {e}") from None
+        A, B, kernel = f.A, f.B, f.kernel
+        if kernel is None and shape is not None and len(shape) > 2 and math.prod(shape[1:]) == A.shape[1]:
+            kernel = tuple(shape[2:])  # LoHa and a factored LoKr side store a conv's kernel flattened
+        if kernel is not None:
+            A, B = A.reshape(A.shape[0], -1, *kernel), B.reshape(*B.shape, *(1,) * len(kernel))
+        r = int(A.shape[0])
+        return Module(A=A, B=B, alpha=f.scale * r, scale=f.scale, kind="conv" if kernel is not None else "linear")
+    up = tensors.get(key + _UP)
+    if up is None:
+        raise MissingModuleError(key + _UP, str(path), "the adapter file is incomplete")
+    A = tensors[key + _DOWN]
+    r = int(A.shape[0])
+    alpha = float(r) if alpha_t is None else _alpha_value(path, key + _ALPHA, alpha_t)
+    kind: Kind = "conv" if A.ndim in (3, 4, 5) else "linear"
+    if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
+        up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
+    return Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind)
 
 
 def _summary(values: list[float]) -> str:
@@ -226,7 +276,8 @@ def write_kohya(adapter: Adapter, path: Path) -> None:
 
 
 def _read(path: Path, base: BaseModel | None) -> Adapter:
-    adapter = read_kohya(path, base_names=base.module_names if base is not None else None)
+    adapter = read_kohya(path, base_names=base.module_names if base is not None else None,
+                         base_shapes=base.shapes if base is not None else None)
     peek = peek_safetensors(path)
     written_by_us = peek is not None and NAMES_KEY in peek[1]  # then its metadata says which are fan_in_fan_out
     return _in_out_layout(adapter, base) if base is not None and not written_by_us else adapter

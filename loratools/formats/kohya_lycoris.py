@@ -1,0 +1,156 @@
+"""LyCORIS LoHa and LoKr modules in kohya-style files, read as the LoRA of the rank that holds them exactly.
+
+Keys per module ``<key>`` (LyCORIS 4.1.3 ``lycoris/modules/loha.py``, ``lokr.py``, ``weight_list``):
+
+- LoHa: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in·k), ``hada_w2_a``, ``hada_w2_b`` (rank r₂), ``alpha``;
+  ΔW = s · (w1a w1b) ⊙ (w2a w2b), s = alpha / r with r = ``hada_w1_b.size(0)``, and alpha 0 or missing
+  meaning s = 1 (``LohaModule.__init__``, ``make_module_from_state_dict``; the product is
+  ``functional/loha.py`` ``HadaWeight.forward``).
+- LoKr: ``lokr_w1`` (a, c) or ``lokr_w1_a`` (a, r) ``lokr_w1_b`` (r, c); ``lokr_w2`` (b, d, *kernel) or
+  ``lokr_w2_a`` (b, r) ``lokr_w2_b`` (r, d·k); ``alpha``; ΔW = s · kron(W1, W2) (``functional/lokr.py``
+  ``make_kron``), s = alpha / r with r the rank of the decomposed side (``w1_a``'s, else ``w2_a``'s), and
+  s = 1 when both sides are full, whatever alpha says (``LokrModule.__init__``: "use scale = 1").
+
+The scale is applied once, as LyCORIS's ``forward`` (and ComfyUI, A1111) apply it: in 4.1.3
+``get_diff_weight`` multiplies ``get_weight`` (already scaled) by the scale again, so ``merge_to``
+adds s²·ΔW; that path disagrees with LyCORIS's own forward pass and is not followed.
+
+Exact LoRA forms, rank r₁·r₂ (not always the least rank, never an approximation):
+
+- LoHa, with the face-splitting (row-wise Khatri–Rao) product:
+  (A₁B₁) ⊙ (A₂B₂) = (A₁ ⊙ᵣ A₂)(B₁ ⊙꜀ B₂), B[i, (k, l)] = w1a[i, k]·w2a[i, l], A[(k, l), j] = w1b[k, j]·w2b[l, j].
+- LoKr: kron(B₁A₁, B₂A₂) = kron(B₁, B₂)·kron(A₁, A₂); a full side W is W·I or I·W, whichever is smaller.
+  For a convolution, kron(W1, W2 (b, d, *kernel)) flattened to (out, in·k) is kron(W1, W2.reshape(b, -1)).
+
+Tucker (``hada_t*``, ``lokr_t*``, ``lora_mid``), DoRA (``dora_scale``) and LyCORIS's other kinds are
+refused by name (:func:`lycoris_refusal`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["LYCORIS_KEYS", "REFUSED_KEYS", "LycorisFactors", "lycoris_refusal", "lycoris_factors"]
+
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+#: tensor names (after ``<key>.``) of the LyCORIS kinds read here
+LYCORIS_KEYS = _LOHA + _LOKR
+
+#: tensor name → (the kind it marks, what to do); first match wins, so DoRA and Tucker come first
+_REFUSED: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("dora_scale",), "LyCORIS DoRA (weight-decomposed, dora_scale): its merged weight depends on the base; "
+                      "merge it with LyCORIS and extract a LoRA from the result"),
+    (("hada_t1", "hada_t2", "lokr_t1", "lokr_t2", "lora_mid.weight"),
+     "LyCORIS Tucker/CP decomposition (hada_t*/lokr_t*/lora_mid, use_tucker): retrain without use_tucker, "
+     "or merge it with LyCORIS and extract a LoRA"),
+    (("diff", "diff_b"), "LyCORIS full (diff/diff_b, a whole weight, not low-rank): merge it with LyCORIS"),
+    (("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"),
+     "LyCORIS GLoRA (a1/a2/b1/b2): its update depends on the base weight; merge it with LyCORIS"),
+    (("oft_blocks", "rescale"), "LyCORIS OFT/BOFT (oft_blocks, an orthogonal rotation of the base, not an "
+                                "added ΔW): merge it with LyCORIS"),
+    (("on_input", "weight"), "LyCORIS (IA)³ (weight/on_input, a rescaling of the base): merge it with LyCORIS"),
+    (("w_norm", "b_norm"), "LyCORIS norm-layer training (w_norm/b_norm): merge it with LyCORIS"),
+    (("q_layer.weight", "p_layer.weight", "lambda_layer"), "LyCORIS T-LoRA (timestep-masked, lambda_layer): "
+                                                           "merge it with LyCORIS"),
+)
+#: tensor names (after ``<key>.``) of the LyCORIS kinds refused by name
+REFUSED_KEYS = frozenset(k for names, _ in _REFUSED for k in names)
+
+
+def lycoris_refusal(keys: set[str]) -> str | None:
+    """Why one module's tensor names (after ``<key>.``) are a LyCORIS kind loratools does not read, or None.
+
+    >>> lycoris_refusal({"hada_w1_a", "hada_w1_b", "hada_t1", "alpha"})[:29]
+    'LyCORIS Tucker/CP decompositi'
+    >>> lycoris_refusal({"lokr_w1", "lokr_w2", "alpha"}) is None
+    True
+    """
+    for names, why in _REFUSED:
+        if keys & set(names):
+            return why
+    return None
+
+
+class LycorisFactors:
+    """One LoHa/LoKr module as LoRA: ΔW (out, in·k) = ``scale`` · ``B`` @ ``A``; ``kernel`` when the file shows it."""
+
+    def __init__(self, A: Tensor, B: Tensor, scale: float, kernel: tuple[int, ...] | None, kind: str) -> None:
+        self.A, self.B, self.scale, self.kernel, self.kind = A, B, scale, kernel, kind
+
+
+def _scale(alpha: float | None, r: int | None) -> float:
+    # LyCORIS: `alpha = lora_dim if alpha is None or alpha == 0 else alpha`, then scale = alpha / lora_dim
+    return 1.0 if r is None or alpha is None or alpha == 0 else alpha / r
+
+
+def _loha(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
+    w1a, w1b, w2a, w2b = (t[k].to(torch.float64) for k in _LOHA)
+    if w1a.ndim != 2 or w2a.ndim != 2 or w1b.ndim != 2 or w2b.ndim != 2:
+        raise ValueError("LoHa factors must be matrices")
+    if w1a.shape[0] != w2a.shape[0] or w1b.shape[1] != w2b.shape[1] \
+            or w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
+        raise ValueError(f"LoHa factor shapes do not chain: {tuple(w1a.shape)}, {tuple(w1b.shape)}, "
+                         f"{tuple(w2a.shape)}, {tuple(w2b.shape)}")
+    B = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+    A = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+    return LycorisFactors(A, B, _scale(alpha, int(w1b.shape[0])), None, "LoHa")
+
+
+def _side(t: dict[str, Tensor], n: str) -> tuple[Tensor, Tensor, int | None, tuple[int, ...]]:
+    """(B, A, rank when decomposed, kernel) of one Kronecker factor, W = B @ A exactly."""
+    full = t.get(f"lokr_w{n}")
+    if full is not None:
+        W = full.to(torch.float64)
+        kernel = tuple(int(s) for s in W.shape[2:])
+        W = W.reshape(W.shape[0], -1)
+        rows, cols = W.shape
+        # W = I·W or W·I: the smaller identity gives the smaller rank
+        if rows <= cols:
+            return torch.eye(rows, dtype=W.dtype), W, None, kernel
+        return W, torch.eye(cols, dtype=W.dtype), None, kernel
+    a, b = t.get(f"lokr_w{n}_a"), t.get(f"lokr_w{n}_b")
+    if a is None or b is None:
+        raise ValueError(f"LoKr needs lokr_w{n} or both lokr_w{n}_a and lokr_w{n}_b")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"lokr_w{n}_a {tuple(a.shape)} and lokr_w{n}_b {tuple(b.shape)} do not chain")
+    return a.to(torch.float64), b.to(torch.float64), int(a.shape[1]), ()
+
+
+def _lokr(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
+    B1, A1, r1, k1 = _side(t, "1")
+    B2, A2, r2, k2 = _side(t, "2")
+    if k1:
+        raise ValueError("lokr_w1 must be a matrix (LyCORIS puts the kernel in lokr_w2)")
+    r = r1 if r1 is not None else r2
+    scale = 1.0 if r is None else _scale(alpha, r)
+    return LycorisFactors(torch.kron(A1, A2), torch.kron(B1, B2), scale, k2 or None, "LoKr")
+
+
+def lycoris_factors(tensors: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
+    """The exact LoRA form of one LoHa or LoKr module from its tensors (names after ``<key>.``).
+
+    Factors come back in float32 when the file's are 16-bit, else float64: the dtype where each entry
+    (a product of two stored numbers) is exact.
+
+    ``alpha`` is the file's value (None when absent). Raises ``ValueError`` (with the reason) for factors
+    that do not fit together.
+
+    >>> t = {"lokr_w1": torch.eye(2), "lokr_w2": torch.ones(3, 4)}
+    >>> f = lycoris_factors(t, 8.0)  # both sides full: LyCORIS's scale is 1
+    >>> f.scale, tuple(f.B.shape), tuple(f.A.shape), bool(torch.equal(f.B @ f.A, torch.kron(t["lokr_w1"], t["lokr_w2"]).double()))
+    (1.0, (6, 6), (6, 8), True)
+    """
+    if any(k in tensors for k in _LOHA):
+        missing = [k for k in _LOHA if k not in tensors]
+        if missing:
+            raise ValueError(f"a LoHa module needs {', '.join(missing)}")
+        f = _loha(tensors, alpha)
+    else:
+        f = _lokr(tensors, alpha)
+    # each entry is a product of two stored values: exact in float32 for 16-bit factors, else in float64
+    half = all(t.dtype.itemsize <= 2 for k, t in tensors.items() if k in LYCORIS_KEYS)
+    if half:
+        f.A, f.B = f.A.to(torch.float32), f.B.to(torch.float32)
+    return f
