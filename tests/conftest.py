@@ -119,3 +119,8 @@ def run_cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None =
 def cli():
     """:func:`run_cli`: ``cli("inspect", path, "--json")``; ``subprocess=True`` for a real process."""
     return run_cli
+
+
+# tests/mlx_producer.py runs inside .venv-mlx (it imports mlx), never in pytest's interpreter: not a test module,
+# and --doctest-modules must not import it
+collect_ignore = ["mlx_producer.py"]

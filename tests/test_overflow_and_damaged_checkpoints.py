@@ -1,5 +1,5 @@
-"""Issue "Hardening, part 2": results that were silently wrong, and inputs that gave tracebacks, in compress, train,
-lm and the CLI. Each is now refused with one line on stderr, exit code 2, nothing written (docs/reliability.md,
+"""Results that would be silently wrong (overflowing weights, damaged checkpoints), and inputs that once gave
+tracebacks, in compress, train, lm and the CLI. Each is now refused with one line on stderr, exit code 2, nothing written (docs/reliability.md,
 "Refused instead of wrong")."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_bad_input import assert_one_line_error
+from test_user_errors import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fixtures" / "corpus.txt"

@@ -1,4 +1,4 @@
-"""Hardening, part 2: damaged merge records, writes the disk refuses, and metadata that contradicts tensors.
+"""Damaged merge records, writes the disk refuses, and metadata that contradicts tensors.
 
 Each case gets one line on stderr and exit code 2 (or the matching LoraToolsError), and nothing is left
 at the output. See docs/reliability.md, "Records, full disks and lying metadata".
@@ -26,7 +26,7 @@ from loratools.io import load_safetensors, save_safetensors
 from loratools.merge.jobs import merge_model, unmerge_model
 from loratools.merge.patch import apply_patch, check_patch, make_patch
 
-from test_bad_input import assert_one_line_error
+from test_user_errors import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tiny-llama"

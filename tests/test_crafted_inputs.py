@@ -1,4 +1,4 @@
-"""The issue "Hardening": crafted inputs that once escaped OUT, loaded pickles or passed as valid."""
+"""Crafted inputs that once escaped OUT, loaded pickles or passed as valid: each is refused with one line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from test_bad_input import assert_one_line_error
+from test_user_errors import assert_one_line_error
 
 
 def sharded(src: Path, dst: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The issue "Hardening, part 2", security findings: a hostile Hub endpoint, hostile files beside OUT or in BASE.
+"""A hostile Hub endpoint, hostile files beside OUT or in BASE: no byte lands outside the cache or OUT.
 
 Each refusal is one line on stderr, exit 2, nothing written outside the cache and OUT, inputs
 unchanged. The Hub cases run the real huggingface_hub client against tests/hub_server.py told
@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT, run_cli_subprocess  # noqa: E402
 from hub_server import FakeHub  # noqa: E402
-from test_bad_input import assert_one_line_error  # noqa: E402
+from test_user_errors import assert_one_line_error  # noqa: E402
 from test_hub import TOKEN, env_for, seed  # noqa: E402
 
 from loratools.errors import HubError, InvalidOptionError  # noqa: E402

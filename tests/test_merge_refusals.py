@@ -1,4 +1,4 @@
-"""Merges that used to finish with exit 0 and a wrong model ("Hardening, part 2"), now refused by name or done right.
+"""Merges that used to finish with exit 0 and a wrong model, now refused by name or done right.
 
 Each test fails on the code before its fix: a GGUF merge took a DoRA adapter as plain LoRA and dropped a
 ``lora_bias``; a GGUF un-merge checked the stamp's shapes only (any weight, any adapter of the same shapes);
