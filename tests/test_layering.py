@@ -37,7 +37,7 @@ PURE_CORE = (
     "loratools.hub.card", "loratools.nn", "loratools.adalora", "loratools.dora", "loratools.dtypes",
     "loratools.merge.kernels", "loratools.merge.plan", "loratools.merge.layout", "loratools.merge.experts",
     "loratools.merge.report", "loratools.validate", "loratools.compress.ranks", "loratools.serve.runtimes",
-    "loratools.deltas", "loratools.lazy",
+    "loratools.deltas", "loratools.lazy", "loratools.quant",
 )
 # modules through which files are reached, and the calls that read or write them
 FILE_MODULES = frozenset({"os", "shutil", "pathlib", "tempfile", "io", "mmap", "glob", "fcntl", "safetensors",

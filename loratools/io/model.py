@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import Any, Protocol
@@ -265,13 +265,15 @@ Pieces = Iterable[Tensor]
 def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], metadata: Mapping[str, str],
                   compute: Callable[[str], Pieces | Tensor | None], progress: Progress | None = None,
                   workers: int | None = None, added: Mapping[str, str] | None = None,
-                  side_edits: Mapping[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
+                  side_edits: Mapping[str, Callable[[bytes], bytes]] | None = None,
+                  dropped: Collection[str] = ()) -> tuple[int, int]:
     """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a tensor's new bytes, or None.
 
     Side files (config, tokenizer …) are copied, except those named in ``side_edits``, whose
     new bytes are ``side_edits[name](old bytes)`` (a merge to another dtype, or one that unties the
     embeddings, edits ``config.json``). ``added`` maps a tensor new in the output to the tensor it is
-    written beside, in that one's shard, dtype and shape (``compute`` gives it, or None copies that one's bytes).
+    written beside, in that one's shard, dtype and shape (``compute`` gives it, or None copies that one's bytes);
+    the tensors in ``dropped`` are left out (a dequantized merge drops the scales).
 
     ``codes`` gives each tensor's output dtype code, so every offset of every
     output shard is known before any tensor is computed: the headers are
@@ -293,7 +295,7 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
     total = 0
     try:
         for shard in model.shards:
-            keys = [k for k in model.shard_keys(shard) if k in model.spans]
+            keys = [k for k in model.shard_keys(shard) if k in model.spans and k not in dropped]
             keys += [new for new, beside in added.items() if beside in keys]
             entries = [Entry(k, codes[k], model.spans[added.get(k, k)].shape) for k in keys]
             head = header_bytes(entries, {**model.metadata(shard), **metadata})
@@ -313,6 +315,8 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
         index = json.loads(json.dumps(model.index))
         index.setdefault("metadata", {})["total_size"] = total
         index.setdefault("weight_map", {}).update({new: model.shard_of[beside] for new, beside in added.items()})
+        for key in dropped:
+            index["weight_map"].pop(key, None)
         (dest / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return changed, len(jobs) - changed
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["config_dtype_edit", "untie_edit", "config_edits"]
+__all__ = ["config_dtype_edit", "untie_edit", "dequantized_edit", "config_edits"]
 
 
 def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
@@ -47,10 +47,20 @@ def untie_edit(raw: bytes) -> bytes:
     return (json.dumps({**json.loads(raw), "tie_word_embeddings": False}, indent=2, sort_keys=True) + "\n").encode()
 
 
-def config_edits(dtype: torch.dtype | None, *, untie: bool = False) -> dict[str, Callable[[bytes], bytes]] | None:
+def dequantized_edit(raw: bytes) -> bytes:
+    """config.json without ``quantization_config``: the merge wrote a quantized model's weights unquantized."""
+    config = json.loads(raw)
+    config.pop("quantization_config", None)
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def config_edits(dtype: torch.dtype | None, *, untie: bool = False,
+                 dequantized: bool = False) -> dict[str, Callable[[bytes], bytes]] | None:
     """The one ``config.json`` edit a merge makes (``rewrite_model``'s ``side_edits``): the new ``dtype``
-    (:func:`config_dtype_edit`) and/or untied embeddings, composed; None when the config is copied as it is."""
-    steps = ([config_dtype_edit(dtype)] if dtype is not None else []) + ([untie_edit] if untie else [])
+    (:func:`config_dtype_edit`), untied embeddings and/or no ``quantization_config``, composed; None when the
+    config is copied as it is."""
+    steps = (([config_dtype_edit(dtype)] if dtype is not None else []) + ([untie_edit] if untie else [])
+             + ([dequantized_edit] if dequantized else []))
     if not steps:
         return None
 

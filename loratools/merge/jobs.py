@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,10 @@ from .layout import find_tie
 from .plan import (AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision, stamp,
                    tie_notes)
 from .experts import resolve_experts
+from .quantized import Fp8Model, fit_sums, fp8_model
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
-from .report import MergeReport, ModuleCheck, VerifyReport
+from .report import MergeReport, ModuleCheck, UpdateFit, VerifyReport
 from .checks import ErrorStats, check_stamp, input_paths
 
 __all__ = ["Adapters", "merge_model", "unmerge_model", "verify_merge"]
@@ -68,12 +69,15 @@ class _Job:
     model: ModelReader
     plan: dict[str, TensorPlan]
     notes: list[str] = field(default_factory=list)
+    #: the base's FP8 weights (:mod:`.quantized`), planned and read dequantized
+    fp8: Fp8Model | None = None
 
     @classmethod
     def start(cls, base: PathLike | BaseModel, adapters: Adapters, device: str | torch.device,
               precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
         dev, prec = resolve_device(device), resolve_precision(precision)
         model, hparams = _open(base)
+        fp8 = fp8_model(model, hparams, precision=prec)
         # MoE expert LoRA names modules, not parameters: placed on this model's tensors first
         inputs = [replace(i, adapter=resolve_experts(i.adapter, model.shapes(), hparams))
                   for i in adapter_inputs(adapters)]
@@ -82,8 +86,11 @@ class _Job:
         def same_as_base(key: str, t: Tensor) -> bool:
             return bool(torch.equal(model.get(key).to(torch.float64), t.to(torch.float64)))
 
-        plan = plan_merge(model.shapes(), inputs, tie=tie, same_as_base=same_as_base, unmerge=unmerge)
-        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [])
+        plan = plan_merge(fp8.shapes() if fp8 else model.shapes(), inputs, tie=tie, same_as_base=same_as_base,
+                          unmerge=unmerge)
+        if fp8 is not None:
+            fp8.check(plan)
+        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [], fp8)
 
     @property
     def inputs_on_disk(self) -> tuple[PathLike, ...]:
@@ -98,7 +105,8 @@ class _Job:
     def base(self, key: str) -> Tensor:
         """The base tensor ``key`` starts from (for a new tensor, its ``source``)."""
         p = self.plan.get(key)
-        return self.model.get(p.source if p is not None and p.source is not None else key)
+        key = p.source if p is not None and p.source is not None else key
+        return self.fp8.read(self.model, key) if self.fp8 is not None else self.model.get(key)
 
     @property
     def arithmetic(self) -> Arithmetic:
@@ -106,14 +114,16 @@ class _Job:
 
     def rewrite(self, tmp: Path, codes: dict[str, str], meta: dict[str, str],
                 compute: Callable[[str], Iterable[Tensor] | Tensor | None], progress: Progress | None,
-                side_edits: dict[str, Callable[[bytes], bytes]] | None = None) -> tuple[int, int]:
+                side_edits: dict[str, Callable[[bytes], bytes]] | None = None,
+                dropped: Collection[str] = ()) -> tuple[int, int]:
         # one torch thread per worker: parallelism comes from tensors on separate threads (see configure_cpu_threads);
         # on a GPU a second worker reads and writes while the first computes
         added = self.added
         with cpu_threads(1):
             return rewrite_model(self.model, tmp, codes={**codes, **{k: codes[s] for k, s in added.items()}},
                                  metadata=meta, compute=compute, progress=progress,
-                                 workers=None if self.device.type == "cpu" else 2, added=added, side_edits=side_edits)
+                                 workers=None if self.device.type == "cpu" else 2, added=added, side_edits=side_edits,
+                                 dropped=dropped)
 
     def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
         """What an un-merge computes for this tensor before any record is applied."""
@@ -162,16 +172,21 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
         return merge_gguf(_path(base), adapters, out, quant=quant, precision=precision, record=record,
                           force=force, progress=progress, verify=verify, allow_lossy=allow_lossy)
     job = _Job.start(base, adapters, device, precision)
-    model, plan = job.model, job.plan
+    model, plan, fp8 = job.model, job.plan, job.fp8
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
+    if fp8 is not None:
+        fp8.dtype = dtype
+        codes = fp8.codes(codes)
     if record is not None and any(codes[k] != s.dtype for k, s in model.spans.items()):
         raise InvalidOptionError("`record` restores the base only when `dtype` is kept; drop `dtype` or `record`")
     record_path = Path(record) if record is not None else None
     meta = stamp("merge", job.inputs, job.precision, job.device)
     rec: RecordWriter | None = None
 
-    def compute(key: str) -> Iterator[Tensor] | None:
+    def compute(key: str) -> Iterator[Tensor] | Tensor | None:
         p = plan.get(key)
+        if fp8 is not None and (key in fp8.keys or key in fp8.scales):
+            return fp8.compute(key, plan)
         if p is None:
             return None
         # a new tensor (an untied head) starts from its source and has no original for a record to restore
@@ -187,9 +202,12 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
              else contextlib.nullcontext()) as rtmp:
         try:
             rec = RecordWriter(record_path, rtmp) if record_path is not None and rtmp is not None else None
-            edits = config_edits(dtype, untie=bool(job.added))
-            changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits)
-            checked = _check(job, ModelReader(tmp)) if verify else None
+            if fp8 is not None:
+                fp8.record = rec
+            edits = config_edits(dtype, untie=bool(job.added), dequantized=fp8 is not None and dtype is not None)
+            changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits, fp8.dropped() if fp8 else ())
+            fit = fp8.check_fit(allow_lossy) if fp8 is not None else None
+            checked = _check(job, ModelReader(tmp), allow_lossy=allow_lossy) if verify else None
             if checked is not None:
                 checked.check()
             if rec is not None:
@@ -202,7 +220,8 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
         notes.append(f"{out} is a single file: set tie_word_embeddings to false in the config that goes with it")
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record=record_path,
                        record_nbytes=rec.nbytes if rec else 0, adapters=[i.describe() for i in job.inputs],
-                       notes=tuple(notes), verify=checked)
+                       notes=tuple(notes), verify=checked, update=fit,
+                       allowed_lossy=fit is not None and fit.lossy)
 
 
 def _gguf(base: Path, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
@@ -259,6 +278,9 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
         if missing:
             raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
     else:
+        if job.fp8 is not None and set(plan) & set(job.fp8.keys):
+            raise InvalidOptionError(f"{min(set(plan) & set(job.fp8.keys))} is stored as FP8, which loratools "
+                                     "un-merges only with the record of the merge (`record`, written by merging with it)")
         dora = [k for k, p in plan.items() if any(m.is_dora for m, _ in p.deltas)]
         if dora:
             raise InvalidOptionError(f"{dora[0]} was merged with DoRA, whose row norms ‖W0 + s·BA‖ the merged model no "
@@ -273,6 +295,8 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
 
     def compute(key: str) -> Iterator[Tensor] | Tensor | None:
         p = plan.get(key)
+        if job.fp8 is not None and record_path is not None and (key in job.fp8.keys or key in job.fp8.scales):
+            return job.fp8.restored(key, plan, patches, hashes, record_path)
         if p is None:
             return None
         if record_path is not None:
@@ -314,27 +338,36 @@ def verify_merge(base: PathLike | BaseModel, adapters: Adapters, merged: PathLik
         from .gguf import verify_gguf
         return verify_gguf(_path(base), adapters, merged, precision=precision, progress=progress,
                            allow_lossy=allow_lossy)
-    return _check(_Job.start(base, adapters, device, precision), ModelReader(merged), progress)
+    return _check(_Job.start(base, adapters, device, precision), ModelReader(merged), progress, allow_lossy=allow_lossy)
 
 
-def _check(job: _Job, m: ModelReader, progress: Progress | None = None) -> VerifyReport:
+def _check(job: _Job, m: ModelReader, progress: Progress | None = None, *, allow_lossy: bool = False) -> VerifyReport:
     """:func:`verify_merge` of the model ``m`` against the job's base and plan (a merge checks what it wrote
     with the plan it wrote it from: the base is not read again)."""
     b, plan, dev, prec = job.model, job.plan, job.device, job.precision
     shapes = {**{k: s.shape for k, s in b.spans.items()}, **{k: b.spans[s].shape for k, s in job.added.items()}}
+    fp8 = job.fp8
+    scales = set(fp8.scales) if fp8 is not None else set()
+    if scales and not scales & set(m.spans):  # a plain merge of an FP8 base: its weights are checked dequantized
+        shapes = {k: v for k, v in shapes.items() if k not in scales}
     if set(shapes) != set(m.spans):
         extra = sorted(set(shapes) ^ set(m.spans))
         raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
     checks: list[ModuleCheck] = []
     bad: list[str] = []
     non_finite: list[str] = []
+    sums: dict[str, tuple[float, float, float]] = {}  # a re-quantized FP8 weight: the share of ΔW it keeps
     dtype_names = set()
     if progress:
         progress(0, total=len(shapes))
     for key in sorted(shapes):
         if shapes[key] != m.spans[key].shape:
             raise ShapeMismatchError(key, shapes[key], m.spans[key].shape, "the merged model is not a merge of the base")
-        got = m.get(key)
+        if key in scales:  # checked through its weight, dequantized
+            if progress:
+                progress(1)
+            continue
+        got = fp8.read(m, key) if fp8 is not None else m.get(key)
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
         w0 = job.base(key)
@@ -355,8 +388,12 @@ def _check(job: _Job, m: ModelReader, progress: Progress | None = None) -> Verif
                 exact = p.apply_rows(start.to(device=dev, dtype=prec) + delta)
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
             tol = tolerance(exact, start, p.deltas, got.dtype, precision=prec)
+            if fp8 is not None and m.spans[key].dtype == "F8_E4M3":  # re-quantized: the format's own step too
+                tol = tol + fp8.fmt.half_step(exact, m.get(fp8.keys[key])).to(tol)
+                sums[key] = fit_sums(got.to(dev, prec) - w0.to(dev, prec), exact - w0.to(dev, prec))
             checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,
                                       float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))
         if progress:
             progress(1)
-    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)), non_finite)
+    return VerifyReport(checks, bad, ",".join(sorted(dtype_names)), non_finite, UpdateFit.from_sums(sums),
+                        allow_lossy)

@@ -134,6 +134,8 @@ class MergeReport:
             d["update"] = self.update.to_json() if self.update is not None else None
         else:
             d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
+            if self.update is not None:  # an FP8 base re-quantized: the same figure as a GGUF merge
+                d["update"], d["allowed_lossy"] = self.update.to_json(), self.allowed_lossy
         return d
 
 
@@ -151,7 +153,7 @@ class VerifyReport:
     dtype: str
     #: tensors holding NaN/±inf where the base holds a finite value (an overflowing cast or sum)
     non_finite: list[str] = field(default_factory=list)
-    #: GGUF: how much of ΔW the merged model carries; a lossy one fails unless ``allow_lossy``
+    #: GGUF or re-quantized FP8: how much of ΔW the merged model carries; a lossy one fails unless ``allow_lossy``
     update: UpdateFit | None = None
     allow_lossy: bool = False
 
@@ -184,7 +186,8 @@ class VerifyReport:
         if self.lossy and (w is None or w.ratio <= 1) and not self.untouched_mismatches:
             assert self.update is not None
             raise VerificationError(f"the merged model {self.update.describe()}: its requantization rounds the update away; "
-                                    "merge with `quant` q8_0 or f16, or serve the adapter unmerged, or pass "
+                                    "merge with `quant` q8_0 or f16 (GGUF) or a `dtype` (FP8), or serve the adapter "
+                                    "unmerged, or pass "
                                     "`allow_lossy` to accept it")
         why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {self.dtype} rounding tolerance"
                if w is not None and w.ratio > 1 else f"{self.untouched_mismatches[0]} differs from the base")
