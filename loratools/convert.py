@@ -129,7 +129,8 @@ def flatten_dora(adapter: Adapter, base: str | os.PathLike[str] | ModelReader, r
 
 def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str,
                  base: str | os.PathLike[str] | None = None, drop_unsupported: bool = False,
-                 force: bool = False, as_lora: bool = False, rule: RankRule | None = None) -> ConvertResult:
+                 force: bool = False, as_lora: bool = False, rule: RankRule | None = None,
+                 component: str | None = None) -> ConvertResult:
     """Convert the adapter at ``src`` into format ``to`` at ``dst``, checked and atomic.
 
     ``base`` (a model directory, ``config.json``, ``.safetensors`` or ``.gguf``)
@@ -137,13 +138,16 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     architecture and head counts; without it, a source file that records them (a
     GGUF adapter loratools wrote) stands in for it.
 
+    ``component`` takes one model's adapter out of a file holding several (``"unet"`` of a diffusers pipeline
+    LoRA), its modules named as that model spells them; such a file needs it.
+
     ``as_lora`` flattens a DoRA adapter to plain LoRA (:func:`flatten_dora`, rank by
     ``rule``) with the weights of ``base``; kohya and GGUF hold no DoRA, so they need it.
     """
     fmt_out = get_format(to)
     src_p, dst_p = Path(src), Path(dst)
     # without `base`, what the source file records of its base stands in (GGUF head counts), when it records any
-    adapter, base_m, fmt_in = read_with_base(src_p, base)
+    adapter, base_m, fmt_in = read_with_base(src_p, base, component=component)
     if base_m is not None:
         check_base_shapes(adapter, base_m)
     flattened: dict[str, float] = {}

@@ -13,6 +13,8 @@ from .options import ADAPTER, Session, base_option, force_option, output_option,
 @click.option("--to", "to", required=True, metavar="FORMAT",
               help="Target format: peft, loratools, kohya, gguf or mlx.")
 @base_option("maps kohya names back and gives GGUF its architecture and head counts")
+@click.option("--component", metavar="NAME",
+              help="Take one model's adapter out of a diffusers pipeline LoRA (unet, text_encoder, transformer …).")
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) modules the target format cannot hold, instead of stopping.")
 @click.option("--as-lora", is_flag=True,
@@ -20,8 +22,8 @@ from .options import ADAPTER, Session, base_option, force_option, output_option,
 @rank_rule_options
 @force_option
 @pass_session
-def convert(session: Session, adapter: str, output: str, to: str, base: str | None, drop_unsupported: bool,
-            as_lora: bool, rank: int | None, energy: float | None, error: float | None, max_rank: int | None,
+def convert(session: Session, adapter: str, output: str, to: str, base: str | None, component: str | None,
+            drop_unsupported: bool, as_lora: bool, rank: int | None, energy: float | None, error: float | None, max_rank: int | None,
             force: bool) -> None:
     """Convert ADAPTER to another format; every module's ΔW is checked after writing.
 
@@ -29,6 +31,10 @@ def convert(session: Session, adapter: str, output: str, to: str, base: str | No
     (relative Frobenius error ≤ 1e-6) before
     it is renamed into place. AdaLoRA becomes plain LoRA for kohya and gguf.
     Modules a format cannot hold stop the conversion unless --drop-unsupported.
+
+    A diffusers pipeline LoRA holds one adapter per model (unet,
+    text_encoder …): --component NAME writes that model's adapter, named as
+    the model spells its modules, ready to merge into it.
 
     DoRA converts as it is between peft and loratools. Its update
     diag(m/‖W0 + sBA‖)·(W0 + sBA) − W0 depends on the base and is not low-rank,
@@ -42,6 +48,7 @@ def convert(session: Session, adapter: str, output: str, to: str, base: str | No
       loratools convert fixtures/adapters/rslora -o rslora.gguf --to gguf --base fixtures/tiny-llama
       loratools convert lora-kohya.safetensors -o peft-dir --to peft --base fixtures/tiny-llama
       loratools convert dora-dir -o lora-dir --to peft --base fixtures/tiny-llama --as-lora --energy 0.9
+      loratools convert pytorch_lora_weights.safetensors -o unet-lora --to peft --component unet
     """
     from ..convert import convert_file
     from ..device import configure_cpu_threads
@@ -54,7 +61,7 @@ def convert(session: Session, adapter: str, output: str, to: str, base: str | No
         raise InvalidOptionError("`rank`, `energy`, `error` and `max_rank` choose the rank of `as_lora`; add `as_lora`")
     rule = RankRule(rank=rank, energy=energy, error=error, max_rank=max_rank) if as_lora else None
     result = convert_file(adapter, output, to=to, base=base, drop_unsupported=drop_unsupported, force=force,
-                          as_lora=as_lora, rule=rule)
+                          as_lora=as_lora, rule=rule, component=component)
     if session.quiet:
         return
     session.out.print(f"wrote {result.output} ({result.format}, from {result.source_format}): {result.modules} "

@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter
-from ..errors import InputNotFoundError, LfsPointerError, NotAnAdapterError, UnknownFormatError
+from ..errors import InputNotFoundError, InvalidOptionError, LfsPointerError, NotAnAdapterError, UnknownFormatError
 from ..io import atomic_output
 from .base import FORMATS, BaseModel, Format, check_base_shapes, load_base, peek_safetensors, register
 
 # Registration order is detection order: the most specific formats first.
-from . import single, mlx, peft, kohya, gguf  # noqa: E402,F401,I001
+from . import single, mlx, peft, kohya, gguf, diffusers  # noqa: E402,F401,I001
 
 __all__ = ["Format", "FORMATS", "BaseModel", "register", "peek_safetensors", "detect_format", "get_format",
            "check_base_shapes", "load_base", "read_adapter", "read_with_base", "write_adapter"]
@@ -66,19 +66,31 @@ def read_adapter(path: str | os.PathLike[str], *, format: str | None = None, bas
     return get_format(name).read(Path(path), base=base)
 
 
-def read_with_base(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
-                   ) -> tuple[Adapter, BaseModel | None, str]:
+def read_with_base(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
+                   component: str | None = None) -> tuple[Adapter, BaseModel | None, str]:
     """``(adapter, what is known of its base, format name)`` for the adapter at ``path``.
 
     What is known of the base is ``base`` (:func:`load_base`) when given, else what the file itself
     records of its base where its format says (a GGUF adapter's architecture and head counts,
     ``Format.base_info``), else None; the adapter is read with it (kohya names mapped back, GGUF
     rows un-permuted).
+
+    ``component`` picks one model's adapter from a file that holds several (``"unet"`` of a diffusers pipeline
+    LoRA, ``Format.component_reader``), named as that model spells its modules; ``base`` is then that model.
     """
     p = Path(path)
     fmt = get_format(detect_format(p))
     known = load_base(base) if base is not None else fmt.base_info(p) if fmt.base_info else None
-    return fmt.read(p, base=known), known, fmt.name
+    if component is None and fmt.component_reader is not None:  # a model's names are not the file's
+        held = dict.fromkeys(n.split(".", 1)[0] for n in fmt.read(p).modules)
+        raise InvalidOptionError(f"{p} holds the adapters of {', '.join(held)} ({fmt.name}): choose one with "
+                                 f"`component` (its base is that model)")
+    if component is None:
+        return fmt.read(p, base=known), known, fmt.name
+    if fmt.component_reader is None:
+        raise InvalidOptionError(f"`component` picks one model of a file that holds several (a diffusers pipeline "
+                                 f"LoRA); {p} is {fmt.name}, which holds one: leave `component` out")
+    return fmt.component_reader(p, component), known, fmt.name
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "peft", force: bool = False,

@@ -80,6 +80,8 @@ class Format:
       (kohya: names kept flattened);
     - ``name_hint(name)``: why a module name may be unknown to other formats, when it is one this
       format's reader kept as it found it (kohya's flattened keys), else None;
+    - ``component_reader(path, component)``: for a file holding the adapters of several models (a diffusers
+      pipeline LoRA: ``unet``, ``text_encoder`` …), one of them, named as that model spells its modules;
     - ``base_info(path)``: when files of this format can describe a base model (a llama.cpp model
       ``.gguf``, or a GGUF adapter that records its head counts), what they say; else None.
 
@@ -97,6 +99,7 @@ class Format:
     remarks: Remarks = _no_remarks
     name_hint: Callable[[str], str | None] = _no_hint
     base_info: Callable[[Path], BaseModel] | None = None
+    component_reader: Callable[[Path, str], Adapter] | None = None
 
     def read(self, path: str | os.PathLike[str], *, base: BaseModel | None = None) -> Adapter:
         return self.reader(Path(path), base)

@@ -1,0 +1,202 @@
+"""diffusers' pipeline LoRA file: ``pytorch_lora_weights.safetensors`` (read only).
+
+Written by ``save_lora_weights`` of diffusers' pipelines (SD 1.5, SDXL, Flux …; diffusers 0.42.1
+``loaders/lora_base.py`` ``_save_lora_weights``): one file holding a peft LoRA for each component
+model, its keys prefixed by the component (``_pack_dict_with_prefix``):
+
+======================  ===============================================================
+LoRA linear / conv      ``<component>.<m>.lora_A.weight``, ``.lora_B.weight``
+peft's ``lora_bias``    ``<component>.<m>.lora_B.bias``
+metadata (optional)     ``lora_adapter_metadata``: JSON of each component's peft ``LoraConfig``,
+                        its keys prefixed the same way (``"unet.r"``, ``"unet.lora_alpha"`` …)
+======================  ===============================================================
+
+ΔW is what diffusers applies (``loaders/peft.py`` ``load_lora_adapter``, ``lora_base.py``
+``_load_lora_into_text_encoder``): with metadata, the component's ``LoraConfig`` as saved
+(``utils/peft_utils.py`` ``_create_lora_config``), so ``scale = lora_alpha / r`` (``/ √r`` with
+``use_rslora``) after ``rank_pattern``/``alpha_pattern`` (a component the metadata leaves out is refused, as
+diffusers fails to load it); without it, ``get_peft_kwargs`` sets
+``lora_alpha = r`` and mirrors ``rank_pattern`` into ``alpha_pattern`` (no ``network_alphas`` in a
+peft-keyed file), so every module has ``scale = 1``: ΔW = B·A. Module names keep their component
+(``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``); :func:`read_component` reads one
+component with its names as that model spells them. The older non-peft keys (``….lora.down.weight``,
+``processor.to_q_lora``, ``lora_linear_layer``) are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..adapter import Adapter, Kind, Module
+from ..config import AdapterConfig, lora_scale, pattern_value
+from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
+from ..io import load_safetensors
+from .base import BaseModel, Format, peek_safetensors, register
+from .peft_fields import check_fields
+from .peft_values import check_peft_values
+
+__all__ = ["read_diffusers", "read_component", "components", "COMPONENTS", "METADATA_KEY"]
+
+#: the component prefixes of diffusers' LoRA loader mixins (``unet_name``, ``text_encoder_name``, ``transformer_name``)
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+METADATA_KEY = "lora_adapter_metadata"  # lora_base.py LORA_ADAPTER_METADATA_KEY
+_KEY = re.compile(r"^(?P<c>[a-z_0-9]+)\.(?P<m>.+)\.(?P<f>lora_A|lora_B)\.(?P<t>weight|bias)$")
+_OLD = re.compile(r"\.lora\.(down|up)\.weight$|_lora\.(down|up)\.weight$|\.lora_linear_layer\.(down|up)\.weight$")
+
+
+def _component_of(key: str) -> str | None:
+    head = key.split(".", 1)[0]
+    return head if head in COMPONENTS and "." in key else None
+
+
+def detect(path: Path) -> bool:
+    """Every key lies under a diffusers component and names a LoRA factor (peft's, or diffusers' older ones)."""
+    peek = peek_safetensors(path)
+    if peek is None:
+        return False
+    keys = [k for k in peek[0] if k != "__metadata__"]
+    return bool(keys) and all(_component_of(k) and (".lora_A." in k or ".lora_B." in k or _OLD.search(k))
+                              for k in keys)
+
+
+def _metadata(path: Path, meta: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each component's peft ``LoraConfig`` from ``lora_adapter_metadata`` (empty without one), checked as a peft
+    config is: a field whose effect loratools does not compute is refused by name."""
+    if METADATA_KEY not in meta:
+        return {}
+    try:
+        flat = json.loads(meta[METADATA_KEY])
+    except ValueError as e:
+        raise CorruptFileError(path, f"{METADATA_KEY} is not JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise CorruptFileError(path, f"{METADATA_KEY} is not a JSON object")
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        comp = _component_of(str(key))
+        if comp is None:
+            raise CorruptFileError(path, f"{METADATA_KEY} key {key!r} names no component ({', '.join(COMPONENTS)})")
+        out.setdefault(comp, {})[key[len(comp) + 1:]] = value
+    for comp, raw in out.items():
+        where = f"{path} {METADATA_KEY} ({comp})"
+        if str(raw.get("peft_type", "LORA")).upper() != "LORA":
+            raise NotAnAdapterError(path, f"{comp}'s peft_type {raw.get('peft_type')!r} is not LORA")
+        check_fields(raw, where=where)
+        check_peft_values(raw, where=where, adalora=False)
+        if raw.get("use_dora"):  # refused rather than half-read: diffusers' DoRA is peft's, not checked here
+            raise NotAnAdapterError(path, f"{comp} is DoRA (use_dora), which loratools does not read from a "
+                                          "diffusers file; save that component with peft's save_pretrained instead")
+    return out
+
+
+def _scale(comp: str, name: str, rank: int, raw: dict[str, Any] | None) -> tuple[float, float]:
+    """(alpha, scale) of module ``name`` (without its component) at file rank ``rank``, as diffusers builds the
+    component's LoraConfig: from ``raw`` (the metadata) when given, else ``lora_alpha = r`` for every module."""
+    if raw is None:
+        return float(rank), 1.0
+    r_default = int(raw.get("r", 8))
+    r_cfg = int(pattern_value(name, raw.get("rank_pattern") or {}, r_default))
+    if r_cfg != rank:
+        raise ShapeMismatchError(f"{comp}.{name}", f"rank {r_cfg} (from {METADATA_KEY})", f"lora_A of rank {rank}")
+    alpha = float(pattern_value(name, raw.get("alpha_pattern") or {}, float(raw.get("lora_alpha", r_default))))
+    return alpha, lora_scale(alpha, r_cfg, rslora=bool(raw.get("use_rslora", False)))
+
+
+def _group(path: Path, tensors: dict[str, Tensor]) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """component → module → factor (``A``, ``B``, ``bias``); anything else is refused by name."""
+    old = sorted(k for k in tensors if _OLD.search(k))
+    if old:
+        raise NotAnAdapterError(path, f"it holds diffusers' older non-peft LoRA keys ({old[0]}), which loratools "
+                                      "does not read; load it in diffusers and save it again with save_lora_weights")
+    out: dict[str, dict[str, dict[str, Tensor]]] = {}
+    for key, t in tensors.items():
+        match = _KEY.match(key)
+        if match is None or match["c"] not in COMPONENTS or (match["t"] == "bias" and match["f"] == "lora_A"):
+            raise NotAnAdapterError(path, f"{key} is not a diffusers LoRA key (<component>.<module>.lora_A/B.weight)")
+        factor = "bias" if match["t"] == "bias" else match["f"][-1]
+        out.setdefault(match["c"], {}).setdefault(match["m"], {})[factor] = t
+    return out
+
+
+def _module(path: Path, comp: str, name: str, fs: dict[str, Tensor], raw: dict[str, Any] | None) -> Module:
+    for f in ("A", "B"):
+        if f not in fs:
+            raise MissingModuleError(f"{comp}.{name}.lora_{f}.weight", str(path), "the adapter file is incomplete")
+    A, B = fs["A"], fs["B"]
+    if A.ndim not in (2, 4) or B.ndim != A.ndim or B.shape[1] != A.shape[0]:
+        raise ShapeMismatchError(f"{comp}.{name}", "lora_A (r, in[, kh, kw]) and lora_B (out, r[, 1, 1])",
+                                 f"{tuple(A.shape)} and {tuple(B.shape)}")
+    if "bias" in fs and raw is not None and not raw.get("lora_bias", False):
+        raise CorruptFileError(path, f"{comp}.{name} holds lora_B.bias but lora_bias is false in {METADATA_KEY}")
+    kind: Kind = "conv" if A.ndim == 4 else "linear"
+    alpha, scale = _scale(comp, name, int(A.shape[0]), raw)
+    return Module(A=A, B=B, alpha=alpha, scale=scale, kind=kind, bias=fs.get("bias"))
+
+
+def _read(path: Path) -> tuple[dict[str, dict[str, Module]], dict[str, dict[str, Any]]]:
+    tensors, meta = load_safetensors(path)
+    configs = _metadata(path, meta)
+    grouped = _group(path, tensors)
+    if not grouped:
+        raise NotAnAdapterError(path, "it holds no lora_A/lora_B tensors")
+    # with metadata, diffusers filters it by prefix to {} for a component it leaves out and builds LoraConfig(**{})
+    # (`_create_lora_config`), which has no target_modules: peft refuses to load that component, and so does this
+    left_out = [comp for comp in grouped if METADATA_KEY in meta and comp not in configs]
+    if left_out:
+        raise CorruptFileError(path, f"{METADATA_KEY} holds no LoraConfig for {', '.join(left_out)}, which diffusers "
+                                     "then cannot load (peft's default config targets no module)")
+    raws = {comp: configs.get(comp) for comp in grouped}
+    mods = {comp: {name: _module(path, comp, name, fs, raws[comp]) for name, fs in parts.items()}
+            for comp, parts in grouped.items()}
+    return mods, configs
+
+
+def components(path: str | Path) -> list[str]:
+    """The components a diffusers LoRA file holds, in file order (``["unet", "text_encoder"]``)."""
+    return list(_read(Path(path))[0])
+
+
+def read_diffusers(path: Path, base: BaseModel | None = None) -> Adapter:
+    """Every module of every component, named ``<component>.<module>``.
+
+    A base model is one component's model, so ``base`` is refused: the fix is :func:`read_component`
+    (``loratools convert FILE --to peft --component NAME``) and that component's adapter with the base.
+    """
+    mods, configs = _read(path)
+    if base is not None:
+        raise InvalidOptionError(
+            f"{path} is a diffusers pipeline LoRA holding {', '.join(mods)}: a base model is one of them, so take "
+            f"that component out first (loratools convert {path} --to peft --component {next(iter(mods))} -o DIR) "
+            f"and use DIR with `base`")
+    rslora = {bool(c.get("use_rslora", False)) for c in configs.values()}
+    config = AdapterConfig(method="lora", use_rslora=rslora == {True} and len(configs) == len(mods))
+    adapter = Adapter({f"{comp}.{name}": m for comp, ms in mods.items() for name, m in ms.items()}, config)
+    adapter.check_finite()
+    return adapter
+
+
+def read_component(path: Path, component: str) -> Adapter:
+    """One component's adapter, its module names as that model spells them (``down_blocks.0…to_q``)."""
+    mods, configs = _read(path)
+    if component not in mods:
+        raise InvalidOptionError(f"`component` {component!r} is not in {path}; it holds {', '.join(mods)}")
+    raw = configs.get(component, {})
+    target = raw.get("target_modules")
+    config = AdapterConfig(method="lora", use_rslora=bool(raw.get("use_rslora", False)),
+                           target_modules=tuple(target) if isinstance(target, list) else target)
+    adapter = Adapter(dict(mods[component]), config)
+    adapter.check_finite()
+    return adapter
+
+
+def _write(adapter: Adapter, path: Path, base: BaseModel | None) -> None:
+    raise InvalidOptionError("loratools reads diffusers pipeline LoRA files but does not write them; write peft "
+                             "(`to` peft) and load it into the component with diffusers' load_lora_adapter")
+
+
+register(Format("diffusers", "diffusers pipeline LoRA (pytorch_lora_weights.safetensors), read only", ".safetensors",
+                detect, read_diffusers, _write, component_reader=read_component))
