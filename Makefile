@@ -38,6 +38,9 @@ $(VENV)/.dev: $(VENV)/.installed
 	# LyCORIS, the producer of LoHa/LoKr files, for tests/test_lycoris.py (pure Python; --no-deps: its own pins
 	# would move torch; it imports einops and toml)
 	$(PIP) install --no-deps lycoris-lora==4.1.3 einops toml
+	# compressed-tensors, the producer and reference of float-quantized FP8 models, for
+	# tests/test_quant_compressed.py (--no-deps: its other deps are present; it imports loguru)
+	$(PIP) install --no-deps compressed-tensors==0.20.0 loguru
 	touch $@
 	# best effort: without it the byte-equality tests against llama.cpp skip with the reason
 	-$(MAKE) llama-ref

@@ -349,7 +349,8 @@ def _check(job: _Job, m: ModelReader, progress: Progress | None = None, *, allow
     fp8 = job.fp8
     scales = set(fp8.scales) if fp8 is not None else set()
     if scales and not scales & set(m.spans):  # a plain merge of an FP8 base: its weights are checked dequantized
-        shapes = {k: v for k, v in shapes.items() if k not in scales}
+        left_out = scales | (fp8.activation if fp8 is not None else set())
+        shapes = {k: v for k, v in shapes.items() if k not in left_out}
     if set(shapes) != set(m.spans):
         extra = sorted(set(shapes) ^ set(m.spans))
         raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")

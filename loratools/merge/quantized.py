@@ -1,10 +1,11 @@
 """The FP8 side of a safetensors merge: which tensors are quantized, and what the merge writes for each.
 
-A quantized base (:mod:`loratools.quant.fp8`) is planned on its dequantized view (float32 weights of the same
-shapes), so every check of :func:`.plan.plan_merge` applies. An adapted weight is dequantized with its scales
-(which may live in another shard), merged in ``precision``, and written either back in the base's format
-(re-quantized with new block scales; every other tensor and scale is copied byte for byte) or, with a ``dtype``,
-plain (scales dropped, ``quantization_config`` removed from config.json). A re-quantized merge measures how much of
+A quantized base (:mod:`loratools.quant.fp8`: block-wise ``fp8``, or compressed-tensors ``float-quantized`` with
+one scale per tensor or row) is planned on its dequantized view (float32 weights of the same shapes), so every check
+of :func:`.plan.plan_merge` applies. An adapted weight is dequantized with its scales (which may live in another
+shard), merged in ``precision``, and written either back in the base's format (re-quantized with new scales of the
+base's layout, dtype and shape; every other tensor and scale is copied byte for byte) or, with a ``dtype``,
+plain (scales and activation scales dropped, ``quantization_config`` removed from config.json). A re-quantized merge measures how much of
 ΔW it keeps (:class:`.report.UpdateFit`, the same figure and :data:`~.report.MIN_KEPT` as a GGUF merge).
 
 A record (``merge --record``) makes the un-merge byte for byte, as a GGUF record does for quantized types: the
@@ -30,7 +31,7 @@ from torch import Tensor
 from ..dtypes import DTYPE_CODES, check_fits
 from ..errors import CorruptFileError, InvalidOptionError, LossyMergeError, NonFiniteError
 from ..io import ModelReader, Span, read_tensor
-from ..quant.fp8 import Fp8Format, fp8_format
+from ..quant.fp8 import Fp8Layout, fp8_format
 from .kernels import delta_sum, dora_of
 from .plan import FLOAT_CODES, TensorPlan
 from .record import Digest, RecordWriter
@@ -38,18 +39,26 @@ from .report import UpdateFit
 
 __all__ = ["Fp8Model", "fp8_model", "fit_sums"]
 
+#: a quantized linear's activation parameters beside its weight (transformers fp8 ``activation_scale``,
+#: compressed-tensors ``input_scale``…): no weight depends on them, so a merge that keeps the format copies them and a
+#: plain merge, which leaves nothing quantized to use them, drops them with the scales
+ACTIVATION_PARAMS = ("activation_scale", "input_scale", "input_zero_point", "output_scale", "output_zero_point")
+
 
 @dataclass
 class Fp8Model:
-    """The FP8 weights of a model (``keys``: e4m3 weight → its ``…_scale_inv``), and how a merge writes them."""
+    """The FP8 weights of a model (``keys``: e4m3 weight → its scale, ``…_scale_inv`` or ``…_scale``), and how a
+    merge writes them."""
 
-    fmt: Fp8Format
+    fmt: Fp8Layout
     model: ModelReader
     keys: dict[str, str]
     #: the output dtype of a plain (dequantized) merge; None keeps the format
     dtype: torch.dtype | None = None
     precision: torch.dtype = torch.float32
     sums: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    #: the activation parameters (:data:`ACTIVATION_PARAMS`) beside the FP8 weights
+    activation: set[str] = field(default_factory=set)
     #: a merge's record, to which each re-quantized weight and its scales add their patch
     record: RecordWriter | None = None
     _done: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -72,8 +81,8 @@ class Fp8Model:
         return {k: (DTYPE_CODES[self.dtype] if k in self.keys else c) for k, c in codes.items()}
 
     def dropped(self) -> set[str]:
-        """The tensors a plain merge leaves out: every scale."""
-        return set(self.scales) if self.dtype is not None else set()
+        """The tensors a plain merge leaves out: every scale and activation parameter."""
+        return set(self.scales) | self.activation if self.dtype is not None else set()
 
     def read(self, reader: ModelReader, key: str) -> Tensor:
         """``key`` of ``reader`` as float: dequantized when it is stored e4m3 with its scale, else as stored."""
@@ -119,7 +128,7 @@ class Fp8Model:
             return exact.to(self.dtype), torch.empty(0)
         if not bool(torch.isfinite(exact).all()):
             raise NonFiniteError(key, "the merge")
-        q, inv = self.fmt.quantize(exact)
+        q, inv = self.fmt.quantize(exact, like=self.model.get(self.keys[key]))
         sums = fit_sums(self.fmt.dequantize(q, inv) - w0, exact - w0)
         if self.record is not None:
             self._record(key, p, q, inv)
@@ -134,7 +143,7 @@ class Fp8Model:
         back = self.fmt.dequantize(w, scale).to(self.precision)
         if p.deltas:
             back = back - delta_sum(p.deltas, precision=self.precision).reshape(back.shape)
-        return self.fmt.quantize(back)
+        return self.fmt.quantize(back, like=scale)
 
     def _record(self, key: str, p: TensorPlan, q: Tensor, inv: Tensor) -> None:
         assert self.record is not None
@@ -224,6 +233,7 @@ def fp8_model(model: ModelReader, hparams: Mapping[str, Any] | None, *, dtype: t
     keys = {k: fmt.scale_key(k) for k in quantized if shapes[k][0] == "F8_E4M3" and len(shapes[k][1]) == 2}
     for k, s in keys.items():
         if s not in shapes:
-            raise InvalidOptionError(f"{k} is stored as F8_E4M3 but the model has no {s}; it is not a "
-                                     "block-wise fp8 model loratools can read")
-    return Fp8Model(fmt, model, keys, dtype, precision)
+            raise InvalidOptionError(f"{k} is stored as F8_E4M3 but the model has no {s}; it is not an "
+                                     "fp8 model loratools can read")
+    activation = {p for k in keys for name in ACTIVATION_PARAMS if (p := k.removesuffix("weight") + name) in shapes}
+    return Fp8Model(fmt, model, keys, dtype, precision, activation=activation)
