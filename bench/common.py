@@ -48,9 +48,11 @@ def run_info() -> dict[str, object]:
             "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "loadavg_start": os.getloadavg()}
 
 
-def run_in_workdir(workdir: Path, keep: bool, work: Callable[[], T], table: Callable[[T], str], key: str) -> None:
+def run_in_workdir(workdir: Path, keep: bool, work: Callable[[], T], table: Callable[[T], str], key: str,
+                   json_path: Path | None = None) -> None:
     """``work()`` in a fresh ``workdir`` (removed after unless ``keep``), then print its result as JSON under
-    ``key`` beside :func:`run_info` (the load at the start and at the end), and as ``table(result)``."""
+    ``key`` beside :func:`run_info` (the load at the start and at the end), and as ``table(result)``; the same
+    JSON is also written to ``json_path`` when given."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     info = run_info()
@@ -60,7 +62,11 @@ def run_in_workdir(workdir: Path, keep: bool, work: Callable[[], T], table: Call
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     info["loadavg_end"] = os.getloadavg()
-    print(json.dumps({"info": info, key: result}, indent=2))
+    text = json.dumps({"info": info, key: result}, indent=2)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
+    print(text)
     print()
     print(table(result))
 
