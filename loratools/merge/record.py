@@ -77,9 +77,13 @@ class RecordWriter:
         # an adapter GGUF refuses) leaves no scratch beside the record, whatever its caller's order of cleanup
         self._fd = -1
         self._pos = 0
+        # set by close(): a worker still finishing a block after an interrupt must not make the scratch again
+        self._closed = False
 
     def add(self, key: str, patch: dict[str, Tensor], digest: str) -> None:
         with self._lock:
+            if self._closed:
+                return
             self.hashes[key] = digest
             if patch and self._fd < 0:
                 self._fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -101,9 +105,11 @@ class RecordWriter:
                 pos += e.nbytes
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            self._closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
         with contextlib.suppress(FileNotFoundError):
             self.scratch.unlink()
 
