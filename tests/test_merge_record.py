@@ -176,3 +176,17 @@ def test_a_record_with_another_precision_is_refused_as_damaged(bf16_base: Path, 
         unmerge_model(tmp_path / "m.safetensors", [(ad, 1.0)], tmp_path / "u", record=tmp_path / "bad.safetensors",
                       device="cpu")
     assert not (tmp_path / "u").exists()
+
+
+def test_a_patch_arriving_after_close_makes_no_scratch(tmp_path: Path) -> None:
+    """After an interrupt the job closes its record while a worker may still finish a tensor: that late patch
+    must not make the scratch file again beside the record (the cleanup has already run)."""
+    from loratools.merge.record import RecordWriter
+
+    rec = RecordWriter(tmp_path / "rec.safetensors", tmp_path / ".rec.tmp")
+    rec.add("a.weight", {"idx": torch.arange(3)}, "digest")
+    assert rec.scratch.exists()
+    rec.close()
+    assert not rec.scratch.exists()
+    rec.add("b.weight", {"idx": torch.arange(3)}, "digest")
+    assert list(tmp_path.iterdir()) == []
