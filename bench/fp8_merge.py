@@ -45,27 +45,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import run_in_workdir, timed  # noqa: E402
-
-HIDDEN, INTER, HEADS, KV, VOCAB = 2048, 5632, 32, 4, 32000
+from merge import HEADS, HIDDEN, INTER, KV, VOCAB, llama_shapes  # noqa: E402  (the bf16 bench's model)
 BLOCK = 128
 QCONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PATHS = ("cp", "merge-bf16", "merge-fp8")
 RANK, SIGMA_A, SIGMA_B = 16, 0.01, 0.005
-
-
-def llama_shapes(layers: int, vocab: int = VOCAB) -> list[tuple[str, tuple[int, ...]]]:
-    kv = HIDDEN // HEADS * KV
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, HIDDEN))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (HIDDEN,)), (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
-                (p + "self_attn.k_proj.weight", (kv, HIDDEN)), (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
-                (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)), (p + "post_attention_layernorm.weight", (HIDDEN,)),
-                (p + "mlp.gate_proj.weight", (INTER, HIDDEN)), (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-                (p + "mlp.down_proj.weight", (HIDDEN, INTER))]
-    return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (vocab, HIDDEN))]
 
 
 def is_quantized(name: str) -> bool:

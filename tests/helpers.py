@@ -83,6 +83,22 @@ def peft_merged(base: Path, adapter: Path) -> torch.nn.Module:
         return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
 
 
+def model_with_weights(weights: dict[str, torch.Tensor], like: Path, dest: Path) -> Path:
+    """A model directory at ``dest`` (made once): ``weights`` as its ``model.safetensors`` and every other file
+    of the model directory ``like`` (config, tokenizer). The quantized-base tests build their plain references so."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    if not dest.exists():
+        dest.mkdir()
+        save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+        for f in like.iterdir():
+            if f.name != "model.safetensors":
+                shutil.copy(f, dest / f.name)
+    return dest
+
+
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

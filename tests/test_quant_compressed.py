@@ -18,7 +18,7 @@ from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedCon
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.fp8 import CompressedFp8Format, fp8_format
 
-from helpers import peft_merged, state
+from helpers import model_with_weights, peft_merged, state
 
 ct = pytest.importorskip("compressed_tensors", reason="make dev installs compressed-tensors==0.20.0")
 
@@ -70,7 +70,6 @@ def ct_decompress(w: torch.Tensor, scale: torch.Tensor, strategy: str) -> torch.
 def compressed_llama(path: Path, strategy: str, dtype: torch.dtype) -> Path:
     """fixtures/tiny-llama (in ``dtype``, as a model of that dtype is compressed) with every decoder linear weight
     quantized by compressed-tensors: scales by ``calculate_qparams``, weights by its float-quantized compressor."""
-    path.mkdir()
     out = {}
     for k, t in load_file(TINY / "model.safetensors").items():
         if ".layers." in k and k.endswith("proj.weight"):
@@ -79,10 +78,7 @@ def compressed_llama(path: Path, strategy: str, dtype: torch.dtype) -> Path:
             out[k], out[k + "_scale"] = ct_compress(x, scale, strategy), scale
         else:
             out[k] = t
-    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
-    for f in TINY.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, path / f.name)
+    model_with_weights(out, TINY, path)
     config = json.loads((TINY / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "quantization_config": qconfig(strategy)}, indent=2))
     return path
@@ -95,13 +91,7 @@ def dequantized(path: Path, strategy: str) -> dict[str, torch.Tensor]:
 
 
 def plain_copy(base: Path, strategy: str, dest: Path) -> Path:
-    if not dest.exists():
-        dest.mkdir()
-        save_file(dequantized(base, strategy), dest / "model.safetensors", metadata={"format": "pt"})
-        for f in TINY.iterdir():
-            if f.name != "model.safetensors":
-                shutil.copy(f, dest / f.name)
-    return dest
+    return model_with_weights(dequantized(base, strategy), TINY, dest)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{str(c[1]).removeprefix('torch.')}")

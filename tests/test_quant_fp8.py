@@ -18,7 +18,7 @@ from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedCon
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.fp8 import Fp8Format
 
-from helpers import peft_merged, state
+from helpers import model_with_weights, peft_merged, state
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY, LORA = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "adapters" / "lora"
@@ -42,7 +42,6 @@ def producer_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_llama(path: Path) -> Path:
     """fixtures/tiny-llama with every decoder linear weight quantized (k/v: 64 rows, one partial block)."""
-    path.mkdir()
     tensors = load_file(TINY / "model.safetensors")
     out = {}
     for k, t in tensors.items():
@@ -50,10 +49,7 @@ def fp8_llama(path: Path) -> Path:
             out[k], out[k + "_scale_inv"] = producer_quantize(t)
         else:
             out[k] = t
-    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
-    for f in TINY.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, path / f.name)
+    model_with_weights(out, TINY, path)
     config = json.loads((TINY / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "quantization_config": QCONFIG}, indent=2))
     return path
@@ -94,13 +90,7 @@ def test_dequantize_matches_transformers_loading(base: Path) -> None:
 
 
 def test_plain_merge_matches_peft(base: Path, tmp_path: Path) -> None:
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    save_file(dequantized(base), plain / "model.safetensors", metadata={"format": "pt"})
-    for f in TINY.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, plain / f.name)
-    ref = state(peft_merged(plain, LORA))
+    ref = state(peft_merged(model_with_weights(dequantized(base), TINY, tmp_path / "plain"), LORA))
     out = tmp_path / "merged"
     merge_model(base, [read_adapter(LORA)], out, dtype=torch.float32, verify=True)
     got = load_file(out / "model.safetensors")
@@ -137,14 +127,7 @@ def test_keep_format_merge_rounds_as_the_format(base: Path, tmp_path: Path) -> N
 
 
 def peft_merged_dequantized(base: Path, tmp: Path) -> torch.nn.Module:
-    plain = tmp / "plain-ref"
-    if not plain.exists():
-        plain.mkdir()
-        save_file(dequantized(base), plain / "model.safetensors", metadata={"format": "pt"})
-        for f in TINY.iterdir():
-            if f.name != "model.safetensors":
-                shutil.copy(f, plain / f.name)
-    return peft_merged(plain, LORA)
+    return peft_merged(model_with_weights(dequantized(base), TINY, tmp / "plain-ref"), LORA)
 
 
 def test_tiny_adapter_is_refused_unless_allowed(base: Path, tmp_path: Path) -> None:
