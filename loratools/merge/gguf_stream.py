@@ -28,7 +28,7 @@ from ..io.gguf_model import GGUFModelFile, GGUFTensor, copy_bytes, gguf_heads, w
 from ..io.paths import atomic_output, check_output
 from .kernels import low_rank
 from .plan import AdapterInput, check_bias
-from .report import UpdateFit
+from .report import UpdateFit, fit_sums
 
 __all__ = ["Part", "plan_gguf", "gguf_out_types", "Stats", "read_rows", "requant_rows", "merge_tensor",
            "write_model", "QUANTS", "BLOCK_VALUES"]
@@ -230,13 +230,10 @@ def _merged_block(model: GGUFModelFile, t: GGUFTensor, parts: Sequence[Part], qt
     out = dequantize(q, qtype, acc.shape).astype(np.float64)
     err = out - acc.to(torch.float64).numpy()
     # what the written block really adds to the base, against the ΔW it was meant to add (float64)
-    d64 = delta.to(torch.float64).numpy()
-    realized = out - w0.astype(np.float64)
-    miss = realized - d64
+    u_err2, u_dot, d2 = fit_sums(torch.from_numpy(out - w0.astype(np.float64)), delta.to(torch.float64))
     figures = {"max_abs": float(np.abs(err).max()) if err.size else 0.0, "err2": float((err * err).sum()),
-               "w2": float((acc.to(torch.float64) ** 2).sum()), "d2": float((d64 * d64).sum()),
-               "w02": float((w0.astype(np.float64) ** 2).sum()), "u_err2": float((miss * miss).sum()),
-               "u_dot": float((realized * d64).sum())}
+               "w2": float((acc.to(torch.float64) ** 2).sum()), "d2": d2,
+               "w02": float((w0.astype(np.float64) ** 2).sum()), "u_err2": u_err2, "u_dot": u_dot}
     if s == 0:
         figures["base_err2"], figures["base_w2"] = _base_error(w0, t.qtype)
     return raw, q, figures, hook.prepare(s, n, raw, q) if hook is not None else None

@@ -45,10 +45,10 @@ from .layout import find_tie
 from .plan import (AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision, stamp,
                    tie_notes)
 from .experts import resolve_experts
-from .quantized import Fp8Model, fit_sums, fp8_model
+from .quantized import Fp8Model, fp8_model
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
-from .report import MergeReport, ModuleCheck, UpdateFit, VerifyReport
+from .report import MergeReport, ModuleCheck, UpdateFit, VerifyReport, fit_sums
 from .checks import ErrorStats, check_stamp, input_paths
 
 __all__ = ["Adapters", "merge_model", "unmerge_model", "verify_merge"]

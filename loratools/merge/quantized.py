@@ -35,9 +35,9 @@ from ..quant.fp8 import Fp8Layout, fp8_format
 from .kernels import delta_sum, dora_of
 from .plan import FLOAT_CODES, TensorPlan
 from .record import Digest, RecordWriter
-from .report import UpdateFit
+from .report import UpdateFit, fit_sums
 
-__all__ = ["Fp8Model", "fp8_model", "fit_sums"]
+__all__ = ["Fp8Model", "fp8_model"]
 
 #: a quantized linear's activation parameters beside its weight (transformers fp8 ``activation_scale``,
 #: compressed-tensors ``input_scale``…): no weight depends on them, so a merge that keeps the format copies them and a
@@ -203,26 +203,6 @@ class Fp8Model:
             raise LossyMergeError(fit.rel_error, fit.kept, fit.describe(),
                                   "merge with `dtype` bfloat16 (or float16/float32) to write the model unquantized")
         return fit
-
-
-def fit_sums(realized: Tensor, delta: Tensor) -> tuple[float, float, float]:
-    """(‖realized − ΔW‖², ⟨realized, ΔW⟩, ‖ΔW‖²), for :meth:`.report.UpdateFit.from_sums`.
-
-    Each row's dot product is taken in the tensors' own precision and the rows are summed in float64
-    (⟨realized, ΔW⟩ = ⟨realized − ΔW, ΔW⟩ + ‖ΔW‖²): relative error about 1e-9 against a whole-float64 sum, at a
-    fifth of its cost (bench/fp8_merge.py: the float64 sums were 55 % of an FP8 merge).
-
-    >>> d = torch.tensor([[1.0, 0.0], [0.0, 2.0]]); fit_sums(d / 2, d)
-    (1.25, 2.5, 5.0)
-    """
-    e = (realized - delta).reshape(-1, realized.shape[-1] if realized.dim() else 1)
-    d = delta.reshape(e.shape)
-
-    def dot(x: Tensor, y: Tensor) -> float:
-        return float(torch.linalg.vecdot(x, y).to(torch.float64).sum())
-
-    dd = dot(d, d)
-    return dot(e, e), dot(e, d) + dd, dd
 
 
 def _bytes(t: Tensor) -> np.ndarray:

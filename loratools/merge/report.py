@@ -8,13 +8,16 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+from torch import Tensor
+
 from ..errors import VerificationError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
-__all__ = ["MergeReport", "ModuleCheck", "VerifyReport", "UpdateFit", "MIN_KEPT"]
+__all__ = ["MergeReport", "ModuleCheck", "VerifyReport", "UpdateFit", "MIN_KEPT", "fit_sums"]
 
 #: the smallest share of ΔW (:attr:`UpdateFit.kept`) a merge writes without ``allow_lossy``: below it the written
 #: model carries less than half of what the adapters change in the weights. The share, not the relative error,
@@ -72,6 +75,26 @@ class UpdateFit:
         """One phrase with the figures, for messages and the summary."""
         return (f"keeps {100 * self.kept:.3g}% of the adapters' update ΔW (at least {100 * MIN_KEPT:g}% needed; "
                 f"‖written − ΔW‖/‖ΔW‖ = {self.rel_error:.3g}; least kept: {self.worst}, {100 * self.worst_kept:.3g}%)")
+
+
+def fit_sums(realized: Tensor, delta: Tensor) -> tuple[float, float, float]:
+    """(‖realized − ΔW‖², ⟨realized, ΔW⟩, ‖ΔW‖²), for :meth:`UpdateFit.from_sums`.
+
+    Each row's dot product is taken in the tensors' own precision and the rows are summed in float64
+    (⟨realized, ΔW⟩ = ⟨realized − ΔW, ΔW⟩ + ‖ΔW‖²): relative error about 1e-9 against a whole-float64 sum, at a
+    fifth of its cost (bench/fp8_merge.py: whole-tensor float64 sums were 55 % of an FP8 merge).
+
+    >>> d = torch.tensor([[1.0, 0.0], [0.0, 2.0]]); fit_sums(d / 2, d)
+    (1.25, 2.5, 5.0)
+    """
+    e = (realized - delta).reshape(-1, realized.shape[-1] if realized.dim() else 1)
+    d = delta.reshape(e.shape)
+
+    def dot(x: Tensor, y: Tensor) -> float:
+        return float(torch.linalg.vecdot(x, y).to(torch.float64).sum())
+
+    dd = dot(d, d)
+    return dot(e, e), dot(e, d) + dd, dd
 
 
 @dataclass(frozen=True)
