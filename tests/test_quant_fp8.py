@@ -206,3 +206,12 @@ def test_scales_in_another_shard(base: Path, tmp_path: Path) -> None:
     assert not any(k.endswith("_scale_inv") for k in weight_map)
     assert not load_file(plain / "model-00002-of-00002.safetensors")
     assert verify_merge(sharded, [ad], plain).ok
+
+
+@pytest.mark.parametrize("block", [[128], [128, 0], ["128", 128], [True, True], [128.0, 128]])
+def test_a_block_size_that_is_not_two_positive_integers_is_refused(block: list) -> None:
+    from loratools.errors import UnsupportedConfigError
+    from loratools.quant.fp8 import fp8_format
+
+    with pytest.raises(UnsupportedConfigError, match="weight_block_size"):
+        fp8_format({"quantization_config": {"quant_method": "fp8", "weight_block_size": block}})

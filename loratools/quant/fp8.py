@@ -65,7 +65,7 @@ class Fp8Format:
     block: tuple[int, int]
 
     def __post_init__(self) -> None:
-        if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
+        if len(self.block) != 2 or not all(type(b) is int and b > 0 for b in self.block):  # JSON true is no size
             raise UnsupportedConfigError("quantization_config", "weight_block_size", list(self.block),
                                          "it must be two positive integers [rows, cols]")
 
