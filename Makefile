@@ -41,6 +41,9 @@ $(VENV)/.dev: $(VENV)/.installed
 	# compressed-tensors, the producer and reference of float-quantized FP8 models, for
 	# tests/test_quant_compressed.py (--no-deps: its other deps are present; it imports loguru)
 	$(PIP) install --no-deps compressed-tensors==0.20.0 loguru
+	# bitsandbytes (CPU kernels), the producer and reference of NF4/FP4/int8 weights, for the bitsandbytes and
+	# QLoRA tests (--no-deps: its deps are torch and numpy, present; its own pins would move torch)
+	$(PIP) install --no-deps bitsandbytes==0.50.2
 	touch $@
 	# best effort: without it the byte-equality tests against llama.cpp skip with the reason
 	-$(MAKE) llama-ref
