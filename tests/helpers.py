@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -101,6 +102,50 @@ def model_with_weights(weights: dict[str, torch.Tensor], like: Path, dest: Path)
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def transformers_state(path: Path) -> dict[str, torch.Tensor]:
+    """The float32 weights transformers' own loader gives for the model at ``path`` (a quantized one dequantized by
+    its integration): the reference a quantized base's dequantized view is checked against."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return state(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+
+
+def check_quantized_base_reads_as_plain(base: Path, plain: Path, adapter: Path, tmp_path: Path,
+                                        refusal: str) -> None:
+    """A quantized ``base`` is read as its dequantized weights (``plain``, the same weights stored as floats):
+    extract against a model merged from it gives the adapter it gives against ``plain``; inspect --base of a DoRA
+    adapter gives the same figures; merging that DoRA adapter into the quantized weights is refused (``refusal``:
+    a regex of the message)."""
+    import warnings
+
+    import pytest
+    from peft import LoraConfig
+
+    from loratools import merge_model, read_adapter
+    from loratools.compress.extract import extract_model
+    from loratools.errors import InvalidOptionError
+    from loratools.inspect_job import inspect_file
+
+    tuned = tmp_path / "tuned"
+    merge_model(base, [read_adapter(adapter)], tuned, dtype=torch.float32)
+    ours = extract_model(base, tuned, tmp_path / "a", rank=8).adapter
+    ref = extract_model(plain, tuned, tmp_path / "b", rank=8).adapter
+    assert set(ours.modules) == set(ref.modules) == set(read_adapter(adapter).modules)
+    for name, mod in ref.modules.items():
+        assert torch.equal(ours.modules[name].A, mod.A) and torch.equal(ours.modules[name].B, mod.B), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dora = peft_adapter(plain, tmp_path / "dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    got, want = inspect_file(dora, base=base).to_json(), inspect_file(dora, base=plain).to_json()
+    assert got["layers"] == want["layers"] and any("magnitude" in json.dumps(layer) for layer in got["layers"])
+    with pytest.raises(InvalidOptionError, match=refusal):
+        merge_model(base, [read_adapter(dora)], tmp_path / "dora-merged")
 
 
 def peft_heldout_loss(base: Path, adapter_dir: Path | None, data: Path) -> float:

@@ -152,3 +152,43 @@ def test_gguf_head_counts_are_typed(tmp_path):
             gguf_heads({"llama.attention.head_count": bad}, "llama", where="m.gguf")
         with pytest.raises(InvalidFieldError, match="num_attention_heads"):
             base_from_hparams({"model_type": "llama", "num_attention_heads": bad})
+
+
+def _two_shards(root):
+    """A model of two shards: ``p_blocks``, packed ``q`` and ``norm`` in the first, ``p_scales`` alone in the second."""
+    from safetensors.torch import save_file
+
+    root.mkdir()
+    save_file({"norm": torch.ones(4), "p_blocks": torch.zeros(2, 8, dtype=torch.uint8),
+               "q": torch.zeros(8, 1, dtype=torch.uint8)}, root / "model-00001-of-00002.safetensors")
+    save_file({"p_scales": torch.zeros(2, dtype=torch.uint8)}, root / "model-00002-of-00002.safetensors")
+    wmap = {"norm": "model-00001-of-00002.safetensors", "p_blocks": "model-00001-of-00002.safetensors",
+            "q": "model-00001-of-00002.safetensors", "p_scales": "model-00002-of-00002.safetensors"}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    (root / "config.json").write_text("{}")
+    return root
+
+
+def test_rewrite_gives_tensors_their_own_shapes_and_writes_no_shard_of_dropped_tensors(tmp_path):
+    """``shapes``: a tensor added beside a dropped one (MXFP4's P for P_blocks) and a key whose shape changes (a
+    bitsandbytes P.weight unpacked); a shard whose tensors are all dropped is neither written nor indexed."""
+    from loratools.io import rewrite_model
+
+    model = ModelReader(_two_shards(tmp_path / "m"))
+    new = {"p": torch.arange(32.0).reshape(2, 16), "q": torch.eye(4)}
+    codes = {"norm": "F32", "p": "F32", "q": "F32"}
+    rewrite_model(model, tmp_path / "out", codes=codes, metadata={}, compute=new.get, added={"p": "p_blocks"},
+                  dropped={"p_blocks", "p_scales"}, shapes={"p": (2, 16), "q": (4, 4)})
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == [
+        "config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json"]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == {"norm", "p", "q"} and set(index["weight_map"].values()) == {
+        "model-00001-of-00002.safetensors"}
+    out = ModelReader(tmp_path / "out")
+    assert out.shard_keys("model-00001-of-00002.safetensors") == ["norm", "p", "q"]
+    assert torch.equal(out.get("p"), new["p"]) and torch.equal(out.get("q"), new["q"])
+    assert torch.equal(out.get("norm"), torch.ones(4))
+    assert index["metadata"]["total_size"] == sum(s.nbytes for s in out.spans.values())
+    with pytest.raises(RuntimeError, match="q has a shape of its own"):  # a caller's bug: never a copy of P's bytes
+        rewrite_model(model, tmp_path / "bad", codes=codes, metadata={}, compute={"p": new["p"]}.get,
+                      added={"p": "p_blocks"}, dropped={"p_blocks", "p_scales"}, shapes={"p": (2, 16), "q": (4, 4)})

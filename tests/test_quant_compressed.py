@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools import read_adapter
-from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedConfigError
+from loratools.errors import InvalidOptionError, LossyMergeError, ShapeMismatchError, UnsupportedConfigError
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.fp8 import CompressedFp8Format, fp8_format
 
@@ -198,8 +198,9 @@ def test_record_round_trip_is_byte_identical(case: tuple[Path, str], tmp_path: P
 
 
 @pytest.mark.parametrize(("where", "value", "field"), [
-    (("weights", "strategy"), "group", "strategy"),
-    (("weights", "strategy"), "block", "strategy"),
+    (("weights", "strategy"), "token", "strategy"),
+    (("weights", "strategy"), "tensor_group", "strategy"),
+    (("weights", "dynamic"), True, "dynamic"),
     (("weights", "num_bits"), 4, "num_bits"),
     (("weights", "type"), "int", "type"),
     (("weights", "symmetric"), False, "symmetric"),
@@ -216,14 +217,15 @@ def test_other_settings_are_refused_by_name(where: tuple[str | None, str], value
     assert repr(value) in str(err.value)
 
 
-def test_group_strategy_model_is_refused(case: tuple[Path, str], tmp_path: Path) -> None:
+def test_scales_that_do_not_match_the_declared_strategy_are_refused(case: tuple[Path, str], tmp_path: Path) -> None:
+    """A config that says group (64) over a per-tensor or per-row model: its scales have the wrong shape."""
     base, _ = case
     other = tmp_path / "group"
     shutil.copytree(base, other)
     config = json.loads((other / "config.json").read_text())
     config["quantization_config"]["config_groups"]["group_0"]["weights"].update(strategy="group", group_size=64)
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedConfigError, match="'group'"):
+    with pytest.raises(ShapeMismatchError, match=r"weight_scale: expected \(\d+, 2\)"):
         merge_model(other, [read_adapter(LORA)], tmp_path / "m")
     assert not (tmp_path / "m").exists()
 

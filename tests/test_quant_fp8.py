@@ -4,9 +4,7 @@ peft, the keep-format merge's rounding, the erase guard, and what stays refused.
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedCon
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.fp8 import Fp8Format
 
-from helpers import model_with_weights, peft_merged, state
+from helpers import check_quantized_base_reads_as_plain, model_with_weights, peft_merged, state, transformers_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY, LORA = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "adapters" / "lora"
@@ -59,14 +57,6 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
     fmt, t = Fp8Format((BLOCK, BLOCK)), load_file(path / "model.safetensors")
     return {k: (fmt.dequantize(v, t[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v)
             for k, v in t.items() if not k.endswith("_scale_inv")}
-
-
-def transformers_state(path: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return state(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +194,8 @@ def test_scales_in_another_shard(base: Path, tmp_path: Path) -> None:
     merge_model(sharded, [ad], plain, dtype=torch.bfloat16)
     weight_map = json.loads((plain / "model.safetensors.index.json").read_text())["weight_map"]
     assert not any(k.endswith("_scale_inv") for k in weight_map)
-    assert not load_file(plain / "model-00002-of-00002.safetensors")
+    assert not (plain / "model-00002-of-00002.safetensors").exists()  # it held only scales: no empty shard left
+    assert set(weight_map.values()) == {"model-00001-of-00002.safetensors"}
     assert verify_merge(sharded, [ad], plain).ok
 
 
@@ -215,3 +206,10 @@ def test_a_block_size_that_is_not_two_positive_integers_is_refused(block: list) 
 
     with pytest.raises(UnsupportedConfigError, match="weight_block_size"):
         fp8_format({"quantization_config": {"quant_method": "fp8", "weight_block_size": block}})
+
+
+def test_extract_and_inspect_base_read_an_fp8_base_dequantized(base: Path, tmp_path: Path) -> None:
+    """extract from the FP8 base gives the adapter extract gives from the same weights stored plain (float32);
+    inspect --base of a DoRA adapter gives the same figures; merging that DoRA adapter into FP8 is refused by name."""
+    plain = model_with_weights(dequantized(base), TINY, tmp_path / "plain")
+    check_quantized_base_reads_as_plain(base, plain, LORA, tmp_path, "stored as FP8 and adapted by DoRA")

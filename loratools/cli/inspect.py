@@ -10,9 +10,14 @@ from .options import ADAPTER, Session, base_option, json_option, pass_session
 @click.command()
 @click.argument("adapter", type=ADAPTER)
 @json_option
-@base_option("for DoRA, each layer's magnitude change and the spectrum of its full update")
+@base_option("for DoRA, each layer's magnitude change and the spectrum of its full update; with --qlora, "
+             "the 16-bit weights W0")
+@click.option("--qlora", type=click.Choice(["nf4", "nf4-dq", "fp4", "fp4-dq"]), default=None,
+              help="Instead of the spectrum: per layer ‖deq(Q(W0)) − W0‖F / ‖ΔW‖F for this bitsandbytes 4-bit "
+                   "base (-dq: double quantization), and whether to merge onto the original or the dequantized "
+                   "weights (needs --base).")
 @pass_session
-def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> None:
+def inspect(session: Session, adapter: str, as_json: bool, base: str | None, qlora: str | None) -> None:
     """Show an adapter's layers: rank, scale, spectrum and effective rank.
 
     Every figure comes from the singular values of each module's scaled ΔW,
@@ -27,16 +32,24 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> 
     --base the magnitude's change ‖m − ‖W0‖row‖/‖‖W0‖row‖ and the full update
     W′ − W0's norm, numerical and entropy effective rank (it is not low-rank).
 
+    --qlora: for an adapter trained on a 4-bit base, each layer's quantization
+    error ‖deq(Q(W0)) − W0‖F next to its update ‖ΔW‖F, their ratio, the overall
+    ratio √Σ‖E‖²/√Σ‖ΔW‖², and which base to merge onto (docs/experiments.md).
+
     \b
     Examples:
       loratools inspect fixtures/adapters/lora
       loratools inspect adapter.safetensors --json | jq '.layers[0].stable_rank'
+      loratools inspect fixtures/adapters/lora --base fixtures/tiny-llama --qlora nf4-dq
     """
     from ..device import configure_cpu_threads
     from ..inspect_job import inspect_file
     from . import render
 
     configure_cpu_threads()
+    if qlora is not None:
+        _qlora(session, adapter, base, qlora, as_json)
+        return
     report = inspect_file(adapter, base=base)
     if as_json:
         render.print_json(report.to_json())
@@ -55,3 +68,25 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None) -> 
         session.out.print(f"{report.modules} modules · {report.parameters:,} parameters · rank "
                           f"{report.rank_min}–{report.rank_max} (total {report.rank_total})"
                           + (f" · {len(report.saved_tensors)} full tensors saved" if report.saved_tensors else ""))
+
+
+def _qlora(session: Session, adapter: str, base: str | None, quant: str, as_json: bool) -> None:
+    from rich.table import Table
+
+    from ..errors import InvalidOptionError
+    from ..inspect_job import qlora_file
+    from . import render
+
+    if base is None:
+        raise InvalidOptionError("`qlora` needs `base`: the 16-bit model the 4-bit base was quantized from")
+    report = qlora_file(adapter, base=base, quant=quant)
+    if as_json:
+        render.print_json(report.to_json())
+        return
+    table = Table("module", "‖E‖F", "‖ΔW‖F", "‖E‖/‖ΔW‖", "‖E‖/‖W0‖")
+    for r in report.rows:
+        table.add_row(r.module, f"{r.quant_error:.4g}", f"{r.delta:.4g}", f"{r.ratio:.3g}",
+                      f"{r.quant_error / r.weight:.3g}" if r.weight else "-")
+    session.out.print(table)
+    session.out.print(f"overall ‖E‖/‖ΔW‖ = {report.ratio:.3g} ({quant}, {len(report.rows)} modules): merge onto the "
+                      f"{report.favours} weights")

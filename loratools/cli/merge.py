@@ -27,22 +27,41 @@ precision_option = click.option("--precision", default="float32", show_default=T
 quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16|f32",
                              help="GGUF BASE only: the type of each adapted tensor (default same: its own type).")
 lossy_option = click.option("--allow-lossy", is_flag=True,
-                            help="GGUF BASE only: accept a merged model that keeps too little of the adapters' "
-                                 "update (its requantization rounds ΔW away; refused otherwise).")
+                            help="GGUF or quantized safetensors BASE: accept a merged model that keeps too little "
+                                 "of the adapters' update (its re-quantization rounds ΔW away; refused otherwise).")
 
 
-def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str) -> tuple[BaseModel, list[AdapterInput]]:
+def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str,
+              component: str | None = None) -> tuple[BaseModel, list[AdapterInput]]:
     """The model (the base, or the merged model for unmerge), read once, and the adapters read against it as
     ``convert --base`` reads them: kohya files of other tools get the model's module names (and GPT-2's Conv1D
-    layout), GGUF adapters of llama.cpp its architecture and head counts. The job is given the model as read."""
+    layout), GGUF adapters of llama.cpp its architecture and head counts. The job is given the model as read.
+    With ``component``, the model is that folder of the diffusers pipeline ``model`` (``unet``, ``text_encoder``),
+    and a file holding several models' LoRAs gives that one's."""
     from ..formats import load_base, read_adapter
+    from ..formats.diffusers import load_component, pipeline_models
     from ..merge.plan import AdapterInput
 
     if weights and len(weights) != len(paths):
         raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
+    held = pipeline_models(model) if component is None else None
+    if held is not None:
+        raise InvalidOptionError(f"{model} is a diffusers pipeline folder: merge into one of its models with "
+                                 f"--component NAME ({', '.join(held) or 'it holds none with safetensors weights'})")
     ws = weights or (1.0,) * len(paths)
-    base = load_base(model)
+    base = load_component(model, component) if component is not None else load_base(model)
     return base, [AdapterInput(read_adapter(p, base=base), w, p) for p, w in zip(paths, ws)]
+
+
+def _left_out(session: Session, paths: tuple[str, ...], base: BaseModel) -> None:
+    """Say which parts of a pipeline LoRA were not merged (the other components' LoRAs)."""
+    from ..formats.diffusers import other_components
+
+    for p in paths:
+        rest = other_components(p, base.path.name)
+        if rest:
+            session.err.print(f"note: merged {p}'s {base.path.name} LoRA only; its {', '.join(rest)} LoRAs are not "
+                              f"in this model (merge each with --component NAME)")
 
 
 def _summary(out: Console, r: MergeReport) -> None:
@@ -105,12 +124,15 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
                    "(a GGUF BASE: its files byte for byte).")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Check the result against BASE + adapters before it is put in place (nothing is left if it fails).")
+@click.option("--component", default=None, metavar="NAME",
+              help="BASE is a diffusers pipeline folder: merge into its NAME/ model (unet, transformer, text_encoder, "
+                   "text_encoder_2); OUTPUT is that model's folder, merged.")
 @force_option
 @json_option
 @pass_session
 def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], dtype: str,
           device: str, precision: str, quant: str | None, allow_lossy: bool, record: str | None, do_verify: bool,
-          force: bool, as_json: bool) -> None:
+          component: str | None, force: bool, as_json: bool) -> None:
     """Merge adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, streaming, one tensor at a time.
 
     BASE is a model directory (single or sharded safetensors) or one .safetensors
@@ -128,19 +150,27 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     ΔW is refused before anything is written; merge to q8_0 or f16, serve
     the adapter unmerged, or pass --allow-lossy.
 
+    A quantized safetensors BASE (FP8 block-wise or compressed-tensors, NVFP4,
+    gpt-oss MXFP4 experts, bitsandbytes 4-bit and int8) is read dequantized as its
+    producer defines it; each adapted weight is re-quantized in its format
+    (the same kept-share check applies) or, with --dtype, written plain
+    without quantization_config.
+
     \b
     Examples:
       loratools merge fixtures/tiny-llama fixtures/adapters/lora -o merged
       loratools merge base a1 a2 --weight 0.7 --weight 0.3 -o merged --dtype bfloat16
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
       loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant q8_0 --verify
+      loratools merge sdxl-pipeline lora_sdxl.safetensors --component unet -o unet-merged
     """
     from ..device import configure_cpu_threads, resolve_dtype
     from ..merge.jobs import merge_model
     from . import render
 
     configure_cpu_threads(device)
-    model, inputs = _adapters(adapters, weights, base)
+    model, inputs = _adapters(adapters, weights, base, component)
+    _left_out(session, adapters, model)
     with render.progress(session, None, "merge", quiet=as_json) as advance:
         report = merge_model(model, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, verify=do_verify, progress=advance, quant=quant,

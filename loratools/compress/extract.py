@@ -33,13 +33,14 @@ from ..device import resolve_device, resolve_dtype
 from ..errors import InvalidOptionError, ShapeMismatchError
 from ..formats import get_format, write_adapter
 from ..io import ModelReader, Progress, check_output, read_config
+from ..quant.view import Dequantized, dequantized
 from .checks import check_result
 from ..linalg import RankRule, all_finite, sqrt_split, truncated_svd
 from ..lm.heldout import HeldOutReport, heldout_report
 
 __all__ = ["extract_adapter", "extract_model", "ExtractResult", "LayerReport", "Skipped", "default_target", "TensorSource", "plan_size"]
 
-TensorSource = ModelReader | Mapping[str, Tensor]
+TensorSource = ModelReader | Dequantized | Mapping[str, Tensor]
 
 # Names that mark a weight as an embedding or a norm even inside a block.
 _EMBED = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings)(\.|$)")
@@ -124,19 +125,27 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _keys(src: TensorSource) -> list[str]:
-    return src.keys() if isinstance(src, ModelReader) else list(src.keys())
+    return src.keys() if isinstance(src, ModelReader | Dequantized) else list(src.keys())
 
 
 def _shape(src: TensorSource, key: str) -> tuple[int, ...]:
-    return src.shape(key) if isinstance(src, ModelReader) else tuple(src[key].shape)
+    return src.shape(key) if isinstance(src, ModelReader | Dequantized) else tuple(src[key].shape)
 
 
 def _get(src: TensorSource, key: str) -> Tensor:
-    return src.get(key) if isinstance(src, ModelReader) else src[key]
+    return src.get(key) if isinstance(src, ModelReader | Dequantized) else src[key]
 
 
 def _model_config(src: TensorSource) -> dict[str, object]:
+    if isinstance(src, Dequantized):
+        return dict(src.config)
     return (read_config(src.path) or {}) if isinstance(src, ModelReader) else {}
+
+
+def _readable(model: ModelReader) -> ModelReader | Dequantized:
+    """``model``, or its dequantized view (:mod:`loratools.quant.view`) when its config says it is quantized
+    (FP8, MXFP4): the weight differences are taken between the float tensors the models stand for."""
+    return dequantized(model, read_config(model.path), name=str(model.path)) or model
 
 
 def _kind(name: str, shape: tuple[int, ...]) -> Kind:
@@ -269,7 +278,8 @@ def extract_adapter(base: TensorSource, tuned: TensorSource, rule: RankRule | No
             progress(1)
     archs = cfg.get("architectures")
     task = "CAUSAL_LM" if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs) else None
-    base_name = str(base.path) if isinstance(base, ModelReader) else None
+    base_name = (str(base.path) if isinstance(base, ModelReader)
+                 else base.name if isinstance(base, Dequantized) else None)
     config = AdapterConfig(method="lora", fan_in_fan_out=bool(fan_in_fan_out), base_model=base_name, task_type=task)
     return ExtractResult(Adapter(modules, config), layers, skipped, delta_params)
 
@@ -294,7 +304,8 @@ def extract_model(base: str | os.PathLike[str], tuned: str | os.PathLike[str], o
                   device: str = "auto", force: bool = False, data: str | os.PathLike[str] | None = None,
                   progress: Progress | None = None) -> ExtractResult:
     """Extract the LoRA adapter of ``tuned − base`` from the model files (:func:`extract_adapter`, reading two
-    weights at a time) and write it to ``out`` in ``format``.
+    weights at a time) and write it to ``out`` in ``format``. A model stored quantized (FP8, MXFP4: its config's
+    ``quantization_config``) is read dequantized, as transformers loads it (:mod:`loratools.quant.view`).
 
     ``dtype`` is the factors' dtype (a name: ``"bfloat16"``…; ``"auto"``/None keeps the tuned weights').
     With ``data``, ``heldout`` holds the held-out loss of ``tuned`` itself (before), of ``base + adapter``
@@ -309,9 +320,10 @@ def extract_model(base: str | os.PathLike[str], tuned: str | os.PathLike[str], o
     get_format(format)
     check_output(out, force=force, inputs=(base, tuned))  # fail before the long computation
     with ModelReader(base) as base_r, ModelReader(tuned) as tuned_r:
+        base_v, tuned_v = _readable(base_r), _readable(tuned_r)
         if progress:
-            progress(0, total=plan_size(base_r))
-        res = extract_adapter(base_r, tuned_r, rule, targets=targets, alpha=alpha, device=device,
+            progress(0, total=plan_size(base_v))
+        res = extract_adapter(base_v, tuned_v, rule, targets=targets, alpha=alpha, device=device,
                               dtype=factor_dtype, progress=progress)
     check_result(res.adapter, empty=_why_empty(res, base, tuned),
                  cause="choose an `alpha` near the rank, or check that both models hold finite weights")

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import InputNotFoundError, InvalidOptionError, LoraToolsError, ShapeMismatchError
-from ..io import INDEX_NAME, WEIGHTS_NAME, ModelReader, read_config, read_safetensors_header
+from ..io import ModelReader, has_weights, read_config, read_safetensors_header
 
 __all__ = ["BaseModel", "Format", "FORMATS", "register", "peek_safetensors", "load_base", "check_base_shapes"]
 
@@ -156,10 +156,10 @@ def load_base(path: str | os.PathLike[str]) -> BaseModel:
             return BaseModel(p, hparams=read_config(p) or {})
         return _with_weights(p, read_config(p))
     hparams = read_config(p)
-    has_weights = (p / WEIGHTS_NAME).is_file() or (p / INDEX_NAME).is_file()
-    if hparams is None and not has_weights:
+    weights = has_weights(p)  # transformers' or diffusers' names
+    if hparams is None and not weights:
         raise InvalidOptionError(f"`base` {p} holds neither config.json nor model.safetensors")
-    return _with_weights(p, hparams) if has_weights else BaseModel(p, hparams=hparams)
+    return _with_weights(p, hparams) if weights else BaseModel(p, hparams=hparams)
 
 
 def check_base_shapes(adapter: Adapter, base: BaseModel) -> None:

@@ -1,7 +1,8 @@
 """A model on disk: read lazily, and rewritten tensor by tensor into a mirror of itself.
 
 - :class:`ModelReader` opens a Hugging Face model directory (one
-  ``model.safetensors``, or shards with ``model.safetensors.index.json``) or a
+  ``model.safetensors``, or shards with ``model.safetensors.index.json``; a diffusers model folder such as a
+  pipeline's ``unet/`` has ``diffusion_pytorch_model.safetensors`` and its index instead) or a
   single ``.safetensors`` file. Each header is parsed and checked once; every
   tensor is known by its :class:`~loratools.io.safetensors.Span` and read alone.
 - :func:`rewrite_model` writes a model with the same layout (shards, index and
@@ -14,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
@@ -31,12 +33,28 @@ from .paths import copy_opened, read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
                           header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 
-__all__ = ["ModelReader", "Progress", "config_path", "read_config", "rewrite_model", "INDEX_NAME", "WEIGHTS_NAME",
-           "CONFIG_NAME"]
+__all__ = ["ModelReader", "Progress", "config_path", "read_config", "rewrite_model", "has_weights", "INDEX_NAME",
+           "WEIGHTS_NAME", "CONFIG_NAME", "WEIGHTS_NAMES"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+#: (single file, shard index) of a model folder: transformers' names, then diffusers' (``ModelMixin.save_pretrained``
+#: in diffusers 0.42.1 ``utils/constants.py``: ``SAFETENSORS_WEIGHTS_NAME``, ``SAFE_WEIGHTS_INDEX_NAME``)
+WEIGHTS_NAMES = ((WEIGHTS_NAME, INDEX_NAME),
+                 ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"))
+
+
+#: other copies of a model's weights (a diffusers ``fp16`` variant, a pickled ``.bin`` beside the safetensors, Flax
+#: or TF weights): a rewrite leaves them out, as they would still hold the unmerged values
+_OTHER_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model|flax_model|tf_model)([.-][\w.-]*)?"
+                            r"\.(safetensors|bin|msgpack|h5)(\.index\.json)?$")
+
+
+def has_weights(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` holds a model's safetensors weights under a name :class:`ModelReader` opens."""
+    p = Path(folder)
+    return any((p / single).is_file() or (p / index).is_file() for single, index in WEIGHTS_NAMES)
 
 
 def config_path(model_path: str | os.PathLike[str]) -> Path:
@@ -87,6 +105,8 @@ class ModelReader:
             raise InputNotFoundError(self.path, "model")
         self.shard_of: dict[str, str] = {}
         self.index: dict[str, Any] | None = None
+        #: the shard index's file name (transformers' or diffusers'), written back under the same name
+        self.index_name = INDEX_NAME
         self.is_dir = self.path.is_dir()
         if self.is_dir:
             self.root = self.path
@@ -113,7 +133,11 @@ class ModelReader:
             self.spans.update({k: v for k, v in spans.items() if self.shard_of.get(k) == shard})
 
     def _read_index(self) -> list[str]:
-        index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
+        # the first naming whose files are there: a folder holding both is read as transformers'
+        names = next(((s, i) for s, i in WEIGHTS_NAMES if (self.path / i).is_file() or (self.path / s).is_file()),
+                     WEIGHTS_NAMES[0])
+        index, single = self.path / names[1], self.path / names[0]
+        self.index_name = names[1]
         if index.is_file():
             raw = read_json(index)
             wmap = get_field(raw, "weight_map", dict, where=index)  # refuses a file that is not an object
@@ -123,12 +147,13 @@ class ModelReader:
             self.shard_of = {str(k): plain_name(v, where=index, field=f"weight_map[{k!r}]") for k, v in wmap.items()}
             if not self.shard_of:
                 raise CorruptFileError(index, "its weight_map lists no tensors")
-            if INDEX_NAME in self.shard_of.values():
-                raise CorruptFileError(index, f"its weight_map names {INDEX_NAME} as a shard")
+            if self.index_name in self.shard_of.values():
+                raise CorruptFileError(index, f"its weight_map names {self.index_name} as a shard")
             return sorted(set(self.shard_of.values()))
         if single.is_file():
-            return [WEIGHTS_NAME]
-        raise CorruptFileError(self.path, f"no {WEIGHTS_NAME} or {INDEX_NAME} in this model directory")
+            return [single.name]
+        raise CorruptFileError(self.path, f"no {WEIGHTS_NAME} or {INDEX_NAME} (nor diffusers' "
+                                          f"{WEIGHTS_NAMES[1][0]}) in this model directory")
 
     # -- metadata, no tensor data read --------------------------------------------------
     def keys(self) -> list[str]:
@@ -179,15 +204,17 @@ class ModelReader:
 
 def _mirror_side_files(model: ModelReader, dest: Path, edits: Mapping[str, Callable[[bytes], bytes]]) -> None:
     """Config, tokenizer, generation config …: copied as they are, or through ``edits[name]`` (bytes → bytes).
+    Other files of the model's weights (``diffusion_pytorch_model.fp16.safetensors``, ``pytorch_model.bin`` …)
+    are left out: they hold the values before the rewrite.
 
     Only regular files inside the model's folder are copied (see :func:`_open_side`); a symbolic link
     leading out of it, a link to a directory, a FIFO, device or socket is refused with one line before
     anything is copied through it. An edited file is read up to :data:`~loratools.validate.MAX_JSON_BYTES`.
     """
-    weights = set(model.shards) | {INDEX_NAME}
+    weights = set(model.shards) | {model.index_name}
     roots = _side_roots(model.root)
     for item in sorted(model.root.iterdir()):
-        if item.name in weights:
+        if item.name in weights or _OTHER_WEIGHTS.match(item.name):
             continue
         if item.name in edits and not stat.S_ISDIR(os.lstat(item).st_mode):
             fd = _open_side(item, roots)
@@ -266,14 +293,18 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
                   compute: Callable[[str], Pieces | Tensor | None], progress: Progress | None = None,
                   workers: int | None = None, added: Mapping[str, str] | None = None,
                   side_edits: Mapping[str, Callable[[bytes], bytes]] | None = None,
-                  dropped: Collection[str] = ()) -> tuple[int, int]:
+                  dropped: Collection[str] = (), shapes: Mapping[str, tuple[int, ...]] | None = None,
+                  ) -> tuple[int, int]:
     """Write ``model`` to ``dest`` with the same layout; ``compute(key)`` gives a tensor's new bytes, or None.
 
     Side files (config, tokenizer …) are copied, except those named in ``side_edits``, whose
     new bytes are ``side_edits[name](old bytes)`` (a merge to another dtype, or one that unties the
     embeddings, edits ``config.json``). ``added`` maps a tensor new in the output to the tensor it is
-    written beside, in that one's shard, dtype and shape (``compute`` gives it, or None copies that one's bytes);
-    the tensors in ``dropped`` are left out (a dequantized merge drops the scales).
+    written beside, in that one's shard and shape (``compute`` gives it, or None copies that one's bytes), even
+    when that one is dropped; the tensors in ``dropped`` are left out (a dequantized merge drops the scales), and a
+    shard left with no tensor is not written (nor named by the index). ``shapes`` gives an output tensor its own
+    shape (an added one, or a key whose shape changes: MXFP4's ``P`` for ``P_blocks``, a bitsandbytes ``P.weight``
+    (out, in) for its packed bytes); ``compute`` must give every such tensor.
 
     ``codes`` gives each tensor's output dtype code, so every offset of every
     output shard is known before any tensor is computed: the headers are
@@ -287,6 +318,7 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
     tensor done. Returns (tensors computed, tensors copied).
     """
     added = dict(added or {})
+    shapes = dict(shapes or {})
     jobs: list[tuple[int, int, Entry]] = []
     fds: list[int] = []
     if model.is_dir:
@@ -295,9 +327,11 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
     total = 0
     try:
         for shard in model.shards:
-            keys = [k for k in model.shard_keys(shard) if k in model.spans and k not in dropped]
-            keys += [new for new, beside in added.items() if beside in keys]
-            entries = [Entry(k, codes[k], model.spans[added.get(k, k)].shape) for k in keys]
+            keys = _shard_entries(model.shard_keys(shard), model.spans, added, dropped)
+            if not keys and model.is_dir and model.shard_keys(shard):
+                continue  # every tensor dropped: no shard of nothing
+            entries = [Entry(k, codes[k], shapes[k] if k in shapes else model.spans[added.get(k, k)].shape)
+                       for k in keys]
             head = header_bytes(entries, {**model.metadata(shard), **metadata})
             fd = os.open(dest / shard if model.is_dir else dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             fds.append(fd)
@@ -317,8 +351,19 @@ def rewrite_model(model: ModelReader, dest: Path, *, codes: Mapping[str, str], m
         index.setdefault("weight_map", {}).update({new: model.shard_of[beside] for new, beside in added.items()})
         for key in dropped:
             index["weight_map"].pop(key, None)
-        (dest / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (dest / model.index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return changed, len(jobs) - changed
+
+
+def _shard_entries(order: Iterable[str], spans: Mapping[str, Span], added: Mapping[str, str],
+                   dropped: Collection[str]) -> list[str]:
+    """The output keys of one shard, in file order: its kept tensors, each added one right after its neighbour
+    (kept or dropped)."""
+    after: dict[str, list[str]] = {}
+    for new, beside in added.items():
+        after.setdefault(beside, []).append(new)
+    return [k for key in order if key in spans
+            for k in ((key,) if key not in dropped else ()) + tuple(after.get(key, ()))]
 
 
 def _run(model: ModelReader, jobs: list[tuple[int, int, Entry]], compute: Callable[[str], Pieces | Tensor | None],
@@ -328,7 +373,8 @@ def _run(model: ModelReader, jobs: list[tuple[int, int, Entry]], compute: Callab
         progress(0, total=len(jobs))
     changed = 0
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loratools-rewrite") as pool:
-        futures = [pool.submit(_write_tensor, model.spans[added.get(e.name, e.name)], fd, offset, e, compute) for fd, offset, e in jobs]
+        futures = [pool.submit(_write_tensor, model.spans[added.get(e.name, e.name)], fd, offset, e, compute)
+                   for fd, offset, e in jobs]
         try:
             for fut in as_completed(futures):
                 changed += fut.result()
@@ -345,6 +391,8 @@ def _run(model: ModelReader, jobs: list[tuple[int, int, Entry]], compute: Callab
 def _write_tensor(span: Span, fd: int, offset: int, e: Entry, compute: Callable[[str], Pieces | Tensor | None]) -> bool:
     """Put tensor ``e`` at ``offset`` of ``fd``; True if it was computed, False if copied."""
     pieces = compute(e.name)
+    if pieces is None and tuple(e.shape) != tuple(span.shape):
+        raise RuntimeError(f"rewrite_model: {e.name} has a shape of its own, {e.shape}, but was not computed")
     if pieces is None and e.dtype == span.dtype:
         copy_range(span, fd, offset)
         return False

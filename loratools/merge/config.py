@@ -21,7 +21,9 @@ def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
 
     transformers 5.23 loads a model in the dtype its config's ``dtype`` names (``torch_dtype`` in
     older files; sub-configs such as ``text_config`` carry their own), so a merge that casts the
-    weights must say so there, or the bfloat16 weights come back as float32.
+    weights must say so there, or the bfloat16 weights come back as float32. A diffusers model's config
+    (``_diffusers_version`` or ``_class_name``) gets no new ``dtype`` key: diffusers 0.42.1 passes every config
+    key to the model's ``__init__`` (``UNet2DConditionModel`` refuses an unknown one) and loads in the dtype asked.
     """
     name = str(dtype).replace("torch.", "")
 
@@ -36,7 +38,8 @@ def config_dtype_edit(dtype: torch.dtype) -> Callable[[bytes], bytes]:
     def edit(raw: bytes) -> bytes:
         config = json.loads(raw)
         fix(config)
-        config.setdefault("dtype", name)
+        if not {"_diffusers_version", "_class_name"} & set(config):
+            config.setdefault("dtype", name)
         return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
     return edit

@@ -45,7 +45,7 @@ from .layout import find_tie
 from .plan import (AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision, stamp,
                    tie_notes)
 from .experts import resolve_experts
-from .quantized import Fp8Model, fp8_model
+from .quantized import QuantModel, quant_model
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
 from .report import MergeReport, ModuleCheck, UpdateFit, VerifyReport, fit_sums
@@ -69,28 +69,28 @@ class _Job:
     model: ModelReader
     plan: dict[str, TensorPlan]
     notes: list[str] = field(default_factory=list)
-    #: the base's FP8 weights (:mod:`.quantized`), planned and read dequantized
-    fp8: Fp8Model | None = None
+    #: the base's quantized tensors (:mod:`.quantized`: FP8, MXFP4, NVFP4, bitsandbytes), planned and read dequantized
+    quant: QuantModel | None = None
 
     @classmethod
     def start(cls, base: PathLike | BaseModel, adapters: Adapters, device: str | torch.device,
               precision: str | torch.dtype, *, unmerge: bool = False) -> "_Job":
         dev, prec = resolve_device(device), resolve_precision(precision)
         model, hparams = _open(base)
-        fp8 = fp8_model(model, hparams, precision=prec)
+        quant = quant_model(model, hparams, precision=prec)
+        shapes = quant.shapes() if quant else model.shapes()  # a quantized tensor as its logical float tensor
         # MoE expert LoRA names modules, not parameters: placed on this model's tensors first
-        inputs = [replace(i, adapter=resolve_experts(i.adapter, model.shapes(), hparams))
-                  for i in adapter_inputs(adapters)]
+        inputs = [replace(i, adapter=resolve_experts(i.adapter, shapes, hparams)) for i in adapter_inputs(adapters)]
         tie = find_tie(hparams, model.spans)
 
         def same_as_base(key: str, t: Tensor) -> bool:
-            return bool(torch.equal(model.get(key).to(torch.float64), t.to(torch.float64)))
+            w = quant.read(model, key) if quant else model.get(key)
+            return bool(torch.equal(w.to(torch.float64), t.to(torch.float64)))
 
-        plan = plan_merge(fp8.shapes() if fp8 else model.shapes(), inputs, tie=tie, same_as_base=same_as_base,
-                          unmerge=unmerge)
-        if fp8 is not None:
-            fp8.check(plan)
-        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [], fp8)
+        plan = plan_merge(shapes, inputs, tie=tie, same_as_base=same_as_base, unmerge=unmerge)
+        if quant is not None:
+            quant.check(plan)
+        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [], quant)
 
     @property
     def inputs_on_disk(self) -> tuple[PathLike, ...]:
@@ -106,7 +106,7 @@ class _Job:
         """The base tensor ``key`` starts from (for a new tensor, its ``source``)."""
         p = self.plan.get(key)
         key = p.source if p is not None and p.source is not None else key
-        return self.fp8.read(self.model, key) if self.fp8 is not None else self.model.get(key)
+        return self.quant.read(self.model, key) if self.quant is not None else self.model.get(key)
 
     @property
     def arithmetic(self) -> Arithmetic:
@@ -119,11 +119,15 @@ class _Job:
         # one torch thread per worker: parallelism comes from tensors on separate threads (see configure_cpu_threads);
         # on a GPU a second worker reads and writes while the first computes
         added = self.added
+        codes = {**codes, **{k: codes[s] for k, s in added.items()}}
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.quant is not None:  # a plain merge writes each quantized tensor under its logical key and shape
+            added |= self.quant.new()
+            shapes = self.quant.out_shapes()
         with cpu_threads(1):
-            return rewrite_model(self.model, tmp, codes={**codes, **{k: codes[s] for k, s in added.items()}},
-                                 metadata=meta, compute=compute, progress=progress,
+            return rewrite_model(self.model, tmp, codes=codes, metadata=meta, compute=compute, progress=progress,
                                  workers=None if self.device.type == "cpu" else 2, added=added, side_edits=side_edits,
-                                 dropped=dropped)
+                                 dropped=dropped, shapes=shapes)
 
     def recon(self, w: Tensor, plan: TensorPlan, dtype: torch.dtype) -> Tensor:
         """What an un-merge computes for this tensor before any record is applied."""
@@ -172,12 +176,13 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
         return merge_gguf(_path(base), adapters, out, quant=quant, precision=precision, record=record,
                           force=force, progress=progress, verify=verify, allow_lossy=allow_lossy)
     job = _Job.start(base, adapters, device, precision)
-    model, plan, fp8 = job.model, job.plan, job.fp8
+    model, plan, qm = job.model, job.plan, job.quant
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
-    if fp8 is not None:
-        fp8.dtype = dtype
-        codes = fp8.codes(codes)
-    if record is not None and any(codes[k] != s.dtype for k, s in model.spans.items()):
+    if qm is not None:
+        qm.dtype = dtype
+        codes = qm.codes(codes)
+    if record is not None and ((qm is not None and dtype is not None)
+                               or any(codes[k] != s.dtype for k, s in model.spans.items())):
         raise InvalidOptionError("`record` restores the base only when `dtype` is kept; drop `dtype` or `record`")
     record_path = Path(record) if record is not None else None
     meta = stamp("merge", job.inputs, job.precision, job.device)
@@ -185,8 +190,8 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
 
     def compute(key: str) -> Iterator[Tensor] | Tensor | None:
         p = plan.get(key)
-        if fp8 is not None and (key in fp8.keys or key in fp8.scales):
-            return fp8.compute(key, plan)
+        if qm is not None and (key in qm.owner or key in qm.tensors):
+            return qm.compute(key, plan)
         if p is None:
             return None
         # a new tensor (an untied head) starts from its source and has no original for a record to restore
@@ -202,11 +207,11 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
              else contextlib.nullcontext()) as rtmp:
         try:
             rec = RecordWriter(record_path, rtmp) if record_path is not None and rtmp is not None else None
-            if fp8 is not None:
-                fp8.record = rec
-            edits = config_edits(dtype, untie=bool(job.added), dequantized=fp8 is not None and dtype is not None)
-            changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits, fp8.dropped() if fp8 else ())
-            fit = fp8.check_fit(allow_lossy) if fp8 is not None else None
+            if qm is not None:
+                qm.record = rec
+            edits = config_edits(dtype, untie=bool(job.added), dequantized=qm is not None and dtype is not None)
+            changed, copied = job.rewrite(tmp, codes, meta, compute, progress, edits, qm.dropped() if qm else ())
+            fit = qm.check_fit(allow_lossy) if qm is not None else None
             checked = _check(job, ModelReader(tmp), allow_lossy=allow_lossy) if verify else None
             if checked is not None:
                 checked.check()
@@ -274,13 +279,13 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
     if record_path is not None:
         patches, hashes, info = read_record(record_path, job.inputs)
         job.precision = resolve_precision(info.get("precision", "float32"))
-        missing = sorted(set(plan) - set(hashes))
+        missing = sorted((job.quant.record_keys(plan) if job.quant else set(plan)) - set(hashes))
         if missing:
             raise CorruptFileError(record_path, f"it holds nothing for {missing[0]}")
     else:
-        if job.fp8 is not None and set(plan) & set(job.fp8.keys):
-            raise InvalidOptionError(f"{min(set(plan) & set(job.fp8.keys))} is stored as FP8, which loratools "
-                                     "un-merges only with the record of the merge (`record`, written by merging with it)")
+        if job.quant is not None and (stored := sorted(set(plan) & set(job.quant.tensors))):
+            raise InvalidOptionError(f"{stored[0]} is stored as {job.quant.codec.name}, which loratools un-merges only "
+                                     "with the record of the merge (`record`, written by merging with it)")
         dora = [k for k, p in plan.items() if any(m.is_dora for m, _ in p.deltas)]
         if dora:
             raise InvalidOptionError(f"{dora[0]} was merged with DoRA, whose row norms ‖W0 + s·BA‖ the merged model no "
@@ -295,8 +300,8 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
 
     def compute(key: str) -> Iterator[Tensor] | Tensor | None:
         p = plan.get(key)
-        if job.fp8 is not None and record_path is not None and (key in job.fp8.keys or key in job.fp8.scales):
-            return job.fp8.restored(key, plan, patches, hashes, record_path)
+        if job.quant is not None and record_path is not None and key in job.quant.owner:
+            return job.quant.restored(key, plan, patches, hashes, record_path)
         if p is None:
             return None
         if record_path is not None:
@@ -341,34 +346,42 @@ def verify_merge(base: PathLike | BaseModel, adapters: Adapters, merged: PathLik
     return _check(_Job.start(base, adapters, device, precision), ModelReader(merged), progress, allow_lossy=allow_lossy)
 
 
+def _expected(job: _Job, m: ModelReader) -> dict[str, tuple[int, ...]]:
+    """The merged model's tensors as a merge of the job's base must hold them, checked against ``m``'s: a quantized
+    base's tensors by their logical (dequantized) shapes, kept quantized in ``m`` or written plain; a plain merge
+    leaves out the activation parameters beside them."""
+    b, quant = job.model, job.quant
+    if quant is None:
+        shapes = {k: s.shape for k, s in b.spans.items()}
+        got = {k: s.shape for k, s in m.spans.items()}
+    else:
+        shapes = {k: s for k, (_, s) in quant.shapes().items()}
+        got = {k: s for k, (_, s) in quant.logical(m).items()}
+        if not any(quant.quantized_in(m, k) for k in quant.tensors):  # a plain merge
+            shapes = {k: s for k, s in shapes.items() if k not in quant.extra}
+    shapes.update({k: b.spans[s].shape for k, s in job.added.items()})
+    if set(shapes) != set(got):
+        extra = sorted(set(shapes) ^ set(got))
+        raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
+    return shapes
+
+
 def _check(job: _Job, m: ModelReader, progress: Progress | None = None, *, allow_lossy: bool = False) -> VerifyReport:
     """:func:`verify_merge` of the model ``m`` against the job's base and plan (a merge checks what it wrote
     with the plan it wrote it from: the base is not read again)."""
-    b, plan, dev, prec = job.model, job.plan, job.device, job.precision
-    shapes = {**{k: s.shape for k, s in b.spans.items()}, **{k: b.spans[s].shape for k, s in job.added.items()}}
-    fp8 = job.fp8
-    scales = set(fp8.scales) if fp8 is not None else set()
-    if scales and not scales & set(m.spans):  # a plain merge of an FP8 base: its weights are checked dequantized
-        left_out = scales | (fp8.activation if fp8 is not None else set())
-        shapes = {k: v for k, v in shapes.items() if k not in left_out}
-    if set(shapes) != set(m.spans):
-        extra = sorted(set(shapes) ^ set(m.spans))
-        raise WrongBaseError(f"the merged model and the base hold different tensors (first: {extra[0]})")
+    b, plan, dev, prec, quant = job.model, job.plan, job.device, job.precision, job.quant
+    shapes = _expected(job, m)
     checks: list[ModuleCheck] = []
     bad: list[str] = []
     non_finite: list[str] = []
-    sums: dict[str, tuple[float, float, float]] = {}  # a re-quantized FP8 weight: the share of ΔW it keeps
+    sums: dict[str, tuple[float, float, float]] = {}  # a re-quantized tensor: the share of ΔW it keeps
     dtype_names = set()
     if progress:
         progress(0, total=len(shapes))
     for key in sorted(shapes):
-        if shapes[key] != m.spans[key].shape:
-            raise ShapeMismatchError(key, shapes[key], m.spans[key].shape, "the merged model is not a merge of the base")
-        if key in scales:  # checked through its weight, dequantized
-            if progress:
-                progress(1)
-            continue
-        got = fp8.read(m, key) if fp8 is not None else m.get(key)
+        got = quant.read(m, key) if quant is not None else m.get(key)
+        if shapes[key] != tuple(got.shape):
+            raise ShapeMismatchError(key, shapes[key], tuple(got.shape), "the merged model is not a merge of the base")
         dtype_names.add(str(got.dtype).replace("torch.", ""))
         p = plan.get(key)
         w0 = job.base(key)
@@ -389,8 +402,9 @@ def _check(job: _Job, m: ModelReader, progress: Progress | None = None, *, allow
                 exact = p.apply_rows(start.to(device=dev, dtype=prec) + delta)
             dev_abs = (got.to(device=dev, dtype=prec) - exact).abs()
             tol = tolerance(exact, start, p.deltas, got.dtype, precision=prec)
-            if fp8 is not None and m.spans[key].dtype == "F8_E4M3":  # re-quantized: the format's own step too
-                tol = tol + fp8.fmt.half_step(exact, m.get(fp8.keys[key])).to(tol)
+            if quant is not None and quant.quantized_in(m, key):  # re-quantized: the format's own step too
+                parts = [m.get(k) for k in quant.tensors[key].parts]
+                tol = tol + quant.codec.half_step(exact, parts).to(tol)
                 sums[key] = fit_sums(got.to(dev, prec) - w0.to(dev, prec), exact - w0.to(dev, prec))
             checks.append(ModuleCheck(key, float(dev_abs.max()) if dev_abs.numel() else 0.0,
                                       float((dev_abs / tol).max()) if dev_abs.numel() else 0.0))

@@ -1,24 +1,28 @@
-"""The FP8 side of a safetensors merge: which tensors are quantized, and what the merge writes for each.
+"""The quantized side of a safetensors merge: which tensors are quantized, and what the merge writes for each.
 
-A quantized base (:mod:`loratools.quant.fp8`: block-wise ``fp8``, or compressed-tensors ``float-quantized`` with
-one scale per tensor or row) is planned on its dequantized view (float32 weights of the same shapes), so every check
-of :func:`.plan.plan_merge` applies. An adapted weight is dequantized with its scales (which may live in another
-shard), merged in ``precision``, and written either back in the base's format (re-quantized with new scales of the
-base's layout, dtype and shape; every other tensor and scale is copied byte for byte) or, with a ``dtype``,
-plain (scales and activation scales dropped, ``quantization_config`` removed from config.json). A re-quantized merge measures how much of
-ΔW it keeps (:class:`.report.UpdateFit`, the same figure and :data:`~.report.MIN_KEPT` as a GGUF merge).
+A quantized base (a codec of :mod:`loratools.quant.codec`: FP8 ``fp8`` or compressed-tensors, gpt-oss MXFP4,
+compressed-tensors NVFP4, bitsandbytes NF4/FP4/int8) is planned on its *logical* view: each quantized tensor as the
+float32 tensor its parts dequantize to, under its logical name and shape (MXFP4's ``P`` (n, G·32, rows) for
+``P_blocks`` + ``P_scales``; a bitsandbytes 4-bit ``P.weight`` (out, in) for its packed uint8 bytes), so every
+check of :func:`.plan.plan_merge` applies. An adapted tensor is dequantized from its parts (which may live in
+other shards), merged in ``precision``, and written either back in the base's format (re-quantized into parts of the
+base's layout, dtype and shape; every other tensor and part is copied byte for byte) or, with a ``dtype``, plain
+under its logical name and shape (parts and activation scales dropped, ``quantization_config`` removed from
+config.json: :func:`loratools.io.rewrite_model`'s ``added``, ``dropped`` and ``shapes``). A
+re-quantized merge measures how much of ΔW it keeps (:class:`.report.UpdateFit`, the same figure and
+:data:`~.report.MIN_KEPT` as a GGUF merge).
 
 A record (``merge --record``) makes the un-merge byte for byte, as a GGUF record does for quantized types: the
-un-merge computes U = Q(deq(M) − ΔW) for the weight and its scales (:meth:`Fp8Model.unmerged`, the same
-function the merge calls to write the patch), and the record holds W0 ⊕ U over each one's bytes, deflated
-(``xor_deflate``), with the checksum of W0's bytes.
+un-merge computes U = Q(deq(M) − ΔW) (:meth:`QuantModel.unmerged`, the same function the merge calls to write the
+patch), and the record holds W0 ⊕ U over each part's bytes, deflated (``xor_deflate``), with the checksum of W0's
+bytes.
 """
 
 from __future__ import annotations
 
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,135 +35,170 @@ from torch import Tensor
 from ..dtypes import DTYPE_CODES, check_fits
 from ..errors import CorruptFileError, InvalidOptionError, LossyMergeError, NonFiniteError
 from ..io import ModelReader, Span, read_tensor
-from ..quant.fp8 import Fp8Layout, fp8_format
+from ..quant.codec import QuantCodec, Stored, reading
+from ..quant.view import dequantized, logical_shapes
 from .kernels import delta_sum, dora_of
 from .plan import FLOAT_CODES, TensorPlan
 from .record import Digest, RecordWriter
 from .report import UpdateFit, fit_sums
 
-__all__ = ["Fp8Model", "fp8_model"]
-
-#: a quantized linear's activation parameters beside its weight (transformers fp8 ``activation_scale``,
-#: compressed-tensors ``input_scale``…): no weight depends on them, so a merge that keeps the format copies them and a
-#: plain merge, which leaves nothing quantized to use them, drops them with the scales
-ACTIVATION_PARAMS = ("activation_scale", "input_scale", "input_zero_point", "output_scale", "output_zero_point")
+__all__ = ["QuantModel", "quant_model"]
 
 
 @dataclass
-class Fp8Model:
-    """The FP8 weights of a model (``keys``: e4m3 weight → its scale, ``…_scale_inv`` or ``…_scale``), and how a
-    merge writes them."""
+class QuantModel:
+    """The quantized tensors of a model (``tensors``: logical key → :class:`~loratools.quant.codec.Stored`), and
+    how a merge writes them."""
 
-    fmt: Fp8Layout
+    codec: QuantCodec
     model: ModelReader
-    keys: dict[str, str]
+    tensors: dict[str, Stored]
     #: the output dtype of a plain (dequantized) merge; None keeps the format
     dtype: torch.dtype | None = None
     precision: torch.dtype = torch.float32
     sums: dict[str, tuple[float, float, float]] = field(default_factory=dict)
-    #: the activation parameters (:data:`ACTIVATION_PARAMS`) beside the FP8 weights
-    activation: set[str] = field(default_factory=set)
-    #: a merge's record, to which each re-quantized weight and its scales add their patch
+    #: a merge's record, to which each re-quantized tensor adds the patches of its parts
     record: RecordWriter | None = None
-    _done: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _done: dict[str, tuple[tuple[Tensor, ...], set[str]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
 
     @cached_property
-    def scales(self) -> dict[str, str]:
-        """Each scale → its weight."""
-        return {s: k for k, s in self.keys.items()}
+    def owner(self) -> dict[str, str]:
+        """Each stored part → its logical key."""
+        return {p: k for k, st in self.tensors.items() for p in st.parts}
+
+    @cached_property
+    def extra(self) -> set[str]:
+        """The activation parameters beside the quantized weights (copied with the format, else dropped)."""
+        return {e for st in self.tensors.values() for e in st.extra}
 
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """The model's ``{key: (code, shape)}`` as the plan sees it: each FP8 weight as its float32 dequantization."""
-        return {k: (("F32", s) if k in self.keys else (c, s)) for k, (c, s) in self.model.shapes().items()}
+        """The model's ``{key: (code, shape)}`` as the plan sees it: each quantized tensor as its float32 logical
+        tensor, its parts left out."""
+        return self.logical(self.model)
 
-    def codes(self, codes: Mapping[str, str]) -> dict[str, str]:
-        """The output codes: FP8 weights kept, or in ``dtype`` for a plain merge."""
-        if self.dtype is None:
-            return dict(codes)
-        return {k: (DTYPE_CODES[self.dtype] if k in self.keys else c) for k, c in codes.items()}
+    def logical(self, reader: ModelReader) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """``reader``'s tensors with each one it stores quantized by this codec as its logical float32 tensor."""
+        codec = self.codec if reader is self.model else reading(self.codec, reader.get)
+        return logical_shapes(codec, reader.shapes())
 
-    def dropped(self) -> set[str]:
-        """The tensors a plain merge leaves out: every scale and activation parameter."""
-        return set(self.scales) | self.activation if self.dtype is not None else set()
+    def quantized_in(self, reader: ModelReader, key: str) -> bool:
+        """Whether ``reader`` stores ``key`` quantized (all its parts there, the values not a float tensor)."""
+        st = self.tensors.get(key)
+        return st is not None and all(p in reader.spans for p in st.parts) and \
+            reader.spans[st.parts[0]].dtype not in FLOAT_CODES
 
     def read(self, reader: ModelReader, key: str) -> Tensor:
-        """``key`` of ``reader`` as float: dequantized when it is stored e4m3 with its scale, else as stored."""
-        scale = self.keys.get(key)
-        w = reader.get(key)
-        if scale is None or w.dtype != torch.float8_e4m3fn or scale not in reader.spans:
-            return w
-        return self.fmt.dequantize(w, reader.get(scale))
+        """``key`` of ``reader`` as float: dequantized from its parts when stored quantized, else as stored."""
+        if not self.quantized_in(reader, key):
+            return reader.get(key)
+        return self.codec.dequantize([reader.get(p) for p in self.tensors[key].parts])
+
+    # -- the output's layout ------------------------------------------------------------
+    def codes(self, codes: Mapping[str, str]) -> dict[str, str]:
+        """The output codes: parts kept, or each logical tensor in ``dtype`` for a plain merge."""
+        if self.dtype is None:
+            return dict(codes)
+        return {**codes, **{k: DTYPE_CODES[self.dtype] for k in self.tensors}}
+
+    def dropped(self) -> set[str]:
+        """The tensors a plain merge leaves out: every part that is not a logical tensor's own key, and the
+        activation parameters."""
+        return (set(self.owner) - set(self.tensors)) | self.extra if self.dtype is not None else set()
+
+    def new(self) -> dict[str, str]:
+        """A plain merge's tensors absent from the base (MXFP4's ``P``) → the part they are written beside (and in
+        place of: that part is dropped)."""
+        if self.dtype is None:
+            return {}
+        return {k: st.parts[0] for k, st in self.tensors.items() if k not in self.model.spans}
+
+    def out_shapes(self) -> dict[str, tuple[int, ...]]:
+        """A plain merge's logical tensors with their own shapes (MXFP4's new ``P``; a bitsandbytes ``P.weight``,
+        stored packed, written (out, in)), for :func:`loratools.io.rewrite_model`'s ``shapes``."""
+        return {k: st.shape for k, st in self.tensors.items()} if self.dtype is not None else {}
 
     def check(self, plan: Mapping[str, TensorPlan]) -> None:
         for key, p in plan.items():
-            if key in self.keys and dora_of(p.deltas) is not None:
-                raise InvalidOptionError(f"{key} is stored as FP8 and adapted by DoRA, which loratools does not "
-                                         "merge into a quantized weight; merge into the unquantized base")
+            if key in self.tensors and dora_of(p.deltas) is not None:
+                raise InvalidOptionError(f"{key} is stored as {self.codec.name} and adapted by DoRA, which loratools "
+                                         "does not merge into a quantized weight; merge into the unquantized base")
 
+    # -- merging ------------------------------------------------------------------------
     def compute(self, key: str, plan: Mapping[str, TensorPlan]) -> Tensor | None:
-        """What the merge writes for ``key``, or None to copy it (untouched, or a plain merge's dropped scale)."""
-        weight = self.scales.get(key)
-        if weight is not None:  # a scale: new only when its weight is re-quantized
-            return self._merged(weight, plan[weight])[1] if self.dtype is None and weight in plan else None
-        if key not in self.keys:
+        """What the merge writes for the output tensor ``key``, or None to copy it (untouched)."""
+        if self.dtype is None:  # keep the format: a part is new only when its tensor is re-quantized
+            logical = self.owner.get(key)
+            if logical is None or logical not in plan:
+                return None
+            return self._shared(logical, key, self.tensors[logical].parts, lambda: self._merge(logical, plan[logical]))
+        if key not in self.tensors:
             return None
         if key not in plan:
-            return None if self.dtype is None else self.read(self.model, key).to(self.dtype)
-        return self._merged(key, plan[key])[0]
+            return self.read(self.model, key).to(self.dtype)
+        return self._merge(key, plan[key])[0]
 
-    def _merged(self, key: str, p: TensorPlan) -> tuple[Tensor, Tensor]:
-        """The merged weight (e4m3 and its new scales, or plain in ``dtype``), computed once for both callers."""
+    def _shared(self, logical: str, key: str, keys: Sequence[str], make: Callable[[], tuple[Tensor, ...]]) -> Tensor:
+        """``key``'s tensor of the parts ``make`` gives for ``logical``, made once for the workers writing them."""
         with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:  # the weight and its scale are written by two workers: the second takes the first's result
-            if key in self._done:
-                return self._done.pop(key)
-            return self._merge(key, p)
+            lock = self._locks.setdefault(logical, threading.Lock())
+        with lock:
+            held = self._done.get(logical)
+            if held is None:
+                held = self._done[logical] = (make(), set(keys))
+            held[1].discard(key)
+            if not held[1]:
+                del self._done[logical]
+            return held[0][list(keys).index(key)]
 
-    def _merge(self, key: str, p: TensorPlan) -> tuple[Tensor, Tensor]:
+    def _merge(self, key: str, p: TensorPlan) -> tuple[Tensor, ...]:
+        """The merged tensor: its parts re-quantized, or (plain) the one tensor in ``dtype``."""
         w0 = self.read(self.model, key)
         start = p.replace.to(torch.float32) if p.replace is not None else w0
         exact = p.apply_rows(start.to(self.precision) + delta_sum(p.deltas, precision=self.precision)
                              .reshape(start.shape) if p.deltas else start.to(self.precision))
         if self.dtype is not None:
             check_fits(key, exact, self.dtype)
-            return exact.to(self.dtype), torch.empty(0)
-        if not bool(torch.isfinite(exact).all()):
+            return (exact.to(self.dtype),)
+        if not _finite(exact):
             raise NonFiniteError(key, "the merge")
-        q, inv = self.fmt.quantize(exact, like=self.model.get(self.keys[key]))
-        sums = fit_sums(self.fmt.dequantize(q, inv) - w0, exact - w0)
+        like = [self.model.get(k) for k in self.tensors[key].parts]
+        q = self.codec.quantize(exact, like)
+        sums = fit_sums(self.codec.dequantize(q) - w0, exact - w0)
         if self.record is not None:
-            self._record(key, p, q, inv)
+            self._record(key, p, q, like)
         with self._lock:
             self.sums[key] = sums
-            self._done[key] = (q, inv)
-        return q, inv
+        return q
 
-    def unmerged(self, w: Tensor, scale: Tensor, p: TensorPlan) -> tuple[Tensor, Tensor]:
-        """What an un-merge computes from a merged weight (e4m3 ``w`` and its ``scale``) before the record's patch:
-        Q(deq(M) − Σ wᵢ·ΔWᵢ)."""
-        back = self.fmt.dequantize(w, scale).to(self.precision)
+    def unmerged(self, parts: Sequence[Tensor], p: TensorPlan) -> tuple[Tensor, ...]:
+        """What an un-merge computes from a merged tensor's parts before the record's patch: Q(deq(M) − Σ wᵢ·ΔWᵢ)."""
+        back = self.codec.dequantize(parts).to(self.precision)
         if p.deltas:
             back = back - delta_sum(p.deltas, precision=self.precision).reshape(back.shape)
-        return self.fmt.quantize(back, like=scale)
+        return self.codec.quantize(back, parts)
 
-    def _record(self, key: str, p: TensorPlan, q: Tensor, inv: Tensor) -> None:
+    def _record(self, key: str, p: TensorPlan, q: Sequence[Tensor], like: Sequence[Tensor]) -> None:
         assert self.record is not None
-        for k, w0, u in zip((key, self.keys[key]), (self.model.get(key), self.model.get(self.keys[key])),
-                            self.unmerged(q, inv, p)):
+        for k, w0, u in zip(self.tensors[key].parts, like, self.unmerged(q, p)):
             raw = _bytes(w0)
             digest = Digest()
             digest.update(raw.data)
             patch = zlib.compress(np.bitwise_xor(raw, _bytes(u)).tobytes(), 6)
             self.record.add(k, {"xor_deflate": torch.frombuffer(bytearray(patch), dtype=torch.uint8)}, digest.value())
 
+    # -- exact un-merge -----------------------------------------------------------------
+    def record_keys(self, plan: Mapping[str, TensorPlan]) -> set[str]:
+        """The keys a merge's record holds for ``plan``: each quantized tensor's parts, every other tensor's own."""
+        return {p for k in plan for p in (self.tensors[k].parts if k in self.tensors else (k,))}
+
     def restore(self, key: str, p: TensorPlan, patches: Mapping[str, Mapping[str, Span]], hashes: Mapping[str, str],
-                record: Path) -> tuple[Tensor, Tensor]:
-        """The base's weight and scales back from the merged ones and the record, byte for byte (checked)."""
+                record: Path) -> tuple[Tensor, ...]:
+        """The base's parts back from the merged ones and the record, byte for byte (checked)."""
+        names = self.tensors[key].parts
         out = []
-        for k, u in zip((key, self.keys[key]), self.unmerged(self.model.get(key), self.model.get(self.keys[key]), p)):
+        for k, u in zip(names, self.unmerged([self.model.get(n) for n in names], p)):
             part = patches.get(k, {}).get("xor_deflate")
             if part is None or k not in hashes:
                 raise CorruptFileError(record, f"it holds no patch for {k}; it is the record of another merge")
@@ -177,22 +216,18 @@ class Fp8Model:
                 raise CorruptFileError(record, f"restoring {k} did not give the base's bytes back; un-merge the "
                                                "model the record was made with, on the same kind of machine")
             out.append(torch.from_numpy(w0).view(u.dtype).reshape(u.shape))
-        return out[0], out[1]
+        return tuple(out)
 
     def restored(self, key: str, plan: Mapping[str, TensorPlan], patches: Mapping[str, Mapping[str, Span]],
                  hashes: Mapping[str, str], record: Path) -> Tensor | None:
-        """What an exact un-merge writes for ``key``: a planned weight or its scale restored, else None (copied)."""
-        weight = self.scales.get(key, key)
-        if weight not in self.keys or weight not in plan:
+        """What an exact un-merge writes for the part ``key``: restored when its tensor is planned, else None."""
+        logical = self.owner.get(key)
+        if logical is None or logical not in plan:
             return None
-        with self._lock:
-            lock = self._locks.setdefault(weight, threading.Lock())
-        with lock:
-            if weight not in self._done:
-                self._done[weight] = self.restore(weight, plan[weight], patches, hashes, record)
-                return self._done[weight][0 if key == weight else 1]
-            return self._done.pop(weight)[0 if key == weight else 1]
+        return self._shared(logical, key, self.tensors[logical].parts,
+                            lambda: self.restore(logical, plan[logical], patches, hashes, record))
 
+    # -- what the written model keeps -----------------------------------------------------
     def fit(self) -> UpdateFit | None:
         """How much of ΔW the re-quantized tensors keep (None: a plain merge, or ΔW is 0)."""
         return UpdateFit.from_sums(self.sums) if self.dtype is None else None
@@ -205,29 +240,22 @@ class Fp8Model:
         return fit
 
 
+def _finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite: a finite sum says so (a NaN or ±inf element makes the sum NaN or
+    ±inf) without the element-wise mask; only a sum that is not finite (an overflow, or a NaN) looks at each."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _bytes(t: Tensor) -> np.ndarray:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def fp8_model(model: ModelReader, hparams: Mapping[str, Any] | None, *, dtype: torch.dtype | None = None,
-              precision: torch.dtype = torch.float32) -> Fp8Model | None:
-    """The FP8 view of ``model`` from its config's ``quantization_config``; None for an unquantized model.
+def quant_model(model: ModelReader, hparams: Mapping[str, Any] | None, *, dtype: torch.dtype | None = None,
+                precision: torch.dtype = torch.float32) -> QuantModel | None:
+    """The quantized view of ``model`` from its config's ``quantization_config``; None for an unquantized model.
 
-    A config that names another ``quant_method`` is refused by name when the model holds quantized (non-float)
-    tensors, and so is an FP8 weight without its scale.
+    A config that names a ``quant_method`` loratools does not read is refused by name when the model holds
+    quantized (non-float) tensors, and so is a quantized tensor without its scales.
     """
-    shapes = model.shapes()
-    if not hparams or "quantization_config" not in hparams:
-        return None
-    quantized = [k for k, (c, _) in shapes.items() if c not in FLOAT_CODES]
-    if not quantized:
-        return None  # the config says quantized, the tensors are plain floats (a dequantized save)
-    fmt = fp8_format(hparams)
-    assert fmt is not None
-    keys = {k: fmt.scale_key(k) for k in quantized if shapes[k][0] == "F8_E4M3" and len(shapes[k][1]) == 2}
-    for k, s in keys.items():
-        if s not in shapes:
-            raise InvalidOptionError(f"{k} is stored as F8_E4M3 but the model has no {s}; it is not an "
-                                     "fp8 model loratools can read")
-    activation = {p for k in keys for name in ACTIVATION_PARAMS if (p := k.removesuffix("weight") + name) in shapes}
-    return Fp8Model(fmt, model, keys, dtype, precision, activation=activation)
+    view = dequantized(model, hparams)
+    return QuantModel(view.codec, model, view.tensors, dtype, precision) if view is not None else None

@@ -81,6 +81,10 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = _option("auto", "Base weights' dtype; auto = float32 on CPU, "
                                                             "bfloat16 + autocast on CUDA.")
     save_as: Literal["auto", "lora"] = _option("auto", "lora writes an AdaLoRA result as plain LoRA (same ΔW).")
+    quantize: Literal["none", "nf4", "nf4-dq", "fp4", "fp4-dq"] = _option(
+        "none", "QLoRA: hold every frozen linear layer but the output head as bitsandbytes 4-bit codes, "
+        "dequantized in each forward exactly as bitsandbytes does (-dq: its double-quantized absmax): 4.5 bits a "
+        "weight instead of 32 (docs/experiments.md).")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (list, str)):  # "q_proj,v_proj" (the command line's spelling) or a list

@@ -37,6 +37,8 @@ from ..linalg import all_finite
 from ..lm.load import base_model_name, load_causal_lm
 from .config import TrainConfig, config_of_state
 from ..nn.layers import AdaLoRALinear
+from ..nn.quantized import quantize_linears
+from ..quant.qlora import qlora_codec
 from ..nn.inject import adapter_state, expected_parameters, inject, linear_target_names, trainable_parameters
 from ..adalora import orthogonal_penalty
 
@@ -194,6 +196,8 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     assert base_dtype is not None
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(base, device=device, dtype=base_dtype)
+    if cfg.quantize != "none":  # QLoRA: the frozen linear weights as 4-bit codes before the adapter wraps them
+        quantize_linears(model, qlora_codec(cfg.quantize), skip=model.get_output_embeddings())
     if cfg.gradient_checkpointing:  # recompute activations in backward: memory for time, same gradients
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = load_examples(data, tokenizer, seq_len=cfg.seq_len)
