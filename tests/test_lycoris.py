@@ -74,7 +74,10 @@ def _reference(net: object) -> dict[str, torch.Tensor]:
     for lm in net.loras:  # type: ignore[attr-defined]
         lm = lm.double()
         with torch.no_grad():
-            out[lm.lora_name] = (lm.get_weight(lm.shape) * lm.scalar).reshape(lm.org_module[0].weight.shape)
+            if hasattr(lm, "get_weight"):
+                out[lm.lora_name] = (lm.get_weight(lm.shape) * lm.scalar).reshape(lm.org_module[0].weight.shape)
+            else:  # LoCon: make_weight (scalar included) times scale, modules/locon.py get_diff_weight
+                out[lm.lora_name] = lm.get_diff_weight(1)[0].reshape(lm.org_module[0].weight.shape)
     return out
 
 
@@ -184,9 +187,10 @@ def _refused(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return str(e.value)
 
 
-def test_lycoris_dora_and_tucker_are_refused_by_name(tmp_path: Path) -> None:
-    for opts, word in (({"dora_wd": True}, "DoRA"), ({"use_tucker": True}, "Tucker")):
-        _, net = _network("loha", {}, **opts)
+def test_lycoris_dora_and_lokr_tucker_are_refused_by_name(tmp_path: Path) -> None:
+    for algo, opts, word in (("loha", {"dora_wd": True}, "DoRA"), ("lokr", {"use_tucker": True, "factor": 2},
+                                                                     "LoKr with a Tucker core")):
+        _, net = _network(algo, {}, **opts)
         path = tmp_path / f"{word}.safetensors"
         net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
         with pytest.raises(NotAnAdapterError, match=f"LyCORIS {word}"):
@@ -194,8 +198,7 @@ def test_lycoris_dora_and_tucker_are_refused_by_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("keys", "kind"), [
-    (("lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "Tucker"),
-    (("lora_down.weight", "lora_up.weight", "lora_mid.weight"), "Tucker"),
+    (("lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "LoKr with a Tucker core"),
     (("diff", "diff_b"), "full"),
     (("a1.weight", "a2.weight", "b1.weight", "b2.weight"), "GLoRA"),
     (("oft_blocks", "rescale"), "OFT/BOFT"),
@@ -242,3 +245,45 @@ def test_scale_rules_without_alpha() -> None:
     k = {"lokr_w1": torch.randn(2, 2), "lokr_w2_a": torch.randn(3, 1), "lokr_w2_b": torch.randn(1, 4)}
     assert lycoris_factors(k, 3.0).scale == 3.0
     assert lycoris_factors({"lokr_w1": torch.randn(2, 2), "lokr_w2": torch.randn(3, 4)}, 3.0).scale == 1.0
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha"])
+def test_tucker_cores_read_exactly_as_lycoris(tmp_path: Path, algo: str) -> None:
+    """``use_tucker`` on a convolution: LoCon's ``lora_mid`` and LoHa's ``hada_t1``/``hada_t2`` give an exact LoRA
+    (rank r for LoCon, r₁·r₂ for LoHa) whose ΔW is LyCORIS's own, for the 3×3 convolutions that carry a core."""
+    model, net = _network(algo, {}, use_tucker=True)
+    path = tmp_path / "tucker.safetensors"
+    net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
+    keys = load_file(path)
+    core = "lora_mid.weight" if algo == "locon" else "hada_t1"
+    assert {k.split(".")[0] for k in keys if k.endswith(core)} == {"lora_te_conv", "lora_te_conv_big"}
+    ref = _reference(net)
+    adapter = read_adapter(path)  # no base: the modules keep their kohya keys
+    for name, m in adapter.items():
+        want = ref[name]
+        if name in ("lora_te_conv", "lora_te_conv_big"):  # the core carries the kernel: no base needed
+            assert m.weight_shape == tuple(want.shape), name
+        err = float((m.delta(dtype=torch.float64).reshape(want.shape) - want).norm() / want.norm())
+        assert err < 1e-6, (name, err)
+    r = 2  # conv_dim
+    assert adapter.modules["lora_te_conv"].rank == (r if algo == "locon" else r * r)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():  # the reference is what LyCORIS's forward adds to the convolution
+        added = model.conv(x).double() - torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias).double()
+    assert torch.allclose(added, torch.nn.functional.conv2d(x.double(), ref["lora_te_conv"]), rtol=1e-4, atol=1e-4)
+
+
+def test_tucker_locon_merges_as_lycoris_merge(tmp_path: Path) -> None:
+    """The merged 3×3 convolution equals W0 + LyCORIS's ΔW (float64, one float32 rounding)."""
+    model, net = _network("locon", {}, use_tucker=True)
+    path = tmp_path / "tucker.safetensors"
+    net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
+    base = tmp_path / "model.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if "lora" not in k and "lycoris" not in k}, base)
+    ref = _reference(net)
+    done = run_cli("merge", base, path, "-o", tmp_path / "merged.safetensors", "--precision", "float64")
+    assert done.returncode == 0, done.stderr
+    w0, w1 = load_file(base), load_file(tmp_path / "merged.safetensors")
+    want = w0["conv.weight"].double() + ref["lora_te_conv"]
+    assert torch.allclose(w1["conv.weight"].double(), want, rtol=2**-23, atol=1e-7)

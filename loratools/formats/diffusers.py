@@ -34,13 +34,16 @@ from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module
 from ..config import AdapterConfig, lora_scale, pattern_value
-from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
-from ..io import load_safetensors
+from ..errors import (CorruptFileError, InputNotFoundError, InvalidOptionError, MissingModuleError, NotAnAdapterError,
+                      ShapeMismatchError)
+from ..io import ModelReader, load_safetensors, read_config
+from ..io.model import has_weights
 from .base import BaseModel, Format, peek_safetensors, register
 from .peft_fields import check_fields
 from .peft_values import check_peft_values
 
-__all__ = ["read_diffusers", "read_component", "components", "COMPONENTS", "METADATA_KEY"]
+__all__ = ["read_diffusers", "read_component", "components", "other_components", "pipeline_models", "load_component", "COMPONENTS",
+           "METADATA_KEY"]
 
 #: the component prefixes of diffusers' LoRA loader mixins (``unet_name``, ``text_encoder_name``, ``transformer_name``)
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -160,13 +163,54 @@ def components(path: str | Path) -> list[str]:
     return list(_read(Path(path))[0])
 
 
+def other_components(path: str | Path, component: str) -> list[str]:
+    """The components besides ``component`` whose LoRAs the file at ``path`` holds (a diffusers pipeline file or a
+    kohya Stable Diffusion one; ``[]`` for any other file, or one without ``component``): what a merge into
+    ``component`` leaves out."""
+    from .kohya import held_components
+
+    p = Path(path)
+    held = components(p) if p.is_file() and detect(p) else held_components(p)
+    return [c for c in held if c != component] if component in held else []
+
+
+def pipeline_models(folder: str | Path) -> list[str] | None:
+    """The models (subfolders with safetensors weights) of a diffusers pipeline folder (one with
+    ``model_index.json``, as ``DiffusionPipeline.save_pretrained`` writes it); None for any other path."""
+    root = Path(folder)
+    if not (root / "model_index.json").is_file():
+        return None
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and has_weights(d))
+
+
+def load_component(pipeline: str | Path, component: str) -> BaseModel:
+    """One model of a diffusers pipeline folder as a base: ``PIPELINE/COMPONENT`` (its ``config.json`` and
+    weights: ``diffusion_pytorch_model.safetensors`` for a U-Net or transformer, ``model.safetensors`` for a text
+    encoder, sharded with its index or not), headers read once."""
+    root = Path(pipeline)
+    if not root.is_dir():
+        raise InputNotFoundError(root, "diffusers pipeline folder")
+    folder = root / component
+    if not folder.is_dir() or not has_weights(folder):
+        held = sorted(d.name for d in root.iterdir() if d.is_dir() and has_weights(d))
+        raise InvalidOptionError(f"`component` {component!r}: {root} has no folder {component}/ with safetensors "
+                                 f"weights; its models are {', '.join(held) or 'none'}")
+    model = ModelReader(folder)
+    shapes = {k[: -len(".weight")]: model.shape(k) for k in model.keys() if k.endswith(".weight")}
+    return BaseModel(folder, hparams=read_config(folder), shapes=shapes, weights=model)
+
+
 def read_diffusers(path: Path, base: BaseModel | None = None) -> Adapter:
     """Every module of every component, named ``<component>.<module>``.
 
-    A base model is one component's model, so ``base`` is refused: the fix is :func:`read_component`
+    A base model is one component's model: a ``base`` whose folder is named after a component the file holds
+    (``PIPELINE/unet``, :func:`load_component`) gets that component's adapter; any other is refused: the fix is
+    :func:`read_component`
     (``loratools convert FILE --to peft --component NAME``) and that component's adapter with the base.
     """
     mods, configs = _read(path)
+    if base is not None and base.path.name in mods:  # a pipeline's model folder is named after its component
+        return read_component(path, base.path.name)
     if base is not None:
         raise InvalidOptionError(
             f"{path} is a diffusers pipeline LoRA holding {', '.join(mods)}: a base model is one of them, so take "

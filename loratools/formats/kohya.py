@@ -22,8 +22,15 @@ adds (exact); else a match against the base model's weight names (``--base``);
 else the flattened key is kept as the module name (``lora_te_model_layers_0_…``)
 and written back unchanged.
 
-LyCORIS LoHa and LoKr modules in the same layout (``<key>.hada_w1_a``…, ``<key>.lokr_w1``…) are read
-as the LoRA that holds them exactly, and LyCORIS's other kinds refused by name (:mod:`.kohya_lycoris`).
+LyCORIS LoHa and LoKr modules in the same layout (``<key>.hada_w1_a``…, ``<key>.lokr_w1``…, LoHa's Tucker
+cores ``hada_t1``/``hada_t2``) are read as the LoRA that holds them exactly, and LyCORIS's other kinds refused by
+name (:mod:`.kohya_lycoris`); a LoCon Tucker core (``<key>.lora_mid.weight``) is folded into ``lora_down``
+exactly (:func:`_tucker_down`).
+
+A file of a Stable Diffusion model (SD 1.x/2.x, SDXL: ``lora_unet_`` U-Net keys in diffusers or SGM names,
+``lora_te1_``/``lora_te2_`` CLIP keys) that loratools did not write is the read-only format ``kohya-sd``: its
+modules get the names diffusers 0.42.1 gives them (:mod:`.kohya_sd`), ``<component>.<module>`` as a diffusers
+pipeline file is read, or one component's own names (:func:`read_kohya_sd`).
 """
 
 from __future__ import annotations
@@ -40,19 +47,22 @@ from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module, as_lora
 from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale, stores_in_out
-from ..errors import CorruptFileError, InvalidFieldError, MissingModuleError, NotAnAdapterError, UnsupportedModuleError
+from ..errors import (CorruptFileError, InvalidFieldError, InvalidOptionError, MissingModuleError, NotAnAdapterError,
+                      UnsupportedModuleError)
 from ..io import load_safetensors, save_safetensors
 from ..validate import load_json
 from .base import BaseModel, Format, peek_safetensors, register
 from .kohya_lycoris import LYCORIS_KEYS, REFUSED_KEYS, lycoris_factors, lycoris_refusal
+from .kohya_sd import SD_COMPONENTS, is_sd_key, sd_module_names
 
-__all__ = ["read_kohya", "write_kohya", "kohya_key", "is_flattened", "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
+__all__ = ["read_kohya", "read_kohya_sd", "held_components", "write_kohya", "kohya_key", "is_flattened",
+           "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
 NAMES_KEY = "loratools_module_names"
 FIFO_KEY = "loratools_fan_in_fan_out"
-_DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+_DOWN, _UP, _ALPHA, _MID = ".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_mid.weight"
 #: a name that is already a kohya key base (foreign file read without a base model)
 _FLAT = re.compile(r"^lora_(unet|te\d*)_[^.]*$")
 _LYCORIS_NAMES = frozenset(LYCORIS_KEYS) | REFUSED_KEYS
@@ -135,8 +145,10 @@ def _base_lookup(names: Iterable[str]) -> dict[str, str | None]:
 
 
 def read_kohya(path: Path, *, base_names: Iterable[str] | None = None,
-               base_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Adapter:
-    """Read a kohya LoRA file; ``base_names`` (module paths of the base model) maps flattened names back.
+               base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+               given: Mapping[str, str] | None = None) -> Adapter:
+    """Read a kohya LoRA file; ``base_names`` (module paths of the base model) maps flattened names back,
+    ``given`` (kohya key → module name) names the keys it holds, before both (a key it lacks is skipped).
 
     LyCORIS LoHa and LoKr modules are read as the LoRA that holds them exactly (:mod:`.kohya_lycoris`);
     ``base_shapes`` (module name → weight shape) gives a convolution its kernel when the file does not.
@@ -161,15 +173,17 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None,
         why = lycoris_refusal(groups[key])
         if why is not None:
             raise NotAnAdapterError(path, f"its module {key} is {why}")
-        stray = sorted(groups[key] - {_DOWN[1:], _UP[1:], _ALPHA[1:], *LYCORIS_KEYS})
+        stray = sorted(groups[key] - {_DOWN[1:], _UP[1:], _ALPHA[1:], _MID[1:], *LYCORIS_KEYS})
         if stray:
             raise NotAnAdapterError(path, f"unexpected tensor {key + '.' + stray[0]!r} (not a LoRA, LoHa or LoKr "
                                           "tensor)")
         if groups[key] & set(LYCORIS_KEYS) and groups[key] & {_DOWN[1:], _UP[1:]}:
             raise CorruptFileError(path, f"{key} holds both LoRA (lora_down/lora_up) and LyCORIS tensors")
-        if groups[key] <= {_ALPHA[1:]}:
+        if groups[key] <= {_ALPHA[1:]} or (given is not None and key not in given):
             continue  # an alpha alone: the orphan check below or "no tensors" names it
-        if key in names:
+        if given is not None:
+            name = given[key]
+        elif key in names:
             name = names[key]
         else:
             found = lookup.get(_PREFIX.sub("", key))
@@ -219,12 +233,27 @@ def _module(path: Path, key: str, tensors: dict[str, Tensor], shape: tuple[int, 
     if up is None:
         raise MissingModuleError(key + _UP, str(path), "the adapter file is incomplete")
     A = tensors[key + _DOWN]
+    if key + _MID in tensors:
+        A, up = _tucker_down(path, key, A, tensors[key + _MID], up), up.to(torch.float64)
     r = int(A.shape[0])
     alpha = float(r) if alpha_t is None else _alpha_value(path, key + _ALPHA, alpha_t)
     kind: Kind = "conv" if A.ndim in (3, 4, 5) else "linear"
     if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
         up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
     return Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind)
+
+
+def _tucker_down(path: Path, key: str, down: Tensor, mid: Tensor, up: Tensor) -> Tensor:
+    """A LoCon Tucker module (LyCORIS 4.1.3 ``modules/locon.py`` ``use_tucker``: down (r, in, 1, 1), mid
+    (r, r, kh, kw), up (out, r, 1, 1)) as plain LoRA: ΔW[p, q, …] = Σᵢⱼ up[p, i]·mid[i, j, …]·down[j, q]
+    (``functional/locon.py`` ``_diff_weight`` through ``rebuild_tucker``), so A = mid ×₂ down, a (r, in, kh, kw)
+    kernel, and B = up: exact, rank r. Computed in float64."""
+    d = down.reshape(down.shape[0], -1)
+    pointwise = down.shape[2:] == (1,) * (down.ndim - 2)
+    if mid.ndim < 3 or mid.shape[1] != d.shape[0] or mid.shape[0] != up.shape[1] or not pointwise:
+        raise CorruptFileError(path, f"{key}: lora_mid {tuple(mid.shape)} does not chain lora_down {tuple(down.shape)} "
+                                     f"and lora_up {tuple(up.shape)}")
+    return torch.einsum("ij...,jq->iq...", mid.to(torch.float64), d.to(torch.float64))
 
 
 def _summary(values: list[float]) -> str:
@@ -324,7 +353,127 @@ def _flattened_hint(name: str) -> str | None:
     return "it kept kohya's flattened name: pass --base MODEL to map it to the model's name"
 
 
+# -------------------------------------------------------------- Stable Diffusion files (kohya_sd)
+
+def _detect_sd(path: Path) -> bool:
+    """A kohya file of a Stable Diffusion model: U-Net or CLIP keys (:func:`.kohya_sd.is_sd_key`), not ours."""
+    peek = peek_safetensors(path)
+    if peek is None or NAMES_KEY in peek[1] or not detect(path):
+        return False
+    return any(is_sd_key(k.partition(".")[0]) for k in peek[0] if k != "__metadata__")
+
+
+def _sd_names(path: Path, layers_per_block: int) -> dict[str, tuple[str, str]]:
+    """kohya key → (component, module name) for every key of the file; a key diffusers does not map is refused."""
+    peek = peek_safetensors(path)
+    keys = sorted({k.partition(".")[0] for k in (peek[0] if peek else {}) if k != "__metadata__"})
+    odd = [k for k in keys if not is_sd_key(k)]
+    if odd:
+        raise NotAnAdapterError(path, f"its module {odd[0]} is not a Stable Diffusion U-Net or CLIP text encoder "
+                                      "key that diffusers maps (lora_unet_down_blocks_…, lora_unet_input_blocks_…, "
+                                      "lora_te1_text_model_…); loratools does not read this mix")
+    try:
+        return sd_module_names(keys, layers_per_block=layers_per_block)
+    except ValueError as e:
+        raise NotAnAdapterError(path, str(e)) from None
+
+
+#: where an original (SGM/LDM) single-file checkpoint keeps the modules of each kohya prefix: SD 1.x/2.x and SDXL
+#: as sd-scripts loads them (``library/model_util.py``, ``library/sdxl_model_util.py``) and ComfyUI saves them;
+#: SDXL's second text encoder is OpenCLIP there (fused ``in_proj_weight``), which kohya's CLIP names do not reach
+_CHECKPOINT_HEADS = (("lora_unet_", "model.diffusion_model."), ("lora_te1_", "conditioner.embedders.0.transformer."),
+                     ("lora_te_", "cond_stage_model.transformer."))
+
+
+def _checkpoint_names(path: Path, keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str] | None:
+    """kohya key → module of an SGM single-file checkpoint ``base`` (``model.diffusion_model.…``), by kohya's own
+    rule: the key is the module's flattened path. None when ``shapes`` is no such checkpoint; a key that matches no
+    module (or two) is refused by name."""
+    if not any(n.startswith("model.diffusion_model.") for n in shapes):
+        return None
+    tables = {prefix: _base_lookup(n[len(head):] for n in shapes if n.startswith(head))
+              for prefix, head in _CHECKPOINT_HEADS}
+    out: dict[str, str] = {}
+    for key in keys:
+        prefix, head = next(((p, h) for p, h in _CHECKPOINT_HEADS if key.startswith(p)), (_prefix_of(key), ""))
+        found = tables.get(prefix, {}).get(key[len(prefix):])
+        if found is None:
+            raise NotAnAdapterError(path, f"its module {key} is no single module of the base checkpoint (under "
+                                          f"{head or 'no part kohya names'}); merge that part into its diffusers "
+                                          "model with `component`")
+        out[key] = head + found
+    return out
+
+
+def _prefix_of(key: str) -> str:
+    match = _PREFIX.match(key)
+    return match.group(0) if match else ""
+
+
+def held_components(path: Path) -> list[str]:
+    """The diffusers components a kohya Stable Diffusion file holds LoRAs of; ``[]`` for any other file."""
+    if not _detect_sd(path):
+        return []
+    return list(dict.fromkeys(c for c, _ in _sd_names(path, 2).values()))
+
+
+def _component_of(path: Path, held: list[str], base: BaseModel) -> str:
+    # a diffusers pipeline keeps each model in a folder of its component's name (unet/, text_encoder_2/ …)
+    if base.path.name in held:
+        return base.path.name
+    if len(held) == 1:
+        return held[0]
+    raise InvalidOptionError(f"{path} holds the LoRAs of {', '.join(held)}: a base model is one of them; merge each "
+                             "into its own model (`component`, or a base folder named after it)")
+
+
+def read_kohya_sd(path: Path, base: BaseModel | None = None, *, component: str | None = None) -> Adapter:
+    """A kohya Stable Diffusion file (SD 1.x/2.x, SDXL) with diffusers' module names (:mod:`.kohya_sd`).
+
+    Without ``base`` or ``component``, every module is named ``<component>.<module>`` (``unet.down_blocks.1…``,
+    ``text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj``), as a diffusers pipeline file is read.
+    With ``component`` (or a ``base``, which is one component: the one its folder is named after, or the file's
+    only one) that component's modules, named as the model spells them; a CLIP base without ``text_model.``
+    names gets the prefix dropped, as diffusers' ``_load_lora_into_text_encoder`` does. A ``base`` that is an
+    SGM single-file checkpoint (``model.diffusion_model.…``, as SD/SDXL ship and ComfyUI loads) holds every part:
+    each key is matched to its module there by kohya's own rule (:func:`_checkpoint_names`). ΔW per module is
+    kohya's (alpha / r), which is what diffusers applies from ``network_alphas``.
+    """
+    hp = dict(base.hparams or {}) if base is not None else {}
+    mapping = _sd_names(path, int(hp.get("layers_per_block", 2)))
+    held = list(dict.fromkeys(c for c, _ in mapping.values()))
+    if component is None and base is None:
+        return read_kohya(path, given={k: f"{c}.{n}" for k, (c, n) in mapping.items()})
+    shapes = dict(base.shapes or {}) if base is not None else {}
+    whole = _checkpoint_names(path, mapping, shapes) if component is None else None
+    if whole is not None:  # an SGM single-file checkpoint holds every part: named as it names them
+        return read_kohya(path, given=whole, base_shapes=shapes)
+    comp = component if component is not None or base is None else _component_of(path, held, base)
+    if comp not in held:
+        raise InvalidOptionError(f"`component` {comp!r} is not in {path}; it holds {', '.join(held)}")
+
+    def own(name: str) -> str:
+        if shapes and name.startswith("text_model.") and name not in shapes and name[11:] in shapes:
+            return name[len("text_model."):]
+        return name
+
+    given = {k: own(n) for k, (c, n) in mapping.items() if c == comp}
+    return read_kohya(path, given=given, base_shapes=shapes or None)
+
+
+def _no_sd_writer() -> None:
+    raise InvalidOptionError("loratools reads kohya Stable Diffusion files but does not write them with diffusers' "
+                             "names; write kohya (`to` kohya) or peft")
+
+
+# before "kohya": detection runs in registration order, and a Stable Diffusion file is also kohya's
+register(Format("kohya-sd", "kohya sd-scripts LoRA of Stable Diffusion 1.x/2.x/SDXL (lora_unet_/lora_te1_/lora_te2_), "
+                "read with diffusers' module names; read only", ".safetensors", _detect_sd,
+                reader=lambda path, base: read_kohya_sd(path, base),
+                writer=lambda adapter, path, base: _no_sd_writer(),
+                component_reader=lambda path, component: read_kohya_sd(path, component=component)))
 register(Format("kohya", "kohya sd-scripts single .safetensors (lora_down/lora_up/alpha, ss_* metadata)",
                 ".safetensors", detect, reader=_read, writer=lambda adapter, path, base: write_kohya(adapter, path),
                 plain_lora_only=True, cannot_hold=lambda adapter, base: kohya_unsupported(adapter),
                 remarks=_flattened_note, name_hint=_flattened_hint))
+

@@ -21,9 +21,13 @@ Exact LoRA forms, rank r₁·r₂ (not always the least rank, never an approxima
   (A₁B₁) ⊙ (A₂B₂) = (A₁ ⊙ᵣ A₂)(B₁ ⊙꜀ B₂), B[i, (k, l)] = w1a[i, k]·w2a[i, l], A[(k, l), j] = w1b[k, j]·w2b[l, j].
 - LoKr: kron(B₁A₁, B₂A₂) = kron(B₁, B₂)·kron(A₁, A₂); a full side W is W·I or I·W, whichever is smaller.
   For a convolution, kron(W1, W2 (b, d, *kernel)) flattened to (out, in·k) is kron(W1, W2.reshape(b, -1)).
+- LoHa with Tucker cores (``use_tucker`` on a convolution: ``hada_t1``/``hada_t2`` (r, r, kh, kw),
+  ``hada_w1_a`` (r, out), ``hada_w1_b`` (r, in); ``functional/loha.py`` ``HadaWeightTucker``: W₁[p, q, …] =
+  Σᵢⱼ t₁[i, j, …]·w1b[j, q]·w1a[i, p]): W₁ = B₁A₁ with B₁ = w1aᵀ, A₁[i, (q, …)] = Σⱼ t₁[i, j, …]·w1b[j, q],
+  then the face-splitting product as above. (A LoCon ``lora_mid`` core is read by :mod:`.kohya`.)
 
-Tucker (``hada_t*``, ``lokr_t*``, ``lora_mid``), DoRA (``dora_scale``) and LyCORIS's other kinds are
-refused by name (:func:`lycoris_refusal`).
+LoKr with a Tucker core (``lokr_t2``), DoRA (``dora_scale``) and LyCORIS's other kinds are refused by name
+(:func:`lycoris_refusal`).
 """
 
 from __future__ import annotations
@@ -34,16 +38,17 @@ from torch import Tensor
 __all__ = ["LYCORIS_KEYS", "REFUSED_KEYS", "LycorisFactors", "lycoris_refusal", "lycoris_factors"]
 
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_TUCKER = ("hada_t1", "hada_t2")
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 #: tensor names (after ``<key>.``) of the LyCORIS kinds read here
-LYCORIS_KEYS = _LOHA + _LOKR
+LYCORIS_KEYS = _LOHA + _TUCKER + _LOKR
 
 #: tensor name → (the kind it marks, what to do); first match wins, so DoRA and Tucker come first
 _REFUSED: tuple[tuple[tuple[str, ...], str], ...] = (
     (("dora_scale",), "LyCORIS DoRA (weight-decomposed, dora_scale): its merged weight depends on the base; "
                       "merge it with LyCORIS and extract a LoRA from the result"),
-    (("hada_t1", "hada_t2", "lokr_t1", "lokr_t2", "lora_mid.weight"),
-     "LyCORIS Tucker/CP decomposition (hada_t*/lokr_t*/lora_mid, use_tucker): retrain without use_tucker, "
+    (("lokr_t1", "lokr_t2"),
+     "LyCORIS LoKr with a Tucker core (lokr_t2, use_tucker): retrain without use_tucker, "
      "or merge it with LyCORIS and extract a LoRA"),
     (("diff", "diff_b"), "LyCORIS full (diff/diff_b, a whole weight, not low-rank): merge it with LyCORIS"),
     (("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"),
@@ -62,8 +67,8 @@ REFUSED_KEYS = frozenset(k for names, _ in _REFUSED for k in names)
 def lycoris_refusal(keys: set[str]) -> str | None:
     """Why one module's tensor names (after ``<key>.``) are a LyCORIS kind loratools does not read, or None.
 
-    >>> lycoris_refusal({"hada_w1_a", "hada_w1_b", "hada_t1", "alpha"})[:29]
-    'LyCORIS Tucker/CP decompositi'
+    >>> lycoris_refusal({"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"})[:26]
+    'LyCORIS LoKr with a Tucker'
     >>> lycoris_refusal({"lokr_w1", "lokr_w2", "alpha"}) is None
     True
     """
@@ -85,7 +90,31 @@ def _scale(alpha: float | None, r: int | None) -> float:
     return 1.0 if r is None or alpha is None or alpha == 0 else alpha / r
 
 
+def _tucker_half(t: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, A) of one Tucker LoHa half: W[p, q, …] = Σᵢⱼ t[i, j, …]·wb[j, q]·wa[i, p] = (waᵀ A)[p, (q, …)]."""
+    if t.ndim < 3 or t.shape[0] != wa.shape[0] or t.shape[1] != wb.shape[0] or wa.ndim != 2 or wb.ndim != 2:
+        raise ValueError(f"LoHa Tucker factors do not chain: core {tuple(t.shape)}, w_a {tuple(wa.shape)}, "
+                         f"w_b {tuple(wb.shape)}")
+    A = torch.einsum("ij...,jq->iq...", t, wb).reshape(t.shape[0], -1)
+    return wa.T, A
+
+
+def _loha_tucker(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
+    w1a, w1b, w2a, w2b, t1, t2 = (t[k].to(torch.float64) for k in _LOHA + _TUCKER)
+    if t1.shape[2:] != t2.shape[2:] or w1a.shape[1] != w2a.shape[1] or w1b.shape[1] != w2b.shape[1]:
+        raise ValueError("the two LoHa Tucker halves have different shapes")
+    B1, A1 = _tucker_half(t1, w1a, w1b)
+    B2, A2 = _tucker_half(t2, w2a, w2b)
+    B = (B1[:, :, None] * B2[:, None, :]).reshape(B1.shape[0], -1)
+    A = (A1[:, None, :] * A2[None, :, :]).reshape(-1, A1.shape[1])
+    return LycorisFactors(A, B, _scale(alpha, int(w1b.shape[0])), tuple(int(k) for k in t1.shape[2:]), "LoHa")
+
+
 def _loha(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
+    if any(k in t for k in _TUCKER):
+        if not all(k in t for k in _TUCKER):
+            raise ValueError("a LoHa Tucker module needs both hada_t1 and hada_t2")
+        return _loha_tucker(t, alpha)
     w1a, w1b, w2a, w2b = (t[k].to(torch.float64) for k in _LOHA)
     if w1a.ndim != 2 or w2a.ndim != 2 or w1b.ndim != 2 or w2b.ndim != 2:
         raise ValueError("LoHa factors must be matrices")
@@ -150,7 +179,9 @@ def lycoris_factors(tensors: dict[str, Tensor], alpha: float | None) -> LycorisF
     else:
         f = _lokr(tensors, alpha)
     # each entry is a product of two stored values: exact in float32 for 16-bit factors, else in float64
-    half = all(t.dtype.itemsize <= 2 for k, t in tensors.items() if k in LYCORIS_KEYS)
+    # (a Tucker core makes each entry a sum of products: float64 then)
+    half = not any(k in tensors for k in _TUCKER) and all(t.dtype.itemsize <= 2 for k, t in tensors.items()
+                                                          if k in LYCORIS_KEYS)
     if half:
         f.A, f.B = f.A.to(torch.float32), f.B.to(torch.float32)
     return f

@@ -1,0 +1,167 @@
+"""kohya sd-scripts LoRA keys of Stable Diffusion 1.x/2.x and SDXL, named as diffusers 0.42.1 names them.
+
+kohya's files name a module by its flattened path (``.`` → ``_``) in the model sd-scripts trained: the
+diffusers U-Net for SD 1.x/2.x (``lora_unet_down_blocks_0_attentions_0_…``), its own SGM U-Net for SDXL
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), and CLIP text encoders
+(``lora_te_``/``lora_te1_`` → ``text_encoder``, ``lora_te2_`` → ``text_encoder_2``). Unflattening is
+ambiguous, so this follows diffusers 0.42.1 to the letter (``loaders/lora_pipeline.py``
+``StableDiffusionLoraLoaderMixin.lora_state_dict`` → ``loaders/lora_conversion_utils.py``
+``_maybe_map_sgm_blocks_to_diffusers``, ``_convert_non_diffusers_lora_to_diffusers``, ``_convert_unet_lora_key``,
+``_convert_text_encoder_lora_key``; then ``utils/state_dict_utils.py`` ``KEYS_TO_ALWAYS_REPLACE``,
+``UNET_TO_DIFFUSERS``, ``DIFFUSERS_OLD_TO_PEFT``): the name a key gets here is the module diffusers' loader
+puts that key's LoRA on. What diffusers would drop or collapse is refused by name instead:
+
+- SGM and diffusers U-Net names in one file (diffusers drops the SGM ones);
+- two keys diffusers maps to one module (diffusers-spelled ``add_embedding_linear_1``/``_2`` both become
+  ``add.embedding.linear``; ``lora_te_`` beside ``lora_te1_``);
+- an SGM block index diffusers cannot place (a middle block past 2, an inner index past 2).
+
+SGM block numbers are placed with the U-Net's ``layers_per_block`` (``unet_config`` in diffusers; 2 in every
+SD 1.x/2.x/SDXL U-Net, the default here when the base's ``config.json`` does not say).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = ["SD_COMPONENTS", "is_sd_key", "sd_module_names"]
+
+#: kohya prefix → diffusers component (``_convert_non_diffusers_lora_to_diffusers``)
+SD_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                 "lora_te_": "text_encoder"}
+_SGM = ("input_blocks", "middle_block", "output_blocks")
+_NOT_SGM = ("down_blocks", "mid_block", "up_blocks")
+_SD_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks|conv_in|"
+                      r"conv_out|time_embedding|time_embed|label_emb|add_embedding|out_2)(_|$)")
+_SD_TE = re.compile(r"^lora_te[12]?_text_(model|projection)(_|$)")
+_INNER = ("resnets", "attentions", "upsamplers")
+#: ``_convert_unet_lora_key``'s renames, in its order (on the key with ``_`` → ``.``)
+_UNET_RENAMES = (
+    ("input.blocks.0.0", "conv_in"), ("out.2", "conv_out"), ("input.blocks", "down_blocks"),
+    ("down.blocks", "down_blocks"), ("middle.block", "mid_block"), ("mid.block", "mid_block"),
+    ("output.blocks", "up_blocks"), ("up.blocks", "up_blocks"), ("transformer.blocks", "transformer_blocks"),
+    ("to.q.lora", "to_q_lora"), ("to.k.lora", "to_k_lora"), ("to.v.lora", "to_v_lora"),
+    ("to.out.0.lora", "to_out_lora"), ("proj.in", "proj_in"), ("proj.out", "proj_out"),
+    ("emb.layers", "time_emb_proj"), ("conv.in", "conv_in"), ("conv.out", "conv_out"),
+    ("time.embed.0", "time_embedding.linear_1"), ("time.embed.2", "time_embedding.linear_2"),
+    ("label.emb.0.0", "add_embedding.linear_1"), ("label.emb.0.2", "add_embedding.linear_2"),
+    ("time.embedding.linear.1", "time_embedding.linear_1"), ("time.embedding.linear.2", "time_embedding.linear_2"),
+)
+#: ``UNET_TO_DIFFUSERS`` (first match) after ``.processor.`` → ``.``: the module's own name
+_UNET_TAILS = ((".to_out_lora.down", ".to_out.0"), (".to_q_lora.down", ".to_q"), (".to_k_lora.down", ".to_k"),
+               (".to_v_lora.down", ".to_v"), (".lora.down", ""))
+#: ``_convert_text_encoder_lora_key`` then ``DIFFUSERS_OLD_TO_PEFT``: q/k/v/out projections keep their names
+_TE_RENAMES = (("text.model", "text_model"), ("self.attn", "self_attn"), ("q.proj.lora", "q_proj.lora"),
+               ("k.proj.lora", "k_proj.lora"), ("v.proj.lora", "v_proj.lora"), ("out.proj.lora", "out_proj.lora"),
+               ("text.projection", "text_projection"))
+_DOWN = ".lora.down.weight"
+
+
+def is_sd_key(key: str) -> bool:
+    """True for a kohya module key of a Stable Diffusion U-Net or CLIP text encoder.
+
+    >>> is_sd_key("lora_unet_input_blocks_4_1_proj_in"), is_sd_key("lora_te_model_layers_0_self_attn_q_proj")
+    (True, False)
+    """
+    return bool(_SD_UNET.match(key) or _SD_TE.match(key) or key.startswith(("lora_te1_", "lora_te2_")))
+
+
+def _prefix(key: str) -> str:
+    for p in SD_COMPONENTS:
+        if key.startswith(p):
+            return p
+    raise ValueError(f"{key} has none of the prefixes {', '.join(SD_COMPONENTS)}")
+
+
+def _sgm_to_diffusers(key: str, layers_per_block: int) -> str:
+    """``_maybe_map_sgm_blocks_to_diffusers`` on one key (delimiter ``_``, block id at split position 4)."""
+    if "text" in key or not any(p in key for p in _SGM) or "input_blocks_0_0" in key:
+        return key
+    parts = key.split("_")
+    n = layers_per_block + 1
+    i = _index(key, parts, 4)
+    if "middle_block" in key:  # SGM middle blocks have no inner index: 0 resnet, 1 attention, 2 resnet
+        if i not in (0, 1, 2):
+            raise ValueError(f"{key}: diffusers places middle blocks 0-2 only (found {i})")
+        return "_".join(parts[:4] + [["resnets", "0"], ["attentions", "0"], ["resnets", "1"]][i] + parts[5:])
+    inner = _index(key, parts, 5)
+    if "input_blocks" in key:
+        block, kind, layer = (i - 1) // n, _inner(key, inner), str((i - 1) % n)
+        if "op" in key:
+            kind, layer = "downsamplers", "0"
+        return "_".join(parts[:4] + [str(block), kind, layer] + parts[6:])
+    block, kind = i // n, _inner(key, inner)
+    return "_".join(parts[:4] + [str(block), kind, str(i % n) if inner < 2 else "0"] + parts[6:])
+
+
+def _index(key: str, parts: list[str], at: int) -> int:
+    if len(parts) <= at or not parts[at].isdigit():
+        raise ValueError(f"{key}: no SGM block number where diffusers reads it")
+    return int(parts[at])
+
+
+def _inner(key: str, inner: int) -> str:
+    if not 0 <= inner < len(_INNER):
+        raise ValueError(f"{key}: diffusers places inner SGM indices 0-2 only (found {inner})")
+    return _INNER[inner]
+
+
+def _unet_name(key: str) -> str:
+    """``_convert_unet_lora_key`` (on ``key.lora_down.weight``), then diffusers' peft renames: the module name."""
+    n = (key[len("lora_unet_"):] + ".lora_down.weight").replace("_", ".")
+    for old, new in _UNET_RENAMES:
+        n = n.replace(old, new)
+    if "emb" in n and "time.emb.proj" not in n:  # diffusers' "SDXL specific" strip of the last index
+        n = re.sub(r"\.\d+(?=\D*$)", "", n, count=1)
+    if ".in." in n:
+        n = n.replace("in.layers.2", "conv1")
+    if ".out." in n:
+        n = n.replace("out.layers.3", "conv2")
+    if "downsamplers" in n or "upsamplers" in n:
+        n = n.replace("op", "conv")
+    n = n.replace("skip.connection", "conv_shortcut").replace("time.emb.proj", "time_emb_proj")
+    n = n.replace("conv.shortcut", "conv_shortcut")
+    if "transformer_blocks" in n:
+        n = n.replace("attn1", "attn1.processor").replace("attn2", "attn2.processor")
+    n = n.replace(".processor.", ".")
+    for old, new in _UNET_TAILS:
+        if old in n:
+            n = n.replace(old, new)
+            break
+    return n.removesuffix(".weight")
+
+
+def _te_name(key: str, prefix: str) -> str:
+    n = (key[len(prefix):] + ".lora_down.weight").replace("_", ".")
+    for old, new in _TE_RENAMES:
+        n = n.replace(old, new)
+    return n.removesuffix(_DOWN)
+
+
+def sd_module_names(keys: Iterable[str], *, layers_per_block: int = 2) -> dict[str, tuple[str, str]]:
+    """kohya module key → (diffusers component, module name in it), as diffusers 0.42.1 loads the file.
+
+    Raises ``ValueError`` naming the first key diffusers would drop, collapse or fail on.
+
+    >>> sd_module_names(["lora_unet_input_blocks_4_1_proj_in", "lora_te2_text_model_encoder_layers_0_mlp_fc1"])
+    {'lora_unet_input_blocks_4_1_proj_in': ('unet', 'down_blocks.1.attentions.0.proj_in'), \
+'lora_te2_text_model_encoder_layers_0_mlp_fc1': ('text_encoder_2', 'text_model.encoder.layers.0.mlp.fc1')}
+    """
+    keys = list(keys)
+    sgm = [k for k in keys if any(p in k for p in _SGM)]
+    plain = [k for k in keys if k not in sgm and any(p in k for p in _NOT_SGM)]
+    if sgm and plain:
+        raise ValueError(f"it holds SGM U-Net names ({sgm[0]}) and diffusers ones ({plain[0]}); diffusers drops the "
+                         "SGM ones: keep one naming")
+    out: dict[str, tuple[str, str]] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for key in keys:
+        prefix = _prefix(key)
+        comp = SD_COMPONENTS[prefix]
+        name = _unet_name(_sgm_to_diffusers(key, layers_per_block)) if comp == "unet" else _te_name(key, prefix)
+        if (comp, name) in seen:
+            raise ValueError(f"diffusers maps both {seen[comp, name]} and {key} to {comp}.{name}; keep one")
+        seen[comp, name] = key
+        out[key] = (comp, name)
+    return out
