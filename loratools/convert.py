@@ -24,11 +24,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from torch import Tensor
 
-from .adapter import Adapter, Module, as_lora
+from .adapter import Adapter, as_lora
 from .config import ALORA_WHY, fixed_delta_refusal
-from .dora import flatten_module
+from .dora import flatten_dora_modules
 from .errors import InvalidOptionError, ShapeMismatchError, UnsupportedConfigError, UnsupportedModuleError
 from .formats import FORMATS, BaseModel, Format, check_base_shapes, get_format, read_with_base
 from .io import ModelReader, atomic_output
@@ -103,28 +103,18 @@ class ConvertResult:
 def flatten_dora(adapter: Adapter, base: str | os.PathLike[str] | ModelReader, rule: RankRule, *,
                  seed: int = 0) -> tuple[Adapter, dict[str, float]]:
     """``adapter`` with every DoRA module replaced by plain LoRA factors of its full update W′ − W0
-    (:func:`loratools.dora.flatten_module`), reading each base weight from ``base`` (a path, or the weights
+    (:func:`loratools.dora.flatten_dora_modules`), reading each base weight from ``base`` (a path, or the weights
     read already) one at a time. Returns the plain adapter and each flattened module's measured relative error."""
-    gen = torch.Generator().manual_seed(seed)
-    modules: dict[str, Module] = {}
-    errors: dict[str, float] = {}
     with base if isinstance(base, ModelReader) else ModelReader(base) as model:
-        for name, m in adapter.items():
-            if not m.is_dora:
-                modules[name] = m
-                continue
+        def weight(name: str) -> Tensor:
             key = f"{name}.weight"
             if key not in model.spans:
-                raise ShapeMismatchError(name, f"a weight {key} in `base`", "none", "give the base the adapter was made for")
-            w0 = model.get(key)
-            if tuple(w0.shape) != m.weight_shape:
-                raise ShapeMismatchError(name, f"{m.weight_shape}", f"{tuple(w0.shape)} in `base`",
+                raise ShapeMismatchError(name, f"a weight {key} in `base`", "none",
                                          "give the base the adapter was made for")
-            plain, errors[name] = flatten_module(w0, m, rule, generator=gen)
-            if plain is not None:
-                modules[name] = plain
-    extra = {k: v for k, v in adapter.config.extra.items() if k != "use_dora"}
-    return adapter.with_modules(modules, extra=extra), errors
+            return model.get(key)
+
+        plain, folded = flatten_dora_modules(adapter, weight, rule, seed=seed)
+    return plain, {name: err for name, (err, _) in folded.items()}
 
 
 def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str,

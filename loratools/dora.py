@@ -28,12 +28,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from collections.abc import Callable
+
 from .adapter import Adapter, Module, module_from_svd
-from .errors import DoraError
+from .errors import DoraError, ShapeMismatchError
 from .linalg import RankRule, truncated_svd
 
 __all__ = ["DoraError", "refuse_dora", "norms_along_rows", "row_norms", "dora_factor", "merged_weight",
-           "dora_update", "magnitude_change", "flatten_module"]
+           "dora_update", "magnitude_change", "flatten_module",
+           "flatten_dora_modules"]
 
 
 def refuse_dora(adapter: Adapter, what: str, fix: str) -> None:
@@ -120,3 +123,28 @@ def flatten_module(w0: Tensor, module: Module, rule: RankRule, *,
     plain = module_from_svd(module.with_factors(magnitude=None), U, S, Vh, dtype=dtype)
     B, A = plain.factors(dtype=torch.float64)
     return plain, float(torch.linalg.vector_norm(D - B @ A)) / norm
+
+
+def flatten_dora_modules(adapter: Adapter, base: Callable[[str], Tensor], rule: RankRule, *,
+                         seed: int = 0) -> tuple[Adapter, dict[str, tuple[float, float]]]:
+    """``adapter`` with every DoRA module replaced by plain LoRA factors of its full update D = W′ − W0
+    (:func:`flatten_module`), W0 of module ``name`` from ``base(name)`` (read one at a time by the caller's IO: a
+    file for ``convert --as-lora``, the weights of ``export --base``). Returns the plain adapter and each flattened
+    module's (measured relative error, ‖D‖_F). The one home of this loop: convert and export both call it."""
+    gen = torch.Generator().manual_seed(seed)
+    modules: dict[str, Module] = {}
+    folded: dict[str, tuple[float, float]] = {}
+    for name, m in adapter.items():
+        if not m.is_dora:
+            modules[name] = m
+            continue
+        w0 = base(name)
+        if tuple(w0.shape) != m.weight_shape:
+            raise ShapeMismatchError(name, f"{m.weight_shape}", f"{tuple(w0.shape)} in `base`",
+                                     "give the base the adapter was made for")
+        plain, err = flatten_module(w0, m, rule, generator=gen)
+        folded[name] = (err, float(torch.linalg.vector_norm(dora_update(w0, m))))
+        if plain is not None:
+            modules[name] = plain
+    extra = {k: v for k, v in adapter.config.extra.items() if k != "use_dora"}
+    return adapter.with_modules(modules, extra=extra), folded

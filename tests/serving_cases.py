@@ -5,7 +5,8 @@ of rank 0) — the bundled fixtures — and, made here: ``modules_to_save`` (a f
 lm_head replaced by base + low-rank change + noise), an embedding LoRA (peft also
 saves the embedding's ``base_layer.weight``), and a rank-64 LoRA on every
 projection with decaying, module-dependent spectra (so that a global rank choice
-has something to choose).
+has something to choose). Beside them, ``dora``: a DoRA adapter on q/v (tests/dora_models.py), which export
+folds into plain LoRA with the base's weights.
 """
 
 from __future__ import annotations
@@ -66,7 +67,26 @@ def build(name: str, tmp: Path) -> Path:
         return _save(LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]), out, 2)
     if name == "rank64":
         return _save(LoraConfig(r=64, lora_alpha=32, target_modules=PROJECTIONS), out, 3, decay=True)
+    if name == "dora":
+        from dora_models import llama_dora
+
+        llama_dora(TINY_LLAMA, out, targets=["q_proj", "v_proj"], seed=1)
+        return out
     raise KeyError(name)
+
+
+def peft_logprobs(adapter_dir: Path | None, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """log-softmax of the next-token logits at every position of each prompt (per prompt: positions × vocab,
+    float64): transformers' tiny Llama in float64, with ``adapter_dir`` loaded by peft (None: the base alone)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float64)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.no_grad():
+        return [torch.log_softmax(model.eval()(torch.tensor([p])).logits[0], -1) for p in prompts]
 
 
 def peft_deltas(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

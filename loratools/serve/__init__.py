@@ -5,5 +5,7 @@
 - :mod:`.check`: :func:`~loratools.serve.check.check_file` (``loratools check``) and ``check_adapter``: what a
   runtime would refuse, drop or change;
 - :mod:`.export`: :func:`~loratools.serve.export.export_adapter` (``loratools export``): the adapter rewritten
-  so that it loads there with the same ΔW.
+  so that it loads there with the same ΔW (DoRA folded into plain LoRA with the base's weights);
+- :mod:`.vllm_worker`: a standalone script (vLLM and the standard library only) run in vLLM's own environment
+  (``make vllm``): log-probs from the real engine, base alone or with adapters, JSON in and out.
 """

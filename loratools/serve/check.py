@@ -11,6 +11,7 @@ will see.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -23,21 +24,23 @@ import torch
 
 from ..adapter import Adapter, Module, as_lora
 from ..config import lora_scale
-from ..dora import refuse_dora
 from ..errors import InvalidOptionError
 from ..formats import BaseModel, check_base_shapes, read_with_base
 from ..formats.gguf import GGUFBase, gguf_base as gguf_of, gguf_unsupported
 from ..formats.peft import PREFIX
 from .runtimes import Rule, Runtime, get_runtime, is_vision_module, version_tuple
 
-__all__ = ["Finding", "CheckReport", "FullTensor", "check_file", "check_adapter", "refuse_dora_for", "read_source", "full_tensors",
-           "runtime_view", "global_scale", "smallest_max_lora_rank", "check_max_lora_rank", "BASE_FIELDS",
-           "refused_features", "missing_stacked", "stacked_zeros"]
+__all__ = ["Finding", "CheckReport", "FullTensor", "check_file", "check_adapter", "refuse_dora_for", "read_source",
+           "full_tensors", "runtime_view", "global_scale", "smallest_max_lora_rank", "check_max_lora_rank",
+           "BASE_FIELDS", "refused_features", "missing_stacked", "stacked_zeros", "without_magnitudes",
+           "lora_ga_unconverted", "ALORA_FIELD"]
 
 #: raw PEFT config fields that make an adapter mean more than a low-rank ΔW (vLLM refuses them)
 BASE_FIELDS = {"lora_bias": "LoRA bias", "alora_invocation_tokens": "activated LoRA (aLoRA)",
                "layer_replication": "layer replication", "use_bdlora": "block-diagonal LoRA", "use_qalora": "QA-LoRA"}
 _REWRITING_INITS = ("pissa", "olora", "corda", "loftq")  # vLLM accepts gaussian, eva, orthogonal, mica, lora_ga
+#: the label :func:`refused_features` gives an activated LoRA (a runtime with ``activated_lora`` keeps it)
+ALORA_FIELD = BASE_FIELDS["alora_invocation_tokens"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,28 @@ class CheckReport:
                 "notes": list(self.notes)}
 
 
-def refuse_dora_for(adapter: Adapter, runtime: Runtime) -> None:
-    """Refuse a DoRA adapter (:class:`~loratools.errors.DoraError`): check and export serve plain LoRA factors,
-    and a DoRA update is not one; its message names ``convert``'s parameters, which flatten it."""
-    refuse_dora(adapter, f"check/export for {runtime.title}", "flatten it with its base first (convert with `base` "
-                "and `as_lora`), then check or export the result")
+def refuse_dora_for(adapter: Adapter, runtime: Runtime, why: str) -> None:
+    """Refuse a DoRA adapter that export cannot fold (``why``: what is missing), naming export's own
+    parameters (an :class:`InvalidOptionError`, so that the CLI writes them as this command's flags)."""
+    if adapter.is_dora:
+        raise InvalidOptionError(f"this is a DoRA adapter, whose update diag(m/‖W0 + s·BA‖)·(W0 + s·BA) − W0 is not "
+                                 f"low-rank, and {runtime.title} has no DoRA: export folds it into plain LoRA "
+                                 f"with the base's weights, {why}")
+
+
+def without_magnitudes(adapter: Adapter) -> Adapter:
+    """The adapter with DoRA's magnitude vectors left out: its plain LoRA factors (not DoRA's update; for the
+    rules that read ranks and names only)."""
+    if not adapter.is_dora:
+        return adapter
+    return adapter.with_modules({n: m.with_factors(magnitude=None) if m.is_dora else m for n, m in adapter.items()})
+
+
+def lora_ga_unconverted(raw: Mapping[str, Any]) -> bool:
+    """True for a PEFT config of a LoRA-GA adapter saved without peft's weight conversion
+    (``init_lora_weights: "lora_ga"``): its factors are relative to a base that peft rewrote."""
+    init = raw.get("init_lora_weights")
+    return isinstance(init, str) and init.lower().startswith("lora_ga")
 
 
 def smallest_max_lora_rank(rank: int, runtime: Runtime) -> int | None:
@@ -192,6 +212,27 @@ def _full(ctx: _Ctx) -> Detected:
     bad = [t.key for t in full_tensors(ctx.adapter)
            if t.kind != "base-copy" and not loaded_whole(t, ctx.runtime)]
     return (bad, f"{len(bad)} full tensor(s) (modules_to_save or biases)") if bad else None
+
+
+def _dora(ctx: _Ctx) -> Detected:
+    mods = [n for n, m in ctx.adapter.items() if m.is_dora]
+    return (mods, f"{len(mods)} DoRA module(s) (lora_magnitude_vector)") if mods else None
+
+
+def _lora_ga(ctx: _Ctx) -> Detected:
+    if ctx.raw is None or not lora_ga_unconverted(ctx.raw):
+        return None
+    return (), "init_lora_weights is 'lora_ga' and the adapter was not converted"
+
+
+def _alora(ctx: _Ctx) -> Detected:
+    tokens = ctx.adapter.config.extra.get("alora_invocation_tokens")
+    return ((), f"activated LoRA, invocation tokens {list(tokens)}") if tokens else None
+
+
+def _experts(ctx: _Ctx) -> Detected:
+    bad = [n for n, m in ctx.lora.items() if m.kind == "experts"]
+    return (bad, "LoRA on mixture-of-experts expert tensors (peft target_parameters)") if bad else None
 
 
 def refused_features(raw: Mapping[str, Any]) -> list[str]:
@@ -326,8 +367,11 @@ _DETECTORS: dict[str, Callable[[_Ctx], Detected]] = {
     "peft-features": _peft_features, "max-lora-rank": _max_rank, "one-scale": _scales, "one-alpha": _one_alpha,
     "uniform-rank": _uniform_rank, "linear-modules": _conv, "target-modules": _targets,
     "stacked-qkv": _stacked, "vision-tower": _vision, "tensor-exists": _tensor_exists,
-    "safetensors-import": _ollama_import, "modelfile": lambda ctx: None,
+    "safetensors-import": _ollama_import, "modelfile": lambda ctx: None, "dora": _dora,
+    "lora-ga-not-converted": _lora_ga, "activated-lora": _alora, "moe-experts": _experts,
 }
+#: rules that say how the runtime serves what the adapter is, not that it refuses it or computes another ΔW
+_INFORMATIVE = frozenset({"activated-lora"})
 
 
 def check_adapter(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int | None = None,
@@ -344,19 +388,22 @@ def check_adapter(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: in
     """
     rt = get_runtime(runtime) if isinstance(runtime, str) else runtime
     check_max_lora_rank(max_lora_rank, rt)
-    refuse_dora_for(adapter, rt)
     raw = adapter.config.extra if source_format == "peft" else None
-    ctx = _Ctx(adapter, as_lora(adapter), rt, raw, source_format, max_lora_rank, gguf_base)
+    ctx = _Ctx(adapter, as_lora(without_magnitudes(adapter)), rt, raw, source_format, max_lora_rank, gguf_base)
+    return CheckReport(rt, tuple(_findings(ctx, runtime_version)), tuple(_notes(ctx)))
+
+
+def _findings(ctx: _Ctx, runtime_version: str | None) -> list[Finding]:
     findings = []
-    for rule in rt.rules:
+    for rule in ctx.runtime.rules:
         found = _DETECTORS[rule.id](ctx)
         if found is None:
             continue
         modules, detail = found
-        counts = rule.until is None or runtime_version is None or \
-            version_tuple(runtime_version) <= version_tuple(rule.until)
+        counts = rule.id not in _INFORMATIVE and (rule.until is None or runtime_version is None
+                                                  or version_tuple(runtime_version) <= version_tuple(rule.until))
         findings.append(Finding(rule, tuple(modules), detail, counts))
-    return CheckReport(rt, tuple(findings), tuple(_notes(ctx)))
+    return findings
 
 
 def _notes(ctx: _Ctx) -> list[str]:
@@ -373,6 +420,9 @@ def _notes(ctx: _Ctx) -> list[str]:
         elif ctx.max_lora_rank is not None and need is not None and need < ctx.max_lora_rank:
             notes.append(f"--max-lora-rank {ctx.max_lora_rank} over-allocates: {need} holds every module "
                          f"(largest rank {max(ranks)})")
+    if ctx.adapter.is_dora:
+        notes.append("export folds DoRA into plain LoRA: `loratools export ADAPTER --for "
+                     f"{ctx.runtime.name} --base BASE --error E -o OUT` (or --max-lora-rank) reports each module's error")
     if ctx.adapter.method == "adalora" and len(ctx.lora.modules) < len(ctx.adapter.modules):
         notes.append(f"{len(ctx.adapter.modules) - len(ctx.lora.modules)} AdaLoRA module(s) have rank 0 "
                      "(they add nothing)")
@@ -442,6 +492,28 @@ def check_file(src: str | os.PathLike[str], runtime: str, *, max_lora_rank: int 
     src_p = Path(src)
     if (src_p / "Modelfile").is_file() and (src_p / "adapter.gguf").is_file():
         src_p = src_p / "adapter.gguf"
+    early = _config_only(src_p, rt, max_lora_rank)
+    if early is not None:
+        return early
     adapter, _, gguf_base, fmt = read_source(src_p, base, rt)
     return check_adapter(adapter, rt, max_lora_rank=max_lora_rank, source_format=fmt, gguf_base=gguf_base,
                          runtime_version=runtime_version)
+
+
+def _config_only(src: Path, rt: Runtime, max_lora_rank: int | None) -> CheckReport | None:
+    """The report for a PEFT directory whose config alone decides (an unconverted LoRA-GA adapter, which
+    loratools' reader refuses and vLLM 0.34 loads), when ``rt`` has a rule that detects it; else None."""
+    cfg = src / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        raw = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None  # the reader says what is wrong with it
+    if not isinstance(raw, dict) or not lora_ga_unconverted(raw) \
+            or not any(r.id == "lora-ga-not-converted" for r in rt.rules):
+        return None
+    check_max_lora_rank(max_lora_rank, rt)
+    ctx = _Ctx(Adapter({}), Adapter({}), rt, raw, "peft", max_lora_rank, None)
+    note = "the factors were not read: loratools refuses an unconverted LoRA-GA adapter"
+    return CheckReport(rt, tuple(_findings(ctx, None)), (note,))

@@ -4,6 +4,9 @@
 write, step by step, each step one rule of the runtime's table
 (:mod:`loratools.serve.runtimes`):
 
+0. DoRA → plain LoRA (no runtime here has DoRA): each module's full update ``D = W′ − W0`` (from the
+   base's weights) factored by a truncated SVD at ``error`` and/or ``max_lora_rank``
+   (:func:`loratools.dora.flatten_dora_modules`, what ``convert --as-lora`` does), its error measured;
 1. AdaLoRA → plain LoRA (:func:`as_lora`: same ΔW);
 2. vision-tower modules dropped (listed); modules the runtime has no layer for
    refused, or dropped with ``drop_unsupported``;
@@ -51,9 +54,10 @@ from ..io import ModelReader, atomic_output, check_output
 from ..linalg import RankRule, truncated_svd
 from ..adapter import module_from_svd
 from ..compress.ranks import Allocation, resize_together
+from ..dora import flatten_dora_modules
 from .runtimes import Runtime, get_runtime, is_vision_module
-from .check import (check_max_lora_rank, full_tensors, loaded_whole, read_source, refuse_dora_for, refused_features,
-                    runtime_view, smallest_max_lora_rank, stacked_zeros)
+from .check import (ALORA_FIELD, check_max_lora_rank, full_tensors, loaded_whole, read_source, refuse_dora_for,
+                    refused_features, runtime_view, smallest_max_lora_rank, stacked_zeros)
 
 __all__ = ["ExportPlan", "ExportLayer", "ExportResult", "plan_export", "export_adapter", "full_to_lora"]
 
@@ -82,6 +86,9 @@ class ExportPlan:
     changes: tuple[str, ...]
     allocation: Allocation | None
     reference: Mapping[str, Module | Tensor] = field(default_factory=dict)  # the source ΔW of each written module
+    #: DoRA modules folded into plain LoRA: name → (the fold's relative error ‖D − B′A′‖_F/‖D‖_F, ‖D‖_F), with
+    #: D = W′ − W0 DoRA's full update; their ``reference`` is the folded module
+    folded: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _drop(adapter: Adapter, names: Mapping[str, str]) -> Adapter:
@@ -96,6 +103,9 @@ def _unsupported(lora: Adapter, rt: Runtime, gguf_base: GGUFBase | None) -> dict
         return gguf_unsupported(mods, gguf_base)
     out = {n: f"{rt.title} has no LoRA layer for this module type" for n in mods.modules
            if rt.targets is not None and n.rsplit(".", 1)[-1] not in rt.targets}
+    if not rt.expert_lora:
+        out |= {n: f"LoRA on expert tensors: loratools has not checked {rt.title}'s layout for them (moe-experts)"
+                for n, m in mods.items() if m.kind == "experts"}
     return out | {n: f"{rt.title} has no convolution LoRA layer" for n, m in mods.items()
                   if m.kind == "conv" and n not in out}
 
@@ -171,15 +181,35 @@ def _full_tensors(lora: Adapter, rt: Runtime, base_weights: TensorSource | None,
     return modules, refs, dropped, notes
 
 
+def _fold_dora(adapter: Adapter, rt: Runtime, base_weights: TensorSource | None, error: float | None,
+               max_rank: int | None) -> tuple[Adapter, dict[str, tuple[float, float]], list[str]]:
+    """Every DoRA module as plain LoRA factors of its full update D = W′ − W0 (:func:`~loratools.dora.flatten_dora_modules`,
+    rank by ``error`` (capped at ``max_rank``) or ``max_rank`` alone), with W0 from ``base_weights``; returns the
+    adapter, each folded module's (relative error, ‖D‖_F) and a note."""
+    if not adapter.is_dora:
+        return adapter, {}, []
+    if base_weights is None:
+        refuse_dora_for(adapter, rt, "so pass `base` (the model directory, with its safetensors weights)")
+    if error is None and max_rank is None:
+        refuse_dora_for(adapter, rt, "at a rank chosen by `error` (each module's relative error) and/or "
+                                     "`max_lora_rank`: pass one")
+    assert base_weights is not None
+    rule = RankRule(error=error, max_rank=max_rank) if error is not None else RankRule(rank=max_rank)
+    plain, folded = flatten_dora_modules(adapter, lambda name: _base_tensor(base_weights, name), rule)
+    worst = max(e for e, _ in folded.values())
+    note = (f"DoRA folded into plain LoRA with the base's weights: {len(folded)} module(s), W′ − W0 factored by a "
+            f"truncated SVD (largest relative error {worst:.3g})")
+    return plain, folded, [note]
+
+
 def _validate(rt: Runtime, adapter: Adapter, max_lora_rank: int | None, budget: int | None,
               error: float | None) -> None:
     check_max_lora_rank(max_lora_rank, rt)
-    refuse_dora_for(adapter, rt)
     if budget is not None and not (isinstance(budget, int) and budget >= 1):
         raise InvalidOptionError(f"`budget` is a number of parameters ≥ 1, got {budget}")
     if error is not None:
         RankRule(error=error, max_rank=max_lora_rank)  # validates `error`
-    refused = refused_features(adapter.config.extra)
+    refused = [f for f in refused_features(adapter.config.extra) if not (rt.activated_lora and f == ALORA_FIELD)]
     if refused:
         raise UnsupportedModuleError(rt.title, ["this adapter"], f"its config sets {', '.join(refused)}, which no "
                                      "plain LoRA file can express")
@@ -194,10 +224,12 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
     the weights that full tensors are differenced against, ``gguf_base`` llama.cpp's architecture."""
     rt = get_runtime(runtime) if isinstance(runtime, str) else runtime
     _validate(rt, adapter, max_lora_rank, budget, error)
+    source = adapter
+    adapter, folded, changes = _fold_dora(adapter, rt, base_weights, error, max_lora_rank)
     lora = as_lora(adapter)
     nonzero = set(lora.modules)  # AdaLoRA modules of rank 0 add nothing
-    changes: list[str] = []
     dropped = {n: "AdaLoRA kept rank 0: it adds nothing" for n in adapter.modules if n not in lora.modules}
+    dropped |= {n: "its DoRA update is zero" for n in folded if n not in adapter.modules}
     if adapter.method == "adalora":
         changes.append("AdaLoRA → plain LoRA with the same ΔW (A′ = (A⊙E)[kept], scale carried per module)")
     dropped |= {n: "vision/audio tower module: text runtimes do not apply it" for n in lora.modules
@@ -234,9 +266,10 @@ def plan_export(adapter: Adapter, runtime: str | Runtime, *, max_lora_rank: int 
     refs |= dense_refs
     labels = {**{n: f"rank {k} + zero padding" for n, k in padded.items()}, **{n: "from a full tensor" for n in new},
               **{n: "zero (added)" for n in added}}
-    layers = tuple(_layer(n, adapter.modules.get(n), out.modules.get(n), predicted.get(n, 0.0),
-                          n in nonzero or n in new, labels.get(n, "")) for n in {**adapter.modules, **out.modules})
-    return ExportPlan(out, layers, dropped, tuple(changes), alloc, refs)
+    labels |= {n: "; ".join(x for x in ("DoRA folded", labels.get(n)) if x) for n in folded}
+    layers = tuple(_layer(n, source.modules.get(n), out.modules.get(n), predicted.get(n, 0.0),
+                          n in nonzero or n in new, labels.get(n, "")) for n in {**source.modules, **out.modules})
+    return ExportPlan(out, layers, dropped, tuple(changes), alloc, refs, folded)
 
 
 def _for_runtime(modules: dict[str, Module], rt: Runtime,
@@ -331,6 +364,10 @@ def _measure(plan: ExportPlan, view: Adapter) -> tuple[dict[str, float], float]:
         else:
             norm = float(ref.singular_values().norm())
             err = delta_error(ref, got)
+        if n in plan.folded:  # against DoRA's D: D − B′A′ is orthogonal to the folded module's row and column
+            fold, d_norm = plan.folded[n]  # spaces, where any truncation of it lies, so the squares add
+            err = 1.0 if got is None else math.sqrt((fold * d_norm) ** 2 + (err * norm) ** 2) / d_norm
+            norm = d_norm
         rel[n] = err
         lost, total = lost + (err * norm) ** 2, total + norm**2
     return rel, math.sqrt(lost / total) if total > 0 else 0.0
@@ -380,8 +417,11 @@ def export_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, 
     adapter, base_m, gguf_base, fmt = read_source(src_p, base, rt)
     if rt.base_tensors and gguf_base is None:
         gguf_base = base_of_adapter(adapter)
-    weights = ModelReader(base) if base is not None and adapter.saved and base_m is not None \
+    weights = ModelReader(base) if base is not None and (adapter.saved or adapter.is_dora) and base_m is not None \
         and "gguf" not in base_m.facts and base_m.shapes is not None else None
+    if adapter.is_dora and weights is None:
+        refuse_dora_for(adapter, rt, "so pass `base`: the transformers model directory (or .safetensors) with its "
+                                     "weights" + (", not a .gguf" if base is not None else ""))
     try:
         plan = plan_export(adapter, rt, max_lora_rank=max_lora_rank, budget=budget, error=error, base=base_m,
                            base_weights=weights, gguf_base=gguf_base, drop_unsupported=drop_unsupported)

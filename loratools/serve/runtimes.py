@@ -8,11 +8,12 @@ read in. The checks that find each rule's offenders live in
 :mod:`loratools.serve.check`; ``docs/runtimes.md`` explains every rule at length (a
 test keeps the two in step).
 
-Facts read, not guessed: vLLM 0.33.0 (and 0.31.0/0.32.0 where they differ) and
-SGLang 0.5.10.post1 from their PyPI wheels; llama.cpp's ``src/llama-adapter.cpp``
-and ``llama-adapter.h`` (master, commits fdfa89f and d66c5cd); Ollama v0.33.0-rc2 (``docs/modelfile.mdx``,
-``convert/convert.go``, ``server/create.go``, ``llm/llama_server.go``), which runs
-llama.cpp b10488.
+Facts read, not guessed: vLLM 0.34.0 (first read in 0.33.0; 0.31.0/0.32.0 where they differ) and
+SGLang 0.5.23 (first read in 0.5.10.post1) from their PyPI wheels; llama.cpp's ``src/llama-adapter.cpp``
+and ``llama-adapter.h`` (master, commits fdfa89f and d66c5cd) and the llama.cpp that the llama-cpp-python
+0.3.36 sdist vendors (activated LoRA: ``convert_lora_to_gguf.py``, ``tools/server/server-context.cpp``);
+Ollama v0.33.0-rc2 (``docs/modelfile.mdx``, ``convert/convert.go``, ``server/create.go``,
+``llm/llama_server.go``), which runs llama.cpp b10488.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..errors import InvalidOptionError
 __all__ = ["Rule", "Runtime", "RUNTIMES", "get_runtime", "VLLM_MAX_LORA_RANKS", "SGLANG_TARGETS", "is_vision_module",
            "version_tuple"]
 
-#: vLLM's ``--max-lora-rank`` choices (vllm/config/lora.py ``MaxLoRARanks``, 0.31.0–0.33.0; default 16)
+#: vLLM's ``--max-lora-rank`` choices (vllm/config/lora.py ``MaxLoRARanks``, 0.31.0–0.34.0; default 16)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: module name suffixes SGLang can put a LoRA on (sglang/srt/utils/common.py ``SUPPORTED_LORA_TARGET_MODULES``)
 SGLANG_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
@@ -81,6 +82,10 @@ class Runtime:
     - ``stacks_qkv``: q/k/v and gate/up are stacked per layer (export adds zero members);
     - ``target_list``: ``target_modules`` must be a list of names, not a pattern;
     - ``modelfile``: export writes a directory with ``adapter.gguf`` and a ``Modelfile``;
+    - ``activated_lora``: it reads peft's ``alora_invocation_tokens`` (llama.cpp: as GGUF metadata) and export
+      keeps them; elsewhere an aLoRA is refused;
+    - ``expert_lora``: export may write LoRA on mixture-of-experts expert tensors (peft ``target_parameters``);
+      False where loratools has not checked the runtime's layout for them (refused, or dropped);
     - ``serve_hint``: how to serve the export, with ``{rank}`` (the smallest ``--max-lora-rank``) and ``{output}``.
 
     >>> get_runtime("vllm").one_scale_until, get_runtime("sglang").one_scale_until
@@ -103,6 +108,8 @@ class Runtime:
     stacks_qkv: bool = False
     target_list: bool = False
     modelfile: bool = False
+    activated_lora: bool = False
+    expert_lora: bool = True
     serve_hint: str = ""
 
     def rule(self, rule_id: str) -> Rule:
@@ -118,8 +125,14 @@ class Runtime:
         return next((r.until for r in self.rules if r.id == "one-scale"), None)
 
 
-_V = "vLLM 0.33.0"
-VLLM = Runtime("vllm", "vLLM", "0.33.0", "peft", (
+#: what export does with DoRA, for every runtime without DoRA
+_DORA_FIX = ("folded into plain LoRA with the base's weights (`base`): each module's full update W′ − W0 factored "
+             "by a truncated SVD at `error` and/or `max_lora_rank` (as `convert --as-lora`), its error reported")
+_DORA_WHY = ("DoRA's update diag(m/‖W0 + s·BA‖)·(W0 + s·BA) − W0 is not a low-rank ΔW; {title} has no DoRA "
+             "layer and {does}.")
+
+_V = "vLLM 0.34.0"
+VLLM = Runtime("vllm", "vLLM", "0.34.0", "peft", (
     Rule("peft-directory",
          "vLLM loads a PEFT directory: adapter_config.json beside adapter_model.safetensors (or .bin/.pt).",
          "written as a PEFT directory",
@@ -140,6 +153,18 @@ VLLM = Runtime("vllm", "vLLM", "0.33.0", "peft", (
          "alora_invocation_tokens, layer_replication, use_bdlora or use_qalora are refused.",
          "none: export refuses (the adapter means something a plain LoRA cannot express)",
          f"{_V} vllm/lora/peft_helper.py (PEFTHelper._validate_features)"),
+    Rule("dora",
+         _DORA_WHY.format(title="vLLM", does="refuses use_dora ('vLLM does not yet support DoRA.')"),
+         _DORA_FIX, f"{_V} vllm/lora/peft_helper.py (PEFTHelper._validate_features)"),
+    Rule("lora-ga-not-converted",
+         "vLLM 0.34 accepts init_lora_weights='lora_ga' (its comment: lora_ga 'modifies the base weights only during "
+         "training'), but peft 0.21.2's lora_ga_init subtracts s·B₀A₀ from every targeted base weight before "
+         "training, so an adapter saved without path_initial_model_for_weight_conversion is relative to that "
+         "rewritten base: served on the original base every targeted layer is off by s·B₀A₀, silently.",
+         "none: loratools refuses the adapter (B₀A₀ is not in the file); convert it with peft's "
+         "path_initial_model_for_weight_conversion, then export",
+         f"{_V} vllm/lora/peft_helper.py (PEFTHelper._init_is_supported); peft 0.21.2 peft/tuners/lora/layer.py "
+         "(LoraLayer.lora_ga_init: 'W_new = W_old - scaling * (B @ A)')"),
     Rule("max-lora-rank",
          "Every module's rank must be ≤ --max-lora-rank (one of 1, 8, 16, 32, 64, 128, 256, 320, 512; default 16); "
          "the buffers are that wide for every adapter, so a larger setting than needed costs memory and speed.",
@@ -172,7 +197,8 @@ VLLM = Runtime("vllm", "vLLM", "0.33.0", "peft", (
    serve_hint="--max-lora-rank {rank}")
 
 _S = "SGLang 0.5.10.post1"
-SGLANG = Runtime("sglang", "SGLang", "0.5.10.post1", "peft", (
+_S23 = "SGLang 0.5.23"
+SGLANG = Runtime("sglang", "SGLang", "0.5.23", "peft", (
     Rule("peft-directory",
          "SGLang loads a PEFT directory (adapter_config.json + weights).",
          "written as a PEFT directory",
@@ -219,7 +245,25 @@ SGLANG = Runtime("sglang", "SGLang", "0.5.10.post1", "peft", (
          "language model's layer N: its ΔW lands on the wrong weights.",
          "vision-tower modules are dropped and listed",
          f"{_S} sglang/srt/lora/lora.py (_process_weight), sglang/srt/layers/utils/common.py (get_layer_id)"),
-), rank_flag=True, targets=SGLANG_TARGETS, one_rank=True, stacks_qkv=True, target_list=True,
+    Rule("peft-features",
+         "SGLang reads only peft_type, target_modules, r, lora_alpha and use_dora of the config: lora_bias, a "
+         "base-rewriting init_lora_weights, alora_invocation_tokens, layer_replication, use_bdlora and use_qalora "
+         "are never read, so such an adapter loads and is applied as a plain LoRA on every token, silently wrong.",
+         "none: export refuses (the adapter means something a plain LoRA cannot express)",
+         f"{_S23} sglang/srt/lora/lora_config.py (LoRAConfig.__init__); none of those fields is read in sglang/srt"),
+    Rule("dora",
+         _DORA_WHY.format(title="SGLang", does="refuses use_dora ('LoRA serving currently doesn't support DoRA "
+                          "adapters')"),
+         _DORA_FIX, f"{_S23} sglang/srt/lora/lora_manager.py (LoRAManager.validate_new_adapter)"),
+    Rule("moe-experts",
+         "SGLang 0.5.23 serves LoRA on mixture-of-experts layers: weights whose name holds '.experts.' (one tensor "
+         "per expert, `experts.N.<proj>`, or a 3-D `experts.<proj>` with the expert dimension first) go to the "
+         "gate_up_proj_moe/down_proj_moe buffers, stacked per its MoE runner; loratools has not checked that layout "
+         "against peft's target_parameters tensors.",
+         "LoRA on expert tensors (peft target_parameters) is refused, or dropped and listed with `drop_unsupported`",
+         f"{_S23} sglang/srt/lora/lora.py (_ROUTED_EXPERT_PATTERN, LoRAAdapter._is_non_gated_moe_weight), "
+         "sglang/srt/lora/utils.py (get_hidden_dim: gate_up_proj_moe, down_proj_moe)"),
+), rank_flag=True, targets=SGLANG_TARGETS, one_rank=True, stacks_qkv=True, target_list=True, expert_lora=False,
    serve_hint="--max-lora-rank {rank}")
 
 _L = "llama.cpp src/llama-adapter.cpp (master at fdfa89f), src/llama-adapter.h (master at d66c5cd)"
@@ -251,9 +295,24 @@ _LLAMA_CPP_RULES = (
          "modules without a llama.cpp tensor are refused, or dropped and listed with `drop_unsupported`; "
          "vision-tower modules are dropped and listed",
          f"{_L} (llama_adapter_lora_init_impl); names: gguf-py TensorNameMap (MODEL_ARCH.LLAMA)"),
+    Rule("dora",
+         _DORA_WHY.format(title="llama.cpp", does="loads only .lora_a/.lora_b pairs (a magnitude tensor stops the "
+                          "load: 'has unexpected suffix')"),
+         _DORA_FIX, f"{_L} (llama_adapter_lora_init_impl: 'has unexpected suffix')"),
 )
-LLAMA_CPP = Runtime("llama.cpp", "llama.cpp", "master (fdfa89f)", "gguf", _LLAMA_CPP_RULES, scales="alpha/rank",
-                    base_tensors=True, serve_hint="--lora {output}")
+_LA = "llama.cpp vendored in llama-cpp-python 0.3.36"
+LLAMA_CPP = Runtime("llama.cpp", "llama.cpp", "master (fdfa89f)", "gguf", (
+    *_LLAMA_CPP_RULES,
+    Rule("activated-lora",
+         "An activated LoRA (peft alora_invocation_tokens) is read from the GGUF key adapter.alora.invocation_tokens "
+         "(an array of uint32; another type stops the load). llama-server applies it only from the last occurrence "
+         "of those tokens in the prompt on (one aLoRA per request); libllama itself (llama-cli, node-llama-cpp, "
+         "llama-cpp-python) applies it to every token.",
+         "the invocation tokens written as adapter.alora.invocation_tokens (uint32 array, as llama.cpp's converter "
+         "writes peft's field); serve it with llama-server",
+         f"{_LA} src/llama-adapter.cpp (llama_adapter_lora_init_impl: 'parse alora invocation sequence vector'), "
+         "convert_lora_to_gguf.py (set_gguf_parameters), tools/server/server-context.cpp (alora_invocation_start)"),
+), scales="alpha/rank", base_tensors=True, activated_lora=True, serve_hint="--lora {output}")
 
 _O = "Ollama v0.33.0-rc2"
 OLLAMA = Runtime("ollama", "Ollama", "0.33.0-rc2", "gguf", (
