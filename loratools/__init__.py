@@ -56,7 +56,10 @@ if TYPE_CHECKING:
     from .compress.combine import CombineResult as CombineResult, combine_adapters as combine_adapters
     from .compress.combine import combine_files as combine_files
     from .inspection import InspectReport as InspectReport, inspect_adapter as inspect_adapter
-    from .inspect_job import inspect_file as inspect_file
+    from .inspect_job import inspect_file as inspect_file, qlora_file as qlora_file
+    from .quant.qlora import QloraReport as QloraReport
+    from .eval.job import eval_stacks as eval_stacks
+    from .eval.report import EvalReport as EvalReport
     from .lm.heldout import HeldOutReport as HeldOutReport, heldout_report as heldout_report
     from .serve.check import CheckReport as CheckReport, check_adapter as check_adapter, check_file as check_file
     from .serve.export import ExportResult as ExportResult, export_adapter as export_adapter
@@ -97,7 +100,10 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["PruneResult", "prune_adapter", "prune_file"], "compress.prune"),
     **dict.fromkeys(["CombineResult", "combine_adapters", "combine_files"], "compress.combine"),
     **dict.fromkeys(["InspectReport", "inspect_adapter"], "inspection"),
-    "inspect_file": "inspect_job",
+    **dict.fromkeys(["inspect_file", "qlora_file"], "inspect_job"),
+    "QloraReport": "quant.qlora",
+    "eval_stacks": "eval.job",
+    "EvalReport": "eval.report",
     **dict.fromkeys(["HeldOutReport", "heldout_report"], "lm.heldout"),
     **dict.fromkeys(["CheckReport", "check_adapter", "check_file"], "serve.check"),
     **dict.fromkeys(["ExportResult", "export_adapter"], "serve.export"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "LoraToolsError",
+    "RuntimeFailedError",
     "InputNotFoundError",
     "NotAnAdapterError",
     "UnknownFormatError",
@@ -257,3 +258,10 @@ class LossyMergeError(LoraToolsError, ValueError):
         self.rel_error, self.kept = rel_error, kept
         super().__init__(f"the merged model {what}: its requantization rounds the update away; {fix}, or serve "
                          "the adapter unmerged, or pass `allow_lossy` to write it anyway; nothing was written")
+
+
+class RuntimeFailedError(LoraToolsError, RuntimeError):
+    """A runtime process (node-llama-cpp, vLLM's worker) exited with an error: its last line is the message."""
+
+    def __init__(self, runtime: str, detail: str) -> None:
+        super().__init__(f"{runtime} failed: {detail}")

@@ -85,6 +85,10 @@ step "Push preview: the files and model card, nothing uploaded" bash -c "loratoo
 step "Merge into bfloat16 and un-merge: what bfloat16 rounding costs without a record" \
   bash -c "loratools -q merge fixtures/tiny-llama fixtures/adapters/lora -o $OUT/merged-bf16 --dtype bfloat16 && loratools unmerge $OUT/merged-bf16 fixtures/adapters/lora -o $OUT/unmerged-bf16"
 step "Check a merged model against base + adapter" loratools verify fixtures/tiny-llama fixtures/adapters/lora "$OUT/merged"
+step "Evaluate the same text on base, base + adapter and the merged model: how much of the adapter's effect each keeps" \
+  loratools eval fixtures/tiny-llama fixtures/adapters/lora --data fixtures/corpus.txt --stack merged:"$OUT/merged" --html "$OUT/eval.html"
+step "QLoRA: NF4's rounding of the base next to the adapter's ΔW, per layer (which base to merge onto)" \
+  loratools inspect fixtures/adapters/lora --base fixtures/tiny-llama --qlora nf4-dq
 step "Combine two adapters into one (no base): ΔW = ΔW_lora − ½·ΔW_rslora, exact (stacked factors, rank Σrᵢ)" \
   loratools combine fixtures/adapters/lora fixtures/adapters/rslora --weight 1 --weight -0.5 -o "$OUT/combined"
 step "… the same sum at rank 4: the best rank-4 approximation per module, from the factors (exact errors)" \

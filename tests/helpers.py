@@ -195,3 +195,48 @@ def sharded_model(root: Path, n_shards: int = 12, dim: int = 512) -> tuple[Path,
     adapter = root / "ad.safetensors"
     write_adapter(Adapter(mods, AdapterConfig()), adapter, format="loratools")
     return base, adapter
+
+
+def data_bytes(path: Path) -> bytes:
+    """A safetensors file's tensor bytes, after its header (what a byte-exact un-merge must give back)."""
+    raw = path.read_bytes()
+    return raw[8 + int.from_bytes(raw[:8], "little"):]
+
+
+def within_one_bf16_ulp(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Every element of ``got`` within one bfloat16 ulp (at ``ref``'s magnitude) of the float reference."""
+    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))) - 7)
+    return bool(((got.float() - ref).abs() <= ulp).all())
+
+
+def dequantized_view(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of loratools' dequantized view of the quantized model at ``path`` (logical weights and the
+    tensors beside them)."""
+    from loratools.io import ModelReader
+    from loratools.quant.view import dequantized
+
+    with ModelReader(path) as reader:
+        v = dequantized(reader, json.loads((path / "config.json").read_text()))
+        assert v is not None
+        return {k: v.get(k) for k in v.keys()}
+
+
+def ct_decompressed(path: Path) -> dict[str, torch.Tensor]:
+    """A compressed-tensors model as transformers loads it dequantized (compressed-tensors'
+    ``ModelCompressor.decompress_model``): the independent reference of the view."""
+    import warnings
+
+    import transformers
+    from transformers import CompressedTensorsConfig
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its load report lists the input global scales it does not use
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    finally:
+        logging.set_verbosity(verbosity)
+    return state(model)

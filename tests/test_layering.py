@@ -267,7 +267,7 @@ def test_nothing_unpickles() -> None:
 # the jobs: each is a library entry point the CLI calls; shared pieces live in the core, not in another job
 JOBS = ("loratools.merge", "loratools.compress.combine", "loratools.compress.extract", "loratools.compress.resize",
         "loratools.compress.prune", "loratools.convert", "loratools.train", "loratools.serve",
-        "loratools.hub.client")
+        "loratools.hub.client", "loratools.eval")
 
 
 @pytest.mark.parametrize("job", JOBS)

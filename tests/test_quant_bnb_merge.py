@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import check_quantized_base_reads_as_plain, model_with_weights, peft_merged, state
+from helpers import (check_quantized_base_reads_as_plain, data_bytes, dequantized_view, model_with_weights,
+                     peft_merged, state, within_one_bf16_ulp)
 from loratools import read_adapter
 from loratools.errors import InvalidOptionError, LossyMergeError
 from loratools.io import ModelReader
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.bnb import Bnb4bit
 from loratools.quant.codec import BnbCodec
-from loratools.quant.view import dequantized
 
 F = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
@@ -63,25 +63,8 @@ def bnb_dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def view(path: Path) -> dict[str, torch.Tensor]:
-    with ModelReader(path) as reader:
-        v = dequantized(reader, json.loads((path / "config.json").read_text()))
-        assert v is not None
-        return {k: v.get(k) for k in v.keys()}
-
-
 def adapted() -> set[str]:
     return {f"{n}.weight" for n in read_adapter(LORA).modules}
-
-
-def data_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    return raw[8 + int.from_bytes(raw[:8], "little"):]
-
-
-def _within_one_bf16_ulp(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))) - 7)
-    return bool(((got.float() - ref).abs() <= ulp).all())
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +104,7 @@ def kept(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_the_view_is_what_bitsandbytes_dequantizes(saved, kind: str) -> None:
     path = saved(kind)
-    ours, theirs = view(path), bnb_dequantized(load(path))
+    ours, theirs = dequantized_view(path), bnb_dequantized(load(path))
     plain = set(load_file(TINY / "model.safetensors"))
     assert set(ours) == plain and len(theirs) == 28  # each linear under its own name, (out, in); parts not listed
     for k, v in theirs.items():
@@ -137,7 +120,7 @@ def test_plain_merge_matches_peft_on_the_dequantized_model_within_one_bf16_ulp(b
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert set(got) == set(ref)  # absmax, quant maps and states dropped; each packed P.weight now (out, in)
     for k, v in got.items():
-        assert v.dtype == torch.bfloat16 and _within_one_bf16_ulp(v, ref[k]), k
+        assert v.dtype == torch.bfloat16 and within_one_bf16_ulp(v, ref[k]), k
     assert verify_merge(base, [read_adapter(LORA)], out).ok
 
 
@@ -158,7 +141,7 @@ def test_keep_format_merge_writes_peft_merge_and_unloads_bytes_on_the_4bit_model
         warnings.simplefilter("ignore")
         merged = PeftModel.from_pretrained(load(base), LORA).merge_and_unload()
     theirs, sd = bnb_dequantized(merged), merged.state_dict()
-    ours, exact = view(out), reference[1]
+    ours, exact = dequantized_view(out), reference[1]
     codec = BnbCodec(Bnb4bit(json.loads((base / "config.json").read_text())["quantization_config"]
                              ["bnb_4bit_quant_type"]), m.__getitem__)
     stored = codec.find(ModelReader(out).shapes())
@@ -174,7 +157,7 @@ def test_keep_format_merge_writes_peft_merge_and_unloads_bytes_on_the_4bit_model
 
 def test_transformers_loads_the_keep_format_merge_as_we_read_it(kept) -> None:
     out = kept[0]
-    ours, theirs = view(out), bnb_dequantized(load(out))
+    ours, theirs = dequantized_view(out), bnb_dequantized(load(out))
     assert len(theirs) == 28 and all(torch.equal(ours[k], v) for k, v in theirs.items())
 
 
@@ -207,12 +190,12 @@ def test_a_merge_that_rounds_the_update_away_is_refused_unless_allowed(base: Pat
 
 def test_int8_merges_in_the_format_loads_back_and_unmerges_byte_for_byte(saved, tmp_path: Path) -> None:
     base = saved("int8")
-    ours, theirs = view(base), bnb_dequantized(load(base))
+    ours, theirs = dequantized_view(base), bnb_dequantized(load(base))
     assert len(theirs) == 28 and all(torch.equal(ours[k], v) for k, v in theirs.items())
     ad = read_adapter(LORA)
     report = merge_model(base, [ad], tmp_path / "m", verify=True, record=tmp_path / "m.rec")
     assert report.update is not None and report.update.kept > 0.95
-    merged, back = view(tmp_path / "m"), bnb_dequantized(load(tmp_path / "m"))
+    merged, back = dequantized_view(tmp_path / "m"), bnb_dequantized(load(tmp_path / "m"))
     assert all(torch.equal(merged[k], v) for k, v in back.items())
     assert sum(not torch.equal(merged[k], ours[k]) for k in adapted()) == len(adapted())
     unmerge_model(tmp_path / "m", [ad], tmp_path / "u", record=tmp_path / "m.rec")
@@ -284,11 +267,11 @@ def test_a_bfloat16_model_is_read_and_requantized_in_bfloat16_as_bitsandbytes_do
 
     base = tmp_path / "bf16"
     load(TINY, "nf4-double", torch.bfloat16).save_pretrained(base)
-    ours, theirs = view(base), bnb_dequantized(load(base, dtype=torch.bfloat16))
+    ours, theirs = dequantized_view(base), bnb_dequantized(load(base, dtype=torch.bfloat16))
     assert all(v.dtype == torch.bfloat16 and torch.equal(ours[k], v.float()) for k, v in theirs.items())
     ad = read_adapter(LORA)
     merge_model(base, [ad], tmp_path / "m", verify=True, record=tmp_path / "m.rec")
-    merged, back = view(tmp_path / "m"), bnb_dequantized(load(tmp_path / "m", dtype=torch.bfloat16))
+    merged, back = dequantized_view(tmp_path / "m"), bnb_dequantized(load(tmp_path / "m", dtype=torch.bfloat16))
     assert all(torch.equal(merged[k], v.float()) for k, v in back.items())
     m = load_file(tmp_path / "m" / "model.safetensors")
     with warnings.catch_warnings():

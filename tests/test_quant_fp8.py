@@ -16,7 +16,8 @@ from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedCon
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.fp8 import Fp8Format
 
-from helpers import check_quantized_base_reads_as_plain, model_with_weights, peft_merged, state, transformers_state
+from helpers import (check_quantized_base_reads_as_plain, data_bytes, model_with_weights, peft_merged, state,
+                     transformers_state)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY, LORA = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "adapters" / "lora"
@@ -131,12 +132,6 @@ def test_tiny_adapter_is_refused_unless_allowed(base: Path, tmp_path: Path) -> N
     assert checked.lossy and not checked.ok and checked.update is not None
     assert checked.update.kept == pytest.approx(report.update.kept, abs=1e-3)
     assert verify_merge(base, [(ad, 1e-4)], tmp_path / "allowed", allow_lossy=True).ok
-
-
-def data_bytes(path: Path) -> bytes:
-    """A safetensors file's tensor bytes, after its header."""
-    raw = path.read_bytes()
-    return raw[8 + int.from_bytes(raw[:8], "little"):]
 
 
 def test_record_round_trip_is_byte_identical(base: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import peft_merged, randomize_lora, state
+from helpers import peft_merged, randomize_lora, state, within_one_bf16_ulp
 from loratools import read_adapter
 from loratools.errors import InvalidOptionError, LossyMergeError
 from loratools.merge import merge_model, unmerge_model, verify_merge
@@ -132,11 +132,6 @@ def test_quantize_gives_gguf_quantizers_bytes_ties_and_clamps_included() -> None
     assert bool(((FMT.dequantize(blocks, scales) - x).abs() <= FMT.half_step(x, scales)).all())
 
 
-def _within_one_bf16_ulp(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))) - 7)
-    return bool(((got.float() - ref).abs() <= ulp).all())
-
-
 def test_plain_merge_of_an_expert_lora_matches_peft_within_one_bf16_ulp(model, tmp_path: Path) -> None:
     base, experts, _ = model
     ref = state(peft_merged(base, experts))
@@ -146,7 +141,7 @@ def test_plain_merge_of_an_expert_lora_matches_peft_within_one_bf16_ulp(model, t
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert set(got) == set(ref) and not any(k.endswith(("_blocks", "_scales")) for k in got)
     for k, v in got.items():
-        assert v.dtype == torch.bfloat16 and _within_one_bf16_ulp(v, ref[k]), k
+        assert v.dtype == torch.bfloat16 and within_one_bf16_ulp(v, ref[k]), k
     loaded = state(_quiet_load(out))
     assert all(torch.equal(loaded[k], v.float()) for k, v in got.items())
     assert verify_merge(base, [read_adapter(experts)], out).ok
@@ -221,7 +216,7 @@ def test_an_attention_lora_merges_into_the_bf16_weights_and_copies_the_experts(m
         load_file(out / "model.safetensors")
     for k in b:
         if k.endswith(("q_proj.weight", "v_proj.weight")):
-            assert m[k].dtype == torch.bfloat16 and _within_one_bf16_ulp(m[k], ref[k]), k
+            assert m[k].dtype == torch.bfloat16 and within_one_bf16_ulp(m[k], ref[k]), k
             assert not torch.equal(m[k], b[k]), k
         else:
             assert torch.equal(b[k].view(torch.uint8), m[k].view(torch.uint8)), k

@@ -15,14 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import check_quantized_base_reads_as_plain, model_with_weights, peft_merged, state
+from helpers import (check_quantized_base_reads_as_plain, ct_decompressed, data_bytes, dequantized_view,
+                     model_with_weights, peft_merged, state, within_one_bf16_ulp)
 from loratools import read_adapter
 from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedConfigError
-from loratools.io import ModelReader
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.codec import Nvfp4Codec, quant_codec
 from loratools.quant.nvfp4 import Nvfp4Format
-from loratools.quant.view import dequantized
 
 ct = pytest.importorskip("compressed_tensors", reason="make dev installs compressed-tensors==0.20.0")
 transformers = pytest.importorskip("transformers")
@@ -73,47 +72,12 @@ def nvfp4_llama(path: Path, preset: str = "NVFP4") -> Path:
     return path
 
 
-def decompressed(path: Path) -> dict[str, torch.Tensor]:
-    """The model as transformers loads it dequantized: compressed-tensors' ``ModelCompressor.decompress_model``."""
-    from transformers import CompressedTensorsConfig
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # its load report lists the input global scales it does not use
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-    finally:
-        logging.set_verbosity(verbosity)
-    return state(model)
-
-
-def view(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of our dequantized view of ``path`` (logical weights and the extras beside them)."""
-    with ModelReader(path) as reader:
-        v = dequantized(reader, json.loads((path / "config.json").read_text()))
-        assert v is not None
-        return {k: v.get(k) for k in v.keys()}
-
-
 def adapted() -> set[str]:
     return {f"{n}.weight" for n in read_adapter(LORA).modules}
 
 
 def parts(key: str) -> tuple[str, str, str]:
     return FMT.stored_keys(key)
-
-
-def data_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    return raw[8 + int.from_bytes(raw[:8], "little"):]
-
-
-def _within_one_bf16_ulp(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2.0 ** -126))) - 7)
-    return bool(((got.float() - ref).abs() <= ulp).all())
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +88,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """(the base decompressed by compressed-tensors, saved plain in float32; peft merge_and_unload of LORA on it)."""
-    plain = model_with_weights(decompressed(base), TINY, tmp_path_factory.mktemp("nvfp4-plain") / "plain")
+    plain = model_with_weights(ct_decompressed(base), TINY, tmp_path_factory.mktemp("nvfp4-plain") / "plain")
     return plain, state(peft_merged(plain, LORA))
 
 
@@ -155,7 +119,7 @@ def test_a_packed_weight_without_its_global_scale_is_refused() -> None:
 
 
 def test_the_dequantized_view_is_compressed_tensors_decompression(base: Path) -> None:
-    ours, theirs = view(base), decompressed(base)
+    ours, theirs = dequantized_view(base), ct_decompressed(base)
     extras = {k for k in ours if k.endswith("input_global_scale")}
     assert len(extras) == 28 and set(ours) - extras == set(theirs)  # 4 layers × 7 linears, named as transformers
     for k, v in theirs.items():
@@ -177,7 +141,7 @@ def test_plain_merge_matches_peft_on_the_decompressed_model_within_one_bf16_ulp(
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     assert set(got) == set(ref)  # packed codes, scales and input global scales dropped, each weight under its name
     for k, v in got.items():
-        assert v.dtype == torch.bfloat16 and _within_one_bf16_ulp(v, ref[k]), k
+        assert v.dtype == torch.bfloat16 and within_one_bf16_ulp(v, ref[k]), k
     assert verify_merge(base, [read_adapter(LORA)], out).ok
 
 
@@ -192,7 +156,7 @@ def test_keep_format_merge_rounds_as_the_format_and_keeps_the_global_scales(base
         assert m[k].dtype == b[k].dtype and m[k].shape == b[k].shape, k
         if k not in changed:  # global scales, input global scales, k/o/mlp parts, norms, lm_head: byte for byte
             assert torch.equal(b[k].view(torch.uint8), m[k].view(torch.uint8)), k
-    ref, w0, ours, theirs = reference[1], view(base), view(out), decompressed(out)
+    ref, w0, ours, theirs = reference[1], dequantized_view(base), dequantized_view(out), ct_decompressed(out)
     for k in adapted():
         packed, scale, gs = (m[p] for p in parts(k))
         exact = ref[k].double()  # peft: W0 + ΔW in float32 on the decompressed base
@@ -248,7 +212,7 @@ def test_a_weight_only_nvfp4a16_model_merges_and_unmerges_the_same_way(tmp_path:
     step, un-merged byte for byte, and merged plain with only the weights' parts dropped."""
     base = nvfp4_llama(tmp_path / "base", "NVFP4A16")
     assert quant_codec(json.loads((base / "config.json").read_text())) == Nvfp4Codec(FMT, torch.bfloat16)
-    ours, theirs = view(base), decompressed(base)
+    ours, theirs = dequantized_view(base), ct_decompressed(base)
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
     ad = read_adapter(LORA)
     merge_model(base, [ad], tmp_path / "m", verify=True, record=tmp_path / "m.rec.safetensors")

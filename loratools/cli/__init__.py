@@ -28,6 +28,7 @@ from .. import __version__
 from ..errors import LoraToolsError
 from .combine import combine
 from .convert import convert
+from .eval import eval_
 from .extract import extract
 from .hub import pull, push
 from .inspect import inspect
@@ -150,7 +151,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     ctx.obj = Session(quiet=quiet)
 
 
-for _command in (inspect, merge, unmerge, verify, combine, extract, resize, prune, convert, check, export, train,
+for _command in (inspect, merge, unmerge, verify, combine, extract, resize, prune, convert, check, export, eval_, train,
                  pull, push):
     cli.add_command(_command)
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from ..formats import BaseModel
     from ..merge.plan import AdapterInput
+    from ..merge.onto import OntoReport
     from ..merge.report import MergeReport, VerifyReport
 
 __all__ = ["merge", "unmerge", "verify"]
@@ -26,6 +27,13 @@ precision_option = click.option("--precision", default="float32", show_default=T
                                 help="Precision in which each ΔW is formed and added before the one cast.")
 quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16|f32",
                              help="GGUF BASE only: the type of each adapted tensor (default same: its own type).")
+onto_option = click.option("--onto", default="original", show_default=True,
+                            type=click.Choice(["original", "dequantized"]),
+                            help="QLoRA adapter: add ΔW to the original weights W0, or to deq(Q(W0)), the 4-bit "
+                                 "weights it was trained on (needs --qlora).")
+qlora_option = click.option("--qlora", default=None, type=click.Choice(["nf4", "nf4-dq", "fp4", "fp4-dq"]),
+                             help="The bitsandbytes 4-bit type a QLoRA adapter was trained on (-dq: double "
+                                  "quantization): report ‖deq(Q(W0)) − W0‖/‖ΔW‖ per weight and overall.")
 lossy_option = click.option("--allow-lossy", is_flag=True,
                             help="GGUF or quantized safetensors BASE: accept a merged model that keeps too little "
                                  "of the adapters' update (its re-quantization rounds ΔW away; refused otherwise).")
@@ -78,6 +86,8 @@ def _summary(out: Console, r: MergeReport) -> None:
         out.print(f"{types}: {q['tensors']} tensors, requantization error {q['requant_rel_error']:.3g} relative "
                   f"(max {q['requant_max_abs_error']:.3g}); the base's own quantization ≈ {q['base_rel_error_est']:.3g}; "
                   f"ΔW {q['delta_rel']:.3g} of W0{kept}")
+    if r.onto is not None:
+        _onto_lines(out, r.onto)
     if r.update is not None:
         lossy = " — LOSSY, written because of --allow-lossy" if r.allowed_lossy else ""
         out.print(f"update: the written model {r.update.describe()}{lossy}")
@@ -94,6 +104,17 @@ def _summary(out: Console, r: MergeReport) -> None:
         if not r.vouched:
             out.print("unchecked: MERGED's stamp does not confirm these adapters and weights; the figures above "
                       "hold only if they are the ones merged, and the true error is otherwise unbounded")
+
+
+def _onto_lines(out: Console, r: OntoReport) -> None:
+    """A QLoRA merge's figures: one row per adapted 4-bit weight, then the overall line."""
+    from rich.table import Table
+
+    table = Table("weight", "‖deq(Q(W0)) − W0‖F", "‖ΔW‖F", "ratio", title=f"QLoRA base ({r.figures.quant})")
+    for row in r.figures.rows:
+        table.add_row(row.module, f"{row.quant_error:.4g}", f"{row.delta:.4g}", f"{row.ratio:.3g}")
+    out.print(table)
+    out.print(r.describe())
 
 
 def _verify_lines(out: Console, v: VerifyReport) -> None:
@@ -119,6 +140,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @precision_option
 @quant_option
 @lossy_option
+@onto_option
+@qlora_option
 @click.option("--record", type=click.Path(), default=None,
               help="Also write a safetensors sidecar that lets `unmerge --record` restore BASE bit for bit "
                    "(a GGUF BASE: its files byte for byte).")
@@ -131,8 +154,8 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @json_option
 @pass_session
 def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], dtype: str,
-          device: str, precision: str, quant: str | None, allow_lossy: bool, record: str | None, do_verify: bool,
-          component: str | None, force: bool, as_json: bool) -> None:
+          device: str, precision: str, quant: str | None, allow_lossy: bool, onto: str, qlora: str | None,
+          record: str | None, do_verify: bool, component: str | None, force: bool, as_json: bool) -> None:
     """Merge adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, streaming, one tensor at a time.
 
     BASE is a model directory (single or sharded safetensors) or one .safetensors
@@ -151,10 +174,19 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     the adapter unmerged, or pass --allow-lossy.
 
     A quantized safetensors BASE (FP8 block-wise or compressed-tensors, NVFP4,
-    gpt-oss MXFP4 experts, bitsandbytes 4-bit and int8) is read dequantized as its
-    producer defines it; each adapted weight is re-quantized in its format
+    compressed-tensors int4/int8 packs, gpt-oss MXFP4 experts, bitsandbytes
+    4-bit and int8) is read dequantized as its producer defines it; each adapted weight is re-quantized in its format
     (the same kept-share check applies) or, with --dtype, written plain
     without quantization_config.
+
+    A QLoRA adapter (trained on a bitsandbytes 4-bit base) merges into the
+    16-bit model that base was quantized from. --qlora names its 4-bit type
+    and prints ‖deq(Q(W0)) − W0‖/‖ΔW‖ per adapted weight and overall, and the
+    base the figures favour. --onto original (default: merged onto W0, the
+    lower held-out loss in docs/experiments.md) writes the weights as a plain
+    merge does; --onto dequantized writes deq(Q(W0)) + ΔW for every weight
+    bitsandbytes quantizes (not lm_head, embeddings), in the base's dtype or
+    --dtype. Not with --record, DoRA, a GGUF or an already quantized BASE.
 
     \b
     Examples:
@@ -163,6 +195,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
       loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant q8_0 --verify
       loratools merge sdxl-pipeline lora_sdxl.safetensors --component unet -o unet-merged
+      loratools merge fixtures/tiny-llama qlora-adapter -o merged --qlora nf4-dq --onto dequantized
     """
     from ..device import configure_cpu_threads, resolve_dtype
     from ..merge.jobs import merge_model
@@ -174,7 +207,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     with render.progress(session, None, "merge", quiet=as_json) as advance:
         report = merge_model(model, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, verify=do_verify, progress=advance, quant=quant,
-                             allow_lossy=allow_lossy)
+                             allow_lossy=allow_lossy, onto=onto, qlora=qlora)
     for note in report.notes:
         session.err.print(f"note: {note}")
     if as_json:
@@ -224,6 +257,8 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     with render.progress(session, None, "unmerge", quiet=as_json) as advance:
         report = unmerge_model(model, inputs, output, device=device, precision=precision, record=record,
                                force=force, progress=advance, ignore_stamp=ignore_stamp, quant=quant)
+    for note in report.notes:
+        session.err.print(f"note: {note}")
     if as_json:
         render.print_json(report.to_json())
     elif not session.quiet:

@@ -23,6 +23,7 @@ even in bfloat16.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,14 +43,16 @@ from ..dora import merged_weight
 from .config import config_edits
 from .kernels import check_finite, delta_sum, dora_of, jitter, tolerance, unmerged_tensor
 from .layout import find_tie
-from .plan import (AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision, stamp,
-                   tie_notes)
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision,
+                   stamp, tie_notes)
 from .experts import resolve_experts
+from .onto import Onto, OntoReport, dequantized_base, onto_keys, onto_tensor
 from .quantized import QuantModel, quant_model
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
 from .report import MergeReport, ModuleCheck, UpdateFit, VerifyReport, fit_sums
 from .checks import ErrorStats, check_stamp, input_paths
+from ..quant.qlora import QloraRow, qlora_report
 
 __all__ = ["Adapters", "merge_model", "unmerge_model", "verify_merge"]
 
@@ -71,6 +74,10 @@ class _Job:
     notes: list[str] = field(default_factory=list)
     #: the base's quantized tensors (:mod:`.quantized`: FP8, MXFP4, NVFP4, bitsandbytes), planned and read dequantized
     quant: QuantModel | None = None
+    #: a QLoRA merge's choice (:mod:`.onto`) and the planned weights a 4-bit base holds quantized
+    onto: Onto = field(default_factory=Onto)
+    onto_keys: frozenset[str] = frozenset()
+    onto_rows: dict[str, QloraRow] = field(default_factory=dict)
 
     @classmethod
     def start(cls, base: PathLike | BaseModel, adapters: Adapters, device: str | torch.device,
@@ -92,6 +99,26 @@ class _Job:
             quant.check(plan)
         return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [], quant)
 
+    def choose(self, onto: Onto) -> "_Job":
+        """This job merging onto ``onto``'s base (:mod:`.onto`): refused on a quantized base, checked on the plan."""
+        onto.check_inputs(self.model.path, record=False, gguf=False,
+                          quantized=self.quant.codec.name if self.quant is not None else None)
+        self.onto, self.onto_keys = onto, onto_keys(onto, self.plan)
+        return self
+
+    def onto_merge(self, key: str, dtype: torch.dtype) -> Tensor | None:
+        """A 4-bit weight's figures, read whole and quantized once; with ``dequantized``, the merged tensor."""
+        row, whole = onto_tensor(key, self.model.get(key), self.plan[key], self.onto, dtype=dtype,
+                                 precision=self.precision, device=self.device)
+        self.onto_rows[key] = row  # one worker per key: distinct keys, no lock needed
+        return whole
+
+    def onto_report(self) -> OntoReport | None:
+        if self.onto.quant is None:
+            return None
+        rows = (self.onto_rows[k] for k in self.model.spans if k in self.onto_rows)
+        return OntoReport(self.onto.onto, qlora_report(rows, self.onto.quant))
+
     @property
     def inputs_on_disk(self) -> tuple[PathLike, ...]:
         """The model and the adapters' files: what an output may not overwrite."""
@@ -106,7 +133,11 @@ class _Job:
         """The base tensor ``key`` starts from (for a new tensor, its ``source``)."""
         p = self.plan.get(key)
         key = p.source if p is not None and p.source is not None else key
-        return self.quant.read(self.model, key) if self.quant is not None else self.model.get(key)
+        w = self.quant.read(self.model, key) if self.quant is not None else self.model.get(key)
+        if self.onto.dequantized and key in self.onto_keys:  # merged onto deq(Q(W0)): the base it started from
+            assert self.onto.quant is not None
+            return dequantized_base(key, w, self.onto.quant)
+        return w
 
     @property
     def arithmetic(self) -> Arithmetic:
@@ -155,7 +186,7 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
                 record: PathLike | None = None, force: bool = False, verify: bool = False,
                 progress: Progress | None = None, quant: str | None = None,
-                allow_lossy: bool = False) -> MergeReport:
+                allow_lossy: bool = False, onto: str = "original", qlora: str | None = None) -> MergeReport:
     """Write ``out`` = ``base`` with W = cast(W0 + Σ wᵢ·ΔWᵢ) for every adapted weight, streaming.
 
     ``out`` mirrors ``base`` (same shards, index and non-weight files); untouched
@@ -170,12 +201,20 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
     and config are then not read again). An adapter whose label names a path is an input too: ``out`` may not
     overwrite it. A ``.gguf`` ``base`` is merged by :func:`loratools.merge.gguf.merge_gguf` (``quant`` instead
     of ``dtype``; ``allow_lossy`` writes a merge whose requantization keeps too little of ΔW, refused otherwise).
+
+    A QLoRA adapter (:mod:`.onto`): ``qlora`` names the bitsandbytes 4-bit type it was trained on (``nf4``,
+    ``nf4-dq``, ``fp4``, ``fp4-dq``), and the report carries ‖deq(Q(W0)) − W0‖_F/‖ΔW‖_F per adapted weight and
+    overall, and the choice the figures favour (``report.onto``). ``onto="dequantized"`` writes
+    cast(deq(Q(W0)) + ΔW) for each weight bitsandbytes quantizes; ``"original"`` (the default, and what
+    docs/experiments.md measured better) leaves the weights as a plain merge writes them. ``dequantized`` needs
+    ``qlora`` and the 16-bit safetensors base; DoRA, a GGUF or quantized base and ``record`` are refused.
     """
+    (choice := Onto(onto, qlora)).check_inputs(_path(base), record=record is not None, gguf=_is_gguf(_path(base)))
     if _gguf(_path(base), dtype=dtype, quant=quant):
         from .gguf import merge_gguf
         return merge_gguf(_path(base), adapters, out, quant=quant, precision=precision, record=record,
                           force=force, progress=progress, verify=verify, allow_lossy=allow_lossy)
-    job = _Job.start(base, adapters, device, precision)
+    job = _Job.start(base, adapters, device, precision).choose(choice)
     model, plan, qm = job.model, job.plan, job.quant
     codes = {k: out_code(s.dtype, dtype) for k, s in model.spans.items()}
     if qm is not None:
@@ -185,7 +224,7 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
                                or any(codes[k] != s.dtype for k, s in model.spans.items())):
         raise InvalidOptionError("`record` restores the base only when `dtype` is kept; drop `dtype` or `record`")
     record_path = Path(record) if record is not None else None
-    meta = stamp("merge", job.inputs, job.precision, job.device)
+    meta = stamp("merge", job.inputs, job.precision, job.device, **choice.stamp())
     rec: RecordWriter | None = None
 
     def compute(key: str) -> Iterator[Tensor] | Tensor | None:
@@ -194,6 +233,8 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
             return qm.compute(key, plan)
         if p is None:
             return None
+        if key in job.onto_keys and (whole := job.onto_merge(key, CODE_DTYPES[codes[key]])) is not None:
+            return whole
         # a new tensor (an untied head) starts from its source and has no original for a record to restore
         span = model.spans[p.source or key]
         return merged_blocks(key, span, p, CODE_DTYPES[codes[p.source or key]], job.arithmetic,
@@ -226,7 +267,13 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record=record_path,
                        record_nbytes=rec.nbytes if rec else 0, adapters=[i.describe() for i in job.inputs],
                        notes=tuple(notes), verify=checked, update=fit,
-                       allowed_lossy=fit is not None and fit.lossy)
+                       allowed_lossy=fit is not None and fit.lossy, onto=job.onto_report())
+
+
+def _is_gguf(base: Path) -> bool:
+    from ..io.gguf_model import is_gguf_model_path
+
+    return is_gguf_model_path(base)
 
 
 def _gguf(base: Path, *, dtype: torch.dtype | None = None, quant: str | None = None) -> bool:
@@ -324,7 +371,19 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
                        record_nbytes=record_path.stat().st_size if record_path else 0,
                        exact=True if record_path is not None else None, est_max_abs_error=stats.max,
                        est_rel_error=stats.rel, error_bound=stats.bound, adapters=[i.describe() for i in job.inputs],
-                       vouched=vouched or record_path is not None)
+                       vouched=vouched or record_path is not None, notes=_onto_notes(model))
+
+
+def _onto_notes(merged: ModelReader) -> tuple[str, ...]:
+    """What an un-merge gives back from a model its stamp says was merged onto deq(Q(W0)) (:mod:`.onto`)."""
+    try:
+        info = json.loads(merged.metadata().get(METADATA_KEY) or "{}")
+    except ValueError:
+        return ()
+    if not isinstance(info, dict) or info.get("onto") != "dequantized":
+        return ()
+    return (f"{merged.path} was merged onto the dequantized 4-bit weights ({str(info.get('qlora'))[:10]}): the "
+            "un-merged weights are deq(Q(W0)), not the original 16-bit W0",)
 
 
 def verify_merge(base: PathLike | BaseModel, adapters: Adapters, merged: PathLike, *,

@@ -62,6 +62,8 @@ class QuantModel:
     _done: dict[str, tuple[tuple[Tensor, ...], set[str]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _rank: dict[str, int] | None = None
+    _ranked: list[str] = field(default_factory=list)
 
     @cached_property
     def owner(self) -> dict[str, str]:
@@ -132,18 +134,25 @@ class QuantModel:
             logical = self.owner.get(key)
             if logical is None or logical not in plan:
                 return None
-            return self._shared(logical, key, self.tensors[logical].parts, lambda: self._merge(logical, plan[logical]))
+            return self._shared(logical, key, self.tensors[logical].parts, lambda: self._merge(logical, plan[logical]),
+                                None if self.record is not None else lambda: self._ahead(logical, plan))
         if key not in self.tensors:
             return None
         if key not in plan:
             return self.read(self.model, key).to(self.dtype)
         return self._merge(key, plan[key])[0]
 
-    def _shared(self, logical: str, key: str, keys: Sequence[str], make: Callable[[], tuple[Tensor, ...]]) -> Tensor:
-        """``key``'s tensor of the parts ``make`` gives for ``logical``, made once for the workers writing them."""
+    def _shared(self, logical: str, key: str, keys: Sequence[str], make: Callable[[], tuple[Tensor, ...]],
+                ahead: Callable[[], bool] | None = None) -> Tensor:
+        """``key``'s tensor of the parts ``make`` gives for ``logical``, made once for the workers writing them.
+        A worker that finds another making them runs ``ahead`` (work of its own) while there is some, not idle."""
         with self._lock:
             lock = self._locks.setdefault(logical, threading.Lock())
-        with lock:
+        while not lock.acquire(blocking=False):
+            if ahead is None or not ahead():
+                lock.acquire()
+                break
+        try:
             held = self._done.get(logical)
             if held is None:
                 held = self._done[logical] = (make(), set(keys))
@@ -151,6 +160,42 @@ class QuantModel:
             if not held[1]:
                 del self._done[logical]
             return held[0][list(keys).index(key)]
+        finally:
+            lock.release()
+
+    def _ahead(self, after: str, plan: Mapping[str, TensorPlan]) -> bool:
+        """Make the parts of a planned tensor no worker has started, among the few next after ``after`` in the
+        files (those the workers ask for next), and keep them for :meth:`_shared`; False when there is none.
+
+        The parts of one tensor are consecutive outputs (``P.weight``, ``P.weight_scale_inv``): without this the
+        worker writing the scale waits while another makes the weight, and the merge runs on one core. A tensor
+        that fails here is left to its own turn, which raises in order."""
+        with self._lock:
+            order = self._order(plan)
+            i = order.get(after)
+            nxt = None if i is None else next((k for k in self._ranked[i + 1:i + 1 + _AHEAD]
+                                               if k not in self._locks), None)
+            if nxt is None:
+                return False
+            lock = self._locks[nxt] = threading.Lock()
+            lock.acquire()
+        try:
+            self._done[nxt] = (self._merge(nxt, plan[nxt]), set(self.tensors[nxt].parts))
+        except Exception:  # noqa: BLE001 - made again, and raised, when its parts are asked for
+            pass
+        finally:
+            lock.release()
+        return True
+
+    def _order(self, plan: Mapping[str, TensorPlan]) -> dict[str, int]:
+        """The planned quantized tensors → their place in the files (of their first part); under ``_lock``."""
+        if self._rank is None:
+            spans = self.model.spans
+            self._ranked = sorted((k for k in plan if k in self.tensors),
+                                  key=lambda k: (str(spans[self.tensors[k].parts[0]].path),
+                                                 spans[self.tensors[k].parts[0]].start))
+            self._rank = {k: i for i, k in enumerate(self._ranked)}
+        return self._rank
 
     def _merge(self, key: str, p: TensorPlan) -> tuple[Tensor, ...]:
         """The merged tensor: its parts re-quantized, or (plain) the one tensor in ``dtype``."""
@@ -165,7 +210,12 @@ class QuantModel:
             raise NonFiniteError(key, "the merge")
         like = [self.model.get(k) for k in self.tensors[key].parts]
         q = self.codec.quantize(exact, like)
-        sums = fit_sums(self.codec.dequantize(q) - w0, exact - w0)
+        # realized = deq(q) − W0 and ΔW = exact − W0, each in place in a new tensor of its own (the codec's
+        # dequantized values; exact, made by the sum above) where that dtype holds the difference: the same values
+        realized = self.codec.dequantize(q)
+        realized = realized.sub_(w0) if realized.dtype == torch.result_type(realized, w0) else realized - w0
+        delta = exact.sub_(w0) if p.deltas and exact.dtype == torch.result_type(exact, w0) else exact - w0
+        sums = fit_sums(realized, delta)
         if self.record is not None:
             self._record(key, p, q, like)
         with self._lock:
@@ -230,7 +280,12 @@ class QuantModel:
     # -- what the written model keeps -----------------------------------------------------
     def fit(self) -> UpdateFit | None:
         """How much of ΔW the re-quantized tensors keep (None: a plain merge, or ΔW is 0)."""
-        return UpdateFit.from_sums(self.sums) if self.dtype is None else None
+        if self.dtype is not None:
+            return None
+        spans = self.model.spans  # in the files' order, whichever worker made each first (:meth:`_ahead`)
+        first = {k: spans[self.tensors[k].parts[0]] for k in self.sums}
+        return UpdateFit.from_sums({k: self.sums[k] for k in sorted(self.sums, key=lambda k: (
+            str(first[k].path), first[k].start))})
 
     def check_fit(self, allow_lossy: bool) -> UpdateFit | None:
         fit = self.fit()
@@ -238,6 +293,10 @@ class QuantModel:
             raise LossyMergeError(fit.rel_error, fit.kept, fit.describe(),
                                   "merge with `dtype` bfloat16 (or float16/float32) to write the model unquantized")
         return fit
+
+
+#: how many planned tensors past the one a worker waits for :meth:`QuantModel._ahead` looks at
+_AHEAD = 4
 
 
 def _finite(t: Tensor) -> bool:

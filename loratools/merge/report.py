@@ -11,23 +11,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..deltas import MIN_KEPT
 from ..errors import VerificationError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
+    from .onto import OntoReport
+
 __all__ = ["MergeReport", "ModuleCheck", "VerifyReport", "UpdateFit", "MIN_KEPT", "fit_sums"]
 
-#: the smallest share of ΔW (:attr:`UpdateFit.kept`) a merge writes without ``allow_lossy``: below it the written
-#: model carries less than half of what the adapters change in the weights. The share, not the relative error,
-#: because a merge that changes the type (Q4_1 → Q8_0) also moves every base weight onto the new grid: noise at
-#: the new type's step, uncorrelated with ΔW, that can be larger than a small ΔW while the whole of ΔW is kept.
-#: Measured on SmolLM2-135M-Instruct Q4_1 with an r=8 LoRA on q and v, ΔW 0.29 % of W0: ``quant="same"`` keeps
-#: 6 % (relative error 1.25), q8_0 keeps 100 % (relative error 1.95: the re-gridding, 0.57 % of W0), f16 100 %
-#: (0.07). On the tests' Q4_0/Q4_1 model the share falls from 99 % to 28 % as ΔW goes from 20 % to 4 % of W0:
-#: a merge lands far from ½ either way.
-MIN_KEPT = 0.5
 
 
 @dataclass(frozen=True)
@@ -87,14 +81,26 @@ def fit_sums(realized: Tensor, delta: Tensor) -> tuple[float, float, float]:
     >>> d = torch.tensor([[1.0, 0.0], [0.0, 2.0]]); fit_sums(d / 2, d)
     (1.25, 2.5, 5.0)
     """
-    e = (realized - delta).reshape(-1, realized.shape[-1] if realized.dim() else 1)
-    d = delta.reshape(e.shape)
+    cols = realized.shape[-1] if realized.dim() else 1
+    r, d = realized.reshape(-1, cols), delta.reshape(-1, cols)
+    step = max(1, _FIT_CHUNK // max(1, cols))
+    if torch.get_num_threads() > 1 or r.shape[0] <= step:
+        e = r - d
+        rows = [torch.linalg.vecdot(e, e), torch.linalg.vecdot(e, d), torch.linalg.vecdot(d, d)]
+    else:  # one thread: the same dot product of each row, a few rows at a time (no tensor-sized temporaries)
+        parts = []
+        for i in range(0, r.shape[0], step):
+            e, dc = r[i:i + step] - d[i:i + step], d[i:i + step]
+            parts.append(torch.stack([torch.linalg.vecdot(e, e), torch.linalg.vecdot(e, dc),
+                                      torch.linalg.vecdot(dc, dc)]))
+        rows = list(torch.cat(parts, dim=1))
 
-    def dot(x: Tensor, y: Tensor) -> float:
-        return float(torch.linalg.vecdot(x, y).to(torch.float64).sum())
+    ee, ed, dd = (float(x.to(torch.float64).sum()) for x in rows)
+    return ee, ed + dd, dd
 
-    dd = dot(d, d)
-    return dot(e, e), dot(e, d) + dd, dd
+
+#: how many elements of its rows :func:`fit_sums` takes at a time
+_FIT_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -137,10 +143,12 @@ class MergeReport:
     update: UpdateFit | None = None
     #: GGUF: the merge was written although ``update`` is lossy, because ``allow_lossy`` asked for it
     allowed_lossy: bool = False
+    #: safetensors merge with ``qlora``: the base merged onto and ‖deq(Q(W0)) − W0‖/‖ΔW‖ (:mod:`.onto`)
+    onto: "OntoReport | None" = None
 
     _GGUF_ONLY: ClassVar[frozenset[str]] = frozenset({"files", "quant", "adapted_nbytes", "update", "allowed_lossy"})
     _SAFETENSORS_ONLY: ClassVar[frozenset[str]] = frozenset({"est_max_abs_error", "est_rel_error", "error_bound",
-                                                             "vouched"})
+                                                             "vouched", "onto"})
 
     @property
     def is_gguf(self) -> bool:
@@ -159,6 +167,9 @@ class MergeReport:
             d["record_fraction"] = self.record_nbytes / self.nbytes if self.nbytes else 0.0
             if self.update is not None:  # an FP8 base re-quantized: the same figure as a GGUF merge
                 d["update"], d["allowed_lossy"] = self.update.to_json(), self.allowed_lossy
+            if d.pop("onto") is not None:  # a QLoRA merge: only then is the key there
+                assert self.onto is not None
+                d["onto"] = self.onto.to_json()
         return d
 
 

@@ -36,11 +36,13 @@ from ..dtypes import CODE_DTYPES
 from ..errors import InvalidOptionError, UnsupportedConfigError
 from .bnb import Bnb4bit, Bnb4bitState, BnbInt8, bnb_codec
 from .fp8 import Fp8Layout, fp8_format
+from .intpack import FORMATS as _INT_FORMATS
+from .intpack import IntPackFormat, intpack_format
 from .mxfp4 import Mxfp4Format
 from .nvfp4 import Nvfp4Format, nvfp4_format
 
-__all__ = ["ACTIVATION_PARAMS", "BnbCodec", "Fp8Codec", "Mxfp4Codec", "Nvfp4Codec", "QuantCodec", "Stored",
-           "model_dtype", "quant_codec", "reading"]
+__all__ = ["ACTIVATION_PARAMS", "BnbCodec", "Fp8Codec", "IntPackCodec", "Mxfp4Codec", "Nvfp4Codec", "QuantCodec",
+           "Stored", "model_dtype", "quant_codec", "reading"]
 
 Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
 
@@ -188,6 +190,52 @@ class Nvfp4Codec:
 
     def half_step(self, x: Tensor, parts: Sequence[Tensor]) -> Tensor:
         return self.fmt.half_step(x, parts[1].to(x.device), parts[2].to(x.device))
+
+
+@dataclass(frozen=True)
+class IntPackCodec:
+    """compressed-tensors integer weights (:class:`~loratools.quant.intpack.IntPackFormat`, ``pack-quantized`` and
+    ``int-quantized``): every 2-D int32 ``P.weight_packed`` (or int8 ``P.weight``) with its ``P.weight_scale``,
+    ``P.weight_shape`` and, asymmetric, ``P.weight_zero_point``, as the logical ``P.weight`` compressed-tensors'
+    decompressor names it. A re-quantization keeps the base's scales and zero points (its grid, :mod:`.intpack`).
+
+    >>> codec = IntPackCodec(IntPackFormat(4, "group", 32))
+    >>> st = codec.find({"m.q.weight_packed": ("I32", (4, 8)), "m.q.weight_scale": ("BF16", (4, 2)),
+    ...                  "m.q.weight_shape": ("I64", (2,))})
+    >>> st["m.q.weight"].parts, st["m.q.weight"].shape
+    (('m.q.weight_packed', 'm.q.weight_scale', 'm.q.weight_shape'), (4, 64))
+    """
+
+    fmt: IntPackFormat
+    name: str = "compressed-tensors int"
+
+    def find(self, shapes: Shapes) -> dict[str, Stored]:
+        """Refuses values without their scale, shape or zero point, and a group permutation (``weight_g_idx``)."""
+        code, suffix = ("I32", "weight_packed") if self.fmt.packed else ("I8", "weight")
+        out = {}
+        for k, (c, shape) in shapes.items():
+            if c != code or not k.endswith(suffix) or len(shape) != 2:
+                continue
+            key = k.removesuffix("_packed")
+            parts = self.fmt.stored_keys(key)
+            missing = [p for p in parts[1:] if p not in shapes]
+            odd = missing[0] if missing else key + "_g_idx" if key + "_g_idx" in shapes else None
+            if odd is not None:  # a g_idx permutes the groups (activation order "group", before 0.20)
+                raise InvalidOptionError(f"{k} is stored as {self.fmt.bits}-bit integers but the model has "
+                                         f"{'no ' if missing else 'a '}{odd}; it is not a compressed-tensors model "
+                                         "loratools can read")
+            extra = tuple(p for name in ACTIVATION_PARAMS if (p := key.removesuffix("weight") + name) in shapes)
+            out[key] = Stored(key, parts, self.fmt.logical_shape(tuple(shape), tuple(shapes[parts[1]][1])), extra)
+        return out
+
+    def dequantize(self, parts: Sequence[Tensor]) -> Tensor:
+        return self.fmt.dequantize(parts)
+
+    def quantize(self, x: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        return self.fmt.quantize(x, like)
+
+    def half_step(self, x: Tensor, parts: Sequence[Tensor]) -> Tensor:
+        return self.fmt.half_step(x, parts)
 
 
 #: the key :class:`BnbCodec` gives :mod:`.bnb` for a weight known by its parts alone (the codec protocol passes
@@ -387,5 +435,8 @@ def quant_codec(config: Mapping[str, Any] | None, read: Callable[[str], Tensor] 
             and qc.get("format") == "nvfp4-pack-quantized":
         assert config is not None
         return Nvfp4Codec(nvfp4_format(qc), model_dtype(config))
+    if isinstance(qc, Mapping) and qc.get("quant_method") == "compressed-tensors" \
+            and qc.get("format") in _INT_FORMATS:
+        return IntPackCodec(intpack_format(qc))
     layout = fp8_format(config)
     return Fp8Codec(layout) if layout is not None else None

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatchError, UnsupportedConfigError
+from .ct_config import weight_groups
 
 __all__ = ["E4M3", "E4M3_MAX", "UE8M0", "CompressedFp8Format", "Fp8Format", "Fp8Layout", "fp8_format", "pow2_ceil"]
 
@@ -141,11 +142,26 @@ class Fp8Format:
         shape = tuple(w.shape)
         blocks = self._blocked(shape)
         if blocks is None:
-            return _e4m3(w).to(torch.float32) * self._expand(scale_inv, shape)
+            return self._values(w) * self._expand(scale_inv, shape)
         s = self._grid(scale_inv, shape)
-        out = _e4m3(w).to(torch.float32)  # a new tensor: multiplied in place, block by block
+        out = self._values(w)  # a new tensor: multiplied in place, block by block
         out.reshape(blocks).mul_(s)
         return out
+
+    @staticmethod
+    def _values(w: Tensor) -> Tensor:
+        """float32(w) of e4m3 ``w``: on CPU looked up, 64 Ki elements at a time, in the table of torch's own cast
+        of the 256 bytes (the same bits; torch's element-wise cast from e4m3 is about 3× slower there)."""
+        w = _e4m3(w)
+        if w.device.type != "cpu":
+            return w.to(torch.float32)
+        table = torch.arange(256, dtype=torch.uint8).view(E4M3).to(torch.float32)
+        flat = w.contiguous().view(torch.uint8).reshape(-1)
+        out = torch.empty(flat.numel(), dtype=torch.float32)
+        step = 1 << 16
+        for i in range(0, flat.numel(), step):
+            torch.index_select(table, 0, flat[i:i + step].to(torch.int32), out=out[i:i + step])
+        return out.reshape(w.shape)
 
     def quantize(self, x: Tensor, *, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(e4m3 values, ``scale_inv`` per block) of the float tensor ``x``, by the producer's rule above: float32
@@ -155,9 +171,9 @@ class Fp8Format:
         bm, bn = self.block
         x32 = x.to(torch.float32)
         blocks = self._blocked((rows, cols))
-        if blocks is not None:  # whole blocks: max(amax, −amin) is amax(|x|), without a copy of |x|
-            xb = x32.reshape(blocks)
-            amax = torch.maximum(xb.amax(dim=(1, 3)), xb.amin(dim=(1, 3)).neg_())
+        if blocks is not None:  # whole blocks: max(amax, −amin) is amax(|x|), without a copy of |x|; each reduced
+            xb = x32.reshape(blocks)  # along the rows' contiguous blocks first (2× faster than both dims at once)
+            amax = torch.maximum(xb.amax(dim=3).amax(dim=1), xb.amin(dim=3).amin(dim=1).neg_())
         else:
             pad = torch.zeros(gm * bm, gn * bn, dtype=torch.float32, device=x.device)
             pad[:rows, :cols] = x32.abs()  # zeros outside the tensor do not change a partial block's amax
@@ -355,8 +371,9 @@ def fp8_format(config: Mapping[str, Any] | None) -> Fp8Layout | None:
     if reader is None:
         raise UnsupportedConfigError("config.json", "quantization_config.quant_method", method,
                                      "loratools reads fp8 (block-wise e4m3), compressed-tensors "
-                                     "float-quantized (e4m3) and nvfp4-pack-quantized, mxfp4 (gpt-oss) and "
-                                     "bitsandbytes models only; dequantize the model first")
+                                     "float-quantized (e4m3), nvfp4-pack-quantized, pack-quantized and "
+                                     "int-quantized (int4/int8), mxfp4 (gpt-oss) and bitsandbytes models only; "
+                                     "dequantize the model first")
     assert isinstance(qc, Mapping)
     return reader(qc)
 
@@ -382,23 +399,10 @@ def _compressed(qc: Mapping[str, Any]) -> CompressedFp8Format:
     """Every config group's weight settings must be symmetric 8-bit float with one strategy (and group size or
     block); activation settings (``input_activations``, ``kv_cache_scheme``) change no weight and stay in the config
     as they are."""
-    if qc.get("format") != "float-quantized":  # nvfp4-pack-quantized is read by quant.codec, never here
-        raise UnsupportedConfigError("config.json", "quantization_config.format", qc.get("format"),
-                                     "loratools reads compressed-tensors float-quantized (e4m3) and "
-                                     "nvfp4-pack-quantized weights only")
-    groups = qc.get("config_groups")
-    weights = [(name, g.get("weights"), g.get("format")) for name, g in
-               (groups.items() if isinstance(groups, Mapping) else ()) if isinstance(g, Mapping)
-               and g.get("weights") is not None]
-    if not weights:
-        raise UnsupportedConfigError("config.json", "quantization_config.config_groups", groups,
-                                     "no group quantizes weights")
     formats: set[CompressedFp8Format] = set()
-    for name, w, fmt in weights:
-        where = f"quantization_config.config_groups.{name}"
-        if fmt not in (None, "float-quantized"):
-            raise UnsupportedConfigError("config.json", f"{where}.format", fmt,
-                                         "loratools reads float-quantized (e4m3) weights only")
+    for where, w in weight_groups(qc, ["float-quantized"],  # the other compressed-tensors formats: quant.codec
+                                  "compressed-tensors float-quantized (e4m3), nvfp4-pack-quantized, pack-quantized "
+                                  "and int-quantized weights (each by its own reader)"):
         formats.add(_compressed_weights(f"{where}.weights", w))
     if len(formats) > 1:
         shown = sorted(f"{f.strategy}{f.group_size or ''}{list(f.block) if f.block else ''}" for f in formats)

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatchError, UnsupportedConfigError
+from .ct_config import weight_groups
 from .fp8 import E4M3, E4M3_MAX
 
 __all__ = ["E2M1_MAX", "E2M1_VALUES", "Nvfp4Format", "nvfp4_format"]
@@ -165,20 +166,8 @@ def nvfp4_format(qc: Mapping[str, Any]) -> Nvfp4Format:
     """The NVFP4 layout a compressed-tensors ``quantization_config`` declares: format "nvfp4-pack-quantized", and
     every group's weights 4-bit float, symmetric, strategy "tensor_group" with group_size 16 (the NVFP4 and NVFP4A16
     presets of compressed-tensors 0.20.0 ``quantization/quant_scheme.py``)."""
-    if qc.get("format") != "nvfp4-pack-quantized":
-        raise UnsupportedConfigError("config.json", "quantization_config.format", qc.get("format"),
-                                     "this reader takes nvfp4-pack-quantized models")
-    groups = qc.get("config_groups")
-    weights = [(n, g.get("weights"), g.get("format")) for n, g in (groups.items() if isinstance(groups, Mapping)
-               else ()) if isinstance(g, Mapping) and g.get("weights") is not None]
-    if not weights:
-        raise UnsupportedConfigError("config.json", "quantization_config.config_groups", groups,
-                                     "no group quantizes weights")
-    for name, w, fmt in weights:
-        if fmt not in (None, "nvfp4-pack-quantized"):  # infer_model_format writes "mixed-precision" over them
-            raise UnsupportedConfigError("config.json", f"quantization_config.config_groups.{name}.format", fmt,
-                                         "loratools reads models whose every group is nvfp4-pack-quantized")
-        where = f"quantization_config.config_groups.{name}.weights"
+    for where, w in weight_groups(qc, ["nvfp4-pack-quantized"], "nvfp4-pack-quantized models"):
+        where = f"{where}.weights"
         for field_, want in (("num_bits", 4), ("type", "float"), ("symmetric", True), ("strategy", "tensor_group"),
                              ("group_size", 16), ("dynamic", False)):
             got = w.get(field_) if isinstance(w, Mapping) else w
