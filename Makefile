@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test typecheck install dev node fixtures bench clean llama-ref mlx vllm
+.PHONY: demo test typecheck install dev node fixtures bench clean llama-ref mlx vllm chromium
 
 # llama.cpp's own ggml library (its reference quantizers), built from the llama-cpp-python sdist
 # for the slow tests that check loratools.gguf_quants against it; never a runtime dependency.
@@ -51,6 +51,17 @@ $(VENV)/.dev: $(VENV)/.installed
 	-$(MAKE) mlx
 	# best effort: real vLLM for tests/test_vllm_runtime.py (skipped with the reason without it)
 	-$(MAKE) vllm
+	# best effort: a headless browser for the test that renders eval's HTML report (skipped without it)
+	-$(MAKE) chromium
+
+# Debian's chromium, the one thing installed outside the repository (apt, as root): only when it is absent and
+# apt-get can run without a password; otherwise tests/test_eval.py's screenshot test says why it skipped.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		timeout 600 sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		  --no-install-recommends chromium >/dev/null' || echo "chromium did not install: the HTML test will skip"; \
+	else echo "chromium absent and apt-get unavailable: the HTML report test will skip"; fi
 
 llama-ref: $(LLAMA_REF_LIB)
 
