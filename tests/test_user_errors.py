@@ -179,3 +179,22 @@ def test_peft_configs_loratools_cannot_merge_are_refused_with_one_line(field, va
     r = cli("merge", tiny_llama, lora_copy, "-o", tmp_path / "out")
     assert_one_line_error(r, words)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. "
+                                                                 "DefaultCPUAllocator: can't allocate memory: you "
+                                                                 "tried to allocate 68719476736 bytes")])
+def test_running_out_of_memory_is_one_line_with_what_to_try(cli, adapters, monkeypatch, error):
+    """Python's MemoryError and torch's allocator failure end as one line naming the command and what to try,
+    exit 2, no traceback; any other RuntimeError is a bug and keeps its traceback."""
+    import loratools.inspect_job
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loratools.inspect_job, "inspect_file", fail)
+    assert_one_line_error(cli("inspect", adapters / "lora"), "out of memory in `inspect`", "nothing was written")
+    monkeypatch.setattr(loratools.inspect_job, "inspect_file",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli("inspect", adapters / "lora")

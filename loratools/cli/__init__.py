@@ -129,6 +129,29 @@ class _Group(click.Group):
                 raise
             where = f" ({e.filename})" if e.filename else ""
             raise _UserError(f"{e.strerror or e}{where}; nothing was written") from e
+        except (MemoryError, RuntimeError) as e:  # out of memory: the outputs were removed on the way out
+            if not _out_of_memory(e) or _debug():
+                raise
+            raise _UserError(f"out of memory in `{ctx.invoked_subcommand}`; nothing was written. Try "
+                             f"{_OOM_ADVICE.get(ctx.invoked_subcommand or '', _OOM_ADVICE[''])}") from e
+
+
+#: what to try when a command runs out of memory
+_OOM_ADVICE = {
+    "train": "--quantize nf4 (a 4-bit base), --gradient-checkpointing, a smaller --batch-size or --seq-len",
+    "merge": "--device cpu (a GPU's memory is smaller), or --dtype bfloat16",
+    "eval": "a smaller --seq-len or --max-examples, or fewer --stack",
+    "": "--device cpu, or a machine with more memory",
+}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says an allocation failed: Python's MemoryError, torch's ``OutOfMemoryError`` (a
+    RuntimeError) or its CPU allocator's "can't allocate memory" RuntimeError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
