@@ -31,6 +31,7 @@ from .config import ALORA_WHY, fixed_delta_refusal
 from .dora import flatten_dora_modules
 from .errors import InvalidOptionError, ShapeMismatchError, UnsupportedConfigError, UnsupportedModuleError
 from .formats import FORMATS, BaseModel, Format, check_base_shapes, get_format, read_with_base
+from .formats.base import check_base_names
 from .io import ModelReader, atomic_output
 from .deltas import check_same_deltas
 from .linalg import RankRule
@@ -126,7 +127,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     ``base`` (a model directory, ``config.json``, ``.safetensors`` or ``.gguf``)
     maps kohya's flattened names back to module names and gives GGUF its
     architecture and head counts; without it, a source file that records them (a
-    GGUF adapter loratools wrote) stands in for it.
+    GGUF adapter loratools wrote) stands in for it. With ``base``, every module written must
+    be one of its weights (:func:`~loratools.formats.base.check_base_names`), or nothing is written.
 
     ``component`` takes one model's adapter out of a file holding several (``"unet"`` of a diffusers pipeline
     LoRA), its modules named as that model spells them; such a file needs it.
@@ -149,6 +151,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
         adapter, flattened = flatten_dora(adapter, weights, rule if rule is not None else RankRule.from_options())
     notes = [note for fmt in FORMATS.values() for note in fmt.notes(adapter, base_m)]
     conv = convert_adapter(adapter, to=to, base=base_m, drop_unsupported=drop_unsupported)
+    if base is not None and base_m is not None:  # names that match nothing in `base` make a file nothing loads
+        check_base_names(conv.adapter, base_m)
     reference = Adapter({n: m for n, m in adapter.items() if n not in conv.dropped}, adapter.config,
                         {k: t for k, t in adapter.saved.items() if k not in conv.dropped})
     if reference.method == "adalora" and fmt_out.plain_lora_only:

@@ -19,7 +19,8 @@ from ..adapter import Adapter
 from ..errors import InputNotFoundError, InvalidOptionError, LoraToolsError, ShapeMismatchError
 from ..io import ModelReader, has_weights, read_config, read_safetensors_header
 
-__all__ = ["BaseModel", "Format", "FORMATS", "register", "peek_safetensors", "load_base", "check_base_shapes"]
+__all__ = ["BaseModel", "Format", "FORMATS", "register", "peek_safetensors", "load_base", "check_base_shapes",
+           "unmatched_modules", "check_base_names"]
 
 
 @dataclass(frozen=True)
@@ -174,3 +175,38 @@ def check_base_shapes(adapter: Adapter, base: BaseModel) -> None:
         if want and tuple(want) != m.weight_shape:
             raise ShapeMismatchError(name, f"a weight of shape {tuple(want)} (from `base`)", m.weight_shape,
                                      "this adapter was made for another base model")
+
+
+def _tied_head(name: str, base: BaseModel, keys: set[str]) -> bool:
+    """``name`` is the output head of a base that ties it to its input embedding (no ``lm_head.weight`` stored):
+    peft adapts it there, and ``merge`` unties it."""
+    tied = (base.hparams or {}).get("tie_word_embeddings", True)
+    return name.rsplit(".", 1)[-1] == "lm_head" and tied is not False and not any(k.endswith("lm_head.weight")
+                                                                                 for k in keys)
+
+
+def unmatched_modules(adapter: Adapter, base: BaseModel) -> list[str]:
+    """The modules of ``adapter`` that no weight of ``base`` belongs to, in order; ``[]`` when ``base`` names no
+    weights (a ``config.json``). A module matches when ``base`` holds ``NAME.weight``, or a tensor directly under
+    ``NAME`` (a quantised ``NAME.weight_packed``) or ``NAME`` itself (a MoE parameter), or it is a tied output head."""
+    if not base.shapes:
+        return []
+    keys = set(base.weights.keys()) if base.weights is not None else {f"{n}.weight" for n in base.shapes}
+    owners = {k.rsplit(".", 1)[0] for k in keys}
+    return [n for n in adapter.modules
+            if n not in base.shapes and n not in owners and n not in keys and not _tied_head(n, base, keys)]
+
+
+def check_base_names(adapter: Adapter, base: BaseModel) -> None:
+    """Refuse to write ``adapter`` against ``base`` when any module's weight is not in ``base`` (or has another
+    shape): a file whose names match nothing in its base loads as a no-op or not at all. Names kept as the source
+    spells them (kohya's flattened keys, ComfyUI's ``diffusion_model.…``) or an adapter of another model are the
+    usual causes."""
+    check_base_shapes(adapter, base)
+    bad = unmatched_modules(adapter, base)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise InvalidOptionError(
+            f"{len(bad)} of {len(adapter.modules)} modules match no weight of `base` {base.path} ({shown}): give the "
+            "base the adapter was made for (for a pipeline file, the part's own model with `component`), or leave "
+            "`base` out to keep the names as they are")

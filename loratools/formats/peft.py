@@ -32,13 +32,15 @@ from ..adapter import Adapter, Kind, Module, token_rows
 from ..adalora import mask_key, module_mask
 from ..config import (AdapterConfig, adalora_scale, alpha_for_scale, experts_targets, lora_scale, pattern_value,
                       target_matches)
-from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
+from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError,
+                      UnsupportedModuleError)
 from ..io import load_safetensors, read_json, save_safetensors
-from .base import Format, register
+from .base import BaseModel, Format, register
 from .peft_fields import check_fields
 from .peft_values import check_peft_values
 
-__all__ = ["read_peft", "write_peft", "peft_config", "peft_tensors", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
+__all__ = ["read_peft", "write_peft", "peft_config", "peft_tensors", "peft_unsupported", "CONFIG_NAME",
+           "WEIGHTS_NAME", "PREFIX"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -213,7 +215,8 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
     # LoRA on expert parameters is targeted by target_parameters (kept in extra), not target_modules
     names = [n for n, m in adapter.items() if m.kind != "experts"]
     target: Any = cfg.target_modules
-    if not (target is not None and all(_matches_target(n, target) for n in names)):
+    # with lora_bias, a target the file holds no factors for would get a lora_B bias peft cannot merge: name each
+    if not (target is not None and all(_matches_target(n, target) for n in names)) or _has_lora_bias(adapter):
         target = sorted(names)
     elif isinstance(target, tuple):
         target = list(target)
@@ -266,6 +269,32 @@ def _has_lora_bias(adapter: Adapter) -> bool:
     return any(m.bias is not None for m in adapter.modules.values())
 
 
+#: why a module without lora_B.bias cannot sit beside modules with one (mergekit 0.1.5 extracts Qwen2's q/k/v biases
+#: as lora_B.bias, o_proj and the MLP have none); the CLI turns the backquoted `base` into --base
+_SOME_BIASES = ("lora_B.bias on only some modules (mergekit): peft's lora_bias gives every module one and cannot "
+                "merge it where the base layer has no bias; merge it with `loratools merge`, or give `base` if every "
+                "adapted layer has a bias there")
+_NO_BIAS_KIND = "peft's lora_bias is not supported on embeddings or MoE expert parameters"
+
+
+def peft_unsupported(adapter: Adapter, base: BaseModel | None = None) -> dict[str, str]:
+    """Modules a peft file cannot hold beside others with ``lora_B.bias`` → why.
+
+    peft's ``lora_bias`` is one flag for every module: each gets a ``lora_B`` bias, and ``merge_and_unload``
+    raises where the base layer has none (peft 0.21.2 ``lora/layer.py``: "Impossible to merge LoRA with
+    lora_bias=True because the base layer has no bias"). A module without a bias is written with a zero one,
+    which is exact and merges only where ``base`` (its weights) shows ``<m>.bias``; embeddings and MoE
+    parameters take no ``lora_bias`` in peft at all. Empty when no module has a bias.
+    """
+    if not any(m.bias is not None for m in adapter.modules.values()):
+        return {}
+    out = {n: _NO_BIAS_KIND for n, m in adapter.items() if m.kind in ("embedding", "experts")}
+    keys = set(base.weights.keys()) if base is not None and base.weights is not None else set()
+    out.update({n: _SOME_BIASES for n, m in adapter.items()
+                if m.bias is None and n not in out and f"{n}.bias" not in keys})
+    return out
+
+
 def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     lora_bias = _has_lora_bias(adapter)
@@ -287,10 +316,14 @@ def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
     return out
 
 
-def write_peft(adapter: Adapter, path: Path) -> None:
-    """Write a PEFT adapter directory at ``path`` (which must not exist yet)."""
+def write_peft(adapter: Adapter, path: Path, base: BaseModel | None = None) -> None:
+    """Write a PEFT adapter directory at ``path`` (which must not exist yet); ``base`` (its weights) lets
+    modules without ``lora_B.bias`` sit beside modules with one (:func:`peft_unsupported`)."""
     if any(m.rank == 0 for m in adapter.modules.values()) and adapter.method == "lora":
         adapter = adapter.with_modules({n: m for n, m in adapter.items() if m.rank > 0})
+    bad = peft_unsupported(adapter, base)
+    if bad:  # a file peft loads but cannot merge is never written
+        raise UnsupportedModuleError("peft", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
     config = peft_config(adapter)
     path.mkdir(parents=True)
     save_safetensors(peft_tensors(adapter), path / WEIGHTS_NAME, {"format": "pt"})
@@ -299,4 +332,4 @@ def write_peft(adapter: Adapter, path: Path) -> None:
 
 register(Format("peft", "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)", "dir", detect,
                 reader=lambda path, base: read_peft(path),
-                writer=lambda adapter, path, base: write_peft(adapter, path)))
+                writer=write_peft, cannot_hold=peft_unsupported))
