@@ -30,8 +30,7 @@ from .adapter import Adapter, as_lora
 from .config import ALORA_WHY, fixed_delta_refusal
 from .dora import flatten_dora_modules
 from .errors import InvalidOptionError, ShapeMismatchError, UnsupportedConfigError, UnsupportedModuleError
-from .formats import FORMATS, BaseModel, Format, check_base_shapes, get_format, read_with_base
-from .formats.base import check_base_names
+from .formats import FORMATS, BaseModel, Format, check_base_names, check_base_shapes, get_format, read_with_base
 from .io import ModelReader, atomic_output
 from .deltas import check_same_deltas
 from .linalg import RankRule

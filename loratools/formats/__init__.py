@@ -14,13 +14,14 @@ from pathlib import Path
 from ..adapter import Adapter
 from ..errors import InputNotFoundError, InvalidOptionError, LfsPointerError, NotAnAdapterError, UnknownFormatError
 from ..io import atomic_output
-from .base import FORMATS, BaseModel, Format, check_base_shapes, load_base, peek_safetensors, register
+from .base import (FORMATS, BaseModel, Format, check_base_names, check_base_shapes, load_base, peek_safetensors,
+                   register)
 
 # Registration order is detection order: the most specific formats first.
 from . import single, mlx, peft, comfyui, kohya, gguf, diffusers  # noqa: E402,F401,I001
 
 __all__ = ["Format", "FORMATS", "BaseModel", "register", "peek_safetensors", "detect_format", "get_format",
-           "check_base_shapes", "load_base", "read_adapter", "read_with_base", "write_adapter"]
+           "check_base_names", "check_base_shapes", "load_base", "read_adapter", "read_with_base", "write_adapter"]
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
