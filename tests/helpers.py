@@ -240,3 +240,14 @@ def ct_decompressed(path: Path) -> dict[str, torch.Tensor]:
     finally:
         logging.set_verbosity(verbosity)
     return state(model)
+
+
+def fp8_dequantized(path: Path, fmt) -> dict[str, torch.Tensor]:
+    """The tensors of the one-file FP8 model at ``path``, each e4m3 weight dequantized with its ``_scale_inv`` by the
+    block layout ``fmt`` (:class:`loratools.quant.fp8.Fp8Format`), the scales left out."""
+    from safetensors.torch import load_file
+
+    t = load_file(path / "model.safetensors")
+    return {k: (fmt.dequantize(v, t[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v)
+            for k, v in t.items() if not k.endswith("_scale_inv")}
+

@@ -16,8 +16,8 @@ from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedCon
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.fp8 import Fp8Format
 
-from helpers import (check_quantized_base_reads_as_plain, data_bytes, model_with_weights, peft_merged, state,
-                     transformers_state)
+from helpers import (check_quantized_base_reads_as_plain, data_bytes, fp8_dequantized, model_with_weights,
+                     peft_merged, state, transformers_state)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY, LORA = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "adapters" / "lora"
@@ -55,9 +55,7 @@ def fp8_llama(path: Path) -> Path:
 
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:
-    fmt, t = Fp8Format((BLOCK, BLOCK)), load_file(path / "model.safetensors")
-    return {k: (fmt.dequantize(v, t[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v)
-            for k, v in t.items() if not k.endswith("_scale_inv")}
+    return fp8_dequantized(path, Fp8Format((BLOCK, BLOCK)))
 
 
 @pytest.fixture(scope="module")

@@ -227,13 +227,9 @@ def test_extract_and_inspect_base_read_an_int_base_dequantized(tmp_path: Path) -
                                         "stored as compressed-tensors int and adapted by DoRA")
 
 
-def test_an_int_quantized_w8a8_model_reads_merges_and_unmerges_the_same_way(tmp_path: Path) -> None:
-    """int-quantized (int8 ``weight`` + ``weight_scale``, dynamic per-token activations): read as its
-    decompression reads it, merged in the format and un-merged byte for byte."""
-    weights = dict(num_bits=8, type="int", strategy="channel", symmetric=True)
-    base = int_llama(tmp_path / "base", weights, "int-quantized",
-                     dict(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True))
-    assert codec_of(base) == IntPackCodec(IntPackFormat(8, "channel", packed=False))
+def _reads_merges_and_unmerges_as_compressed_tensors(base: Path, tmp_path: Path) -> None:
+    """``base`` reads as compressed-tensors decompresses it; a verified keep-format merge of LORA decompresses to what
+    our view reads; the record's un-merge gives the base's bytes back."""
     ours, theirs = dequantized_view(base), ct_decompressed(base)
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
     ad = read_adapter(LORA)
@@ -241,6 +237,16 @@ def test_an_int_quantized_w8a8_model_reads_merges_and_unmerges_the_same_way(tmp_
     assert all(torch.equal(v, dequantized_view(tmp_path / "m")[k]) for k, v in ct_decompressed(tmp_path / "m").items())
     unmerge_model(tmp_path / "m", [ad], tmp_path / "u", record=tmp_path / "m.rec.safetensors")
     assert data_bytes(tmp_path / "u" / "model.safetensors") == data_bytes(base / "model.safetensors")
+
+
+def test_an_int_quantized_w8a8_model_reads_merges_and_unmerges_the_same_way(tmp_path: Path) -> None:
+    """int-quantized (int8 ``weight`` + ``weight_scale``, dynamic per-token activations): read as its
+    decompression reads it, merged in the format and un-merged byte for byte."""
+    weights = dict(num_bits=8, type="int", strategy="channel", symmetric=True)
+    base = int_llama(tmp_path / "base", weights, "int-quantized",
+                     dict(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True))
+    assert codec_of(base) == IntPackCodec(IntPackFormat(8, "channel", packed=False))
+    _reads_merges_and_unmerges_as_compressed_tensors(base, tmp_path)
 
 
 def _qc(**weights) -> dict:
@@ -280,10 +286,4 @@ def test_a_per_tensor_asymmetric_w8_model_with_an_unpacked_zero_point_merges_and
     base = int_llama(tmp_path / "base", dict(num_bits=8, type="int", strategy="tensor", symmetric=False))
     raw = load_file(base / "model.safetensors")
     assert raw["model.layers.0.self_attn.q_proj.weight_zero_point"].dtype == torch.int8
-    ours, theirs = dequantized_view(base), ct_decompressed(base)
-    assert set(ours) == set(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
-    ad = read_adapter(LORA)
-    merge_model(base, [ad], tmp_path / "m", verify=True, record=tmp_path / "m.rec.safetensors")
-    assert all(torch.equal(v, dequantized_view(tmp_path / "m")[k]) for k, v in ct_decompressed(tmp_path / "m").items())
-    unmerge_model(tmp_path / "m", [ad], tmp_path / "u", record=tmp_path / "m.rec.safetensors")
-    assert data_bytes(tmp_path / "u" / "model.safetensors") == data_bytes(base / "model.safetensors")
+    _reads_merges_and_unmerges_as_compressed_tensors(base, tmp_path)

@@ -18,7 +18,7 @@ from loratools.errors import UnsupportedConfigError
 from loratools.merge import merge_model
 from loratools.quant.fp8 import UE8M0, Fp8Format, fp8_format, pow2_ceil
 
-from helpers import model_with_weights, transformers_state
+from helpers import fp8_dequantized, model_with_weights, transformers_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY, LORA = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "adapters" / "lora"
@@ -156,9 +156,7 @@ def ue8m0_llama(path: Path) -> Path:
 
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:
-    t = load_file(path / "model.safetensors")
-    return {k: (FMT.dequantize(v, t[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v)
-            for k, v in t.items() if not k.endswith("_scale_inv")}
+    return fp8_dequantized(path, FMT)
 
 
 @pytest.fixture(scope="module")
