@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     # the jobs
     from .merge.jobs import merge_model as merge_model, unmerge_model as unmerge_model, verify_merge as verify_merge
     from .merge.report import MergeReport as MergeReport, VerifyReport as VerifyReport
+    from .merge.pipeline import PipelineMergeReport as PipelineMergeReport, merge_pipeline as merge_pipeline
     from .compress.extract import ExtractResult as ExtractResult, extract_adapter as extract_adapter
     from .compress.extract import extract_model as extract_model
     from .compress.resize import ResizeResult as ResizeResult, resize_adapter as resize_adapter
@@ -95,6 +96,7 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["Conversion", "ConvertResult", "convert_adapter", "convert_file"], "convert"),
     **dict.fromkeys(["merge_model", "unmerge_model", "verify_merge"], "merge.jobs"),
     **dict.fromkeys(["MergeReport", "VerifyReport"], "merge.report"),
+    **dict.fromkeys(["PipelineMergeReport", "merge_pipeline"], "merge.pipeline"),
     **dict.fromkeys(["ExtractResult", "extract_adapter", "extract_model"], "compress.extract"),
     **dict.fromkeys(["ResizeResult", "resize_adapter", "resize_file"], "compress.resize"),
     **dict.fromkeys(["PruneResult", "prune_adapter", "prune_file"], "compress.prune"),

@@ -30,7 +30,8 @@ from .adapter import Adapter, as_lora
 from .config import ALORA_WHY, fixed_delta_refusal
 from .dora import flatten_dora_modules
 from .errors import InvalidOptionError, ShapeMismatchError, UnsupportedConfigError, UnsupportedModuleError
-from .formats import FORMATS, BaseModel, Format, check_base_names, check_base_shapes, get_format, read_with_base
+from .formats import (FORMATS, BaseModel, Format, check_base_names, check_base_shapes, detect_format, get_format,
+                      load_base, read_with_base)
 from .io import ModelReader, atomic_output
 from .deltas import check_same_deltas
 from .linalg import RankRule
@@ -117,6 +118,36 @@ def flatten_dora(adapter: Adapter, base: str | os.PathLike[str] | ModelReader, r
     return plain, {name: err for name, (err, _) in folded.items()}
 
 
+def _pipeline_folder(base: str | os.PathLike[str] | None) -> bool:
+    """``base`` is a pipeline folder (``model_index.json`` beside one folder per model, as diffusers saves one)."""
+    return base is not None and (Path(base) / "model_index.json").is_file()
+
+
+def _read_whole(src: Path, base: str | os.PathLike[str] | None) -> tuple[Adapter, BaseModel | None, str]:
+    """The adapter at ``src`` whole, for a target format that holds several models' adapters (a pipeline file):
+    every module named ``<component>.<module>``. A ``base`` that is a pipeline folder (``model_index.json``, one
+    folder per model) is given to the target format as it is, which checks each module against its own model
+    there (``Format.cannot_hold``); any other ``base`` is one model, and the file is read as that model's adapter
+    (:func:`~loratools.formats.read_with_base`)."""
+    fmt = get_format(detect_format(src))
+    if base is None or _pipeline_folder(base):
+        return fmt.read(src), None if base is None else BaseModel(Path(base)), fmt.name
+    known = load_base(base)
+    return fmt.read(src, base=known), known, fmt.name
+
+
+def _read_as_base(src: Path, base: str | os.PathLike[str]) -> tuple[Adapter, BaseModel | None, str]:
+    """A file holding several models' adapters read as ``base``'s (as ``merge`` reads it: a ComfyUI file against
+    its SGM checkpoint, a pipeline file against ``PIPELINE/unet``), when that is all of it; else the choice of one
+    model is refused as :func:`~loratools.formats.read_with_base` refuses it."""
+    fmt = get_format(detect_format(src))
+    known = load_base(base)
+    mine = fmt.read(src, base=known)
+    if len(mine.modules) != len(fmt.read(src).modules):
+        return read_with_base(src, base)  # refuses, naming the models it holds and `component`
+    return mine, known, fmt.name
+
+
 def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str,
                  base: str | os.PathLike[str] | None = None, drop_unsupported: bool = False,
                  force: bool = False, as_lora: bool = False, rule: RankRule | None = None,
@@ -130,7 +161,9 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     be one of its weights (:func:`~loratools.formats.base.check_base_names`), or nothing is written.
 
     ``component`` takes one model's adapter out of a file holding several (``"unet"`` of a diffusers pipeline
-    LoRA), its modules named as that model spells them; such a file needs it.
+    LoRA), its modules named as that model spells them; such a file needs it, unless ``to`` is a format that holds
+    several models itself (a pipeline file): then the whole file is converted, and a ``base`` that is a diffusers
+    pipeline folder checks each model's names against that model.
 
     ``as_lora`` flattens a DoRA adapter to plain LoRA (:func:`flatten_dora`, rank by
     ``rule``) with the weights of ``base``; kohya and GGUF hold no DoRA, so they need it.
@@ -138,7 +171,14 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     fmt_out = get_format(to)
     src_p, dst_p = Path(src), Path(dst)
     # without `base`, what the source file records of its base stands in (GGUF head counts), when it records any
-    adapter, base_m, fmt_in = read_with_base(src_p, base, component=component)
+    whole = component is None and fmt_out.component_reader is not None  # the target holds several models: all
+    pipeline = whole and _pipeline_folder(base)
+    if whole:
+        adapter, base_m, fmt_in = _read_whole(src_p, base)
+    elif component is None and base is not None and get_format(detect_format(src_p)).component_reader is not None:
+        adapter, base_m, fmt_in = _read_as_base(src_p, base)
+    else:
+        adapter, base_m, fmt_in = read_with_base(src_p, base, component=component)
     if base_m is not None:
         check_base_shapes(adapter, base_m)
     flattened: dict[str, float] = {}
@@ -159,7 +199,7 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
                      "are left out)")
     with atomic_output(dst_p, force=force, inputs=(src_p,)) as tmp:
         fmt_out.write(conv.adapter, tmp, base=base_m)
-        back = fmt_out.read(tmp, base=base_m)
+        back = fmt_out.read(tmp, base=None if pipeline else base_m)  # against a pipeline folder: read back whole
         worst = check_same_deltas(reference, back)
     return ConvertResult(dst_p, fmt_in, to, len(conv.adapter.modules), conv.dropped, tuple(notes), worst,
                          flattened)

@@ -125,8 +125,9 @@ def test_full_difference_is_an_exact_lora(tmp_path: Path) -> None:
     t = load_file(str(lora))
     adapter = read_adapter(lora)
     assert {m.kind for m in adapter.modules.values()} == {"linear", "conv"}
+    file_name = {f"unet.{n}": f"{PREFIX}{_sgm(n)}" for n, m in _unet().named_modules() if hasattr(m, "weight")}
     for name, m in adapter.items():
-        assert torch.equal(m.delta(dtype=torch.float64), t[f"{name}.diff"].double()), name
+        assert torch.equal(m.delta(dtype=torch.float64), t[f"{file_name[name]}.diff"].double()), name
         assert m.rank == min(m.weight_shape[0], int(torch.tensor(m.weight_shape[1:]).prod()))
 
 

@@ -106,11 +106,15 @@ def test_kohya_sd_unet_part_against_its_unet_converts_and_against_the_text_encod
     assert "match no weight of --base" in err
 
 
-def test_comfyui_file_against_a_diffusers_unet_is_refused_and_against_its_checkpoint_converts(
+def test_comfyui_file_converts_to_the_names_of_a_diffusers_unet_and_of_its_checkpoint(
         tmp_path: Path, pipe: Path) -> None:
+    """ComfyUI's SGM names become the diffusers U-Net's own module names against ``unet/``, and stay the
+    checkpoint's against a single-file checkpoint: either way every module names a weight of that base."""
     src = _lora_save(tmp_path / "comfy.safetensors", full=False, bias_diff=False)
-    err = _refused(tmp_path, src, pipe / "unet")
-    assert "diffusion_model.input_blocks.0.0" in err
+    unet_keys = set(load_file(str(pipe / "unet" / "diffusion_pytorch_model.safetensors")))
+    (tmp_path / "u").mkdir()
+    out = _written(tmp_path / "u", src, pipe / "unet")
+    assert _peft_modules(out) and all(f"{n}.weight" in unet_keys for n in _peft_modules(out))
     ckpt = _checkpoint(tmp_path / "ckpt.safetensors")
     out = _written(tmp_path, src, ckpt)
     weights = load_file(str(ckpt))

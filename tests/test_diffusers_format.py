@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import weight_deltas
 from loratools.errors import InvalidOptionError, NotAnAdapterError
 from loratools.formats import BaseModel, detect_format, read_adapter, read_with_base
 
@@ -64,7 +65,6 @@ def _save(d: Path, *, metadata: bool) -> Path:
 
 def _diffusers_deltas(path: Path) -> dict[str, torch.Tensor]:
     """ΔW per module as diffusers applies it: load into fresh copies, fuse, subtract."""
-    out: dict[str, torch.Tensor] = {}
     sd, alphas, meta = Mixin.lora_state_dict(str(path), return_lora_metadata=True)
     unet, te = _unet(), _text_encoder()
     before = {"unet": {k: v.clone() for k, v in unet.state_dict().items()},
@@ -73,14 +73,15 @@ def _diffusers_deltas(path: Path) -> dict[str, torch.Tensor]:
     Mixin.load_lora_into_text_encoder(sd, alphas, te, metadata=meta)
     unet.fuse_lora()
     fuse_text_encoder_lora(te)
-    for comp, model in (("unet", unet), ("text_encoder", te)):
-        after = model.state_dict()
-        for key, w0 in before[comp].items():
-            fused = key.replace(".weight", ".base_layer.weight") if key.endswith(".weight") else key
-            w1 = after.get(fused, after.get(key))
-            if key.endswith(".weight") and w1 is not None and not torch.equal(w1, w0):
-                out[f"{comp}.{key[: -len('.weight')]}"] = (w1 - w0).double()
-    return out
+    return weight_deltas({"unet": unet, "text_encoder": te}, before)
+
+
+def _whole(name: str) -> str:
+    """A module's name in the whole adapter: CLIP's with its ``text_model.`` level (transformers 5 has none)."""
+    from loratools.formats.kohya_sd import clip_name
+
+    comp, _, module = name.partition(".")
+    return f"{comp}.{clip_name(module)}"
 
 
 @pytest.mark.parametrize("metadata", [True, False])
@@ -88,7 +89,8 @@ def test_deltas_match_diffusers_fuse(tmp_path: Path, metadata: bool) -> None:
     path = _save(tmp_path, metadata=metadata)
     assert detect_format(path) == "diffusers"
     adapter = read_adapter(path)
-    want = _diffusers_deltas(path)
+    want = {_whole(k): v for k, v in _diffusers_deltas(path).items()}
+    assert any(k.startswith("text_encoder.text_model.") for k in want)
     assert set(adapter.modules) == set(want)
     assert any(m.kind == "conv" for m in adapter.modules.values())
     assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in adapter.modules
@@ -100,6 +102,21 @@ def test_deltas_match_diffusers_fuse(tmp_path: Path, metadata: bool) -> None:
         assert {6 / 4, 6 / 2, 3 / 4, 5 / 2 ** 0.5} <= scales
     else:
         assert {m.scale for m in adapter.modules.values()} == {1.0}
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_written_again_as_diffusers_it_fuses_the_same(tmp_path: Path, metadata: bool) -> None:
+    """rank_pattern, alpha_pattern and rsLoRA (or alpha = r without metadata) survive loratools' own writer, as
+    diffusers' fuse of the rewritten file shows; its text encoder loads into transformers 5's CLIPTextModel."""
+    from loratools.convert import convert_file
+
+    path = _save(tmp_path / "src", metadata=metadata)
+    out = convert_file(path, tmp_path / "out" / "pytorch_lora_weights.safetensors", to="diffusers")
+    assert out.source_format == "diffusers" and out.max_error <= 1e-6
+    want, got = _diffusers_deltas(path), _diffusers_deltas(out.output)
+    assert set(got) == set(want)
+    for name, d in want.items():
+        assert torch.linalg.norm(got[name] - d) <= 1e-6 * torch.linalg.norm(d), name
 
 
 def test_convert_component_to_peft_is_peft_of_that_model(tmp_path: Path) -> None:

@@ -125,12 +125,15 @@ def test_diffusers_pipeline_lora_merges_into_its_unet_folder(tmp_path: Path) -> 
         assert torch.linalg.norm(d - ref) <= 1e-6 * torch.linalg.norm(ref), name
 
 
-def test_a_pipeline_folder_without_component_is_refused_naming_its_models(tmp_path: Path) -> None:
+def test_a_pipeline_folder_without_component_refuses_a_part_it_has_no_model_for(tmp_path: Path) -> None:
+    """Without --component the whole pipeline is merged (tests/test_pipeline_merge.py); this one has no
+    text_encoder_2/ for the file's text_encoder_2 LoRA, so it is refused naming its models and --partial."""
     pipe = _pipeline(tmp_path / "pipe", shard=False)
     lora = _kohya_file(tmp_path / "lora.safetensors", sgm=True)
     done = run_cli("merge", pipe, lora, "-o", tmp_path / "out")
-    assert done.returncode == 2 and "--component NAME (text_encoder, unet)" in done.stderr.replace("\n", " ")
-    assert not (tmp_path / "out").exists()
+    message = done.stderr.replace("\n", " ")
+    assert done.returncode == 2 and "text_encoder_2" in message and "(its models: text_encoder, unet)" in message
+    assert "--partial" in message and not (tmp_path / "out").exists()
 
 
 def _flux():

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import weight_deltas
 from loratools.formats import detect_format, read_adapter, read_with_base
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers 0.42.1 is the reference (pip install --no-deps diffusers)")
@@ -146,14 +147,7 @@ def _diffusers_deltas(path: Path) -> dict[str, torch.Tensor]:
     unet.fuse_lora()
     fuse_text_encoder_lora(te1)
     fuse_text_encoder_lora(te2)
-    out: dict[str, torch.Tensor] = {}
-    for comp, model in models.items():
-        after = model.state_dict()
-        for key, w0 in before[comp].items():
-            w1 = after.get(key.replace(".weight", ".base_layer.weight"), after.get(key))
-            if key.endswith(".weight") and w1 is not None and not torch.equal(w1, w0):
-                out[f"{comp}.{key[: -len('.weight')]}"] = (w1 - w0).double()
-    return out
+    return weight_deltas(models, before)
 
 
 def _clip_name(name: str) -> str:
@@ -231,6 +225,23 @@ def test_diffusers_spelled_add_embedding_is_refused_by_name(tmp_path: Path) -> N
     path = _kohya_file(tmp_path / "lora.safetensors", sgm=False)
     with pytest.raises(NotAnAdapterError, match=r"lora_unet_add_embedding_linear_2 to unet\.add\.embedding\.linear"):
         read_adapter(path)
+
+
+def test_kohya_writer_spells_add_embedding_as_sgm_so_diffusers_loads_every_module_back(tmp_path: Path) -> None:
+    """``convert --to kohya`` of an SDXL adapter writes ``add_embedding.linear_1``/``_2`` as ``label_emb_0_0``/``_2``:
+    diffusers 0.42.1 then fuses the written file (its loratools metadata dropped) exactly as the source file."""
+    from loratools.formats import write_adapter
+
+    src = _kohya_file(tmp_path / "lora.safetensors", sgm=True)
+    out = write_adapter(read_adapter(src), tmp_path / "written.safetensors", format="kohya")
+    t = load_file(str(out))
+    save_file(t, str(out), metadata={"ss_network_module": "networks.lora"})
+    assert {"lora_unet_label_emb_0_0.alpha", "lora_unet_label_emb_0_2.alpha"} <= set(t)
+    assert not any("add_embedding" in k for k in t)
+    want, got = _diffusers_deltas(src), _diffusers_deltas(out)
+    assert set(got) == set(want)
+    for name, d in got.items():
+        assert torch.linalg.norm(d - want[name]) <= 1e-6 * torch.linalg.norm(want[name]), name
 
 
 @pytest.mark.parametrize("key,why", [

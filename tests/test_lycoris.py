@@ -62,10 +62,14 @@ def _files(tmp_path: Path, case: str) -> tuple[Path, Path, Tiny, object]:
     model, net = _network(*CASES[case])
     adapter = tmp_path / f"{case}.safetensors"
     net.save_weights(str(adapter), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    return adapter, _base(tmp_path, model), model, net
+
+
+def _base(tmp_path: Path, model: nn.Module) -> Path:
     base = tmp_path / "model.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
                if "lora" not in k and "lycoris" not in k}, base)
-    return adapter, base, model, net
+    return base
 
 
 def _reference(net: object) -> dict[str, torch.Tensor]:
@@ -187,18 +191,17 @@ def _refused(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return str(e.value)
 
 
-def test_lycoris_dora_and_lokr_tucker_are_refused_by_name(tmp_path: Path) -> None:
-    for algo, opts, word in (("loha", {"dora_wd": True}, "DoRA"), ("lokr", {"use_tucker": True, "factor": 2},
-                                                                     "LoKr with a Tucker core")):
-        _, net = _network(algo, {}, **opts)
-        path = tmp_path / f"{word}.safetensors"
-        net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
-        with pytest.raises(NotAnAdapterError, match=f"LyCORIS {word}"):
-            read_adapter(path)
+def test_lycoris_loha_dora_is_refused_by_name(tmp_path: Path) -> None:
+    """LoHa with ``dora_wd``: LyCORIS's DoRA rule is not peft's (tests/test_lycoris_dora.py measures why)."""
+    _, net = _network("loha", {}, dora_wd=True)
+    path = tmp_path / "dora.safetensors"
+    net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
+    with pytest.raises(NotAnAdapterError, match="LyCORIS DoRA"):
+        read_adapter(path)
 
 
 @pytest.mark.parametrize(("keys", "kind"), [
-    (("lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "LoKr with a Tucker core"),
+    (("lokr_w1_a", "lokr_w1_b", "lokr_t1", "lokr_w2"), "LoKr with a Tucker core on its first factor"),
     (("diff", "diff_b"), "full"),
     (("a1.weight", "a2.weight", "b1.weight", "b2.weight"), "GLoRA"),
     (("oft_blocks", "rescale"), "OFT/BOFT"),
@@ -273,17 +276,52 @@ def test_tucker_cores_read_exactly_as_lycoris(tmp_path: Path, algo: str) -> None
     assert torch.allclose(added, torch.nn.functional.conv2d(x.double(), ref["lora_te_conv"]), rtol=1e-4, atol=1e-4)
 
 
-def test_tucker_locon_merges_as_lycoris_merge(tmp_path: Path) -> None:
-    """The merged 3×3 convolution equals W0 + LyCORIS's ΔW (float64, one float32 rounding)."""
-    model, net = _network("locon", {}, use_tucker=True)
+@pytest.mark.parametrize(("algo", "opts", "conv"), [("locon", {}, "conv"), ("lokr", {"factor": 2}, "conv_big")])
+def test_tucker_merges_as_lycoris_merge(tmp_path: Path, algo: str, opts: dict[str, object], conv: str) -> None:
+    """The merged 3×3 convolution (LoCon ``lora_mid``, LoKr ``lokr_t2``) equals W0 + LyCORIS's ΔW (float64, one
+    float32 rounding)."""
+    model, net = _network(algo, opts, use_tucker=True)
     path = tmp_path / "tucker.safetensors"
     net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
-    base = tmp_path / "model.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
-               if "lora" not in k and "lycoris" not in k}, base)
+    base = _base(tmp_path, model)
     ref = _reference(net)
     done = run_cli("merge", base, path, "-o", tmp_path / "merged.safetensors", "--precision", "float64")
     assert done.returncode == 0, done.stderr
     w0, w1 = load_file(base), load_file(tmp_path / "merged.safetensors")
-    want = w0["conv.weight"].double() + ref["lora_te_conv"]
-    assert torch.allclose(w1["conv.weight"].double(), want, rtol=2**-23, atol=1e-7)
+    want = w0[f"{conv}.weight"].double() + ref[f"lora_te_{conv}"]
+    assert torch.allclose(w1[f"{conv}.weight"].double(), want, rtol=2**-23, atol=1e-7)
+
+
+@pytest.mark.parametrize("factor", [2, -1])
+def test_lokr_tucker_core_reads_exactly_as_lycoris(tmp_path: Path, factor: int) -> None:
+    """LoKr ``use_tucker`` on a 3×3 convolution (``lokr_t2`` (r, r, 3, 3), ``lokr_w2_a`` (r, b), ``lokr_w2_b``
+    (r, d)): an exact LoRA of rank rank(W1)·r whose ΔW is what LyCORIS's forward adds, scale alpha / r."""
+    model, net = _network("lokr", {"factor": factor}, use_tucker=True)
+    path = tmp_path / "lokr_tucker.safetensors"
+    net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
+    tensors = load_file(path)
+    assert "lora_te_conv_big.lokr_t2" in tensors and tensors["lora_te_conv_big.lokr_t2"].shape[2:] == (3, 3)
+    ref = _reference(net)
+    adapter = read_adapter(path, base=load_base(_base(tmp_path, model)))
+    for name, m in adapter.items():
+        want = ref["lora_te_" + name]
+        assert m.weight_shape == tuple(want.shape), name
+        err = float((m.delta(dtype=torch.float64) - want).norm() / want.norm())
+        assert want.norm() > 0 and err < 1e-6, (name, err)
+    w1 = tensors["lora_te_conv_big.lokr_w1"]
+    assert adapter.modules["conv_big"].rank == min(w1.shape) * tensors["lora_te_conv_big.lokr_t2"].shape[0]
+    x = torch.randn(2, 16, 7, 7)
+    with torch.no_grad():  # the reference is what LyCORIS's forward adds to the convolution
+        plain = torch.nn.functional.conv2d(x, model.conv_big.weight, model.conv_big.bias)
+        added = model.conv_big(x).double() - plain.double()
+    assert torch.allclose(added, torch.nn.functional.conv2d(x.double(), ref["lora_te_conv_big"]), rtol=1e-4,
+                          atol=1e-4)
+
+
+def test_lokr_tucker_core_beside_a_full_second_factor_is_refused(tmp_path: Path) -> None:
+    t = {"lora_te_x.lokr_w1": torch.ones(2, 2), "lora_te_x.lokr_w2": torch.ones(3, 2, 3, 3),
+         "lora_te_x.lokr_t2": torch.ones(1, 1, 3, 3)}
+    path = tmp_path / "odd.safetensors"
+    save_file(t, path)
+    with pytest.raises(ValueError, match="lokr_t2 beside a full lokr_w2"):
+        read_adapter(path)

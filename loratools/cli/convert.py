@@ -11,10 +11,12 @@ from .options import ADAPTER, Session, base_option, force_option, output_option,
 @click.argument("adapter", type=ADAPTER)
 @output_option
 @click.option("--to", "to", required=True, metavar="FORMAT",
-              help="Target format: peft, loratools, kohya, gguf or mlx.")
-@base_option("maps kohya names back and gives GGUF its architecture and head counts")
+              help="Target format: peft, loratools, kohya, gguf, mlx, diffusers or comfyui.")
+@base_option("maps kohya names back and gives GGUF its architecture and head counts; for --to diffusers or "
+             "comfyui, a diffusers pipeline folder")
 @click.option("--component", metavar="NAME",
-              help="Take one model's adapter out of a diffusers pipeline LoRA (unet, text_encoder, transformer …).")
+              help="Take one model's adapter out of a file holding several: a diffusers pipeline LoRA, a kohya "
+                   "SD/SDXL or ComfyUI file (unet, text_encoder, transformer …).")
 @click.option("--drop-unsupported", is_flag=True,
               help="Leave out (and list) modules the target format cannot hold, instead of stopping.")
 @click.option("--as-lora", is_flag=True,
@@ -33,8 +35,14 @@ def convert(session: Session, adapter: str, output: str, to: str, base: str | No
     Modules a format cannot hold stop the conversion unless --drop-unsupported.
 
     A diffusers pipeline LoRA holds one adapter per model (unet,
-    text_encoder …): --component NAME writes that model's adapter, named as
-    the model spells its modules, ready to merge into it.
+    text_encoder …), and so do kohya Stable Diffusion and ComfyUI files:
+    --component NAME writes that model's adapter, named as the model spells
+    its modules, ready to merge into it. --to diffusers and --to comfyui
+    take the whole file (kohya SD/SDXL, diffusers, ComfyUI) and write
+    every model's adapter in their own names (diffusers' per-model
+    LoraConfig metadata; ComfyUI's SGM U-Net and CLIP names); with --base
+    PIPELINE (a diffusers pipeline folder) each module must be a weight of
+    its own model there.
 
     DoRA converts as it is between peft and loratools. Its update
     diag(m/‖W0 + sBA‖)·(W0 + sBA) − W0 depends on the base and is not low-rank,
@@ -49,6 +57,8 @@ def convert(session: Session, adapter: str, output: str, to: str, base: str | No
       loratools convert lora-kohya.safetensors -o peft-dir --to peft --base fixtures/tiny-llama
       loratools convert dora-dir -o lora-dir --to peft --base fixtures/tiny-llama --as-lora --energy 0.9
       loratools convert pytorch_lora_weights.safetensors -o unet-lora --to peft --component unet
+      loratools convert lora_sdxl.safetensors -o pytorch_lora_weights.safetensors --to diffusers --base sdxl-pipeline
+      loratools convert lora_sdxl.safetensors -o comfy_lora.safetensors --to comfyui --base sdxl-pipeline
     """
     from ..convert import convert_file
     from ..device import configure_cpu_threads

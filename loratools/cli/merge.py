@@ -11,11 +11,12 @@ from .options import (ADAPTER, Session, device_option, dtype_option, force_optio
                       pass_session)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from rich.console import Console
 
-    from ..formats import BaseModel
-    from ..merge.plan import AdapterInput
     from ..merge.onto import OntoReport
+    from ..merge.pipeline import PipelineMergeReport
     from ..merge.report import MergeReport, VerifyReport
 
 __all__ = ["merge", "unmerge", "verify"]
@@ -39,37 +40,13 @@ lossy_option = click.option("--allow-lossy", is_flag=True,
                                  "of the adapters' update (its re-quantization rounds ΔW away; refused otherwise).")
 
 
-def _adapters(paths: tuple[str, ...], weights: tuple[float, ...], model: str,
-              component: str | None = None) -> tuple[BaseModel, list[AdapterInput]]:
-    """The model (the base, or the merged model for unmerge), read once, and the adapters read against it as
-    ``convert --base`` reads them: kohya files of other tools get the model's module names (and GPT-2's Conv1D
-    layout), GGUF adapters of llama.cpp its architecture and head counts. The job is given the model as read.
-    With ``component``, the model is that folder of the diffusers pipeline ``model`` (``unet``, ``text_encoder``),
-    and a file holding several models' LoRAs gives that one's."""
-    from ..formats import load_base, read_adapter
-    from ..formats.diffusers import load_component, pipeline_models
-    from ..merge.plan import AdapterInput
+def _notes(session: Session, notes: Iterable[str]) -> None:
+    """Each library note on stderr, its backquoted parameters spelled as this command's flags."""
+    from . import with_flags
 
-    if weights and len(weights) != len(paths):
-        raise InvalidOptionError(f"{len(weights)} --weight values for {len(paths)} adapters; give one per adapter or none")
-    held = pipeline_models(model) if component is None else None
-    if held is not None:
-        raise InvalidOptionError(f"{model} is a diffusers pipeline folder: merge into one of its models with "
-                                 f"--component NAME ({', '.join(held) or 'it holds none with safetensors weights'})")
-    ws = weights or (1.0,) * len(paths)
-    base = load_component(model, component) if component is not None else load_base(model)
-    return base, [AdapterInput(read_adapter(p, base=base), w, p) for p, w in zip(paths, ws)]
-
-
-def _left_out(session: Session, paths: tuple[str, ...], base: BaseModel) -> None:
-    """Say which parts of a pipeline LoRA were not merged (the other components' LoRAs)."""
-    from ..formats.diffusers import other_components
-
-    for p in paths:
-        rest = other_components(p, base.path.name)
-        if rest:
-            session.err.print(f"note: merged {p}'s {base.path.name} LoRA only; its {', '.join(rest)} LoRAs are not "
-                              f"in this model (merge each with --component NAME)")
+    command = click.get_current_context().command
+    for note in notes:
+        session.err.print(f"note: {with_flags(note, command)}")
 
 
 def _summary(out: Console, r: MergeReport) -> None:
@@ -148,14 +125,21 @@ def _verify_lines(out: Console, v: VerifyReport) -> None:
 @click.option("--verify", "do_verify", is_flag=True,
               help="Check the result against BASE + adapters before it is put in place (nothing is left if it fails).")
 @click.option("--component", default=None, metavar="NAME",
-              help="BASE is a diffusers pipeline folder: merge into its NAME/ model (unet, transformer, text_encoder, "
-                   "text_encoder_2); OUTPUT is that model's folder, merged.")
+              help="BASE is a diffusers pipeline folder: merge into its NAME/ model only (unet, transformer, "
+                   "text_encoder, text_encoder_2); OUTPUT is that model's folder, merged.")
+@click.option("--only", "only", multiple=True, metavar="NAME",
+              help="Pipeline BASE: merge the LoRAs of these models only (repeat for several); the other models are "
+                   "copied unmerged and the report lists the parts left out.")
+@click.option("--partial", is_flag=True,
+              help="Pipeline BASE: merge what it has a model for and leave out the LoRA parts of models it lacks "
+                   "(e.g. text_encoder_2 into SD 1.5; refused otherwise); the report lists them.")
 @force_option
 @json_option
 @pass_session
 def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...], dtype: str,
           device: str, precision: str, quant: str | None, allow_lossy: bool, onto: str, qlora: str | None,
-          record: str | None, do_verify: bool, component: str | None, force: bool, as_json: bool) -> None:
+          record: str | None, do_verify: bool, component: str | None, only: tuple[str, ...], partial: bool,
+          force: bool, as_json: bool) -> None:  # long: the docstring is the command's --help
     """Merge adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, streaming, one tensor at a time.
 
     BASE is a model directory (single or sharded safetensors) or one .safetensors
@@ -174,10 +158,11 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     the adapter unmerged, or pass --allow-lossy.
 
     A quantized safetensors BASE (FP8 block-wise or compressed-tensors, NVFP4,
-    compressed-tensors int4/int8 packs, gpt-oss MXFP4 experts, bitsandbytes
-    4-bit and int8) is read dequantized as its producer defines it; each adapted weight is re-quantized in its format
-    (the same kept-share check applies) or, with --dtype, written plain
-    without quantization_config.
+    compressed-tensors int4/int8 packs, GPTQ v1/v2 with act-order, AutoAWQ GEMM,
+    gpt-oss MXFP4 experts, bitsandbytes 4-bit and int8) is read dequantized as its
+    producer defines it; each adapted weight is re-quantized in its format on the
+    base's own grid (the same kept-share check applies) or, with --dtype, written
+    plain without quantization_config.
 
     A QLoRA adapter (trained on a bitsandbytes 4-bit base) merges into the
     16-bit model that base was quantized from. --qlora names its 4-bit type
@@ -188,22 +173,43 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     bitsandbytes quantizes (not lm_head, embeddings), in the base's dtype or
     --dtype. Not with --record, DoRA, a GGUF or an already quantized BASE.
 
+    A diffusers pipeline BASE (a folder with model_index.json) and a pipeline
+    LoRA (diffusers' pytorch_lora_weights.safetensors, a kohya SD/SDXL file)
+    give a whole pipeline OUTPUT: each part of the LoRA merged into its own
+    model folder (unet/, transformer/, text_encoder/, text_encoder_2/), the
+    rest (model_index.json, scheduler, tokenizers, untouched models) copied,
+    nothing written unless every part succeeds. A LoRA part for a model BASE
+    lacks is refused unless --partial; --only NAME merges the named models
+    only. --component NAME instead writes that one model's folder.
+
     \b
     Examples:
       loratools merge fixtures/tiny-llama fixtures/adapters/lora -o merged
       loratools merge base a1 a2 --weight 0.7 --weight 0.3 -o merged --dtype bfloat16
       loratools merge base adapter -o merged --record merged.record.safetensors --verify
       loratools merge model.Q4_K_M.gguf adapter -o merged.gguf --quant q8_0 --verify
+      loratools merge sdxl-pipeline lora_sdxl.safetensors -o sdxl-merged --verify
+      loratools merge sd15-pipeline lora_sdxl.safetensors -o sd15-merged --partial
       loratools merge sdxl-pipeline lora_sdxl.safetensors --component unet -o unet-merged
       loratools merge fixtures/tiny-llama qlora-adapter -o merged --qlora nf4-dq --onto dequantized
     """
     from ..device import configure_cpu_threads, resolve_dtype
+    from ..formats.diffusers import pipeline_models
     from ..merge.jobs import merge_model
+    from ..merge.pipeline import left_out_notes, read_inputs
     from . import render
 
     configure_cpu_threads(device)
-    model, inputs = _adapters(adapters, weights, base, component)
-    _left_out(session, adapters, model)
+    if component is None and pipeline_models(base) is not None:
+        _merge_pipeline(session, base, adapters, output, weights, dtype, device, precision, allow_lossy, do_verify,
+                        only, partial, force, as_json, one_model={"--record": record, "--quant": quant,
+                                                                  "--qlora": qlora, "--onto": onto != "original"})
+        return
+    if only or partial:
+        raise InvalidOptionError("--only and --partial apply to a diffusers pipeline BASE merged whole (a folder with "
+                                 "model_index.json, without --component)")
+    model, inputs = read_inputs(base, adapters, weights, component=component)
+    _notes(session, left_out_notes(adapters, model))
     with render.progress(session, None, "merge", quiet=as_json) as advance:
         report = merge_model(model, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, verify=do_verify, progress=advance, quant=quant,
@@ -216,6 +222,44 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
         _summary(session.out, report)
         if report.verify:
             _verify_lines(session.out, report.verify)
+
+
+def _merge_pipeline(session: Session, base: str, adapters: tuple[str, ...], output: str, weights: tuple[float, ...],
+                    dtype: str, device: str, precision: str, allow_lossy: bool, do_verify: bool, only: tuple[str, ...],
+                    partial: bool, force: bool, as_json: bool, one_model: dict[str, object]) -> None:
+    """``merge PIPELINE LORA… -o OUT``: the whole pipeline, each part into its own model."""
+    from ..device import resolve_dtype
+    from ..merge.pipeline import merge_pipeline, weighted
+    from . import render
+
+    given = [flag for flag, value in one_model.items() if value]
+    if given:
+        raise InvalidOptionError(f"{', '.join(given)} applies to one model: merge that model of the pipeline with "
+                                 "--component NAME")
+    with render.progress(session, None, "merge", quiet=as_json) as advance:
+        report = merge_pipeline(base, weighted(adapters, weights), output, only=only or None, partial=partial,
+                                dtype=resolve_dtype(dtype), device=device, precision=precision, verify=do_verify,
+                                force=force,
+                                allow_lossy=allow_lossy, progress=advance)
+    _notes(session, report.notes)
+    if as_json:
+        render.print_json(report.to_json())
+    elif not session.quiet:
+        _pipeline_summary(session.out, report)
+
+
+def _pipeline_summary(out: Console, r: PipelineMergeReport) -> None:
+    """One line per model merged (its parts, its tensors), its check with --verify, then what was copied."""
+    out.print(f"[bold]merge[/] → {r.output} (diffusers pipeline{', PARTIAL' if r.partial else ''})")
+    for c in r.merged:
+        parts = ", ".join(f"{p.source}×{a['weight']:g} ({p.modules} modules)"
+                          for p, a in zip(c.parts, c.report.adapters))
+        out.print(f"  {c.component}/: {parts}; {c.report.adapted} tensors changed, {c.report.copied} copied")
+        if c.report.verify is not None:
+            _verify_lines(out, c.report.verify)
+    out.print(f"  copied as they are: {', '.join(r.copied) or 'nothing'}")
+    for x in r.left_out:
+        out.print(f"  not merged: {x.describe()}")
 
 
 @click.command()
@@ -250,10 +294,11 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     """
     from ..device import configure_cpu_threads
     from ..merge.jobs import unmerge_model
+    from ..merge.pipeline import read_inputs
     from . import render
 
     configure_cpu_threads(device)
-    model, inputs = _adapters(adapters, weights, merged)
+    model, inputs = read_inputs(merged, adapters, weights)
     with render.progress(session, None, "unmerge", quiet=as_json) as advance:
         report = unmerge_model(model, inputs, output, device=device, precision=precision, record=record,
                                force=force, progress=advance, ignore_stamp=ignore_stamp, quant=quant)
@@ -292,10 +337,11 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
     """
     from ..device import configure_cpu_threads
     from ..merge.jobs import verify_merge
+    from ..merge.pipeline import read_inputs
     from . import render
 
     configure_cpu_threads(device)
-    model, inputs = _adapters(adapters, weights, base)
+    model, inputs = read_inputs(base, adapters, weights)
     with render.progress(session, None, "verify", quiet=as_json) as advance:
         v = verify_merge(model, inputs, merged, device=device, precision=precision, progress=advance,
                          allow_lossy=allow_lossy)

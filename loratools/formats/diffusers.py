@@ -1,4 +1,4 @@
-"""diffusers' pipeline LoRA file: ``pytorch_lora_weights.safetensors`` (read only).
+"""diffusers' pipeline LoRA file: ``pytorch_lora_weights.safetensors``, read and written.
 
 Written by ``save_lora_weights`` of diffusers' pipelines (SD 1.5, SDXL, Flux …; diffusers 0.42.1
 ``loaders/lora_base.py`` ``_save_lora_weights``): one file holding a peft LoRA for each component
@@ -20,7 +20,19 @@ diffusers fails to load it); without it, ``get_peft_kwargs`` sets
 peft-keyed file), so every module has ``scale = 1``: ΔW = B·A. Module names keep their component
 (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``); :func:`read_component` reads one
 component with its names as that model spells them. The older non-peft keys (``….lora.down.weight``,
-``processor.to_q_lora``, ``lora_linear_layer``) are refused by name.
+``processor.to_q_lora``, ``lora_linear_layer``) are refused by name. Read whole, a CLIP text encoder's modules
+are named with ``text_model.`` (``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``) whether the file
+has it or not (transformers 5's ``CLIPTextModel`` has no ``text_model`` level; diffusers strips it from the keys
+for such a model): one name per module, whichever format it came from.
+
+:func:`write_diffusers` writes what ``save_lora_weights`` writes: each component's modules under its prefix
+(``unet.``, ``text_encoder.``, ``text_encoder_2.`` …; an adapter whose names have none takes the component its
+``base`` folder is named after) and one ``LoraConfig`` per component in ``lora_adapter_metadata`` (peft's
+``r``/``lora_alpha``, every other module's rank and alpha in ``rank_pattern``/``alpha_pattern`` keyed by its
+name, ``alpha = scale · r``), which diffusers passes to ``LoraConfig`` as it is, so each module gets its own
+scale (without metadata diffusers would give every module alpha = r). A text encoder's targets and patterns are
+keyed without ``text_model.``: peft matches them as name suffixes, so they reach the module with and without that
+level; its keys keep it, which diffusers strips where the model lacks it.
 """
 
 from __future__ import annotations
@@ -34,27 +46,23 @@ from torch import Tensor
 
 from ..adapter import Adapter, Kind, Module
 from ..config import AdapterConfig, lora_scale, pattern_value
-from ..errors import (CorruptFileError, InputNotFoundError, InvalidOptionError, MissingModuleError, NotAnAdapterError,
-                      ShapeMismatchError)
-from ..io import ModelReader, load_safetensors, read_config
-from ..io.model import has_weights
+from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
+from ..io import load_safetensors, save_safetensors
 from .base import BaseModel, Format, peek_safetensors, register
+from .kohya_sd import clip_name
+from .pipeline import (COMPONENTS, as_base_names, component_of, is_pipeline, load_component, pipeline_mismatches,
+                       pipeline_models, split_components, writable)
+from .peft import peft_config, peft_unsupported
 from .peft_fields import check_fields
 from .peft_values import check_peft_values
 
-__all__ = ["read_diffusers", "read_component", "components", "other_components", "pipeline_models", "load_component", "COMPONENTS",
-           "METADATA_KEY"]
+# pipeline_models, load_component and COMPONENTS live in .pipeline; they are named here too, where callers found them
+__all__ = ["read_diffusers", "read_component", "components", "other_components", "pipeline_models", "load_component",
+           "write_diffusers", "diffusers_unsupported", "COMPONENTS", "METADATA_KEY"]
 
-#: the component prefixes of diffusers' LoRA loader mixins (``unet_name``, ``text_encoder_name``, ``transformer_name``)
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 METADATA_KEY = "lora_adapter_metadata"  # lora_base.py LORA_ADAPTER_METADATA_KEY
 _KEY = re.compile(r"^(?P<c>[a-z_0-9]+)\.(?P<m>.+)\.(?P<f>lora_A|lora_B)\.(?P<t>weight|bias)$")
 _OLD = re.compile(r"\.lora\.(down|up)\.weight$|_lora\.(down|up)\.weight$|\.lora_linear_layer\.(down|up)\.weight$")
-
-
-def _component_of(key: str) -> str | None:
-    head = key.split(".", 1)[0]
-    return head if head in COMPONENTS and "." in key else None
 
 
 def detect(path: Path) -> bool:
@@ -63,7 +71,7 @@ def detect(path: Path) -> bool:
     if peek is None:
         return False
     keys = [k for k in peek[0] if k != "__metadata__"]
-    return bool(keys) and all(_component_of(k) and (".lora_A." in k or ".lora_B." in k or _OLD.search(k))
+    return bool(keys) and all(component_of(k) and (".lora_A." in k or ".lora_B." in k or _OLD.search(k))
                               for k in keys)
 
 
@@ -80,7 +88,7 @@ def _metadata(path: Path, meta: dict[str, str]) -> dict[str, dict[str, Any]]:
         raise CorruptFileError(path, f"{METADATA_KEY} is not a JSON object")
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
-        comp = _component_of(str(key))
+        comp = component_of(str(key))
         if comp is None:
             raise CorruptFileError(path, f"{METADATA_KEY} key {key!r} names no component ({', '.join(COMPONENTS)})")
         out.setdefault(comp, {})[key[len(comp) + 1:]] = value
@@ -164,40 +172,15 @@ def components(path: str | Path) -> list[str]:
 
 
 def other_components(path: str | Path, component: str) -> list[str]:
-    """The components besides ``component`` whose LoRAs the file at ``path`` holds (a diffusers pipeline file or a
-    kohya Stable Diffusion one; ``[]`` for any other file, or one without ``component``): what a merge into
+    """The components besides ``component`` whose LoRAs the file at ``path`` holds (a diffusers pipeline file, a
+    kohya Stable Diffusion one or a ComfyUI one; ``[]`` for any other file, or one without ``component``): what a
+    merge into
     ``component`` leaves out."""
-    from .kohya import held_components
+    from . import comfyui, kohya
 
     p = Path(path)
-    held = components(p) if p.is_file() and detect(p) else held_components(p)
+    held = components(p) if p.is_file() and detect(p) else kohya.held_components(p) or comfyui.held_components(p)
     return [c for c in held if c != component] if component in held else []
-
-
-def pipeline_models(folder: str | Path) -> list[str] | None:
-    """The models (subfolders with safetensors weights) of a diffusers pipeline folder (one with
-    ``model_index.json``, as ``DiffusionPipeline.save_pretrained`` writes it); None for any other path."""
-    root = Path(folder)
-    if not (root / "model_index.json").is_file():
-        return None
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and has_weights(d))
-
-
-def load_component(pipeline: str | Path, component: str) -> BaseModel:
-    """One model of a diffusers pipeline folder as a base: ``PIPELINE/COMPONENT`` (its ``config.json`` and
-    weights: ``diffusion_pytorch_model.safetensors`` for a U-Net or transformer, ``model.safetensors`` for a text
-    encoder, sharded with its index or not), headers read once."""
-    root = Path(pipeline)
-    if not root.is_dir():
-        raise InputNotFoundError(root, "diffusers pipeline folder")
-    folder = root / component
-    if not folder.is_dir() or not has_weights(folder):
-        held = sorted(d.name for d in root.iterdir() if d.is_dir() and has_weights(d))
-        raise InvalidOptionError(f"`component` {component!r}: {root} has no folder {component}/ with safetensors "
-                                 f"weights; its models are {', '.join(held) or 'none'}")
-    model = ModelReader(folder)
-    shapes = {k[: -len(".weight")]: model.shape(k) for k in model.keys() if k.endswith(".weight")}
-    return BaseModel(folder, hparams=read_config(folder), shapes=shapes, weights=model)
 
 
 def read_diffusers(path: Path, base: BaseModel | None = None) -> Adapter:
@@ -210,7 +193,7 @@ def read_diffusers(path: Path, base: BaseModel | None = None) -> Adapter:
     """
     mods, configs = _read(path)
     if base is not None and base.path.name in mods:  # a pipeline's model folder is named after its component
-        return read_component(path, base.path.name)
+        return as_base_names(read_component(path, base.path.name), base)
     if base is not None:
         raise InvalidOptionError(
             f"{path} is a diffusers pipeline LoRA holding {', '.join(mods)}: a base model is one of them, so take "
@@ -218,9 +201,11 @@ def read_diffusers(path: Path, base: BaseModel | None = None) -> Adapter:
             f"and use DIR with `base`")
     rslora = {bool(c.get("use_rslora", False)) for c in configs.values()}
     config = AdapterConfig(method="lora", use_rslora=rslora == {True} and len(configs) == len(mods))
-    adapter = Adapter({f"{comp}.{name}": m for comp, ms in mods.items() for name, m in ms.items()}, config)
+    adapter = Adapter({f"{comp}.{clip_name(name)}": m for comp, ms in mods.items() for name, m in ms.items()}, config)
     adapter.check_finite()
     return adapter
+
+
 
 
 def read_component(path: Path, component: str) -> Adapter:
@@ -237,10 +222,63 @@ def read_component(path: Path, component: str) -> Adapter:
     return adapter
 
 
-def _write(adapter: Adapter, path: Path, base: BaseModel | None) -> None:
-    raise InvalidOptionError("loratools reads diffusers pipeline LoRA files but does not write them; write peft "
-                             "(`to` peft) and load it into the component with diffusers' load_lora_adapter")
+# ------------------------------------------------------------------------------------------- writing
+
+def _targets(comp: str, module: str) -> str:
+    # peft matches targets and pattern keys as name suffixes: without text_model. they reach CLIP with and without it
+    return module.removeprefix("text_model.") if comp.startswith("text_encoder") else module
 
 
-register(Format("diffusers", "diffusers pipeline LoRA (pytorch_lora_weights.safetensors), read only", ".safetensors",
-                detect, read_diffusers, _write, component_reader=read_component))
+def diffusers_unsupported(adapter: Adapter, base: BaseModel | None = None) -> dict[str, str]:
+    """Modules (and saved tensors) a diffusers pipeline file cannot hold → why."""
+    parts, out = split_components(adapter, base)
+    if is_pipeline(base):
+        assert base is not None
+        out.update(pipeline_mismatches(adapter, base.path))
+    out.update({k: "a diffusers LoRA file holds no full tensors (modules_to_save, trained biases)"
+                for k in adapter.saved})
+    for name, m in adapter.items():
+        # a CLIP embedding's update (a ComfyUI .diff) is a matrix here, but peft's embedding LoRA has other keys
+        if m.kind not in ("linear", "conv") or m.fan_in_fan_out or name.endswith(("token_embedding",
+                                                                                  "position_embedding")):
+            out[name] = "diffusers' LoRA files hold LoRA on linear and convolution layers only"
+        elif m.magnitude is not None:
+            out[name] = "loratools writes no DoRA into a diffusers file; flatten it first (`as_lora` with `base`)"
+    for comp, names in parts.items():
+        by_target: dict[str, str] = {}
+        for module, name in names.items():
+            key = _targets(comp, module)
+            if key in by_target:
+                out[name] = f"peft would take it and {by_target[key]} for one module ({key})"
+            by_target.setdefault(key, name)
+        sub = Adapter({t: adapter.modules[n] for t, n in by_target.items() if n not in out})
+        out.update({by_target[t]: why for t, why in peft_unsupported(sub).items()})
+    return out
+
+
+def write_diffusers(adapter: Adapter, path: Path, base: BaseModel | None = None) -> None:
+    """Write ``adapter`` as ``save_lora_weights`` writes a pipeline's LoRA (see the module docstring)."""
+    adapter = writable(adapter, base, "diffusers", diffusers_unsupported)
+    parts, _ = split_components(adapter, base)
+    tensors: dict[str, Tensor] = {}
+    metadata: dict[str, Any] = {}
+    for comp, names in parts.items():
+        kept = {mod: n for mod, n in names.items() if adapter.modules[n].rank > 0}
+        if not kept:
+            continue
+        sub = Adapter({_targets(comp, mod): adapter.modules[n] for mod, n in kept.items()},
+                      AdapterConfig(method="lora", use_rslora=adapter.config.use_rslora))
+        metadata.update({f"{comp}.{k}": v for k, v in peft_config(sub).items()})
+        lora_bias = any(m.bias is not None for m in sub.modules.values())
+        for mod, n in kept.items():
+            m = adapter.modules[n]
+            tensors[f"{comp}.{mod}.lora_A.weight"], tensors[f"{comp}.{mod}.lora_B.weight"] = m.A, m.B
+            if lora_bias:  # peft's lora_bias gives every module of the component a bias: zero where it has none
+                tensors[f"{comp}.{mod}.lora_B.bias"] = m.bias if m.bias is not None else m.B.new_zeros(m.B.shape[0])
+    save_safetensors(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+
+
+register(Format("diffusers", "diffusers pipeline LoRA (pytorch_lora_weights.safetensors: unet./text_encoder./"
+                "transformer. + peft keys, per-component LoraConfig metadata)", ".safetensors",
+                detect, read_diffusers, write_diffusers, plain_lora_only=True, cannot_hold=diffusers_unsupported,
+                component_reader=read_component))

@@ -22,15 +22,17 @@ adds (exact); else a match against the base model's weight names (``--base``);
 else the flattened key is kept as the module name (``lora_te_model_layers_0_…``)
 and written back unchanged.
 
-LyCORIS LoHa and LoKr modules in the same layout (``<key>.hada_w1_a``…, ``<key>.lokr_w1``…, LoHa's Tucker
-cores ``hada_t1``/``hada_t2``) are read as the LoRA that holds them exactly, and LyCORIS's other kinds refused by
-name (:mod:`.kohya_lycoris`); a LoCon Tucker core (``<key>.lora_mid.weight``) is folded into ``lora_down``
-exactly (:func:`_tucker_down`).
+LyCORIS LoHa and LoKr modules in the same layout (``<key>.hada_w1_a``…, ``<key>.lokr_w1``…, the Tucker cores
+``hada_t1``/``hada_t2``/``lokr_t2``) are read as the LoRA that holds them exactly, and LyCORIS's other kinds (DoRA's
+``dora_scale`` among them) refused by name (:mod:`.kohya_lycoris`); a LoCon Tucker core (``<key>.lora_mid.weight``)
+is folded into ``lora_down`` exactly (:func:`_tucker_down`).
 
 A file of a Stable Diffusion model (SD 1.x/2.x, SDXL: ``lora_unet_`` U-Net keys in diffusers or SGM names,
 ``lora_te1_``/``lora_te2_`` CLIP keys) that loratools did not write is the read-only format ``kohya-sd``: its
 modules get the names diffusers 0.42.1 gives them (:mod:`.kohya_sd`), ``<component>.<module>`` as a diffusers
-pipeline file is read, or one component's own names (:func:`read_kohya_sd`).
+pipeline file is read, or one component's own names (:func:`read_kohya_sd`). A Flux.1 file of sd-scripts
+(``lora_unet_double_blocks_…``/``single_blocks_…``, ``lora_te1_`` CLIP-L, ``lora_te3_`` T5) is the same format, its
+fused projections split as diffusers splits them (:mod:`.kohya_flux`, :func:`_read_flux`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from ..errors import (CorruptFileError, InvalidFieldError, InvalidOptionError, M
 from ..io import load_safetensors, save_safetensors
 from ..validate import load_json
 from .base import BaseModel, Format, peek_safetensors, register
+from .kohya_flux import FluxTarget, flux_module_names, is_flux_file, split_flux_module
 from .kohya_lycoris import LYCORIS_KEYS, REFUSED_KEYS, lycoris_factors, lycoris_refusal
 from .kohya_sd import SD_COMPONENTS, is_sd_key, sd_module_names
 
@@ -70,6 +73,10 @@ _PREFIX = re.compile(r"^lora_(unet|te\d*)_")
 #: first path components of diffusers / original-SD U-Net modules
 _UNET_HEADS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
                "input_blocks", "middle_block", "output_blocks", "conv_norm_out", "transformer_blocks")
+#: U-Net modules whose flattened diffusers names diffusers 0.42.1 cannot tell apart (``_convert_unet_lora_key`` turns
+#: ``lora_unet_add_embedding_linear_1`` and ``_2`` both into ``add.embedding.linear``): written under SGM's names,
+#: which it maps back one to one (``label.emb.0.0`` → ``add_embedding.linear_1``), as sd-scripts' SDXL files are
+_SGM_SPELLED = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 #: component prefixes of a diffusers pipeline adapter, and the kohya prefix each gets
 _COMPONENTS = (("unet.", UNET_PREFIX), ("text_encoder_2.", "lora_te2_"), ("text_encoder.", TE_PREFIX))
 
@@ -86,14 +93,21 @@ def kohya_key(name: str) -> str:
     'lora_te_model_layers_0_self_attn_q_proj'
     >>> kohya_key("unet.down_blocks.0.resnets.0.conv1")
     'lora_unet_down_blocks_0_resnets_0_conv1'
+    >>> kohya_key("unet.add_embedding.linear_2")
+    'lora_unet_label_emb_0_2'
     """
     if _FLAT.match(name):
         return name
     for head, prefix in _COMPONENTS:
         if name.startswith(head):
-            return prefix + name[len(head):].replace(".", "_")
-    prefix = UNET_PREFIX if name.split(".", 1)[0] in _UNET_HEADS else TE_PREFIX
-    return prefix + name.replace(".", "_")
+            return _flattened(prefix, name[len(head):])
+    return _flattened(UNET_PREFIX if name.split(".", 1)[0] in _UNET_HEADS else TE_PREFIX, name)
+
+
+def _flattened(prefix: str, path: str) -> str:
+    if prefix == UNET_PREFIX:
+        path = _SGM_SPELLED.get(path, path)
+    return prefix + path.replace(".", "_")
 
 
 def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
@@ -170,7 +184,8 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None,
         groups.setdefault(key, set()).add(rest)
     modules: dict[str, Module] = {}
     for key in sorted(groups):
-        why = lycoris_refusal(groups[key])
+        dora = tensors.get(key + ".dora_scale")
+        why = lycoris_refusal(groups[key], None if dora is None else tuple(dora.shape))
         if why is not None:
             raise NotAnAdapterError(path, f"its module {key} is {why}")
         stray = sorted(groups[key] - {_DOWN[1:], _UP[1:], _ALPHA[1:], _MID[1:], *LYCORIS_KEYS})
@@ -356,17 +371,29 @@ def _flattened_hint(name: str) -> str | None:
 # -------------------------------------------------------------- Stable Diffusion files (kohya_sd)
 
 def _detect_sd(path: Path) -> bool:
-    """A kohya file of a Stable Diffusion model: U-Net or CLIP keys (:func:`.kohya_sd.is_sd_key`), not ours."""
+    """A kohya file of a Stable Diffusion or Flux.1 model: U-Net, Flux block or CLIP keys
+    (:func:`.kohya_sd.is_sd_key`, :func:`.kohya_flux.is_flux_file`), not ours."""
     peek = peek_safetensors(path)
     if peek is None or NAMES_KEY in peek[1] or not detect(path):
         return False
-    return any(is_sd_key(k.partition(".")[0]) for k in peek[0] if k != "__metadata__")
+    keys = {k.partition(".")[0] for k in peek[0] if k != "__metadata__"}
+    return any(is_sd_key(k) for k in keys) or is_flux_file(keys)
+
+
+def _is_flux(path: Path) -> bool:
+    # a Flux block key beside Stable Diffusion U-Net keys is refused by the Stable Diffusion reader, naming it
+    keys = _file_keys(path)
+    return is_flux_file(keys) and not any(k.startswith(UNET_PREFIX) and is_sd_key(k) for k in keys)
+
+
+def _file_keys(path: Path) -> list[str]:
+    peek = peek_safetensors(path)
+    return sorted({k.partition(".")[0] for k in (peek[0] if peek else {}) if k != "__metadata__"})
 
 
 def _sd_names(path: Path, layers_per_block: int) -> dict[str, tuple[str, str]]:
     """kohya key → (component, module name) for every key of the file; a key diffusers does not map is refused."""
-    peek = peek_safetensors(path)
-    keys = sorted({k.partition(".")[0] for k in (peek[0] if peek else {}) if k != "__metadata__"})
+    keys = _file_keys(path)
     odd = [k for k in keys if not is_sd_key(k)]
     if odd:
         raise NotAnAdapterError(path, f"its module {odd[0]} is not a Stable Diffusion U-Net or CLIP text encoder "
@@ -411,9 +438,11 @@ def _prefix_of(key: str) -> str:
 
 
 def held_components(path: Path) -> list[str]:
-    """The diffusers components a kohya Stable Diffusion file holds LoRAs of; ``[]`` for any other file."""
+    """The diffusers components a kohya Stable Diffusion or Flux.1 file holds LoRAs of; ``[]`` for any other file."""
     if not _detect_sd(path):
         return []
+    if _is_flux(path):
+        return list(dict.fromkeys(t.component for t in _flux_targets(path).values()))
     return list(dict.fromkeys(c for c, _ in _sd_names(path, 2).values()))
 
 
@@ -428,7 +457,8 @@ def _component_of(path: Path, held: list[str], base: BaseModel) -> str:
 
 
 def read_kohya_sd(path: Path, base: BaseModel | None = None, *, component: str | None = None) -> Adapter:
-    """A kohya Stable Diffusion file (SD 1.x/2.x, SDXL) with diffusers' module names (:mod:`.kohya_sd`).
+    """A kohya Stable Diffusion file (SD 1.x/2.x, SDXL) with diffusers' module names (:mod:`.kohya_sd`); a Flux.1
+    file goes to :func:`_read_flux`.
 
     Without ``base`` or ``component``, every module is named ``<component>.<module>`` (``unet.down_blocks.1…``,
     ``text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj``), as a diffusers pipeline file is read.
@@ -439,6 +469,8 @@ def read_kohya_sd(path: Path, base: BaseModel | None = None, *, component: str |
     each key is matched to its module there by kohya's own rule (:func:`_checkpoint_names`). ΔW per module is
     kohya's (alpha / r), which is what diffusers applies from ``network_alphas``.
     """
+    if _is_flux(path):
+        return _read_flux(path, base, component)
     hp = dict(base.hparams or {}) if base is not None else {}
     mapping = _sd_names(path, int(hp.get("layers_per_block", 2)))
     held = list(dict.fromkeys(c for c, _ in mapping.values()))
@@ -452,23 +484,93 @@ def read_kohya_sd(path: Path, base: BaseModel | None = None, *, component: str |
     if comp not in held:
         raise InvalidOptionError(f"`component` {comp!r} is not in {path}; it holds {', '.join(held)}")
 
-    def own(name: str) -> str:
-        if shapes and name.startswith("text_model.") and name not in shapes and name[11:] in shapes:
-            return name[len("text_model."):]
-        return name
-
-    given = {k: own(n) for k, (c, n) in mapping.items() if c == comp}
+    given = {k: _own_name(n, shapes) for k, (c, n) in mapping.items() if c == comp}
     return read_kohya(path, given=given, base_shapes=shapes or None)
 
 
+def _own_name(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """A CLIP module name as a base without ``text_model.`` names spells it."""
+    if shapes and name.startswith("text_model.") and name not in shapes and name[11:] in shapes:
+        return name[len("text_model."):]
+    return name
+
+
+def _flux_targets(path: Path) -> dict[str, FluxTarget]:
+    try:
+        return flux_module_names(_file_keys(path))
+    except ValueError as e:
+        raise NotAnAdapterError(path, str(e)) from None
+
+
+#: where a Black Forest Labs Flux.1 checkpoint keeps the transformer: bare (``flux1-dev.safetensors``) or under
+#: ComfyUI's ``model.diffusion_model.``; sd-scripts' ``lora_unet_`` keys are its flattened module paths there
+_BFL_HEADS = ("", "model.diffusion_model.")
+
+
+def _bfl_names(path: Path, targets: Mapping[str, FluxTarget], shapes: Mapping[str, tuple[int, ...]]
+               ) -> dict[str, str] | None:
+    """kohya key → module of a BFL-layout Flux checkpoint ``shapes`` (``double_blocks.0.img_attn.qkv``, no split:
+    sd-scripts trains these very modules); None when ``shapes`` is no such checkpoint. The text encoders' keys are
+    other models' and are not read (refused when the checkpoint holds text encoders too); a transformer key that
+    matches no module (or two) is refused by name."""
+    head = next((h for h in _BFL_HEADS if any(n.startswith((h + "double_blocks.", h + "single_blocks."))
+                                              for n in shapes)), None)
+    if head is None:
+        return None
+    table = _base_lookup(n[len(head):] for n in shapes if n.startswith(head))
+    encoders = next((n for n in shapes if n.startswith(("text_encoders.", "conditioner.", "cond_stage_model."))), None)
+    out: dict[str, str] = {}
+    for key, t in targets.items():
+        if t.component != "transformer" and encoders is not None:  # not merged silently beside the transformer's
+            raise NotAnAdapterError(path, f"its module {key} is a text encoder's, and the checkpoint holds text "
+                                          f"encoders ({encoders}) that loratools does not map kohya's keys onto; "
+                                          "merge it into the text encoder's own model with `component`")
+        if t.component != "transformer":
+            continue
+        found = table.get(key[len(UNET_PREFIX):])
+        if found is None:
+            raise NotAnAdapterError(path, f"its module {key} is no single module of the Flux checkpoint (under "
+                                          f"{head or 'its top level'})")
+        out[key] = head + found
+    return out
+
+
+def _read_flux(path: Path, base: BaseModel | None, component: str | None) -> Adapter:
+    """A kohya Flux.1 file (:mod:`.kohya_flux`) named as :func:`read_kohya_sd` names a Stable Diffusion one: every
+    module ``<component>.<module>`` without ``base``/``component``, else one component's (fused projections split
+    as diffusers splits them); a BFL-layout checkpoint ``base`` takes the transformer's keys unsplit."""
+    targets = _flux_targets(path)
+    held = list(dict.fromkeys(t.component for t in targets.values()))
+    shapes = dict(base.shapes or {}) if base is not None else {}
+    whole = _bfl_names(path, targets, shapes) if component is None and base is not None else None
+    if whole is not None:
+        if not whole:
+            raise NotAnAdapterError(path, "it holds no LoRA of the Flux transformer, only of its text encoders")
+        return read_kohya(path, given=whole)
+    comp = component if component is not None or base is None else _component_of(path, held, base)
+    if comp is not None and comp not in held:
+        raise InvalidOptionError(f"`component` {comp!r} is not in {path}; it holds {', '.join(held)}")
+    adapter = read_kohya(path, given={k: k for k, t in targets.items() if comp is None or t.component == comp})
+    modules: dict[str, Module] = {}
+    for key, m in adapter.items():
+        t = targets[key]
+        try:
+            parts = split_flux_module(key, m, t)
+        except ValueError as e:
+            raise NotAnAdapterError(path, str(e)) from None
+        for name, part in parts.items():
+            modules[f"{t.component}.{name}" if comp is None else _own_name(name, shapes)] = part
+    return adapter.with_modules(modules)
+
+
 def _no_sd_writer() -> None:
-    raise InvalidOptionError("loratools reads kohya Stable Diffusion files but does not write them with diffusers' "
-                             "names; write kohya (`to` kohya) or peft")
+    raise InvalidOptionError("kohya-sd is read only: write kohya (`to` kohya, diffusers' U-Net names, which "
+                             "diffusers and ComfyUI load), diffusers, comfyui or peft")
 
 
 # before "kohya": detection runs in registration order, and a Stable Diffusion file is also kohya's
-register(Format("kohya-sd", "kohya sd-scripts LoRA of Stable Diffusion 1.x/2.x/SDXL (lora_unet_/lora_te1_/lora_te2_), "
-                "read with diffusers' module names; read only", ".safetensors", _detect_sd,
+register(Format("kohya-sd", "kohya sd-scripts LoRA of Stable Diffusion 1.x/2.x/SDXL (lora_unet_/lora_te1_/lora_te2_) "
+                "or Flux.1 (lora_unet_double_blocks_…), read with diffusers' module names; read only", ".safetensors", _detect_sd,
                 reader=lambda path, base: read_kohya_sd(path, base),
                 writer=lambda adapter, path, base: _no_sd_writer(),
                 component_reader=lambda path, component: read_kohya_sd(path, component=component)))

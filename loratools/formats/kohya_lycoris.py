@@ -25,9 +25,12 @@ Exact LoRA forms, rank r₁·r₂ (not always the least rank, never an approxima
   ``hada_w1_a`` (r, out), ``hada_w1_b`` (r, in); ``functional/loha.py`` ``HadaWeightTucker``: W₁[p, q, …] =
   Σᵢⱼ t₁[i, j, …]·w1b[j, q]·w1a[i, p]): W₁ = B₁A₁ with B₁ = w1aᵀ, A₁[i, (q, …)] = Σⱼ t₁[i, j, …]·w1b[j, q],
   then the face-splitting product as above. (A LoCon ``lora_mid`` core is read by :mod:`.kohya`.)
+- LoKr with a Tucker core (``lokr_t2`` (r, r, kh, kw), ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d)): W2 = B₂A₂ with
+  B₂ = w2aᵀ and A₂ the core contracted with w2b (:func:`_tucker_side`), then the Kronecker form above; s = alpha / r
+  with r the core's rank, LyCORIS's ``lora_dim`` (``LokrModule.__init__``).
 
-LoKr with a Tucker core (``lokr_t2``), DoRA (``dora_scale``) and LyCORIS's other kinds are refused by name
-(:func:`lycoris_refusal`).
+DoRA (``dora_scale``: LyCORIS's rule is not peft's, the only DoRA an Adapter holds), ``lokr_t1`` and LyCORIS's other
+kinds are refused by name (:func:`lycoris_refusal`).
 """
 
 from __future__ import annotations
@@ -39,17 +42,31 @@ __all__ = ["LYCORIS_KEYS", "REFUSED_KEYS", "LycorisFactors", "lycoris_refusal", 
 
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _TUCKER = ("hada_t1", "hada_t2")
-_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 #: tensor names (after ``<key>.``) of the LyCORIS kinds read here
 LYCORIS_KEYS = _LOHA + _TUCKER + _LOKR
+#: Tucker cores: an entry of the LoRA form is then a sum of products (exact in float64 only)
+_CORES = _TUCKER + ("lokr_t2",)
+
+#: LyCORIS 4.1.3 DoRA (``functional/general.py`` ``_weight_decompose``, ``modules/locon.py`` ``wd_on_out``) against
+#: peft 0.21.2's (``tuners/lora/dora.py`` ``get_weight_norm``, ``LoraLayer.merge``: m / ‖W0 + s·BA‖ per output row,
+#: no ε), the only DoRA an Adapter holds: the rows kind differs in its ε, the columns kind in its axis too
+_DORA_ROWS = ("LyCORIS DoRA (dora_scale of shape (out, 1), wd_on_out): LyCORIS 4.1.3 rescales each output row of "
+              "W0 + ΔW by dora_scale / (‖row‖ + ε), ε the float eps of dora_scale's dtype (2⁻²³ for float32), and "
+              "peft's DoRA, the one loratools holds, by m / ‖row‖ with no ε, which differs where a row's norm is "
+              "small; merge it with LyCORIS and extract a LoRA from the result (loratools extract)")
+_DORA_COLUMNS = ("LyCORIS DoRA with wd_on_out=False (dora_scale of shape (1, in)): it rescales each input column of "
+                 "W0 + ΔW by dora_scale / (‖column‖ + ε), where peft's DoRA, the one loratools holds, rescales output "
+                 "rows, and LyCORIS 4.1.3's own create_network_from_weights loads only the output-row kind; merge it "
+                 "with a runtime that reads it (ComfyUI) and extract a LoRA from the result (loratools extract)")
 
 #: tensor name → (the kind it marks, what to do); first match wins, so DoRA and Tucker come first
 _REFUSED: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("dora_scale",), "LyCORIS DoRA (weight-decomposed, dora_scale): its merged weight depends on the base; "
-                      "merge it with LyCORIS and extract a LoRA from the result"),
-    (("lokr_t1", "lokr_t2"),
-     "LyCORIS LoKr with a Tucker core (lokr_t2, use_tucker): retrain without use_tucker, "
-     "or merge it with LyCORIS and extract a LoRA"),
+    (("dora_scale",), _DORA_ROWS),
+    (("lokr_t1",),
+     "LyCORIS LoKr with a Tucker core on its first factor (lokr_t1), which LyCORIS 4.1.3 lists among LoKr's "
+     "tensors but neither creates nor applies (modules/lokr.py): no producer defines its ΔW; retrain it, or merge "
+     "it with the tool that wrote it and extract a LoRA (loratools extract)"),
     (("diff", "diff_b"), "LyCORIS full (diff/diff_b, a whole weight, not low-rank): merge it with LyCORIS"),
     (("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"),
      "LyCORIS GLoRA (a1/a2/b1/b2): its update depends on the base weight; merge it with LyCORIS"),
@@ -64,17 +81,20 @@ _REFUSED: tuple[tuple[tuple[str, ...], str], ...] = (
 REFUSED_KEYS = frozenset(k for names, _ in _REFUSED for k in names)
 
 
-def lycoris_refusal(keys: set[str]) -> str | None:
-    """Why one module's tensor names (after ``<key>.``) are a LyCORIS kind loratools does not read, or None.
+def lycoris_refusal(keys: set[str], dora_shape: tuple[int, ...] | None = None) -> str | None:
+    """Why one module's tensor names (after ``<key>.``) are a LyCORIS kind loratools does not read, or None;
+    ``dora_shape`` (``dora_scale``'s) tells DoRA's two kinds apart: (1, in, …) normalises input columns.
 
-    >>> lycoris_refusal({"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"})[:26]
+    >>> lycoris_refusal({"lokr_w1_a", "lokr_w1_b", "lokr_t1", "lokr_w2", "alpha"})[:26]
     'LyCORIS LoKr with a Tucker'
-    >>> lycoris_refusal({"lokr_w1", "lokr_w2", "alpha"}) is None
+    >>> lycoris_refusal({"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"}) is None
     True
     """
     for names, why in _REFUSED:
         if keys & set(names):
-            return why
+            columns = why is _DORA_ROWS and dora_shape is not None and len(dora_shape) >= 2 and dora_shape[0] == 1 \
+                and dora_shape[1] > 1
+            return _DORA_COLUMNS if columns else why
     return None
 
 
@@ -93,7 +113,7 @@ def _scale(alpha: float | None, r: int | None) -> float:
 def _tucker_half(t: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
     """(B, A) of one Tucker LoHa half: W[p, q, …] = Σᵢⱼ t[i, j, …]·wb[j, q]·wa[i, p] = (waᵀ A)[p, (q, …)]."""
     if t.ndim < 3 or t.shape[0] != wa.shape[0] or t.shape[1] != wb.shape[0] or wa.ndim != 2 or wb.ndim != 2:
-        raise ValueError(f"LoHa Tucker factors do not chain: core {tuple(t.shape)}, w_a {tuple(wa.shape)}, "
+        raise ValueError(f"Tucker factors do not chain: core {tuple(t.shape)}, w_a {tuple(wa.shape)}, "
                          f"w_b {tuple(wb.shape)}")
     A = torch.einsum("ij...,jq->iq...", t, wb).reshape(t.shape[0], -1)
     return wa.T, A
@@ -130,6 +150,8 @@ def _loha(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
 def _side(t: dict[str, Tensor], n: str) -> tuple[Tensor, Tensor, int | None, tuple[int, ...]]:
     """(B, A, rank when decomposed, kernel) of one Kronecker factor, W = B @ A exactly."""
     full = t.get(f"lokr_w{n}")
+    if n == "2" and "lokr_t2" in t:
+        return _tucker_side(t, full)
     if full is not None:
         W = full.to(torch.float64)
         kernel = tuple(int(s) for s in W.shape[2:])
@@ -145,6 +167,20 @@ def _side(t: dict[str, Tensor], n: str) -> tuple[Tensor, Tensor, int | None, tup
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"lokr_w{n}_a {tuple(a.shape)} and lokr_w{n}_b {tuple(b.shape)} do not chain")
     return a.to(torch.float64), b.to(torch.float64), int(a.shape[1]), ()
+
+
+def _tucker_side(t: dict[str, Tensor], full: Tensor | None) -> tuple[Tensor, Tensor, int | None, tuple[int, ...]]:
+    """LoKr's second factor with a Tucker core (LyCORIS 4.1.3 ``modules/lokr.py`` ``use_tucker`` on a convolution:
+    ``lokr_t2`` (r, r, kh, kw), ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d); ``functional/lokr.py`` ``_kron_weight``
+    → ``functional/general.py`` ``rebuild_tucker``: W2[p, q, …] = Σᵢⱼ t2[i, j, …]·w2a[i, p]·w2b[j, q]) as
+    B = w2aᵀ, A[i, (q, …)] = Σⱼ t2[i, j, …]·w2b[j, q]: exact, rank r, the kernel from the core."""
+    if full is not None:  # LyCORIS applies lokr_t2 only when the second factor is decomposed
+        raise ValueError("lokr_t2 beside a full lokr_w2 (LyCORIS uses the core only with lokr_w2_a/lokr_w2_b)")
+    a, b, core = t.get("lokr_w2_a"), t.get("lokr_w2_b"), t["lokr_t2"]
+    if a is None or b is None:
+        raise ValueError("a LoKr Tucker core (lokr_t2) needs lokr_w2_a and lokr_w2_b")
+    B, A = _tucker_half(core.to(torch.float64), a.to(torch.float64), b.to(torch.float64))
+    return B.contiguous(), A, int(core.shape[0]), tuple(int(k) for k in core.shape[2:])
 
 
 def _lokr(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
@@ -180,7 +216,7 @@ def lycoris_factors(tensors: dict[str, Tensor], alpha: float | None) -> LycorisF
         f = _lokr(tensors, alpha)
     # each entry is a product of two stored values: exact in float32 for 16-bit factors, else in float64
     # (a Tucker core makes each entry a sum of products: float64 then)
-    half = not any(k in tensors for k in _TUCKER) and all(t.dtype.itemsize <= 2 for k, t in tensors.items()
+    half = not any(k in tensors for k in _CORES) and all(t.dtype.itemsize <= 2 for k, t in tensors.items()
                                                           if k in LYCORIS_KEYS)
     if half:
         f.A, f.B = f.A.to(torch.float32), f.B.to(torch.float32)

@@ -18,14 +18,24 @@ puts that key's LoRA on. What diffusers would drop or collapse is refused by nam
 
 SGM block numbers are placed with the U-Net's ``layers_per_block`` (``unet_config`` in diffusers; 2 in every
 SD 1.x/2.x/SDXL U-Net, the default here when the base's ``config.json`` does not say).
+
+Beside that reading of kohya keys, one structural map between a U-Net module's diffusers name and its SGM name
+(``down_blocks.1.attentions.0.proj_in`` ↔ ``input_blocks.4.1.proj_in``), both ways: :func:`sgm_name` and
+:func:`unet_name`: the SGM U-Net's own weight names, which diffusers 0.42.1's single-file converter reads
+(``loaders/single_file_utils.py`` ``convert_ldm_unet_checkpoint``; the tests check both maps against it) and
+ComfyUI's U-Net holds (``comfy/lora.py`` ``model_lora_keys_unet`` at 41444b5 maps ``diffusion_model.<name>`` for
+each of its weights). It differs from
+diffusers' kohya rule above in one place: SGM ``output_blocks.N.1.conv`` of an up block without attention is that
+block's upsampler (diffusers' LoRA rule reads inner index 1 as an attention, which only SDXL's blocks have).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-__all__ = ["SD_COMPONENTS", "is_sd_key", "sd_module_names"]
+__all__ = ["SD_COMPONENTS", "is_sd_key", "sd_module_names", "sgm_name", "unet_name", "up_attention", "clip_name"]
 
 #: kohya prefix → diffusers component (``_convert_non_diffusers_lora_to_diffusers``)
 SD_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
@@ -165,3 +175,131 @@ def sd_module_names(keys: Iterable[str], *, layers_per_block: int = 2) -> dict[s
         seen[comp, name] = key
         out[key] = (comp, name)
     return out
+
+
+# ------------------------------------------------ diffusers ↔ SGM U-Net names (structural, both ways)
+
+#: diffusers ``ResnetBlock2D`` → SGM ``ResBlock`` (``convert_ldm_unet_checkpoint``'s ``renew_resnet_paths``)
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET_BACK = {v: k for k, v in _RESNET.items()}
+#: modules outside the blocks
+_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_TOP_BACK = {v: k for k, v in _TOP.items()}
+_MID = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}
+_MID_BACK = {v: k for k, v in _MID.items()}
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+_SGM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)$")
+
+
+def up_attention(config: Mapping[str, Any] | None, names: Iterable[str] = ()) -> dict[int, bool]:
+    """Which up blocks hold attention layers: from a diffusers U-Net ``config.json`` (``up_block_types``) when
+    given, else the blocks ``names`` (diffusers U-Net module names) show attention modules in (others unknown)."""
+    types = (config or {}).get("up_block_types")
+    if isinstance(types, (list, tuple)):
+        return {b: "CrossAttn" in str(t) or "Attn" in str(t) for b, t in enumerate(types)}
+    return {int(m[2]): True for n in names if (m := _BLOCK.match(n)) and m[1] == "up_blocks" and m[3] == "attentions"}
+
+
+def _resnet(rest: str, table: Mapping[str, str], name: str) -> str:
+    if rest not in table:
+        raise ValueError(f"{name}: {rest!r} is no module of a Stable Diffusion resnet block")
+    return table[rest]
+
+
+def sgm_name(name: str, *, layers_per_block: int = 2, attention: Mapping[int, bool] | None = None) -> str:
+    """The SGM name of diffusers U-Net module ``name`` (SD 1.x/2.x/SDXL layout).
+
+    ``attention`` (:func:`up_attention`) says which up blocks hold attention layers: an upsampler sits after them
+    (inner index 2) or right after the resnet (1); an upsampler of a block it does not cover raises ``ValueError``.
+
+    >>> sgm_name("down_blocks.1.attentions.0.proj_in"), sgm_name("up_blocks.0.upsamplers.0.conv", attention={0: True})
+    ('input_blocks.4.1.proj_in', 'output_blocks.2.2.conv')
+    """
+    if name in _TOP:
+        return _TOP[name]
+    n = layers_per_block + 1
+    if name.startswith("mid_block."):
+        head, _, rest = name[len("mid_block."):].partition(".")
+        tail = rest.partition(".")
+        key = f"{head}.{tail[0]}"
+        if key not in _MID:
+            raise ValueError(f"{name}: no SGM middle block holds it")
+        return f"middle_block.{_MID[key]}." + (_resnet(tail[2], _RESNET, name) if head == "resnets" else tail[2])
+    m = _BLOCK.match(name)
+    if m is None:
+        raise ValueError(f"{name} is no module of a Stable Diffusion U-Net that SGM names")
+    part, b, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+    inner = _resnet(rest, _RESNET, name) if kind == "resnets" else rest
+    if part == "down_blocks":
+        if kind == "downsamplers" and j == 0 and rest == "conv":
+            return f"input_blocks.{(b + 1) * n}.0.op"
+        if kind in ("resnets", "attentions") and j < layers_per_block:
+            return f"input_blocks.{1 + b * n + j}.{0 if kind == 'resnets' else 1}.{inner}"
+    elif kind == "upsamplers" and j == 0 and rest == "conv":
+        if attention is None or b not in attention:
+            raise ValueError(f"{name}: whether up block {b} holds attention layers decides its SGM index; "
+                             "give the U-Net (its config.json) to say")
+        return f"output_blocks.{b * n + layers_per_block}.{2 if attention[b] else 1}.conv"
+    elif kind in ("resnets", "attentions") and j < n:
+        return f"output_blocks.{b * n + j}.{0 if kind == 'resnets' else 1}.{inner}"
+    raise ValueError(f"{name} is no module of a Stable Diffusion U-Net with {layers_per_block} layers per block")
+
+
+def unet_name(sgm: str, *, layers_per_block: int = 2) -> str:
+    """The diffusers name of SGM U-Net module ``sgm``: the inverse of :func:`sgm_name`.
+
+    >>> unet_name("input_blocks.4.1.proj_in"), unet_name("output_blocks.2.1.conv")
+    ('down_blocks.1.attentions.0.proj_in', 'up_blocks.0.upsamplers.0.conv')
+    """
+    if sgm in _TOP_BACK:
+        return _TOP_BACK[sgm]
+    n = layers_per_block + 1
+    m = _SGM_BLOCK.match(sgm)
+    if m is None:
+        raise ValueError(f"{sgm} is no module of a Stable Diffusion U-Net in SGM names")
+    part, i, rest = m[1], int(m[2]), m[4]
+    if part == "middle_block":
+        if m[3] is not None or str(i) not in _MID_BACK:
+            raise ValueError(f"{sgm}: SGM middle blocks are 0-2, with no inner index")
+        key = _MID_BACK[str(i)]
+        return f"mid_block.{key}." + (_resnet(rest, _RESNET_BACK, sgm) if key.startswith("resnets") else rest)
+    if m[3] is None:
+        raise ValueError(f"{sgm}: no inner index after the SGM block number")
+    k = int(m[3])
+    if part == "input_blocks":
+        if i == 0:
+            raise ValueError(f"{sgm}: input block 0 holds conv_in alone")
+        b, j = (i - 1) // n, (i - 1) % n
+        if j == layers_per_block and k == 0 and rest == "op":
+            return f"down_blocks.{b}.downsamplers.0.conv"
+        if j < layers_per_block and k in (0, 1):
+            return f"down_blocks.{b}.{'resnets' if k == 0 else 'attentions'}.{j}." + (
+                _resnet(rest, _RESNET_BACK, sgm) if k == 0 else rest)
+        raise ValueError(f"{sgm} is no module of an SGM input block with {layers_per_block} layers per block")
+    b, j = i // n, i % n
+    if k in (1, 2) and rest == "conv":  # an attention layer has no module named conv: this is the upsampler
+        if j != layers_per_block:
+            raise ValueError(f"{sgm}: only the last layer of an SGM output block upsamples")
+        return f"up_blocks.{b}.upsamplers.0.conv"
+    if k in (0, 1):
+        return f"up_blocks.{b}.{'resnets' if k == 0 else 'attentions'}.{j}." + (
+            _resnet(rest, _RESNET_BACK, sgm) if k == 0 else rest)
+    raise ValueError(f"{sgm} is no module of an SGM output block")
+
+
+#: first names of a CLIP text model's modules without its ``text_model.`` level (transformers 5 ``CLIPTextModel``)
+_CLIP_HEADS = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
+def clip_name(name: str) -> str:
+    """``name`` with CLIP's ``text_model.`` level when it is a CLIP text-model module without it (as transformers 5's
+    ``CLIPTextModel`` and diffusers files saved from it spell them); any other name as it is (T5's
+    ``encoder.block.…`` too).
+
+    >>> clip_name("encoder.layers.0.mlp.fc1"), clip_name("text_projection"), clip_name("encoder.block.0.layer.0.x")
+    ('text_model.encoder.layers.0.mlp.fc1', 'text_projection', 'encoder.block.0.layer.0.x')
+    """
+    return "text_model." + name if name.startswith(_CLIP_HEADS) else name

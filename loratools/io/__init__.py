@@ -12,15 +12,15 @@ Only safetensors is ever loaded: nothing here unpickles.
 
 from __future__ import annotations
 
-from .model import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, ModelReader, Progress, config_path, has_weights,
-                    read_config, rewrite_model)
+from .model import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, ModelReader, Progress, config_path, copy_entries,
+                    has_weights, read_config, rewrite_model)
 from .paths import atomic_output, check_output, output_lock, read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, ShardWriter, Span, buffer,
                           copy_range, load_safetensors, nbytes_of, read_safetensors_header, read_safetensors_layout,
                           read_tensor, save_safetensors, tensor_spans, write_at)
 
 __all__ = [
-    "ModelReader", "Progress", "read_config", "config_path", "has_weights", "rewrite_model", "atomic_output", "check_output",
+    "ModelReader", "Progress", "copy_entries", "read_config", "config_path", "has_weights", "rewrite_model", "atomic_output", "check_output",
     "output_lock", "read_json",
     "read_safetensors_header", "read_safetensors_layout", "load_safetensors", "save_safetensors",
     "tensor_spans", "read_tensor", "Entry", "Span", "ShardWriter", "nbytes_of", "RowReader", "buffer", "write_at",

@@ -33,7 +33,7 @@ from .paths import copy_opened, read_json
 from .safetensors import (CODE_DTYPES, DTYPE_CODES, DTYPE_SIZES, Entry, RowReader, Span, buffer, copy_range,
                           header_bytes, read_safetensors_layout, read_tensor, spans_of, write_at)
 
-__all__ = ["ModelReader", "Progress", "config_path", "read_config", "rewrite_model", "has_weights", "INDEX_NAME",
+__all__ = ["ModelReader", "Progress", "config_path", "read_config", "rewrite_model", "has_weights", "copy_entries", "INDEX_NAME",
            "WEIGHTS_NAME", "CONFIG_NAME", "WEIGHTS_NAMES"]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -284,6 +284,20 @@ def _copy_new(src: Path, dst: Path, roots: tuple[Path, ...]) -> None:
         copy_opened(fd, dst, where=src)
     finally:
         os.close(fd)
+
+
+def copy_entries(root: Path, dest: Path, *, skip: Iterable[str] = ()) -> tuple[str, ...]:
+    """Copy every entry of the folder ``root`` but those named in ``skip`` into ``dest``, as new files (what a
+    model's side files get: links only to regular files inside ``root`` or its Hub ``blobs/``, :func:`_open_side`);
+    the names copied, in order. A diffusers pipeline's unmerged models and configs are copied so."""
+    roots, left = _side_roots(root), set(skip)
+    names = []
+    for item in sorted(root.iterdir()):
+        if item.name in left:
+            continue
+        _copy_new(item, dest / item.name, roots)
+        names.append(item.name)
+    return tuple(names)
 
 
 Pieces = Iterable[Tensor]

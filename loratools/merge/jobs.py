@@ -54,7 +54,7 @@ from .report import MergeReport, ModuleCheck, UpdateFit, VerifyReport, fit_sums
 from .checks import ErrorStats, check_stamp, input_paths
 from ..quant.qlora import QloraRow, qlora_report
 
-__all__ = ["Adapters", "merge_model", "unmerge_model", "verify_merge"]
+__all__ = ["Adapters", "check_merge", "merge_model", "unmerge_model", "verify_merge"]
 
 Adapters = Sequence[AdapterInput | tuple[Adapter, float] | Adapter]
 PathLike = str | os.PathLike[str]
@@ -180,6 +180,13 @@ def _open(base: PathLike | BaseModel) -> tuple[ModelReader, dict[str, Any] | Non
 
 def _path(model: PathLike | BaseModel) -> Path:
     return model.path if isinstance(model, BaseModel) else Path(model)
+
+
+def check_merge(base: PathLike | BaseModel, adapters: Adapters, *, device: str | torch.device = "auto",
+                precision: str | torch.dtype = torch.float32) -> None:
+    """Every check :func:`merge_model` makes before it writes (the adapters against the base's names and shapes,
+    the base's format), writing nothing: a job of several merges checks each before the first writes."""
+    _Job.start(base, adapters, device, precision)
 
 
 def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
