@@ -171,11 +171,12 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     fmt_out = get_format(to)
     src_p, dst_p = Path(src), Path(dst)
     # without `base`, what the source file records of its base stands in (GGUF head counts), when it records any
-    whole = component is None and fmt_out.component_reader is not None  # the target holds several models: all
+    several = get_format(detect_format(src_p)).component_reader is not None  # the source holds several models
+    whole = component is None and several and fmt_out.holds_models  # … and so does the target: all of them
     pipeline = whole and _pipeline_folder(base)
     if whole:
         adapter, base_m, fmt_in = _read_whole(src_p, base)
-    elif component is None and base is not None and get_format(detect_format(src_p)).component_reader is not None:
+    elif component is None and base is not None and several:
         adapter, base_m, fmt_in = _read_as_base(src_p, base)
     else:
         adapter, base_m, fmt_in = read_with_base(src_p, base, component=component)

@@ -60,6 +60,29 @@ if python -c "import gguf" 2>/dev/null; then
 else
   printf '\n(GGUF steps skipped: the gguf package is absent; pip install "loratools[gguf]")\n'
 fi
+# --- image-model LoRAs: one file per pipeline (U-Net + text encoder), in kohya's, diffusers' and ComfyUI's names -----
+step "Make a small kohya SD 1.5-style LoRA file (two U-Net attention projections, two CLIP layers)" \
+  python -c "
+import torch
+from safetensors.torch import save_file
+g = torch.Generator().manual_seed(0); t = {}
+for k, (o, i) in {'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q': (32, 32),
+                  'lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k': (32, 48),
+                  'lora_te_text_model_encoder_layers_0_self_attn_q_proj': (48, 48),
+                  'lora_te_text_model_encoder_layers_0_mlp_fc1': (96, 48)}.items():
+    t[k + '.lora_down.weight'] = torch.randn(4, i, generator=g) * 0.1
+    t[k + '.lora_up.weight'] = torch.randn(o, 4, generator=g) * 0.1
+    t[k + '.alpha'] = torch.tensor(2.0)
+save_file(t, '$OUT/sd-lora.safetensors', metadata={'ss_network_module': 'networks.lora'})
+print('wrote $OUT/sd-lora.safetensors')"
+step "Inspect it: kohya-sd, modules named as diffusers names them (unet., text_encoder.)" \
+  bash -c "loratools inspect $OUT/sd-lora.safetensors | head -n 9"
+step "Convert it to diffusers' pipeline LoRA (pytorch_lora_weights.safetensors), ΔW checked" \
+  loratools convert "$OUT/sd-lora.safetensors" -o "$OUT/pytorch_lora_weights.safetensors" --to diffusers
+step "… and to ComfyUI's names (diffusion_model.<SGM name>, text_encoders.clip_l.…)" \
+  loratools convert "$OUT/pytorch_lora_weights.safetensors" -o "$OUT/comfy-lora.safetensors" --to comfyui
+step "… and the U-Net's part alone as a peft adapter" \
+  loratools convert "$OUT/comfy-lora.safetensors" -o "$OUT/unet-lora" --to peft --component unet
 # --- serving: what each runtime will do with an adapter, and a rewrite it loads with the same ΔW ----------------
 step "Check the rsLoRA adapter (rank/alpha patterns) for vLLM: exit 1, vLLM ≤ 0.31 gives every module one scale" \
   bash -c "loratools check fixtures/adapters/rslora --for vllm; echo \"exit code \$?\""

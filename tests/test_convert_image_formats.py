@@ -362,6 +362,19 @@ def test_cli_converts_a_kohya_file_to_diffusers_and_comfyui(tmp_path: Path) -> N
         convert_file(src, tmp_path / "peft", to="peft")
 
 
+def test_a_comfyui_file_converts_whole_to_kohya_whose_arithmetic_is_comfyuis(tmp_path: Path) -> None:
+    """kohya's format holds a pipeline's models too (``lora_unet_``, ``lora_te_``, ``lora_te2_``): no --component.
+    (diffusers 0.42.1 would read this file's CLIP projections with the file's most common alpha, not their own:
+    tests/test_kohya_sdxl.py pins that.)"""
+    src = _comfy_with_clip(tmp_path / "comfy.safetensors")
+    want = {_comfy_target(k): d for k, d in _comfy_deltas(load_file(str(src))).items()}
+    done = run_cli("convert", src, "-o", tmp_path / "kohya.safetensors", "--to", "kohya")
+    assert done.returncode == 0, done.stderr
+    t = load_file(str(tmp_path / "kohya.safetensors"))
+    assert {k.split("_text_")[0] for k in t} == {"lora_te", "lora_te2"}
+    _same(_kohya_deltas(tmp_path / "kohya.safetensors"), want)
+
+
 def test_one_models_adapter_is_written_under_the_component_its_base_folder_names(tmp_path: Path) -> None:
     src = _kohya_file(tmp_path / "kohya.safetensors", sgm=True)
     pipe = _pipeline(tmp_path / "pipe", *_sdxl_models().values())

@@ -83,6 +83,8 @@ class Format:
       format's reader kept as it found it (kohya's flattened keys), else None;
     - ``component_reader(path, component)``: for a file holding the adapters of several models (a diffusers
       pipeline LoRA: ``unet``, ``text_encoder`` …), one of them, named as that model spells its modules;
+    - ``holds_models``: a file of this format can hold the adapters of several models of a pipeline, named
+      ``<component>.<module>`` (diffusers, ComfyUI, kohya): ``convert`` writes such a file whole;
     - ``base_info(path)``: when files of this format can describe a base model (a llama.cpp model
       ``.gguf``, or a GGUF adapter that records its head counts), what they say; else None.
 
@@ -101,6 +103,7 @@ class Format:
     name_hint: Callable[[str], str | None] = _no_hint
     base_info: Callable[[Path], BaseModel] | None = None
     component_reader: Callable[[Path, str], Adapter] | None = None
+    holds_models: bool = False
 
     def read(self, path: str | os.PathLike[str], *, base: BaseModel | None = None) -> Adapter:
         return self.reader(Path(path), base)

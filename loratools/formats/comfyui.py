@@ -372,4 +372,4 @@ def write_comfyui(adapter: Adapter, path: Path, base: BaseModel | None = None) -
 
 register(Format("comfyui", "ComfyUI LoraSave file (diffusion_model./text_encoders. keys, .diff/.diff_b); written "
                 "with SGM U-Net and CLIP names from SD/SDXL pipeline names", ".safetensors", detect, read_comfyui,
-                write_comfyui, plain_lora_only=True, cannot_hold=comfyui_unsupported, component_reader=read_component))
+                write_comfyui, plain_lora_only=True, cannot_hold=comfyui_unsupported, component_reader=read_component, holds_models=True))

@@ -281,4 +281,4 @@ def write_diffusers(adapter: Adapter, path: Path, base: BaseModel | None = None)
 register(Format("diffusers", "diffusers pipeline LoRA (pytorch_lora_weights.safetensors: unet./text_encoder./"
                 "transformer. + peft keys, per-component LoraConfig metadata)", ".safetensors",
                 detect, read_diffusers, write_diffusers, plain_lora_only=True, cannot_hold=diffusers_unsupported,
-                component_reader=read_component))
+                component_reader=read_component, holds_models=True))

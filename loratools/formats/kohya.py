@@ -573,9 +573,10 @@ register(Format("kohya-sd", "kohya sd-scripts LoRA of Stable Diffusion 1.x/2.x/S
                 "or Flux.1 (lora_unet_double_blocks_…), read with diffusers' module names; read only", ".safetensors", _detect_sd,
                 reader=lambda path, base: read_kohya_sd(path, base),
                 writer=lambda adapter, path, base: _no_sd_writer(),
-                component_reader=lambda path, component: read_kohya_sd(path, component=component)))
+                component_reader=lambda path, component: read_kohya_sd(path, component=component),
+                holds_models=True))
 register(Format("kohya", "kohya sd-scripts single .safetensors (lora_down/lora_up/alpha, ss_* metadata)",
                 ".safetensors", detect, reader=_read, writer=lambda adapter, path, base: write_kohya(adapter, path),
                 plain_lora_only=True, cannot_hold=lambda adapter, base: kohya_unsupported(adapter),
-                remarks=_flattened_note, name_hint=_flattened_hint))
+                remarks=_flattened_note, name_hint=_flattened_hint, holds_models=True))
 
