@@ -12,11 +12,15 @@ Model: SmolLM2-135M-Instruct as a float32 safetensors directory (bench/common.py
    (the others keep W0), in float32.
 3. The ratio ‖deq(NF4(W0)) − W0‖_F / ‖ΔW‖_F per adapted module and overall (`loratools inspect --qlora`'s
    `loratools.inspect_job.qlora_file`).
-4. Memory (--memory): peak RSS of `train` with and without `quantize`, each run in its own process: the whole
-   run's (ru_maxrss, the model load included) and the training phase's alone (VmHWM reset after the load).
+4. Memory (--memory): peak RSS and time per step of `train` on each base of --memory-bases (default: none,
+   i.e. float32; none-bfloat16, i.e. `dtype` bfloat16; nf4-dq; int8, i.e. LLM.int8 rows), each run in its own
+   process, --memory-repeats times in alternating order (medians reported, every run kept): the whole run's peak
+   (ru_maxrss, the model load included) and the training phase's alone (VmHWM reset after the load);
+   --memory-env NAME=VALUE sets an environment variable in those runs (glibc's MALLOC_MMAP_THRESHOLD_).
 
     PYTHONPATH=$PWD python bench/qlora_onto.py --steps 30 --json bench/results/qlora_onto.json
     (--no-memory, then --memory-only with the same --json, to run the two parts apart)
+    PYTHONPATH=$PWD python bench/qlora_onto.py --memory-only --memory-repeats 2 --json bench/results/qlora_memory.json
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,11 +51,12 @@ def split_corpus(root: Path, heldout_docs: int) -> tuple[Path, Path]:
     return root / "train.txt", root / "heldout.txt"
 
 
-def config(steps: int, targets: str, quantize: str, eval_file: Path):
+def config(steps: int, targets: str, quantize: str, eval_file: Path, dtype: str = "auto"):
     from loratools.train import TrainConfig
 
     return TrainConfig(steps=steps, rank=8, alpha=16, targets=targets, lr=1e-3, seq_len=SEQ_LEN, batch_size=BATCH,
-                       eval_file=str(eval_file), eval_every=10 ** 6, seed=0, device="cpu", quantize=quantize)
+                       eval_file=str(eval_file), eval_every=10 ** 6, seed=0, device="cpu", quantize=quantize,
+                       dtype=dtype)
 
 
 def losses(base: Path, adapter_dir: Path, heldout: Path, quant: str) -> dict[str, float]:
@@ -61,10 +67,9 @@ def losses(base: Path, adapter_dir: Path, heldout: Path, quant: str) -> dict[str
     from loratools.lm.data import load_examples
     from loratools.lm.heldout import evaluate
     from loratools.lm.load import load_causal_lm
-    from loratools.quant.qlora import qlora_codec
+    from loratools.quant.qlora import qlora_dequantized
 
     adapter = read_adapter(adapter_dir)
-    codec = qlora_codec(quant)
 
     def loss(model) -> float:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -82,7 +87,7 @@ def losses(base: Path, adapter_dir: Path, heldout: Path, quant: str) -> dict[str
             for name, m in adapter.modules.items():
                 w = model.get_submodule(name).weight
                 if onto == "dequantized":
-                    w.copy_(codec.dequantize("w", codec.quantize("w", w)))
+                    w.copy_(qlora_dequantized("w", w, quant))
                 w.add_(m.delta().to(w.dtype))
         out[key] = loss(model)
     return out
@@ -103,9 +108,10 @@ def ratios(base: Path, adapter_dir: Path, quant: str) -> dict[str, object]:
             "rows": [r.to_json() for r in report.rows]}
 
 
-def memory_child(base: Path, data: Path, heldout: Path, out: Path, steps: int, targets: str, quantize: str) -> None:
-    """One `train` run; prints the training phase's peak RSS (VmHWM reset when the base's held-out loss is
-    reported, after the load and the quantization) and the time per step."""
+def memory_child(base: Path, data: Path, heldout: Path, out: Path, steps: int, targets: str, variant: str) -> None:
+    """One `train` run on the base ``variant`` names (a `quantize` value, or none-bfloat16); prints the training
+    phase's peak RSS (VmHWM reset when the base's held-out loss is reported, after the load and the quantization)
+    and the time per step."""
     from loratools.train import train_adapter
 
     one = heldout.with_name("heldout-one.txt")  # one document: the eval is not what is measured
@@ -115,24 +121,35 @@ def memory_child(base: Path, data: Path, heldout: Path, out: Path, steps: int, t
         if info.step == 0:
             Path("/proc/self/clear_refs").write_text("5")
 
-    result = train_adapter(base, data, out, config(steps, targets, quantize, one), on_step=on_step, force=True)
+    quantize = variant.removesuffix("-bfloat16")
+    cfg = config(steps, targets, quantize, one, "bfloat16" if variant.endswith("-bfloat16") else "auto")
+    result = train_adapter(base, data, out, cfg, on_step=on_step, force=True)
     hwm = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
                if ln.startswith("VmHWM"))
     print(json.dumps({"train_phase_peak_mb": hwm / 1024, "s_per_step": result.seconds / result.steps}))
 
 
-def memory(root: Path, data: Path, heldout: Path, steps: int, targets: str) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for quantize in ("none", "nf4-dq"):
-        cmd = [sys.executable, __file__, "--child", quantize, "--memory-steps", str(steps), "--targets", targets,
-               "--workdir", str(root)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
-        _, status, ru = os.wait4(proc.pid, 0)
-        text = proc.stdout.read().decode() if proc.stdout else ""
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit((proc.stderr.read().decode() if proc.stderr else "")[-3000:])
-        out[quantize] = json.loads(text.strip().splitlines()[-1]) | {"run_peak_mb": ru.ru_maxrss / 1024}
-    return out
+def memory(root: Path, data: Path, heldout: Path, steps: int, targets: str, bases: list[str],
+           repeats: int = 1, env: dict[str, str] | None = None) -> dict[str, object]:
+    """Each base of ``bases`` ``repeats`` times, the order reversed every other round, the children run with ``env``
+    added to the environment: medians and every run."""
+    runs: dict[str, list[dict[str, float]]] = {b: [] for b in bases}
+    for i in range(repeats):
+        for variant in bases if i % 2 == 0 else bases[::-1]:
+            cmd = [sys.executable, __file__, "--child", variant, "--memory-steps", str(steps), "--targets", targets,
+                   "--workdir", str(root)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | (env or {}))
+            _, status, ru = os.wait4(proc.pid, 0)
+            text = proc.stdout.read().decode() if proc.stdout else ""
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit((proc.stderr.read().decode() if proc.stderr else "")[-3000:])
+            run = json.loads(text.strip().splitlines()[-1]) | {"run_peak_mb": ru.ru_maxrss / 1024,
+                                                               "load1_before": os.getloadavg()[0]}
+            runs[variant].append(run)
+            print(f"  round {i + 1} {variant}: {run['s_per_step']:.2f} s/step, train phase "
+                  f"{run['train_phase_peak_mb']:.0f} MB, run {run['run_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+    keys = ("train_phase_peak_mb", "s_per_step", "run_peak_mb")
+    return {b: {k: statistics.median(r[k] for r in rs) for k in keys} | {"runs": rs} for b, rs in runs.items()}
 
 
 def main() -> None:
@@ -142,6 +159,11 @@ def main() -> None:
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--quant", default="nf4-dq")
     ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-bases", default="none,none-bfloat16,nf4-dq,int8")
+    ap.add_argument("--memory-repeats", type=int, default=1)
+    ap.add_argument("--memory-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set in the memory runs' environment, e.g. MALLOC_MMAP_THRESHOLD_=131072 (glibc then returns "
+                         "every freed block over 128 KiB to the system instead of keeping it)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -157,8 +179,11 @@ def main() -> None:
         return
     if args.memory_only:  # the memory runs alone, their figures added to --json
         report = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
-        report["memory"] = memory(root, data, heldout, args.memory_steps, args.targets)
         report["memory_info"] = run_info()
+        env = dict(e.split("=", 1) for e in args.memory_env)
+        report["memory"] = memory(root, data, heldout, args.memory_steps, args.targets,
+                                  args.memory_bases.split(","), args.memory_repeats, env)
+        report["memory_info"] |= {"loadavg_end": os.getloadavg(), "env": env}
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report["memory"], indent=2))
@@ -178,7 +203,8 @@ def main() -> None:
               | losses(base, root / "adapter", heldout, args.quant),
               "ratios": ratios(base, root / "adapter", args.quant)}
     if not args.no_memory:
-        report["memory"] = memory(root, data, heldout, args.memory_steps, args.targets)
+        report["memory"] = memory(root, data, heldout, args.memory_steps, args.targets,
+                                  args.memory_bases.split(","), args.memory_repeats)
     report["total_seconds"] = time.perf_counter() - t0
     text = json.dumps(report, indent=2)
     if args.json:

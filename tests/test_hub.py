@@ -186,6 +186,18 @@ def test_model_card_on_the_hub(hub: FakeHub, adapters: Path, name: str, method_t
         assert int(rows[layer.name][6].replace(",", "")) == layer.parameters
 
 
+def test_model_card_of_a_qlora_adapter_names_its_base_as_peft_does() -> None:
+    """A card pushed for an adapter trained with ``--quantize`` carries peft's bitsandbytes block, so ``merge`` of
+    the pulled adapter knows its base (quants_of_card reads what peft 0.21.2's own card code writes)."""
+    from loratools.quant.qlora import quants_of_card
+
+    report = inspect_adapter(Adapter({}, AdapterConfig()))
+    card = model_card(report, repo_id="me/x", training={"method": "lora", "quantize": "nf4-dq", "rank": 8})
+    assert quants_of_card(card) == ("nf4-dq",) and "| quantize | nf4-dq |" in card
+    plain = model_card(report, repo_id="me/x", training={"method": "lora", "quantize": "none", "rank": 8})
+    assert quants_of_card(plain) == () and "quantize" not in plain
+
+
 def test_model_card_base_model_override_and_local_paths() -> None:
     report = inspect_adapter(Adapter({}, AdapterConfig(base_model="/home/me/models/llama")))
     meta = ModelCard(model_card(report, repo_id="me/x")).data

@@ -16,7 +16,7 @@ from loratools.formats import read_adapter
 from loratools.io.model import ModelReader
 from loratools.nn.inject import load_adapter
 from loratools.nn.quantized import QuantLinear, quantize_linears
-from loratools.quant.bnb import Bnb4bit
+from loratools.quant.bnb import Bnb4bit, BnbInt8
 from loratools.quant.qlora import qlora_codec
 from loratools.train import train_adapter
 from loratools.train.config import TrainConfig
@@ -46,12 +46,17 @@ def test_quantized_linear_computes_with_the_weights_bitsandbytes_dequantizes(qua
     assert layer.codes.numel() == 128 * 48 // 2  # 4 bits a weight
 
 
+def train_tiny(tmp_path_factory: pytest.TempPathFactory, quantize: str, steps: int = 4) -> Path:
+    """A rank-4 q,v adapter trained on the tiny Llama held as ``quantize`` (a few seconds)."""
+    out = tmp_path_factory.mktemp(quantize) / "adapter"
+    train_adapter(TINY_LLAMA, CORPUS, out, TrainConfig(steps=steps, rank=4, alpha=8, seq_len=32, batch_size=4, lr=5e-3,
+                                                        eval_split=0.03, device="cpu", quantize=quantize))
+    return out
+
+
 @pytest.fixture(scope="module")
 def qlora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("qlora") / "adapter"
-    train_adapter(TINY_LLAMA, CORPUS, out, TrainConfig(steps=4, rank=4, alpha=8, seq_len=32, batch_size=4, lr=5e-3,
-                                                        eval_split=0.03, device="cpu", quantize="nf4-dq"))
-    return out
+    return train_tiny(tmp_path_factory, "nf4-dq")
 
 
 def _bnb_model(dequantized: bool) -> nn.Module:
@@ -129,3 +134,4 @@ def test_quant_choice_is_checked():
     with pytest.raises(ValueError):
         TrainConfig(quantize="nf3")  # type: ignore[arg-type]
     assert qlora_codec("fp4-dq") == Bnb4bit("fp4", 64, nested=True)
+    assert qlora_codec("int8") == BnbInt8() and TrainConfig(quantize="int8").quantize == "int8"

@@ -138,9 +138,14 @@ class _Group(click.Group):
 
 #: what to try when a command runs out of memory
 _OOM_ADVICE = {
-    "train": "--quantize nf4 (a 4-bit base), --gradient-checkpointing, a smaller --batch-size or --seq-len",
-    "merge": "--device cpu (a GPU's memory is smaller), or --dtype bfloat16",
+    "train": "--quantize nf4 or int8 (a quantized base), --gradient-checkpointing, a smaller --batch-size or "
+             "--seq-len; on CPU also MALLOC_MMAP_THRESHOLD_=131072 in the environment",
+    "merge": "--device cpu (a GPU's memory is smaller)",
     "eval": "a smaller --seq-len or --max-examples, or fewer --stack",
+    "prune": "a smaller --max-examples (its calibration runs the base forward and backward), or --device cpu",
+    "extract": "--device cpu (a GPU's memory is smaller), or fewer modules at a time with --targets",
+    "unmerge": "--device cpu (a GPU's memory is smaller)",
+    "verify": "--device cpu (a GPU's memory is smaller)",
     "": "--device cpu, or a machine with more memory",
 }
 

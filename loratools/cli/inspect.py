@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from .options import ADAPTER, Session, base_option, json_option, pass_session
+
+if TYPE_CHECKING:
+    from ..merge.onto import TrainedOn
 
 
 @click.command()
@@ -12,10 +17,10 @@ from .options import ADAPTER, Session, base_option, json_option, pass_session
 @json_option
 @base_option("for DoRA, each layer's magnitude change and the spectrum of its full update; with --qlora, "
              "the 16-bit weights W0")
-@click.option("--qlora", type=click.Choice(["nf4", "nf4-dq", "fp4", "fp4-dq"]), default=None,
+@click.option("--qlora", type=click.Choice(["nf4", "nf4-dq", "fp4", "fp4-dq", "int8"]), default=None,
               help="Instead of the spectrum: per layer ‖deq(Q(W0)) − W0‖F / ‖ΔW‖F for this bitsandbytes 4-bit "
-                   "base (-dq: double quantization), and whether to merge onto the original or the dequantized "
-                   "weights (needs --base).")
+                   "(-dq: double quantization) or int8 base, and whether to merge onto the original or the "
+                   "dequantized weights (needs --base; refused if the adapter records another base).")
 @pass_session
 def inspect(session: Session, adapter: str, as_json: bool, base: str | None, qlora: str | None) -> None:
     """Show an adapter's layers: rank, scale, spectrum and effective rank.
@@ -32,9 +37,12 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None, qlo
     --base the magnitude's change ‖m − ‖W0‖row‖/‖‖W0‖row‖ and the full update
     W′ − W0's norm, numerical and entropy effective rank (it is not low-rank).
 
-    --qlora: for an adapter trained on a 4-bit base, each layer's quantization
+    --qlora: for an adapter trained on a quantized base, each layer's quantization
     error ‖deq(Q(W0)) − W0‖F next to its update ‖ΔW‖F, their ratio, the overall
     ratio √Σ‖E‖²/√Σ‖ΔW‖², and which base to merge onto (docs/experiments.md).
+    An adapter that records its base (`train --quantize` writes it in
+    README.md as peft's card does; training_config.json) says so below its
+    table.
 
     \b
     Examples:
@@ -47,6 +55,7 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None, qlo
     from . import render
 
     configure_cpu_threads()
+    trained_on = _trained_on(adapter, qlora)
     if qlora is not None:
         _qlora(session, adapter, base, qlora, as_json)
         return
@@ -59,6 +68,10 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None, qlo
     session.out.print(render.inspect_table(report))
     for line in render.dora_lines(report):
         session.out.print(line)
+    if trained_on is not None and not session.quiet:
+        session.out.print(f"trained on a bitsandbytes {trained_on.quant} base ({trained_on.where}): --base W0 "
+                          f"--qlora {trained_on.quant} shows whether to merge it onto the original or the "
+                          "dequantized weights")
     if not session.quiet:
         session.out.print(render.totals_table(report.by_layer, "layer"))
         session.out.print(render.totals_table(report.by_type, "type"))
@@ -70,6 +83,14 @@ def inspect(session: Session, adapter: str, as_json: bool, base: str | None, qlo
                           + (f" · {len(report.saved_tensors)} full tensors saved" if report.saved_tensors else ""))
 
 
+def _trained_on(adapter: str, qlora: str | None) -> TrainedOn | None:
+    """The base the adapter records (:func:`loratools.merge.onto.recorded_base`); a contradicting --qlora refused."""
+    from ..merge.onto import check_recorded
+
+    records = check_recorded(qlora, [adapter])
+    return records[0] if records else None
+
+
 def _qlora(session: Session, adapter: str, base: str | None, quant: str, as_json: bool) -> None:
     from rich.table import Table
 
@@ -78,7 +99,7 @@ def _qlora(session: Session, adapter: str, base: str | None, quant: str, as_json
     from . import render
 
     if base is None:
-        raise InvalidOptionError("`qlora` needs `base`: the 16-bit model the 4-bit base was quantized from")
+        raise InvalidOptionError("`qlora` needs `base`: the 16-bit model the QLoRA base was quantized from")
     report = qlora_file(adapter, base=base, quant=quant)
     if as_json:
         render.print_json(report.to_json())

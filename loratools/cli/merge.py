@@ -30,11 +30,14 @@ quant_option = click.option("--quant", default=None, metavar="same|q8_0|f16|bf16
                              help="GGUF BASE only: the type of each adapted tensor (default same: its own type).")
 onto_option = click.option("--onto", default="original", show_default=True,
                             type=click.Choice(["original", "dequantized"]),
-                            help="QLoRA adapter: add ΔW to the original weights W0, or to deq(Q(W0)), the 4-bit "
-                                 "weights it was trained on (needs --qlora).")
-qlora_option = click.option("--qlora", default=None, type=click.Choice(["nf4", "nf4-dq", "fp4", "fp4-dq"]),
-                             help="The bitsandbytes 4-bit type a QLoRA adapter was trained on (-dq: double "
-                                  "quantization): report ‖deq(Q(W0)) − W0‖/‖ΔW‖ per weight and overall.")
+                            help="QLoRA adapter: add ΔW to the original weights W0, or to deq(Q(W0)), the "
+                                 "quantized weights it was trained on (needs --qlora, or an adapter that records "
+                                 "its base).")
+qlora_option = click.option("--qlora", default=None,
+                             type=click.Choice(["nf4", "nf4-dq", "fp4", "fp4-dq", "int8"]),
+                             help="The bitsandbytes type a QLoRA adapter was trained on (-dq: double quantization; "
+                                  "int8: LLM.int8 rows; default: the type the adapter records): report "
+                                  "‖deq(Q(W0)) − W0‖/‖ΔW‖ per weight and overall.")
 lossy_option = click.option("--allow-lossy", is_flag=True,
                             help="GGUF or quantized safetensors BASE: accept a merged model that keeps too little "
                                  "of the adapters' update (its re-quantization rounds ΔW away; refused otherwise).")
@@ -214,8 +217,7 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
         report = merge_model(model, inputs, output, dtype=resolve_dtype(dtype), device=device, precision=precision,
                              record=record, force=force, verify=do_verify, progress=advance, quant=quant,
                              allow_lossy=allow_lossy, onto=onto, qlora=qlora)
-    for note in report.notes:
-        session.err.print(f"note: {note}")
+    _notes(session, report.notes)
     if as_json:
         render.print_json(report.to_json())
     elif not session.quiet:
@@ -302,8 +304,7 @@ def unmerge(session: Session, merged: str, adapters: tuple[str, ...], output: st
     with render.progress(session, None, "unmerge", quiet=as_json) as advance:
         report = unmerge_model(model, inputs, output, device=device, precision=precision, record=record,
                                force=force, progress=advance, ignore_stamp=ignore_stamp, quant=quant)
-    for note in report.notes:
-        session.err.print(f"note: {note}")
+    _notes(session, report.notes)
     if as_json:
         render.print_json(report.to_json())
     elif not session.quiet:

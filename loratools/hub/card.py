@@ -38,6 +38,7 @@ from typing import Any
 
 from ..config import hub_model_id
 from ..inspection import InspectReport
+from ..quant.qlora import QLORA_QUANTS, card_block
 
 __all__ = ["model_card"]
 
@@ -122,8 +123,8 @@ def model_card(report: InspectReport, *, repo_id: str, base_model: str | None = 
 
 
 #: training_config.json fields shown on the card, in this order (the rest stay in the file)
-_TRAINING_FIELDS = ("method", "rank", "alpha", "rslora", "init_rank", "target_rank", "targets", "lr", "warmup",
-                    "total_steps", "batch_size", "grad_accum", "world_size", "seq_len", "dropout", "seed",
+_TRAINING_FIELDS = ("method", "quantize", "rank", "alpha", "rslora", "init_rank", "target_rank", "targets", "lr",
+                    "warmup", "total_steps", "batch_size", "grad_accum", "world_size", "seq_len", "dropout", "seed",
                     "eval_loss_start", "eval_loss_best", "best_step")
 
 
@@ -131,9 +132,13 @@ def _training_section(training: dict[str, Any]) -> list[str]:
     rows = []
     for key in _TRAINING_FIELDS:
         value = training.get(key)
-        if value is None or (training.get("method") != "adalora" and key in ("init_rank", "target_rank")):
+        if value is None or (training.get("method") != "adalora" and key in ("init_rank", "target_rank")) \
+                or (key == "quantize" and value == "none"):
             continue
         shown = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else (
             _num(value) if isinstance(value, float) else str(value))
         rows.append(f"| {key} | {shown} |")
-    return ["## Training", "", "Trained with `loratools train`:", "", "| setting | value |", "|---|---|", *rows, ""]
+    quant = training.get("quantize")
+    base = [*card_block(quant), ""] if quant in QLORA_QUANTS else []  # a QLoRA base, as peft's card names it
+    return ["## Training", "", "Trained with `loratools train`:", "", "| setting | value |", "|---|---|", *rows, "",
+            *base]

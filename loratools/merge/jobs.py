@@ -46,7 +46,7 @@ from .layout import find_tie
 from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision,
                    stamp, tie_notes)
 from .experts import resolve_experts
-from .onto import Onto, OntoReport, dequantized_base, onto_keys, onto_tensor
+from .onto import Onto, OntoReport, choose_onto, dequantized_base, onto_keys, onto_tensor
 from .quantized import QuantModel, quant_model
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
@@ -189,6 +189,15 @@ def check_merge(base: PathLike | BaseModel, adapters: Adapters, *, device: str |
     _Job.start(base, adapters, device, precision)
 
 
+def _onto_choice(base: PathLike | BaseModel, adapters: Adapters, onto: str, qlora: str | None, *,
+                 record: bool) -> tuple[Onto, tuple[str, ...]]:
+    """A merge's QLoRA choice (:mod:`.onto`, ``qlora`` filled from what the adapters record of their base), checked
+    against the base and ``record``, and the notes it makes."""
+    choice, notes = choose_onto(onto, qlora, [i.label for i in adapter_inputs(adapters)] if adapters else [])
+    choice.check_inputs(_path(base), record=record, gguf=_is_gguf(_path(base)))
+    return choice, notes
+
+
 def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *, dtype: torch.dtype | None = None,
                 device: str | torch.device = "auto", precision: str | torch.dtype = torch.float32,
                 record: PathLike | None = None, force: bool = False, verify: bool = False,
@@ -216,7 +225,7 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
     docs/experiments.md measured better) leaves the weights as a plain merge writes them. ``dequantized`` needs
     ``qlora`` and the 16-bit safetensors base; DoRA, a GGUF or quantized base and ``record`` are refused.
     """
-    (choice := Onto(onto, qlora)).check_inputs(_path(base), record=record is not None, gguf=_is_gguf(_path(base)))
+    choice, onto_notes = _onto_choice(base, adapters, onto, qlora, record=record is not None)
     if _gguf(_path(base), dtype=dtype, quant=quant):
         from .gguf import merge_gguf
         return merge_gguf(_path(base), adapters, out, quant=quant, precision=precision, record=record,
@@ -268,7 +277,7 @@ def merge_model(base: PathLike | BaseModel, adapters: Adapters, out: PathLike, *
         finally:
             if rec is not None:
                 rec.close()
-    notes = list(job.notes)
+    notes = [*onto_notes, *job.notes]
     if job.added and not model.is_dir:
         notes.append(f"{out} is a single file: set tie_word_embeddings to false in the config that goes with it")
     return MergeReport(Path(out), "merge", changed, copied, model.nbytes(), record=record_path,

@@ -1,21 +1,26 @@
-"""Which weights a QLoRA adapter is merged onto: the original 16-bit W0, or the dequantized 4-bit deq(Q(W0)).
+"""Which weights a QLoRA adapter is merged onto: the original 16-bit W0, or the dequantized deq(Q(W0)).
 
-An adapter trained on a bitsandbytes 4-bit base learned against deq(Q(W0)). Per adapted linear weight::
+An adapter trained on a bitsandbytes 4-bit or int8 base learned against deq(Q(W0)). Per adapted linear weight::
 
     onto="original"     W = cast(W0 + ΔW)                      (the plain merge, byte for byte)
     onto="dequantized"  W = cast(deq(Q(W0)) + ΔW)              (the model the adapter was trained in)
 
-with ΔW = Σ wᵢ·ΔWᵢ, Q bitsandbytes' 4-bit quantization of W0 by :func:`loratools.quant.qlora.qlora_codec` (its
+with ΔW = Σ wᵢ·ΔWᵢ, Q bitsandbytes' quantization of W0 (:func:`loratools.quant.qlora.qlora_dequantized`, its
 exact rule, :mod:`loratools.quant.bnb`), deq(Q(W0)) computed in float32 and taken in W0's dtype (bitsandbytes'
 ``dequantize_4bit`` gives the layer the quant state's dtype, W0's), the sum in the merge's precision and cast
 once. Whenever the quantization is named, the merge also reports the figures of :mod:`loratools.quant.qlora`
 (‖deq(Q(W0)) − W0‖_F / ‖ΔW‖_F per module and overall, and which choice they favour), from the same read of W0.
 
-Which weights bitsandbytes holds in 4-bit (transformers 5.23 ``replace_with_bnb_linear``): every ``nn.Linear``
+Which weights bitsandbytes holds quantized (transformers 5.23 ``replace_with_bnb_linear``): every ``nn.Linear``
 but the output head (``lm_head``, kept in 16-bit by default, as ``loratools train --quantize`` keeps it).
 Embeddings, convolutions and ``modules_to_save`` copies stay 16-bit in a QLoRA model, so they merge onto the
 original weights under either choice; GPT-2's ``Conv1D`` (``fan_in_fan_out``) and MoE expert tensors, whose
 4-bit layout loratools does not reproduce, are refused with ``onto="dequantized"`` and left out of the figures.
+
+The base an adapter was trained on may be recorded beside it (:func:`recorded_base`): ``training_config.json``'s
+``quantize`` (``loratools train``) or peft's block in README.md (:data:`loratools.quant.qlora.CARD_PREFIX`).
+:func:`choose_onto` takes ``qlora`` from that record for ``onto="dequantized"``, refuses a ``qlora`` that
+contradicts it, and otherwise says in a note what ``qlora`` would show.
 
 >>> Onto("dequantized", "nf4-dq").dequantized, Onto().active
 (True, False)
@@ -23,8 +28,10 @@ original weights under either choice; GPT-2's ``Conv1D`` (``fan_in_fan_out``) an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,12 +39,13 @@ from torch import Tensor
 
 from ..dtypes import check_fits
 from ..errors import InvalidOptionError, NonFiniteError, ShapeMismatchError
-from ..quant.qlora import QLORA_QUANTS, QloraReport, QloraRow, qlora_codec
+from ..quant.qlora import QLORA_QUANTS, QloraReport, QloraRow, qlora_dequantized, quants_of_card
 from .kernels import delta_sum, dora_of
 from .layout import HEAD_KEY
 from .plan import TensorPlan
 
-__all__ = ["ONTO", "Onto", "OntoReport", "dequantized_base", "onto_keys", "onto_tensor"]
+__all__ = ["ONTO", "Onto", "OntoReport", "TrainedOn", "check_recorded", "choose_onto", "dequantized_base",
+           "onto_keys", "onto_tensor", "recorded_base"]
 
 #: the bases a merge may add ΔW to
 ONTO = ("original", "dequantized")
@@ -45,7 +53,7 @@ ONTO = ("original", "dequantized")
 
 @dataclass(frozen=True)
 class Onto:
-    """The merge's choice, and the 4-bit quantization (one of :data:`~loratools.quant.qlora.QLORA_QUANTS`) the
+    """The merge's choice, and the quantization (one of :data:`~loratools.quant.qlora.QLORA_QUANTS`) the
     adapter was trained on; ``quant`` None: not said (no figures, and only ``"original"`` is possible)."""
 
     onto: str = "original"
@@ -57,7 +65,7 @@ class Onto:
         if self.quant is not None and self.quant not in QLORA_QUANTS:
             raise InvalidOptionError(f"`qlora` must be one of {', '.join(QLORA_QUANTS)}, not {self.quant!r}")
         if self.dequantized and self.quant is None:
-            raise InvalidOptionError("`onto` dequantized needs `qlora`: the 4-bit type the adapter was trained on "
+            raise InvalidOptionError("`onto` dequantized needs `qlora`: the base type the adapter was trained on "
                                      f"({', '.join(QLORA_QUANTS)}), to quantize the base as bitsandbytes did")
 
     @property
@@ -83,7 +91,7 @@ class Onto:
                                      "the original")
         if self.active and (gguf or quantized):
             what = "a GGUF model" if gguf else f"already quantized ({quantized})"
-            raise InvalidOptionError(f"`qlora` and `onto` need the 16-bit safetensors model the 4-bit base was "
+            raise InvalidOptionError(f"`qlora` and `onto` need the 16-bit safetensors model the QLoRA base was "
                                      f"quantized from; {base} is {what}")
 
 
@@ -123,8 +131,7 @@ def _norm(t: Tensor) -> float:
 
 def _dequantized(key: str, w: Tensor, quant: str) -> Tensor:
     """deq(Q(w)) in float32, ``w`` float32 (out, in), by bitsandbytes' rule for ``quant``."""
-    codec = qlora_codec(quant)
-    return codec.dequantize(key, codec.quantize(key, w))
+    return qlora_dequantized(key, w, quant)
 
 
 def dequantized_base(key: str, w0: Tensor, quant: str) -> Tensor:
@@ -174,3 +181,82 @@ class OntoReport:
                                      else "original weights (unchanged by the figures)")
         return (f"qlora {f.quant}: overall ‖deq(Q(W0)) − W0‖/‖ΔW‖ = {f.ratio:.3g} over {len(f.rows)} weights; "
                 f"{made}; the figures favour the {f.favours} weights")
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """The base an adapter records it was trained on: ``quant`` (one of :data:`QLORA_QUANTS`), the file that
+    says so, and the adapter's label."""
+
+    quant: str
+    where: str
+    adapter: str
+
+
+#: the largest README.md or training_config.json read for the record (a card of a few hundred modules is ~100 kB)
+_MAX_RECORD_BYTES = 1 << 20
+
+
+def _small_text(path: Path) -> str | None:
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_RECORD_BYTES:
+            return None
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def recorded_base(label: str) -> TrainedOn | None:
+    """What the folder of the adapter at ``label`` records of its base: ``training_config.json``'s ``quantize``
+    (``loratools train``), else the one base peft's README.md block names (:func:`quants_of_card`). None when
+    neither names one; a training_config.json and a card that disagree, or a card naming several bases, are
+    refused: the record cannot say which base the adapter learned against."""
+    if not label:
+        return None
+    folder = Path(label) if Path(label).is_dir() else Path(label).parent
+    quant: str | None = None
+    text = _small_text(folder / "training_config.json")
+    try:
+        record = json.loads(text) if text is not None else None
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and record.get("quantize") in QLORA_QUANTS:
+        quant = record["quantize"]
+    card = quants_of_card(_small_text(folder / "README.md") or "")
+    if len(card) > 1 or (quant is not None and card and card != (quant,)):
+        named = ", ".join(([f"{quant} (training_config.json)"] if quant else []) + [f"{q} (README.md)" for q in card])
+        raise InvalidOptionError(f"{label} records several bases it was trained on: {named}; fix its record, or "
+                                 "merge it as a plain adapter")
+    if quant is not None:
+        return TrainedOn(quant, "training_config.json", label)
+    return TrainedOn(card[0], "README.md", label) if card else None
+
+
+def check_recorded(qlora: str | None, labels: Sequence[str]) -> list[TrainedOn]:
+    """The records of the adapters at ``labels`` (:func:`recorded_base`); a ``qlora`` that contradicts one is
+    refused by name."""
+    records = [r for r in (recorded_base(label) for label in labels) if r is not None]
+    for r in records:
+        if qlora is not None and r.quant != qlora:
+            raise InvalidOptionError(f"`qlora` {qlora} contradicts {r.adapter}, whose {r.where} records a "
+                                     f"bitsandbytes {r.quant} base; pass `qlora` {r.quant}, or leave it out")
+    return records
+
+
+def choose_onto(onto: str, qlora: str | None, labels: Sequence[str]) -> tuple[Onto, tuple[str, ...]]:
+    """The merge's :class:`Onto` and the notes to show, from the options and what the adapters at ``labels``
+    record (:func:`check_recorded`): with ``onto`` dequantized and no ``qlora``, the recorded base is used (one
+    base for all adapters); otherwise a recorded base is named in a note that says what ``qlora`` adds."""
+    records = check_recorded(qlora, labels)
+    quants = sorted({r.quant for r in records})
+    if qlora is not None or not records:
+        return Onto(onto, qlora), ()
+    if onto == "dequantized":
+        if len(quants) > 1:
+            raise InvalidOptionError(f"the adapters were trained on different bases ({', '.join(quants)}): "
+                                     "`onto` dequantized needs one; merge them onto the original weights")
+        r = records[0]
+        return Onto(onto, r.quant), (f"`qlora` {r.quant}, taken from {r.adapter}'s {r.where}",)
+    return Onto(onto, None), tuple(f"{r.adapter} was trained on a bitsandbytes {r.quant} base ({r.where}): pass "
+                                   f"`qlora` {r.quant} (on the 16-bit model it was quantized from) to see whether "
+                                   "to merge onto the original or the dequantized weights" for r in records)

@@ -394,6 +394,13 @@ class BnbInt8:
         w, scb = self._check(key, stored)
         return w * scb.view(-1, 1) * _INV127
 
+    @staticmethod
+    def matmul_weight(codes: Tensor, scb: Tensor) -> Tensor:
+        """The float32 weight bitsandbytes 0.50.2 multiplies by when training on CPU (``autograd/_functions.py``
+        ``MatMul8bitFp``: ``CB.to(A.dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))``): code · (SCB · (1/127)),
+        the scale rounded first, so it may differ from :meth:`dequantize`'s (code · SCB) · (1/127) by an ulp."""
+        return codes.to(torch.float32) * (scb.to(torch.float32) * _INV127).unsqueeze(1)
+
     def quantize(self, key: str, x: Tensor, like: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """(int8 rows, SCB) of ``x`` as ``int8_vectorwise_quant`` (threshold 0) computes them; an all-zero row,
         whose 0·(127/0) bitsandbytes leaves to the platform, is written as zeros."""

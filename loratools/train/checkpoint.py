@@ -229,16 +229,28 @@ def write_run(out: Path, adapter: Adapter, record: dict[str, Any], losses: list[
               evals: list[dict[str, float]], *, force: bool, inputs: tuple[str | Path, ...],
               best: Adapter | None = None) -> None:
     """The finished run's directory, atomically: ``adapter`` (PEFT), ``record`` as training_config.json,
-    the train and held-out losses as loss_curve.json, their plot, and ``best/`` (PEFT) when given."""
+    the train and held-out losses as loss_curve.json, their plot, and ``best/`` (PEFT) when given. A run on a
+    quantized base (``record["quantize"]``) also writes README.md, the model card that records that base as peft
+    records it (:func:`loratools.quant.qlora.qlora_card`), in ``best/`` too."""
+    from .. import __version__
+    from ..config import hub_model_id
     from ..formats import get_format
+    from ..quant.qlora import qlora_card
 
+    quant = record.get("quantize", "none")
+    card = None if quant == "none" else qlora_card(quant, base_model=hub_model_id(adapter.config.base_model),
+                                                   version=__version__)
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         get_format("peft").write(adapter, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         (tmp / "training_config.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "loss_curve.json").write_text(json.dumps({"train": losses, "eval": evals}, indent=1) + "\n")
         _plot(tmp / "loss.png", losses, evals)
         if best is not None:
             get_format("peft").write(best, tmp / "best")
+            if card is not None:
+                (tmp / "best" / "README.md").write_text(card)
 
 
 def _plot(path: Path, losses: list[dict[str, float]], evals: list[dict[str, float]]) -> None:

@@ -81,10 +81,11 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = _option("auto", "Base weights' dtype; auto = float32 on CPU, "
                                                             "bfloat16 + autocast on CUDA.")
     save_as: Literal["auto", "lora"] = _option("auto", "lora writes an AdaLoRA result as plain LoRA (same ΔW).")
-    quantize: Literal["none", "nf4", "nf4-dq", "fp4", "fp4-dq"] = _option(
+    quantize: Literal["none", "nf4", "nf4-dq", "fp4", "fp4-dq", "int8"] = _option(
         "none", "QLoRA: hold every frozen linear layer but the output head as bitsandbytes 4-bit codes, "
         "dequantized in each forward exactly as bitsandbytes does (-dq: its double-quantized absmax): 4.5 bits a "
-        "weight instead of 32 (docs/experiments.md).")
+        "weight instead of 32 (docs/experiments.md); int8: LLM.int8 rows (8 bits, no outlier decomposition). "
+        "The base is recorded in the adapter's README.md as peft's card records it.")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (list, str)):  # "q_proj,v_proj" (the command line's spelling) or a list
