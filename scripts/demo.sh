@@ -112,6 +112,10 @@ step "Evaluate the same text on base, base + adapter and the merged model: how m
   loratools eval fixtures/tiny-llama fixtures/adapters/lora --data fixtures/corpus.txt --stack merged:"$OUT/merged" --html "$OUT/eval.html"
 step "QLoRA: NF4's rounding of the base next to the adapter's ΔW, per layer (which base to merge onto)" \
   loratools inspect fixtures/adapters/lora --base fixtures/tiny-llama --qlora nf4-dq
+step "QLoRA: train on the base held as NF4 codes (double-quantized), dequantized in each forward; the base is recorded" \
+  loratools train fixtures/tiny-llama fixtures/corpus.txt -o "$OUT/trained-qlora" --quantize nf4-dq --steps 10 --rank 4 --lr 2e-3 --seq-len 32 --eval-split 0.02
+step "… merge it onto exactly the weights it was trained on (the 4-bit type is taken from its record)" \
+  loratools merge fixtures/tiny-llama "$OUT/trained-qlora" -o "$OUT/merged-qlora" --onto dequantized
 step "Combine two adapters into one (no base): ΔW = ΔW_lora − ½·ΔW_rslora, exact (stacked factors, rank Σrᵢ)" \
   loratools combine fixtures/adapters/lora fixtures/adapters/rslora --weight 1 --weight -0.5 -o "$OUT/combined"
 step "… the same sum at rank 4: the best rank-4 approximation per module, from the factors (exact errors)" \
