@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from .errors import InvalidOptionError
 
 __all__ = ["AdapterConfig", "Method", "lora_scale", "alpha_for_scale", "adalora_scale", "pattern_value",
-           "target_matches", "experts_targets", "stores_in_out", "fixed_delta_refusal", "ALORA_WHY", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS",
+           "target_matches", "experts_targets", "stores_in_out", "fixed_delta_refusal", "undeclared_bias_note", "ALORA_WHY", "FAN_IN_FAN_OUT_MODELS", "ADALORA_EPS",
            "hub_model_id"]
 
 Method = Literal["lora", "adalora"]
@@ -114,6 +114,17 @@ def fixed_delta_refusal(config: AdapterConfig) -> tuple[str, Any] | None:
     or writing it in a format that holds only ΔW (kohya, GGUF), would be silently wrong."""
     tokens = config.extra.get("alora_invocation_tokens")
     return ("alora_invocation_tokens", tokens) if tokens else None
+
+
+def undeclared_bias_note(config: AdapterConfig, biased: int) -> str | None:
+    """What to say of a peft adapter whose file holds ``lora_B.bias`` on ``biased`` modules while its
+    adapter_config.json does not set ``lora_bias`` (mergekit 0.1.5 writes them so): peft 0.21.2 builds ``lora_B``
+    without a bias and drops those tensors when it loads the file, silently; loratools applies them, as the file
+    holds them. None when there is nothing to say (no such module, ``lora_bias`` set, not a peft config)."""
+    if not biased or "peft_type" not in config.extra or config.extra.get("lora_bias"):
+        return None
+    return (f"{biased} module(s) hold lora_B.bias but adapter_config.json does not set lora_bias: loratools applies "
+            "them (s·b added to the layer's bias); peft 0.21.2 drops them when it loads the adapter")
 
 
 #: transformers model types whose projections are ``Conv1D`` layers storing their weight (in, out) (GPT-2 style)

@@ -161,3 +161,18 @@ def test_embeddings_beside_lora_bias_are_named_since_peft_gives_them_none(qwen2:
     both = adapter.with_modules({**adapter.modules, "model.embed_tokens": emb})
     assert "embeddings" in peft_unsupported(both)["model.embed_tokens"]
     assert peft_unsupported(adapter) == {}
+
+
+def test_biases_peft_would_drop_are_applied_and_said_so(qwen2: Path, tmp_path: Path) -> None:
+    """mergekit's config has no lora_bias: peft 0.21.2 builds lora_B without a bias and drops the file's biases
+    when it loads it (checked here), so a loratools merge, which adds s·b as the file says, tells the user."""
+    adapter = _adapter(qwen2, tmp_path / "a")
+    model = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(qwen2), adapter)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].bias is None  # dropped
+    done = run_cli("merge", qwen2, adapter, "-o", tmp_path / "merged")
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stderr.split())
+    assert "3 module(s) hold lora_B.bias but adapter_config.json does not set lora_bias" in said
+    assert "peft 0.21.2 drops them" in said
+    shown = run_cli("convert", adapter, "-o", tmp_path / "k", "--to", "peft", "--drop-unsupported")
+    assert "does not set lora_bias" in " ".join((shown.stdout + shown.stderr).split())

@@ -31,6 +31,7 @@ from torch import Tensor
 from ..adapter import Adapter, Kind, Module, token_rows
 from ..adalora import mask_key, module_mask
 from ..config import (AdapterConfig, adalora_scale, alpha_for_scale, experts_targets, lora_scale, pattern_value,
+                      undeclared_bias_note,
                       target_matches)
 from ..errors import (CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError,
                       UnsupportedModuleError)
@@ -330,6 +331,11 @@ def write_peft(adapter: Adapter, path: Path, base: BaseModel | None = None) -> N
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _remarks(adapter: Adapter, base: BaseModel | None) -> tuple[str, ...]:
+    note = undeclared_bias_note(adapter.config, sum(m.bias is not None for m in adapter.modules.values()))
+    return (note,) if note else ()
+
+
 register(Format("peft", "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)", "dir", detect,
                 reader=lambda path, base: read_peft(path),
-                writer=write_peft, cannot_hold=peft_unsupported))
+                writer=write_peft, cannot_hold=peft_unsupported, remarks=_remarks))

@@ -43,8 +43,8 @@ from ..dora import merged_weight
 from .config import config_edits
 from .kernels import check_finite, delta_sum, dora_of, jitter, tolerance, unmerged_tensor
 from .layout import find_tie
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, out_code, plan_merge, resolve_precision,
-                   stamp, tie_notes)
+from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, bias_notes, out_code, plan_merge,
+                   resolve_precision, stamp, tie_notes)
 from .experts import resolve_experts
 from .onto import Onto, OntoReport, choose_onto, dequantized_base, onto_keys, onto_tensor
 from .quantized import QuantModel, quant_model
@@ -97,7 +97,8 @@ class _Job:
         plan = plan_merge(shapes, inputs, tie=tie, same_as_base=same_as_base, unmerge=unmerge)
         if quant is not None:
             quant.check(plan)
-        return cls(inputs, dev, prec, model, plan, tie_notes(plan, tie) if not unmerge else [], quant)
+        notes = bias_notes(inputs) + (tie_notes(plan, tie) if not unmerge else [])
+        return cls(inputs, dev, prec, model, plan, notes, quant)
 
     def choose(self, onto: Onto) -> "_Job":
         """This job merging onto ``onto``'s base (:mod:`.onto`): refused on a quantized base, checked on the plan."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import TOKENS_SUFFIX, Adapter, Module, token_rows
-from ..config import ALORA_WHY, fixed_delta_refusal
+from ..config import ALORA_WHY, fixed_delta_refusal, undeclared_bias_note
 from ..errors import InvalidOptionError, MissingModuleError, ShapeMismatchError, UnsupportedConfigError, WrongBaseError
 from ..dtypes import CODE_DTYPES, DTYPE_CODES
 from ..validate import finite_number, get_field, load_json
@@ -331,6 +331,17 @@ def check_bias(key: str, m: Module, shapes: Shapes) -> None:
                                                         "has no bias, which peft cannot merge either")
     if tuple(shapes[key][1]) != (int(m.B.shape[0]),):
         raise ShapeMismatchError(key, f"the base's {tuple(shapes[key][1])}", f"({int(m.B.shape[0])},) from lora_B.bias")
+
+
+def bias_notes(inputs: Sequence[AdapterInput]) -> list[str]:
+    """Each adapter's ``lora_B.bias`` that its peft config does not declare: applied, and said so
+    (:func:`~loratools.config.undeclared_bias_note`)."""
+    out = []
+    for i in inputs:
+        note = undeclared_bias_note(i.adapter.config, sum(m.bias is not None for m in i.adapter.modules.values()))
+        if note:
+            out.append(f"{i.label}: {note}" if i.label else note)
+    return out
 
 
 def tie_notes(plan: Mapping[str, TensorPlan], tie: Tie | None) -> list[str]:
