@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,8 @@ class Module:
     embeddings) makes the module DoRA (Liu et al. 2024): the merged weight is
     ``diag(m / ‖V‖_row) · V`` with ``V = W0 + s·B·A`` (:mod:`loratools.dora`), so
     :meth:`delta`, :meth:`factors` and :meth:`svd` describe the LoRA part only.
+    ``dora_eps`` (ε ≥ 0) is added to each norm, ``m / (‖V‖_row + ε)``: 0 for peft's DoRA, 2⁻²³ for LyCORIS's
+    (4.1.3 ``functional/general.py`` ``_weight_decompose``; :mod:`loratools.formats.kohya_lycoris`).
     """
 
     A: Tensor
@@ -71,6 +74,11 @@ class Module:
     bias: Tensor | None = None
     experts: int = 1
     magnitude: Tensor | None = None
+    dora_eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.dora_eps) and self.dora_eps >= 0):
+            raise InvalidOptionError(f"a DoRA ε (dora_eps) must be a finite number ≥ 0, not {self.dora_eps!r}")
 
     @property
     def is_dora(self) -> bool:

@@ -6,6 +6,8 @@ row of ΔW as a matrix (``out``; ``dim`` for embeddings)::
     V  = W0 + s·B·A                      (as an (out, in·kh·kw) matrix)
     W′ = diag(m / ‖V‖_row) · V           ‖V‖_row: the L2 norm of each row of V
 
+(``m / (‖V‖_row + ε)`` for a module with ``dora_eps`` ε ≠ 0: LyCORIS's DoRA, see :func:`dora_factor`)
+
 which is peft 0.21.2's merge (``peft/tuners/lora/variants.py``, ``DoraLinearVariant.merge_safe``:
 ``dora_factor = m / weight_norm``, ``new_weight = dora_factor · (W0 + ΔW)``, the norm from
 ``peft/tuners/lora/dora.py`` ``get_weight_norm``: ``torch.linalg.norm(W0ᵀ? + ΔW, dim=1)``).
@@ -65,9 +67,15 @@ def row_norms(w0: Tensor, module: Module, *, precision: torch.dtype = torch.floa
 
 
 def dora_factor(module: Module, norms: Tensor) -> Tensor:
-    """``m / ‖V‖_row`` in ``norms``' dtype: what multiplies each row of V (peft's ``dora_factor``)."""
+    """``m / (‖V‖_row + ε)`` in ``norms``' dtype: what multiplies each row of V, ε the module's ``dora_eps``.
+
+    ε = 0 is peft's ``dora_factor`` (bit for bit: nothing is added); LyCORIS 4.1.3 adds the float32 eps
+    (``functional/general.py`` ``_weight_decompose``). The one home of the rule: the dense merge, the streamed
+    merge and un-merge (:mod:`loratools.merge.kernels`) and :class:`~loratools.nn.DoRALinear` all call it.
+    """
     assert module.magnitude is not None
-    return module.magnitude.to(device=norms.device, dtype=norms.dtype) / norms
+    m = module.magnitude.to(device=norms.device, dtype=norms.dtype)
+    return m / (norms + module.dora_eps) if module.dora_eps else m / norms
 
 
 def merged_weight(w0: Tensor, module: Module, *, precision: torch.dtype = torch.float32,
@@ -120,7 +128,7 @@ def flatten_module(w0: Tensor, module: Module, rule: RankRule, *,
     if S.numel() == 0:
         return None, 1.0
     dtype = module.A.dtype if module.A.dtype in (torch.float32, torch.float64) else torch.float32
-    plain = module_from_svd(module.with_factors(magnitude=None), U, S, Vh, dtype=dtype)
+    plain = module_from_svd(module.with_factors(magnitude=None, dora_eps=0.0), U, S, Vh, dtype=dtype)
     B, A = plain.factors(dtype=torch.float64)
     return plain, float(torch.linalg.vector_norm(D - B @ A)) / norm
 

@@ -192,11 +192,11 @@ def _refused(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def test_lycoris_loha_dora_is_refused_by_name(tmp_path: Path) -> None:
-    """LoHa with ``dora_wd``: LyCORIS's DoRA rule is not peft's (tests/test_lycoris_dora.py measures why)."""
+    """LoHa with ``dora_wd`` (DoHa): loratools reads LyCORIS DoRA on LoCon only (tests/test_lycoris_dora.py)."""
     _, net = _network("loha", {}, dora_wd=True)
     path = tmp_path / "dora.safetensors"
     net.save_weights(str(path), torch.float32, None)  # type: ignore[attr-defined]
-    with pytest.raises(NotAnAdapterError, match="LyCORIS DoRA"):
+    with pytest.raises(NotAnAdapterError, match="LyCORIS DoRA on a LoHa/LoKr module"):
         read_adapter(path)
 
 

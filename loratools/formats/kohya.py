@@ -23,9 +23,10 @@ else the flattened key is kept as the module name (``lora_te_model_layers_0_…`
 and written back unchanged.
 
 LyCORIS LoHa and LoKr modules in the same layout (``<key>.hada_w1_a``…, ``<key>.lokr_w1``…, the Tucker cores
-``hada_t1``/``hada_t2``/``lokr_t2``) are read as the LoRA that holds them exactly, and LyCORIS's other kinds (DoRA's
-``dora_scale`` among them) refused by name (:mod:`.kohya_lycoris`); a LoCon Tucker core (``<key>.lora_mid.weight``)
-is folded into ``lora_down`` exactly (:func:`_tucker_down`).
+``hada_t1``/``hada_t2``/``lokr_t2``) are read as the LoRA that holds them exactly, LyCORIS DoRA on LoCon
+(``<key>.dora_scale`` (out, 1[, 1, …])) as a DoRA module with LyCORIS's ε, and LyCORIS's other kinds refused by name
+(:mod:`.kohya_lycoris`); a LoCon Tucker core (``<key>.lora_mid.weight``) is folded into ``lora_down`` exactly
+(:func:`_tucker_down`).
 
 A file of a Stable Diffusion model (SD 1.x/2.x, SDXL: ``lora_unet_`` U-Net keys in diffusers or SGM names,
 ``lora_te1_``/``lora_te2_`` CLIP keys) that loratools did not write is the read-only format ``kohya-sd``: its
@@ -55,7 +56,8 @@ from ..io import load_safetensors, save_safetensors
 from ..validate import load_json
 from .base import BaseModel, Format, peek_safetensors, register
 from .kohya_flux import FluxTarget, flux_module_names, is_flux_file, split_flux_module
-from .kohya_lycoris import LYCORIS_KEYS, REFUSED_KEYS, lycoris_factors, lycoris_refusal
+from .kohya_lycoris import (DORA_EPS, DORA_KEY, LYCORIS_KEYS, REFUSED_KEYS, dora_magnitude, lycoris_factors,
+                            lycoris_refusal)
 from .kohya_sd import SD_COMPONENTS, is_sd_key, sd_module_names
 
 __all__ = ["read_kohya", "read_kohya_sd", "held_components", "write_kohya", "kohya_key", "is_flattened",
@@ -188,7 +190,7 @@ def read_kohya(path: Path, *, base_names: Iterable[str] | None = None,
         why = lycoris_refusal(groups[key], None if dora is None else tuple(dora.shape))
         if why is not None:
             raise NotAnAdapterError(path, f"its module {key} is {why}")
-        stray = sorted(groups[key] - {_DOWN[1:], _UP[1:], _ALPHA[1:], _MID[1:], *LYCORIS_KEYS})
+        stray = sorted(groups[key] - {_DOWN[1:], _UP[1:], _ALPHA[1:], _MID[1:], DORA_KEY, *LYCORIS_KEYS})
         if stray:
             raise NotAnAdapterError(path, f"unexpected tensor {key + '.' + stray[0]!r} (not a LoRA, LoHa or LoKr "
                                           "tensor)")
@@ -255,7 +257,14 @@ def _module(path: Path, key: str, tensors: dict[str, Tensor], shape: tuple[int, 
     kind: Kind = "conv" if A.ndim in (3, 4, 5) else "linear"
     if kind == "conv" and up.ndim == 2:  # some writers store a 1×1 up conv as a matrix
         up = up.reshape(*up.shape, *(1,) * (A.ndim - 2))
-    return Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind)
+    module = Module(A=A, B=up, alpha=alpha, scale=lora_scale(alpha, r) if r else 0.0, kind=kind)
+    dora = tensors.get(f"{key}.{DORA_KEY}")
+    if dora is None:
+        return module
+    try:  # LyCORIS DoRA on LoCon, output-row kind (lycoris_refusal refused the others)
+        return module.with_factors(magnitude=dora_magnitude(dora, module.weight_shape), dora_eps=DORA_EPS)
+    except ValueError as e:
+        raise CorruptFileError(path, f"{key}: {e}") from None
 
 
 def _tucker_down(path: Path, key: str, down: Tensor, mid: Tensor, up: Tensor) -> Tensor:
@@ -554,6 +563,10 @@ def _read_flux(path: Path, base: BaseModel | None, component: str | None) -> Ada
     modules: dict[str, Module] = {}
     for key, m in adapter.items():
         t = targets[key]
+        if m.is_dora:  # a split or reordered module would need its magnitude split alike: not done
+            raise NotAnAdapterError(path, f"its module {key} is LyCORIS DoRA (dora_scale) on Flux.1, whose modules "
+                                          "loratools reads as diffusers' split ones, without DoRA; merge it with "
+                                          "LyCORIS or ComfyUI and extract a LoRA from the result (loratools extract)")
         try:
             parts = split_flux_module(key, m, t)
         except ValueError as e:

@@ -29,8 +29,10 @@ Exact LoRA forms, rank r₁·r₂ (not always the least rank, never an approxima
   B₂ = w2aᵀ and A₂ the core contracted with w2b (:func:`_tucker_side`), then the Kronecker form above; s = alpha / r
   with r the core's rank, LyCORIS's ``lora_dim`` (``LokrModule.__init__``).
 
-DoRA (``dora_scale``: LyCORIS's rule is not peft's, the only DoRA an Adapter holds), ``lokr_t1`` and LyCORIS's other
-kinds are refused by name (:func:`lycoris_refusal`).
+DoRA on a LoCon module (``dora_scale`` (out, 1[, 1, …]) beside ``lora_down``/``lora_up``) is read as a DoRA Module
+with LyCORIS's ε (:data:`DORA_EPS`, :func:`dora_magnitude`, read by :mod:`.kohya`); DoRA's input-column kind
+(``wd_on_out=False``), DoRA on LoHa/LoKr, ``lokr_t1`` and LyCORIS's other kinds are refused by name
+(:func:`lycoris_refusal`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["LYCORIS_KEYS", "REFUSED_KEYS", "LycorisFactors", "lycoris_refusal", "lycoris_factors"]
+__all__ = ["LYCORIS_KEYS", "REFUSED_KEYS", "DORA_KEY", "DORA_EPS", "LycorisFactors", "lycoris_refusal",
+           "dora_magnitude", "lycoris_factors"]
 
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _TUCKER = ("hada_t1", "hada_t2")
@@ -48,21 +51,26 @@ LYCORIS_KEYS = _LOHA + _TUCKER + _LOKR
 #: Tucker cores: an entry of the LoRA form is then a sum of products (exact in float64 only)
 _CORES = _TUCKER + ("lokr_t2",)
 
-#: LyCORIS 4.1.3 DoRA (``functional/general.py`` ``_weight_decompose``, ``modules/locon.py`` ``wd_on_out``) against
-#: peft 0.21.2's (``tuners/lora/dora.py`` ``get_weight_norm``, ``LoraLayer.merge``: m / ‖W0 + s·BA‖ per output row,
-#: no ε), the only DoRA an Adapter holds: the rows kind differs in its ε, the columns kind in its axis too
-_DORA_ROWS = ("LyCORIS DoRA (dora_scale of shape (out, 1), wd_on_out): LyCORIS 4.1.3 rescales each output row of "
-              "W0 + ΔW by dora_scale / (‖row‖ + ε), ε the float eps of dora_scale's dtype (2⁻²³ for float32), and "
-              "peft's DoRA, the one loratools holds, by m / ‖row‖ with no ε, which differs where a row's norm is "
-              "small; merge it with LyCORIS and extract a LoRA from the result (loratools extract)")
+#: LyCORIS 4.1.3 DoRA on LoCon (``modules/locon.py``: ``weight_decompose``, ``wd_on_out``; the rule in
+#: ``functional/general.py`` ``_weight_decompose``): W′ = V · dora_scale / (‖V‖ + ε), V = W0 + s·BA (s = alpha/r, as
+#: ``get_merged_weight`` and ``forward`` form it), ε = finfo(dora_scale's dtype).eps. With ``wd_on_out`` (the default,
+#: and the only kind ``create_network_from_weights`` loads: ``make_module_from_state_dict`` builds the module with it)
+#: dora_scale is (out, 1[, 1, …]) and the norm runs over output rows: an Adapter's DoRA with ``dora_eps`` ε. That
+#: loader copies the file's dora_scale into the float32 parameter ``LoConModule.__init__`` makes, so ε = 2⁻²³
+#: whatever dtype the file stores it in. The network ``multiplier`` (DoRA: mult·(m/(‖V‖+ε) − 1) + 1) is 1: a file
+#: holds none, and a merge takes DoRA with weight 1 only.
+DORA_KEY = "dora_scale"
+DORA_EPS = float(torch.finfo(torch.float32).eps)
 _DORA_COLUMNS = ("LyCORIS DoRA with wd_on_out=False (dora_scale of shape (1, in)): it rescales each input column of "
-                 "W0 + ΔW by dora_scale / (‖column‖ + ε), where peft's DoRA, the one loratools holds, rescales output "
-                 "rows, and LyCORIS 4.1.3's own create_network_from_weights loads only the output-row kind; merge it "
-                 "with a runtime that reads it (ComfyUI) and extract a LoRA from the result (loratools extract)")
+                 "W0 + ΔW by dora_scale / (‖column‖ + ε), where loratools' DoRA rescales output rows, and LyCORIS "
+                 "4.1.3's own create_network_from_weights loads only the output-row kind; merge it with a runtime "
+                 "that reads it (ComfyUI) and extract a LoRA from the result (loratools extract)")
+_DORA_OTHER = ("LyCORIS DoRA on a LoHa/LoKr module (dora_scale beside hada_*/lokr_*), which loratools reads on "
+               "LoCon (lora_down/lora_up) modules only; merge it with LyCORIS and extract a LoRA from the result "
+               "(loratools extract)")
 
 #: tensor name → (the kind it marks, what to do); first match wins, so DoRA and Tucker come first
 _REFUSED: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("dora_scale",), _DORA_ROWS),
     (("lokr_t1",),
      "LyCORIS LoKr with a Tucker core on its first factor (lokr_t1), which LyCORIS 4.1.3 lists among LoKr's "
      "tensors but neither creates nor applies (modules/lokr.py): no producer defines its ΔW; retrain it, or merge "
@@ -77,8 +85,8 @@ _REFUSED: tuple[tuple[tuple[str, ...], str], ...] = (
     (("q_layer.weight", "p_layer.weight", "lambda_layer"), "LyCORIS T-LoRA (timestep-masked, lambda_layer): "
                                                            "merge it with LyCORIS"),
 )
-#: tensor names (after ``<key>.``) of the LyCORIS kinds refused by name
-REFUSED_KEYS = frozenset(k for names, _ in _REFUSED for k in names)
+#: tensor names (after ``<key>.``) of the LyCORIS kinds refused by name, and DoRA's (refused in all but one kind)
+REFUSED_KEYS = frozenset(k for names, _ in _REFUSED for k in names) | {DORA_KEY}
 
 
 def lycoris_refusal(keys: set[str], dora_shape: tuple[int, ...] | None = None) -> str | None:
@@ -89,13 +97,31 @@ def lycoris_refusal(keys: set[str], dora_shape: tuple[int, ...] | None = None) -
     'LyCORIS LoKr with a Tucker'
     >>> lycoris_refusal({"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"}) is None
     True
+    >>> lycoris_refusal({"lora_down.weight", "lora_up.weight", "dora_scale"}, (8, 1)) is None
+    True
     """
+    if DORA_KEY in keys:
+        if dora_shape is not None and len(dora_shape) >= 2 and dora_shape[0] == 1 and dora_shape[1] > 1:
+            return _DORA_COLUMNS
+        if keys & set(LYCORIS_KEYS):
+            return _DORA_OTHER
     for names, why in _REFUSED:
         if keys & set(names):
-            columns = why is _DORA_ROWS and dora_shape is not None and len(dora_shape) >= 2 and dora_shape[0] == 1 \
-                and dora_shape[1] > 1
-            return _DORA_COLUMNS if columns else why
+            return why
     return None
+
+
+def dora_magnitude(dora_scale: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
+    """A LoCon DoRA ``dora_scale`` (out, 1[, 1, …]) as a Module's magnitude (out,); ``weight_shape`` is the base
+    weight's (out, in[, *kernel]). Raises ``ValueError`` for any other shape.
+
+    >>> dora_magnitude(torch.ones(3, 1, 1, 1), (3, 2, 3, 3)).shape
+    torch.Size([3])
+    """
+    want = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+    if tuple(dora_scale.shape) != want:
+        raise ValueError(f"dora_scale {tuple(dora_scale.shape)} is not one entry per output row {want}")
+    return dora_scale.reshape(-1)
 
 
 class LycorisFactors:

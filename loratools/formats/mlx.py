@@ -175,6 +175,9 @@ def _unsupported(adapter: Adapter, base: BaseModel | None) -> dict[str, str]:
             out[name] = "mlx-lm's LoRA has no lora_bias"
         elif dora and not m.is_dora:
             out[name] = "mlx-lm's fine_tune_type makes every module DoRA or none"
+        elif m.is_dora and m.dora_eps:  # mlx-lm 0.32.2 tuner/dora.py divides by the norm alone
+            out[name] = (f"LyCORIS DoRA (ε = {m.dora_eps:.3g}): mlx-lm's DoRA has no ε; merge it with loratools, "
+                         "or convert with --as-lora --base BASE")
     for key in adapter.saved:
         out[key] = "mlx-lm's adapter holds lora_a, lora_b and m only (no full tensors such as modules_to_save)"
     return out

@@ -279,21 +279,30 @@ _NO_BIAS_KIND = "peft's lora_bias is not supported on embeddings or MoE expert p
 
 
 def peft_unsupported(adapter: Adapter, base: BaseModel | None = None) -> dict[str, str]:
-    """Modules a peft file cannot hold beside others with ``lora_B.bias`` → why.
+    """Modules a peft file cannot hold (beside others with ``lora_B.bias``, or with a DoRA ε) → why.
 
     peft's ``lora_bias`` is one flag for every module: each gets a ``lora_B`` bias, and ``merge_and_unload``
     raises where the base layer has none (peft 0.21.2 ``lora/layer.py``: "Impossible to merge LoRA with
     lora_bias=True because the base layer has no bias"). A module without a bias is written with a zero one,
     which is exact and merges only where ``base`` (its weights) shows ``<m>.bias``; embeddings and MoE
-    parameters take no ``lora_bias`` in peft at all. Empty when no module has a bias.
+    parameters take no ``lora_bias`` in peft at all.
+
+    A DoRA module with an ε (``dora_eps``, LyCORIS's DoRA) is refused too: peft 0.21.2 divides by ‖V‖ alone
+    (``tuners/lora/dora.py``), so the file would merge to another weight. Empty when no module has a bias or an ε.
     """
+    eps = {n: _eps_why(m.dora_eps) for n, m in adapter.items() if m.is_dora and m.dora_eps}
     if not any(m.bias is not None for m in adapter.modules.values()):
-        return {}
+        return eps
     out = {n: _NO_BIAS_KIND for n, m in adapter.items() if m.kind in ("embedding", "experts")}
     keys = set(base.weights.keys()) if base is not None and base.weights is not None else set()
     out.update({n: _SOME_BIASES for n, m in adapter.items()
                 if m.bias is None and n not in out and f"{n}.bias" not in keys})
-    return out
+    return {**out, **eps}
+
+
+def _eps_why(eps: float) -> str:
+    return (f"LyCORIS DoRA (ε = {eps:.3g}): peft's DoRA has no ε; merge it with loratools, or convert with "
+            "--as-lora --base BASE")
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:

@@ -7,7 +7,8 @@ Tensors: ``<module>.lora_A``, ``<module>.lora_B`` and, for AdaLoRA,
 
 - ``format`` = ``"loratools"``, ``format_version`` = ``"1"``;
 - ``config``: the :class:`~loratools.config.AdapterConfig` as JSON;
-- ``modules``: ``{module: {alpha, scale, kind, fan_in_fan_out}}`` as JSON;
+- ``modules``: ``{module: {alpha, scale, kind, fan_in_fan_out}}`` as JSON (``experts`` for an MoE module;
+  ``dora_eps``, DoRA's ε in ``m / (‖V‖ + ε)``, when not 0: LyCORIS's DoRA);
 - ``fingerprint``: the base fingerprint ``{shapes, sha256}`` as JSON.
 """
 
@@ -78,7 +79,10 @@ def read_single(path: Path) -> Adapter:
                                bias=tensors.get(f"{name}.lora_B.bias"),
                                experts=get_field(m, "experts", int, where=at, default=1, check=lambda n: n >= 1,
                                                  expected="a count ≥ 1"),
-                               magnitude=tensors.get(f"{name}.lora_magnitude_vector"))
+                               magnitude=tensors.get(f"{name}.lora_magnitude_vector"),
+                               dora_eps=finite_number(get_field(m, "dora_eps", float, where=at, default=0.0,
+                                                                check=lambda e: e >= 0, expected="a number ≥ 0"),
+                                                      where=at, field="dora_eps"))
     saved = {k[len(_SAVED):]: t for k, t in tensors.items() if k.startswith(_SAVED)}
     _check_listed(path, tensors, modules)
     adapter = Adapter(modules, config, saved)
@@ -125,7 +129,8 @@ def write_single(adapter: Adapter, path: Path) -> None:
         if m.magnitude is not None:
             tensors[f"{name}.lora_magnitude_vector"] = m.magnitude
         info[name] = {"alpha": m.alpha, "scale": m.scale, "kind": m.kind, "fan_in_fan_out": m.fan_in_fan_out,
-                      **({"experts": m.experts} if m.kind == "experts" else {})}
+                      **({"experts": m.experts} if m.kind == "experts" else {}),
+                      **({"dora_eps": m.dora_eps} if m.dora_eps else {})}
     for key, t in adapter.saved.items():
         tensors[_SAVED + key] = t
     cfg = {f.name: getattr(adapter.config, f.name) for f in fields(adapter.config)}

@@ -164,7 +164,8 @@ def adapter_state(model: nn.Module, *, base_model: str | None = None, targets: I
             modules[name] = Module(A=layer.lora_A.detach().float().cpu().clone(),
                                    B=layer.lora_B.detach().float().cpu().clone(),
                                    alpha=layer.alpha, scale=layer.scaling, fan_in_fan_out=layer.fan_in_fan_out,
-                                   magnitude=None if mag is None else mag.detach().float().cpu().clone())
+                                   magnitude=None if mag is None else mag.detach().float().cpu().clone(),
+                                   dora_eps=layer.dora_eps if isinstance(layer, DoRALinear) else 0.0)
         config = AdapterConfig(method="lora", use_rslora=rslora, fan_in_fan_out=fifo, base_model=base_model,
                                task_type="CAUSAL_LM", target_modules=target_list, extra=raw)
     return Adapter(modules, config)
@@ -202,6 +203,7 @@ def load_adapter(model: nn.Module, adapter: Adapter) -> dict[str, AdaptedLinear]
         layer.lora_B.copy_(m.B)
         if m.magnitude is not None and isinstance(layer, DoRALinear):
             layer.lora_magnitude_vector.copy_(m.magnitude)
+            layer.dora_eps = m.dora_eps  # LyCORIS DoRA's ε (loratools.dora.dora_factor)
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers

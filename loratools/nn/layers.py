@@ -174,6 +174,8 @@ class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False) -> None:
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
+        #: DoRA's ε, added to each row norm (:func:`loratools.dora.dora_factor`): 0 is peft's rule
+        self.dora_eps = 0.0
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
 
     def module(self, *, detach: bool = False) -> Module:
@@ -181,7 +183,8 @@ class DoRALinear(LoRALinear):
         A, B = (self.lora_A.detach(), self.lora_B.detach()) if detach else (self.lora_A, self.lora_B)
         mag = getattr(self, "lora_magnitude_vector", None)  # None while __init__ computes its first value
         return Module(A=A, B=B, alpha=self.alpha, scale=self.scaling, fan_in_fan_out=self.fan_in_fan_out,
-                      magnitude=mag.detach() if detach and mag is not None else mag)
+                      magnitude=mag.detach() if detach and mag is not None else mag,
+                      dora_eps=getattr(self, "dora_eps", 0.0))
 
     @torch.no_grad()
     def weight_norm(self) -> Tensor:
