@@ -242,6 +242,24 @@ def ct_decompressed(path: Path) -> dict[str, torch.Tensor]:
     return state(model)
 
 
+def fp8_llama_with(path: Path, quantize, quantization_config: dict) -> Path:
+    """fixtures/tiny-llama saved at ``path`` with every decoder linear weight ``P.weight`` replaced by the e4m3
+    weight and ``P.weight_scale_inv`` that ``quantize(weight)`` returns, config.json with ``quantization_config``."""
+    from safetensors.torch import load_file
+
+    tiny = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama"
+    out: dict[str, torch.Tensor] = {}
+    for k, t in load_file(tiny / "model.safetensors").items():
+        if ".layers." in k and k.endswith("proj.weight"):
+            out[k], out[k + "_scale_inv"] = quantize(t)
+        else:
+            out[k] = t
+    model_with_weights(out, tiny, path)
+    config = json.loads((tiny / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}, indent=2))
+    return path
+
+
 def fp8_dequantized(path: Path, fmt) -> dict[str, torch.Tensor]:
     """The tensors of the one-file FP8 model at ``path``, each e4m3 weight dequantized with its ``_scale_inv`` by the
     block layout ``fmt`` (:class:`loratools.quant.fp8.Fp8Format`), the scales left out."""
@@ -365,3 +383,21 @@ def weight_deltas(models: dict[str, torch.nn.Module],
             if key.endswith(".weight") and w1 is not None and not torch.equal(w1, w0):
                 out[f"{comp}.{key[: -len('.weight')]}"] = (w1 - w0).double()
     return out
+
+
+def plain_reference(weights: dict[str, torch.Tensor], like: Path, adapter: Path,
+                    dest: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(a quantized base's reference dequantization ``weights`` saved plain in float32 as the model ``like`` at
+    ``dest``; peft merge_and_unload of ``adapter`` on it): what the quantized-format merge tests compare with."""
+    plain = model_with_weights(weights, like, dest)
+    return plain, state(peft_merged(plain, adapter))
+
+
+def kept_merge(base: Path, adapter: Path, root: Path) -> tuple[Path, Path, object]:
+    """(a keep-format merge of ``adapter`` into the quantized ``base``, verified, under ``root``; its record; the
+    merge's report)."""
+    from loratools import merge_model, read_adapter
+
+    report = merge_model(base, [read_adapter(adapter)], root / "merged", verify=True,
+                         record=root / "m.rec.safetensors")
+    return root / "merged", root / "m.rec.safetensors", report

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (check_quantized_base_reads_as_plain, data_bytes, dequantized_view, model_with_weights,
-                     peft_merged, state, within_one_bf16_ulp)
+from helpers import (check_quantized_base_reads_as_plain, data_bytes, dequantized_view, kept_merge,
+                     model_with_weights, plain_reference, state, within_one_bf16_ulp)
 from loratools import read_adapter
 from loratools.errors import InvalidOptionError, LossyMergeError
 from loratools.io import ModelReader
@@ -89,16 +89,13 @@ def base(request, saved) -> Path:
 def reference(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """(the base as bitsandbytes dequantizes it, saved plain in float32; peft merge_and_unload of LORA on it)."""
     weights = state(load(base)) | bnb_dequantized(load(base))
-    plain = model_with_weights(weights, TINY, tmp_path_factory.mktemp("bnb-plain") / "plain")
-    return plain, state(peft_merged(plain, LORA))
+    return plain_reference(weights, TINY, LORA, tmp_path_factory.mktemp("bnb-plain") / "plain")
 
 
 @pytest.fixture(scope="module")
 def kept(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
     """(a keep-format merge of LORA, its record, the merge's report)."""
-    root = tmp_path_factory.mktemp("bnb-kept")
-    report = merge_model(base, [read_adapter(LORA)], root / "merged", verify=True, record=root / "m.rec.safetensors")
-    return root / "merged", root / "m.rec.safetensors", report
+    return kept_merge(base, LORA, tmp_path_factory.mktemp("bnb-kept"))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -16,8 +16,8 @@ from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedCon
 from loratools.merge import merge_model, unmerge_model, verify_merge
 from loratools.quant.fp8 import Fp8Format
 
-from helpers import (check_quantized_base_reads_as_plain, data_bytes, fp8_dequantized, model_with_weights,
-                     peft_merged, state, transformers_state)
+from helpers import (check_quantized_base_reads_as_plain, data_bytes, fp8_dequantized, fp8_llama_with,
+                     model_with_weights, peft_merged, state, transformers_state)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY, LORA = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "adapters" / "lora"
@@ -41,17 +41,7 @@ def producer_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_llama(path: Path) -> Path:
     """fixtures/tiny-llama with every decoder linear weight quantized (k/v: 64 rows, one partial block)."""
-    tensors = load_file(TINY / "model.safetensors")
-    out = {}
-    for k, t in tensors.items():
-        if ".layers." in k and k.endswith("proj.weight"):
-            out[k], out[k + "_scale_inv"] = producer_quantize(t)
-        else:
-            out[k] = t
-    model_with_weights(out, TINY, path)
-    config = json.loads((TINY / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "quantization_config": QCONFIG}, indent=2))
-    return path
+    return fp8_llama_with(path, producer_quantize, QCONFIG)
 
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:

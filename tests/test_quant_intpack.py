@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (check_quantized_base_reads_as_plain, ct_decompressed, data_bytes, dequantized_view,
-                     model_with_weights, peft_merged, state, within_one_bf16_ulp)
+from helpers import (check_quantized_base_reads_as_plain, ct_decompressed, data_bytes, dequantized_view, kept_merge,
+                     model_with_weights, plain_reference, within_one_bf16_ulp)
 from loratools import read_adapter
 from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedConfigError
 from loratools.merge import merge_model, unmerge_model, verify_merge
@@ -110,16 +110,12 @@ def scheme(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def reference(scheme, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """(the base decompressed by compressed-tensors, saved plain in float32; peft merge_and_unload of LORA on it)."""
-    plain = model_with_weights(ct_decompressed(scheme[1]), TINY, tmp_path_factory.mktemp("plain") / "plain")
-    return plain, state(peft_merged(plain, LORA))
+    return plain_reference(ct_decompressed(scheme[1]), TINY, LORA, tmp_path_factory.mktemp("plain") / "plain")
 
 
 @pytest.fixture(scope="module")
 def kept(scheme, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
-    root = tmp_path_factory.mktemp("kept")
-    report = merge_model(scheme[1], [read_adapter(LORA)], root / "merged", verify=True,
-                         record=root / "m.rec.safetensors")
-    return root / "merged", root / "m.rec.safetensors", report
+    return kept_merge(scheme[1], LORA, tmp_path_factory.mktemp("kept"))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (check_quantized_base_reads_as_plain, ct_decompressed, data_bytes, dequantized_view,
-                     model_with_weights, peft_merged, state, within_one_bf16_ulp)
+from helpers import (check_quantized_base_reads_as_plain, ct_decompressed, data_bytes, dequantized_view, kept_merge,
+                     plain_reference, within_one_bf16_ulp)
 from loratools import read_adapter
 from loratools.errors import InvalidOptionError, LossyMergeError, UnsupportedConfigError
 from loratools.merge import merge_model, unmerge_model, verify_merge
@@ -88,16 +88,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """(the base decompressed by compressed-tensors, saved plain in float32; peft merge_and_unload of LORA on it)."""
-    plain = model_with_weights(ct_decompressed(base), TINY, tmp_path_factory.mktemp("nvfp4-plain") / "plain")
-    return plain, state(peft_merged(plain, LORA))
+    return plain_reference(ct_decompressed(base), TINY, LORA, tmp_path_factory.mktemp("nvfp4-plain") / "plain")
 
 
 @pytest.fixture(scope="module")
 def kept(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
     """(a keep-format merge of LORA, its record, the merge's report)."""
-    root = tmp_path_factory.mktemp("nvfp4-kept")
-    report = merge_model(base, [read_adapter(LORA)], root / "merged", verify=True, record=root / "m.rec.safetensors")
-    return root / "merged", root / "m.rec.safetensors", report
+    return kept_merge(base, LORA, tmp_path_factory.mktemp("nvfp4-kept"))
 
 
 def test_the_config_selects_the_nvfp4_codec_in_the_models_dtype(base: Path) -> None:

@@ -18,7 +18,7 @@ from loratools.errors import UnsupportedConfigError
 from loratools.merge import merge_model
 from loratools.quant.fp8 import UE8M0, Fp8Format, fp8_format, pow2_ceil
 
-from helpers import fp8_dequantized, model_with_weights, transformers_state
+from helpers import fp8_dequantized, fp8_llama_with, transformers_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY, LORA = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "adapters" / "lora"
@@ -143,16 +143,7 @@ def test_an_e5m2_weight_is_refused_not_read_as_e4m3() -> None:
 def ue8m0_llama(path: Path) -> Path:
     """fixtures/tiny-llama with every decoder linear quantized by the rule, scales float32 as DeepSeek-V3.1 stores
     them."""
-    out: dict[str, torch.Tensor] = {}
-    for k, t in load_file(TINY / "model.safetensors").items():
-        if ".layers." in k and k.endswith("proj.weight"):
-            out[k], out[k + "_scale_inv"] = FMT.quantize(t)
-        else:
-            out[k] = t
-    model_with_weights(out, TINY, path)
-    config = json.loads((TINY / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "quantization_config": QCONFIG}, indent=2))
-    return path
+    return fp8_llama_with(path, FMT.quantize, QCONFIG)
 
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:
