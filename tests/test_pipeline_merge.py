@@ -19,7 +19,8 @@ from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import InvalidOptionError
-from loratools.merge.pipeline import NOT_ASKED, NOT_IN_BASE, held_parts, merge_pipeline, plan_parts
+from loratools.formats import held_models
+from loratools.merge.pipeline import NOT_ASKED, NOT_IN_BASE, merge_pipeline, plan_parts
 
 pytest.importorskip("diffusers", reason="diffusers 0.42.1 is the reference (pip install --no-deps diffusers)")
 
@@ -89,7 +90,7 @@ def test_whole_sdxl_pipeline_merges_as_diffusers_load_lora_weights_and_fuse_lora
     assert [c["component"] for c in report["components"]] == ["text_encoder", "text_encoder_2", "unet"]
     assert report["copied"] == ["model_index.json", "scheduler", "tokenizer", "tokenizer_2", "vae"]
     assert not report["partial"] and report["left_out"] == []
-    assert {c["component"]: c["modules"] for c in report["components"]} == held_parts(lora)
+    assert {c["component"]: c["modules"] for c in report["components"]} == held_models(lora)
     for name in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json",
                  "vae/diffusion_pytorch_model.safetensors"):
         assert (out / name).read_bytes() == (pipe / name).read_bytes(), name
@@ -173,7 +174,7 @@ def test_partial_merges_what_the_pipeline_has_and_reports_the_parts_left_out(tmp
     done = run_cli("merge", pipe, lora, "-o", tmp_path / "out", "--partial", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    held = held_parts(lora)
+    held = held_models(lora)
     assert report["partial"] and report["left_out"] == [
         {"source": str(lora), "component": "text_encoder_2", "modules": held["text_encoder_2"], "reason": NOT_IN_BASE}]
     assert {c["component"]: c["modules"] for c in report["components"]} == {"text_encoder": held["text_encoder"],

@@ -21,7 +21,8 @@ from .base import (FORMATS, BaseModel, Format, check_base_names, check_base_shap
 from . import single, mlx, peft, comfyui, kohya, gguf, diffusers  # noqa: E402,F401,I001
 
 __all__ = ["Format", "FORMATS", "BaseModel", "register", "peek_safetensors", "detect_format", "get_format",
-           "check_base_names", "check_base_shapes", "load_base", "read_adapter", "read_with_base", "write_adapter"]
+           "check_base_names", "check_base_shapes", "held_models", "load_base", "read_adapter", "read_with_base",
+           "write_adapter"]
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -83,15 +84,28 @@ def read_with_base(path: str | os.PathLike[str], base: str | os.PathLike[str] | 
     fmt = get_format(detect_format(p))
     known = load_base(base) if base is not None else fmt.base_info(p) if fmt.base_info else None
     if component is None and fmt.component_reader is not None:  # a model's names are not the file's
-        held = dict.fromkeys(n.split(".", 1)[0] for n in fmt.read(p).modules)
-        raise InvalidOptionError(f"{p} holds the adapters of {', '.join(held)} ({fmt.name}): choose one with "
-                                 f"`component` (its base is that model)")
+        raise InvalidOptionError(f"{p} holds the adapters of {', '.join(held_models(p) or {})} ({fmt.name}): choose "
+                                 "one with `component` (its base is that model)")
     if component is None:
         return fmt.read(p, base=known), known, fmt.name
     if fmt.component_reader is None:
         raise InvalidOptionError(f"`component` picks one model of a file that holds several (a diffusers pipeline "
                                  f"LoRA); {p} is {fmt.name}, which holds one: leave `component` out")
     return fmt.component_reader(p, component), known, fmt.name
+
+
+def held_models(path: str | os.PathLike[str]) -> dict[str, int] | None:
+    """The models a file holding several models' adapters (a pipeline LoRA: ``Format.component_reader``) has LoRAs
+    of, each with its module count, in file order; None for the adapter of one model. Read without a base, such a
+    file names each module ``<component>.<module>``."""
+    fmt = get_format(detect_format(path))
+    if fmt.component_reader is None:
+        return None
+    counts: dict[str, int] = {}
+    for name in fmt.read(Path(path)).modules:
+        comp = name.split(".", 1)[0]
+        counts[comp] = counts.get(comp, 0) + 1
+    return counts
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], *, format: str = "peft", force: bool = False,

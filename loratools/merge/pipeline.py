@@ -28,15 +28,15 @@ from typing import Any
 import torch
 
 from ..errors import InvalidOptionError
-from ..formats import BaseModel, detect_format, get_format, load_base, read_adapter
+from ..formats import BaseModel, held_models, load_base, read_adapter
 from ..formats.diffusers import load_component, other_components, pipeline_models
 from ..io import Progress, atomic_output, copy_entries
 from .jobs import check_merge, merge_model
 from .plan import AdapterInput
 from .report import MergeReport
 
-__all__ = ["NOT_ASKED", "NOT_IN_BASE", "ComponentMerge", "LeftOut", "Part", "PipelineMergeReport", "held_parts", "left_out_notes", "merge_pipeline",
-           "plan_parts", "read_inputs", "weighted"]
+__all__ = ["NOT_ASKED", "NOT_IN_BASE", "ComponentMerge", "LeftOut", "Part", "PipelineMergeReport", "left_out_notes",
+           "merge_pipeline", "plan_parts", "read_inputs", "weighted"]
 
 PathLike = str | os.PathLike[str]
 #: why a part was not merged: the pipeline has no model of that name, or ``only`` did not name it
@@ -162,19 +162,6 @@ def plan_parts(models: Sequence[str], held: Sequence[tuple[str, dict[str, int] |
 
 # --------------------------------------------------------------------------- reading the inputs
 
-def held_parts(path: PathLike) -> dict[str, int] | None:
-    """The models a pipeline adapter file holds LoRAs of, each with its module count, in file order; None for an
-    adapter of one model (a format without a ``component_reader``)."""
-    fmt = get_format(detect_format(path))
-    if fmt.component_reader is None:
-        return None
-    counts: dict[str, int] = {}
-    for name in fmt.read(Path(path)).modules:  # read without a base, each module is named <component>.<module>
-        comp = name.split(".", 1)[0]
-        counts[comp] = counts.get(comp, 0) + 1
-    return counts
-
-
 def read_inputs(model: PathLike, paths: Sequence[str], weights: Sequence[float] = (), *,
                 component: str | None = None) -> tuple[BaseModel, list[AdapterInput]]:
     """The model (a base, or a merged model), read once, and the adapters read against it as ``convert --base``
@@ -235,7 +222,7 @@ def merge_pipeline(pipeline: PathLike, adapters: Sequence[PathLike | tuple[PathL
         raise InvalidOptionError(f"{root} is not a diffusers pipeline folder (no model_index.json); merge into a "
                                  "model with plain `merge`")
     pairs = [(str(a), 1.0) if isinstance(a, str | os.PathLike) else (str(a[0]), float(a[1])) for a in adapters]
-    where, left = plan_parts(models, [(p, held_parts(p)) for p, _ in pairs], only=only, partial=partial)
+    where, left = plan_parts(models, [(p, held_models(p)) for p, _ in pairs], only=only, partial=partial)
     for x in left:
         if x.reason == NOT_IN_BASE and (root / x.part.component).is_dir():  # there, but not as safetensors
             raise InvalidOptionError(f"{root / x.part.component} holds no safetensors weights, which loratools needs "
