@@ -228,3 +228,11 @@ def test_merge_cli_reads_the_recorded_base_names_it_and_refuses_a_contradiction(
     refused = run_cli("merge", TINY_LLAMA, dq, "-o", tmp_path / "refused", "--qlora", "fp4")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "contradicts" in refused.stderr and not (tmp_path / "refused").exists()
+
+
+def test_a_recorded_quantize_loratools_does_not_know_is_a_damaged_record(tmp_path):
+    from loratools.errors import CorruptFileError
+
+    assert recorded_base(_with_record(tmp_path, "plain", training="none")) is None
+    with pytest.raises(CorruptFileError, match=r"training_config.json .*quantize is 'nf5'"):
+        recorded_base(_with_record(tmp_path, "odd", training="nf5"))

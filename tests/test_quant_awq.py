@@ -91,7 +91,8 @@ def test_the_config_selects_the_awq_codec() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("version", "gemv"), ("version", "gemv_fast"), ("format", "llm-awq"),
-                                              ("bits", 8), ("group_size", "128")])
+                                              ("bits", 8), ("bits", 4.0), ("group_size", "128"),
+                                              ("zero_point", "false")])
 def test_other_awq_layouts_are_refused_by_name(field: str, value: object) -> None:
     with pytest.raises(UnsupportedConfigError, match="version" if field == "format" else field):
         quant_codec({"quantization_config": {"quant_method": "awq", "bits": 4, "zero_point": True, field: value}})

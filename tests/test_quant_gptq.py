@@ -150,7 +150,7 @@ def test_the_config_selects_the_gptq_codec_with_its_format() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("bits", 3), ("bits", 2), ("checkpoint_format", "marlin"),
                                               ("pack_dtype", "int64"), ("dynamic", {"-:.*mlp.*": {}}),
-                                              ("group_size", 0)])
+                                              ("group_size", 0), ("bits", 4.0), ("bits", "4")])
 def test_other_gptq_settings_are_refused_by_name(field: str, value: object) -> None:
     qc = {**gptq_config(True, False, "gptq"), field: value}
     if field == "checkpoint_format":

@@ -36,8 +36,8 @@ onto_option = click.option("--onto", default="original", show_default=True,
 qlora_option = click.option("--qlora", default=None,
                              type=click.Choice(["nf4", "nf4-dq", "fp4", "fp4-dq", "int8"]),
                              help="The bitsandbytes type a QLoRA adapter was trained on (-dq: double quantization; "
-                                  "int8: LLM.int8 rows; default: the type the adapter records): report "
-                                  "‖deq(Q(W0)) − W0‖/‖ΔW‖ per weight and overall.")
+                                  "int8: LLM.int8 rows): report ‖deq(Q(W0)) − W0‖/‖ΔW‖ per weight and overall. "
+                                  "--onto dequantized takes the type the adapter records when this is left out.")
 lossy_option = click.option("--allow-lossy", is_flag=True,
                             help="GGUF or quantized safetensors BASE: accept a merged model that keeps too little "
                                  "of the adapters' update (its re-quantization rounds ΔW away; refused otherwise).")
@@ -167,9 +167,9 @@ def merge(session: Session, base: str, adapters: tuple[str, ...], output: str, w
     base's own grid (the same kept-share check applies) or, with --dtype, written
     plain without quantization_config.
 
-    A QLoRA adapter (trained on a bitsandbytes 4-bit base) merges into the
-    16-bit model that base was quantized from. --qlora names its 4-bit type
-    and prints ‖deq(Q(W0)) − W0‖/‖ΔW‖ per adapted weight and overall, and the
+    A QLoRA adapter (trained on a bitsandbytes 4-bit or int8 base) merges into
+    the 16-bit model that base was quantized from. --qlora names its type
+    (an adapter loratools trained records it) and prints ‖deq(Q(W0)) − W0‖/‖ΔW‖ per adapted weight and overall, and the
     base the figures favour. --onto original (default: merged onto W0, the
     lower held-out loss in docs/experiments.md) writes the weights as a plain
     merge does; --onto dequantized writes deq(Q(W0)) + ΔW for every weight

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..dtypes import check_fits
-from ..errors import InvalidOptionError, NonFiniteError, ShapeMismatchError
+from ..errors import CorruptFileError, InvalidOptionError, NonFiniteError, ShapeMismatchError
 from ..quant.qlora import QLORA_QUANTS, QloraReport, QloraRow, qlora_dequantized, quants_of_card
 from .kernels import delta_sum, dora_of
 from .layout import HEAD_KEY
@@ -220,7 +220,10 @@ def recorded_base(label: str) -> TrainedOn | None:
         record = json.loads(text) if text is not None else None
     except ValueError:
         record = None
-    if isinstance(record, dict) and record.get("quantize") in QLORA_QUANTS:
+    if isinstance(record, dict) and record.get("quantize") not in (None, "none"):
+        if record["quantize"] not in QLORA_QUANTS:
+            raise CorruptFileError(folder / "training_config.json", f"its quantize is {record['quantize']!r}, "
+                                   f"not one of none, {', '.join(QLORA_QUANTS)}: fix it, or remove the field")
         quant = record["quantize"]
     card = quants_of_card(_small_text(folder / "README.md") or "")
     if len(card) > 1 or (quant is not None and card and card != (quant,)):

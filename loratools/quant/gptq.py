@@ -316,7 +316,7 @@ def gptq_format(qc: Mapping[str, Any]) -> GptqFormat:
     ``format`` or the older ``checkpoint_format`` ("gptq"), ``desc_act`` and ``sym`` (any: g_idx and the zeros
     carry them). Refuses 2- and 3-bit weights, other formats, other pack dtypes and per-module ``dynamic`` rules."""
     bits = qc.get("bits")
-    if bits not in (4, 8):
+    if type(bits) is not int or bits not in (4, 8):  # 4.0 or "4" is not what GPTQConfig writes
         raise UnsupportedConfigError("config.json", "quantization_config.bits", bits,
                                      "loratools reads quant_method gptq with 4- or 8-bit weights; dequantize "
                                      "the model first")
@@ -343,7 +343,11 @@ def awq_format(qc: Mapping[str, Any]) -> AwqFormat:
         raise UnsupportedConfigError("config.json", "quantization_config.version", version,
                                      "loratools reads AutoAWQ's gemm layout only; dequantize the model first")
     bits = next((qc[n] for n in ("bits", "w_bit") if n in qc), 4)
-    if bits != 4:
+    if type(bits) is not int or bits != 4:
         raise UnsupportedConfigError("config.json", "quantization_config.bits", bits,
                                      "AutoAWQ's gemm layout is 4-bit; loratools reads no other")
-    return AwqFormat(_int_field(qc, ("group_size", "q_group_size"), 128), qc.get("zero_point", True) is not False)
+    zero_point = qc.get("zero_point", True)
+    if type(zero_point) is not bool:
+        raise UnsupportedConfigError("config.json", "quantization_config.zero_point", zero_point,
+                                     "it must be true or false")
+    return AwqFormat(_int_field(qc, ("group_size", "q_group_size"), 128), zero_point)
