@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,8 @@ import torch
 
 from .errors import InvalidOptionError
 
-__all__ = ["resolve_device", "resolve_dtype", "DTYPES", "cpu_cores", "configure_cpu_threads", "cpu_threads", "map_in_threads"]
+__all__ = ["resolve_device", "resolve_dtype", "DTYPES", "cpu_cores", "configure_cpu_threads", "cpu_threads", "map_in_threads",
+           "worker_pool"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -105,14 +108,37 @@ def map_in_threads(fn: Callable[[T], R], items: Iterable[T], *, workers: int | N
     if n <= 1:
         yield from map(fn, todo)
         return
-    with cpu_threads(1):
-        pool = ThreadPoolExecutor(n, thread_name_prefix="loratools-map")
+    with cpu_threads(1), worker_pool(n, "loratools-map") as pool:
+        pending = deque(pool.submit(fn, x) for x in todo[:2 * n])
+        for x in todo[2 * n:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(fn, x))
+        while pending:
+            yield pending.popleft().result()
+
+
+_pool_numbers = itertools.count()
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool none of whose threads outlives the block, however the block is left.
+
+    On leaving, work not yet started is cancelled and every thread is waited for. ``shutdown`` alone does not
+    promise that: an exception that lands in the main thread while the pool starts a thread (Ctrl-C, or SIGTERM
+    made one by :func:`loratools.cli.interrupts.interrupts`) leaves that thread running but out of the pool's list,
+    which ``concurrent.futures`` (CPython 3.11, ``thread.py`` ``_adjust_thread_count``) appends to only after
+    ``Thread.start`` returns; such a thread went on writing a merge's tensors into a temporary already removed. So
+    each pool gets a name of its own and, after ``shutdown``, every live thread of that name is joined.
+    """
+    prefix = f"{name}-{next(_pool_numbers)}"
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=prefix)
+    try:
+        yield pool
+    finally:
         try:
-            pending = deque(pool.submit(fn, x) for x in todo[:2 * n])
-            for x in todo[2 * n:]:
-                yield pending.popleft().result()
-                pending.append(pool.submit(fn, x))
-            while pending:
-                yield pending.popleft().result()
-        finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for thread in threading.enumerate():
+                if thread.name.startswith(prefix + "_"):
+                    thread.join()

@@ -103,7 +103,10 @@ def test_interrupted_merge_waits_for_its_workers_before_removing_the_temporary(t
         if n == 3:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # the main thread has the signal by now and waits while this tensor is still written
-            os.kill(os.getpid(), signal.SIGTERM)
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                ended_without_tmp.append(-n)  # the call returned before this thread ended: a second kill would end pytest
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)
         result = real(*args, **kwargs)
         if not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
@@ -118,6 +121,38 @@ def test_interrupted_merge_waits_for_its_workers_before_removing_the_temporary(t
     assert os.listdir(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name.startswith("loratools-rewrite")]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the call
+
+
+def test_a_signal_while_a_worker_thread_starts_still_waits_for_that_thread(tmp_path: Path, monkeypatch) -> None:
+    """The signal lands in the main thread just as it starts the merge's first worker thread (here raised where
+    ``Thread.start`` returns, as the handler would): that thread already runs, though the pool never listed it.
+    The run still waits for it: exit 143 with one line, no tensor write ends after the temporary is removed,
+    no worker thread outlives the call, nothing is left."""
+    import loratools.io.model as model_io
+    from loratools.cli.interrupts import Interrupted
+
+    real_start, real_write, ended_without_tmp = threading.Thread.start, model_io._write_tensor, []
+
+    def start(self: threading.Thread) -> None:
+        real_start(self)
+        if self.name.startswith("loratools-rewrite"):
+            raise Interrupted(signal.SIGTERM)
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.3)  # still writing when the main thread has cleaned up, unless it waited
+        result = real_write(*args, **kwargs)
+        if not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
+            ended_without_tmp.append(1)
+        return result
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(model_io, "_write_tensor", slow_write)
+    r = run_cli("-q", "merge", TINY_LLAMA, LORA, "-o", tmp_path / "out", "--device", "cpu")
+    assert r.returncode == 143, r.stderr
+    assert _one_line(r.stderr) == "loratools: interrupted (SIGTERM); nothing was written"
+    assert ended_without_tmp == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("loratools-rewrite")]
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_ignored_sighup_stays_ignored() -> None:

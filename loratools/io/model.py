@@ -18,14 +18,14 @@ import os
 import re
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ..device import cpu_cores
+from ..device import cpu_cores, worker_pool
 from ..dtypes import check_fits
 from ..errors import CorruptFileError, InputNotFoundError, UnsafePathError
 from ..validate import MAX_JSON_BYTES, get_field, plain_name
@@ -386,19 +386,13 @@ def _run(model: ModelReader, jobs: list[tuple[int, int, Entry]], compute: Callab
     if progress:
         progress(0, total=len(jobs))
     changed = 0
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loratools-rewrite") as pool:
+    with worker_pool(workers, "loratools-rewrite") as pool:  # the files stay open until every thread has stopped
         futures = [pool.submit(_write_tensor, model.spans[added.get(e.name, e.name)], fd, offset, e, compute)
                    for fd, offset, e in jobs]
-        try:
-            for fut in as_completed(futures):
-                changed += fut.result()
-                if progress:
-                    progress(1)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            wait(futures)  # the files stay open until every running tensor has stopped
-            raise
+        for fut in as_completed(futures):
+            changed += fut.result()
+            if progress:
+                progress(1)
     return changed
 
 
