@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loratools.errors import InvalidOptionError
-from loratools.io import load_safetensors
+from loratools.io import load_safetensors, save_safetensors
 from loratools.merge.jobs import merge_model
 
 from conftest import ADAPTERS, TINY_LLAMA
@@ -171,3 +171,43 @@ def test_unmerge_of_a_merge_onto_dequantized_says_it_gives_the_dequantized_weigh
     r = cli("unmerge", out, LORA, "-o", tmp_path / "u")
     assert r.returncode == 0, r.stderr
     assert "merged onto the dequantized 4-bit weights (nf4-dq)" in r.stderr and "not the original" in r.stderr
+
+
+def _restamped(merged: Path, dest: Path, edit) -> Path:
+    """A copy of the merged model at ``dest`` with its loratools stamp edited (``edit`` returns None: no stamp)."""
+    tensors, meta = load_safetensors(merged / "model.safetensors")
+    dest.mkdir()
+    for f in merged.iterdir():
+        if f.name != "model.safetensors":
+            (dest / f.name).write_bytes(f.read_bytes())
+    stamp = edit(json.loads(meta.pop("loratools.merge")))
+    save_safetensors(tensors, dest / "model.safetensors",
+                     meta if stamp is None else {**meta, "loratools.merge": json.dumps(stamp)})
+    return dest
+
+
+def test_verify_checks_a_merge_onto_dequantized_against_the_base_its_stamp_names(cli, onto_dequantized):
+    """`verify` reads the merged model's stamp: a merge onto deq(Q(W0)) passes against the original base, and the
+    report says what it was checked against (before, it failed as 10⁵× the rounding tolerance)."""
+    out, _ = onto_dequantized
+    r = cli("verify", TINY_LLAMA, LORA, out)
+    assert r.returncode == 0, r.stderr
+    assert "checked against the dequantized nf4-dq base deq(Q(W0)) + ΔW" in r.stdout and "verify: ok" in r.stdout
+    report = json.loads(cli("verify", TINY_LLAMA, LORA, out, "--json").stdout)
+    assert report["ok"] and report["onto"] == "nf4-dq"
+    plain = json.loads(cli("verify", TINY_LLAMA, LORA, out, "--json", "--weight", "0.5").stdout)
+    assert not plain["ok"] and plain["onto"] == "nf4-dq"  # the stamp names the base, not the answer
+
+
+def test_verify_without_the_stamp_checks_against_the_original_and_fails(cli, onto_dequantized, tmp_path):
+    bare = _restamped(onto_dequantized[0], tmp_path / "bare", lambda stamp: None)
+    r = cli("verify", TINY_LLAMA, LORA, bare)
+    assert r.returncode == 2 and "rounding tolerance" in r.stderr and "dequantized" not in r.stdout
+
+
+def test_a_stamp_naming_an_unknown_4bit_type_is_refused_as_damaged(cli, onto_dequantized, tmp_path):
+    forged = _restamped(onto_dequantized[0], tmp_path / "forged", lambda stamp: {**stamp, "qlora": "nf9"})
+    for args in (("verify", TINY_LLAMA, LORA, forged), ("unmerge", forged, LORA, "-o", tmp_path / "u")):
+        line = _one_line_error(cli(*args))
+        assert "stamp says it was merged onto dequantized 4-bit weights of type 'nf9'" in line
+    assert not (tmp_path / "u").exists()

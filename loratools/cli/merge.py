@@ -99,6 +99,9 @@ def _onto_lines(out: Console, r: OntoReport) -> None:
 
 def _verify_lines(out: Console, v: VerifyReport) -> None:
     w = v.worst
+    if v.onto is not None:
+        out.print(f"verify: checked against the dequantized {v.onto} base deq(Q(W0)) + ΔW, which the merged model's "
+                  "stamp says it was merged onto")
     if w is not None:
         out.print(f"verify: {len(v.modules)} merged tensors ({v.dtype}); largest deviation {v.max_abs:.3g}; "
                   f"worst {w.key} at {w.ratio:.3g}× the rounding tolerance")
@@ -330,7 +333,8 @@ def verify(session: Session, base: str, adapters: tuple[str, ...], merged: str, 
     the exact value plus float32 summation slack), or if a tensor the adapters
     do not touch differs from the base. A GGUF MERGED must also carry the
     adapters' update: one that keeps too little of ΔW (the figure `merge`
-    refuses on) fails unless --allow-lossy.
+    refuses on) fails unless --allow-lossy. A model merged with --onto
+    dequantized (its stamp says so) is checked against deq(Q(W0)) + ΔW.
 
     \b
     Examples:

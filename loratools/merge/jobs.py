@@ -23,7 +23,6 @@ even in bfloat16.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,10 +42,10 @@ from ..dora import merged_weight
 from .config import config_edits
 from .kernels import check_finite, delta_sum, dora_of, jitter, tolerance, unmerged_tensor
 from .layout import find_tie
-from .plan import (METADATA_KEY, AdapterInput, TensorPlan, adapter_inputs, bias_notes, out_code, plan_merge,
+from .plan import (AdapterInput, TensorPlan, adapter_inputs, bias_notes, out_code, plan_merge,
                    resolve_precision, stamp, tie_notes)
 from .experts import resolve_experts
-from .onto import Onto, OntoReport, choose_onto, dequantized_base, onto_keys, onto_tensor
+from .onto import Onto, OntoReport, choose_onto, dequantized_base, onto_keys, onto_tensor, stamped_onto
 from .quantized import QuantModel, quant_model
 from .record import RecordWriter, read_record
 from .stream import Arithmetic, merged_blocks, restored_blocks
@@ -336,7 +335,7 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
                             force=force, progress=progress, ignore_stamp=ignore_stamp)
     job = _Job.start(merged, adapters, device, precision, unmerge=True)
     model, plan = job.model, job.plan
-    vouched = False if ignore_stamp else check_stamp(model, model.path, job.inputs)
+    vouched, notes = False if ignore_stamp else check_stamp(model, model.path, job.inputs), _onto_notes(model)
     record_path = Path(record) if record is not None else None
     patches: dict[str, dict[str, Span]] = {}
     hashes: dict[str, str] = {}
@@ -388,18 +387,15 @@ def unmerge_model(merged: PathLike | BaseModel, adapters: Adapters, out: PathLik
                        record_nbytes=record_path.stat().st_size if record_path else 0,
                        exact=True if record_path is not None else None, est_max_abs_error=stats.max,
                        est_rel_error=stats.rel, error_bound=stats.bound, adapters=[i.describe() for i in job.inputs],
-                       vouched=vouched or record_path is not None, notes=_onto_notes(model))
+                       vouched=vouched or record_path is not None, notes=notes)
 
 
 def _onto_notes(merged: ModelReader) -> tuple[str, ...]:
     """What an un-merge gives back from a model its stamp says was merged onto deq(Q(W0)) (:mod:`.onto`)."""
-    try:
-        info = json.loads(merged.metadata().get(METADATA_KEY) or "{}")
-    except ValueError:
+    onto = stamped_onto(merged.metadata(), merged.path)
+    if not onto.dequantized:
         return ()
-    if not isinstance(info, dict) or info.get("onto") != "dequantized":
-        return ()
-    return (f"{merged.path} was merged onto the dequantized 4-bit weights ({str(info.get('qlora'))[:10]}): the "
+    return (f"{merged.path} was merged onto the dequantized 4-bit weights ({onto.quant}): the "
             "un-merged weights are deq(Q(W0)), not the original 16-bit W0",)
 
 
@@ -419,7 +415,11 @@ def verify_merge(base: PathLike | BaseModel, adapters: Adapters, merged: PathLik
         from .gguf import verify_gguf
         return verify_gguf(_path(base), adapters, merged, precision=precision, progress=progress,
                            allow_lossy=allow_lossy)
-    return _check(_Job.start(base, adapters, device, precision), ModelReader(merged), progress, allow_lossy=allow_lossy)
+    job, m = _Job.start(base, adapters, device, precision), ModelReader(merged)
+    onto = stamped_onto(m.metadata(), m.path)
+    if onto.dequantized:  # its stamp says it was merged onto deq(Q(W0)): checked against that
+        job.choose(onto)
+    return replace(_check(job, m, progress, allow_lossy=allow_lossy), onto=onto.quant if onto.dequantized else None)
 
 
 def _expected(job: _Job, m: ModelReader) -> dict[str, tuple[int, ...]]:

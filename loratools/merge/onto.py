@@ -42,10 +42,10 @@ from ..errors import CorruptFileError, InvalidOptionError, NonFiniteError, Shape
 from ..quant.qlora import QLORA_QUANTS, QloraReport, QloraRow, qlora_dequantized, quants_of_card
 from .kernels import delta_sum, dora_of
 from .layout import HEAD_KEY
-from .plan import TensorPlan
+from .plan import METADATA_KEY, TensorPlan
 
 __all__ = ["ONTO", "Onto", "OntoReport", "TrainedOn", "check_recorded", "choose_onto", "dequantized_base",
-           "onto_keys", "onto_tensor", "recorded_base"]
+           "onto_keys", "onto_tensor", "recorded_base", "stamped_onto"]
 
 #: the bases a merge may add ΔW to
 ONTO = ("original", "dequantized")
@@ -93,6 +93,23 @@ class Onto:
             what = "a GGUF model" if gguf else f"already quantized ({quantized})"
             raise InvalidOptionError(f"`qlora` and `onto` need the 16-bit safetensors model the QLoRA base was "
                                      f"quantized from; {base} is {what}")
+
+
+def stamped_onto(metadata: Mapping[str, str], where: object) -> Onto:
+    """The choice a merged model's stamp records (:meth:`Onto.stamp`): ``original`` for a model without one or
+    with a stamp that says nothing of it (those are checked where the adapters are, :func:`.checks.check_stamp`);
+    a stamp naming a 4-bit type loratools does not know is refused, as a damaged file."""
+    try:
+        info = json.loads(metadata.get(METADATA_KEY) or "{}")
+    except ValueError:
+        return Onto()
+    if not isinstance(info, dict) or info.get("onto") != "dequantized":
+        return Onto()
+    quant = info.get("qlora")
+    if quant not in QLORA_QUANTS:
+        raise CorruptFileError(where, f"its {METADATA_KEY} stamp says it was merged onto dequantized 4-bit weights of "
+                                      f"type {str(quant)[:20]!r}, which is none of {', '.join(QLORA_QUANTS)}")
+    return Onto("dequantized", quant)
 
 
 def _quantized(key: str, p: TensorPlan) -> bool | None:

@@ -190,6 +190,9 @@ class VerifyReport:
     #: GGUF or re-quantized FP8: how much of ΔW the merged model carries; a lossy one fails unless ``allow_lossy``
     update: UpdateFit | None = None
     allow_lossy: bool = False
+    #: the 4-bit type whose dequantized weights deq(Q(W0)) the adapted tensors were checked against, as the merged
+    #: model's stamp says it was merged (``merge --onto dequantized``); None: against the base's own weights
+    onto: str | None = None
 
     @property
     def lossy(self) -> bool:
@@ -232,6 +235,6 @@ class VerifyReport:
         return {"ok": self.ok, "dtype": self.dtype, "max_abs": self.max_abs, "worst": w.key if w else None,
                 "worst_ratio": w.ratio if w else 0.0, "untouched_mismatches": self.untouched_mismatches,
                 "non_finite": self.non_finite, "modules": [m.__dict__ for m in self.modules],
-                "update": self.update.to_json() if self.update is not None else None}
+                "update": self.update.to_json() if self.update is not None else None, "onto": self.onto}
 
 
