@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -131,14 +132,30 @@ def worker_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
     ``Thread.start`` returns; such a thread went on writing a merge's tensors into a temporary already removed. So
     each pool gets a name of its own and, after ``shutdown``, every live thread of that name is joined.
     """
-    prefix = f"{name}-{next(_pool_numbers)}"
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=prefix)
+    prefix = f"{name}-{next(_pool_numbers)}_"
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=prefix[:-1])
     try:
         yield pool
     finally:
         try:
             pool.shutdown(wait=True, cancel_futures=True)
         finally:
-            for thread in threading.enumerate():
-                if thread.name.startswith(prefix + "_"):
-                    thread.join()
+            _join_named(prefix)
+
+
+def _join_named(prefix: str, *, patience: float = 5.0) -> None:
+    """Wait for every thread whose name starts with ``prefix``. One whose ``Thread.start`` the exception cut short
+    may not have begun yet (``join`` refuses it): it is waited for until it has, for at most ``patience`` seconds (a
+    thread cut short before the OS started it never begins, and runs nothing)."""
+    deadline = time.monotonic() + patience
+    while left := [t for t in threading.enumerate() if t.name.startswith(prefix)]:
+        unbegun = False
+        for thread in left:
+            try:
+                thread.join()
+            except RuntimeError:  # "cannot join thread before it is started"
+                unbegun = True
+        if unbegun:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)

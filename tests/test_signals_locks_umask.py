@@ -123,20 +123,37 @@ def test_interrupted_merge_waits_for_its_workers_before_removing_the_temporary(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the call
 
 
-def test_a_signal_while_a_worker_thread_starts_still_waits_for_that_thread(tmp_path: Path, monkeypatch) -> None:
-    """The signal lands in the main thread just as it starts the merge's first worker thread (here raised where
-    ``Thread.start`` returns, as the handler would): that thread already runs, though the pool never listed it.
-    The run still waits for it: exit 143 with one line, no tensor write ends after the temporary is removed,
-    no worker thread outlives the call, nothing is left."""
+@pytest.mark.parametrize("when", ["begun", "not-yet-begun"])
+def test_a_signal_while_a_worker_thread_starts_still_waits_for_that_thread(tmp_path: Path, monkeypatch,
+                                                                           when: str) -> None:
+    """The signal lands in the main thread just as it starts the merge's first worker thread: after the thread
+    began, or while ``Thread.start`` still waits for it to begin (raised where the handler would raise: there, or in
+    that wait). Either way the thread runs though the pool never listed it, and the run still waits for it: exit 143
+    with one line, no tensor write ends after the temporary is removed, no worker thread outlives the call, nothing
+    is left. (CI hit the second case for real: the join refused the thread that had not begun.)"""
     import loratools.io.model as model_io
     from loratools.cli.interrupts import Interrupted
 
     real_start, real_write, ended_without_tmp = threading.Thread.start, model_io._write_tensor, []
 
     def start(self: threading.Thread) -> None:
-        real_start(self)
-        if self.name.startswith("loratools-rewrite"):
+        if not self.name.startswith("loratools-rewrite"):
+            return real_start(self)
+        if when == "begun":
+            real_start(self)
             raise Interrupted(signal.SIGTERM)
+        begin = self._bootstrap_inner  # type: ignore[attr-defined]  # CPython 3.11 threading.py internals
+
+        def late_begin() -> None:
+            time.sleep(0.2)  # the OS thread runs but has not yet set its `_started`
+            begin()
+
+        def interrupted(timeout: float | None = None) -> bool:
+            raise Interrupted(signal.SIGTERM)
+
+        self._bootstrap_inner = late_begin  # type: ignore[attr-defined]
+        self._started.wait = interrupted  # type: ignore[attr-defined]
+        real_start(self)
 
     def slow_write(*args, **kwargs):
         time.sleep(0.3)  # still writing when the main thread has cleaned up, unless it waited
