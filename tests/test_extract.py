@@ -275,3 +275,19 @@ def test_extract_model_refuses_before_reading(tiny_llama, exact8, tmp_path):
     with pytest.raises(InvalidOptionError, match="exactly one"):
         extract_model(tiny_llama, tuned, tmp_path / "x", rank=4, error=0.1)
     assert not (tmp_path / "x").exists() and list((tmp_path / "exists").iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused_in_one_line_and_nothing_is_written(tiny_llama, tmp_path, cli, value):
+    """A NaN or ±inf in the fine-tuned model makes ΔW non-finite: one line naming the weight, not LAPACK's error."""
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_llama, tuned)
+    tensors, meta = load_safetensors(tuned / "model.safetensors")
+    key = "model.layers.1.self_attn.q_proj.weight"
+    tensors[key][3, 5] = value
+    save_safetensors(tensors, tuned / "model.safetensors", meta)
+    r = cli("extract", tiny_llama, tuned, "-o", tmp_path / "out", "--rank", "4", "--device", "cpu")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert key in lines[0] and "NaN or Inf" in lines[0]
+    assert not (tmp_path / "out").exists()

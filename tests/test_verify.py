@@ -90,3 +90,15 @@ def test_a_failed_merge_verify_leaves_nothing(tiny_llama, adapters, tmp_path, cl
             "--record", tmp_path / "rec.safetensors")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tolerance" in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_module_whose_ratio_is_nan_fails_naming_it() -> None:
+    """A NaN ratio (a NaN tolerance or deviation) is no pass, and the failure names that module (it used to look
+    for an untouched tensor to blame and raise IndexError)."""
+    from loratools.merge.report import ModuleCheck, VerifyReport
+
+    v = VerifyReport([ModuleCheck("a.weight", 0.1, 0.5), ModuleCheck("b.weight", float("nan"), float("nan")),
+                      ModuleCheck("c.weight", 0.2, 0.9)], [], "float32")
+    assert not v.ok and v.worst is not None and v.worst.key == "b.weight"
+    with pytest.raises(VerificationError, match="b.weight deviates by nan"):
+        v.check()

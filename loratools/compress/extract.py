@@ -30,7 +30,7 @@ from torch import Tensor
 from ..adapter import Adapter, Kind, Module
 from ..config import AdapterConfig, alpha_for_scale, lora_scale, stores_in_out, target_matches
 from ..device import resolve_device, resolve_dtype
-from ..errors import InvalidOptionError, ShapeMismatchError
+from ..errors import InvalidOptionError, NonFiniteError, ShapeMismatchError
 from ..formats import get_format, write_adapter
 from ..io import ModelReader, Progress, check_output, read_config
 from ..quant.view import Dequantized, dequantized
@@ -192,6 +192,8 @@ def _factor(name: str, D: Tensor, rule: RankRule, *, alpha: float | None, fan_in
     kind = _kind(name, shape)
     fifo = fan_in_fan_out and kind == "linear"
     M = D.reshape(shape[0], -1) if kind == "conv" else (D.T if kind == "embedding" or fifo else D)
+    if not all_finite(M):  # an SVD of NaN or ±inf fails deep in LAPACK
+        raise NonFiniteError(f"{name}.weight", "the base or the fine-tuned model (their difference)")
     norm = float(torch.linalg.vector_norm(M))
     if norm == 0.0:
         return "unchanged (ΔW = 0)"

@@ -37,7 +37,7 @@ from ..dtypes import DTYPE_CODES, check_fits
 from ..errors import CorruptFileError, InvalidOptionError, LossyMergeError, NonFiniteError
 from ..io import ModelReader, Span, read_tensor
 from ..quant.codec import QuantCodec, Stored, reading
-from ..quant.view import dequantized, logical_shapes
+from ..quant.view import dequantized, finite, logical_shapes
 from .kernels import delta_sum, dora_of
 from .plan import FLOAT_CODES, TensorPlan
 from .record import Digest, RecordWriter
@@ -207,7 +207,7 @@ class QuantModel:
         if self.dtype is not None:
             check_fits(key, exact, self.dtype)
             return (exact.to(self.dtype),)
-        if not _finite(exact):
+        if not finite(exact):
             raise NonFiniteError(key, "the merge")
         like = [self.model.get(k) for k in self.tensors[key].parts]
         q = self.codec.quantize(exact, like)
@@ -298,12 +298,6 @@ class QuantModel:
 
 #: how many planned tensors past the one a worker waits for :meth:`QuantModel._ahead` looks at
 _AHEAD = 4
-
-
-def _finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite: a finite sum says so (a NaN or ±inf element makes the sum NaN or
-    ±inf) without the element-wise mask; only a sum that is not finite (an overflow, or a NaN) looks at each."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _bytes(t: Tensor) -> np.ndarray:

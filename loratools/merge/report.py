@@ -201,7 +201,8 @@ class VerifyReport:
 
     @property
     def worst(self) -> ModuleCheck | None:
-        return max(self.modules, key=lambda m: m.ratio, default=None)
+        """The module furthest from its tolerance; one whose ratio is NaN (a NaN tolerance or deviation) first."""
+        return max(self.modules, key=lambda m: (math.isnan(m.ratio), m.ratio), default=None)
 
     @property
     def max_abs(self) -> float:
@@ -227,7 +228,7 @@ class VerifyReport:
                                     "unmerged, or pass "
                                     "`allow_lossy` to accept it")
         why = (f"{w.key} deviates by {w.max_abs:.3g}, {w.ratio:.3g}× the {self.dtype} rounding tolerance"
-               if w is not None and w.ratio > 1 else f"{self.untouched_mismatches[0]} differs from the base")
+               if w is not None and not w.ratio <= 1 else f"{self.untouched_mismatches[0]} differs from the base")
         raise VerificationError(why)
 
     def to_json(self) -> dict[str, Any]:

@@ -24,11 +24,13 @@ compressed-tensors decompresses it) in the scales' dtype::
 
     W[o, i] = (q[i, o] − z[g(i), o]) · s[g(i), o]      the integer difference exact, the product rounded once
 
-A GPTQ ``checkpoint_format`` "gptq" (v1, the default) stores every zero minus one: z = stored + 1 (GPTQModel
-``utils/model.py`` ``convert_gptq_v1_to_v2_format_module`` adds one to each field; vLLM's exllama kernel adds it at
-run time, ``kernels/linear/mixed_precision/exllama.py``); "gptq_v2" stores z as it is. (A zero of 0 has no v1
-encoding: its −1 borrows from the next field of the packed word; a v1 field of 2^b − 1 reads as 2^b, as exllama
-reads it.)
+A GPTQ ``checkpoint_format`` "gptq" (v1, the default) stores every zero minus one, as one subtraction on each
+int32 word: stored = words(z) − Σ_j 2^(j·b) mod 2^32, read back as words(z) = stored + Σ_j 2^(j·b) (GPTQModel
+``utils/model.py`` ``convert_gptq_v2_to_v1_format_module`` and ``convert_gptq_v1_to_v2_format_module``, which
+transformers' GPTQ loading calls); "gptq_v2" stores z as it is. The word arithmetic gives every zero back, a zero of
+0 included (its −1 borrows from the next field, and the addition carries it back); a reading field by field (vLLM's
+exllama kernel adds one to each field) differs only where a stored field is 2^b − 1, which it reads as the zero 2^b,
+outside the grid: never a quantizer's zero, always such a borrow.
 
 A merge keeps the base's grid — scales, zeros, g_idx — and re-rounds only the values, as
 :class:`~loratools.quant.intpack.IntPackFormat` does for compressed-tensors: q = clamp(round(x/s + z), 0, 2^b − 1),
@@ -48,7 +50,7 @@ strategy over the logical (out, in), whose dequantization, quantization and half
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -180,12 +182,15 @@ def _need(fmt: str, values: str, part: str, shapes: Shapes) -> None:
 @dataclass(frozen=True)
 class GptqFormat(_IntGrid):
     """GPTQ (the module's docstring): ``bits`` 4 or 8, ``group_size`` inputs per group (−1: one group), ``v1``
-    (checkpoint format "gptq": zeros stored minus one)."""
+    (checkpoint format "gptq": zeros stored minus one), ``sym`` (the config's ``sym: true``: every zero must be
+    2^(b−1), checked when read)."""
 
     bits: int
     group_size: int
     v1: bool = True
     name: str = "GPTQ"
+    #: a check on the tensors, not a layout: two formats that differ only here read the same model
+    sym: bool = field(default=False, compare=False)
 
     @property
     def per(self) -> int:
@@ -203,7 +208,7 @@ class GptqFormat(_IntGrid):
             _need("GPTQ", parts[0], p, shapes)
         rows, out = _matrix(parts[0], shapes)
         n_in = rows * self.per
-        groups = shapes[parts[2]][1][0] if shapes[parts[2]][1] else 0
+        groups = shapes[parts[2]][1][0] if len(shapes[parts[2]][1]) == 2 else 0
         if groups < 1:
             raise ShapeMismatchError(parts[2], "float [groups, outputs], one group or more", _shown(shapes[parts[2]]))
         if len(parts) == 3 and groups != self._groups(n_in):
@@ -219,8 +224,8 @@ class GptqFormat(_IntGrid):
         return 1 if self.group_size == -1 else -(-n_in // self.group_size)
 
     def grid(self, parts: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(q, z, s, g): z with v1's +1, s in the scales' dtype, g from g_idx (checked: a group the weight has) or
-        contiguous groups of ``group_size``."""
+        """(q, z, s, g): z with v1's one added back, s in the scales' dtype, g from g_idx (checked: a group the
+        weight has) or contiguous groups of ``group_size``."""
         qweight, qzeros, scales = parts[0], parts[1], parts[2]
         q = _unpack(qweight, self.bits, 0).t().contiguous()
         n_in = q.shape[1]
@@ -229,7 +234,12 @@ class GptqFormat(_IntGrid):
         if g.numel() and (int(g.min()) < 0 or int(g.max()) >= scales.shape[0]):
             raise CorruptFileError("g_idx", f"it names groups {int(g.min())}…{int(g.max())} of a weight with "
                                             f"{scales.shape[0]}; the model is damaged, download it again")
-        return q, _unpack(qzeros, self.bits, 1) + int(self.v1), scales, g
+        z = _unpack(qzeros + self._v1_words() if self.v1 else qzeros, self.bits, 1)
+        if self.sym and not bool((z == 1 << (self.bits - 1)).all()):  # vLLM would read 2^(b−1), transformers z
+            raise CorruptFileError("qzeros", f"config.json says sym but it holds zeros other than "
+                                             f"{1 << (self.bits - 1)}{' (stored minus one, format gptq)' * self.v1}; "
+                                             "the model is damaged or its quantization_config is not its own")
+        return q, z, scales, g
 
     def values(self, q: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
         return (_pack(q.t(), self.bits, 0), *like[1:])
@@ -239,7 +249,13 @@ class GptqFormat(_IntGrid):
         checkpoint of this format stores them (v1: zeros minus one)."""
         n_in = q.shape[1]
         g = torch.arange(n_in, dtype=torch.int32) // (n_in if self.group_size == -1 else self.group_size)
-        return (_pack(q.t(), self.bits, 0), _pack(z - int(self.v1), self.bits, 1), s.to(torch.float16), g)
+        zeros = _pack(z, self.bits, 1)
+        return (_pack(q.t(), self.bits, 0), zeros - self._v1_words() if self.v1 else zeros, s.to(torch.float16), g)
+
+    def _v1_words(self) -> Tensor:
+        """Σ_j 2^(j·b): one in every field of a word, what v1 subtracts from each word of zeros (int32 arithmetic
+        wraps, as the uint32 words it stands for)."""
+        return torch.tensor(sum(1 << (j * self.bits) for j in range(self.per)), dtype=torch.int32)
 
 
 @dataclass(frozen=True)
@@ -310,17 +326,32 @@ def _int_field(qc: Mapping[str, Any], names: Sequence[str], default: int) -> int
     return value
 
 
+def _named_format(qc: Mapping[str, Any], legacy: str, default: str) -> str:
+    """The layout a config names in ``format`` or its ``legacy`` field, lower-cased. transformers 5.23's
+    ``GPTQConfig``/``AwqConfig`` let the legacy field win and write both equal; two that differ are refused, as
+    runtimes that read one or the other would read the model differently (v1 zeros are stored minus one)."""
+    names = {f: str(qc[f]).lower() for f in ("format", legacy) if qc.get(f) is not None}
+    if len(set(names.values())) > 1:
+        raise UnsupportedConfigError("config.json", f"quantization_config.{legacy}", names[legacy],
+                                     f"it differs from quantization_config.format {names['format']!r}; make them "
+                                     "the same (the one the checkpoint was saved in)")
+    return next(iter(names.values()), default)
+
+
 def gptq_format(qc: Mapping[str, Any]) -> GptqFormat:
     """The GPTQ layout a ``quantization_config`` (``quant_method: "gptq"``) declares, with transformers 5.23
     ``utils/quantization_config.py`` ``GPTQConfig``'s fields and defaults: ``bits``, ``group_size`` (128),
-    ``format`` or the older ``checkpoint_format`` ("gptq"), ``desc_act`` and ``sym`` (any: g_idx and the zeros
-    carry them). Refuses 2- and 3-bit weights, other formats, other pack dtypes and per-module ``dynamic`` rules."""
+    ``format`` or the older ``checkpoint_format`` ("gptq"; :func:`_named_format`), ``desc_act`` (any: g_idx
+    carries it) and ``sym`` (a boolean). Refuses 2- and 3-bit weights, other formats, other pack dtypes and
+    per-module ``dynamic`` rules. With ``sym`` true, a zero other than 2^(b−1) is refused when read: vLLM 0.32.0
+    (``auto_gptq.py``, ``zero_points=False``) dequantizes with 2^(b−1) and never reads qzeros, GPTQModel's torch
+    kernel (transformers' loading) with the stored zeros, so such a model has no one meaning."""
     bits = qc.get("bits")
     if type(bits) is not int or bits not in (4, 8):  # 4.0 or "4" is not what GPTQConfig writes
         raise UnsupportedConfigError("config.json", "quantization_config.bits", bits,
                                      "loratools reads quant_method gptq with 4- or 8-bit weights; dequantize "
                                      "the model first")
-    fmt = str(qc.get("format") or qc.get("checkpoint_format") or "gptq").lower()
+    fmt = _named_format(qc, "checkpoint_format", "gptq")
     if fmt not in GPTQ_FORMATS:
         raise UnsupportedConfigError("config.json", "quantization_config.checkpoint_format", fmt,
                                      "loratools reads the gptq (v1) and gptq_v2 formats; save the model in one")
@@ -330,17 +361,22 @@ def gptq_format(qc: Mapping[str, Any]) -> GptqFormat:
     if qc.get("dynamic"):
         raise UnsupportedConfigError("config.json", "quantization_config.dynamic", qc.get("dynamic"),
                                      "loratools reads GPTQ models with one setting for every module")
-    return GptqFormat(bits, _int_field(qc, ("group_size",), 128), v1=fmt == "gptq")
+    sym = qc.get("sym")
+    if sym is not None and type(sym) is not bool:  # "false" would read as true
+        raise UnsupportedConfigError("config.json", "quantization_config.sym", sym, "it must be true or false")
+    return GptqFormat(bits, _int_field(qc, ("group_size",), 128), v1=fmt == "gptq", sym=sym is True)
 
 
 def awq_format(qc: Mapping[str, Any]) -> AwqFormat:
     """The AutoAWQ layout a ``quantization_config`` (``quant_method: "awq"``) declares: transformers 5.23
     ``AwqConfig`` (``format``, or the older ``version``, "gemm"; ``bits``, ``group_size`` 128, ``zero_point``
     true) and vLLM ``auto_awq.py`` ``AutoAWQConfig.from_config`` (``w_bit``, ``q_group_size``). Refuses other bits
-    and the gemv, gemv_fast and llm-awq layouts by name."""
-    version = str(qc.get("format") or qc.get("version") or "gemm").lower()
-    if version != "gemm":
-        raise UnsupportedConfigError("config.json", "quantization_config.version", version,
+    and the gemv, gemv_fast and llm-awq layouts by name — llm-awq also as ``backend: "llm-awq"``, which
+    ``AwqConfig.post_init`` reads as that format whatever ``version`` says."""
+    version = _named_format(qc, "version", "gemm")
+    if version != "gemm" or str(qc.get("backend")).lower() == "llm-awq":
+        raise UnsupportedConfigError("config.json", "quantization_config.version", version if version != "gemm"
+                                     else "gemm with backend llm-awq",
                                      "loratools reads AutoAWQ's gemm layout only; dequantize the model first")
     bits = next((qc[n] for n in ("bits", "w_bit") if n in qc), 4)
     if type(bits) is not int or bits != 4:

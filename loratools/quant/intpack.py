@@ -209,20 +209,23 @@ class IntPackFormat:
         scaled = x.to(s.dtype) / s  # in the weight's dtype, as _quantize divides
         if zp is not None:
             scaled = scaled + zp
-        q = torch.round(torch.clamp(scaled, self.qmin, self.qmax)).to(torch.int8)
+        # 0/0 where a scale is 0 (a damaged grid: every value of it is 0): q 0, not what int8(NaN) is on this CPU
+        q = torch.round(torch.clamp(torch.nan_to_num(scaled, nan=0.0), self.qmin, self.qmax)).to(torch.int8)
         values = pack_int32(q, self.bits) if self.packed else q
         return (values, *like[1:])
 
     def half_step(self, x: Tensor, parts: Sequence[Tensor]) -> Tensor:
         """What quantizing x on these parts' grid may leave, in x's units: ½ step (s) inside the grid, or the distance
         to its end where x/s + zp is beyond it (the clamp), plus the roundings in the weight's dtype (x, x/s, + zp
-        and the product, each at most eps of its magnitude): eps·(2|x| + |zp|·s + the above)."""
+        and the product, each at most eps of its magnitude): eps·(2|x| + |zp|·s + the above). Steps are |s|; a
+        scale of 0 (a damaged grid, whose one value is 0) leaves |x|."""
         _, s, zp = self.grid(parts)
-        s32 = s.to(device=x.device, dtype=torch.float32)
         x32 = x.to(torch.float32)
-        a = x32 / s32 + (zp.to(device=x.device, dtype=torch.float32) if zp is not None else 0.0)
-        grid = torch.where(a > self.qmax, (a - self.qmax) * s32,
-                           torch.where(a < self.qmin, (self.qmin - a) * s32, 0.5 * s32))
+        a = x32 / s.to(device=x.device, dtype=torch.float32) + (zp.to(device=x.device, dtype=torch.float32)
+                                                               if zp is not None else 0.0)
+        s32 = s.to(device=x.device, dtype=torch.float32).abs()
+        grid = torch.where(s32 == 0, x32.abs(), torch.where(a > self.qmax, (a - self.qmax) * s32, torch.where(
+            a < self.qmin, (self.qmin - a) * s32, 0.5 * s32)))
         eps = torch.finfo(s.dtype).eps
         z = zp.to(device=x.device, dtype=torch.float32).abs() * s32 if zp is not None else 0.0
         return grid + eps * (2 * x32.abs() + z + grid) + x32.abs() * 2.0 ** -22
@@ -233,7 +236,9 @@ def intpack_format(qc: Mapping[str, Any]) -> IntPackFormat:
     "int-quantized", and every group's weights (compressed-tensors 0.20.0 ``quantization/quant_args.py``
     ``QuantizationArgs``, its defaults where a field is absent: num_bits 8, type "int", symmetric true) integer,
     static, one strategy (inferred from group_size as ``validate_model_after`` does), no ``scale_dtype``, int8 zero
-    points, no activation ordering by group (its ``weight_g_idx``)."""
+    points, no activation ordering by group (its ``weight_g_idx``; false is none, ``validate_actorder``). ``num_bits``
+    and ``group_size`` must be JSON integers and ``symmetric`` a boolean, as ``model_dump`` writes them: pydantic
+    would read "false" or 0 as false, so any other value is refused by name rather than read by its truthiness."""
     fmt = qc.get("format")
     found: set[IntPackFormat] = set()
     for where, w in weight_groups(qc, FORMATS, "pack-quantized and int-quantized models"):
@@ -257,13 +262,16 @@ def _weights(where: str, w: object, packed: bool) -> IntPackFormat:
     if w.get("zp_dtype") not in (None, "torch.int8"):
         raise UnsupportedConfigError("config.json", f"{where}.zp_dtype", w.get("zp_dtype"),
                                      "loratools reads int8 zero points")
-    if w.get("actorder") not in (None, "weight", "static"):  # "group" adds a weight_g_idx permutation
+    if w.get("actorder") not in (None, False, "weight", "static"):  # "group" adds a weight_g_idx permutation
         raise UnsupportedConfigError("config.json", f"{where}.actorder", w.get("actorder"),
                                      "loratools reads weights whose groups are contiguous inputs")
     group, strategy = w.get("group_size"), w.get("strategy")
-    if group is not None and type(group) is not int:
-        raise UnsupportedConfigError("config.json", f"{where}.group_size", group, "it must be an integer")
+    for name, value, kinds in (("group_size", group, (int, type(None))), ("num_bits", w.get("num_bits", 8), (int,)),
+                               ("symmetric", w.get("symmetric", True), (bool,))):
+        if type(value) not in kinds:  # exact types: "false" (or 0) would read as true, True as 1
+            raise UnsupportedConfigError("config.json", f"{where}.{name}", value,
+                                         f"it must be {'true or false' if bool in kinds else 'an integer'}")
     if strategy is None:
         strategy = "tensor" if group is None else "group" if group > 0 else "channel"
     return IntPackFormat(w.get("num_bits", 8), str(strategy), group if strategy == "group" else None,
-                         w.get("symmetric", True) is not False, packed)
+                         w.get("symmetric", True), packed)

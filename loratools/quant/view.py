@@ -28,20 +28,31 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
+from ..errors import InvalidOptionError, NonFiniteError
 from .codec import QuantCodec, Shapes, Stored, quant_codec
 
-__all__ = ["Dequantized", "TensorSource", "dequantized", "logical_shapes"]
+__all__ = ["Dequantized", "TensorSource", "dequantized", "finite", "logical_shapes"]
 
 #: the safetensors codes of float tensors (``loratools.dtypes``), which no codec stores quantized
 _FLOAT = frozenset({"F64", "F32", "F16", "BF16"})
+#: the key endings of packed integer values that no plain model has: GPTQ/AWQ ``qweight``, compressed-tensors'
+#: ``weight_packed`` (:mod:`.codec`), whose settings older producers kept beside config.json
+_PARTS = (".qweight", ".weight_packed")
 
 
 class TensorSource(Protocol):
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]: ...
 
     def get(self, key: str) -> Tensor: ...
+
+
+def finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite: a finite sum says so (a NaN or ±inf element makes the sum NaN or
+    ±inf) without the element-wise mask; only a sum that is not finite (an overflow, or a NaN) looks at each."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def logical_shapes(codec: QuantCodec, shapes: Shapes) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -81,18 +92,30 @@ class Dequantized:
         return self.shapes()[key][1]
 
     def get(self, key: str) -> Tensor:
-        """``key`` as float32 when it is stored quantized, else as stored."""
+        """``key`` as float32 when it is stored quantized, else as stored. Refuses a quantized tensor that
+        dequantizes to NaN or ±inf (its scales hold one: the model is damaged), which would reach an SVD or a
+        norm as a non-finite weight."""
         st = self.tensors.get(key)
         if st is None:
             return self.source.get(key)
-        return self.codec.dequantize([self.source.get(p) for p in st.parts])
+        w = self.codec.dequantize([self.source.get(p) for p in st.parts])
+        if not finite(w):
+            raise NonFiniteError(key, f"{self.name or 'the model'}, dequantized by its scales,")
+        return w
 
 
 def dequantized(source: TensorSource, config: Mapping[str, Any] | None, *,
                 name: str | None = None) -> Dequantized | None:
     """The dequantized view of ``source`` when its ``config`` declares a ``quantization_config`` and it holds
-    quantized (non-float) tensors; None otherwise (read it as it is). Refuses a ``quant_method`` no codec reads."""
+    quantized (non-float) tensors; None otherwise (read it as it is). Refuses a ``quant_method`` no codec reads,
+    and a model that holds a quantized weight's parts without a ``quantization_config`` to read them by (an old
+    AutoGPTQ checkpoint keeps it in ``quantize_config.json``, which vLLM reads and transformers does not)."""
     if not config or "quantization_config" not in config:
+        part = next((k for k, (code, _) in source.shapes().items() if code not in _FLOAT and k.endswith(_PARTS)), None)
+        if part is not None:
+            raise InvalidOptionError(f"{part} is part of a quantized weight but {name or 'the model'} has no "
+                                     "quantization_config in config.json; add the one it was saved with (an AutoGPTQ "
+                                     "quantize_config.json's fields, with quant_method) to read it")
         return None
     if all(code in _FLOAT for code, _ in source.shapes().values()):
         return None  # a dequantized save that kept its config
