@@ -178,7 +178,9 @@ def pipeline_names(names: Iterable[str], *, layers_per_block: int = 2) -> dict[s
 
     ``diffusion_model.<SGM name>`` → ``unet.<diffusers name>`` (:func:`~.kohya_sd.unet_name`) when every
     ``diffusion_model.`` name is an SD/SDXL U-Net's, else all are kept as they are (Flux …);
-    ``text_encoders.<clip>.transformer.<m>`` → ``<component>.<m>`` (:data:`CLIP_COMPONENTS`); T5 and others kept.
+    ``text_encoders.<clip>.transformer.<m>`` → ``<component>.<m>`` (:data:`CLIP_COMPONENTS`), with CLIP's
+    ``text_model.`` level whether ``<m>`` has it or not (:func:`~.kohya_sd.clip_name`: a file holding both spellings
+    of one module is refused when read); T5 and others kept.
 
     >>> names = pipeline_names(["diffusion_model.input_blocks.4.1.proj_in",
     ...                         "text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1"])
@@ -196,7 +198,8 @@ def pipeline_names(names: Iterable[str], *, layers_per_block: int = 2) -> dict[s
             continue
         clip, _, rest = n[len(HEADS[1]):].partition(".")
         comp = CLIP_COMPONENTS.get(clip)
-        out[n] = f"{comp}.{rest[len('transformer.'):]}" if comp and rest.startswith("transformer.") else n
+        # one name per CLIP module, with text_model. (as the diffusers reader names it): both spellings meet there
+        out[n] = f"{comp}.{clip_name(rest[len('transformer.'):])}" if comp and rest.startswith("transformer.") else n
     return out
 
 
@@ -319,12 +322,17 @@ def comfyui_names(adapter: Adapter, base: BaseModel | None = None) -> tuple[dict
                              [f[5:] for f in full.values() if f.startswith("unet.")])
     out: dict[str, str] = {}
     bad: dict[str, str] = {}
+    taken: dict[str, str] = {}
     for name, m in adapter.items():
         comp, _, module = full[name].partition(".")
         try:
             out[name] = _file_name(name, comp, module, m, attention, lpb)
         except ValueError as e:
             bad[name] = str(e)
+            continue
+        if out[name] in taken:  # CLIP's name with and without text_model.: one key, one LoRA would be lost
+            bad[name] = f"its ComfyUI key {out[name]} is also {taken[out[name]]}'s"
+        taken.setdefault(out[name], name)
     return out, bad
 
 
@@ -372,4 +380,5 @@ def write_comfyui(adapter: Adapter, path: Path, base: BaseModel | None = None) -
 
 register(Format("comfyui", "ComfyUI LoraSave file (diffusion_model./text_encoders. keys, .diff/.diff_b); written "
                 "with SGM U-Net and CLIP names from SD/SDXL pipeline names", ".safetensors", detect, read_comfyui,
-                write_comfyui, plain_lora_only=True, cannot_hold=comfyui_unsupported, component_reader=read_component, holds_models=True))
+                write_comfyui, plain_lora_only=True, cannot_hold=comfyui_unsupported, component_reader=read_component,
+                holds_models=True))

@@ -13,9 +13,9 @@ metadata (optional)     ``lora_adapter_metadata``: JSON of each component's peft
 
 ΔW is what diffusers applies (``loaders/peft.py`` ``load_lora_adapter``, ``lora_base.py``
 ``_load_lora_into_text_encoder``): with metadata, the component's ``LoraConfig`` as saved
-(``utils/peft_utils.py`` ``_create_lora_config``), so ``scale = lora_alpha / r`` (``/ √r`` with
-``use_rslora``) after ``rank_pattern``/``alpha_pattern`` (a component the metadata leaves out is refused, as
-diffusers fails to load it); without it, ``get_peft_kwargs`` sets
+(``utils/peft_utils.py`` ``_create_lora_config``; a field it leaves out takes peft's default: ``lora_alpha``
+8), so ``scale = lora_alpha / r`` (``/ √r`` with ``use_rslora``) after ``rank_pattern``/``alpha_pattern`` (a
+component the metadata leaves out is refused, as diffusers fails to load it); without it, ``get_peft_kwargs`` sets
 ``lora_alpha = r`` and mirrors ``rank_pattern`` into ``alpha_pattern`` (no ``network_alphas`` in a
 peft-keyed file), so every module has ``scale = 1``: ΔW = B·A. Module names keep their component
 (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``); :func:`read_component` reads one
@@ -61,6 +61,10 @@ __all__ = ["read_diffusers", "read_component", "components", "other_components",
            "write_diffusers", "diffusers_unsupported", "COMPONENTS", "METADATA_KEY"]
 
 METADATA_KEY = "lora_adapter_metadata"  # lora_base.py LORA_ADAPTER_METADATA_KEY
+#: peft 0.21.2 ``LoraConfig``'s default ``r`` and ``lora_alpha`` (``tuners/lora/config.py``), which a metadata
+#: without them gets: diffusers 0.42.1 builds ``LoraConfig(**metadata)`` (``utils/peft_utils.py``
+#: ``_create_lora_config``)
+_PEFT_DEFAULT = 8
 _KEY = re.compile(r"^(?P<c>[a-z_0-9]+)\.(?P<m>.+)\.(?P<f>lora_A|lora_B)\.(?P<t>weight|bias)$")
 _OLD = re.compile(r"\.lora\.(down|up)\.weight$|_lora\.(down|up)\.weight$|\.lora_linear_layer\.(down|up)\.weight$")
 
@@ -109,11 +113,12 @@ def _scale(comp: str, name: str, rank: int, raw: dict[str, Any] | None) -> tuple
     component's LoraConfig: from ``raw`` (the metadata) when given, else ``lora_alpha = r`` for every module."""
     if raw is None:
         return float(rank), 1.0
-    r_default = int(raw.get("r", 8))
+    r_default = int(raw.get("r", _PEFT_DEFAULT))
     r_cfg = int(pattern_value(name, raw.get("rank_pattern") or {}, r_default))
     if r_cfg != rank:
         raise ShapeMismatchError(f"{comp}.{name}", f"rank {r_cfg} (from {METADATA_KEY})", f"lora_A of rank {rank}")
-    alpha = float(pattern_value(name, raw.get("alpha_pattern") or {}, float(raw.get("lora_alpha", r_default))))
+    # LoraConfig(**metadata): a field it leaves out takes peft's default (lora_alpha 8, not r)
+    alpha = float(pattern_value(name, raw.get("alpha_pattern") or {}, float(raw.get("lora_alpha", _PEFT_DEFAULT))))
     return alpha, lora_scale(alpha, r_cfg, rslora=bool(raw.get("use_rslora", False)))
 
 
@@ -131,6 +136,20 @@ def _group(path: Path, tensors: dict[str, Tensor]) -> dict[str, dict[str, dict[s
         factor = "bias" if match["t"] == "bias" else match["f"][-1]
         out.setdefault(match["c"], {}).setdefault(match["m"], {})[factor] = t
     return out
+
+
+def _one_spelling(path: Path, grouped: dict[str, dict[str, dict[str, Tensor]]]) -> None:
+    """Refuse a CLIP module held under two keys, with and without ``text_model.``: diffusers 0.42.1 strips the
+    level where the model lacks it (``lora_base.py`` ``_load_lora_into_text_encoder``), so both reach one module and
+    one LoRA silently replaces the other."""
+    for comp, parts in grouped.items():
+        seen: dict[str, str] = {}
+        for name in parts:
+            same = clip_name(name) if comp.startswith("text_encoder") else name
+            if same in seen:
+                raise CorruptFileError(path, f"{comp}.{seen[same]} and {comp}.{name} are one module of {comp} (CLIP's, "
+                                             "with and without text_model.); keep one")
+            seen[same] = name
 
 
 def _module(path: Path, comp: str, name: str, fs: dict[str, Tensor], raw: dict[str, Any] | None) -> Module:
@@ -154,6 +173,7 @@ def _read(path: Path) -> tuple[dict[str, dict[str, Module]], dict[str, dict[str,
     grouped = _group(path, tensors)
     if not grouped:
         raise NotAnAdapterError(path, "it holds no lora_A/lora_B tensors")
+    _one_spelling(path, grouped)
     # with metadata, diffusers filters it by prefix to {} for a component it leaves out and builds LoraConfig(**{})
     # (`_create_lora_config`), which has no target_modules: peft refuses to load that component, and so does this
     left_out = [comp for comp in grouped if METADATA_KEY in meta and comp not in configs]

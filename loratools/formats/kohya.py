@@ -58,7 +58,7 @@ from .base import BaseModel, Format, peek_safetensors, register
 from .kohya_flux import FluxTarget, flux_module_names, is_flux_file, split_flux_module
 from .kohya_lycoris import (DORA_EPS, DORA_KEY, LYCORIS_KEYS, REFUSED_KEYS, dora_magnitude, lycoris_factors,
                             lycoris_refusal)
-from .kohya_sd import SD_COMPONENTS, is_sd_key, sd_module_names
+from .kohya_sd import SD_COMPONENTS, is_sd_key, kohya_unnamed, pipeline_clip_name, sd_module_names
 
 __all__ = ["read_kohya", "read_kohya_sd", "held_components", "write_kohya", "kohya_key", "is_flattened",
            "kohya_unsupported", "NAMES_KEY", "UNET_PREFIX", "TE_PREFIX"]
@@ -120,13 +120,15 @@ def kohya_unsupported(adapter: Adapter) -> dict[str, str]:
         out.update({n: ALORA_WHY for n in adapter.modules})
     out.update({n: "kohya's format has no LoRA on MoE expert tensors (target_parameters)"
                 for n, m in adapter.items() if m.kind == "experts"})
+    out.update({n: "kohya's format names Flux.1/SD3 modules otherwise (BFL's fused lora_unet_double_blocks_…), which "
+                   "loratools does not write: convert to diffusers" for n in adapter.modules if kohya_unnamed(n)})
     out.update({k: "kohya's format holds no full tensors (modules_to_save, trained biases, trainable tokens)"
                 for k in adapter.saved})
     keys: dict[str, str] = {}
     for n in adapter.modules:
-        k = kohya_key(n)
+        k = kohya_key(pipeline_clip_name(n))  # CLIP's module with and without text_model.: one module in diffusers
         if k in keys:
-            out[n] = f"its kohya key {k} collides with {keys[k]}"
+            out[n] = f"its kohya key {kohya_key(n)} names the module of {keys[k]}"
         keys[k] = n
     return out
 
@@ -583,7 +585,8 @@ def _no_sd_writer() -> None:
 
 # before "kohya": detection runs in registration order, and a Stable Diffusion file is also kohya's
 register(Format("kohya-sd", "kohya sd-scripts LoRA of Stable Diffusion 1.x/2.x/SDXL (lora_unet_/lora_te1_/lora_te2_) "
-                "or Flux.1 (lora_unet_double_blocks_…), read with diffusers' module names; read only", ".safetensors", _detect_sd,
+                "or Flux.1 (lora_unet_double_blocks_…), read with diffusers' module names; read only", ".safetensors",
+                _detect_sd,
                 reader=lambda path, base: read_kohya_sd(path, base),
                 writer=lambda adapter, path, base: _no_sd_writer(),
                 component_reader=lambda path, component: read_kohya_sd(path, component=component),

@@ -13,7 +13,8 @@ puts that key's LoRA on. What diffusers would drop or collapse is refused by nam
 
 - SGM and diffusers U-Net names in one file (diffusers drops the SGM ones);
 - two keys diffusers maps to one module (diffusers-spelled ``add_embedding_linear_1``/``_2`` both become
-  ``add.embedding.linear``; ``lora_te_`` beside ``lora_te1_``);
+  ``add.embedding.linear``; ``lora_te_`` beside ``lora_te1_``; a CLIP key with and without ``text_model_``, which
+  ``lora_base.py`` ``_load_lora_into_text_encoder`` puts on one module of a CLIP without that level);
 - an SGM block index diffusers cannot place (a middle block past 2, an inner index past 2).
 
 SGM block numbers are placed with the U-Net's ``layers_per_block`` (``unet_config`` in diffusers; 2 in every
@@ -35,7 +36,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["SD_COMPONENTS", "is_sd_key", "sd_module_names", "sgm_name", "unet_name", "up_attention", "clip_name"]
+__all__ = ["SD_COMPONENTS", "is_sd_key", "sd_module_names", "sgm_name", "unet_name", "up_attention", "clip_name",
+           "kohya_unnamed", "pipeline_clip_name"]
 
 #: kohya prefix → diffusers component (``_convert_non_diffusers_lora_to_diffusers``)
 SD_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
@@ -170,9 +172,13 @@ def sd_module_names(keys: Iterable[str], *, layers_per_block: int = 2) -> dict[s
         prefix = _prefix(key)
         comp = SD_COMPONENTS[prefix]
         name = _unet_name(_sgm_to_diffusers(key, layers_per_block)) if comp == "unet" else _te_name(key, prefix)
-        if (comp, name) in seen:
-            raise ValueError(f"diffusers maps both {seen[comp, name]} and {key} to {comp}.{name}; keep one")
-        seen[comp, name] = key
+        # a CLIP key with and without text_model. reaches one module (diffusers strips the level where the model
+        # lacks it, as transformers 5's CLIPTextModel does)
+        same = name if comp == "unet" else clip_name(name)
+        if (comp, same) in seen:
+            raise ValueError(f"diffusers maps both {seen[comp, same]} and {key} to {comp}.{name}"
+                             + ("" if same == name else " (CLIP's, with and without text_model.)") + "; keep one")
+        seen[comp, same] = key
         out[key] = (comp, name)
     return out
 
@@ -303,3 +309,34 @@ def clip_name(name: str) -> str:
     ('text_model.encoder.layers.0.mlp.fc1', 'text_projection', 'encoder.block.0.layer.0.x')
     """
     return "text_model." + name if name.startswith(_CLIP_HEADS) else name
+
+
+def pipeline_clip_name(name: str) -> str:
+    """A pipeline adapter's module name (``<component>.<module>``) with :func:`clip_name` applied to a text
+    encoder's module: one name for CLIP's module with and without ``text_model.``.
+
+    >>> pipeline_clip_name("text_encoder_2.encoder.layers.0.mlp.fc1"), pipeline_clip_name("unet.conv_in")
+    ('text_encoder_2.text_model.encoder.layers.0.mlp.fc1', 'unet.conv_in')
+    """
+    comp, _, module = name.partition(".")
+    return f"{comp}.{clip_name(module)}" if comp.startswith("text_encoder") and module else name
+
+
+#: diffusers pipeline modules kohya's keys cannot name: sd-scripts names a Flux.1 transformer by Black Forest Labs'
+#: fused modules (``networks/lora_flux.py``: ``lora_unet_double_blocks_0_img_attn_qkv``), and a diffusers name
+#: flattened would give it (and SD3's T5) a text encoder's ``lora_te_`` prefix, which diffusers 0.42.1 reads as
+#: ``text_encoder.transformer.…``. A ``transformer.`` module is a diffusers transformer's by its first level (Flux,
+#: SD3, PixArt, Sana: ``FluxTransformer2DModel`` … attribute names); GPT-2's ``transformer.h.0…`` is an LLM's
+_UNNAMED = re.compile(r"^(text_encoder_3\.|transformer\.(transformer_blocks|single_transformer_blocks|x_embedder|"
+                      r"context_embedder|time_text_embed|norm_out|proj_out|pos_embed|caption_projection|"
+                      r"adaln_single)(\.|$))")
+
+
+def kohya_unnamed(name: str) -> bool:
+    """True for a module of a diffusers pipeline adapter that kohya's keys cannot name (a Flux.1/SD3 transformer's,
+    SD3's T5).
+
+    >>> kohya_unnamed("transformer.transformer_blocks.0.attn.to_q"), kohya_unnamed("transformer.h.0.attn.c_attn")
+    (True, False)
+    """
+    return _UNNAMED.match(name) is not None

@@ -125,7 +125,7 @@ def _module(name: str, fs: dict[str, Tensor], hint: Kind | None, raw: dict[str, 
     on_parameter = not adalora and bool(experts_targets(name, raw.get("target_parameters")))
     kind: Kind = hint or ("experts" if on_parameter else "conv" if A.ndim in (3, 4, 5) else "linear")
     r_default = int(raw.get("r", 8))
-    alpha = float(raw.get("lora_alpha", r_default))
+    alpha = float(raw.get("lora_alpha", 8))  # peft 0.21.2 tuners/lora/config.py: LoraConfig.lora_alpha defaults to 8
     n_experts = 1
     if adalora:
         scale = adalora_scale(alpha, int(raw["init_r"]))
