@@ -71,9 +71,10 @@ def convert_adapter(adapter: Adapter, *, to: str, base: BaseModel | None = None,
     if refused is not None and fmt.plain_lora_only:  # a format of plain ΔW cannot say "after these tokens only"
         raise UnsupportedConfigError(to, *refused, ALORA_WHY)
     out = as_lora(adapter) if fmt.plain_lora_only else adapter
-    if adapter.modules and not out.modules:
-        raise InvalidOptionError(f"every module of this AdaLoRA adapter was pruned to rank 0 (it adds nothing): "
-                                 f"there is nothing to write as {to}")
+    if adapter.modules and not any(m.rank > 0 for m in out.modules.values()):
+        pruned = " (an AdaLoRA adapter pruned to nothing)" if adapter.method == "adalora" else ""
+        raise InvalidOptionError(f"every module of this adapter has rank 0{pruned}: it adds nothing, so there is "
+                                 f"nothing to write as {to}")
     bad = _reasons(out, fmt, base)
     if bad and not drop_unsupported:
         reasons = "; ".join(dict.fromkeys(bad.values()))

@@ -1,13 +1,16 @@
 """Run under the mlx venv (``.venv-mlx``: mlx 0.32.4, mlx-lm 0.32.2), never by pytest itself.
 
-``produce DIR KIND``: a seeded tiny mlx-lm llama; LoRA or DoRA (KIND) put in as mlx-lm's trainer does
+``produce DIR KIND [JSON]``: a seeded tiny mlx-lm llama; LoRA or DoRA (KIND) put in as mlx-lm's trainer does
 (``model.freeze()``, ``linear_to_lora_layers``), random factors, saved as mlx-lm saves an adapter
 (``adapters.safetensors`` of the trainable parameters, ``adapter_config.json`` by ``save_config``); the
 base's weights go to ``DIR/base.safetensors`` and mlx-lm's fused weights (``fuse``) to ``DIR/fused.safetensors``.
+JSON (an object) replaces fields of the trainer's config (``num_layers``) and of its ``lora_parameters``.
 
-``load DIR ADAPTER``: the base of ``DIR`` with mlx-lm's ``load_adapters(ADAPTER)``, fused, to ``DIR/loaded.safetensors``.
+``load DIR ADAPTER``: the base of ``DIR`` with mlx-lm's ``load_adapters(ADAPTER)``, fused, to
+``DIR/loaded.safetensors``.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,7 +36,7 @@ def _base(d: Path) -> llama.Model:
     return model
 
 
-def produce(d: Path, kind: str) -> None:
+def produce(d: Path, kind: str, changes: dict) -> None:
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**ARGS))
     mx.eval(model.parameters())
@@ -42,6 +45,8 @@ def produce(d: Path, kind: str) -> None:
     config = {"model": "tiny-llama", "fine_tune_type": kind, "num_layers": 2, "iters": 1,
               "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0,
                                   "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}}
+    config["lora_parameters"].update(changes.pop("lora_parameters", {}))
+    config.update(changes)
     linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=kind == "dora")
     # training would move lora_b (and m) away from their start: random values stand in for it
     updates = []
@@ -65,6 +70,6 @@ def load(d: Path, adapter: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "produce":
         (Path(sys.argv[2]) / "adapter").mkdir(parents=True, exist_ok=True)
-        produce(Path(sys.argv[2]), sys.argv[3])
+        produce(Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]) if len(sys.argv) > 4 else {})
     else:
         load(Path(sys.argv[2]), Path(sys.argv[3]))

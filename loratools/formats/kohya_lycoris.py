@@ -9,7 +9,10 @@ Keys per module ``<key>`` (LyCORIS 4.1.3 ``lycoris/modules/loha.py``, ``lokr.py`
 - LoKr: ``lokr_w1`` (a, c) or ``lokr_w1_a`` (a, r) ``lokr_w1_b`` (r, c); ``lokr_w2`` (b, d, *kernel) or
   ``lokr_w2_a`` (b, r) ``lokr_w2_b`` (r, d·k); ``alpha``; ΔW = s · kron(W1, W2) (``functional/lokr.py``
   ``make_kron``), s = alpha / r with r the rank of the decomposed side (``w1_a``'s, else ``w2_a``'s), and
-  s = 1 when both sides are full, whatever alpha says (``LokrModule.__init__``: "use scale = 1").
+  s = 1 when both sides are full, whatever alpha says (``LokrModule.__init__``: "use scale = 1"). ComfyUI
+  (``comfy/weight_adapter/lokr.py``) agrees on every file LyCORIS writes; refused: two factored sides of
+  different ranks (ComfyUI takes ``w2_b``'s), a side stored both whole and factored (both runtimes ignore the
+  pair), a whole side that is not a matrix, factors of rank 0.
 
 The scale is applied once, as LyCORIS's ``forward`` (and ComfyUI, A1111) apply it: in 4.1.3
 ``get_diff_weight`` multiplies ``get_weight`` (already scaled) by the scale again, so ``merge_to``
@@ -50,6 +53,10 @@ _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 LYCORIS_KEYS = _LOHA + _TUCKER + _LOKR
 #: Tucker cores: an entry of the LoRA form is then a sum of products (exact in float64 only)
 _CORES = _TUCKER + ("lokr_t2",)
+#: a side stored both whole and factored: LyCORIS 4.1.3 (``LokrModule.make_module_from_state_dict``) and ComfyUI
+#: (``comfy/weight_adapter/lokr.py``) use the whole one and never read the pair, like a stray tensor
+_BOTH_FORMS = ("it holds both lokr_w{n} and lokr_w{n}_a/lokr_w{n}_b, two forms of one Kronecker factor: LyCORIS "
+               "4.1.3 and ComfyUI use lokr_w{n} and ignore the pair, so which one was trained is unknown; keep one")
 
 #: LyCORIS 4.1.3 DoRA on LoCon (``modules/locon.py``: ``weight_decompose``, ``wd_on_out``; the rule in
 #: ``functional/general.py`` ``_weight_decompose``): W′ = V · dora_scale / (‖V‖ + ε), V = W0 + s·BA (s = alpha/r, as
@@ -133,6 +140,8 @@ class LycorisFactors:
 
 def _scale(alpha: float | None, r: int | None) -> float:
     # LyCORIS: `alpha = lora_dim if alpha is None or alpha == 0 else alpha`, then scale = alpha / lora_dim
+    if r == 0:
+        raise ValueError("its factors are empty (rank 0), and LyCORIS and ComfyUI divide alpha by the rank")
     return 1.0 if r is None or alpha is None or alpha == 0 else alpha / r
 
 
@@ -175,10 +184,14 @@ def _loha(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
 
 def _side(t: dict[str, Tensor], n: str) -> tuple[Tensor, Tensor, int | None, tuple[int, ...]]:
     """(B, A, rank when decomposed, kernel) of one Kronecker factor, W = B @ A exactly."""
-    full = t.get(f"lokr_w{n}")
+    full, a, b = t.get(f"lokr_w{n}"), t.get(f"lokr_w{n}_a"), t.get(f"lokr_w{n}_b")
+    if full is not None and (a is not None or b is not None):
+        raise ValueError(_BOTH_FORMS.format(n=n))
     if n == "2" and "lokr_t2" in t:
         return _tucker_side(t, full)
     if full is not None:
+        if full.ndim < 2:  # torch.kron (ComfyUI) reads a vector as a row, a reshape as a column: no one ΔW
+            raise ValueError(f"lokr_w{n} of shape {tuple(full.shape)} is not a matrix")
         W = full.to(torch.float64)
         kernel = tuple(int(s) for s in W.shape[2:])
         W = W.reshape(W.shape[0], -1)
@@ -187,7 +200,6 @@ def _side(t: dict[str, Tensor], n: str) -> tuple[Tensor, Tensor, int | None, tup
         if rows <= cols:
             return torch.eye(rows, dtype=W.dtype), W, None, kernel
         return W, torch.eye(cols, dtype=W.dtype), None, kernel
-    a, b = t.get(f"lokr_w{n}_a"), t.get(f"lokr_w{n}_b")
     if a is None or b is None:
         raise ValueError(f"LoKr needs lokr_w{n} or both lokr_w{n}_a and lokr_w{n}_b")
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
@@ -214,6 +226,9 @@ def _lokr(t: dict[str, Tensor], alpha: float | None) -> LycorisFactors:
     B2, A2, r2, k2 = _side(t, "2")
     if k1:
         raise ValueError("lokr_w1 must be a matrix (LyCORIS puts the kernel in lokr_w2)")
+    if r1 is not None and r2 is not None and r1 != r2:
+        raise ValueError(f"its two Kronecker factors are decomposed with different ranks ({r1} and {r2}): LyCORIS "
+                         "4.1.3 scales by alpha / the first's (and cannot load it), ComfyUI by alpha / the second's")
     r = r1 if r1 is not None else r2
     scale = 1.0 if r is None else _scale(alpha, r)
     return LycorisFactors(torch.kron(A1, A2), torch.kron(B1, B2), scale, k2 or None, "LoKr")
@@ -230,8 +245,10 @@ def lycoris_factors(tensors: dict[str, Tensor], alpha: float | None) -> LycorisF
 
     >>> t = {"lokr_w1": torch.eye(2), "lokr_w2": torch.ones(3, 4)}
     >>> f = lycoris_factors(t, 8.0)  # both sides full: LyCORIS's scale is 1
-    >>> f.scale, tuple(f.B.shape), tuple(f.A.shape), bool(torch.equal(f.B @ f.A, torch.kron(t["lokr_w1"], t["lokr_w2"]).double()))
-    (1.0, (6, 6), (6, 8), True)
+    >>> f.scale, tuple(f.B.shape), tuple(f.A.shape)
+    (1.0, (6, 6), (6, 8))
+    >>> bool(torch.equal(f.B @ f.A, torch.kron(t["lokr_w1"], t["lokr_w2"]).double()))
+    True
     """
     if any(k in tensors for k in _LOHA):
         missing = [k for k in _LOHA if k not in tensors]
@@ -240,6 +257,8 @@ def lycoris_factors(tensors: dict[str, Tensor], alpha: float | None) -> LycorisF
         f = _loha(tensors, alpha)
     else:
         f = _lokr(tensors, alpha)
+    if 0 in (*f.A.shape[:2], f.B.shape[0]):  # e.g. a whole side with no rows
+        raise ValueError(f"its factors are empty (rank {f.A.shape[0]}, ΔW {f.B.shape[0]}×{f.A.shape[1]})")
     # each entry is a product of two stored values: exact in float32 for 16-bit factors, else in float64
     # (a Tucker core makes each entry a sum of products: float64 then)
     half = not any(k in tensors for k in _CORES) and all(t.dtype.itemsize <= 2 for k, t in tensors.items()

@@ -10,9 +10,9 @@ The rules come from mlx-lm 0.32.2's source (``mlx_lm/tuner/lora.py``, ``tuner/do
   (:mod:`loratools.dora`'s rule).
 - ``adapter_config.json`` (the trainer's arguments): ``fine_tune_type`` (``"lora"`` when absent, ``"dora"``,
   or ``"full"``: not an adapter), ``num_layers`` (LoRA goes into the last ``num_layers`` of
-  ``model.layers``; ``-1`` is all of them), ``lora_parameters`` = ``{rank, scale, dropout[, keys]}``
-  (``linear_to_lora_layers`` reads all three; ``keys`` names modules relative to a layer,
-  ``self_attn.q_proj``, or by full path for modules outside the layers).
+  ``model.layers``; ``-1``, or any count ≤ 0, is all of them), ``lora_parameters`` =
+  ``{rank, scale, dropout[, keys]}`` (``linear_to_lora_layers`` reads all three; ``keys`` names modules relative
+  to a layer, ``self_attn.q_proj``, or by full path, which reaches a module wherever it is).
 - ``load_adapters`` refuses a tensor that is not a ``lora_a``/``lora_b``/``m`` of a module it converted, or
   whose shape differs; the reader refuses the same files.
 
@@ -79,7 +79,7 @@ def _read_config(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                                      "it is not a LoRA adapter (load it as a model)")
     if kind not in ("lora", "dora"):
         raise UnsupportedConfigError(where, "fine_tune_type", kind, "mlx-lm 0.32.2 knows lora, dora and full")
-    get_field(raw, "num_layers", int, where=where, check=lambda n: n >= -1, expected="a layer count (-1: all)")
+    get_field(raw, "num_layers", int, where=where, expected="a layer count (-1: all)")
     params = get_field(raw, "lora_parameters", dict, where=where, expected="a JSON object {rank, scale, dropout}")
     at = f"{where} lora_parameters"
     get_field(params, "rank", int, where=at, check=lambda r: r >= 1, expected="a rank ≥ 1")
@@ -128,14 +128,24 @@ def _module(name: str, fs: dict[str, Tensor], params: dict[str, Any], dora: bool
 
 def _check_placement(name: str, raw: dict[str, Any], keys: list[str] | None, base: BaseModel | None,
                      where: Path) -> None:
-    """Refuse a module mlx-lm would not give LoRA (so its ``load_adapters`` would refuse the file)."""
+    """Refuse a module mlx-lm would not give LoRA (so its ``load_adapters`` would refuse the file).
+
+    mlx-lm 0.32.2 ``linear_to_lora_layers``: ``keys`` relative to a layer apply to ``model.layers[-max(num_layers,
+    0):]`` (every layer when ``num_layers`` ≤ 0), then a key naming a module by its full path applies to it
+    wherever it is; without ``keys``, every linear layer inside ``model.layers`` and nothing outside them.
+    """
     layer = _IN_LAYER.match(name)
-    if keys is not None and name not in keys and not (layer and layer["rel"] in keys):
+    if keys is None and not layer:
+        raise CorruptFileError(where, f"{name} lies outside the model's layers and lora_parameters has no keys, so "
+                                      "mlx-lm would not load it; add it to `keys` or remove its tensors")
+    if keys is not None and name in keys:
+        return
+    if keys is not None and not (layer and layer["rel"] in keys):
         raise CorruptFileError(where, f"{name} is not in lora_parameters.keys, so mlx-lm would not load it; "
                                       "add it to `keys` or remove its tensors")
     n = int(raw["num_layers"])
     total = (base.hparams or {}).get("num_hidden_layers") if base is not None else None
-    if layer and n >= 0 and isinstance(total, int) and int(layer["i"]) < total - n:
+    if layer and n > 0 and isinstance(total, int) and int(layer["i"]) < total - n:
         raise CorruptFileError(where, f"{name} lies outside the last num_layers = {n} of the base's {total} layers, "
                                       "so mlx-lm would not load it; raise num_layers (-1: all)")
 
@@ -202,11 +212,14 @@ def mlx_config(adapter: Adapter, *, rank: int, scale: float, base: BaseModel | N
     total = (base.hparams or {}).get("num_hidden_layers") if base is not None and base.hparams else None
     num_layers = total - lowest if isinstance(total, int) and lowest is not None and lowest < total else -1
     dropout = adapter.config.extra.get("lora_dropout", 0.0)
+    # training only (no part of ΔW); mlx's nn.Dropout refuses p outside [0, 1), so load_adapters would too
+    if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        dropout = 0.0
     cfg: dict[str, Any] = {
         "fine_tune_type": "dora" if adapter.is_dora else "lora",
         "num_layers": num_layers,
         "lora_parameters": {"rank": rank, "scale": scale, "keys": sorted(keys),
-                            "dropout": float(dropout) if isinstance(dropout, (int, float)) else 0.0},
+                            "dropout": float(dropout)},
     }
     if adapter.config.base_model:
         cfg["model"] = adapter.config.base_model
