@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import run_cli
-from loratools.errors import NotAnAdapterError
 from loratools.formats import load_base, read_adapter, write_adapter
 from loratools.formats.kohya_lycoris import lycoris_factors
 from test_mlx_format import _fused_deltas_match, _mixed, _mlx, needs_mlx
@@ -214,11 +213,10 @@ def test_a_dropout_mlx_cannot_hold_is_written_as_zero_not_blamed_on_the_output(t
     assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["lora_parameters"]["dropout"] == 0.0
 
 
-@pytest.mark.xfail(strict=True, raises=NotAnAdapterError,
-                   reason="loratools/formats/kohya.py (not my file) detects and reads only lora_unet_/lora_te*_ keys; "
-                          "LyCORIS's own prefix (LycorisNetwork.LORA_PREFIX = 'lycoris', what create_lycoris + "
-                          "save_weights and SimpleTuner write) is refused as 'not a format loratools reads'")
 def test_a_file_with_lycoris_own_prefix_reads_as_lycoris_forward(tmp_path: Path) -> None:
+    """LyCORIS's own prefix (``lycoris_`` + the flattened path: ``create_lycoris`` + ``save_weights``, SimpleTuner)
+    maps through the base's names as kohya's ``lora_te_`` does: the module's ΔW is LyCORIS's forward, the CLI merge
+    adds it, and without a base the name stays flattened, which a convert says (as for kohya's own names)."""
     torch.manual_seed(0)
     model = nn.Module()
     model.fc = nn.Linear(4, 8)
@@ -236,3 +234,11 @@ def test_a_file_with_lycoris_own_prefix_reads_as_lycoris_forward(tmp_path: Path)
     save_file({"fc.weight": model.fc.weight.detach().contiguous()}, tmp_path / "base.safetensors")
     got = read_adapter(tmp_path / "a.safetensors", base=load_base(tmp_path / "base.safetensors")).modules["fc"]
     assert float((got.delta(dtype=torch.float64) - want).norm() / want.norm()) < 1e-6
+    res = run_cli("merge", tmp_path / "base.safetensors", tmp_path / "a.safetensors", "-o", tmp_path / "m.safetensors",
+                  "--precision", "float64", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    merged = load_file(tmp_path / "m.safetensors")["fc.weight"].double()
+    assert float((merged - model.fc.weight.detach().double() - want).norm() / want.norm()) < 1e-6
+    assert list(read_adapter(tmp_path / "a.safetensors").modules) == ["lycoris_fc"]
+    res = run_cli("convert", tmp_path / "a.safetensors", "-o", tmp_path / "p", "--to", "peft")
+    assert res.returncode == 0 and "kept in kohya's flattened form (e.g. lycoris_fc): pass --base" in res.stderr

@@ -69,9 +69,11 @@ NAMES_KEY = "loratools_module_names"
 FIFO_KEY = "loratools_fan_in_fan_out"
 _DOWN, _UP, _ALPHA, _MID = ".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_mid.weight"
 #: a name that is already a kohya key base (foreign file read without a base model)
-_FLAT = re.compile(r"^lora_(unet|te\d*)_[^.]*$")
+_FLAT = re.compile(r"^(lora_(unet|te\d*)|lycoris)_[^.]*$")
 _LYCORIS_NAMES = frozenset(LYCORIS_KEYS) | REFUSED_KEYS
-_PREFIX = re.compile(r"^lora_(unet|te\d*)_")
+#: kohya's prefixes, and LyCORIS 4.1.3's own (``LycorisNetwork.LORA_PREFIX = "lycoris"``, what ``create_lycoris`` +
+#: ``save_weights`` and SimpleTuner write, the module path flattened after it as kohya's)
+_PREFIX = re.compile(r"^(lora_(unet|te\d*)|lycoris)_")
 #: first path components of diffusers / original-SD U-Net modules
 _UNET_HEADS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
                "input_blocks", "middle_block", "output_blocks", "conv_norm_out", "transformer_blocks")
