@@ -148,13 +148,16 @@ def _run(ctx: _Context, spec: StackSpec) -> str:
     return "base"
 
 
-def _stack_list(stacks: Sequence[str], reference: str | None, has_adapter: bool) -> tuple[list[StackSpec], str]:
+def _stack_list(stacks: Sequence[str], reference: str | None, n_adapters: int) -> tuple[list[StackSpec], str]:
     """The base first, then the reference, then the rest as given (each once)."""
     specs = [parse_stack(s) for s in stacks]
-    ref = reference or ("adapter" if has_adapter else "base")
+    ref = reference or ("adapter" if n_adapters else "base")
     ordered = [parse_stack("base"), parse_stack(ref), *specs]
-    if not has_adapter and any(s.kind in ("adapter", "vllm") and s.adapter is None for s in ordered):
+    if not n_adapters and any(s.kind in ("adapter", "vllm") and s.adapter is None for s in ordered):
         raise InvalidOptionError("the adapter and vllm stacks need an ADAPTER argument (or adapter:PATH, vllm:DIR)")
+    if n_adapters > 1 and any(s.kind == "vllm" and s.adapter is None for s in ordered):
+        raise InvalidOptionError(f"the vllm stack serves one adapter directory, and {n_adapters} ADAPTERs were "
+                                 "given: give vllm:DIR (`loratools combine` them, then `export --for vllm`)")
     seen: dict[str, StackSpec] = {}
     for s in ordered:
         seen.setdefault(s.name, s)
@@ -162,6 +165,17 @@ def _stack_list(stacks: Sequence[str], reference: str | None, has_adapter: bool)
         raise InvalidOptionError("`reference` must be a transformers stack (base, adapter[:PATH], merged:DIR): the "
                                  "runtimes are what is being checked")
     return list(seen.values()), ref
+
+
+def _check_counts(max_examples: int | None, vllm: bool, max_lora_rank: int, vllm_logprobs: int) -> None:
+    """Refuse, before any model loads, counts that would drop examples (a negative ``max_examples`` slices off
+    the last ones), that vLLM refuses only after its process has started (``max_lora_rank`` < 1; vLLM 0.32.0's
+    other choices are checked by vLLM itself), or that leave no log-prob to compare (``vllm_logprobs`` < 1)."""
+    counts = {"max_examples": max_examples} | ({"max_lora_rank": max_lora_rank, "vllm_logprobs": vllm_logprobs}
+                                               if vllm else {})
+    for name, n in counts.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise InvalidOptionError(f"`{name}` must be an integer ≥ 1, got {n}")
 
 
 def _log_probs(run: StackRun, vocab: int) -> list[Tensor]:
@@ -205,7 +219,8 @@ def eval_stacks(base: PathLike, adapters: Sequence[PathLike], data: PathLike, *,
 
     if greedy_tokens < 0 or seq_len < 2 or not 0 <= min_agreement <= 1:
         raise InvalidOptionError("`greedy_tokens` must be ≥ 0, `seq_len` ≥ 2 and `min_agreement` in [0, 1]")
-    specs, ref = _stack_list(stacks, reference, bool(adapters))
+    specs, ref = _stack_list(stacks, reference, len(adapters))
+    _check_counts(max_examples, any(s.kind == "vllm" for s in specs), max_lora_rank, vllm_logprobs)
     read_rows(Path(data), what="eval data")  # bad data is refused before the models load
     read = [read_adapter(a) for a in adapters]
     runner = TransformersRunner(Path(base), device=resolve_device(device))

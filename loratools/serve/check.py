@@ -33,7 +33,7 @@ from .runtimes import Rule, Runtime, get_runtime, is_vision_module, version_tupl
 __all__ = ["Finding", "CheckReport", "FullTensor", "check_file", "check_adapter", "refuse_dora_for", "read_source",
            "full_tensors", "runtime_view", "global_scale", "smallest_max_lora_rank", "check_max_lora_rank",
            "BASE_FIELDS", "refused_features", "missing_stacked", "stacked_zeros", "without_magnitudes",
-           "lora_ga_unconverted", "ALORA_FIELD"]
+           "lora_ga_unconverted", "ALORA_FIELD", "declared_ranks"]
 
 #: raw PEFT config fields that make an adapter mean more than a low-rank ΔW (vLLM refuses them)
 BASE_FIELDS = {"lora_bias": "LoRA bias", "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -140,7 +140,7 @@ def smallest_max_lora_rank(rank: int, runtime: Runtime) -> int | None:
 def check_max_lora_rank(max_lora_rank: int | None, runtime: Runtime) -> None:
     if max_lora_rank is None:
         return
-    if not isinstance(max_lora_rank, int) or max_lora_rank < 1:
+    if isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int) or max_lora_rank < 1:
         raise InvalidOptionError(f"`max_lora_rank` must be an integer ≥ 1, got {max_lora_rank}")
     if runtime.max_lora_ranks is not None and max_lora_rank not in runtime.max_lora_ranks:
         raise InvalidOptionError(f"`max_lora_rank` must be one of {', '.join(map(str, runtime.max_lora_ranks))} "
@@ -195,10 +195,16 @@ Detected = tuple[Sequence[str], str] | None
 _FILE_KINDS = {"peft": "a PEFT directory", "gguf": "a GGUF adapter"}
 
 
+#: the fields vLLM 0.32.0's ``PEFTHelper.from_dict`` requires ("Missing required configuration fields")
+_REQUIRED = ("r", "lora_alpha", "target_modules")
+
+
 def _wrong_format(ctx: _Ctx) -> Detected:
     want = ctx.runtime.writes
     if ctx.source_format is None or ctx.source_format == want:
-        return None
+        missing = [f for f in _REQUIRED if ctx.raw is not None and ctx.runtime.strict_config and f not in ctx.raw]
+        return ((), f"adapter_config.json lacks {', '.join(missing)}, which {ctx.runtime.title} requires "
+                    "(loratools reads peft's defaults)") if missing else None
     return (), f"this adapter is a {ctx.source_format} file, not {_FILE_KINDS.get(want, want)}"
 
 
@@ -249,13 +255,32 @@ def refused_features(raw: Mapping[str, Any]) -> list[str]:
 
 def _peft_features(ctx: _Ctx) -> Detected:
     found = refused_features(ctx.raw) if ctx.raw is not None else []
+    if ctx.raw is not None and ctx.runtime.strict_config and "bias" in ctx.raw and ctx.raw["bias"] is None:
+        found.append(f"bias=None (not 'none': {ctx.runtime.title} refuses it)")
     return ((), "the config sets " + ", ".join(found)) if found else None
+
+
+def declared_ranks(raw: Mapping[str, Any] | None, runtime: Runtime) -> dict[str, int]:
+    """The ranks ``runtime`` reads from a LoRA config for its ``--max-lora-rank`` check (``runtime.config_ranks``),
+    by label: ``{"r": 16, "rank_pattern": {"q_proj": 8}}`` → ``{"r": 16, "rank_pattern q_proj": 8}`` for vLLM,
+    whose ``PEFTHelper.validate_legal`` (0.32.0, ``vllm/lora/peft_helper.py``) compares ``max(r,
+    *rank_pattern.values())``, a pattern that matches no module included. Empty without a config."""
+    if raw is None or str(raw.get("peft_type", "LORA")).upper() != "LORA":
+        return {}
+    out: dict[str, int] = {}
+    for key in runtime.config_ranks:
+        value = raw.get(key)
+        items = value.items() if isinstance(value, Mapping) else [("", value)]
+        out |= {f"{key} {k}".strip(): v for k, v in items if isinstance(v, int) and not isinstance(v, bool)}
+    return out
 
 
 def _max_rank(ctx: _Ctx) -> Detected:
     ranks = {n: m.rank for n, m in ctx.lora.items()}
     if not ranks:
         return None
+    declared = {f"{k} = {r} (adapter_config.json)": r for k, r in declared_ranks(ctx.raw, ctx.runtime).items()}
+    ranks |= {k: r for k, r in declared.items() if r > max(ranks.values())}
     if ctx.max_lora_rank is not None:
         over = [n for n, r in ranks.items() if r > ctx.max_lora_rank]
         if not over:
@@ -413,10 +438,12 @@ def _notes(ctx: _Ctx) -> list[str]:
         notes.append(f"{', '.join(copies)}: PEFT's copy of the base weight; the runtime does not read it (export "
                      "drops it, after checking it against `base` when given)")
     ranks = [m.rank for m in ctx.lora.modules.values()]
+    declared = max(declared_ranks(ctx.raw, ctx.runtime).values(), default=0)
     if ranks and ctx.runtime.rank_flag:
-        need = smallest_max_lora_rank(max(ranks), ctx.runtime)
+        need = smallest_max_lora_rank(max(*ranks, declared), ctx.runtime)
+        said = f"; adapter_config.json declares {declared}" if declared > max(ranks) else ""
         if ctx.max_lora_rank is None and need is not None:
-            notes.append(f"serve with --max-lora-rank {need} (the adapter's largest rank is {max(ranks)})")
+            notes.append(f"serve with --max-lora-rank {need} (the adapter's largest rank is {max(ranks)}{said})")
         elif ctx.max_lora_rank is not None and need is not None and need < ctx.max_lora_rank:
             notes.append(f"--max-lora-rank {ctx.max_lora_rank} over-allocates: {need} holds every module "
                          f"(largest rank {max(ranks)})")

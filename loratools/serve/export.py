@@ -312,6 +312,8 @@ def _output(lora: Adapter, modules: Mapping[str, Module], rt: Runtime, renamed: 
     extra = dict(lora.config.extra)
     extra.update(modules_to_save=sorted({t.module.rsplit(".", 1)[-1] for t in full_tensors(lora) if t.key in saved})
                  or None, use_dora=False)
+    if "bias" in extra and extra["bias"] is None:  # no bias tensor is left (refused_features): peft's own default
+        extra["bias"] = "none"
     target = lora.config.target_modules
     if renamed or (rt.target_list and isinstance(target, str)):
         target = None  # the module names, one by one

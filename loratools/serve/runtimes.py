@@ -86,6 +86,11 @@ class Runtime:
       keeps them; elsewhere an aLoRA is refused;
     - ``expert_lora``: export may write LoRA on mixture-of-experts expert tensors (peft ``target_parameters``);
       False where loratools has not checked the runtime's layout for them (refused, or dropped);
+    - ``config_ranks``: the fields of a PEFT config whose ranks must fit ``--max-lora-rank`` beside the tensors'
+      (vLLM: ``r`` and every ``rank_pattern`` value, even one that matches no module; SGLang: ``r``);
+    - ``strict_config``: it reads the config into a typed record: ``r``, ``lora_alpha`` and ``target_modules``
+      must be present and ``bias`` the string ``"none"`` (null is refused) (vLLM 0.32.0
+      ``vllm/lora/peft_helper.py``: ``PEFTHelper.from_dict``, ``validate_legal``);
     - ``serve_hint``: how to serve the export, with ``{rank}`` (the smallest ``--max-lora-rank``) and ``{output}``.
 
     >>> get_runtime("vllm").one_scale_until, get_runtime("sglang").one_scale_until
@@ -110,6 +115,8 @@ class Runtime:
     modelfile: bool = False
     activated_lora: bool = False
     expert_lora: bool = True
+    config_ranks: tuple[str, ...] = ()
+    strict_config: bool = False
     serve_hint: str = ""
 
     def rule(self, rule_id: str) -> Rule:
@@ -194,7 +201,7 @@ VLLM = Runtime("vllm", "vLLM", "0.34.0", "peft", (
          f"{_V} vllm/lora/model_manager.py (_create_lora_modules, _get_punica_wrapper), vllm/config/lora.py "
          "(enable_tower_connector_lora)"),
 ), max_lora_ranks=VLLM_MAX_LORA_RANKS, rank_flag=True, reads_rslora=True, whole_heads=("classifier", "score"),
-   serve_hint="--max-lora-rank {rank}")
+   config_ranks=("r", "rank_pattern"), strict_config=True, serve_hint="--max-lora-rank {rank}")
 
 _S = "SGLang 0.5.10.post1"
 _S23 = "SGLang 0.5.23"
@@ -264,7 +271,7 @@ SGLANG = Runtime("sglang", "SGLang", "0.5.23", "peft", (
          f"{_S23} sglang/srt/lora/lora.py (_ROUTED_EXPERT_PATTERN, LoRAAdapter._is_non_gated_moe_weight), "
          "sglang/srt/lora/utils.py (get_hidden_dim: gate_up_proj_moe, down_proj_moe)"),
 ), rank_flag=True, targets=SGLANG_TARGETS, one_rank=True, stacks_qkv=True, target_list=True, expert_lora=False,
-   serve_hint="--max-lora-rank {rank}")
+   config_ranks=("r",), serve_hint="--max-lora-rank {rank}")
 
 _L = "llama.cpp src/llama-adapter.cpp (master at fdfa89f), src/llama-adapter.h (master at d66c5cd)"
 _LLAMA_CPP_RULES = (
