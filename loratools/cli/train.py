@@ -162,11 +162,13 @@ def _summary(result: TrainResult, output: str) -> str:
 @config_options(TrainConfig)
 @click.option("--log-every", type=int, default=0,
               help="Off a terminal, a progress line every N steps (default: about 20 a run).")
-@click.option("--checkpoint-dir", type=click.Path(), default=None, help="Where checkpoints go [default: OUT.checkpoints].")
+@click.option("--checkpoint-dir", type=click.Path(), default=None,
+              help="Where checkpoints go [default: OUT.checkpoints].")
 @click.option("--resume", type=click.Path(), default=None,
               help="Continue from a checkpoint directory, bit for bit, with the options it was made with.")
 @click.option("--base-model", default=None, metavar="HUB_ID",
-              help="Hub id stored as base_model_name_or_path [default: the base's _name_or_path, else its absolute path].")
+              help="Hub id stored as base_model_name_or_path [default: the base's _name_or_path, else its "
+                   "absolute path].")
 @pass_session
 def train(session: Session, /, base: str, data: str, output: str, force: bool, log_every: int,
           checkpoint_dir: str | None, resume: str | None, base_model: str | None, **options: Any) -> None:
@@ -174,7 +176,8 @@ def train(session: Session, /, base: str, data: str, output: str, force: bool, l
 
     BASE is a Hugging Face causal-LM directory (loaded offline with transformers:
     pip install 'loratools[train]'). DATA is .txt (packed into --seq-len blocks) or
-    .jsonl with {"text"} or {"prompt", "completion"} rows (loss on completions only)
+    .jsonl (or .json: JSON Lines or one array) with {"text"} or {"prompt", "completion"}
+    rows (loss on completions only)
     or chat rows {"messages": [{"role", "content"}, …]} rendered with the tokenizer's
     chat template (loss on the assistant turns only).
     Short runs: the defaults (r 8, lr 1e-3) suit a few hundred steps; AdaLoRA needs

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidOptionError
-from ..lm.data import IGNORE, Example, load_examples, read_rows, row_example
+from ..lm.data import IGNORE, read_rows, row_examples
 from . import metrics as M
 from .report import EvalReport, StackResult
 from .stacks import StackRun, StackSpec, TransformersRunner, combined_adapter, parse_stack, transformers_run
@@ -38,16 +38,9 @@ class Prepared:
     prompts: list[list[int]]
 
 
-def _examples(tokenizer: Any, data: Path, seq_len: int) -> list[Example]:
-    if data.suffix != ".jsonl":
-        return load_examples(data, tokenizer, seq_len=seq_len)
-    rows = read_rows(data, what="eval data")
-    return [e for r in rows if (e := row_example(tokenizer, r, seq_len=seq_len)) is not None]
-
-
 def prepare(tokenizer: Any, data: Path, *, seq_len: int, max_examples: int | None) -> Prepared:
     """Read ``data`` (the rows ``train`` reads) into :class:`Prepared` examples."""
-    exs = _examples(tokenizer, data, seq_len)[:max_examples]
+    exs = row_examples(data, tokenizer, seq_len=seq_len, what="eval data")[:max_examples]
     if not exs:
         raise InvalidOptionError(f"{data} gives no example with a token to predict; give longer examples")
     out = Prepared([], [], [], [], [])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapter import Adapter
-from .data import Example, collate, load_examples, read_rows, row_example, target_tokens
+from .data import Example, collate, row_examples, target_tokens
 from ..errors import InvalidOptionError
 
 __all__ = ["HeldOut", "HeldOutReport", "heldout_report", "heldout_inputs", "causal_lm_loss", "evaluate"]
@@ -55,11 +55,8 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, batch_size: int, 
 
 
 def _examples(data: str | Path, tokenizer: Any, seq_len: int) -> list[Example]:
-    """Plain text packed as for training; a ``.jsonl`` file one example a row, whatever each row's kind
-    (calibration files may mix text and prompt/completion rows)."""
-    if Path(data).suffix != ".jsonl":
-        return load_examples(data, tokenizer, seq_len=seq_len)
-    examples = [e for r in read_rows(data, what="held-out data") if (e := row_example(tokenizer, r, seq_len=seq_len))]
+    """:func:`~loratools.lm.data.row_examples`, at least one."""
+    examples = row_examples(data, tokenizer, seq_len=seq_len, what="held-out data")
     if not examples:
         raise InvalidOptionError(f"{data} gives no example with a token to predict; give longer examples")
     return examples

@@ -5,8 +5,12 @@ A checkpoint is a directory of safetensors files and one JSON file:
 - ``trainable.safetensors``: the adapter parameters and the AdaLoRA masks (``<layer>.mask``);
 - ``optimizer.safetensors``: the optimizer state, keyed ``<parameter name>::<slot>`` (AdamW's moments and step);
 - ``allocator.safetensors``: AdaLoRA's importance EMAs (:meth:`loratools.adalora.RankAllocator.state_dict`);
-- ``state.json``: step, config, loss history, the torch RNG state of every process (lists of bytes)
-  and ``"format": "loratools-checkpoint/1"``.
+- ``best/`` (when a held-out loss was measured): the adapter of the lowest one so far, as PEFT writes it, so that
+  a resumed run writes the same ``OUT/best`` as the uninterrupted one;
+- ``state.json``: step, config, loss history, the torch RNG state of every process (lists of bytes),
+  ``best_step`` (the step of ``best/``, or null), ``data`` (:func:`~loratools.lm.data.examples_digest` of the
+  examples trained on), ``base`` (:func:`weights_digest` of the base model) and
+  ``"format": "loratools-checkpoint/1"``.
 
 With these a resumed run continues bit for bit (:func:`loratools.train.train_adapter`). The finished run's
 directory (:func:`write_run`) holds the adapter as PEFT writes it, ``training_config.json``,
@@ -15,6 +19,7 @@ directory (:func:`write_run`) holds the adapter as PEFT writes it, ``training_co
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from collections.abc import Mapping
@@ -35,11 +40,24 @@ from ..nn.inject import adapter_layers
 from ..validate import get_field
 from .config import TrainConfig, config_of_state
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state", "resumed_config", "rng_state", "set_rng_state",
-           "set_rng_state_checked",
-           "write_run"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_best", "read_state", "resumed_config", "rng_state",
+           "set_rng_state", "set_rng_state_checked", "weights_digest", "write_run"]
 
 FORMAT = "loratools-checkpoint/1"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers: each one's name, shape and about 4096 of its values (a fixed
+    stride through it, rounded to bfloat16 so that the base loaded in float32 on the CPU and in bfloat16 on CUDA
+    agree), so that a checkpoint resumes only on its own base — another checkpoint of the same architecture (a
+    fine-tune) differs in them — without reading every weight again."""
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
 
 
 def rng_state(device: torch.device) -> Tensor:
@@ -59,8 +77,12 @@ def set_rng_state(state: Tensor, device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    allocator: RankAllocator | None, state: dict[str, Any]) -> None:
-    """Write a checkpoint directory atomically (see the module docstring); ``state`` becomes state.json."""
+                    allocator: RankAllocator | None, state: dict[str, Any],
+                    best: tuple[int, Adapter] | None = None) -> None:
+    """Write a checkpoint directory atomically (see the module docstring); ``state`` becomes state.json, and
+    ``best`` (the step and adapter of the lowest held-out loss so far) ``best/`` and ``best_step``."""
+    from ..formats import get_format
+
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     trainable.update({f"{n}.mask": m.mask.detach().cpu() for n, m in adapter_layers(model).items()
@@ -76,7 +98,10 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         if allocator is not None:
             save_safetensors({k: v.detach().cpu().contiguous() for k, v in allocator.state_dict().items()},
                              tmp / "allocator.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "format": FORMAT}, indent=1) + "\n")
+        if best is not None:
+            get_format("peft").write(best[1], tmp / "best")
+        record = {**state, "best_step": best[0] if best is not None else None, "format": FORMAT}
+        (tmp / "state.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -102,6 +127,10 @@ def read_state(path: str | Path) -> dict[str, Any]:
                   isinstance(r, list) and n <= len(r) <= n + _MAX_DEVICE_RNG
                   and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in r) for r in v))
     step = state["step"]
+    for name in ("data", "base"):  # (an older checkpoint records neither)
+        get_field(state, name, str, where=where, default=None, expected=f"a SHA-256 of the {name} trained on")
+    get_field(state, "best_step", int, where=where, default=None, nullable=True, check=lambda v: 1 <= v <= step,
+              expected=f"a step from 1 to the checkpoint's, {step}, or null")
     _check_records(state["losses"], where, "losses", {"step": int, "loss": float, "lr": float}, exactly=step)
     _check_records(state["evals"], where, "evals", {"step": int, "eval_loss": float}, exactly=None, most=step + 1)
     return state
@@ -130,6 +159,19 @@ def set_rng_state_checked(state: list[int], device: torch.device, where: Path) -
     except (RuntimeError, ValueError) as e:
         raise InvalidFieldError(where, "rng", f"<{len(state)} bytes>",
                                 f"a torch generator state ({str(e).splitlines()[0][:80]})") from None
+
+
+def read_best(path: str | Path, state: dict[str, Any]) -> tuple[int, Adapter] | None:
+    """The checkpoint's ``best/`` adapter with its step (``state["best_step"]``), or None when it has none."""
+    from ..formats import get_format
+
+    step = state.get("best_step")
+    if step is None:
+        return None
+    best = Path(path) / "best"
+    if not (best / "adapter_config.json").is_file():
+        raise InputNotFoundError(best / "adapter_config.json", f"the best adapter of the checkpoint (step {step})")
+    return int(step), get_format("peft").read(best)
 
 
 def resumed_config(path: str | Path, **given: Any) -> TrainConfig:
@@ -219,7 +261,8 @@ def _allocator_state(path: Path, allocator: RankAllocator) -> dict[str, Tensor]:
              for part in ("lora_A", "lora_E", "lora_B")}
     tensors = _load(path)
     if any(k.startswith(("ipt.", "unc.")) for k in tensors):
-        want = {f"{e}.{k}": t for k, t in parts.items() for e in ("ipt", "unc")} | {"final": torch.zeros(1, dtype=torch.int64)}
+        want = {f"{e}.{k}": t for k, t in parts.items() for e in ("ipt", "unc")}
+        want["final"] = torch.zeros(1, dtype=torch.int64)
     else:
         want = {"final": torch.zeros(1, dtype=torch.int64)}
     return _exactly(path, want, lambda k: want[k])

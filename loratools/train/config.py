@@ -95,6 +95,10 @@ class TrainConfig:
             value = _typed(f.name, getattr(self, f.name))
             if value is not getattr(self, f.name):
                 object.__setattr__(self, f.name, value)
+        # each name once, without the spaces of "q_proj, v_proj" (a module name has none)
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(t.strip() for t in self.targets if t.strip())))
+        if not self.targets:
+            raise InvalidOptionError("`targets` names no module: give comma-separated module names, or all-linear")
         for name, (low, high) in _BOUNDS.items():  # ranges that keep a run's memory and time finite
             value = getattr(self, name)
             if value is not None and not low <= value <= high:

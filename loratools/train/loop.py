@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ from torch import nn
 
 from ..adalora import RankAllocator
 from ..adapter import Adapter, as_lora
-from .checkpoint import load_checkpoint, read_state, rng_state, save_checkpoint, set_rng_state_checked, write_run
-from ..lm.data import Example, collate, global_batch_indices, load_examples, split_examples, target_tokens
+from .checkpoint import (load_checkpoint, read_best, read_state, rng_state, save_checkpoint, set_rng_state_checked,
+                         weights_digest, write_run)
+from ..lm.data import (Example, collate, examples_digest, global_batch_indices, load_examples, split_examples,
+                       target_tokens)
 from . import dist
 from ..device import resolve_dtype
 from .dist import Processes
@@ -171,6 +173,7 @@ class _Run:
     n_expected: int
     adalora_extra: dict[str, Any]
     targets: list[str]
+    digests: dict[str, str]  # of the data ("data": examples_digest) and the base ("base": weights_digest)
     best: tuple[int, Adapter] | None = None  # the adapter at the lowest held-out loss so far
 
 
@@ -196,6 +199,7 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     assert base_dtype is not None
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(base, device=device, dtype=base_dtype)
+    base_digest = weights_digest(model)
     if cfg.quantize != "none":  # QLoRA: the frozen linear weights as 4-bit codes before the adapter wraps them
         quantize_linears(model, qlora_codec(cfg.quantize), skip=model.get_output_embeddings())
     if cfg.gradient_checkpointing:  # recompute activations in backward: memory for time, same gradients
@@ -220,7 +224,8 @@ def _setup(base: str | Path, data: str | Path, cfg: TrainConfig) -> _Run:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return _Run(cfg, d, device, use_autocast, model, pad_id, train_set, eval_set, total, global_batch,
                 [m for m in layers.values() if isinstance(m, AdaLoRALinear)], allocator, params, optimizer,
-                trainable_parameters(model), expected_parameters(shapes, cfg.spec()), extra, targets)
+                trainable_parameters(model), expected_parameters(shapes, cfg.spec()), extra, targets,
+                {"data": examples_digest(train_set, eval_set), "base": base_digest})
 
 
 def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
@@ -234,14 +239,27 @@ def _resume(run: _Run, resume: str | Path | None) -> tuple[int, list[dict[str, f
     if diff:
         raise InvalidOptionError(f"`resume` {resume} was made with other options ({', '.join(diff)}); "
                                  "resume with the options of the first run")
+    _check_same_inputs(run, state, resume)
     if int(state["world_size"]) != run.d.world:
         raise InvalidOptionError(f"`resume` {resume} was made with {state['world_size']} processes, not {run.d.world}")
     if int(state["step"]) >= run.total:  # checkpoints are written before the last step only
         raise InvalidFieldError(Path(resume) / "state.json", "step", state["step"],
                                 f"a step before the run's last, {run.total}")
+    best = read_best(resume, state) if run.d.main else None  # read (and checked) before anything is restored
     load_checkpoint(resume, model=run.model, optimizer=run.optimizer, allocator=run.allocator)
     set_rng_state_checked(state["rng"][run.d.rank], run.device, Path(resume) / "state.json")
+    run.best = best
     return int(state["step"]), list(state["losses"]), list(state["evals"])
+
+
+def _check_same_inputs(run: _Run, state: dict[str, Any], resume: str | Path) -> None:
+    """Refuse a checkpoint made on another base model or other data (an older checkpoint records neither)."""
+    if state.get("base", run.digests["base"]) != run.digests["base"]:
+        raise InvalidOptionError(f"`resume` {resume} was made on another base model (its weights differ from "
+                                 "BASE's); resume with the base of the first run")
+    if state.get("data", run.digests["data"]) != run.digests["data"]:
+        raise InvalidOptionError(f"`resume` {resume} was made with other training data (DATA or `eval_file` differs, "
+                                 "or its tokenizer); resume with the data of the first run")
 
 
 def _step(run: _Run, net: nn.Module, step: int) -> tuple[float, float, float, float]:
@@ -298,9 +316,9 @@ def _loop(run: _Run, net: nn.Module, start: int, losses: list[dict[str, float]],
             rngs = dist.all_gather(rng_state(run.device), d, run.device)
             if d.main:
                 state = {"step": step, "config": cfg.to_json(), "world_size": d.world, "losses": losses,
-                         "evals": evals, "rng": [r.tolist() for r in rngs]}
+                         "evals": evals, "rng": [r.tolist() for r in rngs], **run.digests}
                 save_checkpoint(ckpt_root / f"step-{step}", model=run.model, optimizer=run.optimizer,
-                                allocator=run.allocator, state=state)
+                                allocator=run.allocator, state=state, best=run.best)
         if on_step is not None and d.main:
             on_step(StepInfo(step, run.total, step_loss, lr, tokens_all / seconds, eval_loss))
 
@@ -345,7 +363,11 @@ def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: T
     """
     cfg = config
     out = Path(out)
-    check_output(out, force=force, inputs=(base, data))
+    held = (cfg.eval_file,) if cfg.eval_file is not None else ()
+    # what the run reads, which no output may replace (not even with `force`): the held-out file and the
+    # checkpoint resumed from too
+    inputs = (base, data, *held, *([resume] if resume is not None else []))
+    check_output(out, force=force, inputs=inputs)
     if not Path(data).is_file():
         raise InputNotFoundError(data, "training data")
     if cfg.eval_file is not None and not Path(cfg.eval_file).is_file():
@@ -353,8 +375,7 @@ def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: T
     if resume is not None and not (Path(resume) / "state.json").is_file():
         raise InputNotFoundError(Path(resume) / "state.json", "checkpoint")
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".checkpoints")
-    inputs = (base, data, *([resume] if resume is not None else []))
-    check_output(ckpt_root, force=True, inputs=(base, data, out), what="`checkpoint_dir`")
+    check_output(ckpt_root, force=True, inputs=(base, data, *held, out), what="`checkpoint_dir`")
     run = _setup(base, data, cfg)
     start, losses, evals = _resume(run, resume)
     for s in _checkpoint_steps(cfg, start, run.total):  # the checkpoints obey the output rules too, up front
@@ -366,6 +387,8 @@ def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: T
         net = DistributedDataParallel(run.model, device_ids=[run.device] if run.device.type == "cuda" else None)
     extra = {"lora_dropout": cfg.dropout, **run.adalora_extra}
     name = base_model_name(base, base_model)
+    if run.best is not None:  # a checkpoint's best adapter names the base as this run does, as OUT will
+        run.best = (run.best[0], replace(run.best[1], config=replace(run.best[1].config, base_model=name)))
 
     def snapshot() -> Adapter:
         a = adapter_state(run.model, base_model=name, targets=run.targets, target_rank=cfg.target_rank, extra=extra)
@@ -385,6 +408,6 @@ def train_adapter(base: str | Path, data: str | Path, out: str | Path, config: T
                   "trainable_parameters": result.trainable_parameters,
                   "expected_parameters": result.expected_parameters, "seconds": result.seconds,
                   "rank_pattern": result.rank_pattern, **asdict(result.held_out)}
-        write_run(out, adapter, record, losses, evals, force=force, inputs=(base, data), best=best)
+        write_run(out, adapter, record, losses, evals, force=force, inputs=inputs, best=best)
     dist.finish(run.d)
     return result
