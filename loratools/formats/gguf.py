@@ -100,8 +100,12 @@ def _heads_for(gname: str, base: GGUFBase) -> int | None:
     return qk_heads(gname, base.arch, base.n_head, base.n_head_kv)
 
 
-def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
-    """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason (``llama`` without a base)."""
+def gguf_unsupported(adapter: Adapter, base: GGUFBase | None, *, runtime: bool = True) -> dict[str, str]:
+    """Modules (and saved tensors) a llama.cpp adapter cannot hold, with the reason (``llama`` without a base).
+
+    ``runtime``: also what llama.cpp's runtime cannot load though its converter writes it (a LoRA on a tied base's
+    ``token_embd``, :data:`_TIED_EMBD`): ``export``/``check`` for llama.cpp ask this; ``convert --to gguf`` writes
+    what ``convert_lora_to_gguf.py`` writes, and leaves it out."""
     arch = base.arch if base is not None else "llama"
     out: dict[str, str] = {}
     for k in adapter.saved:
@@ -121,7 +125,15 @@ def gguf_unsupported(adapter: Adapter, base: GGUFBase | None) -> dict[str, str]:
             out[name] = NO_LORA[(arch, t.name)]
         elif t.name == "output" and base is not None and base.tied_embeddings:
             out[name] = "the base ties lm_head to embed_tokens, so llama.cpp has no output tensor to adapt"
+        elif runtime and t.name == "token_embd" and base is not None and base.tied_embeddings:
+            out[name] = _TIED_EMBD
     return out
+
+
+#: why a LoRA on a tied base's embedding cannot be a llama.cpp adapter (measured with node-llama-cpp 3.22.1)
+_TIED_EMBD = ("the base ties lm_head to embed_tokens: llama.cpp finds an adapter's tensors by name, so it applies a "
+              "token_embd LoRA to the tied output projection too, where its shapes do not fit, and aborts "
+              "(GGML_ASSERT ggml_can_mul_mat); merge the adapter into the model instead")
 
 
 def alora_tokens(config: AdapterConfig) -> list[int]:
@@ -161,7 +173,7 @@ def write_gguf(adapter: Adapter, path: Path, *, base: GGUFBase | None = None) ->
         raise WrongBaseError(f"GGUF conversion maps {', '.join(sorted(set(ARCHITECTURES.values())))}, "
                              f"not {base.arch!r}")
     adapter = as_lora(adapter)  # AdaLoRA as plain LoRA with the same ΔW
-    bad = gguf_unsupported(adapter, base)
+    bad = gguf_unsupported(adapter, base, runtime=False)
     if bad:
         raise UnsupportedModuleError("gguf", sorted(bad), "; ".join(dict.fromkeys(bad.values())))
     alpha = global_alpha(adapter)
@@ -259,7 +271,6 @@ def _stacked(g: str, group: Mapping[int, tuple[str, Module]], base: GGUFBase,
 
 def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     """Read a llama.cpp GGUF LoRA adapter back into module names and PEFT's layout."""
-    gguf = require_gguf()
     r = open_gguf(path)
     fields = gguf_scalars(r)
     gtype, atype = fields.get("general.type"), fields.get("adapter.type")
@@ -273,8 +284,7 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     if not known_arch(arch):
         raise NotAnAdapterError(path, f"its architecture {arch!r} is not one loratools maps "
                                       f"({', '.join(sorted(set(ARCHITECTURES.values())))})")
-    alpha_v = fields.get(gguf.Keys.Adapter.LORA_ALPHA)
-    alpha = finite_number(alpha_v, where=path, field=gguf.Keys.Adapter.LORA_ALPHA) if alpha_v is not None else 0.0
+    alpha = _read_alpha(r, path)
     own = GGUFBase(arch, *gguf_heads(fields, arch, where=path))
     if (base is not None and own.n_head and base.n_head
             and (own.n_head, own.n_head_kv) != (base.n_head, base.n_head_kv or base.n_head)):
@@ -290,10 +300,13 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
             raise MissingModuleError(f"{g}.weight.lora_{'b' if 'a' in p else 'a'}", str(path), "the file is incomplete")
         A, B = p["a"], p["b"]
         stacked = A.ndim == 3
-        rank_a = A.shape[-1] if g == "token_embd" else A.shape[-2]  # llama.cpp keeps token_embd's lora_a transposed
-        if A.ndim != B.ndim or A.ndim not in (2, 3) or rank_a != B.shape[-1] or (stacked and A.shape[0] != B.shape[0]):
+        # llama.cpp keeps token_embd's lora_a transposed
+        rank_a = (A.shape[-1] if g == "token_embd" else A.shape[-2]) if A.ndim in (2, 3) else -1
+        if A.ndim != B.ndim or rank_a != B.shape[-1] or (stacked and A.shape[0] != B.shape[0]):
             raise ShapeMismatchError(g, "lora_a (r, in) and lora_b (out, r), or (experts, …) for stacked experts",
                                      f"{tuple(A.shape)} and {tuple(B.shape)}")
+        if rank_a == 0:
+            raise CorruptFileError(path, f"its tensors {g}.weight.lora_a/lora_b have rank 0 (no values)")
         slots = range(A.shape[0]) if stacked else [None]
         for e in slots:
             Ae, Be = (A[e], B[e]) if e is not None else (A, B)
@@ -315,6 +328,18 @@ def read_gguf(path: Path, *, base: GGUFBase | None = None) -> Adapter:
     adapter = Adapter(modules, AdapterConfig(method="lora", task_type="CAUSAL_LM", extra=_read_alora(r, path)))
     adapter.check_finite()
     return adapter
+
+
+def _read_alpha(r: Any, path: Path) -> float:
+    """The file's ``adapter.lora.alpha``: 0 when absent (llama.cpp's ``get_kv_f32`` reads an absent key as 0,
+    which it takes as scale 1). A number of any width is read as its value (llama.cpp 0.3.36's
+    ``gguf_get_val_f32`` asserts float32 and aborts on others); an array, a string or a damaged value is refused,
+    never read as absent."""
+    key = require_gguf().Keys.Adapter.LORA_ALPHA
+    f = r.get_field(key)
+    if f is None:
+        return 0.0
+    return finite_number(gguf_field(r, key), where=path, field=key)
 
 
 def _check_heads(path: Path, pairs: Mapping[str, Mapping[str, Tensor]], base: GGUFBase) -> None:
@@ -418,12 +443,12 @@ def _write(adapter: Adapter, path: Path, base: BaseModel | None) -> None:
 
 def _unsupported(adapter: Adapter, base: BaseModel | None) -> dict[str, str]:
     if base is not None:
-        return gguf_unsupported(adapter, gguf_base(base))
+        return gguf_unsupported(adapter, gguf_base(base), runtime=False)
     try:  # without a base, the adapter's own base_model directory, as the writer will use
         known = base_of_adapter(adapter)
     except InvalidOptionError:
         known = None  # none known yet: the writer asks for one
-    return gguf_unsupported(adapter, known)
+    return gguf_unsupported(adapter, known, runtime=False)
 
 
 register(Format("gguf", "llama.cpp GGUF LoRA adapter (general.type=adapter, .lora_a/.lora_b tensors)", ".gguf",

@@ -49,6 +49,9 @@ ARCHITECTURES = {
     "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
     "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3",
 }
+#: architectures whose transformers config ties the embeddings when ``tie_word_embeddings`` is absent
+#: (``Gemma2Config``/``Gemma3TextConfig`` default True in transformers 5.23; the others False)
+_TIED_BY_DEFAULT = {"gemma2": True, "gemma3": True}
 _PERMUTED_QK = frozenset({"llama"})  # LlamaModel.undo_permute; the other converters leave q/k rows alone
 #: llama.cpp tensors a GGUF LoRA cannot faithfully target, per architecture, with the reason
 NO_LORA = {("gemma3", "token_embd"): "llama.cpp's converter drops Gemma 3's embedding rows past the tokenizer's "
@@ -111,8 +114,8 @@ def base_from_hparams(hparams: Mapping[str, Any], *, where: object = "config.jso
     n = _count(hparams, "num_attention_heads", where)
     kv = _count(hparams, "num_key_value_heads", where) or n
     e = _count(hparams, "num_local_experts", where) or _count(hparams, "num_experts", where)
-    tied = get_field(hparams, "tie_word_embeddings", bool, where=where, default=False, nullable=True)
-    return GGUFBase(arch, n, kv, bool(tied), e)
+    tied = get_field(hparams, "tie_word_embeddings", bool, where=where, default=None, nullable=True)
+    return GGUFBase(arch, n, kv, _TIED_BY_DEFAULT.get(arch, False) if tied is None else tied, e)
 
 
 @dataclass(frozen=True)

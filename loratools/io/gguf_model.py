@@ -132,10 +132,14 @@ def _value(field: Any) -> Any:
 
 
 def open_gguf(path: str | os.PathLike[str]) -> Any:
-    """A ``gguf.GGUFReader`` of ``path``; a damaged file is one :class:`CorruptFileError` naming it."""
+    """A ``gguf.GGUFReader`` of ``path``; a damaged file is one :class:`CorruptFileError` naming it. The header is
+    walked first (:func:`~loratools.gguf.header.check_gguf_header`: every count bounded by the file, little-endian,
+    tensors aligned and inside it), since gguf 0.19's reader loops once per item an array claims."""
+    from ..gguf.header import check_gguf_header
     from ..gguf.quants import require_gguf
 
     gguf = require_gguf()
+    check_gguf_header(Path(path))
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises bare ValueError/struct errors on damaged files

@@ -64,6 +64,18 @@ def _lossy(fit: UpdateFit, types: dict[str, tuple[str, int]]) -> LossyMergeError
     return LossyMergeError(fit.rel_error, fit.kept, fit.describe(), f"merge with `quant` {finer}")
 
 
+def _open_model(path: str | os.PathLike[str]) -> GGUFModelFile:
+    """:func:`~loratools.io.gguf_model.open_gguf_model` (every split's header checked), refused when two splits hold
+    a tensor of one name (a merge would change both; llama.cpp's ``llama_model_loader`` refuses such a set)."""
+    model = open_gguf_model(path)
+    seen: dict[str, int] = {}
+    for t in model.all_tensors():
+        if seen.setdefault(t.name, t.split) != t.split:  # within one file the gguf reader refuses it already
+            raise CorruptFileError(model.paths[t.split], f"the tensor {t.name} is also in split {seen[t.name] + 1} "
+                                                         "(llama.cpp's model loader refuses a duplicated tensor)")
+    return model
+
+
 def _report(model: GGUFModelFile, plan: dict[str, list[Part]], paths: list[Path], op: str, stats: Stats,
             inputs: Sequence[AdapterInput], **more: Any) -> MergeReport:
     by = model.by_name()
@@ -120,7 +132,7 @@ def merge_gguf(base: str | os.PathLike[str], adapters: Any, out: str | os.PathLi
                                  f"{', '.join(QUANTS)}")
     prec = resolve_precision(precision)
     inputs = adapter_inputs(adapters)
-    model = open_gguf_model(base)
+    model = _open_model(base)
     plan = plan_gguf(model, inputs, sign=sign, precision=prec)
     types = gguf_out_types(model, plan, quant)
     paths = out_split_paths(Path(out), len(model.paths))
@@ -172,7 +184,7 @@ def unmerge_gguf(merged: str | os.PathLike[str], adapters: Any, out: str | os.Pa
 
     The merged model's stamp (each adapter's content hash and weight) is checked first, as for safetensors
     (:func:`~.checks.check_stamp`), and a mismatch refused; ``ignore_stamp`` skips that check."""
-    model = open_gguf_model(merged)
+    model = _open_model(merged)
     inputs = adapter_inputs(adapters)
     if not ignore_stamp:
         check_stamp(str(model.fields.get(METADATA_KEY) or "") or None, merged, inputs)
@@ -253,7 +265,7 @@ def verify_gguf(base: str | os.PathLike[str], adapters: Any, merged: str | os.Pa
     :class:`~.report.UpdateFit`): a lossy one fails unless ``allow_lossy``.
     """
     prec = resolve_precision(precision)
-    bm, mm = open_gguf_model(base), open_gguf_model(merged)
+    bm, mm = _open_model(base), _open_model(merged)
     plan = plan_gguf(bm, adapter_inputs(adapters), precision=prec)
     bt, mt = bm.by_name(), mm.by_name()
     if set(bt) != set(mt):
