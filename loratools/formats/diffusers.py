@@ -49,7 +49,7 @@ from ..config import AdapterConfig, lora_scale, pattern_value
 from ..errors import CorruptFileError, InvalidOptionError, MissingModuleError, NotAnAdapterError, ShapeMismatchError
 from ..io import load_safetensors, save_safetensors
 from .base import BaseModel, Format, peek_safetensors, register
-from .kohya_sd import clip_name
+from .kohya_sd import clip_name, pipeline_clip_name
 from .pipeline import (COMPONENTS, as_base_names, component_of, is_pipeline, load_component, pipeline_mismatches,
                        pipeline_models, split_components, writable)
 from .peft import peft_config, peft_unsupported
@@ -145,7 +145,7 @@ def _one_spelling(path: Path, grouped: dict[str, dict[str, dict[str, Tensor]]]) 
     for comp, parts in grouped.items():
         seen: dict[str, str] = {}
         for name in parts:
-            same = clip_name(name) if comp.startswith("text_encoder") else name
+            same = pipeline_clip_name(f"{comp}.{name}")
             if same in seen:
                 raise CorruptFileError(path, f"{comp}.{seen[same]} and {comp}.{name} are one module of {comp} (CLIP's, "
                                              "with and without text_model.); keep one")

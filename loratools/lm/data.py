@@ -211,18 +211,20 @@ def read_rows(path: str | Path, *, what: str = "training data", plain_text: bool
     return rows
 
 
-def row_example(tokenizer: Any, row: Row, *, seq_len: int) -> Example | None:
+def row_example(tokenizer: Any, row: Row, *, seq_len: int, bos: Sequence[int] | None = None) -> Example | None:
     """One row as one example truncated to ``seq_len`` (None when nothing is left to predict): a text row
     ``text + EOS`` (every token a target), a prompt/completion row (the completion and EOS are targets),
-    a chat row (:func:`encode_chat`)."""
+    a chat row (:func:`encode_chat`). ``bos`` is :func:`_bos` of the tokenizer, when the caller has it (a file's
+    rows share it: two encodings less a row)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    start = _bos(tokenizer) if bos is None else list(bos)
     if row.messages is not None:
         ids, labels = encode_chat(tokenizer, row.messages)
     elif row.completion is None:
-        ids = _bos(tokenizer) + _encode(tokenizer, row.text) + eos
+        ids = start + _encode(tokenizer, row.text) + eos
         labels = list(ids)
     else:
-        prompt, completion = _bos(tokenizer) + _encode(tokenizer, row.text), _encode(tokenizer, row.completion) + eos
+        prompt, completion = start + _encode(tokenizer, row.text), _encode(tokenizer, row.completion) + eos
         ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     ids, labels = ids[:seq_len], labels[:seq_len]
     return Example(tuple(ids), tuple(labels)) if any(lab != IGNORE for lab in labels[1:]) else None
@@ -240,7 +242,7 @@ def load_examples(path: str | Path, tokenizer: Any, *, seq_len: int) -> list[Exa
     elif all(r.kind == "text" for r in rows):
         examples = _pack([t for r in rows for t in bos + _encode(tokenizer, r.text) + eos], seq_len)
     elif all(r.kind == rows[0].kind for r in rows):  # prompt/completion or chat: one example a row
-        examples = [e for r in rows if (e := row_example(tokenizer, r, seq_len=seq_len)) is not None]
+        examples = [e for r in rows if (e := row_example(tokenizer, r, seq_len=seq_len, bos=bos)) is not None]
     else:
         raise UnsupportedDataError(p, 0, "rows of different kinds (" + ", ".join(sorted({r.kind for r in rows})) + ")",
                                    "one kind of row per file")
@@ -255,7 +257,9 @@ def row_examples(path: str | Path, tokenizer: Any, *, seq_len: int, what: str) -
     and prompt/completion rows), rows with no token to predict left out."""
     if not is_json_rows(path):
         return load_examples(path, tokenizer, seq_len=seq_len)
-    return [e for r in read_rows(path, what=what) if (e := row_example(tokenizer, r, seq_len=seq_len)) is not None]
+    bos = _bos(tokenizer)
+    rows = read_rows(path, what=what)
+    return [e for r in rows if (e := row_example(tokenizer, r, seq_len=seq_len, bos=bos)) is not None]
 
 
 def split_examples(examples: Sequence[Example], *, eval_split: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -36,8 +36,9 @@ from torch import Tensor
 from ..dtypes import DTYPE_CODES, check_fits
 from ..errors import CorruptFileError, InvalidOptionError, LossyMergeError, NonFiniteError
 from ..io import ModelReader, Span, read_tensor
+from ..linalg import all_finite
 from ..quant.codec import QuantCodec, Stored, reading
-from ..quant.view import dequantized, finite, logical_shapes
+from ..quant.view import dequantized, logical_shapes
 from .kernels import delta_sum, dora_of
 from .plan import FLOAT_CODES, TensorPlan
 from .record import Digest, RecordWriter
@@ -207,7 +208,7 @@ class QuantModel:
         if self.dtype is not None:
             check_fits(key, exact, self.dtype)
             return (exact.to(self.dtype),)
-        if not finite(exact):
+        if not all_finite(exact):
             raise NonFiniteError(key, "the merge")
         like = [self.model.get(k) for k in self.tensors[key].parts]
         q = self.codec.quantize(exact, like)

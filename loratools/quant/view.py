@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
-import torch
 from torch import Tensor
 
 from ..errors import InvalidOptionError, NonFiniteError
+from ..linalg import all_finite
 from .codec import QuantCodec, Shapes, Stored, quant_codec
 
-__all__ = ["Dequantized", "TensorSource", "dequantized", "finite", "logical_shapes"]
+__all__ = ["Dequantized", "TensorSource", "dequantized", "logical_shapes"]
 
 #: the safetensors codes of float tensors (``loratools.dtypes``), which no codec stores quantized
 _FLOAT = frozenset({"F64", "F32", "F16", "BF16"})
@@ -47,12 +47,6 @@ class TensorSource(Protocol):
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]: ...
 
     def get(self, key: str) -> Tensor: ...
-
-
-def finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite: a finite sum says so (a NaN or ±inf element makes the sum NaN or
-    ±inf) without the element-wise mask; only a sum that is not finite (an overflow, or a NaN) looks at each."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def logical_shapes(codec: QuantCodec, shapes: Shapes) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -99,7 +93,7 @@ class Dequantized:
         if st is None:
             return self.source.get(key)
         w = self.codec.dequantize([self.source.get(p) for p in st.parts])
-        if not finite(w):
+        if not all_finite(w):
             raise NonFiniteError(key, f"{self.name or 'the model'}, dequantized by its scales,")
         return w
 
